@@ -1,0 +1,152 @@
+//! Moving canonical tensors into and out of the burn model by module path.
+
+use std::collections::BTreeSet;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::weights::{RawTensor, TensorMap};
+
+use super::EfficientNet;
+
+#[derive(Debug, thiserror::Error)]
+#[error("weights do not fit the model: {0}")]
+pub struct LoadError(pub String);
+
+/// The canonical (PyTorch-named) tensor for a burn parameter path, and whether burn stores it
+/// transposed (`Linear` keeps `[in, out]`).
+fn canonical(path: &str) -> (String, bool) {
+    if let Some(bn) = path.strip_suffix(".gamma") {
+        return (format!("{bn}.weight"), false);
+    }
+    if let Some(bn) = path.strip_suffix(".beta") {
+        return (format!("{bn}.bias"), false);
+    }
+    (path.to_string(), path == "classifier.weight")
+}
+
+fn transpose(t: &RawTensor) -> RawTensor {
+    let [rows, cols] = [t.shape[0], t.shape[1]];
+    let mut data = vec![0.0; t.data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            data[c * rows + r] = t.data[r * cols + c];
+        }
+    }
+    RawTensor {
+        shape: vec![cols, rows],
+        data,
+        integer: t.integer,
+    }
+}
+
+struct Loader<'a> {
+    path: Vec<String>,
+    tensors: &'a TensorMap,
+    used: BTreeSet<String>,
+    errors: Vec<String>,
+}
+
+impl ModuleMapper for Loader<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (name, transposed) = canonical(&self.path.join("."));
+        let Some(t) = self.tensors.get(&name) else {
+            self.errors.push(format!("missing `{name}`"));
+            return param;
+        };
+        let t = if transposed && t.shape.len() == 2 {
+            transpose(t)
+        } else {
+            t.clone()
+        };
+        let expected = param.lazy_shape().dims::<D>().to_vec();
+        if t.shape != expected {
+            self.errors.push(format!(
+                "`{name}` is {:?}, the model needs {expected:?}",
+                t.shape
+            ));
+            return param;
+        }
+        self.used.insert(name);
+        let device = param.lazy_device();
+        param.map(|_| Tensor::from_data(TensorData::new(t.data, t.shape), &device))
+    }
+}
+
+/// Replaces every parameter and BN statistic of `model` with the canonical tensors in `tensors`.
+/// Every model tensor must be present with the right shape, and every given tensor must be used.
+pub fn apply_weights(model: EfficientNet, tensors: &TensorMap) -> Result<EfficientNet, LoadError> {
+    let mut loader = Loader {
+        path: Vec::new(),
+        tensors,
+        used: BTreeSet::new(),
+        errors: Vec::new(),
+    };
+    let model = model.map(&mut loader);
+    let unused: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !loader.used.contains(*k))
+        .collect();
+    if let Some(k) = unused.first() {
+        loader
+            .errors
+            .push(format!("unused `{k}` ({} unused in all)", unused.len()));
+    }
+    if loader.errors.is_empty() {
+        Ok(model)
+    } else {
+        let n = loader.errors.len();
+        let shown = loader
+            .errors
+            .into_iter()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(LoadError(format!("{shown} ({n} problems)")))
+    }
+}
+
+struct Exporter {
+    path: Vec<String>,
+    out: TensorMap,
+}
+
+impl ModuleVisitor for Exporter {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let (name, transposed) = canonical(&self.path.join("."));
+        let data = param.val().into_data().convert::<f32>();
+        let t = RawTensor {
+            shape: data.shape().to_vec(),
+            data: data.try_to_vec::<f32>().expect("float tensor"),
+            integer: false,
+        };
+        let t = if transposed { transpose(&t) } else { t };
+        self.out.insert(name, t);
+    }
+}
+
+/// Every parameter and BN statistic of `model` under its canonical name.
+pub fn export_weights(model: &EfficientNet) -> TensorMap {
+    let mut e = Exporter {
+        path: Vec::new(),
+        out: TensorMap::new(),
+    };
+    model.visit(&mut e);
+    e.out
+}

@@ -1,0 +1,319 @@
+//! The trainable EfficientNet on burn, built from a [`ModelSpec`].
+//!
+//! Module paths equal the canonical weight names (`blocks.3.dw.conv.weight`, ...), so weights load by
+//! path. Training behaviour (BN batch statistics, dropout, stochastic depth) is active when the model
+//! runs on an autodiff device and has not been switched to [`Module::valid`] or frozen, as for burn's
+//! own layers.
+
+mod load;
+
+use burn::module::{Flag, Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
+};
+use burn::tensor::activation::{relu, sigmoid, silu};
+use burn::tensor::{Device, Distribution, Tensor};
+
+use crate::spec::{Activation, BlockKind, FeatureTap, LayerSpec, ModelSpec, Padding};
+
+pub use load::{LoadError, apply_weights, export_weights};
+
+/// Activation as a skipped (non-parameter) module field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Act(pub Activation);
+
+impl Act {
+    fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match self.0 {
+            Activation::Silu => silu(x),
+            Activation::Relu6 => relu(x).clamp_max(6.0),
+        }
+    }
+}
+
+/// Conv -> BN -> optional activation.
+#[derive(Module, Debug)]
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm,
+    #[module(skip)]
+    pub act: Option<Act>,
+}
+
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        spec: &ModelSpec,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        groups: usize,
+        act: bool,
+        device: &Device,
+    ) -> Self {
+        let padding = match spec.padding {
+            Padding::Same => PaddingConfig2d::Same,
+            Padding::Symmetric => {
+                let p = kernel / 2;
+                PaddingConfig2d::Explicit(p, p, p, p)
+            }
+        };
+        ConvBn {
+            conv: Conv2dConfig::new([cin, cout], [kernel, kernel])
+                .with_stride([stride, stride])
+                .with_groups(groups)
+                .with_padding(padding)
+                .with_bias(false)
+                .init(device),
+            bn: BatchNormConfig::new(cout)
+                .with_epsilon(spec.bn_eps)
+                .with_momentum(spec.bn_momentum)
+                .init(device),
+            act: act.then_some(Act(spec.activation)),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = self.bn.forward(self.conv.forward(x));
+        match &self.act {
+            Some(a) => a.forward(x),
+            None => x,
+        }
+    }
+}
+
+/// Squeeze-excite: global pool -> 1x1 reduce (+bias) -> act -> 1x1 expand (+bias) -> sigmoid -> scale.
+#[derive(Module, Debug)]
+pub struct SqueezeExcite {
+    pub reduce: Conv2d,
+    pub expand: Conv2d,
+    #[module(skip)]
+    pub act: Act,
+}
+
+impl SqueezeExcite {
+    fn new(channels: usize, reduced: usize, act: Activation, device: &Device) -> Self {
+        SqueezeExcite {
+            reduce: Conv2dConfig::new([channels, reduced], [1, 1]).init(device),
+            expand: Conv2dConfig::new([reduced, channels], [1, 1]).init(device),
+            act: Act(act),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let s = x.clone().mean_dim(3).mean_dim(2);
+        let s = self.act.forward(self.reduce.forward(s));
+        let s = sigmoid(self.expand.forward(s));
+        x * s
+    }
+}
+
+/// One MBConv or Fused-MBConv block; which sub-layers exist follows the spec (see [`LayerSpec`]).
+#[derive(Module, Debug)]
+pub struct Block {
+    /// MBConv: 1x1 expansion (absent when e = 1). Fused: the kxk conv (the only conv when e = 1).
+    pub expand: Option<ConvBn>,
+    /// MBConv only: depthwise kxk conv.
+    pub dw: Option<ConvBn>,
+    pub se: Option<SqueezeExcite>,
+    /// 1x1 projection without activation (absent for Fused with e = 1).
+    pub project: Option<ConvBn>,
+    pub residual: bool,
+    pub drop_path: f64,
+    pub training: Param<Flag>,
+}
+
+impl Block {
+    fn new(spec: &ModelSpec, l: &LayerSpec, device: &Device) -> Self {
+        let (cin, mid, cout, k, s) = (
+            l.in_channels,
+            l.mid_channels,
+            l.out_channels,
+            l.kernel,
+            l.stride,
+        );
+        let se = |channels| {
+            l.se_channels
+                .map(|r| SqueezeExcite::new(channels, r, spec.activation, device))
+        };
+        let (expand, dw, se, project) = match (l.kind, l.expand_ratio) {
+            (BlockKind::MbConv, e) => (
+                (e != 1).then(|| ConvBn::new(spec, cin, mid, 1, 1, 1, true, device)),
+                Some(ConvBn::new(spec, mid, mid, k, s, mid, true, device)),
+                se(mid),
+                Some(ConvBn::new(spec, mid, cout, 1, 1, 1, false, device)),
+            ),
+            (BlockKind::FusedMbConv, 1) => (
+                Some(ConvBn::new(spec, cin, cout, k, s, 1, true, device)),
+                None,
+                se(cout),
+                None,
+            ),
+            (BlockKind::FusedMbConv, _) => (
+                Some(ConvBn::new(spec, cin, mid, k, s, 1, true, device)),
+                None,
+                se(mid),
+                Some(ConvBn::new(spec, mid, cout, 1, 1, 1, false, device)),
+            ),
+        };
+        Block {
+            expand,
+            dw,
+            se,
+            project,
+            residual: l.residual,
+            drop_path: l.drop_path_rate,
+            training: Param::from_bool(true),
+        }
+    }
+
+    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
+        let mut x = input.clone();
+        for conv in [&self.expand, &self.dw].into_iter().flatten() {
+            x = conv.forward(x);
+        }
+        if let Some(se) = &self.se {
+            x = se.forward(x);
+        }
+        if let Some(p) = &self.project {
+            x = p.forward(x);
+        }
+        if !self.residual {
+            return x;
+        }
+        if self.drop_path > 0.0 && self.training.is_enabled() && x.device().is_autodiff() {
+            // Stochastic depth: drop the whole residual branch per sample, rescale the survivors.
+            let keep = 1.0 - self.drop_path;
+            let [b, _, _, _] = x.dims();
+            let mask =
+                Tensor::<4>::random([b, 1, 1, 1], Distribution::Bernoulli(keep), &x.device());
+            x = x * mask.div_scalar(keep);
+        }
+        x + input
+    }
+}
+
+/// EfficientNet (V1, Lite or V2) as specified by a [`ModelSpec`].
+#[derive(Module, Debug)]
+pub struct EfficientNet {
+    pub stem: ConvBn,
+    pub blocks: Vec<Block>,
+    pub head: ConvBn,
+    pub dropout: Dropout,
+    pub classifier: Linear,
+    #[module(skip)]
+    pub taps: Vec<FeatureTap>,
+}
+
+impl EfficientNet {
+    /// A freshly initialised model (burn's default initialisers).
+    pub fn new(spec: &ModelSpec, device: &Device) -> Self {
+        let layers = spec.layers();
+        EfficientNet {
+            stem: ConvBn::new(spec, 3, spec.stem_channels(), 3, 2, 1, true, device),
+            blocks: layers.iter().map(|l| Block::new(spec, l, device)).collect(),
+            head: ConvBn::new(
+                spec,
+                spec.body_channels(),
+                spec.head_channels(),
+                1,
+                1,
+                1,
+                true,
+                device,
+            ),
+            dropout: DropoutConfig::new(spec.dropout).init(),
+            classifier: LinearConfig::new(spec.head_channels(), spec.num_classes).init(device),
+            taps: spec.feature_taps(),
+        }
+    }
+
+    /// Logits `[batch, classes]` for images `[batch, 3, h, w]` of any size.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = self.forward_head_features(x);
+        self.classify(x)
+    }
+
+    /// The pooled `[batch, head_channels]` features (before dropout and the classifier).
+    pub fn forward_head_features(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = self.stem.forward(x);
+        for b in &self.blocks {
+            x = b.forward(x);
+        }
+        let x = self.head.forward(x);
+        let [b, c, _, _] = x.dims();
+        x.mean_dim(3).mean_dim(2).reshape([b, c])
+    }
+
+    /// Dropout + classifier on pooled features.
+    pub fn classify(&self, features: Tensor<2>) -> Tensor<2> {
+        self.classifier.forward(self.dropout.forward(features))
+    }
+
+    /// Backbone features at reductions 2, 4, 8, 16 and 32 (see [`EfficientNet::feature_channels`]).
+    pub fn forward_features(&self, x: Tensor<4>) -> Vec<Tensor<4>> {
+        let mut x = self.stem.forward(x);
+        let mut out = Vec::with_capacity(self.taps.len());
+        if self.taps.first().is_some_and(|t| t.after_block.is_none()) {
+            out.push(x.clone());
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = b.forward(x);
+            if self.taps.iter().any(|t| t.after_block == Some(i)) {
+                out.push(x.clone());
+            }
+        }
+        out
+    }
+
+    /// `(reduction, channels)` of each tensor [`EfficientNet::forward_features`] returns.
+    pub fn feature_channels(&self) -> Vec<(usize, usize)> {
+        self.taps
+            .iter()
+            .map(|t| (t.reduction, t.channels))
+            .collect()
+    }
+
+    /// Freezes the stem and every block (fine-tuning the head and classifier only).
+    pub fn freeze_backbone(self) -> Self {
+        EfficientNet {
+            stem: self.stem.freeze(),
+            blocks: self.blocks.into_iter().map(|b| b.freeze()).collect(),
+            ..self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::layout::{Layout, key_map};
+
+    #[test]
+    fn module_paths_are_the_canonical_weight_names() {
+        let device = Device::flex();
+        for name in ["b0", "lite0", "v2-b0"] {
+            let spec = crate::spec::variant(name).unwrap();
+            let model = EfficientNet::new(&spec, &device);
+            let exported = export_weights(&model);
+            let expected: Vec<(String, Vec<usize>)> = key_map(&spec, Layout::Effnet)
+                .unwrap()
+                .into_iter()
+                .map(|k| (k.canonical, k.shape))
+                .collect();
+            let mut got: Vec<(String, Vec<usize>)> = exported
+                .iter()
+                .map(|(k, t)| (k.clone(), t.shape.clone()))
+                .collect();
+            let mut want = expected.clone();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "{name}");
+            // Round trip: loading the exported tensors reproduces them.
+            let reloaded = apply_weights(EfficientNet::new(&spec, &device), &exported).unwrap();
+            assert_eq!(export_weights(&reloaded), exported, "{name}");
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The architecture spec: the single source of truth every other module builds from.
+//!
+//! A [`ModelSpec`] holds the unscaled block strings of a family plus its scaling coefficients and
+//! per-variant defaults; [`ModelSpec::layers`] applies the TF rounding rules and yields the concrete
+//! network (one [`LayerSpec`] per block) that the analysis, the burn model and the weight mapping share.
+
+mod block;
+mod variants;
+
+pub use block::{BlockArgs, BlockKind};
+pub use variants::{Flavor, VARIANTS, resolve, variant};
+
+/// Errors in an architecture description.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("invalid block string `{block}`: {why}")]
+    BlockString { block: String, why: String },
+    #[error("unknown model `{name}`; known models: {known} (run `effnet models` for the list)")]
+    UnknownModel { name: String, known: String },
+    #[error("invalid model spec: {0}")]
+    Invalid(String),
+}
+
+/// Model family: decides the rounding rule and the Lite simplifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Family {
+    /// EfficientNet B0-B8, L2 (round_filters with the 0.9 rule).
+    V1,
+    /// EfficientNet-Lite: no SE, ReLU6, unscaled stem/head and first/last stage repeats.
+    Lite,
+    /// EfficientNetV2 (round_filters without the 0.9 rule).
+    V2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Activation {
+    Silu,
+    Relu6,
+}
+
+/// How convolutions pad: TF "SAME" (asymmetric, depends on the input size) or PyTorch symmetric k/2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    Same,
+    Symmetric,
+}
+
+/// A complete, scalable architecture description.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelSpec {
+    pub name: String,
+    pub family: Family,
+    /// Unscaled stages, one block string each.
+    pub blocks: Vec<BlockArgs>,
+    pub width: f64,
+    pub depth: f64,
+    /// Default (evaluation) input resolution.
+    pub resolution: usize,
+    /// Training resolution (differs from `resolution` for V2).
+    pub train_resolution: usize,
+    pub dropout: f64,
+    /// Unscaled head width (1280 throughout the published families).
+    pub head_channels: usize,
+    pub activation: Activation,
+    pub bn_eps: f64,
+    /// PyTorch convention: weight of the new batch statistic (TF decay 0.99 = momentum 0.01).
+    pub bn_momentum: f64,
+    pub padding: Padding,
+    pub num_classes: usize,
+    /// Stochastic depth rate of the last block; block i of N gets rate * i / N.
+    pub drop_connect_rate: f64,
+    pub divisor: usize,
+}
+
+/// One concrete block after scaling and rounding.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LayerSpec {
+    pub stage: usize,
+    pub kind: BlockKind,
+    pub in_channels: usize,
+    /// Expanded width (`in * e`); equal to `in_channels` when there is no expansion.
+    pub mid_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub expand_ratio: usize,
+    /// SE bottleneck width (from the block INPUT channels); `None` without SE.
+    pub se_channels: Option<usize>,
+    pub residual: bool,
+    pub drop_path_rate: f64,
+}
+
+/// A feature map available to a backbone user: the last block output at one reduction level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct FeatureTap {
+    /// Index into [`ModelSpec::layers`] whose output is tapped; `None` means the stem output.
+    pub after_block: Option<usize>,
+    pub reduction: usize,
+    pub channels: usize,
+}
+
+impl ModelSpec {
+    /// TF `round_filters`: scale by width, round to the divisor; V1 adds the 0.9 rule.
+    pub fn round_filters(&self, channels: usize) -> usize {
+        let f = channels as f64 * self.width;
+        let d = self.divisor as f64;
+        let mut new = (((f + d / 2.0) as usize) / self.divisor * self.divisor).max(self.divisor);
+        if self.family != Family::V2 && (new as f64) < 0.9 * f {
+            new += self.divisor;
+        }
+        new
+    }
+
+    /// TF `round_repeats`: ceil(depth * repeats); Lite keeps the first and last stage as is.
+    pub fn round_repeats(&self, stage: usize, repeats: usize) -> usize {
+        if self.family == Family::Lite && (stage == 0 || stage + 1 == self.blocks.len()) {
+            return repeats;
+        }
+        (self.depth * repeats as f64).ceil() as usize
+    }
+
+    fn fixed_stem_head(&self) -> bool {
+        self.family == Family::Lite
+    }
+
+    pub fn stem_channels(&self) -> usize {
+        let base = self.blocks[0].in_channels;
+        if self.fixed_stem_head() {
+            base
+        } else {
+            self.round_filters(base)
+        }
+    }
+
+    pub fn head_channels(&self) -> usize {
+        if self.fixed_stem_head() {
+            self.head_channels
+        } else {
+            self.round_filters(self.head_channels)
+        }
+    }
+
+    /// Repeats per stage after depth scaling.
+    pub fn stage_repeats(&self) -> Vec<usize> {
+        self.blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| self.round_repeats(i, b.repeats))
+            .collect()
+    }
+
+    /// The concrete network: every block with its rounded channels, stride, SE width, residual flag and
+    /// stochastic-depth rate.
+    pub fn layers(&self) -> Vec<LayerSpec> {
+        let total: usize = self.stage_repeats().iter().sum();
+        let mut out = Vec::with_capacity(total);
+        for (stage, args) in self.blocks.iter().enumerate() {
+            let repeats = self.round_repeats(stage, args.repeats);
+            let stage_in = if stage == 0 {
+                self.stem_channels()
+            } else {
+                self.round_filters(args.in_channels)
+            };
+            let stage_out = self.round_filters(args.out_channels);
+            for r in 0..repeats {
+                let in_channels = if r == 0 { stage_in } else { stage_out };
+                let stride = if r == 0 { args.stride } else { 1 };
+                let se_channels = args
+                    .se_ratio
+                    .filter(|_| self.family != Family::Lite)
+                    .map(|ratio| ((in_channels as f64 * ratio) as usize).max(1));
+                let index = out.len();
+                out.push(LayerSpec {
+                    stage,
+                    kind: args.kind,
+                    in_channels,
+                    mid_channels: in_channels * args.expand_ratio,
+                    out_channels: stage_out,
+                    kernel: args.kernel,
+                    stride,
+                    expand_ratio: args.expand_ratio,
+                    se_channels,
+                    residual: args.id_skip && stride == 1 && in_channels == stage_out,
+                    drop_path_rate: self.drop_connect_rate * index as f64 / total as f64,
+                });
+            }
+        }
+        out
+    }
+
+    /// Output channels of the last block (input to the head conv).
+    pub fn body_channels(&self) -> usize {
+        self.round_filters(self.blocks.last().map_or(0, |b| b.out_channels))
+    }
+
+    /// Backbone taps at reductions 2, 4, 8, 16, 32 (timm's `features_only` convention: the last
+    /// block before each further downsampling; the stem when no block runs at a level).
+    pub fn feature_taps(&self) -> Vec<FeatureTap> {
+        let layers = self.layers();
+        let mut taps: Vec<FeatureTap> = vec![FeatureTap {
+            after_block: None,
+            reduction: 2,
+            channels: self.stem_channels(),
+        }];
+        let mut reduction = 2;
+        for (i, l) in layers.iter().enumerate() {
+            reduction *= l.stride;
+            let tap = FeatureTap {
+                after_block: Some(i),
+                reduction,
+                channels: l.out_channels,
+            };
+            match taps.last_mut() {
+                Some(last) if last.reduction == reduction => *last = tap,
+                _ => taps.push(tap),
+            }
+        }
+        taps
+    }
+
+    /// Applies explicit multipliers on top of this spec's own coefficients.
+    pub fn scaled(&self, depth: f64, width: f64, resolution: f64) -> Result<Self, SpecError> {
+        for (name, v) in [
+            ("depth", depth),
+            ("width", width),
+            ("resolution", resolution),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(SpecError::Invalid(format!(
+                    "{name} multiplier must be a positive number, got {v}"
+                )));
+            }
+        }
+        let mut s = self.clone();
+        s.depth *= depth;
+        s.width *= width;
+        s.resolution = ((self.resolution as f64 * resolution).round() as usize).max(1);
+        s.train_resolution = ((self.train_resolution as f64 * resolution).round() as usize).max(1);
+        s.name = format!("{}(d{depth:.3},w{width:.3},r{resolution:.3})", self.name);
+        Ok(s)
+    }
+
+    /// Compound scaling (paper eq. 3): depth alpha^phi, width beta^phi, resolution gamma^phi.
+    pub fn compound(
+        &self,
+        phi: f64,
+        coefficients: CompoundCoefficients,
+    ) -> Result<Self, SpecError> {
+        let CompoundCoefficients { alpha, beta, gamma } = coefficients;
+        let mut s = self.scaled(alpha.powf(phi), beta.powf(phi), gamma.powf(phi))?;
+        s.name = format!("{}(phi={phi})", self.name);
+        Ok(s)
+    }
+}
+
+/// The compound-scaling grid-search result of the paper (alpha * beta^2 * gamma^2 ~= 2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CompoundCoefficients {
+    pub alpha: f64,
+    pub beta: f64,
+    pub gamma: f64,
+}
+
+impl Default for CompoundCoefficients {
+    fn default() -> Self {
+        Self {
+            alpha: 1.2,
+            beta: 1.1,
+            gamma: 1.15,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(spec: &ModelSpec) -> (Vec<usize>, Vec<usize>) {
+        let ch = spec
+            .blocks
+            .iter()
+            .map(|b| spec.round_filters(b.out_channels))
+            .collect();
+        (spec.stage_repeats(), ch)
+    }
+
+    #[test]
+    fn v1_rounding_matches_published_tables() {
+        let b4 = variant("b4").unwrap();
+        assert_eq!(
+            counts(&b4),
+            (
+                vec![2, 4, 4, 6, 6, 8, 2],
+                vec![24, 32, 56, 112, 160, 272, 448]
+            )
+        );
+        assert_eq!((b4.stem_channels(), b4.head_channels()), (48, 1792));
+        let b7 = variant("efficientnet-b7").unwrap();
+        assert_eq!(counts(&b7).0, vec![4, 7, 7, 10, 10, 13, 4]);
+        assert_eq!(b7.head_channels(), 2560);
+    }
+
+    #[test]
+    fn the_0_9_rule_applies_to_v1_only() {
+        let mut s = variant("b0").unwrap();
+        s.width = 0.5; // 40 * 0.5 = 20 -> int(24) // 8 * 8 = 24
+        assert_eq!(s.round_filters(40), 24);
+        s.width = 1.0; // 36 -> int(40) // 8 * 8 = 40
+        assert_eq!(s.round_filters(36), 40);
+        s.width = 0.3; // 90 * 0.3 = 27 -> 24, and 24 < 0.9 * 27 adds 8 in V1
+        assert_eq!(s.round_filters(90), 32);
+        s.family = Family::V2;
+        assert_eq!(s.round_filters(90), 24);
+    }
+
+    #[test]
+    fn lite_keeps_stem_head_and_end_repeats() {
+        let l4 = variant("lite4").unwrap();
+        assert_eq!(counts(&l4).0, vec![1, 4, 4, 6, 6, 8, 1]);
+        assert_eq!((l4.stem_channels(), l4.head_channels()), (32, 1280));
+        assert!(l4.layers().iter().all(|l| l.se_channels.is_none()));
+        assert_eq!(l4.activation, Activation::Relu6);
+    }
+
+    #[test]
+    fn se_width_comes_from_block_input() {
+        let b0 = variant("b0").unwrap();
+        let layers = b0.layers();
+        assert_eq!(layers.len(), 16);
+        assert_eq!(layers[0].se_channels, Some(8)); // 32 * 0.25
+        assert_eq!(layers[1].mid_channels, 96);
+        assert_eq!(layers[1].se_channels, Some(4)); // 16 * 0.25, not 96 * 0.25
+        assert!(!layers[1].residual && layers[2].residual);
+        assert_eq!(layers[15].drop_path_rate, 0.2 * 15.0 / 16.0);
+    }
+
+    #[test]
+    fn feature_taps_cover_every_reduction() {
+        let taps = variant("b0").unwrap().feature_taps();
+        let got: Vec<(usize, usize)> = taps.iter().map(|t| (t.reduction, t.channels)).collect();
+        assert_eq!(got, vec![(2, 16), (4, 24), (8, 40), (16, 112), (32, 320)]);
+        let v2 = variant("v2-s").unwrap().feature_taps();
+        let got: Vec<(usize, usize)> = v2.iter().map(|t| (t.reduction, t.channels)).collect();
+        assert_eq!(got, vec![(2, 24), (4, 48), (8, 64), (16, 160), (32, 256)]);
+    }
+
+    #[test]
+    fn compound_scaling_of_b0() {
+        let b0 = variant("b0").unwrap();
+        let s = b0.compound(1.0, CompoundCoefficients::default()).unwrap();
+        assert!((s.depth - 1.2).abs() < 1e-12 && (s.width - 1.1).abs() < 1e-12);
+        assert_eq!(s.resolution, 258); // 224 * 1.15 = 257.6
+        let s2 = b0.compound(2.0, CompoundCoefficients::default()).unwrap();
+        assert!((s2.depth - 1.44).abs() < 1e-12);
+        assert!(b0.scaled(0.0, 1.0, 1.0).is_err());
+        assert!(b0.scaled(1.0, f64::NAN, 1.0).is_err());
+    }
+}
