@@ -1,1 +1,157 @@
+//! Image decoding and the eval preprocessing a weight set asks for: resize the shorter side
+//! (Pillow-style convolution resampling via `fast_image_resize`), center crop, normalise.
 
+use std::path::Path;
+
+use fast_image_resize::images::Image;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+
+use crate::weights::{Interpolation, Preprocess};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot read image `{path}`: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not a supported image (PNG, JPEG, BMP, GIF, WebP, TIFF): {why}")]
+    Unsupported { path: String, why: String },
+    #[error("cannot decode image `{path}`: {why}")]
+    Decode { path: String, why: String },
+    #[error("image `{path}` is empty")]
+    Empty { path: String },
+}
+
+/// Decodes an image file to 8-bit RGB (grey and alpha images are converted).
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let p = path.display().to_string();
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| ImageError::Io {
+            path: p.clone(),
+            source: e,
+        })?
+        .with_guessed_format()
+        .map_err(|e| ImageError::Io {
+            path: p.clone(),
+            source: e,
+        })?;
+    if reader.format().is_none() {
+        return Err(ImageError::Unsupported {
+            path: p,
+            why: "unrecognised file contents".into(),
+        });
+    }
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Unsupported(u) => ImageError::Unsupported {
+            path: p.clone(),
+            why: u.to_string(),
+        },
+        other => ImageError::Decode {
+            path: p.clone(),
+            why: other.to_string(),
+        },
+    })?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(ImageError::Empty { path: p });
+    }
+    Ok(img.to_rgb8())
+}
+
+/// Resizes so the shorter side is `size` (the longer as `int(size * long / short)`, as torchvision does).
+pub fn resize_shorter(img: &RgbImage, size: usize, interpolation: Interpolation) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (nw, nh) = if w <= h {
+        (size, size * h / w)
+    } else {
+        (size * w / h, size)
+    };
+    resize(img, nw.max(1), nh.max(1), interpolation)
+}
+
+/// Pillow-compatible convolution resize (bicubic a = -0.5 or bilinear, support scaled on downsampling).
+pub fn resize(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    interpolation: Interpolation,
+) -> RgbImage {
+    if (img.width() as usize, img.height() as usize) == (width, height) {
+        return img.clone();
+    }
+    let src = Image::from_vec_u8(
+        img.width(),
+        img.height(),
+        img.as_raw().clone(),
+        PixelType::U8x3,
+    )
+    .expect("RGB buffer matches its dimensions");
+    let mut dst = Image::new(width as u32, height as u32, PixelType::U8x3);
+    let filter = match interpolation {
+        Interpolation::Bicubic => FilterType::CatmullRom,
+        Interpolation::Bilinear => FilterType::Bilinear,
+    };
+    Resizer::new()
+        .resize(
+            &src,
+            &mut dst,
+            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)),
+        )
+        .expect("same pixel type");
+    RgbImage::from_raw(width as u32, height as u32, dst.into_vec()).expect("buffer size")
+}
+
+/// torchvision's CenterCrop (offsets rounded half to even as Python's `round`).
+pub fn center_crop(img: &RgbImage, size: usize) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w < size || h < size {
+        // Smaller than the crop: scale up first, as a user would expect rather than an error.
+        let up = resize_shorter(img, size, Interpolation::Bicubic);
+        return center_crop(&up, size);
+    }
+    let left = ((w - size) as f64 / 2.0).round_ties_even() as u32;
+    let top = ((h - size) as f64 / 2.0).round_ties_even() as u32;
+    image::imageops::crop_imm(img, left, top, size as u32, size as u32).to_image()
+}
+
+/// Normalises to a CHW float buffer: `(pixel - mean) / std` per channel.
+pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut out = vec![0.0f32; 3 * w * h];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * w * h + i] = (p.0[c] as f32 - mean[c]) / std[c];
+        }
+    }
+    out
+}
+
+/// The whole eval pipeline: returns CHW floats of side `p.crop`.
+pub fn eval_transform(img: &RgbImage, p: &Preprocess) -> Vec<f32> {
+    let resized = resize_shorter(img, p.resize, p.interpolation);
+    normalize(&center_crop(&resized, p.crop), p.mean, p.std)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shorter_side_and_crop_geometry() {
+        let img = RgbImage::from_fn(600, 400, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 7])
+        });
+        let r = resize_shorter(&img, 256, Interpolation::Bicubic);
+        assert_eq!((r.width(), r.height()), (384, 256));
+        let c = center_crop(&r, 224);
+        assert_eq!((c.width(), c.height()), (224, 224));
+        let x = normalize(&c, [127.0; 3], [128.0; 3]);
+        assert_eq!(x.len(), 3 * 224 * 224);
+        assert!((x[2 * 224 * 224] - (7.0 - 127.0) / 128.0).abs() < 1e-6);
+        // Tiny images are scaled up rather than rejected.
+        let tiny = RgbImage::new(10, 5);
+        assert_eq!(center_crop(&tiny, 32).dimensions(), (32, 32));
+    }
+}

@@ -167,30 +167,29 @@ fn read_safetensors(path: &Path) -> Result<(TensorMap, Option<WeightMeta>), Weig
 
 /// Writes canonical tensors and their metadata as safetensors, atomically (temp file + rename).
 pub fn write_safetensors(path: &Path, set: &WeightSet) -> Result<(), WeightError> {
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
-    let bytes_store: Vec<(String, Vec<u8>, Vec<usize>)> = set
+    let bytes: Vec<(&String, Vec<u8>, &Vec<usize>)> = set
         .tensors
         .iter()
         .map(|(k, t)| {
             (
-                k.clone(),
+                k,
                 t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                t.shape.clone(),
+                &t.shape,
             )
         })
         .collect();
-    let mut views = views;
-    for (name, bytes, shape) in &bytes_store {
+    let mut views = Vec::with_capacity(bytes.len());
+    for (name, data, shape) in &bytes {
         let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), data)
                 .map_err(|e| WeightError::Invalid(format!("tensor `{name}`: {e}")))?;
-        views.push((name.clone(), view));
+        views.push((name.to_string(), view));
     }
     let json = serde_json::to_string(&set.meta).expect("metadata serialises");
     let metadata = HashMap::from([(meta::SAFETENSORS_META_KEY.to_string(), json)]);
-    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+    let file = safetensors::tensor::serialize(views, Some(metadata))
         .map_err(|e| WeightError::Invalid(e.to_string()))?;
-    crate::util::write_atomic(path, &bytes).map_err(|e| WeightError::io(path, e))
+    crate::util::write_atomic(path, &file).map_err(|e| WeightError::io(path, e))
 }
 
 /// Loads a weights file for `model` (any accepted name), or for the model the file itself names or

@@ -1,0 +1,362 @@
+//! The `effnet` command line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use burn::tensor::Device;
+use clap::{Args, Parser, Subcommand};
+
+use effnet::analysis::{Analysis, analyze};
+use effnet::classify::{Classifier, DEFAULT_WEIGHTS, SAMPLE_IMAGE, weights_home};
+use effnet::preprocess::load_rgb;
+use effnet::spec::{CompoundCoefficients, ModelSpec, VARIANTS, resolve};
+use effnet::weights;
+
+#[derive(Parser)]
+#[command(
+    name = "effnet",
+    version,
+    about = "EfficientNet (V1, Lite, V2) in pure Rust: analysis, import, classification"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every published variant with parameters, MACs and default resolution.
+    Models {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exact parameter count, MACs and activation memory of a model (any variant or scaling).
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Input resolution (default: the model's own).
+        #[arg(long)]
+        resolution: Option<usize>,
+        /// Print every layer.
+        #[arg(long)]
+        layers: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Top-5 ImageNet classes of images (the bundled sample photo when none is given).
+    Classify {
+        /// Image files (PNG, JPEG, BMP, GIF, WebP, TIFF).
+        images: Vec<PathBuf>,
+        /// Model name; default: the one the weights file names or fits.
+        #[arg(long)]
+        model: Option<String>,
+        /// Weights (.pth/.pt/.bin/.safetensors); default: the installed Lite0 weights.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// How many classes to print per image.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        top: u16,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a PyTorch checkpoint (torchvision, timm, lukemelas) to safetensors with its metadata.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        #[arg(long)]
+        model: Option<String>,
+    },
+}
+
+/// A model: a published variant, optionally rescaled by compound `--phi` or explicit multipliers.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Published variant (`b0`, `efficientnet-b3`, `lite0`, `v2-s`, `tf_efficientnet_b0`, ...).
+    pub model: String,
+    /// Compound coefficient: depth alpha^phi, width beta^phi, resolution gamma^phi on top of MODEL.
+    #[arg(long)]
+    pub phi: Option<f64>,
+    #[arg(long, default_value_t = 1.2)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 1.1)]
+    pub beta: f64,
+    #[arg(long, default_value_t = 1.15)]
+    pub gamma: f64,
+    /// Explicit depth multiplier on top of MODEL.
+    #[arg(long)]
+    pub depth: Option<f64>,
+    /// Explicit width multiplier on top of MODEL.
+    #[arg(long)]
+    pub width: Option<f64>,
+    /// Explicit resolution multiplier on top of MODEL.
+    #[arg(long = "res-mult")]
+    pub res_mult: Option<f64>,
+}
+
+impl ModelArgs {
+    pub fn spec(&self) -> anyhow::Result<ModelSpec> {
+        let (mut spec, _) = resolve(&self.model)?;
+        if let Some(phi) = self.phi {
+            if self.depth.is_some() || self.width.is_some() || self.res_mult.is_some() {
+                bail!("use either --phi or --depth/--width/--res-mult, not both");
+            }
+            let c = CompoundCoefficients {
+                alpha: self.alpha,
+                beta: self.beta,
+                gamma: self.gamma,
+            };
+            spec = spec.compound(phi, c)?;
+        } else if self.depth.is_some() || self.width.is_some() || self.res_mult.is_some() {
+            spec = spec.scaled(
+                self.depth.unwrap_or(1.0),
+                self.width.unwrap_or(1.0),
+                self.res_mult.unwrap_or(1.0),
+            )?;
+        }
+        Ok(spec)
+    }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Models { json } => models(json),
+        Command::Info {
+            model,
+            resolution,
+            layers,
+            json,
+        } => info(&model, resolution, layers, json),
+        Command::Classify {
+            images,
+            model,
+            weights,
+            top,
+            json,
+        } => classify(&images, model.as_deref(), weights, top as usize, json),
+        Command::Convert {
+            input,
+            output,
+            model,
+        } => convert(&input, &output, model.as_deref()),
+    }
+}
+
+fn models(json: bool) -> anyhow::Result<()> {
+    let rows: Vec<Analysis> = VARIANTS
+        .iter()
+        .map(|v| {
+            let s = v.spec();
+            analyze(&s, s.resolution)
+        })
+        .collect();
+    if json {
+        let out: Vec<serde_json::Value> = rows
+            .iter()
+            .zip(VARIANTS)
+            .map(|(a, v)| {
+                serde_json::json!({
+                    "model": v.name, "params": a.params, "macs": a.macs,
+                    "resolution": v.resolution, "train_resolution": v.train_resolution, "dropout": v.dropout,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>6} {:>13} {:>9} {:>5} {:>5} {:>7}",
+        "model", "family", "params", "GMACs", "res", "train", "dropout"
+    );
+    for (a, v) in rows.iter().zip(VARIANTS) {
+        println!(
+            "{:<20} {:>6} {:>13} {:>9.3} {:>5} {:>5} {:>7}",
+            v.name,
+            format!("{:?}", v.family),
+            thousands(a.params),
+            a.gmacs(),
+            v.resolution,
+            v.train_resolution,
+            v.dropout
+        );
+    }
+    Ok(())
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn info(
+    model: &ModelArgs,
+    resolution: Option<usize>,
+    layers: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let spec = model.spec()?;
+    let res = resolution.unwrap_or(spec.resolution);
+    if res < 1 {
+        bail!("--resolution must be at least 1");
+    }
+    let a = analyze(&spec, res);
+    if json {
+        let mut v = serde_json::to_value(&a)?;
+        if !layers {
+            v.as_object_mut().map(|o| o.remove("layers"));
+        }
+        v["spec"] = serde_json::to_value(&spec)?;
+        v["feature_taps"] = serde_json::to_value(spec.feature_taps())?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model       {}", spec.name);
+    println!(
+        "scaling     width {:.4}  depth {:.4}  ({:?} rounding)",
+        spec.width, spec.depth, spec.family
+    );
+    println!(
+        "resolution  {res} (default {}, train {})",
+        spec.resolution, spec.train_resolution
+    );
+    println!(
+        "params      {} (trainable; BN running stats excluded)",
+        thousands(a.params)
+    );
+    println!(
+        "MACs        {} ({:.4} G, {:.4} GFLOPs)",
+        thousands(a.macs),
+        a.gmacs(),
+        2.0 * a.gmacs()
+    );
+    println!(
+        "activations peak {:.1} MiB live, {:.1} MiB in all (f32, batch 1)",
+        a.peak_activation_bytes as f64 / 1048576.0,
+        a.total_activation_bytes as f64 / 1048576.0
+    );
+    println!(
+        "stem {}  head {}  activation {:?}  dropout {}",
+        spec.stem_channels(),
+        spec.head_channels(),
+        spec.activation,
+        spec.dropout
+    );
+    println!("stages:");
+    for (i, (b, r)) in spec.blocks.iter().zip(spec.stage_repeats()).enumerate() {
+        println!(
+            "  {i}  {:<12} x{r:<3} k{} s{} e{} -> {} ch{}",
+            format!("{:?}", b.kind),
+            b.kernel,
+            b.stride,
+            b.expand_ratio,
+            spec.round_filters(b.out_channels),
+            if b.se_ratio.is_some() && spec.family != effnet::spec::Family::Lite {
+                "  +SE"
+            } else {
+                ""
+            }
+        );
+    }
+    let taps: Vec<String> = spec
+        .feature_taps()
+        .iter()
+        .map(|t| format!("/{}: {}", t.reduction, t.channels))
+        .collect();
+    println!("features    {}", taps.join("  "));
+    if layers {
+        println!(
+            "\n{:<28} {:<14} {:>16} {:>11} {:>14}",
+            "layer", "kind", "output", "params", "MACs"
+        );
+        for r in &a.layers {
+            println!(
+                "{:<28} {:<14} {:>16} {:>11} {:>14}",
+                r.name,
+                format!("{:?}", r.kind),
+                format!("{}x{}x{}", r.output[0], r.output[1], r.output[2]),
+                thousands(r.params),
+                thousands(r.macs)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn default_weights() -> anyhow::Result<PathBuf> {
+    let path = weights_home().join(DEFAULT_WEIGHTS);
+    if !path.exists() {
+        bail!(
+            "no --weights given and the default Lite0 weights are not installed at {}; run ./setup.sh or pass --weights PATH",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn classify(
+    images: &[PathBuf],
+    model: Option<&str>,
+    weights: Option<PathBuf>,
+    top: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let weights = match weights {
+        Some(w) => w,
+        None => default_weights()?,
+    };
+    // Decode every image first so a bad file fails fast, before the model loads.
+    let mut decoded = Vec::new();
+    let mut names = Vec::new();
+    if images.is_empty() {
+        let img = image::load_from_memory(SAMPLE_IMAGE).context("bundled sample image")?;
+        decoded.push(img.to_rgb8());
+        names.push("sample:coffee.png".to_string());
+    }
+    for p in images {
+        decoded.push(load_rgb(p)?);
+        names.push(p.display().to_string());
+    }
+    let device = Device::flex();
+    let classifier = Classifier::from_file(&weights, model, &device)?;
+    let top = top.min(classifier.meta.num_classes);
+    let results = classifier.top_k(&decoded, top);
+    if json {
+        let out: Vec<serde_json::Value> = names
+            .iter()
+            .zip(&results)
+            .map(|(n, preds)| serde_json::json!({ "image": n, "model": classifier.meta.model, "predictions": preds }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for (n, preds) in names.iter().zip(&results) {
+        println!("{n} ({})", classifier.meta.model);
+        for p in preds {
+            println!("  {:>4}  {:.4}  {}", p.class, p.probability, p.label);
+        }
+    }
+    Ok(())
+}
+
+fn convert(input: &Path, output: &Path, model: Option<&str>) -> anyhow::Result<()> {
+    let set = weights::load(input, model)?;
+    weights::write_safetensors(output, &set)?;
+    println!(
+        "wrote {} ({}, {} tensors, from {} layout; padding {:?}, BN eps {})",
+        output.display(),
+        set.meta.model,
+        set.tensors.len(),
+        set.meta.source,
+        set.meta.padding,
+        set.meta.bn_eps
+    );
+    Ok(())
+}
