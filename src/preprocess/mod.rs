@@ -1,10 +1,10 @@
 //! Image decoding and the eval preprocessing a weight set asks for: resize the shorter side
-//! (Pillow-style convolution resampling via `fast_image_resize`), center crop, normalise.
+//! (Pillow-exact convolution resampling), center crop, normalise.
+
+mod resample;
 
 use std::path::Path;
 
-use fast_image_resize::images::Image;
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::RgbImage;
 
 use crate::weights::{Interpolation, Preprocess};
@@ -60,18 +60,20 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     Ok(img.to_rgb8())
 }
 
-/// Resizes so the shorter side is `size` (the longer as `int(size * long / short)`, as torchvision does).
+/// Resizes so the shorter side is `size`, the longer side `round(size * long / short)` (the project's
+/// PyTorch oracles round; torchvision truncates, which differs by one pixel for some aspect ratios).
 pub fn resize_shorter(img: &RgbImage, size: usize, interpolation: Interpolation) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
+    let long = |l: usize, s: usize| (size as f64 * l as f64 / s as f64).round() as usize;
     let (nw, nh) = if w <= h {
-        (size, size * h / w)
+        (size, long(h, w))
     } else {
-        (size * w / h, size)
+        (long(w, h), size)
     };
     resize(img, nw.max(1), nh.max(1), interpolation)
 }
 
-/// Pillow-compatible convolution resize (bicubic a = -0.5 or bilinear, support scaled on downsampling).
+/// Pillow-exact convolution resize (see [`resample`]).
 pub fn resize(
     img: &RgbImage,
     width: usize,
@@ -81,26 +83,7 @@ pub fn resize(
     if (img.width() as usize, img.height() as usize) == (width, height) {
         return img.clone();
     }
-    let src = Image::from_vec_u8(
-        img.width(),
-        img.height(),
-        img.as_raw().clone(),
-        PixelType::U8x3,
-    )
-    .expect("RGB buffer matches its dimensions");
-    let mut dst = Image::new(width as u32, height as u32, PixelType::U8x3);
-    let filter = match interpolation {
-        Interpolation::Bicubic => FilterType::CatmullRom,
-        Interpolation::Bilinear => FilterType::Bilinear,
-    };
-    Resizer::new()
-        .resize(
-            &src,
-            &mut dst,
-            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)),
-        )
-        .expect("same pixel type");
-    RgbImage::from_raw(width as u32, height as u32, dst.into_vec()).expect("buffer size")
+    resample::resize(img, width, height, interpolation)
 }
 
 /// torchvision's CenterCrop (offsets rounded half to even as Python's `round`).
