@@ -147,6 +147,7 @@ pub fn export_weights(model: &EfficientNet) -> TensorMap {
         path: Vec::new(),
         out: TensorMap::new(),
     };
-    model.visit(&mut e);
+    // `valid()` synchronises BN running statistics; visiting directly may see them one update late.
+    model.valid().visit(&mut e);
     e.out
 }

@@ -1,0 +1,262 @@
+//! The `effnet` binary as a user runs it: happy paths and every kind of bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn effnet(args: &[&str], home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(args)
+        .env("EFFNET_HOME", home)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Fails with one clear `error:` line, non-zero exit, and no panic.
+fn assert_clean_error(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success: {}",
+        stdout(o)
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "`{needle}` not in: {err}");
+}
+
+#[test]
+fn models_lists_every_variant() {
+    let home = tempfile::tempdir().unwrap();
+    let o = effnet(&["models"], home.path());
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1 + 23);
+    assert!(out.contains("efficientnet-b0") && out.contains("5,288,548"));
+    assert!(out.contains("efficientnetv2-xl"));
+}
+
+#[test]
+fn info_reports_exact_counts_and_scaling() {
+    let home = tempfile::tempdir().unwrap();
+    let o = effnet(&["info", "b0"], home.path());
+    let out = stdout(&o);
+    assert!(
+        out.contains("5,288,548") && out.contains("385,814,752"),
+        "{out}"
+    );
+    let o = effnet(
+        &["info", "efficientnet_b2", "--resolution", "288", "--json"],
+        home.path(),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["params"], 9_109_994);
+    assert_eq!(v["macs"], 1_087_529_456);
+    let o = effnet(&["info", "b0", "--layers"], home.path());
+    assert!(stdout(&o).contains("blocks.15.project.conv"));
+    // Compound scaling from the CLI: phi = 1 on B0 gives depth 1.2, width 1.1, resolution 258.
+    let o = effnet(&["info", "b0", "--phi", "1", "--json"], home.path());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["resolution"], 258);
+    assert_eq!(v["spec"]["width"], 1.1);
+}
+
+#[test]
+fn classify_with_the_installed_default_weights() {
+    let home = tempfile::tempdir().unwrap();
+    let st = home.path().join("efficientnet-lite0.safetensors");
+    let o = effnet(
+        &[
+            "convert",
+            fixture(LITE0).to_str().unwrap(),
+            st.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // No arguments: the bundled sample photo with the default weights.
+    let o = effnet(&["classify"], home.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = stdout(&o);
+    assert!(out.lines().nth(1).unwrap().contains("espresso"), "{out}");
+    // JSON for real files, several at once.
+    let chelsea = fixture("images/chelsea.png");
+    let coffee = fixture("images/coffee.png");
+    let o = effnet(
+        &[
+            "classify",
+            "--json",
+            coffee.to_str().unwrap(),
+            chelsea.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["predictions"][0]["class"], 967);
+    assert_eq!(v[0]["predictions"].as_array().unwrap().len(), 5);
+    assert_eq!(v[1]["predictions"][0]["class"], 282);
+    let p = v[0]["predictions"][0]["probability"].as_f64().unwrap();
+    assert!((p - 0.951).abs() < 0.03, "{p}");
+}
+
+#[test]
+fn classify_with_explicit_pth_weights_and_model() {
+    let home = tempfile::tempdir().unwrap();
+    let coffee = fixture("images/coffee.png");
+    let o = effnet(
+        &[
+            "classify",
+            "--model",
+            "lite0",
+            "--weights",
+            fixture(LITE0).to_str().unwrap(),
+            "--top",
+            "1",
+            coffee.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 2);
+    assert!(out.contains("967") && out.contains("espresso"));
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let coffee = fixture("images/coffee.png");
+    let coffee = coffee.to_str().unwrap();
+    let lite0 = fixture(LITE0);
+    let lite0 = lite0.to_str().unwrap();
+
+    // Default weights not installed.
+    assert_clean_error(&effnet(&["classify", coffee], dir), "not installed");
+    // Missing weights file.
+    assert_clean_error(
+        &effnet(
+            &["classify", "--weights", "/nonexistent/w.pth", coffee],
+            dir,
+        ),
+        "cannot read weights",
+    );
+    // Truncated legacy .pth and truncated zip .pth.
+    let bytes = std::fs::read(fixture(LITE0)).unwrap();
+    let cut = dir.join("cut.pth");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_error(
+        &effnet(
+            &["classify", "--weights", cut.to_str().unwrap(), coffee],
+            dir,
+        ),
+        "corrupt or truncated",
+    );
+    let zip = std::fs::read(fixture(TV_B0)).unwrap();
+    std::fs::write(&cut, &zip[..zip.len() - 1000]).unwrap();
+    assert_clean_error(
+        &effnet(
+            &["classify", "--weights", cut.to_str().unwrap(), coffee],
+            dir,
+        ),
+        "corrupt or truncated",
+    );
+    // Garbage that is no checkpoint at all.
+    let junk = dir.join("junk.pth");
+    std::fs::write(&junk, b"this is not a checkpoint, just text").unwrap();
+    assert_clean_error(
+        &effnet(
+            &["classify", "--weights", junk.to_str().unwrap(), coffee],
+            dir,
+        ),
+        "not a weights file",
+    );
+    // Weights for another variant: names the problem keys and suggests the right model.
+    let o = effnet(
+        &["classify", "--model", "b0", "--weights", lite0, coffee],
+        dir,
+    );
+    assert_clean_error(&o, "do not fit efficientnet-b0");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--model efficientnet-lite0"));
+    // Unknown model name.
+    assert_clean_error(&effnet(&["info", "b9"], dir), "unknown model `b9`");
+    assert_clean_error(
+        &effnet(
+            &[
+                "classify",
+                "--model",
+                "resnet50",
+                "--weights",
+                lite0,
+                coffee,
+            ],
+            dir,
+        ),
+        "unknown model",
+    );
+    // A non-image file, and an image format we do not decode.
+    let text = dir.join("notes.png");
+    std::fs::write(&text, b"plain text pretending to be a png").unwrap();
+    assert_clean_error(
+        &effnet(
+            &["classify", "--weights", lite0, text.to_str().unwrap()],
+            dir,
+        ),
+        "notes.png",
+    );
+    let ppm = dir.join("pic.ppm");
+    std::fs::write(&ppm, b"P6\n2 2\n255\n\0\0\0\0\0\0\0\0\0\0\0\0").unwrap();
+    assert_clean_error(
+        &effnet(
+            &["classify", "--weights", lite0, ppm.to_str().unwrap()],
+            dir,
+        ),
+        "not a supported image",
+    );
+    // Missing image file.
+    assert_clean_error(
+        &effnet(&["classify", "--weights", lite0, "/nonexistent.jpg"], dir),
+        "cannot read image",
+    );
+    // Bad scaling flags.
+    assert_clean_error(
+        &effnet(&["info", "b0", "--width=-1"], dir),
+        "width multiplier",
+    );
+    assert_clean_error(
+        &effnet(&["info", "b0", "--phi", "1", "--depth", "2"], dir),
+        "either --phi",
+    );
+}
+
+#[test]
+fn convert_round_trips_through_safetensors() {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("tv_b0.safetensors");
+    let o = effnet(
+        &[
+            "convert",
+            fixture(TV_B0).to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("torchvision layout"));
+    let from_pth = effnet::weights::load(&fixture(TV_B0), None).unwrap();
+    let from_st = effnet::weights::load(&out, None).unwrap();
+    assert_eq!(
+        from_st.meta, from_pth.meta,
+        "metadata travels with the weights"
+    );
+    assert_eq!(from_st.tensors, from_pth.tensors);
+    assert_eq!(from_st.spec, from_pth.spec);
+}
