@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod classify;
+pub mod engine;
 pub mod model;
 pub mod preprocess;
 pub mod spec;

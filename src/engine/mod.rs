@@ -1,0 +1,629 @@
+//! A native CPU inference engine compiled from the spec and a weight set.
+//!
+//! BN is folded into the convolutions, activations are NHWC, 1x1 convolutions run on the `gemm`
+//! crate with bias + activation (+ residual) fused into a cache-hot epilogue, depthwise convolutions
+//! fuse bias, activation and the SE pooling, and the SE gate is applied to whichever is smaller: the
+//! activations or the projection weights. Buffers live in an arena reused across calls. The burn
+//! model stays the reference; `tests/engine.rs` checks the two agree to 1e-4.
+
+pub mod kernels;
+
+use crate::spec::{Activation, BlockKind, ModelSpec, Padding};
+use crate::weights::{TensorMap, WeightMeta, WeightSet};
+
+use kernels::Geometry;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the inference engine: {0}")]
+pub struct EngineError(String);
+
+/// How a convolution is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConvKind {
+    /// 1x1, stride 1: one GEMM. Weight `[cin x cout]`.
+    Pointwise,
+    /// Depthwise kxk. Weight `[k*k x c]`.
+    Depthwise,
+    /// Dense kxk via im2col + GEMM. Weight `[k*k*cin x cout]`.
+    Full,
+}
+
+/// A convolution with its BN folded in.
+#[derive(Debug, Clone)]
+struct Conv {
+    kind: ConvKind,
+    kernel: usize,
+    stride: usize,
+    cin: usize,
+    cout: usize,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    act: Option<Activation>,
+}
+
+#[derive(Debug, Clone)]
+struct Se {
+    channels: usize,
+    reduced: usize,
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+    act: Activation,
+}
+
+#[derive(Debug, Clone)]
+struct BlockPlan {
+    expand: Option<Conv>,
+    dw: Option<Conv>,
+    se: Option<Se>,
+    project: Option<Conv>,
+    residual: bool,
+    cin: usize,
+    cout: usize,
+}
+
+fn tensor<'a>(t: &'a TensorMap, name: &str) -> Result<&'a [f32], EngineError> {
+    t.get(name)
+        .map(|t| t.data.as_slice())
+        .ok_or_else(|| EngineError(format!("missing tensor `{name}`")))
+}
+
+/// Folds `{path}.bn` into `{path}.conv` and repacks the weight for `kind`.
+fn fold(
+    t: &TensorMap,
+    path: &str,
+    kind: ConvKind,
+    stride: usize,
+    eps: f64,
+    act: Option<Activation>,
+) -> Result<Conv, EngineError> {
+    let shape = &t
+        .get(&format!("{path}.conv.weight"))
+        .ok_or_else(|| EngineError(format!("missing tensor `{path}.conv.weight`")))?
+        .shape;
+    let (cout, cin_g, k) = (shape[0], shape[1], shape[2]);
+    let w = tensor(t, &format!("{path}.conv.weight"))?;
+    let gamma = tensor(t, &format!("{path}.bn.weight"))?;
+    let beta = tensor(t, &format!("{path}.bn.bias"))?;
+    let mean = tensor(t, &format!("{path}.bn.running_mean"))?;
+    let var = tensor(t, &format!("{path}.bn.running_var"))?;
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(var)
+        .map(|(g, v)| (*g as f64 / (*v as f64 + eps).sqrt()) as f32)
+        .collect();
+    let bias: Vec<f32> = (0..cout).map(|o| beta[o] - mean[o] * scale[o]).collect();
+    let kk = k * k;
+    let (cin, weight) = match kind {
+        ConvKind::Pointwise => {
+            let mut p = vec![0.0; cin_g * cout];
+            for o in 0..cout {
+                for i in 0..cin_g {
+                    p[i * cout + o] = w[o * cin_g + i] * scale[o];
+                }
+            }
+            (cin_g, p)
+        }
+        ConvKind::Depthwise => {
+            let mut p = vec![0.0; kk * cout];
+            for ch in 0..cout {
+                for tap in 0..kk {
+                    p[tap * cout + ch] = w[ch * kk + tap] * scale[ch];
+                }
+            }
+            (cout, p)
+        }
+        ConvKind::Full => {
+            let mut p = vec![0.0; kk * cin_g * cout];
+            for o in 0..cout {
+                for i in 0..cin_g {
+                    for tap in 0..kk {
+                        p[(tap * cin_g + i) * cout + o] = w[(o * cin_g + i) * kk + tap] * scale[o];
+                    }
+                }
+            }
+            (cin_g, p)
+        }
+    };
+    Ok(Conv {
+        kind,
+        kernel: k,
+        stride,
+        cin,
+        cout,
+        weight,
+        bias,
+        act,
+    })
+}
+
+/// `[out, in, 1, 1]` (or `[out, in]`) to `[in x out]`.
+fn transpose_dense(w: &[f32], out: usize) -> Vec<f32> {
+    let inp = w.len() / out;
+    let mut p = vec![0.0; w.len()];
+    for o in 0..out {
+        for i in 0..inp {
+            p[i * out + o] = w[o * inp + i];
+        }
+    }
+    p
+}
+
+/// Spatial geometry of a conv on an `h x w` input.
+fn geometry(padding: Padding, h: usize, w: usize, kernel: usize, stride: usize) -> Geometry {
+    let (out_h, out_w, pad_top, pad_left) = match padding {
+        Padding::Same => {
+            let pad = |size: usize| {
+                let out = size.div_ceil(stride);
+                (out, ((out - 1) * stride + kernel).saturating_sub(size) / 2)
+            };
+            let ((oh, pt), (ow, pl)) = (pad(h), pad(w));
+            (oh, ow, pt, pl)
+        }
+        Padding::Symmetric => {
+            let p = kernel / 2;
+            (
+                (h + 2 * p - kernel) / stride + 1,
+                (w + 2 * p - kernel) / stride + 1,
+                p,
+                p,
+            )
+        }
+    };
+    Geometry {
+        in_h: h,
+        in_w: w,
+        out_h,
+        out_w,
+        kernel,
+        stride,
+        pad_top,
+        pad_left,
+    }
+}
+
+/// Rows per GEMM chunk: the output chunk stays in L2 for the fused epilogue.
+fn chunk_rows(cout: usize) -> usize {
+    (32768 / cout.max(1)).clamp(16, 1024)
+}
+
+/// `out[m x n] = a[m x k] · b[k x n]` (row-major, contiguous).
+fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    debug_assert!(a.len() >= m * k && b.len() >= k * n && out.len() >= m * n);
+    // SAFETY: the slices cover the m x k, k x n and m x n row-major matrices described.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The compiled network plus its reusable buffers.
+pub struct Engine {
+    pub meta: WeightMeta,
+    pub spec: ModelSpec,
+    stem: Conv,
+    blocks: Vec<BlockPlan>,
+    head: Conv,
+    fc_w: Vec<f32>,
+    fc_b: Vec<f32>,
+    arena: Arena,
+}
+
+impl Engine {
+    /// Compiles `set` (canonical tensors of any variant) into an engine.
+    pub fn new(set: &WeightSet) -> Result<Self, EngineError> {
+        let spec = &set.spec;
+        let t = &set.tensors;
+        let eps = spec.bn_eps;
+        let act = Some(spec.activation);
+        let stem = fold(t, "stem", ConvKind::Full, 2, eps, act)?;
+        let mut blocks = Vec::new();
+        for (i, l) in spec.layers().iter().enumerate() {
+            let p = format!("blocks.{i}");
+            let se = match l.se_channels {
+                Some(_) => {
+                    let w1 = tensor(t, &format!("{p}.se.reduce.weight"))?;
+                    let reduced = tensor(t, &format!("{p}.se.reduce.bias"))?.len();
+                    let w2 = tensor(t, &format!("{p}.se.expand.weight"))?;
+                    let channels = tensor(t, &format!("{p}.se.expand.bias"))?.len();
+                    Some(Se {
+                        channels,
+                        reduced,
+                        w1: transpose_dense(w1, reduced),
+                        b1: tensor(t, &format!("{p}.se.reduce.bias"))?.to_vec(),
+                        w2: transpose_dense(w2, channels),
+                        b2: tensor(t, &format!("{p}.se.expand.bias"))?.to_vec(),
+                        act: spec.activation,
+                    })
+                }
+                None => None,
+            };
+            let plan = match (l.kind, l.expand_ratio) {
+                (BlockKind::MbConv, e) => BlockPlan {
+                    expand: if e != 1 {
+                        Some(fold(
+                            t,
+                            &format!("{p}.expand"),
+                            ConvKind::Pointwise,
+                            1,
+                            eps,
+                            act,
+                        )?)
+                    } else {
+                        None
+                    },
+                    dw: Some(fold(
+                        t,
+                        &format!("{p}.dw"),
+                        ConvKind::Depthwise,
+                        l.stride,
+                        eps,
+                        act,
+                    )?),
+                    se,
+                    project: Some(fold(
+                        t,
+                        &format!("{p}.project"),
+                        ConvKind::Pointwise,
+                        1,
+                        eps,
+                        None,
+                    )?),
+                    residual: l.residual,
+                    cin: l.in_channels,
+                    cout: l.out_channels,
+                },
+                (BlockKind::FusedMbConv, e) => BlockPlan {
+                    expand: Some(fold(
+                        t,
+                        &format!("{p}.expand"),
+                        ConvKind::Full,
+                        l.stride,
+                        eps,
+                        act,
+                    )?),
+                    dw: None,
+                    se,
+                    project: if e != 1 {
+                        Some(fold(
+                            t,
+                            &format!("{p}.project"),
+                            ConvKind::Pointwise,
+                            1,
+                            eps,
+                            None,
+                        )?)
+                    } else {
+                        None
+                    },
+                    residual: l.residual,
+                    cin: l.in_channels,
+                    cout: l.out_channels,
+                },
+            };
+            blocks.push(plan);
+        }
+        let head = fold(t, "head", ConvKind::Pointwise, 1, eps, act)?;
+        let fc = tensor(t, "classifier.weight")?;
+        let fc_b = tensor(t, "classifier.bias")?.to_vec();
+        Ok(Engine {
+            meta: set.meta.clone(),
+            spec: spec.clone(),
+            stem,
+            blocks,
+            head,
+            fc_w: transpose_dense(fc, fc_b.len()),
+            fc_b,
+            arena: Arena::default(),
+        })
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.fc_b.len()
+    }
+
+    /// Logits `[n x classes]` for `n` NCHW images of `h x w` (any size).
+    pub fn forward(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        assert_eq!(input.len(), n * 3 * h * w, "input must be n x 3 x h x w");
+        let mut a = std::mem::take(&mut self.arena);
+        // NCHW -> NHWC into buffer 0.
+        grow(&mut a.x, n * h * w * 3);
+        for img in 0..n {
+            for c in 0..3 {
+                for p in 0..h * w {
+                    a.x[(img * h * w + p) * 3 + c] = input[(img * 3 + c) * h * w + p];
+                }
+            }
+        }
+        let mut shape = self.conv(&self.stem, &a.x, &mut a.y, n, (h, w), &mut a.scratch, None);
+        std::mem::swap(&mut a.x, &mut a.y);
+        for b in &self.blocks {
+            shape = self.block(b, &mut a, n, shape);
+            std::mem::swap(&mut a.x, &mut a.y);
+        }
+        let (hh, hw) = self.pointwise(
+            &self.head.weight,
+            &self.head,
+            &a.x,
+            &mut a.y,
+            n,
+            shape,
+            None,
+        );
+        let c = self.head.cout;
+        let classes = self.fc_b.len();
+        let mut logits = vec![0.0; n * classes];
+        let mut pooled = vec![0.0; c];
+        for img in 0..n {
+            mean_rows(
+                &a.y[img * hh * hw * c..(img + 1) * hh * hw * c],
+                &mut pooled,
+            );
+            kernels::gemv(
+                &pooled,
+                &self.fc_w,
+                &self.fc_b,
+                &mut logits[img * classes..(img + 1) * classes],
+                None,
+            );
+        }
+        self.arena = a;
+        logits
+    }
+
+    /// One block from `a.x` (its input) into `a.y`; returns the output spatial shape.
+    fn block(
+        &self,
+        b: &BlockPlan,
+        a: &mut Arena,
+        n: usize,
+        shape: (usize, usize),
+    ) -> (usize, usize) {
+        // The running tensor moves x -> t1 (expand) -> t2 (depthwise) -> y (project).
+        let mut at = Buf::X;
+        let mut cur = shape;
+        let mut pool = Vec::new();
+        if let Some(e) = &b.expand {
+            cur = self.conv(e, &a.x, &mut a.t1, n, cur, &mut a.scratch, None);
+            at = Buf::T1;
+        }
+        if let Some(dw) = &b.dw {
+            if b.se.is_some() {
+                pool = vec![0.0; n * dw.cout];
+            }
+            let src = if at == Buf::X { &a.x } else { &a.t1 };
+            let p = (!pool.is_empty()).then_some(pool.as_mut_slice());
+            cur = self.conv(dw, src, &mut a.t2, n, cur, &mut a.scratch, p);
+            at = Buf::T2;
+        }
+        let (mh, mw) = cur;
+        let mut scaled_weight = false;
+        if let Some(se) = &b.se {
+            let c = se.channels;
+            let mid = if at == Buf::T2 { &mut a.t2 } else { &mut a.t1 };
+            let img_len = mh * mw * c;
+            if pool.is_empty() {
+                pool = vec![0.0; n * c];
+                for img in 0..n {
+                    mean_rows(
+                        &mid[img * img_len..(img + 1) * img_len],
+                        &mut pool[img * c..(img + 1) * c],
+                    );
+                }
+            } else {
+                pool.iter_mut().for_each(|p| *p /= (mh * mw) as f32);
+            }
+            let mut hidden = vec![0.0; se.reduced];
+            let mut gates = vec![0.0; n * c];
+            for img in 0..n {
+                kernels::gemv(
+                    &pool[img * c..(img + 1) * c],
+                    &se.w1,
+                    &se.b1,
+                    &mut hidden,
+                    Some(se.act),
+                );
+                kernels::gemv(
+                    &hidden,
+                    &se.w2,
+                    &se.b2,
+                    &mut gates[img * c..(img + 1) * c],
+                    None,
+                );
+            }
+            kernels::sigmoid_inplace(&mut gates);
+            match &b.project {
+                // One image with more pixels than output channels: gating the weights is cheaper.
+                Some(p) if n == 1 && mh * mw > p.cout => {
+                    grow(&mut a.weight, p.weight.len());
+                    kernels::scale_rows_from(&mut a.weight[..p.weight.len()], &p.weight, &gates);
+                    scaled_weight = true;
+                }
+                _ => {
+                    for img in 0..n {
+                        kernels::scale_rows(
+                            &mut mid[img * img_len..(img + 1) * img_len],
+                            &gates[img * c..(img + 1) * c],
+                        );
+                    }
+                }
+            }
+        }
+        let in_len = n * shape.0 * shape.1 * b.cin;
+        let mid = match at {
+            Buf::X => &a.x,
+            Buf::T1 => &a.t1,
+            Buf::T2 => &a.t2,
+        };
+        match &b.project {
+            Some(p) => {
+                let residual = b.residual.then(|| &a.x[..in_len]);
+                let weight = if scaled_weight {
+                    &a.weight[..p.weight.len()]
+                } else {
+                    &p.weight[..]
+                };
+                self.pointwise(weight, p, mid, &mut a.y, n, cur, residual)
+            }
+            None => {
+                // Fused-MBConv with e = 1: the expand conv is the whole block.
+                let len = n * mh * mw * b.cout;
+                grow(&mut a.y, len);
+                a.y[..len].copy_from_slice(&mid[..len]);
+                if b.residual {
+                    for (o, r) in a.y[..len].iter_mut().zip(&a.x[..in_len]) {
+                        *o += r;
+                    }
+                }
+                cur
+            }
+        }
+    }
+
+    /// Runs a conv from NHWC `input` into `out`; returns the output spatial shape.
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &self,
+        conv: &Conv,
+        input: &[f32],
+        out: &mut Vec<f32>,
+        n: usize,
+        (h, w): (usize, usize),
+        scratch: &mut Vec<f32>,
+        mut pool: Option<&mut [f32]>,
+    ) -> (usize, usize) {
+        let g = geometry(self.spec.padding, h, w, conv.kernel, conv.stride);
+        let (cin, cout) = (conv.cin, conv.cout);
+        let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * cout);
+        match conv.kind {
+            ConvKind::Pointwise => {
+                return self.pointwise(&conv.weight, conv, input, out, n, (h, w), None);
+            }
+            ConvKind::Depthwise => {
+                grow(out, n * out_len);
+                for img in 0..n {
+                    kernels::depthwise(
+                        &input[img * in_len..(img + 1) * in_len],
+                        &conv.weight,
+                        &conv.bias,
+                        &mut out[img * out_len..(img + 1) * out_len],
+                        g,
+                        0..g.out_h,
+                        conv.act,
+                        pool.as_deref_mut()
+                            .map(|p| &mut p[img * cout..(img + 1) * cout]),
+                    );
+                }
+            }
+            ConvKind::Full => {
+                let row_len = conv.kernel * conv.kernel * cin;
+                grow(out, n * out_len);
+                let rows_per_chunk = (chunk_rows(cout) / g.out_w).max(1);
+                grow(scratch, rows_per_chunk * g.out_w * row_len);
+                for img in 0..n {
+                    let src = &input[img * in_len..(img + 1) * in_len];
+                    let mut oy = 0;
+                    while oy < g.out_h {
+                        let end = (oy + rows_per_chunk).min(g.out_h);
+                        let m = (end - oy) * g.out_w;
+                        kernels::im2col(src, cin, g, oy..end, scratch);
+                        let dst = &mut out[img * out_len + oy * g.out_w * cout..][..m * cout];
+                        matmul(scratch, &conv.weight, dst, m, row_len, cout);
+                        kernels::bias_act(dst, &conv.bias, conv.act, None);
+                        oy = end;
+                    }
+                }
+            }
+        }
+        (g.out_h, g.out_w)
+    }
+
+    /// 1x1 conv over all `n * h * w` rows in cache-sized chunks, epilogue fused.
+    #[allow(clippy::too_many_arguments)]
+    fn pointwise(
+        &self,
+        weight: &[f32],
+        conv: &Conv,
+        input: &[f32],
+        out: &mut Vec<f32>,
+        n: usize,
+        (h, w): (usize, usize),
+        residual: Option<&[f32]>,
+    ) -> (usize, usize) {
+        let rows = n * h * w;
+        let (cin, cout) = (conv.cin, conv.cout);
+        grow(out, rows * cout);
+        let chunk = chunk_rows(cout);
+        let mut r = 0;
+        while r < rows {
+            let m = chunk.min(rows - r);
+            let dst = &mut out[r * cout..(r + m) * cout];
+            matmul(&input[r * cin..(r + m) * cin], weight, dst, m, cin, cout);
+            kernels::bias_act(
+                dst,
+                &conv.bias,
+                conv.act,
+                residual.map(|res| &res[r * cout..(r + m) * cout]),
+            );
+            r += m;
+        }
+        (h, w)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Buf {
+    X,
+    T1,
+    T2,
+}
+
+/// Buffers reused across calls: no allocation per inference once sizes are reached.
+#[derive(Default)]
+struct Arena {
+    x: Vec<f32>,
+    y: Vec<f32>,
+    t1: Vec<f32>,
+    t2: Vec<f32>,
+    scratch: Vec<f32>,
+    weight: Vec<f32>,
+}
+
+fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+/// Channel means of NHWC rows.
+fn mean_rows(x: &[f32], out: &mut [f32]) {
+    let c = out.len();
+    out.fill(0.0);
+    for row in x.chunks_exact(c) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+    let count = (x.len() / c) as f32;
+    out.iter_mut().for_each(|o| *o /= count);
+}

@@ -1,0 +1,101 @@
+//! The native engine against the PyTorch oracles and the burn model (max |diff| <= 1e-4).
+
+mod common;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use common::*;
+use effnet::engine::Engine;
+use effnet::model::{EfficientNet, apply_weights, export_weights};
+use effnet::spec::{Padding, variant};
+use effnet::weights::{self, Layout, WeightSet, layout::default_meta};
+
+#[test]
+fn engine_matches_pytorch_fixtures() {
+    for (file, oracle_name) in [
+        (TV_B0, "torchvision_efficientnet_b0_seed0"),
+        (TIMM_B0, "timm_tf_efficientnet_b0_seed0"),
+        (LITE0, "efficientnet-lite0_coffee"),
+        (LITE0, "efficientnet-lite0_chelsea"),
+    ] {
+        let set = weights::load(&fixture(file), None).unwrap();
+        let mut engine = Engine::new(&set).unwrap();
+        let (input, expected) = oracle(oracle_name);
+        let [n, _, h, w] = input.shape[..] else {
+            panic!()
+        };
+        let got = engine.forward(&input.data, n, h, w);
+        let diff = max_abs_diff(&got, &expected.data);
+        eprintln!("{oracle_name}: engine max |diff| {diff:e}");
+        assert!(diff <= 1e-4, "{oracle_name}: {diff}");
+        // Second call reuses the arena and gives the same answer.
+        assert_eq!(engine.forward(&input.data, n, h, w), got);
+    }
+}
+
+/// Random weights with non-trivial BN statistics, so folding is exercised.
+fn random_set(name: &str, padding: Padding, device: &Device) -> WeightSet {
+    let mut spec = variant(name).unwrap();
+    spec.padding = padding;
+    let model = EfficientNet::new(&spec, device);
+    let mut tensors = export_weights(&model);
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    let mut rand = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32
+    };
+    for (k, t) in tensors.iter_mut() {
+        if k.ends_with("running_var") {
+            t.data.iter_mut().for_each(|v| *v = 0.5 + rand());
+        } else if k.ends_with("running_mean") || k.ends_with("bn.bias") {
+            t.data.iter_mut().for_each(|v| *v = rand() - 0.5);
+        } else if k.ends_with("bn.weight") {
+            t.data.iter_mut().for_each(|v| *v = 0.5 + rand());
+        }
+    }
+    let mut meta = default_meta(&spec, Layout::Effnet);
+    meta.padding = padding;
+    WeightSet {
+        spec,
+        meta,
+        tensors,
+    }
+}
+
+#[test]
+fn engine_matches_the_burn_model_on_every_family() {
+    let device = Device::flex();
+    for (name, padding, batch, h, w) in [
+        ("b0", Padding::Same, 1, 224, 224),
+        ("b0", Padding::Symmetric, 2, 67, 90),
+        ("b1", Padding::Same, 1, 96, 96),
+        ("b2", Padding::Symmetric, 1, 96, 96),
+        ("b3", Padding::Same, 1, 96, 96),
+        ("b4", Padding::Same, 1, 64, 64),
+        ("b5", Padding::Same, 1, 64, 64),
+        ("lite0", Padding::Same, 2, 100, 72),
+        ("lite1", Padding::Same, 1, 96, 96),
+        ("lite2", Padding::Same, 1, 96, 96),
+        ("lite3", Padding::Same, 1, 96, 96),
+        ("lite4", Padding::Same, 1, 96, 96),
+        ("v2-b0", Padding::Same, 1, 96, 96),
+        ("v2-b1", Padding::Symmetric, 2, 64, 80),
+        ("v2-b2", Padding::Same, 1, 96, 96),
+        ("v2-b3", Padding::Same, 1, 96, 96),
+        ("v2-s", Padding::Same, 1, 96, 96),
+    ] {
+        let set = random_set(name, padding, &device);
+        let model = apply_weights(EfficientNet::new(&set.spec, &device), &set.tensors).unwrap();
+        let x = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
+        let data = x.clone().into_data().try_to_vec::<f32>().unwrap();
+        let want = model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+        let got = Engine::new(&set).unwrap().forward(&data, batch, h, w);
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&got, &want);
+        eprintln!(
+            "{name} {padding:?} {batch}x{h}x{w}: max |diff| {diff:e} (max |logit| {scale:.2})"
+        );
+        assert!(diff <= 1e-4 * scale.max(1.0), "{name}: {diff}");
+    }
+}
