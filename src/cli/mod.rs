@@ -1,5 +1,7 @@
 //! The `effnet` command line.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -60,6 +62,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inference latency and throughput of the native engine (and burn, ONNX Runtime side by side).
+    Bench(bench::BenchArgs),
     /// Convert a PyTorch checkpoint (torchvision, timm, lukemelas) to safetensors with its metadata.
     Convert {
         input: PathBuf,
@@ -140,6 +144,7 @@ pub fn run() -> anyhow::Result<()> {
             output,
             model,
         } => convert(&input, &output, model.as_deref()),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

@@ -38,24 +38,26 @@ macro_rules! simd_dispatch {
     };
 }
 
-/// e^x with a Cephes-style degree-6 polynomial after range reduction; ~1 ulp, branch-free so it
-/// vectorises (the scalar libm `expf` does not).
+/// e^x, branch-free so it vectorises (the scalar libm `expf` does not): n = round(x log2 e) by the
+/// 1.5 * 2^23 trick (its low bits go straight into the exponent field, no float-to-int cast),
+/// Cody-Waite reduction r = x - n ln 2, and Cephes' degree-6 polynomial for e^r. ~2 ulp.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let x = x.clamp(-87.0, 88.0);
+    let r = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = r - MAGIC;
+    let f = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5e-1;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let p = p * f + 1.398_199_9e-3;
+    let p = p * f + 8.333_452e-3;
+    let p = p * f + 4.166_579_6e-2;
+    let p = p * f + 1.666_666_5e-1;
+    let p = p * f + 5e-1;
+    let e = p * f * f + f + 1.0;
+    f32::from_bits(e.to_bits().wrapping_add(r.to_bits() << 23))
 }
 
 #[inline(always)]
@@ -63,11 +65,17 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// x * sigmoid(x) with a single division.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
 #[inline(always)]
 fn activate(x: f32, act: Option<Activation>) -> f32 {
     match act {
         None => x,
-        Some(Activation::Silu) => x * sigmoid(x),
+        Some(Activation::Silu) => silu(x),
         Some(Activation::Relu6) => x.clamp(0.0, 6.0),
     }
 }
@@ -81,7 +89,7 @@ macro_rules! with_act {
                 $body
             }
             Some(Activation::Silu) => {
-                let $f = |x: f32| x * sigmoid(x);
+                let $f = silu;
                 $body
             }
             Some(Activation::Relu6) => {
@@ -152,9 +160,50 @@ pub struct Geometry {
     pub pad_left: usize,
 }
 
+/// One output pixel of a depthwise conv for channels `cb..cb + B`, accumulated in registers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dw_pixel<const B: usize>(
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    c: usize,
+    cb: usize,
+    g: &Geometry,
+    taps: (std::ops::Range<usize>, std::ops::Range<usize>, isize, isize),
+    f: impl Fn(f32) -> f32,
+    pool: Option<&mut [f32]>,
+) {
+    let (ky_range, kx_range, iy0, ix0) = taps;
+    let mut acc = [0.0f32; B];
+    acc.copy_from_slice(&bias[cb..cb + B]);
+    for ky in ky_range {
+        let iy = (iy0 + ky as isize) as usize;
+        for kx in kx_range.clone() {
+            let ix = (ix0 + kx as isize) as usize;
+            let i = &input[(iy * g.in_w + ix) * c + cb..][..B];
+            let w = &weight[(ky * g.kernel + kx) * c + cb..][..B];
+            for j in 0..B {
+                acc[j] += i[j] * w[j];
+            }
+        }
+    }
+    for a in acc.iter_mut() {
+        *a = f(*a);
+    }
+    out[cb..cb + B].copy_from_slice(&acc);
+    if let Some(p) = pool {
+        for (p, a) in p[cb..cb + B].iter_mut().zip(&acc) {
+            *p += a;
+        }
+    }
+}
+
 simd_dispatch! {
     /// NHWC depthwise conv of one image, output rows `rows`, with bias + activation fused. When
-    /// `pool` is given, adds each output channel's sum over these rows to it (for SE).
+    /// `pool` is given, adds each output channel's sum over these rows to it (for SE). Channels are
+    /// processed in register-resident blocks of 64/16/8/1 with all taps accumulated before the store.
     pub fn depthwise(
         input: &[f32],
         weight: &[f32],
@@ -166,39 +215,33 @@ simd_dispatch! {
         pool: Option<&mut [f32]>,
     ) {
         let c = bias.len();
-        let k = g.kernel;
+        let k = g.kernel as isize;
         let mut pool = pool;
         with_act!(act, |f| {
             for oy in rows.clone() {
                 let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
+                let ky = (-iy0).max(0) as usize..(g.in_h as isize - iy0).min(k).max(0) as usize;
                 for ox in 0..g.out_w {
                     let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
+                    let kx = (-ix0).max(0) as usize..(g.in_w as isize - ix0).min(k).max(0) as usize;
                     let o = &mut out[(oy * g.out_w + ox) * c..][..c];
-                    o.copy_from_slice(bias);
-                    for ky in 0..k {
-                        let iy = iy0 + ky as isize;
-                        if iy < 0 || iy >= g.in_h as isize {
-                            continue;
-                        }
-                        for kx in 0..k {
-                            let ix = ix0 + kx as isize;
-                            if ix < 0 || ix >= g.in_w as isize {
-                                continue;
-                            }
-                            let i = &input[(iy as usize * g.in_w + ix as usize) * c..][..c];
-                            let w = &weight[(ky * k + kx) * c..][..c];
-                            for ((o, i), w) in o.iter_mut().zip(i).zip(w) {
-                                *o += i * w;
-                            }
-                        }
+                    let taps = || (ky.clone(), kx.clone(), iy0, ix0);
+                    let mut cb = 0;
+                    while cb + 64 <= c {
+                        dw_pixel::<64>(input, weight, bias, o, c, cb, &g, taps(), f, pool.as_deref_mut());
+                        cb += 64;
                     }
-                    for v in o.iter_mut() {
-                        *v = f(*v);
+                    while cb + 16 <= c {
+                        dw_pixel::<16>(input, weight, bias, o, c, cb, &g, taps(), f, pool.as_deref_mut());
+                        cb += 16;
                     }
-                    if let Some(p) = pool.as_deref_mut() {
-                        for (p, v) in p.iter_mut().zip(o.iter()) {
-                            *p += v;
-                        }
+                    while cb + 8 <= c {
+                        dw_pixel::<8>(input, weight, bias, o, c, cb, &g, taps(), f, pool.as_deref_mut());
+                        cb += 8;
+                    }
+                    while cb < c {
+                        dw_pixel::<1>(input, weight, bias, o, c, cb, &g, taps(), f, pool.as_deref_mut());
+                        cb += 1;
                     }
                 }
             }
@@ -273,7 +316,7 @@ mod tests {
             x += 0.0137;
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(sigmoid(-200.0), 0.0);
+        assert!(sigmoid(-200.0) < 1e-30 && silu(-200.0) > -1e-30);
         assert_eq!(sigmoid(200.0), 1.0);
     }
 

@@ -7,6 +7,7 @@
 //! model stays the reference; `tests/engine.rs` checks the two agree to 1e-4.
 
 pub mod kernels;
+pub mod profile;
 
 use crate::spec::{Activation, BlockKind, ModelSpec, Padding};
 use crate::weights::{TensorMap, WeightMeta, WeightSet};
@@ -226,7 +227,7 @@ pub struct Engine {
     head: Conv,
     fc_w: Vec<f32>,
     fc_b: Vec<f32>,
-    arena: Arena,
+    arenas: Vec<Arena>,
 }
 
 impl Engine {
@@ -334,7 +335,7 @@ impl Engine {
             head,
             fc_w: transpose_dense(fc, fc_b.len()),
             fc_b,
-            arena: Arena::default(),
+            arenas: vec![Arena::default()],
         })
     }
 
@@ -342,10 +343,52 @@ impl Engine {
         self.fc_b.len()
     }
 
+    /// Uses up to `threads` threads (images of a batch are split across them).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.arenas.resize_with(threads.max(1), Arena::default);
+        self
+    }
+
     /// Logits `[n x classes]` for `n` NCHW images of `h x w` (any size).
     pub fn forward(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
         assert_eq!(input.len(), n * 3 * h * w, "input must be n x 3 x h x w");
-        let mut a = std::mem::take(&mut self.arena);
+        let threads = self.arenas.len().min(n);
+        let mut arenas = std::mem::take(&mut self.arenas);
+        let logits = if threads <= 1 {
+            self.forward_images(&mut arenas[0], input, n, h, w)
+        } else {
+            // Whole images per thread: no synchronisation inside the network.
+            let per = n.div_ceil(threads);
+            let image = 3 * h * w;
+            let this = &*self;
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = arenas
+                    .iter_mut()
+                    .zip(input.chunks(per * image))
+                    .map(|(arena, chunk)| {
+                        scope.spawn(move || {
+                            this.forward_images(arena, chunk, chunk.len() / image, h, w)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("engine thread"))
+                    .collect()
+            })
+        };
+        self.arenas = arenas;
+        logits
+    }
+
+    fn forward_images(
+        &self,
+        a: &mut Arena,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Vec<f32> {
         // NCHW -> NHWC into buffer 0.
         grow(&mut a.x, n * h * w * 3);
         for img in 0..n {
@@ -355,10 +398,11 @@ impl Engine {
                 }
             }
         }
+        let a = &mut *a;
         let mut shape = self.conv(&self.stem, &a.x, &mut a.y, n, (h, w), &mut a.scratch, None);
         std::mem::swap(&mut a.x, &mut a.y);
         for b in &self.blocks {
-            shape = self.block(b, &mut a, n, shape);
+            shape = self.block(b, a, n, shape);
             std::mem::swap(&mut a.x, &mut a.y);
         }
         let (hh, hw) = self.pointwise(
@@ -387,7 +431,6 @@ impl Engine {
                 None,
             );
         }
-        self.arena = a;
         logits
     }
 
@@ -419,6 +462,7 @@ impl Engine {
         let (mh, mw) = cur;
         let mut scaled_weight = false;
         if let Some(se) = &b.se {
+            let _t = profile::scope("squeeze-excite");
             let c = se.channels;
             let mid = if at == Buf::T2 { &mut a.t2 } else { &mut a.t1 };
             let img_len = mh * mw * c;
@@ -515,6 +559,11 @@ impl Engine {
         let g = geometry(self.spec.padding, h, w, conv.kernel, conv.stride);
         let (cin, cout) = (conv.cin, conv.cout);
         let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * cout);
+        let _t = profile::scope(match conv.kind {
+            ConvKind::Pointwise => "",
+            ConvKind::Depthwise => "depthwise",
+            ConvKind::Full => "full conv (im2col+gemm)",
+        });
         match conv.kind {
             ConvKind::Pointwise => {
                 return self.pointwise(&conv.weight, conv, input, out, n, (h, w), None);
@@ -570,6 +619,7 @@ impl Engine {
         (h, w): (usize, usize),
         residual: Option<&[f32]>,
     ) -> (usize, usize) {
+        let _t = profile::scope("pointwise (gemm+epilogue)");
         let rows = n * h * w;
         let (cin, cout) = (conv.cin, conv.cout);
         grow(out, rows * cout);
