@@ -145,10 +145,25 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let st = dir.path().join("weights.safetensors");
         weights::write_safetensors(&st, &set)?;
+        let spec_json = dir.path().join("spec.json");
+        let spec = serde_json::json!({
+            "padding": set.spec.padding,
+            "activation": set.spec.activation,
+            "bn_eps": set.spec.bn_eps,
+            "layers": set.spec.layers(),
+        });
+        std::fs::write(&spec_json, serde_json::to_vec(&spec)?)?;
+        let ort_logits = dir.path().join("ort_logits.f32");
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_reference.py");
         let out = Command::new("python3")
             .arg(&script)
-            .args(["--weights", st.to_str().unwrap()])
+            .args([
+                "--weights",
+                st.to_str().unwrap(),
+                "--spec",
+                spec_json.to_str().unwrap(),
+            ])
+            .args(["--outputs", ort_logits.to_str().unwrap()])
             .args([
                 "--batch",
                 &n.to_string(),

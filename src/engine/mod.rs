@@ -628,7 +628,11 @@ impl Engine {
         while r < rows {
             let m = chunk.min(rows - r);
             let dst = &mut out[r * cout..(r + m) * cout];
-            matmul(&input[r * cin..(r + m) * cin], weight, dst, m, cin, cout);
+            {
+                let _g = profile::scope("  gemm of pointwise");
+                matmul(&input[r * cin..(r + m) * cin], weight, dst, m, cin, cout);
+            }
+            let _e = profile::scope("  epilogue of pointwise");
             kernels::bias_act(
                 dst,
                 &conv.bias,

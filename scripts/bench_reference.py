@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Reference runtimes for `effnet bench --reference`: the same weights in ONNX Runtime (and PyTorch
+eager when torch is installed), timed the same way. Prints a JSON list of timings on stdout.
+
+    python3 scripts/bench_reference.py --weights W.safetensors --spec SPEC.json \
+        --batch 1 --threads 1 --resolution 224 --iters 30 [--export model.onnx]
+
+The graph is exported from the effnet safetensors file (canonical names) and the spec JSON that
+`effnet bench` writes: Conv + BatchNormalization + Sigmoid/Mul (SiLU) or Clip (ReLU6), SE, residual
+adds, global pooling and Gemm, with SAME padding computed for the static input size, as
+torch.onnx.export of the matching model would produce. Requires numpy, safetensors, onnx, onnxruntime.
+"""
+import argparse
+import json
+import sys
+import time
+
+
+def conv_out(size, k, s, padding):
+    if padding == "same":
+        out = -(-size // s)
+        total = max((out - 1) * s + k - size, 0)
+        return out, (total // 2, total - total // 2)
+    p = k // 2
+    return (size + 2 * p - k) // s + 1, (p, p)
+
+
+def build_onnx(tensors, spec, batch, res):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    counter = [0]
+
+    def name(prefix):
+        counter[0] += 1
+        return f"{prefix}_{counter[0]}"
+
+    def init(key, arr=None):
+        arr = tensors[key] if arr is None else arr
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), key))
+        return key
+
+    act_kind = spec["activation"]
+    padding = spec["padding"]
+    eps = spec["bn_eps"]
+
+    def act(x):
+        y = name("act")
+        if act_kind == "Silu":
+            s = name("sig")
+            nodes.append(helper.make_node("Sigmoid", [x], [s]))
+            nodes.append(helper.make_node("Mul", [x, s], [y]))
+        else:
+            lo, hi = init(name("zero"), np.array(0.0)), init(name("six"), np.array(6.0))
+            nodes.append(helper.make_node("Clip", [x, lo, hi], [y]))
+        return y
+
+    def conv_bn(x, path, hw, stride, groups, with_act):
+        w = tensors[f"{path}.conv.weight"]
+        k = w.shape[2]
+        (oh, (pt, pb)), (ow, (pl, pr)) = conv_out(hw[0], k, stride, padding), conv_out(hw[1], k, stride, padding)
+        c = name("conv")
+        nodes.append(helper.make_node(
+            "Conv", [x, init(f"{path}.conv.weight")], [c], kernel_shape=[k, k], strides=[stride, stride],
+            pads=[pt, pl, pb, pr], group=groups))
+        b = name("bn")
+        nodes.append(helper.make_node(
+            "BatchNormalization",
+            [c] + [init(f"{path}.bn.{t}") for t in ("weight", "bias", "running_mean", "running_var")],
+            [b], epsilon=eps))
+        return (act(b) if with_act else b), (oh, ow)
+
+    x, hw = conv_bn("input", "stem", (res, res), 2, 1, True)
+    for i, layer in enumerate(spec["layers"]):
+        p = f"blocks.{i}"
+        block_in = x
+        if f"{p}.expand.conv.weight" in tensors:
+            fused = layer["kind"] == "FusedMbConv"
+            x, hw = conv_bn(x, f"{p}.expand", hw, layer["stride"] if fused else 1, 1, True)
+        if f"{p}.dw.conv.weight" in tensors:
+            x, hw = conv_bn(x, f"{p}.dw", hw, layer["stride"], tensors[f"{p}.dw.conv.weight"].shape[0], True)
+        if f"{p}.se.reduce.weight" in tensors:
+            g = name("pool")
+            nodes.append(helper.make_node("GlobalAveragePool", [x], [g]))
+            r = name("se_r")
+            nodes.append(helper.make_node("Conv", [g, init(f"{p}.se.reduce.weight"), init(f"{p}.se.reduce.bias")], [r], kernel_shape=[1, 1]))
+            r = act(r)
+            e = name("se_e")
+            nodes.append(helper.make_node("Conv", [r, init(f"{p}.se.expand.weight"), init(f"{p}.se.expand.bias")], [e], kernel_shape=[1, 1]))
+            s = name("gate")
+            nodes.append(helper.make_node("Sigmoid", [e], [s]))
+            y = name("se")
+            nodes.append(helper.make_node("Mul", [x, s], [y]))
+            x = y
+        if f"{p}.project.conv.weight" in tensors:
+            x, hw = conv_bn(x, f"{p}.project", hw, 1, 1, False)
+        if layer["residual"]:
+            y = name("add")
+            nodes.append(helper.make_node("Add", [x, block_in], [y]))
+            x = y
+    x, hw = conv_bn(x, "head", hw, 1, 1, True)
+    g = name("pool")
+    nodes.append(helper.make_node("GlobalAveragePool", [x], [g]))
+    f = name("flat")
+    nodes.append(helper.make_node("Flatten", [g], [f]))
+    nodes.append(helper.make_node("Gemm", [f, init("classifier.weight"), init("classifier.bias")], ["logits"], transB=1))
+    classes = tensors["classifier.bias"].shape[0]
+    graph = helper.make_graph(
+        nodes, "efficientnet",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, res, res])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def timings(runtime, ms, batch):
+    ms = sorted(ms)
+    median = ms[len(ms) // 2]
+    p90 = ms[min(len(ms), -(-len(ms) * 9 // 10)) - 1]
+    return {"runtime": runtime, "median_ms": median, "p90_ms": p90, "images_per_s": batch * 1000.0 / median}
+
+
+def time_it(fn, iters):
+    fn()
+    out = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000.0)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--input", help="raw little-endian f32 input file (NCHW) to run instead of the pattern")
+    ap.add_argument("--export", help="also write the ONNX model here")
+    ap.add_argument("--outputs", help="write ONNX Runtime logits (raw f32) here")
+    args = ap.parse_args()
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    tensors = load_file(args.weights)
+    spec = json.load(open(args.spec))
+    n, res = args.batch, args.resolution
+    if args.input:
+        x = np.fromfile(args.input, dtype=np.float32).reshape(n, 3, res, res)
+    else:
+        x = ((np.arange(n * 3 * res * res) * 7919 % 255) / 128.0 - 1.0).astype(np.float32).reshape(n, 3, res, res)
+    results = []
+
+    import onnxruntime as ort
+
+    model = build_onnx(tensors, spec, n, res)
+    if args.export:
+        open(args.export, "wb").write(model.SerializeToString())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input": x})[0]
+    if args.outputs:
+        out.astype(np.float32).tofile(args.outputs)
+    results.append(timings(f"onnxruntime {ort.__version__}", time_it(lambda: sess.run(None, {"input": x}), args.iters), n))
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+        results.append(torch_timing(torch, tensors, spec, x, args.iters, n))
+    json.dump(results, sys.stdout)
+
+
+def torch_timing(torch, tensors, spec, x, iters, n):
+    import torch.nn.functional as F
+
+    t = {k: torch.from_numpy(v) for k, v in tensors.items()}
+    padding, eps = spec["padding"], spec["bn_eps"]
+
+    def act(v):
+        return F.silu(v) if spec["activation"] == "Silu" else F.relu6(v)
+
+    def conv_bn(v, path, stride, groups, with_act):
+        w = t[f"{path}.conv.weight"]
+        k = w.shape[2]
+        _, (pt, pb) = conv_out(v.shape[2], k, stride, padding)
+        _, (pl, pr) = conv_out(v.shape[3], k, stride, padding)
+        v = F.conv2d(F.pad(v, (pl, pr, pt, pb)), w, stride=stride, groups=groups)
+        v = F.batch_norm(v, t[f"{path}.bn.running_mean"], t[f"{path}.bn.running_var"],
+                         t[f"{path}.bn.weight"], t[f"{path}.bn.bias"], False, 0.0, eps)
+        return act(v) if with_act else v
+
+    def forward(v):
+        v = conv_bn(v, "stem", 2, 1, True)
+        for i, layer in enumerate(spec["layers"]):
+            p, inp = f"blocks.{i}", v
+            if f"{p}.expand.conv.weight" in t:
+                v = conv_bn(v, f"{p}.expand", layer["stride"] if layer["kind"] == "FusedMbConv" else 1, 1, True)
+            if f"{p}.dw.conv.weight" in t:
+                v = conv_bn(v, f"{p}.dw", layer["stride"], t[f"{p}.dw.conv.weight"].shape[0], True)
+            if f"{p}.se.reduce.weight" in t:
+                s = v.mean((2, 3), keepdim=True)
+                s = act(F.conv2d(s, t[f"{p}.se.reduce.weight"], t[f"{p}.se.reduce.bias"]))
+                v = v * torch.sigmoid(F.conv2d(s, t[f"{p}.se.expand.weight"], t[f"{p}.se.expand.bias"]))
+            if f"{p}.project.conv.weight" in t:
+                v = conv_bn(v, f"{p}.project", 1, 1, False)
+            if layer["residual"]:
+                v = v + inp
+        v = conv_bn(v, "head", 1, 1, True).mean((2, 3))
+        return F.linear(v, t["classifier.weight"], t["classifier.bias"])
+
+    xt = torch.from_numpy(x)
+    with torch.inference_mode():
+        return timings(f"pytorch {torch.__version__}", time_it(lambda: forward(xt), iters), n)
+
+
+if __name__ == "__main__":
+    main()
