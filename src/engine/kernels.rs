@@ -201,7 +201,8 @@ fn dw_pixel<const B: usize>(
 }
 
 simd_dispatch! {
-    /// NHWC depthwise conv of one image, output rows `rows`, with bias + activation fused. When
+    /// NHWC depthwise conv of one image into `out`, which holds output rows `rows` only, with bias +
+    /// activation fused. When
     /// `pool` is given, adds each output channel's sum over these rows to it (for SE). Channels are
     /// processed in register-resident blocks of 64/16/8/1 with all taps accumulated before the store.
     pub fn depthwise(
@@ -224,7 +225,7 @@ simd_dispatch! {
                 for ox in 0..g.out_w {
                     let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
                     let kx = (-ix0).max(0) as usize..(g.in_w as isize - ix0).min(k).max(0) as usize;
-                    let o = &mut out[(oy * g.out_w + ox) * c..][..c];
+                    let o = &mut out[((oy - rows.start) * g.out_w + ox) * c..][..c];
                     let taps = || (ky.clone(), kx.clone(), iy0, ix0);
                     let mut cb = 0;
                     while cb + 64 <= c {

@@ -7,12 +7,14 @@
 //! model stays the reference; `tests/engine.rs` checks the two agree to 1e-4.
 
 pub mod kernels;
+pub mod pool;
 pub mod profile;
 
 use crate::spec::{Activation, BlockKind, ModelSpec, Padding};
 use crate::weights::{TensorMap, WeightMeta, WeightSet};
 
 use kernels::Geometry;
+use pool::{Pool, SharedMut};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the inference engine: {0}")]
@@ -184,15 +186,21 @@ fn geometry(padding: Padding, h: usize, w: usize, kernel: usize, stride: usize) 
     }
 }
 
+/// Parallel parts per thread for each operation.
+const PARTS_PER_THREAD: usize = 8;
+
 /// Rows per GEMM chunk: the output chunk stays in L2 for the fused epilogue.
 fn chunk_rows(cout: usize) -> usize {
     (32768 / cout.max(1)).clamp(16, 1024)
 }
 
-/// `out[m x n] = a[m x k] · b[k x n]` (row-major, contiguous).
-fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    debug_assert!(a.len() >= m * k && b.len() >= k * n && out.len() >= m * n);
-    // SAFETY: the slices cover the m x k, k x n and m x n row-major matrices described.
+/// `out[m x n] = a[m x k] · b[k x n]`, row-major; `b` and `out` rows are `ld` apart (column blocks).
+fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, ld: usize) {
+    assert!(
+        m == 0
+            || (a.len() >= m * k && b.len() >= (k - 1) * ld + n && out.len() >= (m - 1) * ld + n)
+    );
+    // SAFETY: the asserts above bound every element the m x k, k x n and m x n matrices touch.
     unsafe {
         gemm::gemm(
             m,
@@ -200,14 +208,14 @@ fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
             k,
             out.as_mut_ptr(),
             1,
-            n as isize,
+            ld as isize,
             false,
             a.as_ptr(),
             1,
             k as isize,
             b.as_ptr(),
             1,
-            n as isize,
+            ld as isize,
             0.0,
             1.0,
             false,
@@ -227,7 +235,61 @@ pub struct Engine {
     head: Conv,
     fc_w: Vec<f32>,
     fc_b: Vec<f32>,
-    arenas: Vec<Arena>,
+    arena: Arena,
+    pool: Pool,
+    adapt: Adapt,
+    single: std::cell::Cell<bool>,
+}
+
+/// Keeps multi-threading honest on a loaded machine: every [`Adapt::PROBE`]-th pass runs on one
+/// thread, and the engine uses whichever mode has the lower recent average (per input shape). A
+/// worker preempted by another process otherwise stalls every parallel region it joined.
+#[derive(Default)]
+struct Adapt {
+    shape: (usize, usize, usize),
+    calls: u64,
+    multi: Option<f64>,
+    single: Option<f64>,
+}
+
+impl Adapt {
+    const PROBE: u64 = 16;
+
+    fn choose_single(&mut self, threads: usize, shape: (usize, usize, usize)) -> bool {
+        if threads == 1 {
+            return true;
+        }
+        if shape != self.shape {
+            *self = Adapt {
+                shape,
+                ..Adapt::default()
+            };
+        }
+        self.calls += 1;
+        match (self.multi, self.single) {
+            // The first pass (buffer allocation, cold caches) is not recorded.
+            (None, _) => false,
+            (Some(_), None) => true,
+            _ if self.calls.is_multiple_of(Self::PROBE) => !self.prefers_single(),
+            _ => self.prefers_single(),
+        }
+    }
+
+    fn prefers_single(&self) -> bool {
+        matches!((self.multi, self.single), (Some(m), Some(s)) if s < m)
+    }
+
+    fn record(&mut self, single: bool, seconds: f64) {
+        if self.calls <= 1 {
+            return;
+        }
+        let slot = if single {
+            &mut self.single
+        } else {
+            &mut self.multi
+        };
+        *slot = Some(slot.map_or(seconds, |old| 0.75 * old + 0.25 * seconds));
+    }
 }
 
 impl Engine {
@@ -335,7 +397,10 @@ impl Engine {
             head,
             fc_w: transpose_dense(fc, fc_b.len()),
             fc_b,
-            arenas: vec![Arena::default()],
+            arena: Arena::default(),
+            pool: Pool::new(1),
+            adapt: Adapt::default(),
+            single: std::cell::Cell::new(true),
         })
     }
 
@@ -343,42 +408,44 @@ impl Engine {
         self.fc_b.len()
     }
 
-    /// Uses up to `threads` threads (images of a batch are split across them).
+    /// Runs on `threads` threads (the caller's plus sleeping workers; see [`pool`]).
     pub fn with_threads(mut self, threads: usize) -> Self {
-        self.arenas.resize_with(threads.max(1), Arena::default);
+        self.pool = Pool::new(threads);
         self
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
     }
 
     /// Logits `[n x classes]` for `n` NCHW images of `h x w` (any size).
     pub fn forward(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
         assert_eq!(input.len(), n * 3 * h * w, "input must be n x 3 x h x w");
-        let threads = self.arenas.len().min(n);
-        let mut arenas = std::mem::take(&mut self.arenas);
-        let logits = if threads <= 1 {
-            self.forward_images(&mut arenas[0], input, n, h, w)
-        } else {
-            // Whole images per thread: no synchronisation inside the network.
-            let per = n.div_ceil(threads);
-            let image = 3 * h * w;
-            let this = &*self;
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = arenas
-                    .iter_mut()
-                    .zip(input.chunks(per * image))
-                    .map(|(arena, chunk)| {
-                        scope.spawn(move || {
-                            this.forward_images(arena, chunk, chunk.len() / image, h, w)
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("engine thread"))
-                    .collect()
-            })
-        };
-        self.arenas = arenas;
+        let mut a = std::mem::take(&mut self.arena);
+        let single = self.adapt.choose_single(self.pool.threads(), (n, h, w));
+        self.single.set(single);
+        let start = std::time::Instant::now();
+        let logits = self.forward_images(&mut a, input, n, h, w);
+        self.adapt.record(single, start.elapsed().as_secs_f64());
+        self.arena = a;
         logits
+    }
+
+    /// Threads the current forward pass uses (1 while [`Adapt`] probes or prefers one).
+    fn active_threads(&self) -> usize {
+        if self.single.get() {
+            1
+        } else {
+            self.pool.threads()
+        }
+    }
+
+    fn run_parts(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        if self.single.get() {
+            (0..parts).for_each(f);
+        } else {
+            self.pool.run(parts, f);
+        }
     }
 
     fn forward_images(
@@ -389,7 +456,7 @@ impl Engine {
         h: usize,
         w: usize,
     ) -> Vec<f32> {
-        // NCHW -> NHWC into buffer 0.
+        // NCHW -> NHWC.
         grow(&mut a.x, n * h * w * 3);
         for img in 0..n {
             for c in 0..3 {
@@ -398,8 +465,7 @@ impl Engine {
                 }
             }
         }
-        let a = &mut *a;
-        let mut shape = self.conv(&self.stem, &a.x, &mut a.y, n, (h, w), &mut a.scratch, None);
+        let mut shape = self.conv(&self.stem, &a.x, &mut a.y, n, (h, w), None);
         std::mem::swap(&mut a.x, &mut a.y);
         for b in &self.blocks {
             shape = self.block(b, a, n, shape);
@@ -447,7 +513,7 @@ impl Engine {
         let mut cur = shape;
         let mut pool = Vec::new();
         if let Some(e) = &b.expand {
-            cur = self.conv(e, &a.x, &mut a.t1, n, cur, &mut a.scratch, None);
+            cur = self.conv(e, &a.x, &mut a.t1, n, cur, None);
             at = Buf::T1;
         }
         if let Some(dw) = &b.dw {
@@ -456,7 +522,7 @@ impl Engine {
             }
             let src = if at == Buf::X { &a.x } else { &a.t1 };
             let p = (!pool.is_empty()).then_some(pool.as_mut_slice());
-            cur = self.conv(dw, src, &mut a.t2, n, cur, &mut a.scratch, p);
+            cur = self.conv(dw, src, &mut a.t2, n, cur, p);
             at = Buf::T2;
         }
         let (mh, mw) = cur;
@@ -545,7 +611,6 @@ impl Engine {
     }
 
     /// Runs a conv from NHWC `input` into `out`; returns the output spatial shape.
-    #[allow(clippy::too_many_arguments)]
     fn conv(
         &self,
         conv: &Conv,
@@ -553,8 +618,7 @@ impl Engine {
         out: &mut Vec<f32>,
         n: usize,
         (h, w): (usize, usize),
-        scratch: &mut Vec<f32>,
-        mut pool: Option<&mut [f32]>,
+        pool: Option<&mut [f32]>,
     ) -> (usize, usize) {
         let g = geometry(self.spec.padding, h, w, conv.kernel, conv.stride);
         let (cin, cout) = (conv.cin, conv.cout);
@@ -564,50 +628,91 @@ impl Engine {
             ConvKind::Depthwise => "depthwise",
             ConvKind::Full => "full conv (im2col+gemm)",
         });
-        match conv.kind {
-            ConvKind::Pointwise => {
-                return self.pointwise(&conv.weight, conv, input, out, n, (h, w), None);
-            }
-            ConvKind::Depthwise => {
-                grow(out, n * out_len);
-                for img in 0..n {
-                    kernels::depthwise(
-                        &input[img * in_len..(img + 1) * in_len],
-                        &conv.weight,
-                        &conv.bias,
-                        &mut out[img * out_len..(img + 1) * out_len],
-                        g,
-                        0..g.out_h,
-                        conv.act,
-                        pool.as_deref_mut()
-                            .map(|p| &mut p[img * cout..(img + 1) * cout]),
-                    );
-                }
-            }
-            ConvKind::Full => {
-                let row_len = conv.kernel * conv.kernel * cin;
-                grow(out, n * out_len);
-                let rows_per_chunk = (chunk_rows(cout) / g.out_w).max(1);
-                grow(scratch, rows_per_chunk * g.out_w * row_len);
-                for img in 0..n {
-                    let src = &input[img * in_len..(img + 1) * in_len];
-                    let mut oy = 0;
-                    while oy < g.out_h {
-                        let end = (oy + rows_per_chunk).min(g.out_h);
-                        let m = (end - oy) * g.out_w;
-                        kernels::im2col(src, cin, g, oy..end, scratch);
-                        let dst = &mut out[img * out_len + oy * g.out_w * cout..][..m * cout];
-                        matmul(scratch, &conv.weight, dst, m, row_len, cout);
-                        kernels::bias_act(dst, &conv.bias, conv.act, None);
-                        oy = end;
+        if conv.kind == ConvKind::Pointwise {
+            return self.pointwise(&conv.weight, conv, input, out, n, (h, w), None);
+        }
+        grow(out, n * out_len);
+        // Parallel parts: bands of output rows of each image.
+        let rows_per_part = match conv.kind {
+            ConvKind::Full => (chunk_rows(cout) / g.out_w).max(1),
+            _ => g
+                .out_h
+                .div_ceil(PARTS_PER_THREAD * self.active_threads())
+                .max(1),
+        };
+        let bands = g.out_h.div_ceil(rows_per_part);
+        let parts = n * bands;
+        let band = |part: usize| {
+            let (img, b) = (part / bands, part % bands);
+            (
+                img,
+                b * rows_per_part..((b + 1) * rows_per_part).min(g.out_h),
+            )
+        };
+        let shared_out = SharedMut::new(out);
+        if conv.kind == ConvKind::Depthwise {
+            // Each part pools into its own row of `partial`, summed per image afterwards.
+            let mut partial = vec![0.0f32; if pool.is_some() { parts * cout } else { 0 }];
+            let shared_partial = SharedMut::new(&mut partial);
+            let with_pool = pool.is_some();
+            self.run_parts(parts, &|part| {
+                let (img, rows) = band(part);
+                let row_len = g.out_w * cout;
+                // SAFETY: parts write disjoint row bands of `out` and their own row of `partial`.
+                let dst = unsafe {
+                    shared_out.slice(img * out_len + rows.start * row_len, rows.len() * row_len)
+                };
+                let p = with_pool.then(|| unsafe { shared_partial.slice(part * cout, cout) });
+                kernels::depthwise(
+                    &input[img * in_len..(img + 1) * in_len],
+                    &conv.weight,
+                    &conv.bias,
+                    dst,
+                    g,
+                    rows,
+                    conv.act,
+                    p,
+                );
+            });
+            if let Some(pool) = pool {
+                for part in 0..parts {
+                    let img = band(part).0;
+                    for (p, v) in pool[img * cout..(img + 1) * cout]
+                        .iter_mut()
+                        .zip(&partial[part * cout..(part + 1) * cout])
+                    {
+                        *p += v;
                     }
                 }
             }
+        } else {
+            let row_len = conv.kernel * conv.kernel * cin;
+            self.run_parts(parts, &|part| {
+                let (img, rows) = band(part);
+                let m = rows.len() * g.out_w;
+                SCRATCH.with_borrow_mut(|scratch| {
+                    grow(scratch, m * row_len);
+                    kernels::im2col(
+                        &input[img * in_len..(img + 1) * in_len],
+                        cin,
+                        g,
+                        rows.clone(),
+                        scratch,
+                    );
+                    // SAFETY: parts write disjoint row bands of `out`.
+                    let dst = unsafe {
+                        shared_out.slice(img * out_len + rows.start * g.out_w * cout, m * cout)
+                    };
+                    matmul(scratch, &conv.weight, dst, m, row_len, cout, cout);
+                    kernels::bias_act(dst, &conv.bias, conv.act, None);
+                });
+            });
         }
         (g.out_h, g.out_w)
     }
 
-    /// 1x1 conv over all `n * h * w` rows in cache-sized chunks, epilogue fused.
+    /// 1x1 conv over all `n * h * w` rows, split into row chunks (and column blocks when there are
+    /// few rows) across the pool, bias + activation (+ residual) fused on each cache-hot block.
     #[allow(clippy::too_many_arguments)]
     fn pointwise(
         &self,
@@ -623,26 +728,56 @@ impl Engine {
         let rows = n * h * w;
         let (cin, cout) = (conv.cin, conv.cout);
         grow(out, rows * cout);
-        let chunk = chunk_rows(cout);
-        let mut r = 0;
-        while r < rows {
-            let m = chunk.min(rows - r);
-            let dst = &mut out[r * cout..(r + m) * cout];
-            {
-                let _g = profile::scope("  gemm of pointwise");
-                matmul(&input[r * cin..(r + m) * cin], weight, dst, m, cin, cout);
-            }
-            let _e = profile::scope("  epilogue of pointwise");
-            kernels::bias_act(
-                dst,
-                &conv.bias,
-                conv.act,
-                residual.map(|res| &res[r * cout..(r + m) * cout]),
+        let threads = self.pool.threads();
+        // Several parts per thread: a worker preempted mid-part (loaded machine) holds back little.
+        let chunk = chunk_rows(cout)
+            .min(rows.div_ceil(PARTS_PER_THREAD * threads))
+            .max(16);
+        let row_parts = rows.div_ceil(chunk);
+        // Few rows (late, small feature maps): split the output channels instead.
+        let col_parts = if row_parts < threads && cout >= 32 * threads {
+            threads
+        } else {
+            1
+        };
+        let col_block = cout.div_ceil(col_parts).next_multiple_of(16).min(cout);
+        let col_parts = cout.div_ceil(col_block);
+        let shared_out = SharedMut::new(out);
+        self.run_parts(row_parts * col_parts, &|part| {
+            let (rp, cp) = (part / col_parts, part % col_parts);
+            let (r0, m) = (rp * chunk, chunk.min(rows - rp * chunk));
+            let (c0, nc) = (cp * col_block, col_block.min(cout - cp * col_block));
+            // SAFETY: each part owns rows r0..r0+m x columns c0..c0+nc of `out`; the slice spans its
+            // rows and the other columns of those rows are not touched by this part.
+            let dst = unsafe { shared_out.slice(r0 * cout, m * cout) };
+            matmul(
+                &input[r0 * cin..(r0 + m) * cin],
+                &weight[c0..],
+                &mut dst[c0..],
+                m,
+                cin,
+                nc,
+                cout,
             );
-            r += m;
-        }
+            if nc == cout {
+                let res = residual.map(|res| &res[r0 * cout..(r0 + m) * cout]);
+                kernels::bias_act(dst, &conv.bias, conv.act, res);
+            } else {
+                for r in 0..m {
+                    let o = &mut dst[r * cout + c0..r * cout + c0 + nc];
+                    let res =
+                        residual.map(|res| &res[(r0 + r) * cout + c0..(r0 + r) * cout + c0 + nc]);
+                    kernels::bias_act(o, &conv.bias[c0..c0 + nc], conv.act, res);
+                }
+            }
+        });
         (h, w)
     }
+}
+
+thread_local! {
+    /// im2col buffer of each thread (reused across calls).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -659,7 +794,6 @@ struct Arena {
     y: Vec<f32>,
     t1: Vec<f32>,
     t2: Vec<f32>,
-    scratch: Vec<f32>,
     weight: Vec<f32>,
 }
 
