@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 
+use crate::engine::Engine;
 use crate::model::{EfficientNet, apply_weights};
 use crate::preprocess::eval_transform;
 use crate::weights::{self, WeightMeta};
@@ -36,19 +36,45 @@ pub struct Prediction {
     pub probability: f32,
 }
 
+/// Which implementation runs the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The native CPU inference engine (default; fastest).
+    Engine,
+    /// The burn model on the Flex CPU backend (the reference implementation).
+    Burn,
+}
+
+enum Runner {
+    Engine(Box<Engine>),
+    Burn(Box<EfficientNet>, Device),
+}
+
 /// A model with its weights, preprocessing and labels.
 pub struct Classifier {
-    pub model: EfficientNet,
+    runner: Runner,
     pub meta: WeightMeta,
     labels: Vec<String>,
-    device: Device,
 }
 
 impl Classifier {
-    /// Loads `path` for `model` (inferred from the file when `None`).
-    pub fn from_file(path: &Path, model: Option<&str>, device: &Device) -> anyhow::Result<Self> {
+    /// Loads `path` for `model` (inferred from the file when `None`) on `backend`, using `threads`
+    /// threads for the engine.
+    pub fn from_file(
+        path: &Path,
+        model: Option<&str>,
+        backend: Backend,
+        threads: usize,
+    ) -> anyhow::Result<Self> {
         let set = weights::load(path, model)?;
-        let net = apply_weights(EfficientNet::new(&set.spec, device), &set.tensors)?;
+        let runner = match backend {
+            Backend::Engine => Runner::Engine(Box::new(Engine::new(&set)?.with_threads(threads))),
+            Backend::Burn => {
+                let device = Device::flex();
+                let net = apply_weights(EfficientNet::new(&set.spec, &device), &set.tensors)?;
+                Runner::Burn(Box::new(net), device)
+            }
+        };
         let labels = if set.meta.num_classes == 1000 {
             IMAGENET_CLASSES.lines().map(str::to_string).collect()
         } else {
@@ -57,33 +83,35 @@ impl Classifier {
                 .collect()
         };
         Ok(Classifier {
-            model: net,
+            runner,
             meta: set.meta,
             labels,
-            device: device.clone(),
         })
     }
 
     /// Class probabilities for each image (one batch).
-    pub fn probabilities(&self, images: &[RgbImage]) -> Vec<Vec<f32>> {
+    pub fn probabilities(&mut self, images: &[RgbImage]) -> Vec<Vec<f32>> {
         let p = &self.meta.preprocess;
-        let mut data = Vec::with_capacity(images.len() * 3 * p.crop * p.crop);
+        let (n, side) = (images.len(), p.crop);
+        let mut data = Vec::with_capacity(n * 3 * side * side);
         for img in images {
             data.extend(eval_transform(img, p));
         }
-        let x = Tensor::<4>::from_data(
-            TensorData::new(data, [images.len(), 3, p.crop, p.crop]),
-            &self.device,
-        );
-        let probs = softmax(self.model.forward(x), 1);
-        let flat = probs.into_data().try_to_vec::<f32>().expect("float output");
-        flat.chunks(self.meta.num_classes)
-            .map(<[f32]>::to_vec)
-            .collect()
+        let logits = match &mut self.runner {
+            Runner::Engine(e) => e.forward(&data, n, side, side),
+            Runner::Burn(net, device) => {
+                let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &*device);
+                net.forward(x)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .expect("float output")
+            }
+        };
+        logits.chunks(self.meta.num_classes).map(softmax).collect()
     }
 
     /// The `k` most probable classes of each image, best first.
-    pub fn top_k(&self, images: &[RgbImage], k: usize) -> Vec<Vec<Prediction>> {
+    pub fn top_k(&mut self, images: &[RgbImage], k: usize) -> Vec<Vec<Prediction>> {
         self.probabilities(images)
             .into_iter()
             .map(|probs| {
@@ -100,4 +128,12 @@ impl Classifier {
             })
             .collect()
     }
+}
+
+/// Numerically stable softmax.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
 }

@@ -5,11 +5,10 @@ mod bench;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use burn::tensor::Device;
 use clap::{Args, Parser, Subcommand};
 
 use effnet::analysis::{Analysis, analyze};
-use effnet::classify::{Classifier, DEFAULT_WEIGHTS, SAMPLE_IMAGE, weights_home};
+use effnet::classify::{Backend, Classifier, DEFAULT_WEIGHTS, SAMPLE_IMAGE, weights_home};
 use effnet::preprocess::load_rgb;
 use effnet::spec::{CompoundCoefficients, ModelSpec, VARIANTS, resolve};
 use effnet::weights;
@@ -59,6 +58,12 @@ enum Command {
         /// How many classes to print per image.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
         top: u16,
+        /// Which implementation runs the network.
+        #[arg(long, value_enum, default_value_t = Backend::Engine)]
+        backend: Backend,
+        /// Threads for the engine.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: u16,
         #[arg(long)]
         json: bool,
     },
@@ -137,8 +142,17 @@ pub fn run() -> anyhow::Result<()> {
             model,
             weights,
             top,
+            backend,
+            threads,
             json,
-        } => classify(&images, model.as_deref(), weights, top as usize, json),
+        } => classify(
+            &images,
+            model.as_deref(),
+            weights,
+            top as usize,
+            (backend, threads as usize),
+            json,
+        ),
         Command::Convert {
             input,
             output,
@@ -311,6 +325,7 @@ fn classify(
     model: Option<&str>,
     weights: Option<PathBuf>,
     top: usize,
+    (backend, threads): (Backend, usize),
     json: bool,
 ) -> anyhow::Result<()> {
     let weights = match weights {
@@ -329,8 +344,7 @@ fn classify(
         decoded.push(load_rgb(p)?);
         names.push(p.display().to_string());
     }
-    let device = Device::flex();
-    let classifier = Classifier::from_file(&weights, model, &device)?;
+    let mut classifier = Classifier::from_file(&weights, model, backend, threads)?;
     let top = top.min(classifier.meta.num_classes);
     let results = classifier.top_k(&decoded, top);
     if json {
