@@ -5,9 +5,9 @@ mod common;
 use burn::tensor::{Device, Distribution, Tensor};
 use common::*;
 use effnet::engine::Engine;
-use effnet::model::{EfficientNet, apply_weights, export_weights};
+use effnet::model::{EfficientNet, apply_weights};
 use effnet::spec::{Padding, variant};
-use effnet::weights::{self, Layout, WeightSet, layout::default_meta};
+use effnet::weights::{self, WeightSet};
 
 #[test]
 fn engine_matches_pytorch_fixtures() {
@@ -32,35 +32,10 @@ fn engine_matches_pytorch_fixtures() {
     }
 }
 
-/// Random weights with non-trivial BN statistics, so folding is exercised.
-fn random_set(name: &str, padding: Padding, device: &Device) -> WeightSet {
+fn random_set(name: &str, padding: Padding) -> WeightSet {
     let mut spec = variant(name).unwrap();
     spec.padding = padding;
-    let model = EfficientNet::new(&spec, device);
-    let mut tensors = export_weights(&model);
-    let mut seed = 0x9e3779b97f4a7c15u64;
-    let mut rand = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32
-    };
-    for (k, t) in tensors.iter_mut() {
-        if k.ends_with("running_var") {
-            t.data.iter_mut().for_each(|v| *v = 0.5 + rand());
-        } else if k.ends_with("running_mean") || k.ends_with("bn.bias") {
-            t.data.iter_mut().for_each(|v| *v = rand() - 0.5);
-        } else if k.ends_with("bn.weight") {
-            t.data.iter_mut().for_each(|v| *v = 0.5 + rand());
-        }
-    }
-    let mut meta = default_meta(&spec, Layout::Effnet);
-    meta.padding = padding;
-    WeightSet {
-        spec,
-        meta,
-        tensors,
-    }
+    WeightSet::random(&spec, 7)
 }
 
 #[test]
@@ -84,8 +59,15 @@ fn engine_matches_the_burn_model_on_every_family() {
         ("v2-b2", Padding::Same, 1, 96, 96),
         ("v2-b3", Padding::Same, 1, 96, 96),
         ("v2-s", Padding::Same, 1, 96, 96),
+        ("b6", Padding::Same, 1, 64, 64),
+        ("b7", Padding::Symmetric, 1, 64, 64),
+        ("b8", Padding::Same, 1, 48, 48),
+        ("l2", Padding::Same, 1, 32, 32),
+        ("v2-m", Padding::Same, 1, 64, 64),
+        ("v2-l", Padding::Symmetric, 1, 64, 64),
+        ("v2-xl", Padding::Same, 1, 48, 48),
     ] {
-        let set = random_set(name, padding, &device);
+        let set = random_set(name, padding);
         let model = apply_weights(EfficientNet::new(&set.spec, &device), &set.tensors).unwrap();
         let x = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
         let data = x.clone().into_data().try_to_vec::<f32>().unwrap();

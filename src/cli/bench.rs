@@ -9,8 +9,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use clap::Args;
 
 use effnet::engine::Engine;
-use effnet::model::{EfficientNet, apply_weights, export_weights};
-use effnet::weights::{self, Layout, WeightSet, layout::default_meta};
+use effnet::model::{EfficientNet, apply_weights};
+use effnet::weights::{self, WeightSet};
 
 use super::ModelArgs;
 
@@ -82,16 +82,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let device = Device::flex();
     let set = match &args.weights {
         Some(path) => weights::load(path, Some(&args.model.model))?,
-        None => {
-            let spec = args.model.spec()?;
-            let tensors = export_weights(&EfficientNet::new(&spec, &device));
-            let meta = default_meta(&spec, Layout::Effnet);
-            WeightSet {
-                spec,
-                meta,
-                tensors,
-            }
-        }
+        None => WeightSet::random(&args.model.spec()?, 0),
     };
     let res = args.resolution.unwrap_or(set.spec.resolution);
     let (n, len) = (args.batch, args.batch * 3 * res * res);

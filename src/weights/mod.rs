@@ -70,6 +70,48 @@ pub struct WeightSet {
     pub tensors: TensorMap,
 }
 
+impl WeightSet {
+    /// Deterministic random weights for `spec` (benchmarks and tests): He-style conv weights,
+    /// non-trivial BN statistics so folding is exercised, a uniform classifier.
+    pub fn random(spec: &ModelSpec, seed: u64) -> Self {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let mut tensors = TensorMap::new();
+        for k in layout::key_map(spec, Layout::Effnet).expect("own layout maps every spec") {
+            let n: usize = k.shape.iter().product();
+            let fan_in: usize = k.shape.iter().skip(1).product::<usize>().max(1);
+            let bound = (3.0 / fan_in as f32).sqrt();
+            let value = |u: f32| -> f32 {
+                match k.canonical.rsplit('.').next().unwrap_or("") {
+                    "running_var" => 0.5 + u,
+                    "running_mean" | "bias" => u - 0.5,
+                    "weight" if k.shape.len() == 1 => 0.25 + 0.5 * u,
+                    _ => (2.0 * u - 1.0) * bound,
+                }
+            };
+            let data = (0..n).map(|_| value(uniform())).collect();
+            tensors.insert(
+                k.canonical,
+                RawTensor {
+                    shape: k.shape,
+                    data,
+                    integer: false,
+                },
+            );
+        }
+        WeightSet {
+            spec: spec.clone(),
+            meta: layout::default_meta(spec, Layout::Effnet),
+            tensors,
+        }
+    }
+}
+
 /// Reads every tensor of a `.pth`/`.pt`/`.bin` or `.safetensors` file, plus the metadata a
 /// safetensors file written by this crate carries.
 pub fn read_tensors(path: &Path) -> Result<(TensorMap, Option<WeightMeta>), WeightError> {
