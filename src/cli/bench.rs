@@ -92,6 +92,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
 
     let mut engine = Engine::new(&set)?.with_threads(args.threads);
+    let engine_logits = engine.forward(&input, n, res, res);
     results.push(summarize(
         "effnet engine",
         time(args.iters, || {
@@ -132,6 +133,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         ));
     }
 
+    let mut agreement = None;
     if args.reference {
         let dir = tempfile::tempdir()?;
         let st = dir.path().join("weights.safetensors");
@@ -178,6 +180,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let refs: Vec<Timing> =
             serde_json::from_slice(&out.stdout).context("reference benchmark output")?;
         results.extend(refs);
+        // Same weights, same input: the runtimes must agree before their timings mean anything.
+        let ort: Vec<f32> = std::fs::read(&ort_logits)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let diff = ort
+            .iter()
+            .zip(&engine_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        if ort.len() != engine_logits.len() || diff > 1e-3 {
+            bail!("engine and onnxruntime disagree (max |diff| {diff}); timings not comparable");
+        }
+        agreement = Some(diff);
     }
 
     if args.json {
@@ -188,6 +204,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "{} at {res}x{res}, batch {n}, {} thread(s), {} iterations (median of runs)",
         set.spec.name, args.threads, args.iters
     );
+    if let Some(diff) = agreement {
+        println!("engine vs onnxruntime logits: max |diff| {diff:.1e}");
+    }
     let base = results[0].median_ms;
     println!(
         "{:<16} {:>11} {:>11} {:>10} {:>14}",

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Reproduces docs/benchmarks.md: the native engine side by side with ONNX Runtime (and PyTorch when
+# installed) on the same weights and input, B0/B1/B3 at native resolution, batch 1, 1 and 2 threads;
+# peak memory of `effnet classify`; callgrind instruction counts per inference.
+#   scripts/bench.sh [ITERS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ITERS=${1:-50}
+cargo build --release --locked -q
+EFFNET=target/release/effnet
+python3 -c "import onnxruntime, onnx, safetensors, numpy" 2>/dev/null ||
+  python3 -m pip install -q onnxruntime onnx safetensors numpy
+
+echo "## Latency (median of $ITERS runs after a warm-up; same weights and input in every runtime)"
+for model in b0 b1 b3; do
+  for threads in 1 2; do
+    "$EFFNET" bench "$model" --threads "$threads" --iters "$ITERS" --reference
+    echo
+  done
+done
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+"$EFFNET" convert ../shared/fixtures/weights/torchvision_efficientnet_b0_seed0.pth "$TMP/b0.safetensors" >/dev/null
+
+echo "## Peak memory (max RSS) of one B0 classification, whole process"
+/usr/bin/time -f "max RSS %M KiB" "$EFFNET" classify --weights "$TMP/b0.safetensors" \
+  ../shared/fixtures/images/coffee.png --top 1 2>&1 | tail -1
+
+echo
+echo "## Instructions per B0 inference at 224x224, 1 thread (callgrind; valgrind hides AVX-512, so this is the AVX2 path)"
+count() {
+  valgrind --tool=callgrind --callgrind-out-file=/dev/null "$EFFNET" bench b0 --weights "$TMP/b0.safetensors" \
+    --iters "$1" 2>&1 | sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
+}
+one=$(count 1)
+three=$(count 3)
+echo "$(( (three - one) / 2 )) instructions per inference"
