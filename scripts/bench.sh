@@ -19,6 +19,16 @@ for model in b0 b1 b3; do
   done
 done
 
+echo "## Loaded machine: one core kept busy by another process; 2 threads must not be slower than 1"
+yes > /dev/null &
+HOG=$!
+sleep 1
+for threads in 1 2 1 2; do
+  "$EFFNET" bench b0 --threads "$threads" --iters "$ITERS" | tail -1 | sed "s/^/threads $threads: /"
+done
+kill "$HOG"
+echo
+
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 "$EFFNET" convert ../shared/fixtures/weights/torchvision_efficientnet_b0_seed0.pth "$TMP/b0.safetensors" >/dev/null
