@@ -11,5 +11,6 @@ pub mod engine;
 pub mod model;
 pub mod preprocess;
 pub mod spec;
+pub mod train;
 pub mod util;
 pub mod weights;
