@@ -260,3 +260,120 @@ fn convert_round_trips_through_safetensors() {
     assert_eq!(from_st.tensors, from_pth.tensors);
     assert_eq!(from_st.spec, from_pth.spec);
 }
+
+/// Writes a tiny IDX dataset (train + t10k) of `n` 8x8 images in 3 classes: class = brightness band.
+fn tiny_idx(dir: &Path, n: usize) {
+    for (prefix, count) in [("train", n), ("t10k", n / 2)] {
+        let mut img = vec![0, 0, 8, 3];
+        for d in [count as u32, 8, 8] {
+            img.extend(d.to_be_bytes());
+        }
+        let mut lab = vec![0, 0, 8, 1];
+        lab.extend((count as u32).to_be_bytes());
+        for i in 0..count {
+            let class = (i % 3) as u8;
+            img.extend(std::iter::repeat_n(40 + class * 80, 64));
+            lab.push(class);
+        }
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
+    }
+}
+
+#[test]
+fn train_writes_a_run_directory() {
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    tiny_idx(&data, 96);
+    let out = home.path().join("run");
+    let dataset = format!("idx:{}", data.display());
+    let o = effnet(
+        &[
+            "train",
+            "lite0",
+            "--dataset",
+            &dataset,
+            "--resolution",
+            "16",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("EMA eval top-1"));
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "header + 2 epochs: {csv}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    assert!(
+        std::fs::read_to_string(out.join("config.toml"))
+            .unwrap()
+            .contains("batch_size = 16")
+    );
+    // The saved EMA weights classify with their own metadata (3 classes, 16x16 preprocessing).
+    let set = effnet::weights::load(&out.join("weights.safetensors"), None).unwrap();
+    assert_eq!((set.meta.num_classes, set.meta.preprocess.crop), (3, 16));
+}
+
+#[test]
+fn train_rejects_bad_data_and_flags() {
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    tiny_idx(&data, 48);
+    let dataset = format!("idx:{}", data.display());
+    // A CIFAR-10 batch whose second record has label 10.
+    let cifar = home.path().join("cifar");
+    std::fs::create_dir(&cifar).unwrap();
+    let mut records = Vec::new();
+    for label in [3u8, 10] {
+        records.push(label);
+        records.extend(std::iter::repeat_n(0u8, 3072));
+    }
+    for i in 1..=5 {
+        std::fs::write(cifar.join(format!("data_batch_{i}.bin")), &records).unwrap();
+    }
+    std::fs::write(cifar.join("test_batch.bin"), &records).unwrap();
+    let bad = format!("cifar10:{}", cifar.display());
+    assert_clean_error(
+        &effnet(&["train", "--dataset", &bad], home.path()),
+        "label 10 of sample 1 is out of range",
+    );
+    std::fs::write(cifar.join("data_batch_1.bin"), &records[..100]).unwrap();
+    assert_clean_error(
+        &effnet(&["train", "--dataset", &bad], home.path()),
+        "truncated",
+    );
+    assert_clean_error(
+        &effnet(&["train", "--dataset", "nowhere:"], home.path()),
+        "unknown dataset",
+    );
+    assert_clean_error(
+        &effnet(&["train", "--dataset", "/nonexistent/dir"], home.path()),
+        "unknown dataset",
+    );
+    let cfg = home.path().join("bad.toml");
+    std::fs::write(&cfg, "batch_sise = 3\n").unwrap();
+    assert_clean_error(
+        &effnet(&["train", "--config", cfg.to_str().unwrap()], home.path()),
+        "invalid config",
+    );
+    assert_clean_error(
+        &effnet(
+            &["train", "--dataset", &dataset, "--batch-size", "4096"],
+            home.path(),
+        ),
+        "fewer than one batch",
+    );
+}

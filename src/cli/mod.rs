@@ -1,6 +1,7 @@
 //! The `effnet` command line.
 
 mod bench;
+mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +68,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a model with the TF recipe (default: B0 on Fashion-MNIST at 32x32, 200 steps).
+    Train(train::TrainArgs),
     /// Inference latency and throughput of the native engine (and burn, ONNX Runtime side by side).
     Bench(bench::BenchArgs),
     /// Convert a PyTorch checkpoint (torchvision, timm, lukemelas) to safetensors with its metadata.
@@ -82,6 +85,7 @@ enum Command {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Published variant (`b0`, `efficientnet-b3`, `lite0`, `v2-s`, `tf_efficientnet_b0`, ...).
+    #[arg(default_value = "efficientnet-b0")]
     pub model: String,
     /// Compound coefficient: depth alpha^phi, width beta^phi, resolution gamma^phi on top of MODEL.
     #[arg(long)]
@@ -159,6 +163,7 @@ pub fn run() -> anyhow::Result<()> {
             model,
         } => convert(&input, &output, model.as_deref()),
         Command::Bench(args) => bench::run(&args),
+        Command::Train(args) => train::run(&args),
     }
 }
 

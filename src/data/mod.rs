@@ -7,6 +7,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+pub mod loader;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read `{path}`: {source}")]
@@ -106,19 +108,23 @@ fn be_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap())
 }
 
-/// Loads an IDX image file (magic 0x00000803) and its IDX label file (0x00000801).
+/// Loads an IDX image file (magic 0x00000803) and its IDX label file (0x00000801). Without
+/// `class_names`, the classes are `0..=max label`.
 pub fn load_idx(
     images: &Path,
-    labels: &Path,
-    class_names: Vec<String>,
+    labels_path: &Path,
+    class_names: Option<Vec<String>>,
 ) -> Result<InMemory, DataError> {
     let img = read_maybe_gz(images)?;
-    let lab = read_maybe_gz(labels)?;
+    let lab = read_maybe_gz(labels_path)?;
     if img.len() < 16 || be_u32(&img, 0) != 0x0803 {
         return Err(corrupt(images, "not an IDX image file (magic 0x00000803)"));
     }
     if lab.len() < 8 || be_u32(&lab, 0) != 0x0801 {
-        return Err(corrupt(labels, "not an IDX label file (magic 0x00000801)"));
+        return Err(corrupt(
+            labels_path,
+            "not an IDX label file (magic 0x00000801)",
+        ));
     }
     let (n, h, w) = (
         be_u32(&img, 4) as usize,
@@ -141,7 +147,7 @@ pub fn load_idx(
     let ln = be_u32(&lab, 4) as usize;
     if lab.len() != 8 + ln {
         return Err(corrupt(
-            labels,
+            labels_path,
             format!(
                 "{ln} labels need {} bytes, the file has {}",
                 8 + ln,
@@ -151,19 +157,24 @@ pub fn load_idx(
     }
     if ln != n {
         return Err(DataError::Invalid {
-            path: labels.display().to_string(),
+            path: labels_path.display().to_string(),
             why: format!("{ln} labels for {n} images in `{}`", images.display()),
         });
     }
+    let labels: Vec<u32> = lab[8..].iter().map(|&l| l as u32).collect();
+    let class_names = class_names.unwrap_or_else(|| {
+        let classes = labels.iter().max().map_or(0, |&m| m as usize + 1);
+        (0..classes).map(|c| format!("class {c}")).collect()
+    });
     let data = InMemory {
         pixels: img[16..].to_vec(),
-        labels: lab[8..].iter().map(|&l| l as u32).collect(),
+        labels,
         height: h,
         width: w,
         channels: 1,
         class_names,
     };
-    data.check_labels(labels)?;
+    data.check_labels(labels_path)?;
     Ok(data)
 }
 
@@ -184,8 +195,13 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
 /// Where Debian's `dataset-fashion-mnist` package installs the files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
-/// Fashion-MNIST (or MNIST) in the standard IDX file names under `dir`, `.gz` or not.
-pub fn load_mnist_dir(dir: &Path, train: bool) -> Result<InMemory, DataError> {
+/// MNIST-style IDX files (`train-images-idx3-ubyte[.gz]`, ...) under `dir`; `class_names` as in
+/// [`load_idx`].
+pub fn load_mnist_dir(
+    dir: &Path,
+    train: bool,
+    class_names: Option<Vec<String>>,
+) -> Result<InMemory, DataError> {
     let prefix = if train { "train" } else { "t10k" };
     let find = |kind: &str| -> Result<PathBuf, DataError> {
         let base = format!("{prefix}-{kind}");
@@ -197,15 +213,29 @@ pub fn load_mnist_dir(dir: &Path, train: bool) -> Result<InMemory, DataError> {
                 why: format!("no `{base}` or `{base}.gz` (install Debian's dataset-fashion-mnist)"),
             })
     };
+    load_idx(
+        &find("images-idx3-ubyte")?,
+        &find("labels-idx1-ubyte")?,
+        class_names,
+    )
+}
+
+/// Fashion-MNIST with its class names (from Debian's package by default).
+pub fn load_fashion_mnist(dir: &Path, train: bool) -> Result<InMemory, DataError> {
     let names = FASHION_MNIST_CLASSES
         .iter()
         .map(|s| s.to_string())
         .collect();
-    load_idx(
-        &find("images-idx3-ubyte")?,
-        &find("labels-idx1-ubyte")?,
-        names,
-    )
+    load_mnist_dir(dir, train, Some(names))
+}
+
+/// Gives two splits the same class list (the longer one), e.g. when a test split lacks a class.
+pub fn unify_classes(a: &mut InMemory, b: &mut InMemory) {
+    if a.class_names.len() < b.class_names.len() {
+        a.class_names = b.class_names.clone();
+    } else {
+        b.class_names = a.class_names.clone();
+    }
 }
 
 /// CIFAR binary flavours: CIFAR-10 records are `label, 3072 pixels`; CIFAR-100 `coarse, fine, 3072`.
@@ -355,7 +385,7 @@ mod tests {
             gz.finish().unwrap(),
         )
         .unwrap();
-        let d = load_mnist_dir(dir.path(), true).unwrap();
+        let d = load_fashion_mnist(dir.path(), true).unwrap();
         assert_eq!((d.len(), d.height, d.width, d.channels), (2, 3, 4, 1));
         assert_eq!(d.labels, vec![7, 2]);
         assert_eq!(d.image(1), &pixels[12..24]);
@@ -366,7 +396,7 @@ mod tests {
     fn idx_errors_name_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         let (img, lab) = (dir.path().join("i"), dir.path().join("l"));
-        let names = || (0..10).map(|i| i.to_string()).collect::<Vec<_>>();
+        let names = || Some((0..10).map(|i| i.to_string()).collect::<Vec<_>>());
         std::fs::write(&img, idx_images(2, 2, 2, &[0; 7])).unwrap();
         std::fs::write(&lab, idx_labels(&[1, 2])).unwrap();
         assert!(
@@ -470,7 +500,7 @@ mod tests {
             eprintln!("skipping: {FASHION_MNIST_DIR} not installed (run ./setup.sh)");
             return;
         }
-        let test = load_mnist_dir(dir, false).unwrap();
+        let test = load_fashion_mnist(dir, false).unwrap();
         assert_eq!((test.len(), test.height, test.width), (10_000, 28, 28));
         let mut counts = [0usize; 10];
         test.labels.iter().for_each(|&l| counts[l as usize] += 1);

@@ -1,7 +1,8 @@
-//! The TF training recipe, piece by piece (each unit-tested against hand-computed values):
-//! RMSProp with TF semantics and the warmup + staircase-exponential learning-rate schedule.
+//! The TF training recipe: RMSProp with TF semantics and the warmup + staircase-exponential
+//! learning-rate schedule (each unit-tested against hand-computed values), and the training loop.
 
 mod rmsprop;
+pub mod run;
 mod schedule;
 
 pub use rmsprop::{TfRmsProp, TfRmsPropState};

@@ -1,0 +1,406 @@
+//! `effnet train`: the training loop (RMSProp-TF, warmup + staircase schedule, label smoothing, L2 on
+//! non-BN weights, EMA of weights and BN statistics, evaluation on the EMA weights with the native
+//! engine), per-epoch metrics as JSONL and CSV, and the final weights as safetensors.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::data::loader::{Batch, Prepared};
+use crate::engine::Engine;
+use crate::model::{EfficientNet, export_weights};
+use crate::spec::ModelSpec;
+use crate::weights::{
+    self, Interpolation, Layout, Preprocess, TensorMap, WeightSet, layout::default_meta,
+};
+
+use super::{LrSchedule, TfRmsProp};
+
+/// Every knob of a run; saved with the run as `config.toml`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: String,
+    pub resolution: usize,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (0 = run all epochs).
+    pub max_steps: u64,
+    pub batch_size: usize,
+    /// Learning rate per 256 images (scaled linearly with the batch).
+    pub base_lr: f64,
+    pub warmup_epochs: f64,
+    pub decay_rate: f64,
+    pub decay_epochs: f64,
+    pub rmsprop_decay: f64,
+    pub momentum: f64,
+    pub epsilon: f64,
+    pub weight_decay: f64,
+    pub label_smoothing: f32,
+    pub dropout: Option<f64>,
+    pub drop_connect_rate: f64,
+    pub bn_momentum: f64,
+    pub bn_eps: f64,
+    pub ema_decay: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "efficientnet-b0".into(),
+            resolution: 32,
+            epochs: 1,
+            max_steps: 0,
+            batch_size: 64,
+            base_lr: 0.016,
+            warmup_epochs: 5.0,
+            decay_rate: 0.97,
+            decay_epochs: 2.4,
+            rmsprop_decay: 0.9,
+            momentum: 0.9,
+            epsilon: 1e-3,
+            weight_decay: 1e-5,
+            label_smoothing: 0.1,
+            dropout: None,
+            drop_connect_rate: 0.2,
+            bn_momentum: 0.01,
+            bn_eps: 1e-3,
+            ema_decay: 0.9999,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn from_toml(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config `{}`", path.display()))?;
+        // toml's own message spans several lines (with a caret diagram): keep the one-line part.
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config `{}`: {}", path.display(), e.message()))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.batch_size == 0 || self.epochs == 0 || self.resolution < 8 {
+            bail!("batch size and epochs must be at least 1 and the resolution at least 8");
+        }
+        if !(0.0..1.0).contains(&self.drop_connect_rate)
+            || self.dropout.is_some_and(|d| !(0.0..1.0).contains(&d))
+        {
+            bail!("dropout and drop_connect_rate must be in [0, 1)");
+        }
+        Ok(())
+    }
+}
+
+/// One epoch's metrics (a JSONL line and a CSV row).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub step: u64,
+    pub train_loss: f64,
+    pub train_top1: f64,
+    pub lr: f64,
+    pub images_per_s: f64,
+    pub eval_top1: f64,
+    pub eval_top5: f64,
+    pub eval_loss: f64,
+    pub seconds: f64,
+}
+
+/// Exponential moving average of every weight and BN statistic, decay min(d, (1 + n) / (10 + n)).
+pub struct Ema {
+    pub tensors: TensorMap,
+    decay: f64,
+}
+
+impl Ema {
+    pub fn new(model: &EfficientNet, decay: f64) -> Self {
+        Ema {
+            tensors: export_weights(model),
+            decay,
+        }
+    }
+
+    pub fn update(&mut self, model: &EfficientNet, step: u64) {
+        let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64)) as f32;
+        for (name, cur) in export_weights(model) {
+            if let Some(e) = self.tensors.get_mut(&name) {
+                for (e, c) in e.data.iter_mut().zip(&cur.data) {
+                    *e = d * *e + (1.0 - d) * c;
+                }
+            }
+        }
+    }
+}
+
+/// Sum of squares of every conv and classifier weight (not BN, not biases), for the L2 term.
+fn l2_of_weights(model: &EfficientNet) -> Option<Tensor<1>> {
+    struct Collect {
+        path: Vec<String>,
+        sum: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for Collect {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if D >= 2 && self.path.last().is_some_and(|l| l == "weight") {
+                let s = param.val().powi_scalar(2).sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    let mut c = Collect {
+        path: Vec::new(),
+        sum: None,
+    };
+    model.visit(&mut c);
+    c.sum
+}
+
+/// Evaluates canonical weights with the native engine: (top-1, top-5, mean cross-entropy).
+pub fn evaluate(set: &WeightSet, data: &Prepared, batch: usize) -> anyhow::Result<(f64, f64, f64)> {
+    let mut engine = Engine::new(set)?.with_threads(2);
+    let (mut top1, mut top5, mut loss) = (0usize, 0usize, 0f64);
+    let indices: Vec<usize> = (0..data.len()).collect();
+    for chunk in indices.chunks(batch) {
+        let b = data.batch(chunk, None, 0);
+        let logits = engine.forward(&b.images, b.size, data.side, data.side);
+        for (row, &label) in logits.chunks(data.num_classes).zip(&b.labels) {
+            let probs = crate::classify::softmax(row);
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            top1 += (order[0] == label as usize) as usize;
+            top5 += order.iter().take(5).any(|&c| c == label as usize) as usize;
+            loss -= (probs[label as usize].max(1e-12) as f64).ln();
+        }
+    }
+    let n = data.len().max(1) as f64;
+    Ok((top1 as f64 / n, top5 as f64 / n, loss / n))
+}
+
+fn tensors(batch: &Batch, side: usize, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+    let x = Tensor::<4>::from_data(
+        TensorData::new(batch.images.clone(), [batch.size, 3, side, side]),
+        device,
+    );
+    let labels: Vec<i64> = batch.labels.iter().map(|&l| l as i64).collect();
+    let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch.size]), device);
+    (x, y)
+}
+
+/// The spec a config trains: the named variant with the run's classes, BN and regularisation.
+pub fn train_spec(cfg: &TrainConfig, base: ModelSpec, num_classes: usize) -> ModelSpec {
+    let mut spec = base;
+    spec.num_classes = num_classes;
+    spec.bn_eps = cfg.bn_eps;
+    spec.bn_momentum = cfg.bn_momentum;
+    spec.drop_connect_rate = cfg.drop_connect_rate;
+    if let Some(d) = cfg.dropout {
+        spec.dropout = d;
+    }
+    spec.resolution = cfg.resolution;
+    spec.train_resolution = cfg.resolution;
+    spec
+}
+
+/// Runs training; writes `config.toml`, `metrics.jsonl`, `metrics.csv` and `weights.safetensors`
+/// (EMA weights, with metadata) under `out_dir`. Returns the per-epoch metrics.
+pub fn train(
+    cfg: &TrainConfig,
+    spec: ModelSpec,
+    train_data: &Prepared,
+    eval_data: &Prepared,
+    out_dir: &Path,
+    progress: bool,
+) -> anyhow::Result<Vec<EpochMetrics>> {
+    cfg.validate()?;
+    if train_data.len() < cfg.batch_size {
+        bail!(
+            "the training set has {} images, fewer than one batch of {}",
+            train_data.len(),
+            cfg.batch_size
+        );
+    }
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create `{}`", out_dir.display()))?;
+    crate::util::write_atomic(
+        &out_dir.join("config.toml"),
+        toml::to_string(cfg)?.as_bytes(),
+    )?;
+    let device = Device::flex().autodiff();
+    let mut model = EfficientNet::new(&spec, &device);
+    let mut ema = Ema::new(&model, cfg.ema_decay);
+    let mut optim = ModuleOptimizer::from(TfRmsProp {
+        decay: cfg.rmsprop_decay,
+        momentum: cfg.momentum,
+        epsilon: cfg.epsilon,
+    });
+    let steps_per_epoch = train_data.len() / cfg.batch_size;
+    let schedule = LrSchedule {
+        base_lr: cfg.base_lr,
+        batch_size: cfg.batch_size,
+        steps_per_epoch,
+        warmup_epochs: cfg.warmup_epochs,
+        decay_rate: cfg.decay_rate,
+        decay_epochs: cfg.decay_epochs,
+    };
+    let loss_fn = CrossEntropyLossConfig::new()
+        .with_smoothing((cfg.label_smoothing > 0.0).then_some(cfg.label_smoothing))
+        .init(&device);
+    let total_steps = match cfg.max_steps {
+        0 => (steps_per_epoch * cfg.epochs) as u64,
+        m => m.min((steps_per_epoch * cfg.epochs) as u64),
+    };
+    let bar = if progress {
+        indicatif::ProgressBar::new(total_steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {elapsed_precise}<{eta_precise} {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut metrics = Vec::new();
+    let mut step = 0u64;
+    let started = Instant::now();
+    let mut meta = default_meta(&spec, Layout::Effnet);
+    meta.preprocess = Preprocess {
+        resize: train_data.side,
+        crop: train_data.side,
+        interpolation: Interpolation::Bilinear,
+        mean: train_data.mean,
+        std: train_data.std,
+    };
+    for epoch in 0..cfg.epochs {
+        let epoch_start = Instant::now();
+        let (mut seen, mut correct, mut loss_sum, mut batches) = (0usize, 0usize, 0f64, 0usize);
+        let mut lr = schedule.at(step);
+        for batch in train_data.epoch(cfg.batch_size, cfg.seed, epoch as u64) {
+            if step >= total_steps {
+                break;
+            }
+            lr = schedule.at(step);
+            let (x, y) = tensors(&batch, train_data.side, &device);
+            let logits = model.forward(x);
+            let pred = logits.clone().argmax(1).reshape([batch.size]);
+            correct += pred.equal(y.clone()).int().sum().into_scalar::<i64>() as usize;
+            let mut loss = loss_fn.forward(logits, y);
+            if cfg.weight_decay > 0.0
+                && let Some(l2) = l2_of_weights(&model)
+            {
+                // TF's l2_loss is sum(w^2) / 2.
+                loss = loss + l2.mul_scalar(cfg.weight_decay / 2.0);
+            }
+            let loss_value = loss.clone().into_scalar::<f32>() as f64;
+            if !loss_value.is_finite() {
+                bail!(
+                    "training diverged at step {step} (loss {loss_value}); lower the learning rate"
+                );
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+            step += 1;
+            ema.update(&model, step);
+            seen += batch.size;
+            loss_sum += loss_value;
+            batches += 1;
+            let rate = seen as f64 / epoch_start.elapsed().as_secs_f64();
+            bar.set_position(step);
+            bar.set_message(format!(
+                "epoch {} loss {:.3} acc {:.3} lr {:.4} {:.0} img/s",
+                epoch + 1,
+                loss_sum / batches as f64,
+                correct as f64 / seen as f64,
+                lr,
+                rate
+            ));
+        }
+        if batches == 0 {
+            break;
+        }
+        let train_seconds = epoch_start.elapsed().as_secs_f64();
+        let set = WeightSet {
+            spec: spec.clone(),
+            meta: meta.clone(),
+            tensors: ema.tensors.clone(),
+        };
+        let (top1, top5, eval_loss) = evaluate(&set, eval_data, 256)?;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            step,
+            train_loss: loss_sum / batches as f64,
+            train_top1: correct as f64 / seen as f64,
+            lr,
+            images_per_s: seen as f64 / train_seconds,
+            eval_top1: top1,
+            eval_top5: top5,
+            eval_loss,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        bar.println(format!(
+            "epoch {}: train loss {:.4} top-1 {:.4} | EMA eval top-1 {:.4} top-5 {:.4} loss {:.4} | {:.0} img/s",
+            m.epoch, m.train_loss, m.train_top1, m.eval_top1, m.eval_top5, m.eval_loss, m.images_per_s
+        ));
+        metrics.push(m);
+        write_metrics(out_dir, &metrics)?;
+        weights::write_safetensors(&out_dir.join("weights.safetensors"), &set)?;
+        if step >= total_steps {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(metrics)
+}
+
+fn write_metrics(dir: &Path, metrics: &[EpochMetrics]) -> anyhow::Result<()> {
+    let mut jsonl = Vec::new();
+    let mut csv = Vec::new();
+    writeln!(
+        csv,
+        "epoch,step,train_loss,train_top1,lr,images_per_s,eval_top1,eval_top5,eval_loss,seconds"
+    )?;
+    for m in metrics {
+        writeln!(jsonl, "{}", serde_json::to_string(m)?)?;
+        writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{},{},{}",
+            m.epoch,
+            m.step,
+            m.train_loss,
+            m.train_top1,
+            m.lr,
+            m.images_per_s,
+            m.eval_top1,
+            m.eval_top5,
+            m.eval_loss,
+            m.seconds
+        )?;
+    }
+    crate::util::write_atomic(&dir.join("metrics.jsonl"), &jsonl)?;
+    crate::util::write_atomic(&dir.join("metrics.csv"), &csv)?;
+    Ok(())
+}
+
+/// Default run directory: `runs/<model>-<unix time>`.
+pub fn default_run_dir(model: &str) -> PathBuf {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(format!("{model}-{t}"))
+}
