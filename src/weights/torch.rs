@@ -365,3 +365,46 @@ fn materialize(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name)
+    }
+
+    /// `tests/data/views_*.pth` come from `scripts/make_torch_fixtures.py`: a transposed view at a
+    /// storage offset, a strided half-precision view, and a second view of a shared storage, nested
+    /// under `state_dict` with DataParallel's `module.` prefix.
+    #[test]
+    fn offsets_strides_shared_storages_and_half_in_both_formats() {
+        for file in ["views_zip.pth", "views_legacy.pth"] {
+            let t = read(&fixture(file)).unwrap();
+            assert_eq!(t.len(), 3, "{file}");
+            assert_eq!(t["a"].shape, vec![2, 3]);
+            assert_eq!(t["a"].data, vec![4.0, 6.0, 8.0, 5.0, 7.0, 9.0], "{file}");
+            assert_eq!(t["b"].data, vec![0.5, 1.5, 2.5, 3.5], "{file}");
+            assert_eq!(t["c"].data, vec![0.0, 1.0, 2.0], "{file}");
+        }
+    }
+
+    #[test]
+    fn truncation_is_reported_not_panicked() {
+        for file in ["views_zip.pth", "views_legacy.pth"] {
+            let bytes = std::fs::read(fixture(file)).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            for cut in [bytes.len() - 3, bytes.len() / 2, 20] {
+                let p = dir.path().join("cut.pth");
+                std::fs::write(&p, &bytes[..cut]).unwrap();
+                let err = read(&p).unwrap_err().to_string();
+                assert!(
+                    err.contains("corrupt or truncated") || err.contains("not a weights file"),
+                    "{file} cut {cut}: {err}"
+                );
+            }
+        }
+    }
+}
