@@ -97,37 +97,21 @@ fn fold(
         .map(|(g, v)| (*g as f64 / (*v as f64 + eps).sqrt()) as f32)
         .collect();
     let bias: Vec<f32> = (0..cout).map(|o| beta[o] - mean[o] * scale[o]).collect();
+    // One repacking serves all three kinds: `[k*k*cin_g x cout]` rows ordered (tap, input channel).
+    // For 1x1 that is `[cin x cout]`; for depthwise (cin_g = 1) it is `[k*k x c]`.
     let kk = k * k;
-    let (cin, weight) = match kind {
-        ConvKind::Pointwise => {
-            let mut p = vec![0.0; cin_g * cout];
-            for o in 0..cout {
-                for i in 0..cin_g {
-                    p[i * cout + o] = w[o * cin_g + i] * scale[o];
-                }
+    let mut weight = vec![0.0; kk * cin_g * cout];
+    for o in 0..cout {
+        for i in 0..cin_g {
+            for tap in 0..kk {
+                weight[(tap * cin_g + i) * cout + o] = w[(o * cin_g + i) * kk + tap] * scale[o];
             }
-            (cin_g, p)
         }
-        ConvKind::Depthwise => {
-            let mut p = vec![0.0; kk * cout];
-            for ch in 0..cout {
-                for tap in 0..kk {
-                    p[tap * cout + ch] = w[ch * kk + tap] * scale[ch];
-                }
-            }
-            (cout, p)
-        }
-        ConvKind::Full => {
-            let mut p = vec![0.0; kk * cin_g * cout];
-            for o in 0..cout {
-                for i in 0..cin_g {
-                    for tap in 0..kk {
-                        p[(tap * cin_g + i) * cout + o] = w[(o * cin_g + i) * kk + tap] * scale[o];
-                    }
-                }
-            }
-            (cin_g, p)
-        }
+    }
+    let cin = if kind == ConvKind::Depthwise {
+        cout
+    } else {
+        cin_g
     };
     Ok(Conv {
         kind,

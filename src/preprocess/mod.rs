@@ -3,6 +3,8 @@
 
 mod resample;
 
+pub use resample::resize;
+
 use std::path::Path;
 
 use image::RgbImage;
@@ -71,19 +73,6 @@ pub fn resize_shorter(img: &RgbImage, size: usize, interpolation: Interpolation)
         (long(w, h), size)
     };
     resize(img, nw.max(1), nh.max(1), interpolation)
-}
-
-/// Pillow-exact convolution resize (see [`resample`]).
-pub fn resize(
-    img: &RgbImage,
-    width: usize,
-    height: usize,
-    interpolation: Interpolation,
-) -> RgbImage {
-    if (img.width() as usize, img.height() as usize) == (width, height) {
-        return img.clone();
-    }
-    resample::resize(img, width, height, interpolation)
 }
 
 /// torchvision's CenterCrop (offsets rounded half to even as Python's `round`).

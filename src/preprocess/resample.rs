@@ -90,6 +90,9 @@ pub fn resize(
     interpolation: Interpolation,
 ) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
+    if (w, h) == (width, height) {
+        return img.clone();
+    }
     let src = img.as_raw();
     let rounding = 1i64 << (PRECISION_BITS - 1);
     // Horizontal pass: h rows of `width` pixels.
