@@ -377,3 +377,92 @@ fn train_rejects_bad_data_and_flags() {
         "fewer than one batch",
     );
 }
+
+#[test]
+fn an_interrupted_run_resumes_bit_for_bit() {
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    tiny_idx(&data, 64);
+    let dataset = format!("idx:{}", data.display());
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "lite0",
+            "--dataset",
+            &dataset,
+            "--resolution",
+            "16",
+            "--batch-size",
+            "8",
+        ];
+        args.extend_from_slice(&["--epochs", "2", "--warmup-epochs", "0.5"]);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        let o = effnet(&args, home.path());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    // 16 steps in one go, with a checkpoint every 3 steps.
+    let whole = home.path().join("whole");
+    std::fs::create_dir(&whole).unwrap();
+    let cfg = home.path().join("ckpt.toml");
+    std::fs::write(&cfg, "checkpoint_every = 3\n").unwrap();
+    run(&whole, &["--config", cfg.to_str().unwrap()]);
+    // The same run stopped after 7 steps (mid-epoch, last checkpoint at step 6), then resumed.
+    let split = home.path().join("split");
+    run(
+        &split,
+        &["--config", cfg.to_str().unwrap(), "--max-steps", "7"],
+    );
+    let o = effnet(
+        &[
+            "train",
+            "--resume",
+            split.to_str().unwrap(),
+            "--max-steps",
+            "0",
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |d: &Path| {
+        effnet::weights::read_tensors(&d.join("weights.safetensors"))
+            .unwrap()
+            .0
+    };
+    let (a, b) = (read(&whole), read(&split));
+    let differing: Vec<&String> = a.keys().filter(|k| a[*k] != b[*k]).collect();
+    assert!(
+        differing.is_empty(),
+        "resumed run differs in {} tensors, e.g. {:?}",
+        differing.len(),
+        differing.first()
+    );
+    let m = |d: &Path| std::fs::read_to_string(d.join("metrics.csv")).unwrap();
+    let strip = |s: String| {
+        s.lines()
+            .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (strip(m(&whole)), strip(m(&split)));
+    assert_eq!(a.len(), b.len());
+    // Every column but throughput and wall time matches.
+    for (x, y) in a.iter().zip(&b).skip(1) {
+        let cols = |s: &str| {
+            s.split(',')
+                .enumerate()
+                .filter(|(i, _)| *i != 5)
+                .map(|(_, c)| c.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(cols(x), cols(y));
+    }
+    // Resuming a directory without a checkpoint is a clean error.
+    assert_clean_error(
+        &effnet(
+            &["train", "--resume", home.path().to_str().unwrap()],
+            home.path(),
+        ),
+        "not a run directory",
+    );
+}

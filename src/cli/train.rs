@@ -9,6 +9,7 @@ use clap::Args;
 use effnet::data::loader::Prepared;
 use effnet::data::{self, Cifar, InMemory};
 use effnet::preprocess::{center_crop, load_rgb, resize_shorter};
+use effnet::spec::resolve;
 use effnet::train::run::{TrainConfig, default_run_dir, train, train_spec};
 use effnet::weights::Interpolation;
 
@@ -49,6 +50,10 @@ pub struct TrainArgs {
     /// Run directory (default runs/<model>-<time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint, with its own config
+    /// (only --epochs and --max-steps may change).
+    #[arg(long, conflicts_with_all = ["config", "out"])]
+    resume: Option<PathBuf>,
 }
 
 fn folder_split(dir: &Path, side: usize) -> anyhow::Result<InMemory> {
@@ -130,6 +135,19 @@ fn load(dataset: &str, side: usize) -> anyhow::Result<(InMemory, InMemory)> {
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.resume {
+        let mut cfg = TrainConfig::from_toml(&dir.join("config.toml"))
+            .with_context(|| format!("`{}` is not a run directory", dir.display()))?;
+        if let Some(e) = args.epochs {
+            cfg.epochs = e;
+        }
+        if let Some(m) = args.max_steps {
+            cfg.max_steps = m;
+        }
+        let base = resolve(&cfg.model)?.0;
+        let base = base.scaled(cfg.depth_multiplier, cfg.width_multiplier, 1.0)?;
+        return execute(cfg, base, dir.clone(), true, None);
+    }
     let mut cfg = match &args.config {
         Some(p) => TrainConfig::from_toml(p)?,
         None => TrainConfig::default(),
@@ -143,11 +161,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     // and lr 0.004 per 256 images (measured: EMA eval top-1 0.77 vs 0.10 after 200 steps); flags
     // and config files override, and `--epochs` runs the recipe as published.
     let quick = args.max_steps.is_none() && args.epochs.is_none() && args.config.is_none();
-    if quick {
-        cfg.max_steps = 200;
-        cfg.bn_momentum = 0.1;
-        cfg.base_lr = 0.004;
-    } else if let Some(m) = args.max_steps {
+    if let Some(m) = args.max_steps {
         cfg.max_steps = m;
     }
     if let Some(v) = args.batch_size {
@@ -162,7 +176,59 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     if let Some(v) = args.seed {
         cfg.seed = v;
     }
-    let (mut train_raw, eval_raw) = load(&args.dataset, cfg.resolution)?;
+    cfg.dataset = args.dataset.clone();
+    cfg.train_limit = args.train_limit.unwrap_or(0);
+    let base = args.model.spec()?;
+    let plain = resolve(&args.model.model)?.0;
+    cfg.depth_multiplier = base.depth / plain.depth;
+    cfg.width_multiplier = base.width / plain.width;
+    if quick {
+        cfg.max_steps = 200;
+        cfg.bn_momentum = 0.1;
+        cfg.base_lr = 0.004;
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| default_run_dir(&base.name));
+    let (epochs_given, warmup) = (args.epochs.is_some(), args.warmup_epochs);
+    let budget = move |cfg: &mut TrainConfig, train_len: usize| {
+        let steps_per_epoch = (train_len / cfg.batch_size).max(1);
+        let run_epochs = match cfg.max_steps {
+            0 => cfg.epochs as f64,
+            m => (m as f64 / steps_per_epoch as f64).min(cfg.epochs as f64),
+        };
+        // The recipe's 5-epoch warmup assumes a 350-epoch run: cap it at 10% of a short run.
+        cfg.warmup_epochs = warmup.unwrap_or(cfg.warmup_epochs.min(0.1 * run_epochs));
+        if cfg.max_steps > 0 && !epochs_given {
+            cfg.epochs = cfg.max_steps.div_ceil(steps_per_epoch as u64) as usize;
+        }
+        if quick {
+            eprintln!(
+                "quick run: 200 steps, BN momentum 0.1, lr 0.004 per 256 images (use --epochs for the full recipe)"
+            );
+        }
+    };
+    execute(cfg, base, out, false, Some(&budget))
+}
+
+/// Finishes a config once the training set size is known (warmup cap, epochs from --max-steps).
+type Budget<'a> = &'a dyn Fn(&mut TrainConfig, usize);
+
+/// Loads the data a config names, finishes the config for its size, and trains.
+fn execute(
+    mut cfg: TrainConfig,
+    base: effnet::spec::ModelSpec,
+    out: PathBuf,
+    resume: bool,
+    budget: Option<Budget<'_>>,
+) -> anyhow::Result<()> {
+    let (mut train_raw, eval_raw) = load(&cfg.dataset, cfg.resolution)?;
+    if cfg.train_limit > 0 {
+        let len = train_raw.height * train_raw.width * train_raw.channels;
+        train_raw.labels.truncate(cfg.train_limit);
+        train_raw.pixels.truncate(cfg.train_limit * len);
+    }
     if train_raw.len() < cfg.batch_size {
         bail!(
             "the training set has {} images, fewer than one batch of {}",
@@ -170,38 +236,15 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             cfg.batch_size
         );
     }
-    if quick {
-        eprintln!(
-            "quick run: 200 steps, BN momentum 0.1, lr 0.004 per 256 images (use --epochs for the full recipe)"
-        );
+    if let Some(b) = budget {
+        b(&mut cfg, train_raw.len());
     }
-    if let Some(n) = args.train_limit {
-        let len = train_raw.height * train_raw.width * train_raw.channels;
-        train_raw.labels.truncate(n);
-        train_raw.pixels.truncate(n * len);
-    }
-    let steps_per_epoch = (train_raw.len() / cfg.batch_size.max(1)).max(1);
-    let run_epochs = match cfg.max_steps {
-        0 => cfg.epochs as f64,
-        m => (m as f64 / steps_per_epoch as f64).min(cfg.epochs as f64),
-    };
-    cfg.warmup_epochs = match args.warmup_epochs {
-        Some(w) => w,
-        // The recipe's 5-epoch warmup assumes a 350-epoch run: cap it at 10% of a short run.
-        None => cfg.warmup_epochs.min(0.1 * run_epochs),
-    };
-    if cfg.max_steps > 0 && args.epochs.is_none() {
-        cfg.epochs = cfg.max_steps.div_ceil(steps_per_epoch as u64) as usize;
-    }
-    let spec = train_spec(&cfg, args.model.spec()?, train_raw.num_classes());
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| default_run_dir(&spec.name));
+    let spec = train_spec(&cfg, base, train_raw.num_classes());
     eprintln!(
-        "training {} on {} ({} train / {} eval images, {} classes) at {r}x{r}, batch {}, {} epoch(s){}; run dir {}",
+        "{} {} on {} ({} train / {} eval images, {} classes) at {r}x{r}, batch {}, {} epoch(s){}; run dir {}",
+        if resume { "resuming" } else { "training" },
         spec.name,
-        args.dataset,
+        cfg.dataset,
         train_raw.len(),
         eval_raw.len(),
         train_raw.num_classes(),
@@ -217,15 +260,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     );
     let train_data = Prepared::new(&train_raw, cfg.resolution);
     let eval_data = Prepared::new(&eval_raw, cfg.resolution);
-    let metrics = train(
-        &cfg,
-        spec,
-        &train_data,
-        &eval_data,
-        &out,
-        std::io::IsTerminal::is_terminal(&std::io::stderr()),
-    )?;
-    let last = metrics.last().context("no training step ran")?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let metrics = train(&cfg, spec, &train_data, &eval_data, &out, tty, resume)?;
+    let last = metrics.last().context("no epoch finished")?;
     println!(
         "{}: {} steps in {:.0} s, EMA eval top-1 {:.4} top-5 {:.4}; weights, config and metrics in {}",
         cfg.model,

@@ -27,6 +27,15 @@ use super::{LrSchedule, TfRmsProp};
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub model: String,
+    /// What `--dataset` named (recorded so `--resume` reloads the same data).
+    pub dataset: String,
+    /// Use only the first N training images (0 = all).
+    pub train_limit: usize,
+    /// Write a checkpoint every this many steps (and at every epoch end).
+    pub checkpoint_every: u64,
+    /// Depth and width multipliers on top of `model` (from --phi / --depth / --width).
+    pub depth_multiplier: f64,
+    pub width_multiplier: f64,
     pub resolution: usize,
     pub epochs: usize,
     /// Stop after this many optimizer steps (0 = run all epochs).
@@ -54,6 +63,11 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             model: "efficientnet-b0".into(),
+            dataset: "fashion-mnist".into(),
+            train_limit: 0,
+            checkpoint_every: 500,
+            depth_multiplier: 1.0,
+            width_multiplier: 1.0,
             resolution: 32,
             epochs: 1,
             max_steps: 0,
@@ -100,7 +114,7 @@ impl TrainConfig {
 }
 
 /// One epoch's metrics (a JSONL line and a CSV row).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub step: u64,
@@ -114,6 +128,82 @@ pub struct EpochMetrics {
     pub seconds: f64,
 }
 
+/// Where a run stands: enough to continue it exactly.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub step: u64,
+    pub epoch: usize,
+    /// Batches of `epoch` already trained.
+    pub batches: usize,
+    pub seen: usize,
+    pub correct: usize,
+    pub loss_sum: f64,
+    pub seconds: f64,
+    pub metrics: Vec<EpochMetrics>,
+}
+
+const CHECKPOINT: &str = "checkpoint";
+
+/// Writes model, optimizer, EMA and progress into `run/checkpoint/` atomically: everything goes to
+/// `checkpoint.tmp/` first, and only a complete directory replaces the previous checkpoint (kept as
+/// `checkpoint.old/` until the swap is done), so a crash or a full disk never loses the last one.
+fn save_checkpoint(
+    run: &Path,
+    model: &EfficientNet,
+    optim: &ModuleOptimizer,
+    ema: &WeightSet,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let tmp = run.join("checkpoint.tmp");
+    let old = run.join("checkpoint.old");
+    let cur = run.join(CHECKPOINT);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let write = || -> anyhow::Result<()> {
+        // `valid()` synchronises the BN running statistics, which a record may otherwise capture
+        // one update late.
+        let _ = model.valid();
+        model
+            .clone()
+            .save_file(tmp.join("model.bpk"))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        optim
+            .save(tmp.join("optimizer.bpk"))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        weights::write_safetensors(&tmp.join("ema.safetensors"), ema)?;
+        crate::util::write_atomic(&tmp.join("progress.json"), &serde_json::to_vec(progress)?)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "cannot write a checkpoint in `{}` (the previous one is intact)",
+            run.display()
+        )));
+    }
+    if cur.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        std::fs::rename(&cur, &old)?;
+    }
+    std::fs::rename(&tmp, &cur)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint of `run` (`checkpoint/`, or `checkpoint.old/` after a crash mid-swap).
+fn checkpoint_dir(run: &Path) -> Option<PathBuf> {
+    [CHECKPOINT, "checkpoint.old"]
+        .into_iter()
+        .map(|d| run.join(d))
+        .find(|d| d.join("progress.json").exists())
+}
+
 /// Exponential moving average of every weight and BN statistic, decay min(d, (1 + n) / (10 + n)).
 pub struct Ema {
     pub tensors: TensorMap,
@@ -121,6 +211,10 @@ pub struct Ema {
 }
 
 impl Ema {
+    pub fn from_tensors(tensors: TensorMap, decay: f64) -> Self {
+        Ema { tensors, decay }
+    }
+
     pub fn new(model: &EfficientNet, decay: f64) -> Self {
         Ema {
             tensors: export_weights(model),
@@ -225,7 +319,8 @@ pub fn train(
     train_data: &Prepared,
     eval_data: &Prepared,
     out_dir: &Path,
-    progress: bool,
+    show_progress: bool,
+    resume: bool,
 ) -> anyhow::Result<Vec<EpochMetrics>> {
     cfg.validate()?;
     if train_data.len() < cfg.batch_size {
@@ -242,6 +337,7 @@ pub fn train(
         toml::to_string(cfg)?.as_bytes(),
     )?;
     let device = Device::flex().autodiff();
+    device.seed(cfg.seed);
     let mut model = EfficientNet::new(&spec, &device);
     let mut ema = Ema::new(&model, cfg.ema_decay);
     let mut optim = ModuleOptimizer::from(TfRmsProp {
@@ -249,6 +345,25 @@ pub fn train(
         momentum: cfg.momentum,
         epsilon: cfg.epsilon,
     });
+    let mut progress = Progress::default();
+    if resume {
+        let dir = checkpoint_dir(out_dir)
+            .with_context(|| format!("`{}` has no checkpoint to resume from", out_dir.display()))?;
+        let bad = |what: &str, e: String| {
+            anyhow::anyhow!("cannot resume from `{}`: {what}: {e}", dir.display())
+        };
+        model = model
+            .try_load_file(dir.join("model.bpk"))
+            .map_err(|e| bad("model.bpk does not fit this model", format!("{e:?}")))?;
+        optim = optim
+            .load(dir.join("optimizer.bpk"))
+            .map_err(|e| bad("optimizer.bpk", format!("{e:?}")))?;
+        let (tensors, _) = weights::read_tensors(&dir.join("ema.safetensors"))?;
+        ema = Ema::from_tensors(tensors, cfg.ema_decay);
+        let text = std::fs::read(dir.join("progress.json"))?;
+        progress =
+            serde_json::from_slice(&text).map_err(|e| bad("progress.json", e.to_string()))?;
+    }
     let steps_per_epoch = train_data.len() / cfg.batch_size;
     let schedule = LrSchedule {
         base_lr: cfg.base_lr,
@@ -265,7 +380,7 @@ pub fn train(
         0 => (steps_per_epoch * cfg.epochs) as u64,
         m => m.min((steps_per_epoch * cfg.epochs) as u64),
     };
-    let bar = if progress {
+    let bar = if show_progress {
         indicatif::ProgressBar::new(total_steps)
     } else {
         indicatif::ProgressBar::hidden()
@@ -276,9 +391,9 @@ pub fn train(
         )
         .expect("valid template"),
     );
-    let mut metrics = Vec::new();
-    let mut step = 0u64;
-    let started = Instant::now();
+    let mut metrics = progress.metrics.clone();
+    let mut step = progress.step;
+    let started = Instant::now() - std::time::Duration::from_secs_f64(progress.seconds);
     let mut meta = default_meta(&spec, Layout::Effnet);
     meta.preprocess = Preprocess {
         resize: train_data.side,
@@ -287,14 +402,39 @@ pub fn train(
         mean: train_data.mean,
         std: train_data.std,
     };
-    for epoch in 0..cfg.epochs {
+    let ema_set = |ema: &Ema| WeightSet {
+        spec: spec.clone(),
+        meta: meta.clone(),
+        tensors: ema.tensors.clone(),
+    };
+    for epoch in progress.epoch..cfg.epochs {
         let epoch_start = Instant::now();
-        let (mut seen, mut correct, mut loss_sum, mut batches) = (0usize, 0usize, 0f64, 0usize);
+        let resuming = epoch == progress.epoch;
+        let (mut seen, mut correct, mut loss_sum, mut batches) = if resuming {
+            (
+                progress.seen,
+                progress.correct,
+                progress.loss_sum,
+                progress.batches,
+            )
+        } else {
+            (0usize, 0usize, 0f64, 0usize)
+        };
+        let skip = batches;
+        let mut stopped_early = false;
         let mut lr = schedule.at(step);
-        for batch in train_data.epoch(cfg.batch_size, cfg.seed, epoch as u64) {
+        for batch in train_data
+            .epoch(cfg.batch_size, cfg.seed, epoch as u64)
+            .into_iter()
+            .skip(skip)
+        {
             if step >= total_steps {
+                stopped_early = true;
                 break;
             }
+            // Dropout and stochastic depth draw from a stream fixed by (seed, step): a resumed run
+            // continues exactly as an uninterrupted one.
+            device.seed(cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             lr = schedule.at(step);
             let (x, y) = tensors(&batch, train_data.side, &device);
             let logits = model.forward(x);
@@ -320,6 +460,19 @@ pub fn train(
             seen += batch.size;
             loss_sum += loss_value;
             batches += 1;
+            if cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every) {
+                let p = Progress {
+                    step,
+                    epoch,
+                    batches,
+                    seen,
+                    correct,
+                    loss_sum,
+                    seconds: started.elapsed().as_secs_f64(),
+                    metrics: metrics.clone(),
+                };
+                save_checkpoint(out_dir, &model, &optim, &ema_set(&ema), &p)?;
+            }
             let rate = seen as f64 / epoch_start.elapsed().as_secs_f64();
             bar.set_position(step);
             bar.set_message(format!(
@@ -335,11 +488,7 @@ pub fn train(
             break;
         }
         let train_seconds = epoch_start.elapsed().as_secs_f64();
-        let set = WeightSet {
-            spec: spec.clone(),
-            meta: meta.clone(),
-            tensors: ema.tensors.clone(),
-        };
+        let set = ema_set(&ema);
         let (top1, top5, eval_loss) = evaluate(&set, eval_data, 256)?;
         let m = EpochMetrics {
             epoch: epoch + 1,
@@ -360,6 +509,29 @@ pub fn train(
         metrics.push(m);
         write_metrics(out_dir, &metrics)?;
         weights::write_safetensors(&out_dir.join("weights.safetensors"), &set)?;
+        // A run stopped by --max-steps mid-epoch resumes inside that epoch; its partial-epoch metrics
+        // row is reported now but not carried into the checkpoint (the resumed epoch replaces it).
+        let p = if stopped_early {
+            Progress {
+                step,
+                epoch,
+                batches,
+                seen,
+                correct,
+                loss_sum,
+                seconds: started.elapsed().as_secs_f64(),
+                metrics: metrics[..metrics.len() - 1].to_vec(),
+            }
+        } else {
+            Progress {
+                step,
+                epoch: epoch + 1,
+                seconds: started.elapsed().as_secs_f64(),
+                metrics: metrics.clone(),
+                ..Progress::default()
+            }
+        };
+        save_checkpoint(out_dir, &model, &optim, &set, &p)?;
         if step >= total_steps {
             break;
         }
