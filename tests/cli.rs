@@ -321,9 +321,42 @@ fn train_writes_a_run_directory() {
             .unwrap()
             .contains("batch_size = 16")
     );
-    // The saved EMA weights classify with their own metadata (3 classes, 16x16 preprocessing).
-    let set = effnet::weights::load(&out.join("weights.safetensors"), None).unwrap();
+    // The saved EMA weights carry their own metadata (3 classes, 16x16 preprocessing)...
+    let weights = out.join("weights.safetensors");
+    let set = effnet::weights::load(&weights, None).unwrap();
     assert_eq!((set.meta.num_classes, set.meta.preprocess.crop), (3, 16));
+    // ...and `effnet eval` scores them exactly as training's last evaluation did.
+    let o = effnet(
+        &[
+            "eval",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--dataset",
+            &dataset,
+            "--json",
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["top1"], last["eval_top1"]);
+    assert_eq!(report["images"], 48);
+    let confusion: u64 = report["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(confusion, 48);
 }
 
 #[test]

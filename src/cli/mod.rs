@@ -1,6 +1,7 @@
 //! The `effnet` command line.
 
 mod bench;
+mod eval;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -70,6 +71,8 @@ enum Command {
     },
     /// Train a model with the TF recipe (default: B0 on Fashion-MNIST at 32x32, 200 steps).
     Train(train::TrainArgs),
+    /// Top-1/top-5, loss, confusion matrix and throughput of weights on a dataset's evaluation split.
+    Eval(eval::EvalArgs),
     /// Inference latency and throughput of the native engine (and burn, ONNX Runtime side by side).
     Bench(bench::BenchArgs),
     /// Convert a PyTorch checkpoint (torchvision, timm, lukemelas) to safetensors with its metadata.
@@ -164,6 +167,7 @@ pub fn run() -> anyhow::Result<()> {
         } => convert(&input, &output, model.as_deref()),
         Command::Bench(args) => bench::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Eval(args) => eval::run(&args),
     }
 }
 

@@ -1,17 +1,14 @@
 //! `effnet train`: train any EfficientNet (or compound-scaled model) on Fashion-MNIST, IDX, CIFAR or
 //! an image folder with the TF recipe.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
 
-use effnet::data::loader::Prepared;
-use effnet::data::{self, Cifar, InMemory};
-use effnet::preprocess::{center_crop, load_rgb, resize_shorter};
+use effnet::data::{self, loader::Prepared};
 use effnet::spec::resolve;
 use effnet::train::run::{TrainConfig, default_run_dir, train, train_spec};
-use effnet::weights::Interpolation;
 
 use super::ModelArgs;
 
@@ -54,84 +51,6 @@ pub struct TrainArgs {
     /// (only --epochs and --max-steps may change).
     #[arg(long, conflicts_with_all = ["config", "out"])]
     resume: Option<PathBuf>,
-}
-
-fn folder_split(dir: &Path, side: usize) -> anyhow::Result<InMemory> {
-    let f = data::load_image_folder(dir)?;
-    let mut pixels = Vec::with_capacity(f.samples.len() * side * side * 3);
-    let mut labels = Vec::with_capacity(f.samples.len());
-    for (path, label) in &f.samples {
-        let img = load_rgb(path)?;
-        let img = center_crop(&resize_shorter(&img, side, Interpolation::Bilinear), side);
-        pixels.extend_from_slice(img.as_raw());
-        labels.push(*label);
-    }
-    Ok(InMemory {
-        pixels,
-        labels,
-        height: side,
-        width: side,
-        channels: 3,
-        class_names: f.class_names,
-    })
-}
-
-fn cifar_files(dir: &Path, train: bool, kind: Cifar) -> Vec<PathBuf> {
-    match (kind, train) {
-        (Cifar::Ten, true) => (1..=5)
-            .map(|i| dir.join(format!("data_batch_{i}.bin")))
-            .collect(),
-        (Cifar::Ten, false) => vec![dir.join("test_batch.bin")],
-        (Cifar::Hundred, true) => vec![dir.join("train.bin")],
-        (Cifar::Hundred, false) => vec![dir.join("test.bin")],
-    }
-}
-
-/// (train, eval) splits of `--dataset`.
-fn load(dataset: &str, side: usize) -> anyhow::Result<(InMemory, InMemory)> {
-    let (kind, path) = dataset.split_once(':').unwrap_or(("", dataset));
-    Ok(match (kind, path) {
-        ("", "fashion-mnist") => {
-            let dir = Path::new(data::FASHION_MNIST_DIR);
-            (
-                data::load_fashion_mnist(dir, true)?,
-                data::load_fashion_mnist(dir, false)?,
-            )
-        }
-        ("idx", dir) => {
-            let mut train = data::load_mnist_dir(Path::new(dir), true, None)?;
-            let mut eval = data::load_mnist_dir(Path::new(dir), false, None)?;
-            data::unify_classes(&mut train, &mut eval);
-            (train, eval)
-        }
-        ("cifar10" | "cifar100", dir) => {
-            let k = if kind == "cifar10" {
-                Cifar::Ten
-            } else {
-                Cifar::Hundred
-            };
-            let dir = Path::new(dir);
-            (
-                data::load_cifar(&cifar_files(dir, true, k), k)?,
-                data::load_cifar(&cifar_files(dir, false, k), k)?,
-            )
-        }
-        ("", dir) if Path::new(dir).is_dir() => {
-            let dir = Path::new(dir);
-            let train = folder_split(&dir.join("train"), side).context("train split")?;
-            let val = folder_split(&dir.join("val"), side).context("val split")?;
-            if train.class_names != val.class_names {
-                bail!(
-                    "train/ and val/ of `{}` have different class folders",
-                    dir.display()
-                );
-            }
-            (train, val)
-        }
-        _ => bail!(
-            "unknown dataset `{dataset}`: use fashion-mnist, idx:DIR, cifar10:DIR, cifar100:DIR or an image folder"
-        ),
-    })
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
@@ -223,7 +142,7 @@ fn execute(
     resume: bool,
     budget: Option<Budget<'_>>,
 ) -> anyhow::Result<()> {
-    let (mut train_raw, eval_raw) = load(&cfg.dataset, cfg.resolution)?;
+    let (mut train_raw, eval_raw) = data::named(&cfg.dataset, cfg.resolution)?;
     if cfg.train_limit > 0 {
         let len = train_raw.height * train_raw.width * train_raw.channels;
         train_raw.labels.truncate(cfg.train_limit);

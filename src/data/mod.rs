@@ -348,6 +348,94 @@ pub fn load_image_folder(root: &Path) -> Result<ImageFolder, DataError> {
     })
 }
 
+fn folder_split(dir: &Path, side: usize) -> Result<InMemory, DataError> {
+    let f = load_image_folder(dir)?;
+    let mut pixels = Vec::with_capacity(f.samples.len() * side * side * 3);
+    let mut labels = Vec::with_capacity(f.samples.len());
+    for (path, label) in &f.samples {
+        let img = crate::preprocess::load_rgb(path).map_err(|e| DataError::Invalid {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let img = crate::preprocess::center_crop(
+            &crate::preprocess::resize_shorter(&img, side, crate::weights::Interpolation::Bilinear),
+            side,
+        );
+        pixels.extend_from_slice(img.as_raw());
+        labels.push(*label);
+    }
+    Ok(InMemory {
+        pixels,
+        labels,
+        height: side,
+        width: side,
+        channels: 3,
+        class_names: f.class_names,
+    })
+}
+
+fn cifar_files(dir: &Path, train: bool, kind: Cifar) -> Vec<PathBuf> {
+    match (kind, train) {
+        (Cifar::Ten, true) => (1..=5)
+            .map(|i| dir.join(format!("data_batch_{i}.bin")))
+            .collect(),
+        (Cifar::Ten, false) => vec![dir.join("test_batch.bin")],
+        (Cifar::Hundred, true) => vec![dir.join("train.bin")],
+        (Cifar::Hundred, false) => vec![dir.join("test.bin")],
+    }
+}
+
+/// The (train, eval) splits a dataset name stands for: `fashion-mnist`, `idx:DIR`, `cifar10:DIR`,
+/// `cifar100:DIR`, or an image folder with `train/` and `val/` (images resized to `side`).
+pub fn named(dataset: &str, side: usize) -> Result<(InMemory, InMemory), DataError> {
+    let (kind, path) = dataset.split_once(':').unwrap_or(("", dataset));
+    Ok(match (kind, path) {
+        ("", "fashion-mnist") => {
+            let dir = Path::new(FASHION_MNIST_DIR);
+            (
+                load_fashion_mnist(dir, true)?,
+                load_fashion_mnist(dir, false)?,
+            )
+        }
+        ("idx", dir) => {
+            let mut train = load_mnist_dir(Path::new(dir), true, None)?;
+            let mut eval = load_mnist_dir(Path::new(dir), false, None)?;
+            unify_classes(&mut train, &mut eval);
+            (train, eval)
+        }
+        ("cifar10" | "cifar100", dir) => {
+            let k = if kind == "cifar10" {
+                Cifar::Ten
+            } else {
+                Cifar::Hundred
+            };
+            let dir = Path::new(dir);
+            (
+                load_cifar(&cifar_files(dir, true, k), k)?,
+                load_cifar(&cifar_files(dir, false, k), k)?,
+            )
+        }
+        ("", dir) if Path::new(dir).is_dir() => {
+            let dir = Path::new(dir);
+            let train = folder_split(&dir.join("train"), side)?;
+            let val = folder_split(&dir.join("val"), side)?;
+            if train.class_names != val.class_names {
+                return Err(DataError::Invalid {
+                    path: dir.display().to_string(),
+                    why: "train/ and val/ have different class folders".into(),
+                });
+            }
+            (train, val)
+        }
+        _ => {
+            return Err(DataError::Invalid {
+                path: dataset.to_string(),
+                why: "unknown dataset: use fashion-mnist, idx:DIR, cifar10:DIR, cifar100:DIR or an image folder with train/ and val/".into(),
+            });
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
