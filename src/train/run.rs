@@ -508,6 +508,11 @@ pub fn train(
         ));
         metrics.push(m);
         write_metrics(out_dir, &metrics)?;
+        super::plot::plot_curves(
+            &metrics,
+            &format!("{} on {}", spec.name, cfg.dataset),
+            &out_dir.join("curves.png"),
+        )?;
         weights::write_safetensors(&out_dir.join("weights.safetensors"), &set)?;
         // A run stopped by --max-steps mid-epoch resumes inside that epoch; its partial-epoch metrics
         // row is reported now but not carried into the checkpoint (the resumed epoch replaces it).
