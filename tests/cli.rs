@@ -321,6 +321,8 @@ fn train_writes_a_run_directory() {
             .unwrap()
             .contains("batch_size = 16")
     );
+    let plot = image::open(out.join("curves.png")).unwrap();
+    assert_eq!((plot.width(), plot.height()), (1000, 420));
     // The saved EMA weights carry their own metadata (3 classes, 16x16 preprocessing)...
     let weights = out.join("weights.safetensors");
     let set = effnet::weights::load(&weights, None).unwrap();
