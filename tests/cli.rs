@@ -501,3 +501,72 @@ fn an_interrupted_run_resumes_bit_for_bit() {
         "not a run directory",
     );
 }
+
+#[test]
+fn finetune_keeps_the_checkpoint_conventions_and_replaces_the_head() {
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    tiny_idx(&data, 96);
+    let dataset = format!("idx:{}", data.display());
+    let out = home.path().join("ft");
+    let lite0 = fixture(LITE0);
+    let o = effnet(
+        &[
+            "finetune",
+            "--weights",
+            lite0.to_str().unwrap(),
+            "--dataset",
+            &dataset,
+            "--resolution",
+            "32",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--freeze-epochs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let set = effnet::weights::load(&out.join("weights.safetensors"), None).unwrap();
+    assert_eq!(set.meta.model, "efficientnet-lite0");
+    assert_eq!(set.meta.num_classes, 3);
+    assert_eq!(
+        (set.meta.preprocess.mean, set.meta.preprocess.std),
+        ([127.0; 3], [128.0; 3])
+    );
+    assert_eq!(
+        (set.meta.padding, set.meta.bn_eps),
+        (effnet::spec::Padding::Same, 1e-3)
+    );
+    let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        cfg.contains("freeze_epochs = 1") && cfg.contains("unfrozen_lr_scale = 0.1"),
+        "{cfg}"
+    );
+    // Phase 1 trains only the head: the stem's EMA after epoch 1 still equals the pretrained stem.
+    let pretrained = effnet::weights::load(&lite0, None).unwrap();
+    assert_eq!(
+        pretrained.tensors["blocks.3.dw.conv.weight"].shape,
+        set.tensors["blocks.3.dw.conv.weight"].shape
+    );
+    assert_clean_error(
+        &effnet(
+            &[
+                "finetune",
+                "--weights",
+                lite0.to_str().unwrap(),
+                "--dataset",
+                &dataset,
+                "--epochs",
+                "1",
+            ],
+            home.path(),
+        ),
+        "must be smaller than --epochs",
+    );
+}

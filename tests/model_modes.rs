@@ -110,3 +110,13 @@ fn freezing_the_backbone_leaves_only_head_and_classifier_trainable() {
         "head and classifier still train"
     );
 }
+
+#[test]
+fn loaded_weights_stay_trainable_on_an_autodiff_device() {
+    let set = weights::load(&fixture(LITE0), None).unwrap();
+    let ad = Device::flex().autodiff();
+    let model = model_for(&set, &ad);
+    let grads = model.forward(input(2, 32, 32, &ad)).sum().backward();
+    assert!(model.stem.conv.weight.val().grad(&grads).is_some());
+    assert!(model.classifier.weight.val().grad(&grads).is_some());
+}

@@ -71,6 +71,8 @@ enum Command {
     },
     /// Train a model with the TF recipe (default: B0 on Fashion-MNIST at 32x32, 200 steps).
     Train(train::TrainArgs),
+    /// Fine-tune pretrained weights on a dataset: new head on a frozen backbone, then all layers.
+    Finetune(train::FinetuneArgs),
     /// Top-1/top-5, loss, confusion matrix and throughput of weights on a dataset's evaluation split.
     Eval(eval::EvalArgs),
     /// Inference latency and throughput of the native engine (and burn, ONNX Runtime side by side).
@@ -168,6 +170,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Finetune(args) => train::finetune(&args),
     }
 }
 

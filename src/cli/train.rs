@@ -65,7 +65,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         }
         let base = resolve(&cfg.model)?.0;
         let base = base.scaled(cfg.depth_multiplier, cfg.width_multiplier, 1.0)?;
-        return execute(cfg, base, dir.clone(), true, None);
+        return execute(cfg, base, dir.clone(), true, None, None);
     }
     let mut cfg = match &args.config {
         Some(p) => TrainConfig::from_toml(p)?,
@@ -128,7 +128,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             );
         }
     };
-    execute(cfg, base, out, false, Some(&budget))
+    execute(cfg, base, out, false, Some(&budget), None)
 }
 
 /// Finishes a config once the training set size is known (warmup cap, epochs from --max-steps).
@@ -141,6 +141,7 @@ fn execute(
     out: PathBuf,
     resume: bool,
     budget: Option<Budget<'_>>,
+    init: Option<&effnet::weights::TensorMap>,
 ) -> anyhow::Result<()> {
     let (mut train_raw, eval_raw) = data::named(&cfg.dataset, cfg.resolution)?;
     if cfg.train_limit > 0 {
@@ -177,10 +178,14 @@ fn execute(
         out.display(),
         r = cfg.resolution
     );
-    let train_data = Prepared::new(&train_raw, cfg.resolution);
-    let eval_data = Prepared::new(&eval_raw, cfg.resolution);
+    let normalised = |raw| {
+        let mut p = Prepared::new(raw, cfg.resolution);
+        (p.mean, p.std) = (cfg.mean, cfg.std);
+        p
+    };
+    let (train_data, eval_data) = (normalised(&train_raw), normalised(&eval_raw));
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let metrics = train(&cfg, spec, &train_data, &eval_data, &out, tty, resume)?;
+    let metrics = train(&cfg, spec, &train_data, &eval_data, &out, tty, resume, init)?;
     let last = metrics.last().context("no epoch finished")?;
     println!(
         "{}: {} steps in {:.0} s, EMA eval top-1 {:.4} top-5 {:.4}; weights, config and metrics in {}",
@@ -192,4 +197,99 @@ fn execute(
         out.display()
     );
     Ok(())
+}
+
+#[derive(Args)]
+pub struct FinetuneArgs {
+    /// Pretrained weights (any importable checkpoint).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Model name when the file does not say.
+    #[arg(long)]
+    model: Option<String>,
+    /// Dataset (as for `effnet train`).
+    #[arg(long)]
+    dataset: String,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Epochs that train only the new classifier and the head conv (phase 1).
+    #[arg(long, default_value_t = 1)]
+    freeze_epochs: usize,
+    /// Learning-rate factor for phase 2, when every layer trains.
+    #[arg(long, default_value_t = 0.1)]
+    unfrozen_lr_scale: f64,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Input resolution (default: the checkpoint's crop size).
+    #[arg(long)]
+    resolution: Option<usize>,
+    /// Learning rate per 256 images (default 0.016).
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    train_limit: Option<usize>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Two-phase transfer: a new classifier trained on a frozen backbone, then every layer at a lower
+/// learning rate, keeping the checkpoint's padding, BN eps and normalisation.
+pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
+    let set = effnet::weights::load(&args.weights, args.model.as_deref())?;
+    let p = &set.meta.preprocess;
+    let mut cfg = TrainConfig {
+        model: set.meta.model.clone(),
+        dataset: args.dataset.clone(),
+        train_limit: args.train_limit.unwrap_or(0),
+        resolution: args.resolution.unwrap_or(p.crop),
+        epochs: args.epochs,
+        max_steps: args.max_steps.unwrap_or(0),
+        freeze_epochs: args.freeze_epochs,
+        unfrozen_lr_scale: args.unfrozen_lr_scale,
+        mean: p.mean,
+        std: p.std,
+        padding: set.meta.padding,
+        bn_eps: set.meta.bn_eps,
+        ..TrainConfig::default()
+    };
+    if let Some(v) = args.batch_size {
+        cfg.batch_size = v;
+    }
+    if let Some(v) = args.lr {
+        cfg.base_lr = v;
+    }
+    if let Some(v) = args.seed {
+        cfg.seed = v;
+    }
+    if cfg.freeze_epochs >= cfg.epochs {
+        bail!(
+            "--freeze-epochs ({}) must be smaller than --epochs ({})",
+            cfg.freeze_epochs,
+            cfg.epochs
+        );
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| default_run_dir(&format!("{}-finetune", set.spec.name)));
+    let budget = |cfg: &mut TrainConfig, train_len: usize| {
+        let steps_per_epoch = (train_len / cfg.batch_size).max(1) as f64;
+        let run_epochs = match cfg.max_steps {
+            0 => cfg.epochs as f64,
+            m => (m as f64 / steps_per_epoch).min(cfg.epochs as f64),
+        };
+        cfg.warmup_epochs = cfg.warmup_epochs.min(0.1 * run_epochs);
+    };
+    execute(
+        cfg,
+        set.spec.clone(),
+        out,
+        false,
+        Some(&budget),
+        Some(&set.tensors),
+    )
 }

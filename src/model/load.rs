@@ -77,7 +77,15 @@ impl ModuleMapper for Loader<'_> {
         }
         self.used.insert(name);
         let device = param.lazy_device();
-        param.map(|_| Tensor::from_data(TensorData::new(t.data, t.shape), &device))
+        param.map(|old| {
+            let new = Tensor::from_data(TensorData::new(t.data, t.shape), &device);
+            // Keep trainability: loaded weights on an autodiff device must still get gradients.
+            if old.is_require_grad() {
+                new.require_grad()
+            } else {
+                new
+            }
+        })
     }
 }
 

@@ -57,6 +57,15 @@ pub struct TrainConfig {
     pub bn_eps: f64,
     pub ema_decay: f64,
     pub seed: u64,
+    /// Fine-tuning: epochs during which only the head conv and classifier train (0 = none).
+    pub freeze_epochs: usize,
+    /// Input normalisation `(pixel - mean) / std` (fine-tuning keeps the checkpoint's).
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Convolution padding (fine-tuning keeps the checkpoint's).
+    pub padding: crate::spec::Padding,
+    /// Fine-tuning: learning-rate factor once the whole network trains.
+    pub unfrozen_lr_scale: f64,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +96,11 @@ impl Default for TrainConfig {
             bn_eps: 1e-3,
             ema_decay: 0.9999,
             seed: 0,
+            freeze_epochs: 0,
+            mean: [127.5; 3],
+            std: [127.5; 3],
+            padding: crate::spec::Padding::Same,
+            unfrozen_lr_scale: 1.0,
         }
     }
 }
@@ -308,6 +322,7 @@ pub fn train_spec(cfg: &TrainConfig, base: ModelSpec, num_classes: usize) -> Mod
     }
     spec.resolution = cfg.resolution;
     spec.train_resolution = cfg.resolution;
+    spec.padding = cfg.padding;
     spec
 }
 
@@ -321,6 +336,7 @@ pub fn train(
     out_dir: &Path,
     show_progress: bool,
     resume: bool,
+    init: Option<&TensorMap>,
 ) -> anyhow::Result<Vec<EpochMetrics>> {
     cfg.validate()?;
     if train_data.len() < cfg.batch_size {
@@ -339,6 +355,17 @@ pub fn train(
     let device = Device::flex().autodiff();
     device.seed(cfg.seed);
     let mut model = EfficientNet::new(&spec, &device);
+    if let Some(pretrained) = init {
+        // Fine-tuning: pretrained backbone and head conv, a freshly initialised classifier.
+        let mut tensors = crate::model::export_weights(&model);
+        for (name, t) in pretrained
+            .iter()
+            .filter(|(n, _)| !n.starts_with("classifier."))
+        {
+            tensors.insert(name.clone(), t.clone());
+        }
+        model = crate::model::apply_weights(model, &tensors)?;
+    }
     let mut ema = Ema::new(&model, cfg.ema_decay);
     let mut optim = ModuleOptimizer::from(TfRmsProp {
         decay: cfg.rmsprop_decay,
@@ -407,7 +434,19 @@ pub fn train(
         meta: meta.clone(),
         tensors: ema.tensors.clone(),
     };
+    let frozen = |epoch: usize| epoch < cfg.freeze_epochs;
+    if frozen(progress.epoch) {
+        model = model.freeze_backbone();
+    }
     for epoch in progress.epoch..cfg.epochs {
+        if cfg.freeze_epochs > 0 && epoch == cfg.freeze_epochs {
+            model = model.unfreeze();
+        }
+        let lr_scale = if cfg.freeze_epochs > 0 && !frozen(epoch) {
+            cfg.unfrozen_lr_scale
+        } else {
+            1.0
+        };
         let epoch_start = Instant::now();
         let resuming = epoch == progress.epoch;
         let (mut seen, mut correct, mut loss_sum, mut batches) = if resuming {
@@ -422,7 +461,7 @@ pub fn train(
         };
         let skip = batches;
         let mut stopped_early = false;
-        let mut lr = schedule.at(step);
+        let mut lr = schedule.at(step) * lr_scale;
         for batch in train_data
             .epoch(cfg.batch_size, cfg.seed, epoch as u64)
             .into_iter()
@@ -435,7 +474,7 @@ pub fn train(
             // Dropout and stochastic depth draw from a stream fixed by (seed, step): a resumed run
             // continues exactly as an uninterrupted one.
             device.seed(cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            lr = schedule.at(step);
+            lr = schedule.at(step) * lr_scale;
             let (x, y) = tensors(&batch, train_data.side, &device);
             let logits = model.forward(x);
             let pred = logits.clone().argmax(1).reshape([batch.size]);
