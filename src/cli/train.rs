@@ -8,7 +8,7 @@ use clap::Args;
 
 use effnet::data::{self, loader::Prepared};
 use effnet::spec::resolve;
-use effnet::train::run::{TrainConfig, default_run_dir, train, train_spec};
+use effnet::train::run::{RunOptions, TrainConfig, default_run_dir, train, train_spec};
 
 use super::ModelArgs;
 
@@ -185,7 +185,13 @@ fn execute(
     };
     let (train_data, eval_data) = (normalised(&train_raw), normalised(&eval_raw));
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let metrics = train(&cfg, spec, &train_data, &eval_data, &out, tty, resume, init)?;
+    let opts = RunOptions {
+        out_dir: &out,
+        show_progress: tty,
+        resume,
+        init,
+    };
+    let metrics = train(&cfg, spec, &train_data, &eval_data, opts)?;
     let last = metrics.last().context("no epoch finished")?;
     println!(
         "{}: {} steps in {:.0} s, EMA eval top-1 {:.4} top-5 {:.4}; weights, config and metrics in {}",

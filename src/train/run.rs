@@ -326,18 +326,33 @@ pub fn train_spec(cfg: &TrainConfig, base: ModelSpec, num_classes: usize) -> Mod
     spec
 }
 
-/// Runs training; writes `config.toml`, `metrics.jsonl`, `metrics.csv` and `weights.safetensors`
-/// (EMA weights, with metadata) under `out_dir`. Returns the per-epoch metrics.
+/// How a run starts and reports.
+pub struct RunOptions<'a> {
+    /// Run directory.
+    pub out_dir: &'a Path,
+    pub show_progress: bool,
+    /// Continue from the run directory's last checkpoint.
+    pub resume: bool,
+    /// Pretrained canonical tensors to start from (fine-tuning); the classifier is re-initialised.
+    pub init: Option<&'a TensorMap>,
+}
+
+/// Runs training; writes `config.toml`, `metrics.jsonl`, `metrics.csv`, `curves.png`,
+/// `weights.safetensors` (EMA weights, with metadata) and checkpoints under the run directory.
+/// Returns the per-epoch metrics.
 pub fn train(
     cfg: &TrainConfig,
     spec: ModelSpec,
     train_data: &Prepared,
     eval_data: &Prepared,
-    out_dir: &Path,
-    show_progress: bool,
-    resume: bool,
-    init: Option<&TensorMap>,
+    opts: RunOptions<'_>,
 ) -> anyhow::Result<Vec<EpochMetrics>> {
+    let RunOptions {
+        out_dir,
+        show_progress,
+        resume,
+        init,
+    } = opts;
     cfg.validate()?;
     if train_data.len() < cfg.batch_size {
         bail!(
