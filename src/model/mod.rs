@@ -5,6 +5,7 @@
 //! runs on an autodiff device and has not been switched to [`Module::valid`] or frozen, as for burn's
 //! own layers.
 
+mod init;
 mod load;
 
 use burn::module::{Flag, Module, Param};

@@ -57,6 +57,9 @@ pub struct TrainConfig {
     pub bn_eps: f64,
     pub ema_decay: f64,
     pub seed: u64,
+    /// Initialise as the TF reference (conv N(0, sqrt(2/fan_out)), dense uniform) rather than with
+    /// burn's defaults.
+    pub tf_init: bool,
     /// Fine-tuning: epochs during which only the head conv and classifier train (0 = none).
     pub freeze_epochs: usize,
     /// Input normalisation `(pixel - mean) / std` (fine-tuning keeps the checkpoint's).
@@ -96,6 +99,7 @@ impl Default for TrainConfig {
             bn_eps: 1e-3,
             ema_decay: 0.9999,
             seed: 0,
+            tf_init: true,
             freeze_epochs: 0,
             mean: [127.5; 3],
             std: [127.5; 3],
@@ -370,6 +374,9 @@ pub fn train(
     let device = Device::flex().autodiff();
     device.seed(cfg.seed);
     let mut model = EfficientNet::new(&spec, &device);
+    if cfg.tf_init {
+        model = model.tf_init();
+    }
     if let Some(pretrained) = init {
         // Fine-tuning: pretrained backbone and head conv, a freshly initialised classifier.
         let mut tensors = crate::model::export_weights(&model);

@@ -1,0 +1,113 @@
+//! The TF reference initialisation: conv kernels N(0, sqrt(2 / fan_out)) with fan_out = k*k*out
+//! (depthwise: k*k, the multiplier being 1), the classifier U(-1/sqrt(classes), 1/sqrt(classes)),
+//! biases 0; BN keeps gamma 1, beta 0.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Distribution, Tensor};
+
+use super::EfficientNet;
+
+struct TfInit {
+    path: Vec<String>,
+}
+
+impl ModuleMapper for TfInit {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.join(".");
+        let (is_conv_bn, leaf) = (
+            path.contains(".bn.") || path.starts_with("bn."),
+            self.path.last().cloned(),
+        );
+        if is_conv_bn
+            || leaf.as_deref() == Some("running_mean")
+            || leaf.as_deref() == Some("running_var")
+        {
+            return param;
+        }
+        let shape = param.lazy_shape().dims::<D>();
+        let dist = match (leaf.as_deref(), D) {
+            (Some("weight"), 4) => {
+                let (out, k) = (shape[0], shape[2] * shape[3]);
+                let fan_out = if path.contains(".dw.") { k } else { k * out };
+                Distribution::Normal(0.0, (2.0 / fan_out as f64).sqrt())
+            }
+            // burn's Linear stores [in, out]: the range comes from the number of classes.
+            (Some("weight"), 2) => {
+                let r = 1.0 / (shape[1] as f64).sqrt();
+                Distribution::Uniform(-r, r)
+            }
+            (Some("bias"), _) => {
+                return param.map(|old| {
+                    let zeros = old.zeros_like();
+                    if old.is_require_grad() {
+                        zeros.require_grad()
+                    } else {
+                        zeros
+                    }
+                });
+            }
+            _ => return param,
+        };
+        param.map(|old| {
+            let new = Tensor::<D>::random(shape, dist, &old.device());
+            if old.is_require_grad() {
+                new.require_grad()
+            } else {
+                new
+            }
+        })
+    }
+}
+
+impl EfficientNet {
+    /// Re-initialises every conv and the classifier as the TF reference does (uses the device's RNG:
+    /// seed it for reproducibility).
+    pub fn tf_init(self) -> Self {
+        self.map(&mut TfInit { path: Vec::new() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::export_weights;
+    use burn::tensor::Device;
+
+    fn std(v: &[f32]) -> f64 {
+        let m = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+    }
+
+    #[test]
+    fn follows_the_tf_initialisers() {
+        let device = Device::flex();
+        device.seed(1);
+        let spec = crate::spec::variant("b0").unwrap();
+        let t = export_weights(&EfficientNet::new(&spec, &device).tf_init());
+        let close = |name: &str, want: f64| {
+            let got = std(&t[name].data);
+            assert!(
+                (got / want - 1.0).abs() < 0.15,
+                "{name}: std {got} vs {want}"
+            );
+        };
+        close("stem.conv.weight", (2.0 / (9.0 * 32.0f64)).sqrt());
+        close("blocks.15.expand.conv.weight", (2.0 / 1152.0f64).sqrt());
+        close("blocks.15.dw.conv.weight", (2.0 / 9.0f64).sqrt());
+        close("blocks.15.se.reduce.weight", (2.0 / 48.0f64).sqrt());
+        let fc = &t["classifier.weight"].data;
+        let r = 1.0 / 1000f32.sqrt();
+        assert!(fc.iter().all(|&x| x.abs() <= r) && std(fc) > 0.5 * r as f64 / 3f64.sqrt());
+        assert!(t["classifier.bias"].data.iter().all(|&b| b == 0.0));
+        assert!(t["blocks.3.se.expand.bias"].data.iter().all(|&b| b == 0.0));
+        assert!(t["stem.bn.weight"].data.iter().all(|&g| g == 1.0));
+    }
+}
