@@ -283,25 +283,60 @@ fn l2_of_weights(model: &EfficientNet) -> Option<Tensor<1>> {
     c.sum
 }
 
-/// Evaluates canonical weights with the native engine: (top-1, top-5, mean cross-entropy).
-pub fn evaluate(set: &WeightSet, data: &Prepared, batch: usize) -> anyhow::Result<(f64, f64, f64)> {
-    let mut engine = Engine::new(set)?.with_threads(2);
+/// What [`evaluate`] measures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalReport {
+    pub images: usize,
+    pub top1: f64,
+    pub top5: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    pub images_per_s: f64,
+    /// `confusion[true class][predicted class]`.
+    pub confusion: Vec<Vec<usize>>,
+}
+
+/// Evaluates canonical weights on `data` with the native engine.
+pub fn evaluate(
+    set: &WeightSet,
+    data: &Prepared,
+    batch: usize,
+    threads: usize,
+) -> anyhow::Result<EvalReport> {
+    let mut engine = Engine::new(set)?.with_threads(threads);
+    let classes = engine.num_classes();
+    if data.num_classes > classes {
+        bail!(
+            "the dataset has {} classes but the model predicts {classes}: labels >= {classes} cannot be scored",
+            data.num_classes
+        );
+    }
+    let mut confusion = vec![vec![0usize; classes]; classes];
     let (mut top1, mut top5, mut loss) = (0usize, 0usize, 0f64);
     let indices: Vec<usize> = (0..data.len()).collect();
-    for chunk in indices.chunks(batch) {
+    let start = Instant::now();
+    for chunk in indices.chunks(batch.max(1)) {
         let b = data.batch(chunk, None, 0);
         let logits = engine.forward(&b.images, b.size, data.side, data.side);
-        for (row, &label) in logits.chunks(data.num_classes).zip(&b.labels) {
-            let probs = crate::classify::softmax(row);
-            let mut order: Vec<usize> = (0..row.len()).collect();
-            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-            top1 += (order[0] == label as usize) as usize;
-            top5 += order.iter().take(5).any(|&c| c == label as usize) as usize;
-            loss -= (probs[label as usize].max(1e-12) as f64).ln();
+        for (row, &label) in logits.chunks(classes).zip(&b.labels) {
+            let label = label as usize;
+            let mut order: Vec<usize> = (0..classes).collect();
+            order.sort_by(|&x, &y| row[y].total_cmp(&row[x]));
+            top1 += (order[0] == label) as usize;
+            top5 += order.iter().take(5).any(|&c| c == label) as usize;
+            loss -= (crate::classify::softmax(row)[label].max(1e-12) as f64).ln();
+            confusion[label][order[0]] += 1;
         }
     }
     let n = data.len().max(1) as f64;
-    Ok((top1 as f64 / n, top5 as f64 / n, loss / n))
+    Ok(EvalReport {
+        images: data.len(),
+        top1: top1 as f64 / n,
+        top5: top5 as f64 / n,
+        loss: loss / n,
+        images_per_s: n / start.elapsed().as_secs_f64(),
+        confusion,
+    })
 }
 
 fn tensors(batch: &Batch, side: usize, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
@@ -550,7 +585,8 @@ pub fn train(
         }
         let train_seconds = epoch_start.elapsed().as_secs_f64();
         let set = ema_set(&ema);
-        let (top1, top5, eval_loss) = evaluate(&set, eval_data, 256)?;
+        let report = evaluate(&set, eval_data, 256, 2)?;
+        let (top1, top5, eval_loss) = (report.top1, report.top5, report.loss);
         let m = EpochMetrics {
             epoch: epoch + 1,
             step,
