@@ -12,6 +12,54 @@ use effnet::train::run::{RunOptions, TrainConfig, default_run_dir, train, train_
 
 use super::ModelArgs;
 
+/// Flags shared by `train` and `finetune`.
+#[derive(Args)]
+pub struct RunFlags {
+    /// Stop after this many steps (`train`: 200 when neither --epochs nor a config is given).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Input resolution (`train`: 32; `finetune`: the checkpoint's crop size).
+    #[arg(long)]
+    resolution: Option<usize>,
+    /// Learning rate per 256 images (default 0.016).
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Use only the first N training images (quick experiments).
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Run directory (default runs/<model>-<time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl RunFlags {
+    /// Applies the flags that were given to `cfg`.
+    fn apply(&self, cfg: &mut TrainConfig) {
+        if let Some(v) = self.max_steps {
+            cfg.max_steps = v;
+        }
+        if let Some(v) = self.batch_size {
+            cfg.batch_size = v;
+        }
+        if let Some(v) = self.resolution {
+            cfg.resolution = v;
+        }
+        if let Some(v) = self.lr {
+            cfg.base_lr = v;
+        }
+        if let Some(v) = self.seed {
+            cfg.seed = v;
+        }
+        if let Some(v) = self.train_limit {
+            cfg.train_limit = v;
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct TrainArgs {
     /// Model (default efficientnet-b0); --phi / --depth / --width rescale it.
@@ -26,27 +74,10 @@ pub struct TrainArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     epochs: Option<usize>,
-    /// Stop after this many steps (default: 200 when neither --epochs nor a config is given).
-    #[arg(long)]
-    max_steps: Option<u64>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Input resolution (default 32).
-    #[arg(long)]
-    resolution: Option<usize>,
-    /// Learning rate per 256 images (default 0.016).
-    #[arg(long)]
-    lr: Option<f64>,
     #[arg(long)]
     warmup_epochs: Option<f64>,
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Use only the first N training images (quick experiments).
-    #[arg(long)]
-    train_limit: Option<usize>,
-    /// Run directory (default runs/<model>-<time>).
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunFlags,
     /// Continue the run in this directory from its last checkpoint, with its own config
     /// (only --epochs and --max-steps may change).
     #[arg(long, conflicts_with_all = ["config", "out"])]
@@ -60,7 +91,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         if let Some(e) = args.epochs {
             cfg.epochs = e;
         }
-        if let Some(m) = args.max_steps {
+        if let Some(m) = args.run.max_steps {
             cfg.max_steps = m;
         }
         let base = resolve(&cfg.model)?.0;
@@ -79,34 +110,20 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     // learning rate need thousands of steps and a long warmup, so the quick run uses BN momentum 0.1
     // and lr 0.004 per 256 images (measured: EMA eval top-1 0.45 vs 0.18 after 200 steps); flags
     // and config files override, and `--epochs` runs the recipe as published.
-    let quick = args.max_steps.is_none() && args.epochs.is_none() && args.config.is_none();
-    if let Some(m) = args.max_steps {
-        cfg.max_steps = m;
-    }
-    if let Some(v) = args.batch_size {
-        cfg.batch_size = v;
-    }
-    if let Some(v) = args.resolution {
-        cfg.resolution = v;
-    }
-    if let Some(v) = args.lr {
-        cfg.base_lr = v;
-    }
-    if let Some(v) = args.seed {
-        cfg.seed = v;
-    }
-    cfg.dataset = args.dataset.clone();
-    cfg.train_limit = args.train_limit.unwrap_or(0);
-    let base = args.model.spec()?;
-    let plain = resolve(&args.model.model)?.0;
-    cfg.depth_multiplier = base.depth / plain.depth;
-    cfg.width_multiplier = base.width / plain.width;
+    let quick = args.run.max_steps.is_none() && args.epochs.is_none() && args.config.is_none();
     if quick {
         cfg.max_steps = 200;
         cfg.bn_momentum = 0.1;
         cfg.base_lr = 0.004;
     }
+    args.run.apply(&mut cfg);
+    cfg.dataset = args.dataset.clone();
+    let base = args.model.spec()?;
+    let plain = resolve(&args.model.model)?.0;
+    cfg.depth_multiplier = base.depth / plain.depth;
+    cfg.width_multiplier = base.width / plain.width;
     let out = args
+        .run
         .out
         .clone()
         .unwrap_or_else(|| default_run_dir(&base.name));
@@ -224,22 +241,8 @@ pub struct FinetuneArgs {
     /// Learning-rate factor for phase 2, when every layer trains.
     #[arg(long, default_value_t = 0.1)]
     unfrozen_lr_scale: f64,
-    #[arg(long)]
-    max_steps: Option<u64>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Input resolution (default: the checkpoint's crop size).
-    #[arg(long)]
-    resolution: Option<usize>,
-    /// Learning rate per 256 images (default 0.016).
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    train_limit: Option<usize>,
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunFlags,
 }
 
 /// Two-phase transfer: a new classifier trained on a frozen backbone, then every layer at a lower
@@ -250,10 +253,8 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
     let mut cfg = TrainConfig {
         model: set.meta.model.clone(),
         dataset: args.dataset.clone(),
-        train_limit: args.train_limit.unwrap_or(0),
-        resolution: args.resolution.unwrap_or(p.crop),
+        resolution: p.crop,
         epochs: args.epochs,
-        max_steps: args.max_steps.unwrap_or(0),
         freeze_epochs: args.freeze_epochs,
         unfrozen_lr_scale: args.unfrozen_lr_scale,
         mean: p.mean,
@@ -262,15 +263,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         bn_eps: set.meta.bn_eps,
         ..TrainConfig::default()
     };
-    if let Some(v) = args.batch_size {
-        cfg.batch_size = v;
-    }
-    if let Some(v) = args.lr {
-        cfg.base_lr = v;
-    }
-    if let Some(v) = args.seed {
-        cfg.seed = v;
-    }
+    args.run.apply(&mut cfg);
     if cfg.freeze_epochs >= cfg.epochs {
         bail!(
             "--freeze-epochs ({}) must be smaller than --epochs ({})",
@@ -279,6 +272,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         );
     }
     let out = args
+        .run
         .out
         .clone()
         .unwrap_or_else(|| default_run_dir(&format!("{}-finetune", set.spec.name)));
