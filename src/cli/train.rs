@@ -122,6 +122,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let plain = resolve(&args.model.model)?.0;
     cfg.depth_multiplier = base.depth / plain.depth;
     cfg.width_multiplier = base.width / plain.width;
+    if args.run.resolution.is_none() {
+        // --phi / --res-mult scale the training resolution too.
+        let factor = base.resolution as f64 / plain.resolution as f64;
+        cfg.resolution = ((cfg.resolution as f64 * factor).round() as usize).max(8);
+    }
     let out = args
         .run
         .out
