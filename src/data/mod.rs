@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub mod loader;
+pub mod mix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {

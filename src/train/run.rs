@@ -13,12 +13,16 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::data::loader::{Batch, Prepared};
+use crate::data::mix::mix;
 use crate::engine::Engine;
 use crate::model::{EfficientNet, export_weights};
 use crate::spec::ModelSpec;
 use crate::weights::{
     self, Interpolation, Layout, Preprocess, TensorMap, WeightSet, layout::default_meta,
 };
+use burn::tensor::activation::log_softmax;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 use super::{LrSchedule, TfRmsProp};
 
@@ -51,6 +55,10 @@ pub struct TrainConfig {
     pub epsilon: f64,
     pub weight_decay: f64,
     pub label_smoothing: f32,
+    /// Mixup Beta(alpha, alpha) (0 = off).
+    pub mixup_alpha: f64,
+    /// CutMix Beta(alpha, alpha) (0 = off; with mixup on too, each batch picks one at random).
+    pub cutmix_alpha: f64,
     pub dropout: Option<f64>,
     pub drop_connect_rate: f64,
     pub bn_momentum: f64,
@@ -93,6 +101,8 @@ impl Default for TrainConfig {
             epsilon: 1e-3,
             weight_decay: 1e-5,
             label_smoothing: 0.1,
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
             dropout: None,
             drop_connect_rate: 0.2,
             bn_momentum: 0.01,
@@ -532,11 +542,43 @@ pub fn train(
             // continues exactly as an uninterrupted one.
             device.seed(cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             lr = schedule.at(step) * lr_scale;
-            let (x, y) = tensors(&batch, train_data.side, &device);
-            let logits = model.forward(x);
-            let pred = logits.clone().argmax(1).reshape([batch.size]);
-            correct += pred.equal(y.clone()).int().sum().into_scalar::<i64>() as usize;
-            let mut loss = loss_fn.forward(logits, y);
+            let mut loss = if cfg.mixup_alpha > 0.0 || cfg.cutmix_alpha > 0.0 {
+                // Mixup / CutMix draw from a stream fixed by (seed, step), like everything else.
+                let mut rng = StdRng::seed_from_u64(
+                    cfg.seed ^ 0x6d69_7875 ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d),
+                );
+                let classes = spec.num_classes;
+                let alphas = (cfg.mixup_alpha, cfg.cutmix_alpha);
+                let m = mix(
+                    &batch,
+                    train_data.side,
+                    classes,
+                    cfg.label_smoothing as f64,
+                    alphas,
+                    &mut rng,
+                );
+                let mixed = Batch {
+                    images: m.images,
+                    labels: m.dominant,
+                    size: batch.size,
+                };
+                let (x, y) = tensors(&mixed, train_data.side, &device);
+                let targets = Tensor::<2>::from_data(
+                    TensorData::new(m.targets, [batch.size, classes]),
+                    &device,
+                );
+                let logits = model.forward(x);
+                let pred = logits.clone().argmax(1).reshape([batch.size]);
+                correct += pred.equal(y).int().sum().into_scalar::<i64>() as usize;
+                // Cross-entropy against soft targets (label smoothing already folded in).
+                (targets * log_softmax(logits, 1)).sum_dim(1).mean().neg()
+            } else {
+                let (x, y) = tensors(&batch, train_data.side, &device);
+                let logits = model.forward(x);
+                let pred = logits.clone().argmax(1).reshape([batch.size]);
+                correct += pred.equal(y.clone()).int().sum().into_scalar::<i64>() as usize;
+                loss_fn.forward(logits, y)
+            };
             if cfg.weight_decay > 0.0
                 && let Some(l2) = l2_of_weights(&model)
             {
