@@ -156,16 +156,23 @@ pub struct EpochMetrics {
     pub seconds: f64,
 }
 
+/// Running totals of the current epoch.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct EpochTally {
+    /// Batches of the epoch already trained.
+    pub batches: usize,
+    pub seen: usize,
+    pub correct: usize,
+    pub loss_sum: f64,
+}
+
 /// Where a run stands: enough to continue it exactly.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub step: u64,
     pub epoch: usize,
-    /// Batches of `epoch` already trained.
-    pub batches: usize,
-    pub seen: usize,
-    pub correct: usize,
-    pub loss_sum: f64,
+    #[serde(flatten)]
+    pub tally: EpochTally,
     pub seconds: f64,
     pub metrics: Vec<EpochMetrics>,
 }
@@ -516,17 +523,12 @@ pub fn train(
         };
         let epoch_start = Instant::now();
         let resuming = epoch == progress.epoch;
-        let (mut seen, mut correct, mut loss_sum, mut batches) = if resuming {
-            (
-                progress.seen,
-                progress.correct,
-                progress.loss_sum,
-                progress.batches,
-            )
+        let mut t = if resuming {
+            progress.tally
         } else {
-            (0usize, 0usize, 0f64, 0usize)
+            EpochTally::default()
         };
-        let skip = batches;
+        let skip = t.batches;
         let mut stopped_early = false;
         let mut lr = schedule.at(step) * lr_scale;
         for batch in train_data
@@ -569,14 +571,14 @@ pub fn train(
                 );
                 let logits = model.forward(x);
                 let pred = logits.clone().argmax(1).reshape([batch.size]);
-                correct += pred.equal(y).int().sum().into_scalar::<i64>() as usize;
+                t.correct += pred.equal(y).int().sum().into_scalar::<i64>() as usize;
                 // Cross-entropy against soft targets (label smoothing already folded in).
                 (targets * log_softmax(logits, 1)).sum_dim(1).mean().neg()
             } else {
                 let (x, y) = tensors(&batch, train_data.side, &device);
                 let logits = model.forward(x);
                 let pred = logits.clone().argmax(1).reshape([batch.size]);
-                correct += pred.equal(y.clone()).int().sum().into_scalar::<i64>() as usize;
+                t.correct += pred.equal(y.clone()).int().sum().into_scalar::<i64>() as usize;
                 loss_fn.forward(logits, y)
             };
             if cfg.weight_decay > 0.0
@@ -595,34 +597,31 @@ pub fn train(
             model = optim.step(lr, model, grads);
             step += 1;
             ema.update(&model, step);
-            seen += batch.size;
-            loss_sum += loss_value;
-            batches += 1;
+            t.seen += batch.size;
+            t.loss_sum += loss_value;
+            t.batches += 1;
             if cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every) {
                 let p = Progress {
                     step,
                     epoch,
-                    batches,
-                    seen,
-                    correct,
-                    loss_sum,
+                    tally: t,
                     seconds: started.elapsed().as_secs_f64(),
                     metrics: metrics.clone(),
                 };
                 save_checkpoint(out_dir, &model, &optim, &ema_set(&ema), &p)?;
             }
-            let rate = seen as f64 / epoch_start.elapsed().as_secs_f64();
+            let rate = t.seen as f64 / epoch_start.elapsed().as_secs_f64();
             bar.set_position(step);
             bar.set_message(format!(
                 "epoch {} loss {:.3} acc {:.3} lr {:.4} {:.0} img/s",
                 epoch + 1,
-                loss_sum / batches as f64,
-                correct as f64 / seen as f64,
+                t.loss_sum / t.batches as f64,
+                t.correct as f64 / t.seen as f64,
                 lr,
                 rate
             ));
         }
-        if batches == 0 {
+        if t.batches == 0 {
             break;
         }
         let train_seconds = epoch_start.elapsed().as_secs_f64();
@@ -632,10 +631,10 @@ pub fn train(
         let m = EpochMetrics {
             epoch: epoch + 1,
             step,
-            train_loss: loss_sum / batches as f64,
-            train_top1: correct as f64 / seen as f64,
+            train_loss: t.loss_sum / t.batches as f64,
+            train_top1: t.correct as f64 / t.seen as f64,
             lr,
-            images_per_s: seen as f64 / train_seconds,
+            images_per_s: t.seen as f64 / train_seconds,
             eval_top1: top1,
             eval_top5: top5,
             eval_loss,
@@ -659,10 +658,7 @@ pub fn train(
             Progress {
                 step,
                 epoch,
-                batches,
-                seen,
-                correct,
-                loss_sum,
+                tally: t,
                 seconds: started.elapsed().as_secs_f64(),
                 metrics: metrics[..metrics.len() - 1].to_vec(),
             }
