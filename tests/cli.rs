@@ -261,6 +261,14 @@ fn convert_round_trips_through_safetensors() {
     assert_eq!(from_st.spec, from_pth.spec);
 }
 
+/// A tiny IDX dataset under `home/data`, named as `--dataset` takes it.
+fn tiny_dataset(home: &Path, n: usize) -> String {
+    let data = home.join("data");
+    std::fs::create_dir(&data).unwrap();
+    tiny_idx(&data, n);
+    format!("idx:{}", data.display())
+}
+
 /// Writes a tiny IDX dataset (train + t10k) of `n` 8x8 images in 3 classes: class = brightness band.
 fn tiny_idx(dir: &Path, n: usize) {
     for (prefix, count) in [("train", n), ("t10k", n / 2)] {
@@ -283,11 +291,8 @@ fn tiny_idx(dir: &Path, n: usize) {
 #[test]
 fn train_writes_a_run_directory() {
     let home = tempfile::tempdir().unwrap();
-    let data = home.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    tiny_idx(&data, 96);
     let out = home.path().join("run");
-    let dataset = format!("idx:{}", data.display());
+    let dataset = tiny_dataset(home.path(), 96);
     let o = effnet(
         &[
             "train",
@@ -364,10 +369,7 @@ fn train_writes_a_run_directory() {
 #[test]
 fn train_rejects_bad_data_and_flags() {
     let home = tempfile::tempdir().unwrap();
-    let data = home.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    tiny_idx(&data, 48);
-    let dataset = format!("idx:{}", data.display());
+    let dataset = tiny_dataset(home.path(), 48);
     // A CIFAR-10 batch whose second record has label 10.
     let cifar = home.path().join("cifar");
     std::fs::create_dir(&cifar).unwrap();
@@ -416,10 +418,7 @@ fn train_rejects_bad_data_and_flags() {
 #[test]
 fn an_interrupted_run_resumes_bit_for_bit() {
     let home = tempfile::tempdir().unwrap();
-    let data = home.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    tiny_idx(&data, 64);
-    let dataset = format!("idx:{}", data.display());
+    let dataset = tiny_dataset(home.path(), 64);
     let run = |out: &Path, extra: &[&str]| {
         let mut args = vec![
             "train",
@@ -505,10 +504,7 @@ fn an_interrupted_run_resumes_bit_for_bit() {
 #[test]
 fn finetune_keeps_the_checkpoint_conventions_and_replaces_the_head() {
     let home = tempfile::tempdir().unwrap();
-    let data = home.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    tiny_idx(&data, 96);
-    let dataset = format!("idx:{}", data.display());
+    let dataset = tiny_dataset(home.path(), 96);
     let out = home.path().join("ft");
     let lite0 = fixture(LITE0);
     let o = effnet(
@@ -548,7 +544,7 @@ fn finetune_keeps_the_checkpoint_conventions_and_replaces_the_head() {
         cfg.contains("freeze_epochs = 1") && cfg.contains("unfrozen_lr_scale = 0.1"),
         "{cfg}"
     );
-    // Phase 1 trains only the head: the stem's EMA after epoch 1 still equals the pretrained stem.
+    // The pretrained backbone was loaded into the same architecture.
     let pretrained = effnet::weights::load(&lite0, None).unwrap();
     assert_eq!(
         pretrained.tensors["blocks.3.dw.conv.weight"].shape,
@@ -574,10 +570,7 @@ fn finetune_keeps_the_checkpoint_conventions_and_replaces_the_head() {
 #[test]
 fn mixup_and_cutmix_runs_are_reproducible() {
     let home = tempfile::tempdir().unwrap();
-    let data = home.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    tiny_idx(&data, 64);
-    let dataset = format!("idx:{}", data.display());
+    let dataset = tiny_dataset(home.path(), 64);
     let cfg = home.path().join("mix.toml");
     std::fs::write(
         &cfg,
