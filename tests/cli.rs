@@ -603,3 +603,94 @@ fn mixup_and_cutmix_runs_are_reproducible() {
         "same seed, same mixed batches, same weights"
     );
 }
+
+#[test]
+fn augmentation_and_progressive_learning_are_reproducible_and_recorded() {
+    let home = tempfile::tempdir().unwrap();
+    let dataset = tiny_dataset(home.path(), 64);
+    let run = |name: &str, extra: &[&str]| {
+        let out = home.path().join(name);
+        let mut args = vec![
+            "train",
+            "lite0",
+            "--dataset",
+            &dataset,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--resolution",
+            "24",
+            "--max-steps",
+            "6",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = effnet(&args, home.path());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let weights = effnet::weights::read_tensors(&out.join("weights.safetensors"))
+            .unwrap()
+            .0;
+        let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+        (weights, config)
+    };
+    let flags = [
+        "--augment",
+        "rand-n2-m9",
+        "--random-resized-crop",
+        "--progressive",
+        "2",
+        "--set",
+        "lr_decay=cosine",
+        "--set",
+        "mixup_alpha=0.2",
+    ];
+    let (a, config) = run("a", &flags);
+    let (b, _) = run("b", &flags);
+    assert!(a.keys().all(|k| a[k] == b[k]), "same seed, same weights");
+    for line in [
+        "augment = \"rand-n2-m9\"",
+        "random_resized_crop = true",
+        "progressive_stages = 2",
+        "lr_decay = \"cosine\"",
+        "mixup_alpha = 0.2",
+    ] {
+        assert!(
+            config.contains(line),
+            "config.toml lacks `{line}`:\n{config}"
+        );
+    }
+    let (v0, _) = run("v0", &["--augment", "v0"]);
+    let (plain, _) = run("plain", &[]);
+    assert!(
+        plain.keys().any(|k| plain[k] != v0[k]),
+        "AutoAugment changes what the model sees"
+    );
+}
+
+#[test]
+fn bad_augmentation_and_override_flags_are_rejected() {
+    let home = tempfile::tempdir().unwrap();
+    for (args, want) in [
+        (
+            &["train", "--augment", "v9"][..],
+            "unknown augmentation `v9`",
+        ),
+        (
+            &["train", "--set", "learning_rate=0.1"][..],
+            "unknown field `learning_rate`",
+        ),
+        (&["train", "--set", "epochs"][..], "expected KEY=VALUE"),
+        (
+            &["train", "--epochs", "2", "--progressive", "4"][..],
+            "at least one epoch per stage",
+        ),
+    ] {
+        let o = effnet(args, home.path());
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

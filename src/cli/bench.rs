@@ -21,13 +21,21 @@ pub struct BenchArgs {
     /// Weights to benchmark with (default: the model's random initialisation; speed does not depend on values).
     #[arg(long)]
     weights: Option<PathBuf>,
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// Images per batch (default 1; with --train 64).
+    #[arg(long)]
+    batch: Option<usize>,
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Input resolution (default: the model's own).
+    /// Input resolution (default: the model's own; with --train 32).
     #[arg(long)]
     resolution: Option<usize>,
+    /// Time training steps (forward, backward, RMSProp-TF update) of the burn model instead of
+    /// inference; with --reference, torchvision's efficientnet_b0 + RMSprop beside it.
+    #[arg(long, conflicts_with_all = ["burn", "profile", "weights"])]
+    train: bool,
+    /// Python interpreter for --reference.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
     /// Timed iterations per runtime.
     #[arg(long, default_value_t = 30)]
     iters: usize,
@@ -76,8 +84,11 @@ fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.batch == 0 || args.threads == 0 || args.iters == 0 {
+    if args.batch == Some(0) || args.threads == 0 || args.iters == 0 {
         bail!("--batch, --threads and --iters must be at least 1");
+    }
+    if args.train {
+        return run_train(args);
     }
     let device = Device::flex();
     let set = match &args.weights {
@@ -85,7 +96,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         None => WeightSet::random(&args.model.spec()?, 0),
     };
     let res = args.resolution.unwrap_or(set.spec.resolution);
-    let (n, len) = (args.batch, args.batch * 3 * res * res);
+    let n = args.batch.unwrap_or(1);
+    let len = n * 3 * res * res;
     let input: Vec<f32> = (0..len)
         .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
         .collect();
@@ -148,7 +160,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         std::fs::write(&spec_json, serde_json::to_vec(&spec)?)?;
         let ort_logits = dir.path().join("ort_logits.f32");
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_reference.py");
-        let out = Command::new("python3")
+        let out = Command::new(&args.python)
             .arg(&script)
             .args([
                 "--weights",
@@ -170,7 +182,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 &args.iters.to_string(),
             ])
             .output()
-            .context("running python3 scripts/bench_reference.py")?;
+            .with_context(|| {
+                format!(
+                    "running {} scripts/bench_reference.py",
+                    args.python.display()
+                )
+            })?;
         if !out.status.success() {
             bail!(
                 "reference benchmark failed: {}",
@@ -196,23 +213,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         agreement = Some(diff);
     }
 
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
-        return Ok(());
-    }
-    println!(
+    let title = format!(
         "{} at {res}x{res}, batch {n}, {} thread(s), {} iterations (median of runs)",
         set.spec.name, args.threads, args.iters
     );
-    if let Some(diff) = agreement {
-        println!("engine vs onnxruntime logits: max |diff| {diff:.1e}");
+    let note = agreement.map(|d| format!("engine vs onnxruntime logits: max |diff| {d:.1e}"));
+    report(args.json, &title, note, &results, "vs engine")
+}
+
+/// Prints timings as JSON or as a table with each runtime's time relative to the first.
+fn report(
+    json: bool,
+    title: &str,
+    note: Option<String>,
+    results: &[Timing],
+    relative: &str,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(results)?);
+        return Ok(());
+    }
+    println!("{title}");
+    if let Some(note) = note {
+        println!("{note}");
     }
     let base = results[0].median_ms;
     println!(
         "{:<16} {:>11} {:>11} {:>10} {:>14}",
-        "runtime", "median ms", "p90 ms", "img/s", "vs engine"
+        "runtime", "median ms", "p90 ms", "img/s", relative
     );
-    for r in &results {
+    for r in results {
         println!(
             "{:<16} {:>11.2} {:>11.2} {:>10.1} {:>13.2}x",
             r.runtime,
@@ -223,4 +253,84 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Training throughput: the same step `effnet train` runs (the recipe's loss, L2 and RMSProp-TF,
+/// dropout and stochastic depth on), on a fixed random batch, with burn's pool limited to
+/// `--threads`.
+fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
+    use effnet::data::loader::Batch;
+    use effnet::train::run::{TrainConfig, Trainer, train_spec};
+
+    let n = args.batch.unwrap_or(64);
+    let res = args.resolution.unwrap_or(32);
+    let classes = 10;
+    // burn's CPU backend parallelises with rayon's global pool.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build_global()
+        .context("configuring the thread pool")?;
+    let cfg = TrainConfig {
+        batch_size: n,
+        resolution: res,
+        ..TrainConfig::default()
+    };
+    let spec = train_spec(&cfg, args.model.spec()?, classes);
+    let device = Device::flex().autodiff();
+    let mut model = EfficientNet::new(&spec, &device).tf_init();
+    let mut optim = burn::optim::ModuleOptimizer::from(effnet::train::TfRmsProp {
+        decay: cfg.rmsprop_decay,
+        momentum: cfg.momentum,
+        epsilon: cfg.epsilon,
+    });
+    let batch = Batch {
+        images: (0..n * 3 * res * res)
+            .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+            .collect(),
+        labels: (0..n).map(|i| (i % classes) as u32).collect(),
+        size: n,
+        side: res,
+    };
+    let stage = cfg.stage(0, spec.dropout);
+    let trainer = Trainer::new(&cfg, classes, device);
+    let mut ms = Vec::new();
+    for step in 0..args.iters as u64 + 2 {
+        let t = Instant::now();
+        model = trainer
+            .step(model, &mut optim, &batch, &stage, step, 0.004)?
+            .model;
+        if step >= 2 {
+            // The first two steps size buffers and warm caches.
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let mut results = vec![summarize("effnet (burn flex)", ms, n)];
+    if args.reference {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_train_torch.py");
+        let out = Command::new(&args.python)
+            .arg(&script)
+            .args(["--batch", &n.to_string(), "--resolution", &res.to_string()])
+            .args(["--threads", &args.threads.to_string()])
+            .args(["--iters", &args.iters.to_string()])
+            .args(["--classes", &classes.to_string()])
+            .output()
+            .with_context(|| format!("running {} {}", args.python.display(), script.display()))?;
+        match out.status.code() {
+            Some(0) => results.extend(
+                serde_json::from_slice::<Vec<Timing>>(&out.stdout)
+                    .context("PyTorch benchmark output")?,
+            ),
+            // Not installed: report ours alone.
+            Some(3) => eprintln!("{}", String::from_utf8_lossy(&out.stderr).trim()),
+            _ => bail!(
+                "PyTorch benchmark failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }
+    }
+    let title = format!(
+        "training step of {} at {res}x{res}, batch {n}, {} thread(s), {} iterations (median)",
+        spec.name, args.threads, args.iters
+    );
+    report(args.json, &title, None, &results, "vs effnet")
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use effnet::data::{self, loader::Prepared};
+use effnet::data::{self, augment::Policy, loader::Prepared};
 use effnet::spec::resolve;
 use effnet::train::run::{RunOptions, TrainConfig, default_run_dir, train, train_spec};
 
@@ -34,11 +34,23 @@ pub struct RunFlags {
     /// Run directory (default runs/<model>-<time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Learned augmentation: `none`, `v0` (AutoAugment) or `rand-nN-mM` (RandAugment, e.g. rand-n2-m10).
+    #[arg(long)]
+    augment: Option<Policy>,
+    /// Random-resized crop (area 0.08-1, aspect 3/4-4/3) instead of a small random shift.
+    #[arg(long)]
+    random_resized_crop: bool,
+    /// Progressive learning over this many stages (EfficientNetV2 uses 4).
+    #[arg(long)]
+    progressive: Option<usize>,
+    /// Any config field, as in the TOML file (repeatable): `--set lr_decay=cosine --set ema_decay=0.999`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
 }
 
 impl RunFlags {
-    /// Applies the flags that were given to `cfg`.
-    fn apply(&self, cfg: &mut TrainConfig) {
+    /// Applies the flags that were given to `cfg` (`--set` last, so it wins).
+    fn apply(&self, cfg: &mut TrainConfig) -> anyhow::Result<()> {
         if let Some(v) = self.max_steps {
             cfg.max_steps = v;
         }
@@ -57,6 +69,19 @@ impl RunFlags {
         if let Some(v) = self.train_limit {
             cfg.train_limit = v;
         }
+        if let Some(v) = self.augment {
+            cfg.augment = v;
+        }
+        if self.random_resized_crop {
+            cfg.random_resized_crop = true;
+        }
+        if let Some(v) = self.progressive {
+            cfg.progressive_stages = v;
+        }
+        if !self.overrides.is_empty() {
+            *cfg = cfg.with_overrides(&self.overrides)?;
+        }
+        Ok(())
     }
 }
 
@@ -116,7 +141,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         cfg.bn_momentum = 0.1;
         cfg.base_lr = 0.004;
     }
-    args.run.apply(&mut cfg);
+    args.run.apply(&mut cfg)?;
     cfg.dataset = args.dataset.clone();
     let base = args.model.spec()?;
     let plain = resolve(&args.model.model)?.0;
@@ -268,7 +293,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         bn_eps: set.meta.bn_eps,
         ..TrainConfig::default()
     };
-    args.run.apply(&mut cfg);
+    args.run.apply(&mut cfg)?;
     if cfg.freeze_epochs >= cfg.epochs {
         bail!(
             "--freeze-epochs ({}) must be smaller than --epochs ({})",

@@ -1,14 +1,17 @@
 //! Batches for training and evaluation from an [`InMemory`] dataset: images resized once to the
-//! model resolution, seeded augmentation (padded random crop + horizontal flip), normalisation, and a
+//! model resolution, seeded augmentation ([`Augment`]), normalisation, and a
 //! background thread that prepares the next batch while the model trains on the current one.
 
 use std::sync::mpsc::{Receiver, sync_channel};
 
+use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+
+use image::RgbImage;
 
 use super::InMemory;
+use super::augment::{Augment, Crop, Policy};
 use crate::preprocess::resize;
 use crate::weights::Interpolation;
 
@@ -18,6 +21,8 @@ pub struct Batch {
     pub images: Vec<f32>,
     pub labels: Vec<u32>,
     pub size: usize,
+    /// Image side (progressive learning varies it between stages).
+    pub side: usize,
 }
 
 /// A dataset resized to `side x side` RGB, ready for batching.
@@ -64,73 +69,69 @@ impl Prepared {
         self.labels.is_empty()
     }
 
-    /// Writes sample `i` as CHW floats into `out`, optionally shifted by (dy, dx) with zero padding
-    /// (a padded random crop) and mirrored.
-    fn write(&self, i: usize, out: &mut [f32], shift: (isize, isize), flip: bool) {
+    /// Sample `i` as an RGB image at the stored side.
+    pub fn image(&self, i: usize) -> RgbImage {
         let s = self.side;
-        let img = &self.pixels[i * s * s * 3..(i + 1) * s * s * 3];
-        for c in 0..3 {
-            let zero = (0.0 - self.mean[c]) / self.std[c];
-            for y in 0..s {
-                for x in 0..s {
-                    let sy = y as isize + shift.0;
-                    let sx0 = if flip {
-                        (s - 1 - x) as isize
-                    } else {
-                        x as isize
-                    };
-                    let sx = sx0 + shift.1;
-                    out[c * s * s + y * s + x] =
-                        if sy < 0 || sx < 0 || sy >= s as isize || sx >= s as isize {
-                            zero
-                        } else {
-                            (img[(sy as usize * s + sx as usize) * 3 + c] as f32 - self.mean[c])
-                                / self.std[c]
-                        };
-                }
+        let px = self.pixels[i * s * s * 3..(i + 1) * s * s * 3].to_vec();
+        RgbImage::from_raw(s as u32, s as u32, px).expect("stored images are side x side RGB")
+    }
+
+    /// Writes an RGB image as normalised CHW floats into `out`.
+    fn write(&self, img: &RgbImage, out: &mut [f32]) {
+        let plane = (img.width() * img.height()) as usize;
+        for (p, px) in img.pixels().enumerate() {
+            for c in 0..3 {
+                out[c * plane + p] = (px[c] as f32 - self.mean[c]) / self.std[c];
             }
         }
     }
 
-    /// The batch of samples `indices`, augmented when `rng` is given.
-    pub fn batch(&self, indices: &[usize], mut rng: Option<&mut StdRng>, pad: isize) -> Batch {
-        let s = self.side;
-        let mut images = vec![0.0; indices.len() * 3 * s * s];
+    /// The batch of samples `indices`, augmented when `aug` is given (its size is the batch's side).
+    pub fn batch(&self, indices: &[usize], aug: Option<(&Augment, &mut StdRng)>) -> Batch {
+        let side = aug.as_ref().map_or(self.side, |(a, _)| a.size);
+        let len = 3 * side * side;
+        let mut images = vec![0.0; indices.len() * len];
+        let mut aug = aug;
         for (b, &i) in indices.iter().enumerate() {
-            let (shift, flip) = match rng.as_deref_mut() {
-                Some(r) => {
-                    let mut offset = || r.random_range(-(pad as i64)..=pad as i64) as isize;
-                    let shift = (offset(), offset());
-                    (shift, r.random_bool(0.5))
-                }
-                None => ((0, 0), false),
+            let img = self.image(i);
+            let img = match aug.as_mut() {
+                Some((a, rng)) => a.apply(&img, rng),
+                None => img,
             };
-            self.write(
-                i,
-                &mut images[b * 3 * s * s..(b + 1) * 3 * s * s],
-                shift,
-                flip,
-            );
+            self.write(&img, &mut images[b * len..(b + 1) * len]);
         }
         Batch {
             images,
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             size: indices.len(),
+            side,
+        }
+    }
+
+    /// The default training augmentation at the stored side: a random shift of up to side/8 pixels
+    /// (zero-filled) and a horizontal flip.
+    pub fn default_augment(&self) -> Augment {
+        Augment {
+            crop: Crop::Padded {
+                pad: (self.side / 8).max(1),
+            },
+            flip: true,
+            policy: Policy::None,
+            size: self.side,
         }
     }
 
     /// Shuffled, augmented training batches for one epoch, prepared on a background thread; the
     /// order and augmentation depend only on `seed` and `epoch`.
-    pub fn epoch(&self, batch_size: usize, seed: u64, epoch: u64) -> Receiver<Batch> {
+    pub fn epoch(&self, batch_size: usize, seed: u64, epoch: u64, aug: Augment) -> Receiver<Batch> {
         let (tx, rx) = sync_channel(2);
         let data = self.clone();
         std::thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut order: Vec<usize> = (0..data.len()).collect();
             order.shuffle(&mut rng);
-            let pad = (data.side / 8).max(1) as isize;
             for chunk in order.chunks_exact(batch_size) {
-                if tx.send(data.batch(chunk, Some(&mut rng), pad)).is_err() {
+                if tx.send(data.batch(chunk, Some((&aug, &mut rng)))).is_err() {
                     return;
                 }
             }
@@ -157,13 +158,21 @@ mod tests {
     #[test]
     fn batches_are_normalised_chw_and_reproducible() {
         let p = Prepared::new(&tiny(), 4);
-        let b = p.batch(&[1], None, 0);
+        let b = p.batch(&[1], None);
         assert_eq!(b.images.len(), 3 * 16);
         // Grey expanded to three equal channels; (v - 127.5) / 127.5.
         assert_eq!(b.images[0], (64.0 - 127.5) / 127.5);
         assert_eq!(b.images[0], b.images[16]);
-        let e1: Vec<Vec<u32>> = p.epoch(2, 7, 0).iter().map(|b| b.labels).collect();
-        let e2: Vec<Vec<u32>> = p.epoch(2, 7, 0).iter().map(|b| b.labels).collect();
+        let e1: Vec<Vec<u32>> = p
+            .epoch(2, 7, 0, p.default_augment())
+            .iter()
+            .map(|b| b.labels)
+            .collect();
+        let e2: Vec<Vec<u32>> = p
+            .epoch(2, 7, 0, p.default_augment())
+            .iter()
+            .map(|b| b.labels)
+            .collect();
         assert_eq!(e1, e2);
         assert_eq!(e1.len(), 2);
         let mut all: Vec<u32> = e1.concat();

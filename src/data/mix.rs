@@ -28,18 +28,17 @@ pub struct Mixed {
     pub lambda: f64,
 }
 
-/// Mixes `batch` (CHW images of `side`) with its reverse: CutMix with probability 0.5 when both
+/// Mixes `batch` with its reverse: CutMix with probability 0.5 when both
 /// alphas are positive, otherwise whichever is enabled. Targets are
 /// `lambda * onehot(y) + (1 - lambda) * onehot(y_paired)`, then label-smoothed.
 pub fn mix(
     batch: &Batch,
-    side: usize,
     classes: usize,
     smoothing: f64,
     (mixup, cutmix): (f64, f64),
     rng: &mut StdRng,
 ) -> Mixed {
-    let n = batch.size;
+    let (n, side) = (batch.size, batch.side);
     let plane = side * side;
     let use_cutmix = cutmix > 0.0 && (mixup <= 0.0 || rng.random_bool(0.5));
     let mut images = batch.images.clone();
@@ -127,13 +126,14 @@ mod tests {
             images,
             labels: vec![0, 2],
             size: 2,
+            side,
         }
     }
 
     #[test]
     fn mixup_blends_images_and_targets_alike() {
         let mut rng = StdRng::seed_from_u64(0);
-        let m = mix(&batch(), 4, 3, 0.0, (0.4, 0.0), &mut rng);
+        let m = mix(&batch(), 3, 0.0, (0.4, 0.0), &mut rng);
         let l = m.lambda as f32;
         // Image 0 (zeros) mixed with image 1 (ones): every pixel is 1 - lambda.
         assert!(m.images[..48].iter().all(|&v| (v - (1.0 - l)).abs() < 1e-6));
@@ -146,7 +146,7 @@ mod tests {
     fn cutmix_target_weight_equals_the_pasted_area() {
         let mut rng = StdRng::seed_from_u64(5);
         for _ in 0..20 {
-            let m = mix(&batch(), 4, 3, 0.1, (0.0, 1.0), &mut rng);
+            let m = mix(&batch(), 3, 0.1, (0.0, 1.0), &mut rng);
             let pasted = m.images[..16].iter().filter(|&&v| v == 1.0).count() as f64 / 16.0;
             assert!((1.0 - m.lambda - pasted).abs() < 1e-9);
             let sum: f32 = m.targets[3..].iter().sum();

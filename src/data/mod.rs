@@ -7,6 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+pub mod augment;
 pub mod loader;
 pub mod mix;
 

@@ -7,4 +7,4 @@ pub mod run;
 mod schedule;
 
 pub use rmsprop::{TfRmsProp, TfRmsPropState};
-pub use schedule::LrSchedule;
+pub use schedule::{Decay, LrSchedule};

@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::data::augment::{Augment, Crop, Policy};
 use crate::data::loader::{Batch, Prepared};
 use crate::data::mix::mix;
 use crate::engine::Engine;
@@ -24,7 +25,7 @@ use burn::tensor::activation::log_softmax;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use super::{LrSchedule, TfRmsProp};
+use super::{Decay, LrSchedule, TfRmsProp};
 
 /// Every knob of a run; saved with the run as `config.toml`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -50,11 +51,25 @@ pub struct TrainConfig {
     pub warmup_epochs: f64,
     pub decay_rate: f64,
     pub decay_epochs: f64,
+    /// `exponential` (the TF staircase) or `cosine` (to zero over the run; suits short runs).
+    pub lr_decay: Decay,
     pub rmsprop_decay: f64,
     pub momentum: f64,
     pub epsilon: f64,
     pub weight_decay: f64,
     pub label_smoothing: f32,
+    /// Learned augmentation: `none`, `v0` (AutoAugment) or `rand-nN-mM` (RandAugment).
+    pub augment: Policy,
+    /// Inception-style random-resized crop (area 0.08-1) instead of a shift of up to side/8 pixels.
+    pub random_resized_crop: bool,
+    /// Progressive learning (EfficientNetV2): this many stages (0 = off; the paper uses 4), each
+    /// ramping image size, RandAugment magnitude, mixup alpha and dropout up to the run's values.
+    pub progressive_stages: usize,
+    /// First stage's image size (0 = 128, or half the resolution when that is below 256).
+    pub progressive_min_resolution: usize,
+    /// First stage's RandAugment magnitude and dropout (paper: 5 and 0.1).
+    pub progressive_min_magnitude: f32,
+    pub progressive_min_dropout: f64,
     /// Mixup Beta(alpha, alpha) (0 = off).
     pub mixup_alpha: f64,
     /// CutMix Beta(alpha, alpha) (0 = off; with mixup on too, each batch picks one at random).
@@ -96,11 +111,18 @@ impl Default for TrainConfig {
             warmup_epochs: 5.0,
             decay_rate: 0.97,
             decay_epochs: 2.4,
+            lr_decay: Decay::Exponential,
             rmsprop_decay: 0.9,
             momentum: 0.9,
             epsilon: 1e-3,
             weight_decay: 1e-5,
             label_smoothing: 0.1,
+            augment: Policy::None,
+            random_resized_crop: false,
+            progressive_stages: 0,
+            progressive_min_resolution: 0,
+            progressive_min_magnitude: 5.0,
+            progressive_min_dropout: 0.1,
             mixup_alpha: 0.0,
             cutmix_alpha: 0.0,
             dropout: None,
@@ -128,6 +150,25 @@ impl TrainConfig {
             .map_err(|e| anyhow::anyhow!("invalid config `{}`: {}", path.display(), e.message()))
     }
 
+    /// This config with `key=value` overrides (values in TOML syntax; bare words are strings).
+    pub fn with_overrides(&self, overrides: &[String]) -> anyhow::Result<Self> {
+        let mut table = toml::Table::try_from(self).context("config does not serialise")?;
+        for kv in overrides {
+            let (key, value) = kv
+                .split_once('=')
+                .with_context(|| format!("`--set {kv}`: expected KEY=VALUE"))?;
+            let (key, value) = (key.trim(), value.trim());
+            let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            table.insert(key.to_string(), value);
+        }
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("`--set`: {}", e.message()))
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         if self.batch_size == 0 || self.epochs == 0 || self.resolution < 8 {
             bail!("batch size and epochs must be at least 1 and the resolution at least 8");
@@ -137,7 +178,187 @@ impl TrainConfig {
         {
             bail!("dropout and drop_connect_rate must be in [0, 1)");
         }
+        if self.progressive_stages > self.epochs {
+            bail!(
+                "progressive learning needs at least one epoch per stage ({} stages, {} epochs)",
+                self.progressive_stages,
+                self.epochs
+            );
+        }
         Ok(())
+    }
+}
+
+/// What changes between progressive-learning stages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stage {
+    pub augment: Augment,
+    pub mixup_alpha: f64,
+    pub cutmix_alpha: f64,
+    /// Classifier dropout (None: the model's own).
+    pub dropout: Option<f64>,
+}
+
+impl TrainConfig {
+    /// The augmentation, mixup and dropout of `epoch`: the configured values, or with progressive
+    /// learning those of the epoch's stage — stage i of S uses image size
+    /// `int(min + (res - min) (i + 1) / S)` and `linspace` ramps of RandAugment magnitude (from
+    /// `progressive_min_magnitude`), mixup/CutMix alpha (from 0) and dropout (from
+    /// `progressive_min_dropout`), as in EfficientNetV2's Table 6.
+    pub fn stage(&self, epoch: usize, model_dropout: f64) -> Stage {
+        let crop = if self.random_resized_crop {
+            Crop::RandomResized
+        } else {
+            Crop::Padded {
+                pad: (self.resolution / 8).max(1),
+            }
+        };
+        let mut stage = Stage {
+            augment: Augment {
+                crop,
+                flip: true,
+                policy: self.augment,
+                size: self.resolution,
+            },
+            mixup_alpha: self.mixup_alpha,
+            cutmix_alpha: self.cutmix_alpha,
+            dropout: None,
+        };
+        let stages = self.progressive_stages;
+        if stages == 0 {
+            return stage;
+        }
+        let i = (epoch * stages / self.epochs).min(stages - 1);
+        let ramp = |lo: f64, hi: f64| match stages {
+            1 => hi,
+            _ => lo + (hi - lo) * i as f64 / (stages - 1) as f64,
+        };
+        let res = self.resolution;
+        let min = match self.progressive_min_resolution {
+            0 if res >= 256 => 128,
+            0 => (res / 2).max(8),
+            m => m.min(res),
+        };
+        stage.augment.size = min + (res - min) * (i + 1) / stages;
+        if let Policy::RandAugment { n, m } = self.augment {
+            let lo = self.progressive_min_magnitude.min(m) as f64;
+            stage.augment.policy = Policy::RandAugment {
+                n,
+                m: ramp(lo, m as f64) as f32,
+            };
+        }
+        stage.augment.crop = match crop {
+            Crop::Padded { .. } => Crop::Padded {
+                pad: (stage.augment.size / 8).max(1),
+            },
+            c => c,
+        };
+        stage.mixup_alpha = ramp(0.0, self.mixup_alpha);
+        stage.cutmix_alpha = ramp(0.0, self.cutmix_alpha);
+        let p = self.dropout.unwrap_or(model_dropout);
+        stage.dropout = Some(ramp(self.progressive_min_dropout.min(p), p));
+        stage
+    }
+}
+
+/// What one training step returns.
+pub struct StepOutcome {
+    pub model: EfficientNet,
+    /// Loss including the L2 term.
+    pub loss: f64,
+    /// Correct top-1 predictions in the batch (against the dominant label when mixing).
+    pub correct: usize,
+}
+
+/// One optimizer step as the recipe defines it; shared by `train` and the training benchmark.
+pub struct Trainer<'a> {
+    cfg: &'a TrainConfig,
+    classes: usize,
+    device: Device,
+    loss_fn: CrossEntropyLoss,
+}
+
+impl<'a> Trainer<'a> {
+    /// `device` must be an autodiff device.
+    pub fn new(cfg: &'a TrainConfig, classes: usize, device: Device) -> Self {
+        let loss_fn = CrossEntropyLossConfig::new()
+            .with_smoothing((cfg.label_smoothing > 0.0).then_some(cfg.label_smoothing))
+            .init(&device);
+        Trainer {
+            cfg,
+            classes,
+            device,
+            loss_fn,
+        }
+    }
+
+    /// Forward (mixing the batch when the stage asks), smoothed cross-entropy + L2 on non-BN
+    /// weights, backward, and an RMSProp-TF update at `lr`.
+    pub fn step(
+        &self,
+        model: EfficientNet,
+        optim: &mut ModuleOptimizer,
+        batch: &Batch,
+        stage: &Stage,
+        step: u64,
+        lr: f64,
+    ) -> anyhow::Result<StepOutcome> {
+        let (cfg, device) = (self.cfg, &self.device);
+        // Dropout and stochastic depth draw from a stream fixed by (seed, step): a resumed run
+        // continues exactly as an uninterrupted one.
+        device.seed(cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let correct;
+        let mut loss = if stage.mixup_alpha > 0.0 || stage.cutmix_alpha > 0.0 {
+            // Mixup / CutMix draw from a stream fixed by (seed, step), like everything else.
+            let mut rng = StdRng::seed_from_u64(
+                cfg.seed ^ 0x6d69_7875 ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d),
+            );
+            let alphas = (stage.mixup_alpha, stage.cutmix_alpha);
+            let m = mix(
+                batch,
+                self.classes,
+                cfg.label_smoothing as f64,
+                alphas,
+                &mut rng,
+            );
+            let mixed = Batch {
+                images: m.images,
+                labels: m.dominant,
+                ..*batch
+            };
+            let (x, y) = tensors(&mixed, device);
+            let targets = Tensor::<2>::from_data(
+                TensorData::new(m.targets, [batch.size, self.classes]),
+                device,
+            );
+            let logits = model.forward(x);
+            let pred = logits.clone().argmax(1).reshape([batch.size]);
+            correct = pred.equal(y).int().sum().into_scalar::<i64>() as usize;
+            // Cross-entropy against soft targets (label smoothing already folded in).
+            (targets * log_softmax(logits, 1)).sum_dim(1).mean().neg()
+        } else {
+            let (x, y) = tensors(batch, device);
+            let logits = model.forward(x);
+            let pred = logits.clone().argmax(1).reshape([batch.size]);
+            correct = pred.equal(y.clone()).int().sum().into_scalar::<i64>() as usize;
+            self.loss_fn.forward(logits, y)
+        };
+        if cfg.weight_decay > 0.0
+            && let Some(l2) = l2_of_weights(&model)
+        {
+            // TF's l2_loss is sum(w^2) / 2.
+            loss = loss + l2.mul_scalar(cfg.weight_decay / 2.0);
+        }
+        let loss_value = loss.clone().into_scalar::<f32>() as f64;
+        if !loss_value.is_finite() {
+            bail!("training diverged at step {step} (loss {loss_value}); lower the learning rate");
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        Ok(StepOutcome {
+            model: optim.step(lr, model, grads),
+            loss: loss_value,
+            correct,
+        })
     }
 }
 
@@ -333,7 +554,7 @@ pub fn evaluate(
     let indices: Vec<usize> = (0..data.len()).collect();
     let start = Instant::now();
     for chunk in indices.chunks(batch.max(1)) {
-        let b = data.batch(chunk, None, 0);
+        let b = data.batch(chunk, None);
         let logits = engine.forward(&b.images, b.size, data.side, data.side);
         for (row, &label) in logits.chunks(classes).zip(&b.labels) {
             let label = label as usize;
@@ -356,7 +577,8 @@ pub fn evaluate(
     })
 }
 
-fn tensors(batch: &Batch, side: usize, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+fn tensors(batch: &Batch, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+    let side = batch.side;
     let x = Tensor::<4>::from_data(
         TensorData::new(batch.images.clone(), [batch.size, 3, side, side]),
         device,
@@ -466,6 +688,10 @@ pub fn train(
             serde_json::from_slice(&text).map_err(|e| bad("progress.json", e.to_string()))?;
     }
     let steps_per_epoch = train_data.len() / cfg.batch_size;
+    let total_steps = match cfg.max_steps {
+        0 => (steps_per_epoch * cfg.epochs) as u64,
+        m => m.min((steps_per_epoch * cfg.epochs) as u64),
+    };
     let schedule = LrSchedule {
         base_lr: cfg.base_lr,
         batch_size: cfg.batch_size,
@@ -473,14 +699,10 @@ pub fn train(
         warmup_epochs: cfg.warmup_epochs,
         decay_rate: cfg.decay_rate,
         decay_epochs: cfg.decay_epochs,
+        decay: cfg.lr_decay,
+        total_steps,
     };
-    let loss_fn = CrossEntropyLossConfig::new()
-        .with_smoothing((cfg.label_smoothing > 0.0).then_some(cfg.label_smoothing))
-        .init(&device);
-    let total_steps = match cfg.max_steps {
-        0 => (steps_per_epoch * cfg.epochs) as u64,
-        m => m.min((steps_per_epoch * cfg.epochs) as u64),
-    };
+    let trainer = Trainer::new(cfg, spec.num_classes, device.clone());
     let bar = if show_progress {
         indicatif::ProgressBar::new(total_steps)
     } else {
@@ -531,8 +753,12 @@ pub fn train(
         let skip = t.batches;
         let mut stopped_early = false;
         let mut lr = schedule.at(step) * lr_scale;
+        let stage = cfg.stage(epoch, spec.dropout);
+        if let Some(p) = stage.dropout {
+            model.dropout.prob = p;
+        }
         for batch in train_data
-            .epoch(cfg.batch_size, cfg.seed, epoch as u64)
+            .epoch(cfg.batch_size, cfg.seed, epoch as u64, stage.augment)
             .into_iter()
             .skip(skip)
         {
@@ -540,65 +766,14 @@ pub fn train(
                 stopped_early = true;
                 break;
             }
-            // Dropout and stochastic depth draw from a stream fixed by (seed, step): a resumed run
-            // continues exactly as an uninterrupted one.
-            device.seed(cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             lr = schedule.at(step) * lr_scale;
-            let mut loss = if cfg.mixup_alpha > 0.0 || cfg.cutmix_alpha > 0.0 {
-                // Mixup / CutMix draw from a stream fixed by (seed, step), like everything else.
-                let mut rng = StdRng::seed_from_u64(
-                    cfg.seed ^ 0x6d69_7875 ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d),
-                );
-                let classes = spec.num_classes;
-                let alphas = (cfg.mixup_alpha, cfg.cutmix_alpha);
-                let m = mix(
-                    &batch,
-                    train_data.side,
-                    classes,
-                    cfg.label_smoothing as f64,
-                    alphas,
-                    &mut rng,
-                );
-                let mixed = Batch {
-                    images: m.images,
-                    labels: m.dominant,
-                    size: batch.size,
-                };
-                let (x, y) = tensors(&mixed, train_data.side, &device);
-                let targets = Tensor::<2>::from_data(
-                    TensorData::new(m.targets, [batch.size, classes]),
-                    &device,
-                );
-                let logits = model.forward(x);
-                let pred = logits.clone().argmax(1).reshape([batch.size]);
-                t.correct += pred.equal(y).int().sum().into_scalar::<i64>() as usize;
-                // Cross-entropy against soft targets (label smoothing already folded in).
-                (targets * log_softmax(logits, 1)).sum_dim(1).mean().neg()
-            } else {
-                let (x, y) = tensors(&batch, train_data.side, &device);
-                let logits = model.forward(x);
-                let pred = logits.clone().argmax(1).reshape([batch.size]);
-                t.correct += pred.equal(y.clone()).int().sum().into_scalar::<i64>() as usize;
-                loss_fn.forward(logits, y)
-            };
-            if cfg.weight_decay > 0.0
-                && let Some(l2) = l2_of_weights(&model)
-            {
-                // TF's l2_loss is sum(w^2) / 2.
-                loss = loss + l2.mul_scalar(cfg.weight_decay / 2.0);
-            }
-            let loss_value = loss.clone().into_scalar::<f32>() as f64;
-            if !loss_value.is_finite() {
-                bail!(
-                    "training diverged at step {step} (loss {loss_value}); lower the learning rate"
-                );
-            }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
+            let out = trainer.step(model, &mut optim, &batch, &stage, step, lr)?;
+            model = out.model;
+            t.correct += out.correct;
             step += 1;
             ema.update(&model, step);
             t.seen += batch.size;
-            t.loss_sum += loss_value;
+            t.loss_sum += out.loss;
             t.batches += 1;
             if cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every) {
                 let p = Progress {
@@ -715,4 +890,80 @@ pub fn default_run_dir(model: &str) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     PathBuf::from("runs").join(format!("{model}-{t}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progressive_stages_ramp_size_magnitude_mixup_and_dropout() {
+        let cfg = TrainConfig {
+            resolution: 300,
+            epochs: 8,
+            progressive_stages: 4,
+            augment: Policy::RandAugment { n: 2, m: 15.0 },
+            mixup_alpha: 0.2,
+            ..TrainConfig::default()
+        };
+        let stages: Vec<Stage> = (0..8).map(|e| cfg.stage(e, 0.3)).collect();
+        // Two epochs per stage; size int(128 + 172 (i + 1) / 4).
+        let sizes: Vec<usize> = stages.iter().map(|s| s.augment.size).collect();
+        assert_eq!(sizes, [171, 171, 214, 214, 257, 257, 300, 300]);
+        let m = |s: &Stage| match s.augment.policy {
+            Policy::RandAugment { m, .. } => m,
+            _ => unreachable!(),
+        };
+        assert_eq!(m(&stages[0]), 5.0);
+        assert!((m(&stages[2]) - 25.0 / 3.0).abs() < 1e-5);
+        assert_eq!(m(&stages[7]), 15.0);
+        assert_eq!(stages[0].mixup_alpha, 0.0);
+        assert!((stages[7].mixup_alpha - 0.2).abs() < 1e-12);
+        assert_eq!(stages[0].dropout, Some(0.1));
+        assert!((stages[7].dropout.unwrap() - 0.3).abs() < 1e-12);
+        // Padded crops follow the stage's size.
+        assert_eq!(stages[0].augment.crop, Crop::Padded { pad: 21 });
+        // Off: the configured values every epoch.
+        let plain = TrainConfig {
+            progressive_stages: 0,
+            ..cfg.clone()
+        };
+        assert_eq!(plain.stage(0, 0.3).augment.size, 300);
+        assert_eq!(plain.stage(0, 0.3).dropout, None);
+        // Small images start at half the resolution.
+        let small = TrainConfig {
+            resolution: 32,
+            ..cfg
+        };
+        assert_eq!(small.stage(0, 0.2).augment.size, 20);
+        assert_eq!(small.stage(7, 0.2).augment.size, 32);
+    }
+
+    #[test]
+    fn overrides_set_any_field_and_reject_unknown_ones() {
+        let cfg = TrainConfig::default()
+            .with_overrides(&[
+                "lr_decay=cosine".into(),
+                "ema_decay = 0.999".into(),
+                "augment=rand-n2-m9".into(),
+                "dropout=0.3".into(),
+                "epochs=7".into(),
+            ])
+            .unwrap();
+        assert_eq!(cfg.lr_decay, Decay::Cosine);
+        assert_eq!(cfg.ema_decay, 0.999);
+        assert_eq!(cfg.augment, Policy::RandAugment { n: 2, m: 9.0 });
+        assert_eq!(cfg.dropout, Some(0.3));
+        assert_eq!(cfg.epochs, 7);
+        let err = |kv: &str| {
+            TrainConfig::default()
+                .with_overrides(&[kv.into()])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("learning_rate=1").contains("unknown field `learning_rate`"));
+        assert!(err("epochs=many").contains("invalid type"));
+        assert!(err("augment=v9").contains("unknown augmentation"));
+        assert!(err("epochs").contains("expected KEY=VALUE"));
+    }
 }

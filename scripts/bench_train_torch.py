@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""PyTorch side of `effnet bench --train`: torchvision efficientnet_b0 (random init, `num_classes`
+outputs), RMSprop (alpha 0.9, momentum 0.9, eps 1e-3), label-smoothed cross-entropy, timed per
+optimizer step on a fixed random batch exactly like the effnet side. Prints a JSON list of timings.
+
+    python3 scripts/bench_train_torch.py --batch 64 --resolution 32 --threads 1 --iters 20
+
+Requires torch and torchvision; exits with status 3 when they are not installed.
+"""
+import argparse
+import json
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--batch", type=int, default=64)
+ap.add_argument("--resolution", type=int, default=32)
+ap.add_argument("--threads", type=int, default=1)
+ap.add_argument("--iters", type=int, default=20)
+ap.add_argument("--classes", type=int, default=10)
+args = ap.parse_args()
+
+try:
+    import torch
+    import torchvision
+except ImportError as e:
+    print(f"PyTorch is not installed ({e})", file=sys.stderr)
+    sys.exit(3)
+
+torch.set_num_threads(args.threads)
+torch.set_num_interop_threads(1)
+torch.manual_seed(0)
+model = torchvision.models.efficientnet_b0(num_classes=args.classes)
+model.train()
+opt = torch.optim.RMSprop(model.parameters(), lr=0.004, alpha=0.9, momentum=0.9, eps=1e-3,
+                          weight_decay=1e-5)
+loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+x = torch.randn(args.batch, 3, args.resolution, args.resolution)
+y = torch.randint(0, args.classes, (args.batch,))
+
+
+def step():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+step()
+step()  # warm-up: allocator, kernel selection
+ms = []
+for _ in range(args.iters):
+    t = time.perf_counter()
+    step()
+    ms.append((time.perf_counter() - t) * 1000)
+ms.sort()
+median = ms[len(ms) // 2]
+p90 = ms[min(len(ms), -(-len(ms) * 9 // 10)) - 1]
+print(json.dumps([{
+    "runtime": f"pytorch {torch.__version__.split('+')[0]}",
+    "median_ms": median,
+    "p90_ms": p90,
+    "images_per_s": args.batch * 1000 / median,
+}]))
