@@ -185,7 +185,7 @@ fn dw_pixel<const B: usize>(
             let i = &input[(iy * g.in_w + ix) * c + cb..][..B];
             let w = &weight[(ky * g.kernel + kx) * c + cb..][..B];
             for j in 0..B {
-                acc[j] += i[j] * w[j];
+                acc[j] = i[j].mul_add(w[j], acc[j]);
             }
         }
     }
@@ -200,11 +200,71 @@ fn dw_pixel<const B: usize>(
     }
 }
 
+/// The interior of one output row (pixels `xs`, whose taps all lie inside the image) for
+/// channels `cb..cb + 16`, with the block's K x K weights held in registers across the row and
+/// fused multiply-adds. Returns the block's sum over these pixels (for SE pooling).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dw_interior<const K: usize>(
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out_row: &mut [f32],
+    c: usize,
+    cb: usize,
+    g: &Geometry,
+    iy0: usize,
+    xs: std::ops::Range<usize>,
+    f: impl Fn(f32) -> f32,
+) -> [f32; 16] {
+    let mut sum = [0.0f32; 16];
+    if xs.is_empty() {
+        return sum;
+    }
+    let ix_last = (xs.end - 1) * g.stride - g.pad_left;
+    // Every load below reads 16 values at or before this index, and every store is inside the row.
+    assert!(
+        cb + 16 <= c
+            && ((iy0 + K - 1) * g.in_w + ix_last + K - 1) * c + cb + 16 <= input.len()
+            && (xs.end - 1) * c + cb + 16 <= out_row.len()
+            && weight.len() >= K * K * c
+    );
+    let mut w = [[[0.0f32; 16]; K]; K];
+    for (ky, wk) in w.iter_mut().enumerate() {
+        for (kx, wkk) in wk.iter_mut().enumerate() {
+            wkk.copy_from_slice(&weight[(ky * K + kx) * c + cb..][..16]);
+        }
+    }
+    let b: [f32; 16] = bias[cb..cb + 16].try_into().expect("16 channels");
+    let src = input.as_ptr();
+    for ox in xs {
+        let ix0 = ox * g.stride - g.pad_left;
+        let mut acc = b;
+        for (ky, wk) in w.iter().enumerate() {
+            let row = ((iy0 + ky) * g.in_w + ix0) * c + cb;
+            for (kx, wkk) in wk.iter().enumerate() {
+                // SAFETY: the assert above bounds the furthest tap of the row's last pixel.
+                let i = unsafe { &*(src.add(row + kx * c) as *const [f32; 16]) };
+                for j in 0..16 {
+                    acc[j] = i[j].mul_add(wkk[j], acc[j]);
+                }
+            }
+        }
+        for (a, s) in acc.iter_mut().zip(sum.iter_mut()) {
+            *a = f(*a);
+            *s += *a;
+        }
+        out_row[ox * c + cb..][..16].copy_from_slice(&acc);
+    }
+    sum
+}
+
 simd_dispatch! {
     /// NHWC depthwise conv of one image into `out`, which holds output rows `rows` only, with bias +
-    /// activation fused. When
-    /// `pool` is given, adds each output channel's sum over these rows to it (for SE). Channels are
-    /// processed in register-resident blocks of 64/16/8/1 with all taps accumulated before the store.
+    /// activation fused. When `pool` is given, adds each output channel's sum over these rows to it
+    /// (for SE). Interior pixels of 3x3 and 5x5 kernels take [`dw_interior`] (weights in registers
+    /// per 16-channel block, FMA); borders and other shapes accumulate per pixel in blocks of
+    /// 64/16/8/1 channels.
     pub fn depthwise(
         input: &[f32],
         weight: &[f32],
@@ -218,16 +278,49 @@ simd_dispatch! {
         let c = bias.len();
         let k = g.kernel as isize;
         let mut pool = pool;
+        // Output columns whose taps all lie inside the input.
+        let x_lo = g.pad_left.div_ceil(g.stride);
+        let x_hi = if g.in_w + g.pad_left >= g.kernel {
+            ((g.in_w + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
+        } else {
+            0
+        };
+        let fast = matches!(g.kernel, 3 | 5) && x_lo < x_hi;
         with_act!(act, |f| {
             for oy in rows.clone() {
                 let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
                 let ky = (-iy0).max(0) as usize..(g.in_h as isize - iy0).min(k).max(0) as usize;
+                let row_len = g.out_w * c;
+                let out_row = &mut out[(oy - rows.start) * row_len..][..row_len];
+                let full_rows = ky.len() == g.kernel;
+                let interior = if fast && full_rows { x_lo..x_hi } else { 0..0 };
+                let mut cb_fast = 0;
+                if !interior.is_empty() {
+                    while cb_fast + 16 <= c {
+                        let sum = if g.kernel == 3 {
+                            dw_interior::<3>(input, weight, bias, out_row, c, cb_fast, &g, iy0 as usize, interior.clone(), f)
+                        } else {
+                            dw_interior::<5>(input, weight, bias, out_row, c, cb_fast, &g, iy0 as usize, interior.clone(), f)
+                        };
+                        if let Some(p) = pool.as_deref_mut() {
+                            for (p, s) in p[cb_fast..cb_fast + 16].iter_mut().zip(sum) {
+                                *p += s;
+                            }
+                        }
+                        cb_fast += 16;
+                    }
+                }
                 for ox in 0..g.out_w {
+                    // Interior pixels only need the channels the fast path left over.
+                    let cb0 = if interior.contains(&ox) { cb_fast } else { 0 };
+                    if cb0 == c {
+                        continue;
+                    }
                     let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
                     let kx = (-ix0).max(0) as usize..(g.in_w as isize - ix0).min(k).max(0) as usize;
-                    let o = &mut out[((oy - rows.start) * g.out_w + ox) * c..][..c];
+                    let o = &mut out_row[ox * c..][..c];
                     let taps = || (ky.clone(), kx.clone(), iy0, ix0);
-                    let mut cb = 0;
+                    let mut cb = cb0;
                     while cb + 64 <= c {
                         dw_pixel::<64>(input, weight, bias, o, c, cb, &g, taps(), f, pool.as_deref_mut());
                         cb += 64;

@@ -1,12 +1,14 @@
 //! A native CPU inference engine compiled from the spec and a weight set.
 //!
-//! BN is folded into the convolutions, activations are NHWC, 1x1 convolutions run on the `gemm`
-//! crate with bias + activation (+ residual) fused into a cache-hot epilogue, depthwise convolutions
+//! BN is folded into the convolutions, activations are NHWC, 1x1 and im2col convolutions run on a
+//! hand-written AVX-512 GEMM with pre-packed weights and bias + activation (+ residual) applied in
+//! registers ([`microkernel`]; elsewhere the `gemm` crate plus a cache-hot epilogue), depthwise convolutions
 //! fuse bias, activation and the SE pooling, and the SE gate is applied to whichever is smaller: the
 //! activations or the projection weights. Buffers live in an arena reused across calls. The burn
 //! model stays the reference; `tests/engine.rs` checks the two agree to 1e-4.
 
 pub mod kernels;
+pub mod microkernel;
 pub mod pool;
 pub mod profile;
 
@@ -40,8 +42,21 @@ struct Conv {
     cin: usize,
     cout: usize,
     weight: Vec<f32>,
+    /// `weight` packed for [`microkernel`] (empty for depthwise or without AVX-512).
+    packed: Vec<f32>,
     bias: Vec<f32>,
     act: Option<Activation>,
+}
+
+impl Conv {
+    /// The weights in the layout the GEMM path reads.
+    fn gemm_weight(&self) -> &[f32] {
+        if self.packed.is_empty() {
+            &self.weight
+        } else {
+            &self.packed
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +128,11 @@ fn fold(
     } else {
         cin_g
     };
+    let packed = if kind != ConvKind::Depthwise && microkernel::available() {
+        microkernel::pack(&weight, kk * cin_g, cout)
+    } else {
+        Vec::new()
+    };
     Ok(Conv {
         kind,
         kernel: k,
@@ -120,6 +140,7 @@ fn fold(
         cin,
         cout,
         weight,
+        packed,
         bias,
         act,
     })
@@ -207,6 +228,49 @@ fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, l
             false,
             gemm::Parallelism::None,
         )
+    }
+}
+
+/// `out = act(a · weight + bias)` (+ `residual`) for `m` rows and columns `c0..c0 + nc` of a conv
+/// with `cout` columns (`out` and `residual` hold the block's rows at full width): the AVX-512
+/// kernel when the weights are packed, else the `gemm` crate and a separate epilogue.
+fn gemm_bias_act(
+    conv: &Conv,
+    weight: &[f32],
+    a: &[f32],
+    m: usize,
+    (c0, nc): (usize, usize),
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (k, cout) = (a.len() / m.max(1), conv.cout);
+    // `weight` is the conv's own GEMM weight or a gated copy in the same layout.
+    assert_eq!(weight.len(), conv.gemm_weight().len(), "weight layout");
+    if !conv.packed.is_empty() {
+        let bias = &conv.bias;
+        microkernel::gemm_bias_act(
+            a,
+            k,
+            m,
+            weight,
+            (c0, nc),
+            bias,
+            conv.act,
+            residual,
+            out,
+            cout,
+        );
+        return;
+    }
+    matmul(a, &weight[c0..], &mut out[c0..], m, k, nc, cout);
+    if nc == cout {
+        kernels::bias_act(&mut out[..m * cout], &conv.bias, conv.act, residual);
+    } else {
+        for r in 0..m {
+            let o = &mut out[r * cout + c0..r * cout + c0 + nc];
+            let res = residual.map(|res| &res[r * cout + c0..r * cout + c0 + nc]);
+            kernels::bias_act(o, &conv.bias[c0..c0 + nc], conv.act, res);
+        }
     }
 }
 
@@ -456,7 +520,7 @@ impl Engine {
             std::mem::swap(&mut a.x, &mut a.y);
         }
         let (hh, hw) = self.pointwise(
-            &self.head.weight,
+            self.head.gemm_weight(),
             &self.head,
             &a.x,
             &mut a.y,
@@ -549,8 +613,13 @@ impl Engine {
             match &b.project {
                 // One image with more pixels than output channels: gating the weights is cheaper.
                 Some(p) if n == 1 && mh * mw > p.cout => {
-                    grow(&mut a.weight, p.weight.len());
-                    kernels::scale_rows_from(&mut a.weight[..p.weight.len()], &p.weight, &gates);
+                    let len = p.gemm_weight().len();
+                    grow(&mut a.weight, len);
+                    if p.packed.is_empty() {
+                        kernels::scale_rows_from(&mut a.weight[..len], &p.weight, &gates);
+                    } else {
+                        microkernel::scale_packed(&mut a.weight[..len], &p.packed, &gates);
+                    }
                     scaled_weight = true;
                 }
                 _ => {
@@ -573,9 +642,9 @@ impl Engine {
             Some(p) => {
                 let residual = b.residual.then(|| &a.x[..in_len]);
                 let weight = if scaled_weight {
-                    &a.weight[..p.weight.len()]
+                    &a.weight[..p.gemm_weight().len()]
                 } else {
-                    &p.weight[..]
+                    p.gemm_weight()
                 };
                 self.pointwise(weight, p, mid, &mut a.y, n, cur, residual)
             }
@@ -613,7 +682,7 @@ impl Engine {
             ConvKind::Full => "full conv (im2col+gemm)",
         });
         if conv.kind == ConvKind::Pointwise {
-            return self.pointwise(&conv.weight, conv, input, out, n, (h, w), None);
+            return self.pointwise(conv.gemm_weight(), conv, input, out, n, (h, w), None);
         }
         grow(out, n * out_len);
         // Parallel parts: bands of output rows of each image.
@@ -687,8 +756,8 @@ impl Engine {
                     let dst = unsafe {
                         shared_out.slice(img * out_len + rows.start * g.out_w * cout, m * cout)
                     };
-                    matmul(scratch, &conv.weight, dst, m, row_len, cout, cout);
-                    kernels::bias_act(dst, &conv.bias, conv.act, None);
+                    let a = &scratch[..m * row_len];
+                    gemm_bias_act(conv, conv.gemm_weight(), a, m, (0, cout), None, dst);
                 });
             });
         }
@@ -724,7 +793,11 @@ impl Engine {
         } else {
             1
         };
-        let col_block = cout.div_ceil(col_parts).next_multiple_of(16).min(cout);
+        // Column blocks start on packed-panel boundaries.
+        let col_block = cout
+            .div_ceil(col_parts)
+            .next_multiple_of(microkernel::NR)
+            .min(cout);
         let col_parts = cout.div_ceil(col_block);
         let shared_out = SharedMut::new(out);
         self.run_parts(row_parts * col_parts, &|part| {
@@ -734,26 +807,9 @@ impl Engine {
             // SAFETY: each part owns rows r0..r0+m x columns c0..c0+nc of `out`; the slice spans its
             // rows and the other columns of those rows are not touched by this part.
             let dst = unsafe { shared_out.slice(r0 * cout, m * cout) };
-            matmul(
-                &input[r0 * cin..(r0 + m) * cin],
-                &weight[c0..],
-                &mut dst[c0..],
-                m,
-                cin,
-                nc,
-                cout,
-            );
-            if nc == cout {
-                let res = residual.map(|res| &res[r0 * cout..(r0 + m) * cout]);
-                kernels::bias_act(dst, &conv.bias, conv.act, res);
-            } else {
-                for r in 0..m {
-                    let o = &mut dst[r * cout + c0..r * cout + c0 + nc];
-                    let res =
-                        residual.map(|res| &res[(r0 + r) * cout + c0..(r0 + r) * cout + c0 + nc]);
-                    kernels::bias_act(o, &conv.bias[c0..c0 + nc], conv.act, res);
-                }
-            }
+            let res = residual.map(|res| &res[r0 * cout..(r0 + m) * cout]);
+            let a = &input[r0 * cin..(r0 + m) * cin];
+            gemm_bias_act(conv, weight, a, m, (c0, nc), res, dst);
         });
         (h, w)
     }
