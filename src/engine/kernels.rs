@@ -353,17 +353,23 @@ simd_dispatch! {
         for oy in rows {
             for ox in 0..g.out_w {
                 let dst = &mut out[r * row_len..(r + 1) * row_len];
+                let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
+                // Taps kx0..kx1 of a kernel row lie inside the input: in NHWC they are one
+                // contiguous run of (kx1 - kx0) * c values.
+                let kx0 = (-ix0).clamp(0, k as isize) as usize;
+                let kx1 = (g.in_w as isize - ix0).clamp(kx0 as isize, k as isize) as usize;
                 for ky in 0..k {
                     let iy = (oy * g.stride + ky) as isize - g.pad_top as isize;
-                    for kx in 0..k {
-                        let ix = (ox * g.stride + kx) as isize - g.pad_left as isize;
-                        let d = &mut dst[(ky * k + kx) * c..][..c];
-                        if iy < 0 || iy >= g.in_h as isize || ix < 0 || ix >= g.in_w as isize {
-                            d.fill(0.0);
-                        } else {
-                            d.copy_from_slice(&input[(iy as usize * g.in_w + ix as usize) * c..][..c]);
-                        }
+                    let d = &mut dst[ky * k * c..][..k * c];
+                    if iy < 0 || iy >= g.in_h as isize || kx0 == kx1 {
+                        d.fill(0.0);
+                        continue;
                     }
+                    d[..kx0 * c].fill(0.0);
+                    d[kx1 * c..].fill(0.0);
+                    let src = (iy as usize * g.in_w) as isize + ix0 + kx0 as isize;
+                    d[kx0 * c..kx1 * c]
+                        .copy_from_slice(&input[src as usize * c..][..(kx1 - kx0) * c]);
                 }
                 r += 1;
             }

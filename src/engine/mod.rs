@@ -745,6 +745,7 @@ impl Engine {
                 let m = rows.len() * g.out_w;
                 SCRATCH.with_borrow_mut(|scratch| {
                     grow(scratch, m * row_len);
+                    let im2col = profile::scope("  im2col");
                     kernels::im2col(
                         &input[img * in_len..(img + 1) * in_len],
                         cin,
@@ -756,6 +757,7 @@ impl Engine {
                     let dst = unsafe {
                         shared_out.slice(img * out_len + rows.start * g.out_w * cout, m * cout)
                     };
+                    drop(im2col);
                     let a = &scratch[..m * row_len];
                     gemm_bias_act(conv, conv.gemm_weight(), a, m, (0, cout), None, dst);
                 });
