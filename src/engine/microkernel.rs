@@ -98,17 +98,14 @@ mod avx512 {
     use super::{MR, NR};
     use crate::spec::Activation;
 
-    /// e^x as `kernels::exp` (same reduction and polynomial), 16 lanes.
+    /// e^x with `kernels::exp`'s reduction and polynomial, 16 lanes; the 2^n scaling by `scalef`
+    /// saturates to 0 / inf by itself, so no clamping (fewer instructions per SiLU).
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn exp(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-            _mm512_set1_ps(88.0),
-        );
-        let magic = _mm512_set1_ps(12_582_912.0);
-        let r = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
-        let n = _mm512_sub_ps(r, magic);
+        // n = round(x log2 e) (round to nearest even).
+        let n =
+            _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
         let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
         let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), f);
         let mut p = _mm512_set1_ps(1.987_569_1e-4);
@@ -125,8 +122,7 @@ mod avx512 {
             _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, f),
             _mm512_set1_ps(1.0),
         );
-        let shifted = _mm512_slli_epi32::<23>(_mm512_castps_si512(r));
-        _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(e), shifted))
+        _mm512_scalef_ps(e, n)
     }
 
     #[inline]
@@ -310,6 +306,25 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn silu_saturates_without_overflow() {
+        if !available() {
+            return;
+        }
+        let bias = [-200.0f32, 200.0, -20.0, 20.0, 0.0, -87.5, 88.5, 1.0];
+        let packed = pack(&[0.0; 8], 1, 8);
+        let mut out = [f32::NAN; 8];
+        let act = Some(Activation::Silu);
+        gemm_bias_act(&[1.0], 1, 1, &packed, (0, 8), &bias, act, None, &mut out, 8);
+        for (o, b) in out.iter().zip(bias) {
+            let want = b / (1.0 + (-b as f64).exp() as f32);
+            assert!(
+                (o - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "silu({b}) = {o}, want {want}"
+            );
         }
     }
 
