@@ -47,16 +47,19 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
-    let r = x * std::f32::consts::LOG2_E + MAGIC;
+    // Fused multiply-adds throughout: Rust never contracts `a * b + c` by itself, and the
+    // dispatched builds have FMA (on a CPU without it, `mul_add` is a slower software call).
+    let r = x.mul_add(std::f32::consts::LOG2_E, MAGIC);
     let n = r - MAGIC;
-    let f = x - n * LN2_HI - n * LN2_LO;
+    let f = (-n).mul_add(LN2_HI, x);
+    let f = (-n).mul_add(LN2_LO, f);
     let p = 1.987_569_1e-4f32;
-    let p = p * f + 1.398_199_9e-3;
-    let p = p * f + 8.333_452e-3;
-    let p = p * f + 4.166_579_6e-2;
-    let p = p * f + 1.666_666_5e-1;
-    let p = p * f + 5e-1;
-    let e = p * f * f + f + 1.0;
+    let p = p.mul_add(f, 1.398_199_9e-3);
+    let p = p.mul_add(f, 8.333_452e-3);
+    let p = p.mul_add(f, 4.166_579_6e-2);
+    let p = p.mul_add(f, 1.666_666_5e-1);
+    let p = p.mul_add(f, 5e-1);
+    let e = (p * f).mul_add(f, f) + 1.0;
     f32::from_bits(e.to_bits().wrapping_add(r.to_bits() << 23))
 }
 
