@@ -84,10 +84,21 @@ pub fn gemm_bias_act(
             && residual.is_none_or(|r| r.len() >= end)
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the assert checks the CPU feature and bounds every row, column and panel read or
-    // written: rows < m, columns < c0 + nc (stores are masked to it), panels < (c0 + nc) / NR.
-    unsafe {
-        avx512::run(a, k, m, packed, (c0, nc), bias, act, residual, out, ldo)
+    {
+        let job = avx512::Job {
+            a: a.as_ptr(),
+            k,
+            packed: packed.as_ptr(),
+            cols: (c0, c0 + nc),
+            bias: bias.as_ptr(),
+            act,
+            residual: residual.map(|r| r.as_ptr()),
+            out: out.as_mut_ptr(),
+            ldo,
+        };
+        // SAFETY: the assert checks the CPU feature and bounds every row, column and panel read
+        // or written: rows < m, columns < c0 + nc (stores are masked to it), panels < (c0 + nc) / NR.
+        unsafe { avx512::run(&job, m) }
     }
 }
 
@@ -148,65 +159,45 @@ mod avx512 {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Rows `0..m` of the job, in tiles of [`MR`] rows.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn run(
-        a: &[f32],
-        k: usize,
-        m: usize,
-        packed: &[f32],
-        (c0, nc): (usize, usize),
-        bias: &[f32],
-        act: Option<Activation>,
-        residual: Option<&[f32]>,
-        out: &mut [f32],
-        ldo: usize,
-    ) {
-        let job = Job {
-            a: a.as_ptr(),
-            k,
-            packed: packed.as_ptr(),
-            cols: (c0, c0 + nc),
-            bias: bias.as_ptr(),
-            act,
-            residual: residual.map(|r| r.as_ptr()),
-            out: out.as_mut_ptr(),
-            ldo,
-        };
+    pub(super) unsafe fn run(job: &Job, m: usize) {
         let mut r = 0;
         // SAFETY (all tiles): the caller bounds rows < m and columns < c0 + nc.
         unsafe {
             while r + MR <= m {
-                tile::<MR>(&job, r);
+                tile::<MR>(job, r);
                 r += MR;
             }
             match m - r {
                 0 => {}
-                1 => tile::<1>(&job, r),
-                2 => tile::<2>(&job, r),
-                3 => tile::<3>(&job, r),
-                4 => tile::<4>(&job, r),
-                5 => tile::<5>(&job, r),
-                6 => tile::<6>(&job, r),
-                7 => tile::<7>(&job, r),
-                8 => tile::<8>(&job, r),
-                9 => tile::<9>(&job, r),
-                10 => tile::<10>(&job, r),
-                _ => tile::<11>(&job, r),
+                1 => tile::<1>(job, r),
+                2 => tile::<2>(job, r),
+                3 => tile::<3>(job, r),
+                4 => tile::<4>(job, r),
+                5 => tile::<5>(job, r),
+                6 => tile::<6>(job, r),
+                7 => tile::<7>(job, r),
+                8 => tile::<8>(job, r),
+                9 => tile::<9>(job, r),
+                10 => tile::<10>(job, r),
+                _ => tile::<11>(job, r),
             }
         }
     }
 
-    struct Job {
-        a: *const f32,
-        k: usize,
-        packed: *const f32,
-        cols: (usize, usize),
-        bias: *const f32,
-        act: Option<Activation>,
-        residual: Option<*const f32>,
-        out: *mut f32,
-        ldo: usize,
+    /// One [`super::gemm_bias_act`] call, as raw pointers its assert has bounded.
+    pub(super) struct Job {
+        pub a: *const f32,
+        pub k: usize,
+        pub packed: *const f32,
+        /// Output columns `c0..c1`.
+        pub cols: (usize, usize),
+        pub bias: *const f32,
+        pub act: Option<Activation>,
+        pub residual: Option<*const f32>,
+        pub out: *mut f32,
+        pub ldo: usize,
     }
 
     /// Rows `r0..r0 + R` across every panel of the job's columns.
