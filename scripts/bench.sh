@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Reproduces docs/benchmarks.md: the native engine side by side with ONNX Runtime (and PyTorch when
 # installed) on the same weights and input, B0/B1/B3 at native resolution, batch 1, 1 and 2 threads;
-# peak memory of `effnet classify`; callgrind instruction counts per inference.
-#   scripts/bench.sh [ITERS]
+# peak memory of `effnet classify`; callgrind instruction counts per inference; the training step
+# of B0 (32x32, batch 64, 1 thread) beside PyTorch's when torch + torchvision are installed.
+#   [PYTHON=/path/to/python] scripts/bench.sh [ITERS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ITERS=${1:-50}
 cargo build --release --locked -q
 EFFNET=target/release/effnet
-python3 -c "import onnxruntime, onnx, safetensors, numpy" 2>/dev/null ||
-  python3 -m pip install -q onnxruntime onnx safetensors numpy
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c "import onnxruntime, onnx, safetensors, numpy" 2>/dev/null ||
+  "$PYTHON" -m pip install -q onnxruntime onnx safetensors numpy
 
 echo "## Latency (median of $ITERS runs after a warm-up; same weights and input in every runtime)"
 for model in b0 b1 b3; do
   for threads in 1 2; do
-    "$EFFNET" bench "$model" --threads "$threads" --iters "$ITERS" --reference
+    "$EFFNET" bench "$model" --threads "$threads" --iters "$ITERS" --reference --python "$PYTHON"
     echo
   done
 done
@@ -46,3 +48,7 @@ count() {
 one=$(count 1)
 three=$(count 3)
 echo "$(( (three - one) / 2 )) instructions per inference"
+
+echo
+echo "## Training step: B0 at 32x32, batch 64, 1 thread (PyTorch: torchvision efficientnet_b0 + RMSprop)"
+"$EFFNET" bench b0 --train --threads 1 --iters 20 --reference --python "$PYTHON"
