@@ -1,26 +1,49 @@
-//! AVX-512 GEMM for the 1x1 and im2col convolutions: weights packed once into 32-column panels,
-//! a 12 x 32 register tile (24 accumulators) per step, and bias + activation + residual applied in
-//! registers before the single store. Hand-written because the `gemm` crate repacks the weights on
-//! every call and cannot fuse the epilogue; `effnet bench --profile` shows the difference (the
-//! `pointwise` line). CPUs without AVX-512 keep the `gemm` crate path.
+//! GEMM for the 1x1 and im2col convolutions: weights packed once into 32-column panels, a register
+//! tile of rows x 32 columns (AVX-512: 12 rows, 24 accumulators; AVX2 + FMA: 3 rows, 12), and bias
+//! + activation + residual applied in registers before the single store. Hand-written because the
+//! `gemm` crate repacks the weights on every call and cannot fuse the epilogue; `effnet bench
+//! --profile` shows the difference (the `pointwise` line). Other CPUs keep the `gemm` crate path.
 
 use crate::spec::Activation;
 
-/// Columns per packed panel (two 16-lane vectors).
+/// Columns per packed panel (two AVX-512 or four AVX2 vectors).
 pub const NR: usize = 32;
-/// Rows per register tile.
-const MR: usize = 12;
+
+/// Which instruction set runs the kernel on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+    None,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests run the AVX2 kernel on AVX-512 machines too.
+    static FORCE_AVX2: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[cfg(test)]
+        if FORCE_AVX2.get() && avx2::supported() {
+            return Isa::Avx2;
+        }
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") {
+            return Isa::Avx512;
+        }
+        if has!("avx2") && has!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::None
+}
 
 /// Whether this CPU runs the kernel.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    isa() != Isa::None
 }
 
 /// Packs row-major `w [k x n]` into panels of [`NR`] columns: panel `p` is `k` rows of 32 values
@@ -98,7 +121,12 @@ pub fn gemm_bias_act(
         };
         // SAFETY: the assert checks the CPU feature and bounds every row, column and panel read
         // or written: rows < m, columns < c0 + nc (stores are masked to it), panels < (c0 + nc) / NR.
-        unsafe { avx512::run(&job, m) }
+        unsafe {
+            match isa() {
+                Isa::Avx512 => avx512::run(&job, m),
+                _ => avx2::run(&job, m),
+            }
+        }
     }
 }
 
@@ -106,8 +134,11 @@ pub fn gemm_bias_act(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::NR;
     use crate::spec::Activation;
+
+    /// Rows per register tile.
+    const MR: usize = 12;
 
     /// e^x with `kernels::exp`'s reduction and polynomial, 16 lanes; the 2^n scaling by `scalef`
     /// saturates to 0 / inf by itself, so no clamping (fewer instructions per SiLU).
@@ -225,23 +256,161 @@ mod avx512 {
             let col = p * NR;
             let width = (c1 - col).min(NR);
             let (m0, m1) = (mask(width), mask(width.saturating_sub(16)));
-            // SAFETY: masked loads and stores touch columns col..col + width <= c1 only.
+            // SAFETY: masked loads and stores touch columns col..col + width <= c1 only (pointers
+            // to masked-off lanes may lie past the buffer, hence `wrapping_add`).
             unsafe {
-                let bias0 = _mm512_maskz_loadu_ps(m0, j.bias.add(col));
-                let bias1 = _mm512_maskz_loadu_ps(m1, j.bias.add(col + 16));
+                let bias0 = _mm512_maskz_loadu_ps(m0, j.bias.wrapping_add(col));
+                let bias1 = _mm512_maskz_loadu_ps(m1, j.bias.wrapping_add(col + 16));
                 for i in 0..R {
                     let at = (r0 + i) * j.ldo + col;
                     let mut v0 = activate(_mm512_add_ps(lo[i], bias0), j.act);
                     let mut v1 = activate(_mm512_add_ps(hi[i], bias1), j.act);
                     if let Some(res) = j.residual {
-                        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, res.add(at)));
-                        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, res.add(at + 16)));
+                        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, res.wrapping_add(at)));
+                        v1 =
+                            _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, res.wrapping_add(at + 16)));
                     }
-                    _mm512_mask_storeu_ps(j.out.add(at), m0, v0);
-                    _mm512_mask_storeu_ps(j.out.add(at + 16), m1, v1);
+                    _mm512_mask_storeu_ps(j.out.wrapping_add(at), m0, v0);
+                    _mm512_mask_storeu_ps(j.out.wrapping_add(at + 16), m1, v1);
                 }
             }
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::NR;
+    use super::avx512::Job;
+    use crate::spec::Activation;
+
+    /// Rows per register tile: 3 x 4 accumulators of the 16 AVX2 registers.
+    const MR: usize = 3;
+
+    /// e^x exactly as `kernels::exp`, 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let r = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
+        let n = _mm256_sub_ps(r, magic);
+        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), f);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5e-1,
+        ] {
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+        }
+        let e = _mm256_add_ps(
+            _mm256_fmadd_ps(_mm256_mul_ps(p, f), f, f),
+            _mm256_set1_ps(1.0),
+        );
+        let shifted = _mm256_slli_epi32::<23>(_mm256_castps_si256(r));
+        _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), shifted))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn activate(x: __m256, act: Option<Activation>) -> __m256 {
+        match act {
+            None => x,
+            Some(Activation::Silu) => {
+                let neg = _mm256_sub_ps(_mm256_setzero_ps(), x);
+                _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), exp(neg)))
+            }
+            Some(Activation::Relu6) => {
+                _mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), _mm256_set1_ps(6.0))
+            }
+        }
+    }
+
+    /// Lanes `0..width` (clamped to 0..=8) set.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mask(width: usize) -> __m256i {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(width.min(8) as i32), lanes)
+    }
+
+    /// Rows `0..m` of the job, in tiles of [`MR`] rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn run(job: &Job, m: usize) {
+        let mut r = 0;
+        // SAFETY (all tiles): the caller bounds rows < m and columns < c0 + nc.
+        unsafe {
+            while r + MR <= m {
+                tile::<MR>(job, r);
+                r += MR;
+            }
+            match m - r {
+                0 => {}
+                1 => tile::<1>(job, r),
+                _ => tile::<2>(job, r),
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + R` across every panel of the job's columns.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
+        let (c0, c1) = j.cols;
+        for p in c0 / NR..c1.div_ceil(NR) {
+            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            // SAFETY: panel p < c1 / NR holds k rows of NR values; rows r0 + i < m have k values.
+            unsafe {
+                let b = j.packed.add(p * j.k * NR);
+                let a = j.a.add(r0 * j.k);
+                for kk in 0..j.k {
+                    let bk = b.add(kk * NR);
+                    let bv = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(bk.add(o)));
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let av = _mm256_broadcast_ss(&*a.add(i * j.k + kk));
+                        for (v, bq) in row.iter_mut().zip(bv) {
+                            *v = _mm256_fmadd_ps(av, bq, *v);
+                        }
+                    }
+                }
+            }
+            let col = p * NR;
+            let width = (c1 - col).min(NR);
+            let masks = [0, 8, 16, 24].map(|o| mask(width.saturating_sub(o)));
+            // SAFETY: masked loads and stores touch columns col..col + width <= c1 only (pointers
+            // to masked-off lanes may lie past the buffer, hence `wrapping_add`).
+            unsafe {
+                let bias = [0, 8, 16, 24]
+                    .map(|o| _mm256_maskload_ps(j.bias.wrapping_add(col + o), masks[o / 8]));
+                for (i, row) in acc.iter().enumerate() {
+                    let at = (r0 + i) * j.ldo + col;
+                    for (q, v) in row.iter().enumerate() {
+                        let mut v = activate(_mm256_add_ps(*v, bias[q]), j.act);
+                        if let Some(res) = j.residual {
+                            v = _mm256_add_ps(
+                                v,
+                                _mm256_maskload_ps(res.wrapping_add(at + 8 * q), masks[q]),
+                            );
+                        }
+                        _mm256_maskstore_ps(j.out.wrapping_add(at + 8 * q), masks[q], v);
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn supported() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
 }
 
@@ -251,8 +420,23 @@ mod tests {
 
     #[test]
     fn matches_a_plain_matmul_with_epilogue() {
+        check_against_plain_matmul();
+    }
+
+    #[test]
+    fn avx2_kernel_matches_a_plain_matmul_with_epilogue() {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::supported() {
+            FORCE_AVX2.set(true);
+            assert_eq!(isa(), Isa::Avx2);
+            check_against_plain_matmul();
+            FORCE_AVX2.set(false);
+        }
+    }
+
+    fn check_against_plain_matmul() {
         if !available() {
-            eprintln!("no AVX-512 here: kernel not exercised");
+            eprintln!("no AVX-512 or AVX2 here: kernel not exercised");
             return;
         }
         let val = |i: usize| ((i * 7919) % 97) as f32 / 48.0 - 1.0;
@@ -302,6 +486,14 @@ mod tests {
 
     #[test]
     fn silu_saturates_without_overflow() {
+        for force_avx2 in [false, true] {
+            FORCE_AVX2.set(force_avx2);
+            silu_extremes();
+        }
+        FORCE_AVX2.set(false);
+    }
+
+    fn silu_extremes() {
         if !available() {
             return;
         }
