@@ -1,6 +1,6 @@
 //! GEMM for the 1x1 and im2col convolutions: weights packed once into 32-column panels, a register
-//! tile of rows x 32 columns (AVX-512: 12 rows, 24 accumulators; AVX2 + FMA: 3 rows, 12), and bias
-//! + activation + residual applied in registers before the single store. Hand-written because the
+//! tile of rows x 32 columns (AVX-512: 12 rows, 24 accumulators; AVX2 + FMA: 3 rows, 12), and
+//! bias, activation and residual applied in registers before the single store. Hand-written because the
 //! `gemm` crate repacks the weights on every call and cannot fuse the epilogue; `effnet bench
 //! --profile` shows the difference (the `pointwise` line). Other CPUs keep the `gemm` crate path.
 
