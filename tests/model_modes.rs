@@ -120,3 +120,47 @@ fn loaded_weights_stay_trainable_on_an_autodiff_device() {
     assert!(model.stem.conv.weight.val().grad(&grads).is_some());
     assert!(model.classifier.weight.val().grad(&grads).is_some());
 }
+
+#[test]
+fn frozen_batch_norm_keeps_its_statistics_while_convolutions_train() {
+    let ad = Device::flex().autodiff();
+    // No dropout or stochastic depth: training-mode outputs are then deterministic.
+    let mut spec = variant("b0").unwrap();
+    (spec.dropout, spec.drop_connect_rate) = (0.0, 0.0);
+    let model = EfficientNet::new(&spec, &ad).freeze_batch_norm();
+    let before = export_weights(&model);
+    let x = input(2, 32, 32, &ad);
+    let grads = model.forward(x.clone()).sum().backward();
+    let after = export_weights(&model);
+    for name in [
+        "stem.bn.running_mean",
+        "blocks.3.dw.bn.running_var",
+        "head.bn.running_mean",
+    ] {
+        assert_eq!(before[name], after[name], "{name} changed");
+    }
+    assert!(
+        model.stem.conv.weight.val().grad(&grads).is_some(),
+        "convs still train"
+    );
+    assert!(
+        model.stem.bn.gamma.val().grad(&grads).is_none(),
+        "BN affine is fixed"
+    );
+    // Inference-mode BN: the same input gives the same output regardless of the batch around it.
+    let one = model.forward(x.clone().slice([0..1])).into_data();
+    let both = model.forward(x).slice([0..1]).into_data();
+    one.assert_approx_eq::<f32>(&both, burn::tensor::Tolerance::absolute(1e-4));
+    // Without freezing, batch statistics move the running averages and the output of one image
+    // depends on the batch it is in.
+    let model = EfficientNet::new(&spec, &ad);
+    let before = export_weights(&model);
+    let x = input(2, 32, 32, &ad);
+    let both = vec(model.forward(x.clone()).slice([0..1]));
+    assert_ne!(
+        before["stem.bn.running_mean"],
+        export_weights(&model)["stem.bn.running_mean"]
+    );
+    let one = vec(model.forward(x.slice([0..1])));
+    assert!(one.iter().zip(&both).any(|(a, b)| (a - b).abs() > 1e-3));
+}

@@ -271,6 +271,10 @@ pub struct FinetuneArgs {
     /// Learning-rate factor for phase 2, when every layer trains.
     #[arg(long, default_value_t = 0.1)]
     unfrozen_lr_scale: f64,
+    /// Keep BatchNorm in inference mode with the checkpoint's statistics and affine parameters
+    /// throughout (Keras' fine-tuning recipe); convolutions and the classifier still train.
+    #[arg(long)]
+    freeze_bn: bool,
     #[command(flatten)]
     run: RunFlags,
 }
@@ -287,6 +291,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         epochs: args.epochs,
         freeze_epochs: args.freeze_epochs,
         unfrozen_lr_scale: args.unfrozen_lr_scale,
+        freeze_bn: args.freeze_bn,
         mean: p.mean,
         std: p.std,
         padding: set.meta.padding,

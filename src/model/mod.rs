@@ -76,6 +76,14 @@ impl ConvBn {
         }
     }
 
+    /// BN in inference mode with its statistics and affine parameters fixed; the conv still trains.
+    fn freeze_bn(self) -> Self {
+        ConvBn {
+            bn: self.bn.freeze(),
+            ..self
+        }
+    }
+
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = self.bn.forward(self.conv.forward(x));
         match &self.act {
@@ -275,6 +283,28 @@ impl EfficientNet {
             .iter()
             .map(|t| (t.reduction, t.channels))
             .collect()
+    }
+
+    /// Puts every BatchNorm in inference mode with fixed statistics and affine parameters while the
+    /// convolutions keep training: Keras' recipe for fine-tuning, so that small or differently
+    /// distributed data does not overwrite the pretrained statistics.
+    pub fn freeze_batch_norm(self) -> Self {
+        let blocks = self
+            .blocks
+            .into_iter()
+            .map(|b| Block {
+                expand: b.expand.map(ConvBn::freeze_bn),
+                dw: b.dw.map(ConvBn::freeze_bn),
+                project: b.project.map(ConvBn::freeze_bn),
+                ..b
+            })
+            .collect();
+        EfficientNet {
+            stem: self.stem.freeze_bn(),
+            blocks,
+            head: self.head.freeze_bn(),
+            ..self
+        }
     }
 
     /// Freezes the stem and every block (fine-tuning the head and classifier only).

@@ -92,6 +92,9 @@ pub struct TrainConfig {
     pub padding: crate::spec::Padding,
     /// Fine-tuning: learning-rate factor once the whole network trains.
     pub unfrozen_lr_scale: f64,
+    /// Keep every BatchNorm in inference mode with fixed statistics and affine parameters (the
+    /// Keras fine-tuning recipe); convolutions and the classifier still train.
+    pub freeze_bn: bool,
 }
 
 impl Default for TrainConfig {
@@ -137,6 +140,7 @@ impl Default for TrainConfig {
             std: [127.5; 3],
             padding: crate::spec::Padding::Same,
             unfrozen_lr_scale: 1.0,
+            freeze_bn: false,
         }
     }
 }
@@ -734,9 +738,15 @@ pub fn train(
     if frozen(progress.epoch) {
         model = model.freeze_backbone();
     }
+    if cfg.freeze_bn {
+        model = model.freeze_batch_norm();
+    }
     for epoch in progress.epoch..cfg.epochs {
         if cfg.freeze_epochs > 0 && epoch == cfg.freeze_epochs {
             model = model.unfreeze();
+            if cfg.freeze_bn {
+                model = model.freeze_batch_norm();
+            }
         }
         let lr_scale = if cfg.freeze_epochs > 0 && !frozen(epoch) {
             cfg.unfrozen_lr_scale
