@@ -148,19 +148,19 @@ fn frozen_batch_norm_keeps_its_statistics_while_convolutions_train() {
         "BN affine is fixed"
     );
     // Inference-mode BN: the same input gives the same output regardless of the batch around it.
-    let one = model.forward(x.clone().slice([0..1])).into_data();
-    let both = model.forward(x).slice([0..1]).into_data();
+    let one = model.forward(x.clone().narrow(0, 0, 1)).into_data();
+    let both = model.forward(x).narrow(0, 0, 1).into_data();
     one.assert_approx_eq::<f32>(&both, burn::tensor::Tolerance::absolute(1e-4));
     // Without freezing, batch statistics move the running averages and the output of one image
     // depends on the batch it is in.
     let model = EfficientNet::new(&spec, &ad);
     let before = export_weights(&model);
     let x = input(2, 32, 32, &ad);
-    let both = vec(model.forward(x.clone()).slice([0..1]));
+    let both = vec(model.forward(x.clone()).narrow(0, 0, 1));
     assert_ne!(
         before["stem.bn.running_mean"],
         export_weights(&model)["stem.bn.running_mean"]
     );
-    let one = vec(model.forward(x.slice([0..1])));
+    let one = vec(model.forward(x.narrow(0, 0, 1)));
     assert!(one.iter().zip(&both).any(|(a, b)| (a - b).abs() > 1e-3));
 }
