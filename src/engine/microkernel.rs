@@ -239,22 +239,34 @@ mod avx512 {
         for p in c0 / NR..c1.div_ceil(NR) {
             let mut lo = [_mm512_setzero_ps(); R];
             let mut hi = [_mm512_setzero_ps(); R];
+            let col = p * NR;
+            let width = (c1 - col).min(NR);
             // SAFETY: panel p < c1 / NR holds k rows of NR values; rows r0 + i < m have k values.
             unsafe {
                 let b = j.packed.add(p * j.k * NR);
                 let a = j.a.add(r0 * j.k);
-                for kk in 0..j.k {
-                    let b0 = _mm512_loadu_ps(b.add(kk * NR));
-                    let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
-                    for i in 0..R {
-                        let av = _mm512_set1_ps(*a.add(i * j.k + kk));
-                        lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
-                        hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+                if width > 16 {
+                    for kk in 0..j.k {
+                        let b0 = _mm512_loadu_ps(b.add(kk * NR));
+                        let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+                        for i in 0..R {
+                            let av = _mm512_set1_ps(*a.add(i * j.k + kk));
+                            lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
+                            hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+                        }
+                    }
+                } else {
+                    // A panel of at most 16 live columns (16, 40, 80, 112... channels): half the
+                    // multiply-adds; `hi` stays zero and is masked off below.
+                    for kk in 0..j.k {
+                        let b0 = _mm512_loadu_ps(b.add(kk * NR));
+                        for i in 0..R {
+                            let av = _mm512_set1_ps(*a.add(i * j.k + kk));
+                            lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
+                        }
                     }
                 }
             }
-            let col = p * NR;
-            let width = (c1 - col).min(NR);
             let (m0, m1) = (mask(width), mask(width.saturating_sub(16)));
             // SAFETY: masked loads and stores touch columns col..col + width <= c1 only (pointers
             // to masked-off lanes may lie past the buffer, hence `wrapping_add`).
