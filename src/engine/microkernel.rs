@@ -60,32 +60,17 @@ pub fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     out
 }
 
-/// `dst = src` (packed, `k` rows per panel) with row `kk` of every panel scaled by `gates[kk]`:
-/// the SE gate folded into the projection weights.
-pub fn scale_packed(dst: &mut [f32], src: &[f32], gates: &[f32]) {
-    let k = gates.len();
-    for (i, (d, s)) in dst
-        .chunks_exact_mut(NR)
-        .zip(src.chunks_exact(NR))
-        .enumerate()
-    {
-        let g = gates[i % k];
-        for (d, s) in d.iter_mut().zip(s) {
-            *d = s * g;
-        }
-    }
-}
-
 /// One block of a convolution as GEMM: `out[r][c] = act(sum_kk a[r][kk] w[kk][c] + bias[c])`
 /// (+ `residual[r][c]`) for rows `0..m` and columns `c0..c0 + nc`; `a` is `m x k` row-major, `out`
 /// and `residual` rows are `ldo` apart, `packed` comes from [`pack`] and `c0` is a multiple of
-/// [`NR`].
+/// [`NR`]. With `gate` (length `k`), weight row `kk` is scaled by `gate[kk]` as it is loaded (the
+/// SE gate of one image applied to the projection without touching activations or weights).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bias_act(
     a: &[f32],
     k: usize,
     m: usize,
-    packed: &[f32],
+    (packed, gate): (&[f32], Option<&[f32]>),
     (c0, nc): (usize, usize),
     bias: &[f32],
     act: Option<Activation>,
@@ -105,6 +90,7 @@ pub fn gemm_bias_act(
             && bias.len() >= c0 + nc
             && out.len() >= end
             && residual.is_none_or(|r| r.len() >= end)
+            && gate.is_none_or(|g| g.len() >= k)
     );
     #[cfg(target_arch = "x86_64")]
     {
@@ -118,6 +104,7 @@ pub fn gemm_bias_act(
             residual: residual.map(|r| r.as_ptr()),
             out: out.as_mut_ptr(),
             ldo,
+            gate: gate.map(|g| g.as_ptr()),
         };
         // SAFETY: the assert checks the CPU feature and bounds every row, column and panel read
         // or written: rows < m, columns < c0 + nc (stores are masked to it), panels < (c0 + nc) / NR.
@@ -193,26 +180,37 @@ mod avx512 {
     /// Rows `0..m` of the job, in tiles of [`MR`] rows.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn run(job: &Job, m: usize) {
+        // SAFETY: as `rows`.
+        unsafe {
+            match job.gate {
+                Some(_) => rows::<true>(job, m),
+                None => rows::<false>(job, m),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows<const G: bool>(job: &Job, m: usize) {
         let mut r = 0;
         // SAFETY (all tiles): the caller bounds rows < m and columns < c0 + nc.
         unsafe {
             while r + MR <= m {
-                tile::<MR>(job, r);
+                tile::<MR, G>(job, r);
                 r += MR;
             }
             match m - r {
                 0 => {}
-                1 => tile::<1>(job, r),
-                2 => tile::<2>(job, r),
-                3 => tile::<3>(job, r),
-                4 => tile::<4>(job, r),
-                5 => tile::<5>(job, r),
-                6 => tile::<6>(job, r),
-                7 => tile::<7>(job, r),
-                8 => tile::<8>(job, r),
-                9 => tile::<9>(job, r),
-                10 => tile::<10>(job, r),
-                _ => tile::<11>(job, r),
+                1 => tile::<1, G>(job, r),
+                2 => tile::<2, G>(job, r),
+                3 => tile::<3, G>(job, r),
+                4 => tile::<4, G>(job, r),
+                5 => tile::<5, G>(job, r),
+                6 => tile::<6, G>(job, r),
+                7 => tile::<7, G>(job, r),
+                8 => tile::<8, G>(job, r),
+                9 => tile::<9, G>(job, r),
+                10 => tile::<10, G>(job, r),
+                _ => tile::<11, G>(job, r),
             }
         }
     }
@@ -229,12 +227,14 @@ mod avx512 {
         pub residual: Option<*const f32>,
         pub out: *mut f32,
         pub ldo: usize,
+        /// Per-row scale of the weights (`k` values).
+        pub gate: Option<*const f32>,
     }
 
     /// Rows `r0..r0 + R` across every panel of the job's columns.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
+    unsafe fn tile<const R: usize, const G: bool>(j: &Job, r0: usize) {
         let (c0, c1) = j.cols;
         for p in c0 / NR..c1.div_ceil(NR) {
             let mut lo = [_mm512_setzero_ps(); R];
@@ -245,10 +245,17 @@ mod avx512 {
             unsafe {
                 let b = j.packed.add(p * j.k * NR);
                 let a = j.a.add(r0 * j.k);
+                // Without a gate the scaling compiles away (G is a constant).
+                let g = |kk: usize| match j.gate {
+                    Some(g) if G => _mm512_set1_ps(*g.add(kk)),
+                    _ => _mm512_set1_ps(1.0),
+                };
+                let scale = |v: __m512, g: __m512| if G { _mm512_mul_ps(v, g) } else { v };
                 if width > 16 {
                     for kk in 0..j.k {
-                        let b0 = _mm512_loadu_ps(b.add(kk * NR));
-                        let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+                        let gk = g(kk);
+                        let b0 = scale(_mm512_loadu_ps(b.add(kk * NR)), gk);
+                        let b1 = scale(_mm512_loadu_ps(b.add(kk * NR + 16)), gk);
                         for i in 0..R {
                             let av = _mm512_set1_ps(*a.add(i * j.k + kk));
                             lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
@@ -259,7 +266,7 @@ mod avx512 {
                     // A panel of at most 16 live columns (16, 40, 80, 112... channels): half the
                     // multiply-adds; `hi` stays zero and is masked off below.
                     for kk in 0..j.k {
-                        let b0 = _mm512_loadu_ps(b.add(kk * NR));
+                        let b0 = scale(_mm512_loadu_ps(b.add(kk * NR)), g(kk));
                         for i in 0..R {
                             let av = _mm512_set1_ps(*a.add(i * j.k + kk));
                             lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
@@ -358,17 +365,28 @@ mod avx2 {
     /// Rows `0..m` of the job, in tiles of [`MR`] rows.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn run(job: &Job, m: usize) {
+        // SAFETY: as `rows`.
+        unsafe {
+            match job.gate {
+                Some(_) => rows::<true>(job, m),
+                None => rows::<false>(job, m),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows<const G: bool>(job: &Job, m: usize) {
         let mut r = 0;
         // SAFETY (all tiles): the caller bounds rows < m and columns < c0 + nc.
         unsafe {
             while r + MR <= m {
-                tile::<MR>(job, r);
+                tile::<MR, G>(job, r);
                 r += MR;
             }
             match m - r {
                 0 => {}
-                1 => tile::<1>(job, r),
-                _ => tile::<2>(job, r),
+                1 => tile::<1, G>(job, r),
+                _ => tile::<2, G>(job, r),
             }
         }
     }
@@ -376,7 +394,7 @@ mod avx2 {
     /// Rows `r0..r0 + R` across every panel of the job's columns.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
+    unsafe fn tile<const R: usize, const G: bool>(j: &Job, r0: usize) {
         let (c0, c1) = j.cols;
         for p in c0 / NR..c1.div_ceil(NR) {
             let mut acc = [[_mm256_setzero_ps(); 4]; R];
@@ -387,6 +405,11 @@ mod avx2 {
                 for kk in 0..j.k {
                     let bk = b.add(kk * NR);
                     let bv = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(bk.add(o)));
+                    // Without a gate this compiles away (G is a constant).
+                    let bv = match j.gate {
+                        Some(g) if G => bv.map(|v| _mm256_mul_ps(v, _mm256_set1_ps(*g.add(kk)))),
+                        _ => bv,
+                    };
                     for (i, row) in acc.iter_mut().enumerate() {
                         let av = _mm256_broadcast_ss(&*a.add(i * j.k + kk));
                         for (v, bq) in row.iter_mut().zip(bv) {
@@ -471,7 +494,18 @@ mod tests {
                     let split = if n > NR { NR } else { n };
                     for (c0, nc) in [(0, split), (split, n - split)] {
                         let r = residual;
-                        gemm_bias_act(&a, k, m, &packed, (c0, nc), &bias, act, r, &mut out, n);
+                        gemm_bias_act(
+                            &a,
+                            k,
+                            m,
+                            (&packed, None),
+                            (c0, nc),
+                            &bias,
+                            act,
+                            r,
+                            &mut out,
+                            n,
+                        );
                     }
                     for r in 0..m {
                         for c in 0..n {
@@ -513,7 +547,18 @@ mod tests {
         let packed = pack(&[0.0; 8], 1, 8);
         let mut out = [f32::NAN; 8];
         let act = Some(Activation::Silu);
-        gemm_bias_act(&[1.0], 1, 1, &packed, (0, 8), &bias, act, None, &mut out, 8);
+        gemm_bias_act(
+            &[1.0],
+            1,
+            1,
+            (&packed, None),
+            (0, 8),
+            &bias,
+            act,
+            None,
+            &mut out,
+            8,
+        );
         for (o, b) in out.iter().zip(bias) {
             let want = b / (1.0 + (-b as f64).exp() as f32);
             assert!(
@@ -524,18 +569,41 @@ mod tests {
     }
 
     #[test]
-    fn scaled_panels_equal_packed_scaled_rows() {
-        let (k, n) = (3, 40);
-        let w: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
-        let gates = [2.0, 0.5, -1.0];
-        let scaled: Vec<f32> = w
-            .chunks_exact(n)
-            .zip(gates)
-            .flat_map(|(row, g)| row.iter().map(move |v| v * g))
-            .collect();
-        let packed = pack(&w, k, n);
-        let mut dst = vec![0.0; packed.len()];
-        scale_packed(&mut dst, &packed, &gates);
-        assert_eq!(dst, pack(&scaled, k, n));
+    fn gates_scale_the_weight_rows() {
+        for force_avx2 in [false, true] {
+            FORCE_AVX2.set(force_avx2);
+            if !available() {
+                continue;
+            }
+            let (m, k, n) = (5, 3, 40);
+            let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| (i % 9) as f32 - 4.0).collect();
+            let gates = [2.0, 0.5, -1.0];
+            let scaled: Vec<f32> = w
+                .chunks_exact(n)
+                .zip(gates)
+                .flat_map(|(row, g)| row.iter().map(move |v| v * g))
+                .collect();
+            let bias = vec![0.0; n];
+            let run = |packed: &[f32], gate: Option<&[f32]>| {
+                let mut out = vec![0.0; m * n];
+                gemm_bias_act(
+                    &a,
+                    k,
+                    m,
+                    (packed, gate),
+                    (0, n),
+                    &bias,
+                    None,
+                    None,
+                    &mut out,
+                    n,
+                );
+                out
+            };
+            let gated = run(&pack(&w, k, n), Some(&gates));
+            assert_eq!(gated, run(&pack(&scaled, k, n), None));
+        }
+        FORCE_AVX2.set(false);
     }
 }

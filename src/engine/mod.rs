@@ -234,9 +234,11 @@ fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, l
 /// `out = act(a · weight + bias)` (+ `residual`) for `m` rows and columns `c0..c0 + nc` of a conv
 /// with `cout` columns (`out` and `residual` hold the block's rows at full width): the AVX-512
 /// kernel when the weights are packed, else the `gemm` crate and a separate epilogue.
+#[allow(clippy::too_many_arguments)]
 fn gemm_bias_act(
     conv: &Conv,
     weight: &[f32],
+    gate: Option<&[f32]>,
     a: &[f32],
     m: usize,
     (c0, nc): (usize, usize),
@@ -252,7 +254,7 @@ fn gemm_bias_act(
             a,
             k,
             m,
-            weight,
+            (weight, gate),
             (c0, nc),
             bias,
             conv.act,
@@ -262,6 +264,7 @@ fn gemm_bias_act(
         );
         return;
     }
+    assert!(gate.is_none(), "input gates need the microkernel");
     matmul(a, &weight[c0..], &mut out[c0..], m, k, nc, cout);
     if nc == cout {
         kernels::bias_act(&mut out[..m * cout], &conv.bias, conv.act, residual);
@@ -521,9 +524,9 @@ impl Engine {
         }
         let (hh, hw) = self.pointwise(
             self.head.gemm_weight(),
+            None,
             &self.head,
-            &a.x,
-            &mut a.y,
+            (&a.x, &mut a.y),
             n,
             shape,
             None,
@@ -575,6 +578,7 @@ impl Engine {
         }
         let (mh, mw) = cur;
         let mut scaled_weight = false;
+        let mut gate = None;
         if let Some(se) = &b.se {
             let _t = profile::scope("squeeze-excite");
             let c = se.channels;
@@ -611,15 +615,13 @@ impl Engine {
             }
             kernels::sigmoid_inplace(&mut gates);
             match &b.project {
+                // One image on the microkernel: it scales the weight rows as it loads them.
+                Some(p) if n == 1 && !p.packed.is_empty() => gate = Some(gates),
                 // One image with more pixels than output channels: gating the weights is cheaper.
                 Some(p) if n == 1 && mh * mw > p.cout => {
-                    let len = p.gemm_weight().len();
+                    let len = p.weight.len();
                     grow(&mut a.weight, len);
-                    if p.packed.is_empty() {
-                        kernels::scale_rows_from(&mut a.weight[..len], &p.weight, &gates);
-                    } else {
-                        microkernel::scale_packed(&mut a.weight[..len], &p.packed, &gates);
-                    }
+                    kernels::scale_rows_from(&mut a.weight[..len], &p.weight, &gates);
                     scaled_weight = true;
                 }
                 _ => {
@@ -646,7 +648,8 @@ impl Engine {
                 } else {
                     p.gemm_weight()
                 };
-                self.pointwise(weight, p, mid, &mut a.y, n, cur, residual)
+                let io = (&mid[..], &mut a.y);
+                self.pointwise(weight, gate.as_deref(), p, io, n, cur, residual)
             }
             None => {
                 // Fused-MBConv with e = 1: the expand conv is the whole block.
@@ -682,7 +685,8 @@ impl Engine {
             ConvKind::Full => "full conv (im2col+gemm)",
         });
         if conv.kind == ConvKind::Pointwise {
-            return self.pointwise(conv.gemm_weight(), conv, input, out, n, (h, w), None);
+            let io = (input, out);
+            return self.pointwise(conv.gemm_weight(), None, conv, io, n, (h, w), None);
         }
         grow(out, n * out_len);
         // Parallel parts: bands of output rows of each image.
@@ -759,7 +763,7 @@ impl Engine {
                     };
                     drop(im2col);
                     let a = &scratch[..m * row_len];
-                    gemm_bias_act(conv, conv.gemm_weight(), a, m, (0, cout), None, dst);
+                    gemm_bias_act(conv, conv.gemm_weight(), None, a, m, (0, cout), None, dst);
                 });
             });
         }
@@ -772,9 +776,9 @@ impl Engine {
     fn pointwise(
         &self,
         weight: &[f32],
+        gate: Option<&[f32]>,
         conv: &Conv,
-        input: &[f32],
-        out: &mut Vec<f32>,
+        (input, out): (&[f32], &mut Vec<f32>),
         n: usize,
         (h, w): (usize, usize),
         residual: Option<&[f32]>,
@@ -811,7 +815,7 @@ impl Engine {
             let dst = unsafe { shared_out.slice(r0 * cout, m * cout) };
             let res = residual.map(|res| &res[r0 * cout..(r0 + m) * cout]);
             let a = &input[r0 * cin..(r0 + m) * cin];
-            gemm_bias_act(conv, weight, a, m, (c0, nc), res, dst);
+            gemm_bias_act(conv, weight, gate, a, m, (c0, nc), res, dst);
         });
         (h, w)
     }
