@@ -267,9 +267,9 @@ mod avx512 {
                     // multiply-adds; `hi` stays zero and is masked off below.
                     for kk in 0..j.k {
                         let b0 = scale(_mm512_loadu_ps(b.add(kk * NR)), g(kk));
-                        for i in 0..R {
+                        for (i, l) in lo.iter_mut().enumerate() {
                             let av = _mm512_set1_ps(*a.add(i * j.k + kk));
-                            lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
+                            *l = _mm512_fmadd_ps(av, b0, *l);
                         }
                     }
                 }
