@@ -42,7 +42,8 @@ struct Conv {
     cin: usize,
     cout: usize,
     weight: Vec<f32>,
-    /// `weight` packed for [`microkernel`] (empty for depthwise or without AVX-512).
+    /// `weight` packed for [`microkernel`] (empty for depthwise or without AVX2/AVX-512; when
+    /// present, `weight` is empty).
     packed: Vec<f32>,
     bias: Vec<f32>,
     act: Option<Activation>,
@@ -133,6 +134,8 @@ fn fold(
     } else {
         Vec::new()
     };
+    // Keep one copy: the packed weights replace the plain ones.
+    let weight = if packed.is_empty() { weight } else { Vec::new() };
     Ok(Conv {
         kind,
         kernel: k,
