@@ -135,7 +135,11 @@ fn fold(
         Vec::new()
     };
     // Keep one copy: the packed weights replace the plain ones.
-    let weight = if packed.is_empty() { weight } else { Vec::new() };
+    let weight = if packed.is_empty() {
+        weight
+    } else {
+        Vec::new()
+    };
     Ok(Conv {
         kind,
         kernel: k,
