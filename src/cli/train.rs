@@ -206,6 +206,8 @@ fn execute(
     if let Some(b) = budget {
         b(&mut cfg, train_raw.len());
     }
+    // Before the images are resized (the slow part) and anything is printed.
+    cfg.validate()?;
     let spec = train_spec(&cfg, base, train_raw.num_classes());
     eprintln!(
         "{} {} on {} ({} train / {} eval images, {} classes) at {r}x{r}, batch {}, {} epoch(s){}; run dir {}",

@@ -173,7 +173,8 @@ impl TrainConfig {
             .map_err(|e: toml::de::Error| anyhow::anyhow!("`--set`: {}", e.message()))
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    /// Checks the values no run can use (`train` calls it too).
+    pub fn validate(&self) -> anyhow::Result<()> {
         if self.batch_size == 0 || self.epochs == 0 || self.resolution < 8 {
             bail!("batch size and epochs must be at least 1 and the resolution at least 8");
         }
