@@ -94,7 +94,7 @@ pub fn gemm_bias_act(
     );
     #[cfg(target_arch = "x86_64")]
     {
-        let job = avx512::Job {
+        let job = Job {
             a: a.as_ptr(),
             k,
             packed: packed.as_ptr(),
@@ -117,11 +117,28 @@ pub fn gemm_bias_act(
     }
 }
 
+/// One [`gemm_bias_act`] call, as raw pointers its assert has bounded; shared by both kernels.
+#[cfg(target_arch = "x86_64")]
+struct Job {
+    a: *const f32,
+    k: usize,
+    packed: *const f32,
+    /// Output columns `c0..c1`.
+    cols: (usize, usize),
+    bias: *const f32,
+    act: Option<Activation>,
+    residual: Option<*const f32>,
+    out: *mut f32,
+    ldo: usize,
+    /// Per-row scale of the weights (`k` values).
+    gate: Option<*const f32>,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::NR;
+    use super::{Job, NR};
     use crate::spec::Activation;
 
     /// Rows per register tile.
@@ -215,22 +232,6 @@ mod avx512 {
         }
     }
 
-    /// One [`super::gemm_bias_act`] call, as raw pointers its assert has bounded.
-    pub(super) struct Job {
-        pub a: *const f32,
-        pub k: usize,
-        pub packed: *const f32,
-        /// Output columns `c0..c1`.
-        pub cols: (usize, usize),
-        pub bias: *const f32,
-        pub act: Option<Activation>,
-        pub residual: Option<*const f32>,
-        pub out: *mut f32,
-        pub ldo: usize,
-        /// Per-row scale of the weights (`k` values).
-        pub gate: Option<*const f32>,
-    }
-
     /// Rows `r0..r0 + R` across every panel of the job's columns.
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -301,8 +302,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::NR;
-    use super::avx512::Job;
+    use super::{Job, NR};
     use crate::spec::Activation;
 
     /// Rows per register tile: 3 x 4 accumulators of the 16 AVX2 registers.
