@@ -182,14 +182,17 @@ impl Augment {
     pub fn apply(&self, img: &RgbImage, rng: &mut StdRng) -> RgbImage {
         let mut out = match self.crop {
             Crop::Padded { pad } => {
+                // Progressive learning trains below the stored size; otherwise no copy.
+                let resized;
                 let img = if img.dimensions() != (self.size as u32, self.size as u32) {
-                    resize(img, self.size, self.size, Interpolation::Bilinear)
+                    resized = resize(img, self.size, self.size, Interpolation::Bilinear);
+                    &resized
                 } else {
-                    img.clone()
+                    img
                 };
                 let p = pad as i64;
                 let (dy, dx) = (rng.random_range(-p..=p), rng.random_range(-p..=p));
-                let mut out = shift(&img, -dx, -dy, 0);
+                let mut out = shift(img, -dx, -dy, 0);
                 if self.flip && rng.random_bool(0.5) {
                     image::imageops::flip_horizontal_in_place(&mut out);
                 }
