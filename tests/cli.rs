@@ -262,6 +262,13 @@ fn convert_round_trips_through_safetensors() {
 }
 
 /// A tiny IDX dataset under `home/data`, named as `--dataset` takes it.
+/// The final weights a training run wrote to `dir`.
+fn run_weights(dir: &Path) -> effnet::weights::TensorMap {
+    effnet::weights::read_tensors(&dir.join("weights.safetensors"))
+        .unwrap()
+        .0
+}
+
 fn tiny_dataset(home: &Path, n: usize) -> String {
     let data = home.join("data");
     std::fs::create_dir(&data).unwrap();
@@ -459,12 +466,7 @@ fn an_interrupted_run_resumes_bit_for_bit() {
         home.path(),
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let read = |d: &Path| {
-        effnet::weights::read_tensors(&d.join("weights.safetensors"))
-            .unwrap()
-            .0
-    };
-    let (a, b) = (read(&whole), read(&split));
+    let (a, b) = (run_weights(&whole), run_weights(&split));
     let differing: Vec<&String> = a.keys().filter(|k| a[*k] != b[*k]).collect();
     assert!(
         differing.is_empty(),
@@ -593,9 +595,7 @@ fn mixup_and_cutmix_runs_are_reproducible() {
             home.path(),
         );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        effnet::weights::read_tensors(&out.join("weights.safetensors"))
-            .unwrap()
-            .0
+        run_weights(&out)
     };
     let (a, b) = (run("a"), run("b"));
     assert!(
@@ -629,9 +629,7 @@ fn augmentation_and_progressive_learning_are_reproducible_and_recorded() {
         args.extend_from_slice(extra);
         let o = effnet(&args, home.path());
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let weights = effnet::weights::read_tensors(&out.join("weights.safetensors"))
-            .unwrap()
-            .0;
+        let weights = run_weights(&out);
         let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
         (weights, config)
     };
