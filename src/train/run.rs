@@ -62,6 +62,9 @@ pub struct TrainConfig {
     pub augment: Policy,
     /// Inception-style random-resized crop (area 0.08-1) instead of a shift of up to side/8 pixels.
     pub random_resized_crop: bool,
+    /// Largest random shift of the padded crop, as a fraction of the image side (0 turns it off;
+    /// 1/8 is the CIFAR-style 4 pixels at 32).
+    pub shift: f64,
     /// Progressive learning (EfficientNetV2): this many stages (0 = off; the paper uses 4), each
     /// ramping image size, RandAugment magnitude, mixup alpha and dropout up to the run's values.
     pub progressive_stages: usize,
@@ -122,6 +125,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.1,
             augment: Policy::None,
             random_resized_crop: false,
+            shift: 0.125,
             progressive_stages: 0,
             progressive_min_resolution: 0,
             progressive_min_magnitude: 5.0,
@@ -183,6 +187,9 @@ impl TrainConfig {
         {
             bail!("dropout and drop_connect_rate must be in [0, 1)");
         }
+        if !(0.0..=0.5).contains(&self.shift) {
+            bail!("shift must be in [0, 0.5] (a fraction of the image side)");
+        }
         if self.progressive_stages > self.epochs {
             bail!(
                 "progressive learning needs at least one epoch per stage ({} stages, {} epochs)",
@@ -215,7 +222,7 @@ impl TrainConfig {
             Crop::RandomResized
         } else {
             Crop::Padded {
-                pad: (self.resolution / 8).max(1),
+                pad: self.shift_pad(self.resolution),
             }
         };
         let mut stage = Stage {
@@ -254,7 +261,7 @@ impl TrainConfig {
         }
         stage.augment.crop = match crop {
             Crop::Padded { .. } => Crop::Padded {
-                pad: (stage.augment.size / 8).max(1),
+                pad: self.shift_pad(stage.augment.size),
             },
             c => c,
         };
@@ -263,6 +270,14 @@ impl TrainConfig {
         let p = self.dropout.unwrap_or(model_dropout);
         stage.dropout = Some(ramp(self.progressive_min_dropout.min(p), p));
         stage
+    }
+
+    /// The padded crop's largest shift in pixels at image side `side` (at least 1 unless off).
+    fn shift_pad(&self, side: usize) -> usize {
+        match self.shift {
+            0.0 => 0,
+            f => ((side as f64 * f).round() as usize).max(1),
+        }
     }
 }
 
@@ -948,6 +963,22 @@ mod tests {
         };
         assert_eq!(small.stage(0, 0.2).augment.size, 20);
         assert_eq!(small.stage(7, 0.2).augment.size, 32);
+    }
+
+    #[test]
+    fn shift_sets_the_padded_crop_and_zero_turns_it_off() {
+        let pad = |shift: f64| {
+            let cfg = TrainConfig {
+                shift,
+                ..TrainConfig::default()
+            };
+            cfg.validate().map(|_| cfg.stage(0, 0.2).augment.crop)
+        };
+        assert_eq!(pad(0.125).unwrap(), Crop::Padded { pad: 4 });
+        assert_eq!(pad(0.25).unwrap(), Crop::Padded { pad: 8 });
+        assert_eq!(pad(0.0).unwrap(), Crop::Padded { pad: 0 });
+        assert_eq!(pad(0.001).unwrap(), Crop::Padded { pad: 1 });
+        assert!(pad(0.6).unwrap_err().to_string().contains("shift"));
     }
 
     #[test]
