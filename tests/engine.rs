@@ -81,3 +81,36 @@ fn engine_matches_the_burn_model_on_every_family() {
         assert!(diff <= 1e-4 * scale.max(1.0), "{name}: {diff}");
     }
 }
+
+#[test]
+fn threads_and_batches_split_the_work_without_changing_the_answer() {
+    // Several threads cut the fused expand + depthwise into row bands that recompute their halo
+    // rows, and batches change how parts are cut: all must match one thread, one image at a time.
+    for (name, padding, h, w) in [
+        ("b0", Padding::Same, 67, 90),
+        ("lite0", Padding::Symmetric, 64, 48),
+        ("v2-b0", Padding::Same, 96, 64),
+    ] {
+        let set = random_set(name, padding);
+        let per_image = 3 * h * w;
+        let data: Vec<f32> = (0..3 * per_image)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let mut one = Engine::new(&set).unwrap();
+        let want: Vec<f32> = (0..3)
+            .flat_map(|i| one.forward(&data[i * per_image..(i + 1) * per_image], 1, h, w))
+            .collect();
+        let classes = want.len() / 3;
+        for threads in [2, 3] {
+            for batch in [1, 2, 3] {
+                let mut engine = Engine::new(&set).unwrap().with_threads(threads);
+                let got = engine.forward(&data[..batch * per_image], batch, h, w);
+                let diff = max_abs_diff(&got, &want[..batch * classes]);
+                assert!(
+                    diff <= 1e-5,
+                    "{name} {threads} threads batch {batch}: {diff}"
+                );
+            }
+        }
+    }
+}

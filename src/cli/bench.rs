@@ -119,7 +119,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             engine.forward(&input, n, res, res);
         }
         let report = effnet::engine::profile::report();
+        let layers = effnet::engine::profile::report_layers();
         effnet::engine::profile::enable(false);
+        let sum: f64 = layers.iter().map(|l| l.median.as_secs_f64()).sum();
+        eprintln!(
+            "engine layers (median per call; share of their sum {:.2} ms):",
+            sum * 1e3
+        );
+        for l in &layers {
+            let s = l.median.as_secs_f64();
+            eprintln!(
+                "  {:<44} {:>7.3} ms {:>5.1}% {:>6.1} GMAC/s",
+                l.label,
+                s * 1e3,
+                100.0 * s / sum,
+                l.macs as f64 / s / 1e9
+            );
+        }
         let total: f64 = report.iter().map(|(_, d, _)| d.as_secs_f64()).sum();
         eprintln!("engine profile (per inference; nested scopes overlap):");
         for (name, d, calls) in report {

@@ -263,7 +263,8 @@ fn dw_interior<const K: usize>(
 }
 
 simd_dispatch! {
-    /// NHWC depthwise conv of one image into `out`, which holds output rows `rows` only, with bias +
+    /// NHWC depthwise conv of one image into `out`, which holds output rows `rows` only, reading
+    /// `input` as the image's rows from `in_row0` on (all those the taps of `rows` touch), with bias +
     /// activation fused. When `pool` is given, adds each output channel's sum over these rows to it
     /// (for SE). Interior pixels of 3x3 and 5x5 kernels take [`dw_interior`] (weights in registers
     /// per 16-channel block, FMA); borders and other shapes accumulate per pixel in blocks of
@@ -275,6 +276,7 @@ simd_dispatch! {
         out: &mut [f32],
         g: Geometry,
         rows: std::ops::Range<usize>,
+        in_row0: usize,
         act: Option<Activation>,
         pool: Option<&mut [f32]>,
     ) {
@@ -293,6 +295,8 @@ simd_dispatch! {
             for oy in rows.clone() {
                 let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
                 let ky = (-iy0).max(0) as usize..(g.in_h as isize - iy0).min(k).max(0) as usize;
+                // Row of `input` that image row iy0 would be (only taps in `ky` are read).
+                let iy0 = iy0 - in_row0 as isize;
                 let row_len = g.out_w * c;
                 let out_row = &mut out[(oy - rows.start) * row_len..][..row_len];
                 let full_rows = ky.len() == g.kernel;

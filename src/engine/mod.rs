@@ -36,6 +36,8 @@ enum ConvKind {
 /// A convolution with its BN folded in.
 #[derive(Debug, Clone)]
 struct Conv {
+    /// Weight path (`blocks.3.expand`), for `bench --profile`.
+    name: String,
     kind: ConvKind,
     kernel: usize,
     stride: usize,
@@ -62,6 +64,7 @@ impl Conv {
 
 #[derive(Debug, Clone)]
 struct Se {
+    name: String,
     channels: usize,
     reduced: usize,
     w1: Vec<f32>,
@@ -141,6 +144,7 @@ fn fold(
         Vec::new()
     };
     Ok(Conv {
+        name: path.to_string(),
         kind,
         kernel: k,
         stride,
@@ -368,6 +372,7 @@ impl Engine {
                     let w2 = tensor(t, &format!("{p}.se.expand.weight"))?;
                     let channels = tensor(t, &format!("{p}.se.expand.bias"))?.len();
                     Some(Se {
+                        name: format!("{p}.se"),
                         channels,
                         reduced,
                         w1: transpose_dense(w1, reduced),
@@ -570,11 +575,25 @@ impl Engine {
         let mut at = Buf::X;
         let mut cur = shape;
         let mut pool = Vec::new();
-        if let Some(e) = &b.expand {
+        let fused = match (&b.expand, &b.dw) {
+            (Some(e), Some(dw)) if e.kind == ConvKind::Pointwise && self.fuse(dw, n, cur.0) => {
+                pool = if b.se.is_some() {
+                    vec![0.0; n * dw.cout]
+                } else {
+                    Vec::new()
+                };
+                let p = (!pool.is_empty()).then_some(pool.as_mut_slice());
+                cur = self.expand_depthwise(e, dw, &a.x, &mut a.t2, n, cur, p);
+                at = Buf::T2;
+                true
+            }
+            _ => false,
+        };
+        if let Some(e) = b.expand.as_ref().filter(|_| !fused) {
             cur = self.conv(e, &a.x, &mut a.t1, n, cur, None);
             at = Buf::T1;
         }
-        if let Some(dw) = &b.dw {
+        if let Some(dw) = b.dw.as_ref().filter(|_| !fused) {
             if b.se.is_some() {
                 pool = vec![0.0; n * dw.cout];
             }
@@ -587,8 +606,12 @@ impl Engine {
         let mut scaled_weight = false;
         let mut gate = None;
         if let Some(se) = &b.se {
-            let _t = profile::scope("squeeze-excite");
             let c = se.channels;
+            let _t = profile::layer(
+                "squeeze-excite",
+                || format!("{} {c}->{}->{c}", se.name, se.reduced),
+                || (n * 2 * c * se.reduced) as u64,
+            );
             let mid = if at == Buf::T2 { &mut a.t2 } else { &mut a.t1 };
             let img_len = mh * mw * c;
             if pool.is_empty() {
@@ -686,15 +709,30 @@ impl Engine {
         let g = geometry(self.spec.padding, h, w, conv.kernel, conv.stride);
         let (cin, cout) = (conv.cin, conv.cout);
         let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * cout);
-        let _t = profile::scope(match conv.kind {
-            ConvKind::Pointwise => "",
-            ConvKind::Depthwise => "depthwise",
-            ConvKind::Full => "full conv (im2col+gemm)",
-        });
         if conv.kind == ConvKind::Pointwise {
             let io = (input, out);
             return self.pointwise(conv.gemm_weight(), None, conv, io, n, (h, w), None);
         }
+        let _t = profile::layer(
+            match conv.kind {
+                ConvKind::Depthwise => "depthwise",
+                _ => "full conv (im2col+gemm)",
+            },
+            || {
+                let (k, s) = (conv.kernel, conv.stride);
+                format!("{} {k}x{k}/{s} {cin}->{cout} {h}x{w}", conv.name)
+            },
+            || {
+                let per_out = conv.kernel
+                    * conv.kernel
+                    * if conv.kind == ConvKind::Depthwise {
+                        1
+                    } else {
+                        cin
+                    };
+                (n * out_len * per_out) as u64
+            },
+        );
         grow(out, n * out_len);
         // Parallel parts: bands of output rows of each image.
         let rows_per_part = match conv.kind {
@@ -734,6 +772,7 @@ impl Engine {
                     dst,
                     g,
                     rows,
+                    0,
                     conv.act,
                     p,
                 );
@@ -777,6 +816,138 @@ impl Engine {
         (g.out_h, g.out_w)
     }
 
+    /// Bands of output rows per image in [`Engine::expand_depthwise`]: one per thread unless there
+    /// are images enough for all threads (each band boundary recomputes a few expanded rows).
+    fn fused_bands(&self, n: usize) -> usize {
+        match self.active_threads() {
+            t if n >= t => 1,
+            t => t,
+        }
+    }
+
+    /// Whether to fuse an expansion with depthwise conv `dw` on `h` input rows: always on one band
+    /// (it saves writing and re-reading the expanded tensor), else while the rows recomputed at
+    /// band boundaries add at most 10 % to the expansion.
+    fn fuse(&self, dw: &Conv, n: usize, h: usize) -> bool {
+        let halo = dw.kernel.saturating_sub(dw.stride);
+        (self.fused_bands(n) - 1) * halo * 10 <= h
+    }
+
+    /// Expand 1x1 conv + depthwise conv without materialising the expanded tensor: each part (a
+    /// band of output rows of one image) expands just the input rows its next few output rows read
+    /// into a buffer that stays in L2, keeping the rows it shares with the following step, and runs
+    /// the depthwise kernel on it. `pool` as in [`Engine::conv`].
+    #[allow(clippy::too_many_arguments)]
+    fn expand_depthwise(
+        &self,
+        e: &Conv,
+        dw: &Conv,
+        input: &[f32],
+        out: &mut Vec<f32>,
+        n: usize,
+        (h, w): (usize, usize),
+        pool: Option<&mut [f32]>,
+    ) -> (usize, usize) {
+        let g = geometry(self.spec.padding, h, w, dw.kernel, dw.stride);
+        let (cin, c) = (e.cin, e.cout);
+        let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * c);
+        let _t = profile::layer(
+            "expand+depthwise",
+            || {
+                let (k, s) = (dw.kernel, dw.stride);
+                format!("{} 1x1 {cin}->{c} + {k}x{k}/{s} {h}x{w}", e.name)
+            },
+            || (n * (h * w * cin * c + out_len * dw.kernel * dw.kernel)) as u64,
+        );
+        grow(out, n * out_len);
+        let rows_per_part = g.out_h.div_ceil(self.fused_bands(n)).max(1);
+        let bands = g.out_h.div_ceil(rows_per_part);
+        let parts = n * bands;
+        let band = |part: usize| {
+            let (img, b) = (part / bands, part % bands);
+            let rows = b * rows_per_part..((b + 1) * rows_per_part).min(g.out_h);
+            (img, rows)
+        };
+        // Output rows per step: their expanded input rows fill about FUSED_BYTES.
+        let row_len = w * c;
+        let in_rows = (FUSED_BYTES / (4 * row_len)).max(dw.kernel + dw.stride);
+        let step = ((in_rows - dw.kernel) / dw.stride + 1).max(1);
+        let first_row = |oy: usize| (oy * dw.stride).saturating_sub(g.pad_top).min(h);
+        let end_row = |oy: usize| {
+            (oy * dw.stride + dw.kernel)
+                .saturating_sub(g.pad_top)
+                .min(h)
+        };
+        let mut partial = vec![0.0f32; if pool.is_some() { parts * c } else { 0 }];
+        let shared_partial = SharedMut::new(&mut partial);
+        let with_pool = pool.is_some();
+        let shared_out = SharedMut::new(out);
+        self.run_parts(parts, &|part| {
+            let (img, rows) = band(part);
+            let x = &input[img * in_len..(img + 1) * in_len];
+            // SAFETY: parts write disjoint row bands of `out` and their own row of `partial`.
+            let mut p = with_pool.then(|| unsafe { shared_partial.slice(part * c, c) });
+            FUSED.with_borrow_mut(|buf| {
+                // `buf` holds the expanded input rows lo..hi.
+                let (mut lo, mut hi) = (0, 0);
+                for r0 in rows.clone().step_by(step) {
+                    let r1 = (r0 + step).min(rows.end);
+                    let (need_lo, need_hi) = (first_row(r0), end_row(r1 - 1));
+                    if (lo..hi).contains(&need_lo) {
+                        buf.copy_within((need_lo - lo) * row_len..(hi - lo) * row_len, 0);
+                    } else {
+                        hi = need_lo;
+                    }
+                    lo = need_lo;
+                    grow(buf, (need_hi - lo) * row_len);
+                    if need_hi > hi {
+                        let a = &x[hi * w * cin..need_hi * w * cin];
+                        let dst = &mut buf[(hi - lo) * row_len..(need_hi - lo) * row_len];
+                        gemm_bias_act(
+                            e,
+                            e.gemm_weight(),
+                            None,
+                            a,
+                            (need_hi - hi) * w,
+                            (0, c),
+                            None,
+                            dst,
+                        );
+                        hi = need_hi;
+                    }
+                    let out_row = g.out_w * c;
+                    // SAFETY: as above.
+                    let dst = unsafe {
+                        shared_out.slice(img * out_len + r0 * out_row, (r1 - r0) * out_row)
+                    };
+                    kernels::depthwise(
+                        &buf[..(hi - lo) * row_len],
+                        &dw.weight,
+                        &dw.bias,
+                        dst,
+                        g,
+                        r0..r1,
+                        lo,
+                        dw.act,
+                        p.as_deref_mut(),
+                    );
+                }
+            });
+        });
+        if let Some(pool) = pool {
+            for part in 0..parts {
+                let img = band(part).0;
+                for (p, v) in pool[img * c..(img + 1) * c]
+                    .iter_mut()
+                    .zip(&partial[part * c..(part + 1) * c])
+                {
+                    *p += v;
+                }
+            }
+        }
+        (g.out_h, g.out_w)
+    }
+
     /// 1x1 conv over all `n * h * w` rows, split into row chunks (and column blocks when there are
     /// few rows) across the pool, bias + activation (+ residual) fused on each cache-hot block.
     #[allow(clippy::too_many_arguments)]
@@ -790,9 +961,13 @@ impl Engine {
         (h, w): (usize, usize),
         residual: Option<&[f32]>,
     ) -> (usize, usize) {
-        let _t = profile::scope("pointwise (gemm+epilogue)");
         let rows = n * h * w;
         let (cin, cout) = (conv.cin, conv.cout);
+        let _t = profile::layer(
+            "pointwise (gemm+epilogue)",
+            || format!("{} 1x1 {cin}->{cout} {h}x{w}", conv.name),
+            || (rows * cin * cout) as u64,
+        );
         grow(out, rows * cout);
         let threads = self.pool.threads();
         // Several parts per thread: a worker preempted mid-part (loaded machine) holds back little.
@@ -831,7 +1006,12 @@ impl Engine {
 thread_local! {
     /// im2col buffer of each thread (reused across calls).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Expanded rows of each thread in [`Engine::expand_depthwise`] (reused across calls).
+    static FUSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Bytes of expanded rows [`Engine::expand_depthwise`] keeps per step (half a typical L2).
+const FUSED_BYTES: usize = 512 * 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Buf {
