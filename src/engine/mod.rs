@@ -545,6 +545,11 @@ impl Engine {
         );
         let c = self.head.cout;
         let classes = self.fc_b.len();
+        let _t = profile::layer(
+            "pool + classifier",
+            || format!("pool + classifier {c}->{classes}"),
+            || (n * c * classes) as u64,
+        );
         let mut logits = vec![0.0; n * classes];
         let mut pooled = vec![0.0; c];
         for img in 0..n {
