@@ -264,7 +264,8 @@ fn dw_interior<const K: usize>(
 
 simd_dispatch! {
     /// NHWC depthwise conv of one image into `out`, which holds output rows `rows` only, reading
-    /// `input` as the image's rows from `in_row0` on (all those the taps of `rows` touch), with bias +
+    /// `input` as the image's rows from `in_row0` on (all those the taps of `rows` touch), for
+    /// `channels` of the `bias.len()` (other channels of `out` are left alone), with bias +
     /// activation fused. When `pool` is given, adds each output channel's sum over these rows to it
     /// (for SE). Interior pixels of 3x3 and 5x5 kernels take [`dw_interior`] (weights in registers
     /// per 16-channel block, FMA); borders and other shapes accumulate per pixel in blocks of
@@ -277,10 +278,12 @@ simd_dispatch! {
         g: Geometry,
         rows: std::ops::Range<usize>,
         in_row0: usize,
+        channels: std::ops::Range<usize>,
         act: Option<Activation>,
         pool: Option<&mut [f32]>,
     ) {
         let c = bias.len();
+        let (c0, c1) = (channels.start, channels.end);
         let k = g.kernel as isize;
         let mut pool = pool;
         // Output columns whose taps all lie inside the input.
@@ -301,9 +304,9 @@ simd_dispatch! {
                 let out_row = &mut out[(oy - rows.start) * row_len..][..row_len];
                 let full_rows = ky.len() == g.kernel;
                 let interior = if fast && full_rows { x_lo..x_hi } else { 0..0 };
-                let mut cb_fast = 0;
+                let mut cb_fast = c0;
                 if !interior.is_empty() {
-                    while cb_fast + 16 <= c {
+                    while cb_fast + 16 <= c1 {
                         let sum = if g.kernel == 3 {
                             dw_interior::<3>(input, weight, bias, out_row, c, cb_fast, &g, iy0 as usize, interior.clone(), f)
                         } else {
@@ -319,8 +322,8 @@ simd_dispatch! {
                 }
                 for ox in 0..g.out_w {
                     // Interior pixels only need the channels the fast path left over.
-                    let cb0 = if interior.contains(&ox) { cb_fast } else { 0 };
-                    if cb0 == c {
+                    let cb0 = if interior.contains(&ox) { cb_fast } else { c0 };
+                    if cb0 == c1 {
                         continue;
                     }
                     let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
@@ -328,19 +331,19 @@ simd_dispatch! {
                     let o = &mut out_row[ox * c..][..c];
                     let taps = || (ky.clone(), kx.clone(), iy0, ix0);
                     let mut cb = cb0;
-                    while cb + 64 <= c {
+                    while cb + 64 <= c1 {
                         dw_pixel::<64>(input, weight, bias, o, c, cb, &g, taps(), f, pool.as_deref_mut());
                         cb += 64;
                     }
-                    while cb + 16 <= c {
+                    while cb + 16 <= c1 {
                         dw_pixel::<16>(input, weight, bias, o, c, cb, &g, taps(), f, pool.as_deref_mut());
                         cb += 16;
                     }
-                    while cb + 8 <= c {
+                    while cb + 8 <= c1 {
                         dw_pixel::<8>(input, weight, bias, o, c, cb, &g, taps(), f, pool.as_deref_mut());
                         cb += 8;
                     }
-                    while cb < c {
+                    while cb < c1 {
                         dw_pixel::<1>(input, weight, bias, o, c, cb, &g, taps(), f, pool.as_deref_mut());
                         cb += 1;
                     }

@@ -580,20 +580,21 @@ impl Engine {
         let mut at = Buf::X;
         let mut cur = shape;
         let mut pool = Vec::new();
-        let fused = match (&b.expand, &b.dw) {
-            (Some(e), Some(dw)) if e.kind == ConvKind::Pointwise && self.fuse(dw, n, cur.0) => {
-                pool = if b.se.is_some() {
-                    vec![0.0; n * dw.cout]
-                } else {
-                    Vec::new()
-                };
-                let p = (!pool.is_empty()).then_some(pool.as_mut_slice());
-                cur = self.expand_depthwise(e, dw, &a.x, &mut a.t2, n, cur, p);
-                at = Buf::T2;
-                true
-            }
-            _ => false,
+        let split = match (&b.expand, &b.dw) {
+            (Some(e), Some(dw)) if e.kind == ConvKind::Pointwise => self.fused_split(dw, n, cur.0),
+            _ => None,
         };
+        if let (Some(split), Some(e), Some(dw)) = (split, &b.expand, &b.dw) {
+            pool = if b.se.is_some() {
+                vec![0.0; n * dw.cout]
+            } else {
+                Vec::new()
+            };
+            let p = (!pool.is_empty()).then_some(pool.as_mut_slice());
+            cur = self.expand_depthwise(e, dw, &a.x, &mut a.t2, n, cur, split, p);
+            at = Buf::T2;
+        }
+        let fused = split.is_some();
         if let Some(e) = b.expand.as_ref().filter(|_| !fused) {
             cur = self.conv(e, &a.x, &mut a.t1, n, cur, None);
             at = Buf::T1;
@@ -778,6 +779,7 @@ impl Engine {
                     g,
                     rows,
                     0,
+                    0..cout,
                     conv.act,
                     p,
                 );
@@ -821,27 +823,30 @@ impl Engine {
         (g.out_h, g.out_w)
     }
 
-    /// Bands of output rows per image in [`Engine::expand_depthwise`]: one per thread unless there
-    /// are images enough for all threads (each band boundary recomputes a few expanded rows).
-    fn fused_bands(&self, n: usize) -> usize {
-        match self.active_threads() {
-            t if n >= t => 1,
-            t => t,
+    /// How [`Engine::expand_depthwise`] splits one image's work across threads, as (bands of output
+    /// rows, blocks of channels), or `None` where fusing does not pay. One part per image when the
+    /// images keep every thread busy; else row bands while the expanded rows recomputed at band
+    /// boundaries add at most 10 % to the expansion; else channel blocks (no overlap, each thread
+    /// expands its own channels).
+    fn fused_split(&self, dw: &Conv, n: usize, h: usize) -> Option<(usize, usize)> {
+        let t = self.active_threads();
+        let halo = dw.kernel.saturating_sub(dw.stride);
+        if n >= t {
+            Some((1, 1))
+        } else if (t - 1) * halo * 10 <= h {
+            Some((t, 1))
+        } else if dw.cout >= microkernel::NR * t {
+            Some((1, t))
+        } else {
+            None
         }
     }
 
-    /// Whether to fuse an expansion with depthwise conv `dw` on `h` input rows: always on one band
-    /// (it saves writing and re-reading the expanded tensor), else while the rows recomputed at
-    /// band boundaries add at most 10 % to the expansion.
-    fn fuse(&self, dw: &Conv, n: usize, h: usize) -> bool {
-        let halo = dw.kernel.saturating_sub(dw.stride);
-        (self.fused_bands(n) - 1) * halo * 10 <= h
-    }
-
     /// Expand 1x1 conv + depthwise conv without materialising the expanded tensor: each part (a
-    /// band of output rows of one image) expands just the input rows its next few output rows read
-    /// into a buffer that stays in L2, keeping the rows it shares with the following step, and runs
-    /// the depthwise kernel on it. `pool` as in [`Engine::conv`].
+    /// band of output rows and block of channels of one image, `split` as from
+    /// [`Engine::fused_split`]) expands just the input rows its next few output rows read into a
+    /// buffer that stays in L2, keeping the rows it shares with the following step, and runs the
+    /// depthwise kernel on it. `pool` as in [`Engine::conv`].
     #[allow(clippy::too_many_arguments)]
     fn expand_depthwise(
         &self,
@@ -851,6 +856,7 @@ impl Engine {
         out: &mut Vec<f32>,
         n: usize,
         (h, w): (usize, usize),
+        (bands, col_parts): (usize, usize),
         pool: Option<&mut [f32]>,
     ) -> (usize, usize) {
         let g = geometry(self.spec.padding, h, w, dw.kernel, dw.stride);
@@ -865,17 +871,29 @@ impl Engine {
             || (n * (h * w * cin * c + out_len * dw.kernel * dw.kernel)) as u64,
         );
         grow(out, n * out_len);
-        let rows_per_part = g.out_h.div_ceil(self.fused_bands(n)).max(1);
+        let rows_per_part = g.out_h.div_ceil(bands).max(1);
         let bands = g.out_h.div_ceil(rows_per_part);
-        let parts = n * bands;
+        // Channel blocks start on packed-panel boundaries.
+        let col_block = c
+            .div_ceil(col_parts)
+            .next_multiple_of(microkernel::NR)
+            .min(c);
+        let col_parts = c.div_ceil(col_block);
+        let parts = n * bands * col_parts;
         let band = |part: usize| {
-            let (img, b) = (part / bands, part % bands);
+            let (img, b, cp) = (
+                part / (bands * col_parts),
+                part / col_parts % bands,
+                part % col_parts,
+            );
             let rows = b * rows_per_part..((b + 1) * rows_per_part).min(g.out_h);
-            (img, rows)
+            let cols = cp * col_block..((cp + 1) * col_block).min(c);
+            (img, rows, cols)
         };
-        // Output rows per step: their expanded input rows fill about FUSED_BYTES.
+        // Output rows per step: their expanded input rows fill about FUSED_BYTES. The buffer's rows
+        // are full width; a part touches only its channels.
         let row_len = w * c;
-        let in_rows = (FUSED_BYTES / (4 * row_len)).max(dw.kernel + dw.stride);
+        let in_rows = (FUSED_BYTES / (4 * w * col_block)).max(dw.kernel + dw.stride);
         let step = ((in_rows - dw.kernel) / dw.stride + 1).max(1);
         let first_row = |oy: usize| (oy * dw.stride).saturating_sub(g.pad_top).min(h);
         let end_row = |oy: usize| {
@@ -888,7 +906,7 @@ impl Engine {
         let with_pool = pool.is_some();
         let shared_out = SharedMut::new(out);
         self.run_parts(parts, &|part| {
-            let (img, rows) = band(part);
+            let (img, rows, cols) = band(part);
             let x = &input[img * in_len..(img + 1) * in_len];
             // SAFETY: parts write disjoint row bands of `out` and their own row of `partial`.
             let mut p = with_pool.then(|| unsafe { shared_partial.slice(part * c, c) });
@@ -908,20 +926,12 @@ impl Engine {
                     if need_hi > hi {
                         let a = &x[hi * w * cin..need_hi * w * cin];
                         let dst = &mut buf[(hi - lo) * row_len..(need_hi - lo) * row_len];
-                        gemm_bias_act(
-                            e,
-                            e.gemm_weight(),
-                            None,
-                            a,
-                            (need_hi - hi) * w,
-                            (0, c),
-                            None,
-                            dst,
-                        );
+                        let (m, cols) = ((need_hi - hi) * w, (cols.start, cols.len()));
+                        gemm_bias_act(e, e.gemm_weight(), None, a, m, cols, None, dst);
                         hi = need_hi;
                     }
                     let out_row = g.out_w * c;
-                    // SAFETY: as above.
+                    // SAFETY: as above; parts that share rows write disjoint channels of them.
                     let dst = unsafe {
                         shared_out.slice(img * out_len + r0 * out_row, (r1 - r0) * out_row)
                     };
@@ -933,6 +943,7 @@ impl Engine {
                         g,
                         r0..r1,
                         lo,
+                        cols.clone(),
                         dw.act,
                         p.as_deref_mut(),
                     );
