@@ -204,11 +204,11 @@ fn dw_pixel<const B: usize>(
 }
 
 /// The interior of one output row (pixels `xs`, whose taps all lie inside the image) for
-/// channels `cb..cb + 16`, with the block's K x K weights held in registers across the row and
+/// channels `cb..cb + W`, with the block's K x K weights held in registers across the row and
 /// fused multiply-adds. Returns the block's sum over these pixels (for SE pooling).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dw_interior<const K: usize>(
+fn dw_interior<const K: usize, const W: usize>(
     input: &[f32],
     weight: &[f32],
     bias: &[f32],
@@ -219,26 +219,26 @@ fn dw_interior<const K: usize>(
     iy0: usize,
     xs: std::ops::Range<usize>,
     f: impl Fn(f32) -> f32,
-) -> [f32; 16] {
-    let mut sum = [0.0f32; 16];
+) -> [f32; W] {
+    let mut sum = [0.0f32; W];
     if xs.is_empty() {
         return sum;
     }
     let ix_last = (xs.end - 1) * g.stride - g.pad_left;
-    // Every load below reads 16 values at or before this index, and every store is inside the row.
+    // Every load below reads W values at or before this index, and every store is inside the row.
     assert!(
-        cb + 16 <= c
-            && ((iy0 + K - 1) * g.in_w + ix_last + K - 1) * c + cb + 16 <= input.len()
-            && (xs.end - 1) * c + cb + 16 <= out_row.len()
+        cb + W <= c
+            && ((iy0 + K - 1) * g.in_w + ix_last + K - 1) * c + cb + W <= input.len()
+            && (xs.end - 1) * c + cb + W <= out_row.len()
             && weight.len() >= K * K * c
     );
-    let mut w = [[[0.0f32; 16]; K]; K];
+    let mut w = [[[0.0f32; W]; K]; K];
     for (ky, wk) in w.iter_mut().enumerate() {
         for (kx, wkk) in wk.iter_mut().enumerate() {
-            wkk.copy_from_slice(&weight[(ky * K + kx) * c + cb..][..16]);
+            wkk.copy_from_slice(&weight[(ky * K + kx) * c + cb..][..W]);
         }
     }
-    let b: [f32; 16] = bias[cb..cb + 16].try_into().expect("16 channels");
+    let b: [f32; W] = bias[cb..cb + W].try_into().expect("W channels");
     let src = input.as_ptr();
     for ox in xs {
         let ix0 = ox * g.stride - g.pad_left;
@@ -247,8 +247,8 @@ fn dw_interior<const K: usize>(
             let row = ((iy0 + ky) * g.in_w + ix0) * c + cb;
             for (kx, wkk) in wk.iter().enumerate() {
                 // SAFETY: the assert above bounds the furthest tap of the row's last pixel.
-                let i = unsafe { &*(src.add(row + kx * c) as *const [f32; 16]) };
-                for j in 0..16 {
+                let i = unsafe { &*(src.add(row + kx * c) as *const [f32; W]) };
+                for j in 0..W {
                     acc[j] = i[j].mul_add(wkk[j], acc[j]);
                 }
             }
@@ -257,7 +257,7 @@ fn dw_interior<const K: usize>(
             *a = f(*a);
             *s += *a;
         }
-        out_row[ox * c + cb..][..16].copy_from_slice(&acc);
+        out_row[ox * c + cb..][..W].copy_from_slice(&acc);
     }
     sum
 }
@@ -306,18 +306,22 @@ simd_dispatch! {
                 let interior = if fast && full_rows { x_lo..x_hi } else { 0..0 };
                 let mut cb_fast = c0;
                 if !interior.is_empty() {
-                    while cb_fast + 16 <= c1 {
-                        let sum = if g.kernel == 3 {
-                            dw_interior::<3>(input, weight, bias, out_row, c, cb_fast, &g, iy0 as usize, interior.clone(), f)
-                        } else {
-                            dw_interior::<5>(input, weight, bias, out_row, c, cb_fast, &g, iy0 as usize, interior.clone(), f)
+                    // Blocks of 16 channels, then one of 8 (channel counts like 24 and 40).
+                    while cb_fast + 8 <= c1 {
+                        let xs = interior.clone();
+                        let iy = iy0 as usize;
+                        let (sum, width): ([f32; 16], usize) = match (g.kernel, cb_fast + 16 <= c1) {
+                            (3, true) => (dw_interior::<3, 16>(input, weight, bias, out_row, c, cb_fast, &g, iy, xs, f), 16),
+                            (5, true) => (dw_interior::<5, 16>(input, weight, bias, out_row, c, cb_fast, &g, iy, xs, f), 16),
+                            (3, false) => (widen(dw_interior::<3, 8>(input, weight, bias, out_row, c, cb_fast, &g, iy, xs, f)), 8),
+                            _ => (widen(dw_interior::<5, 8>(input, weight, bias, out_row, c, cb_fast, &g, iy, xs, f)), 8),
                         };
                         if let Some(p) = pool.as_deref_mut() {
-                            for (p, s) in p[cb_fast..cb_fast + 16].iter_mut().zip(sum) {
+                            for (p, s) in p[cb_fast..cb_fast + width].iter_mut().zip(sum) {
                                 *p += s;
                             }
                         }
-                        cb_fast += 16;
+                        cb_fast += width;
                     }
                 }
                 for ox in 0..g.out_w {
@@ -351,6 +355,13 @@ simd_dispatch! {
             }
         })
     }
+}
+
+#[inline(always)]
+fn widen(x: [f32; 8]) -> [f32; 16] {
+    let mut out = [0.0; 16];
+    out[..8].copy_from_slice(&x);
+    out
 }
 
 #[inline(always)]
