@@ -377,10 +377,34 @@ simd_dispatch! {
     pub fn im2col(input: &[f32], c: usize, g: Geometry, rows: std::ops::Range<usize>, out: &mut [f32]) {
         let k = g.kernel;
         let row_len = k * k * c;
+        let run = k * c;
+        // Output columns whose taps all lie inside the input.
+        let x_lo = g.pad_left.div_ceil(g.stride);
+        let x_hi = if g.in_w + g.pad_left >= k {
+            ((g.in_w + g.pad_left - k) / g.stride + 1).min(g.out_w)
+        } else {
+            0
+        };
         let mut r = 0;
         for oy in rows {
+            let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
+            let rows_inside = iy0 >= 0 && iy0 as usize + k <= g.in_h;
             for ox in 0..g.out_w {
                 let dst = &mut out[r * row_len..(r + 1) * row_len];
+                if rows_inside && (x_lo..x_hi).contains(&ox) {
+                    // All taps inside: k runs of k * c values, no bounds to clip or zeros to fill.
+                    let src = &input[(iy0 as usize * g.in_w + ox * g.stride - g.pad_left) * c..];
+                    for (ky, d) in dst.chunks_exact_mut(run).enumerate() {
+                        let s = &src[ky * g.in_w * c..][..run];
+                        match run {
+                            // A 3x3 RGB stem's rows: a fixed-size copy instead of a call to memcpy.
+                            9 => copy_fixed::<9>(d, s),
+                            _ => d.copy_from_slice(s),
+                        }
+                    }
+                    r += 1;
+                    continue;
+                }
                 let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
                 // Taps kx0..kx1 of a kernel row lie inside the input: in NHWC they are one
                 // contiguous run of (kx1 - kx0) * c values.
@@ -396,13 +420,8 @@ simd_dispatch! {
                     d[..kx0 * c].fill(0.0);
                     d[kx1 * c..].fill(0.0);
                     let src = (iy as usize * g.in_w) as isize + ix0 + kx0 as isize;
-                    let d = &mut d[kx0 * c..kx1 * c];
-                    let s = &input[src as usize * c..][..d.len()];
-                    match d.len() {
-                        // A 3x3 RGB stem's rows: a fixed-size copy instead of a call to memcpy.
-                        9 => copy_fixed::<9>(d, s),
-                        _ => d.copy_from_slice(s),
-                    }
+                    d[kx0 * c..kx1 * c]
+                        .copy_from_slice(&input[src as usize * c..][..(kx1 - kx0) * c]);
                 }
                 r += 1;
             }
