@@ -284,14 +284,19 @@ mod avx512 {
                 for i in 0..R {
                     let at = (r0 + i) * j.ldo + col;
                     let mut v0 = activate(_mm512_add_ps(lo[i], bias0), j.act);
-                    let mut v1 = activate(_mm512_add_ps(hi[i], bias1), j.act);
                     if let Some(res) = j.residual {
                         v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, res.wrapping_add(at)));
-                        v1 =
-                            _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, res.wrapping_add(at + 16)));
                     }
                     _mm512_mask_storeu_ps(j.out.wrapping_add(at), m0, v0);
-                    _mm512_mask_storeu_ps(j.out.wrapping_add(at + 16), m1, v1);
+                    // A half panel has no upper columns: no activation to compute for them.
+                    if width > 16 {
+                        let mut v1 = activate(_mm512_add_ps(hi[i], bias1), j.act);
+                        if let Some(res) = j.residual {
+                            let r1 = _mm512_maskz_loadu_ps(m1, res.wrapping_add(at + 16));
+                            v1 = _mm512_add_ps(v1, r1);
+                        }
+                        _mm512_mask_storeu_ps(j.out.wrapping_add(at + 16), m1, v1);
+                    }
                 }
             }
         }
@@ -428,7 +433,8 @@ mod avx2 {
                     .map(|o| _mm256_maskload_ps(j.bias.wrapping_add(col + o), masks[o / 8]));
                 for (i, row) in acc.iter().enumerate() {
                     let at = (r0 + i) * j.ldo + col;
-                    for (q, v) in row.iter().enumerate() {
+                    // Quarters past the panel's live columns: nothing to activate or store.
+                    for (q, v) in row.iter().enumerate().take(width.div_ceil(8)) {
                         let mut v = activate(_mm256_add_ps(*v, bias[q]), j.act);
                         if let Some(res) = j.residual {
                             v = _mm256_add_ps(
