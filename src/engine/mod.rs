@@ -989,7 +989,10 @@ impl Engine {
         // Several parts per thread: a worker preempted mid-part (loaded machine) holds back little.
         let chunk = chunk_rows(cout)
             .min(rows.div_ceil(PARTS_PER_THREAD * threads))
-            .max(16);
+            .max(16)
+            // Whole 12-row AVX-512 tiles (a multiple of the AVX2 kernel's 3 rows too): a chunk of
+            // 25 rows ran two full tiles and a 1-row one that costs far more per row.
+            .next_multiple_of(12);
         let row_parts = rows.div_ceil(chunk);
         // Few rows (late, small feature maps): split the output channels instead.
         let col_parts = if row_parts < threads && cout >= 32 * threads {
