@@ -242,8 +242,11 @@ fn dw_interior<const K: usize, const W: usize>(
     let src = input.as_ptr();
     for ox in xs {
         let ix0 = ox * g.stride - g.pad_left;
-        let mut acc = b;
-        for (ky, wk) in w.iter().enumerate() {
+        // One accumulator per kernel row: K short chains of multiply-adds instead of one of K * K,
+        // so the core overlaps more pixels.
+        let mut rows = [[0.0f32; W]; K];
+        rows[0] = b;
+        for (ky, (wk, acc)) in w.iter().zip(rows.iter_mut()).enumerate() {
             let row = ((iy0 + ky) * g.in_w + ix0) * c + cb;
             for (kx, wkk) in wk.iter().enumerate() {
                 // SAFETY: the assert above bounds the furthest tap of the row's last pixel.
@@ -251,6 +254,12 @@ fn dw_interior<const K: usize, const W: usize>(
                 for j in 0..W {
                     acc[j] = i[j].mul_add(wkk[j], acc[j]);
                 }
+            }
+        }
+        let mut acc = rows[0];
+        for r in &rows[1..] {
+            for j in 0..W {
+                acc[j] += r[j];
             }
         }
         for (a, s) in acc.iter_mut().zip(sum.iter_mut()) {
