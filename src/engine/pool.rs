@@ -28,6 +28,10 @@ struct Shared {
     generation: AtomicU64,
     remaining: AtomicUsize,
     shutdown: AtomicBool,
+    /// Workers blocked (or about to block) on `work`, and whether `run`'s caller is blocked on
+    /// `done`: a notification is a system call, made only when someone sleeps.
+    sleepers: AtomicUsize,
+    caller_sleeps: AtomicBool,
     job: Mutex<Option<Job>>,
     sleep: Mutex<()>,
     work: Condvar,
@@ -102,17 +106,22 @@ impl Pool {
             parts,
             next: Arc::clone(&next),
         });
-        {
+        // SeqCst pairs with the worker's: either it sees the new generation before blocking, or
+        // this sees it counted among the sleepers (and the lock orders the notification after its
+        // wait began).
+        sh.generation.fetch_add(1, Ordering::SeqCst);
+        if sh.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = sh.sleep.lock().unwrap();
-            sh.generation.fetch_add(1, Ordering::AcqRel);
+            sh.work.notify_all();
         }
-        sh.work.notify_all();
         claim(sh, f, parts, &next);
         if !spin_until(|| sh.remaining.load(Ordering::Acquire) == 0) {
             let mut g = sh.sleep.lock().unwrap();
-            while sh.remaining.load(Ordering::Acquire) != 0 {
+            sh.caller_sleeps.store(true, Ordering::SeqCst);
+            while sh.remaining.load(Ordering::SeqCst) != 0 {
                 g = sh.done.wait(g).unwrap();
             }
+            sh.caller_sleeps.store(false, Ordering::Relaxed);
         }
     }
 }
@@ -124,7 +133,10 @@ fn claim(sh: &Shared, f: &(dyn Fn(usize) + Sync), parts: usize, next: &AtomicUsi
             break;
         }
         f(part);
-        if sh.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // SeqCst pairs with the caller's flag, as in `run`.
+        if sh.remaining.fetch_sub(1, Ordering::SeqCst) == 1
+            && sh.caller_sleeps.load(Ordering::SeqCst)
+        {
             let _g = sh.sleep.lock().unwrap();
             sh.done.notify_all();
         }
@@ -135,12 +147,14 @@ fn worker(sh: &Shared) {
     let mut seen = 0;
     loop {
         let fresh =
-            || sh.generation.load(Ordering::Acquire) != seen || sh.shutdown.load(Ordering::Acquire);
+            || sh.generation.load(Ordering::SeqCst) != seen || sh.shutdown.load(Ordering::SeqCst);
         if !spin_until(fresh) {
             let mut g = sh.sleep.lock().unwrap();
+            sh.sleepers.fetch_add(1, Ordering::SeqCst);
             while !fresh() {
                 g = sh.work.wait(g).unwrap();
             }
+            sh.sleepers.fetch_sub(1, Ordering::Relaxed);
         }
         if sh.shutdown.load(Ordering::Acquire) {
             return;
@@ -207,6 +221,27 @@ mod tests {
                 hits[p].fetch_add(1, Ordering::Relaxed);
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn sleeping_workers_and_caller_are_woken() {
+        // Gaps and parts longer than the spin budget: workers and caller block, and each wake-up
+        // must arrive (a lost one would hang this test).
+        let pool = Pool::new(3);
+        for i in 0..200 {
+            let hits = AtomicUsize::new(0);
+            let slow = i % 3 == 0;
+            pool.run(4, &|p| {
+                if slow && p == 3 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                hits.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(hits.load(Ordering::Relaxed), 4);
+            if i % 2 == 0 {
+                std::thread::sleep(Duration::from_micros(150));
+            }
         }
     }
 
