@@ -785,15 +785,7 @@ impl Engine {
                 );
             });
             if let Some(pool) = pool {
-                for part in 0..parts {
-                    let img = band(part).0;
-                    for (p, v) in pool[img * cout..(img + 1) * cout]
-                        .iter_mut()
-                        .zip(&partial[part * cout..(part + 1) * cout])
-                    {
-                        *p += v;
-                    }
-                }
+                add_partial_pools(pool, &partial, cout, |part| band(part).0);
             }
         } else {
             let row_len = conv.kernel * conv.kernel * cin;
@@ -951,15 +943,7 @@ impl Engine {
             });
         });
         if let Some(pool) = pool {
-            for part in 0..parts {
-                let img = band(part).0;
-                for (p, v) in pool[img * c..(img + 1) * c]
-                    .iter_mut()
-                    .zip(&partial[part * c..(part + 1) * c])
-                {
-                    *p += v;
-                }
-            }
+            add_partial_pools(pool, &partial, c, |part| band(part).0);
         }
         (g.out_h, g.out_w)
     }
@@ -1052,6 +1036,16 @@ struct Arena {
 fn grow(v: &mut Vec<f32>, len: usize) {
     if v.len() < len {
         v.resize(len, 0.0);
+    }
+}
+
+/// Adds each part's row of `c` channel sums in `partial` to the pooled sums of its image.
+fn add_partial_pools(pool: &mut [f32], partial: &[f32], c: usize, image: impl Fn(usize) -> usize) {
+    for (part, sums) in partial.chunks_exact(c).enumerate() {
+        let img = image(part);
+        for (p, v) in pool[img * c..(img + 1) * c].iter_mut().zip(sums) {
+            *p += v;
+        }
     }
 }
 
