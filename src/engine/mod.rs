@@ -303,15 +303,18 @@ pub struct Engine {
     single: std::cell::Cell<bool>,
 }
 
-/// Keeps multi-threading honest on a loaded machine: every [`Adapt::PROBE`]-th pass runs on one
-/// thread, and the engine uses whichever mode has the lower recent average (per input shape). A
-/// worker preempted by another process otherwise stalls every parallel region it joined.
+/// Keeps multi-threading honest on a loaded machine: the engine uses whichever mode (all threads or
+/// one) has the lower recent time per pass (per input shape), and re-times the other on the 4th
+/// pass and every [`Adapt::PROBE`]-th. A worker preempted by another process otherwise stalls every
+/// parallel region it joined.
 #[derive(Default)]
 struct Adapt {
     shape: (usize, usize, usize),
     calls: u64,
     multi: Option<f64>,
     single: Option<f64>,
+    /// Whether the current pass re-times the mode not in use.
+    probing: bool,
 }
 
 impl Adapt {
@@ -328,11 +331,18 @@ impl Adapt {
             };
         }
         self.calls += 1;
+        self.probing = false;
         match (self.multi, self.single) {
             // The first pass (buffer allocation, cold caches) is not recorded.
             (None, _) => false,
             (Some(_), None) => true,
-            _ if self.calls.is_multiple_of(Self::PROBE) => !self.prefers_single(),
+            // The 4th pass re-times the mode not in use at once: the first timing of each mode may
+            // include a worker's first-touch allocations (which kept B0 on one thread for a whole
+            // 50-pass benchmark while two threads were 1.9x faster).
+            _ if self.calls == 4 || self.calls.is_multiple_of(Self::PROBE) => {
+                self.probing = true;
+                !self.prefers_single()
+            }
             _ => self.prefers_single(),
         }
     }
@@ -345,12 +355,18 @@ impl Adapt {
         if self.calls <= 1 {
             return;
         }
+        let probing = self.probing;
         let slot = if single {
             &mut self.single
         } else {
             &mut self.multi
         };
-        *slot = Some(slot.map_or(seconds, |old| 0.75 * old + 0.25 * seconds));
+        // A probe's time replaces the old one (which may date from warm-up or another load); the
+        // mode in use keeps a running average.
+        *slot = Some(match *slot {
+            Some(old) if !probing => 0.75 * old + 0.25 * seconds,
+            _ => seconds,
+        });
     }
 }
 
@@ -1060,4 +1076,48 @@ fn mean_rows(x: &[f32], out: &mut [f32]) {
     }
     let count = (x.len() / c) as f32;
     out.iter_mut().for_each(|o| *o /= count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Adapt;
+
+    /// Feeds `Adapt` the time each mode takes (the first multi-threaded pass timed as a warm-up
+    /// outlier) and returns the modes it chose, true for one thread.
+    fn choices(multi: f64, single: f64, first_multi: f64, passes: usize) -> Vec<bool> {
+        let mut adapt = Adapt::default();
+        let mut seen_multi = 0;
+        (0..passes)
+            .map(|_| {
+                let one = adapt.choose_single(2, (1, 224, 224));
+                let t = if one {
+                    single
+                } else {
+                    seen_multi += 1;
+                    if seen_multi == 2 { first_multi } else { multi }
+                };
+                adapt.record(one, t);
+                one
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_slow_first_timing_does_not_keep_the_engine_on_one_thread() {
+        // Two threads 1.9x faster, but the first recorded multi-threaded pass took 4x as long.
+        let modes = choices(3.2, 6.0, 24.0, 50);
+        assert!(
+            modes[4..].iter().filter(|&&one| one).count() <= 3,
+            "{modes:?}"
+        );
+    }
+
+    #[test]
+    fn a_loaded_machine_settles_on_one_thread() {
+        let modes = choices(9.0, 6.0, 9.0, 50);
+        assert!(
+            modes[4..].iter().filter(|&&one| !one).count() <= 3,
+            "{modes:?}"
+        );
+    }
 }
