@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Reference runtimes for `effnet bench --reference`: the same weights in ONNX Runtime (and PyTorch
-eager when torch is installed), timed the same way. Prints a JSON list of timings on stdout.
+eager when torch is installed, tract at one thread when the `tract` package is), timed the same way.
+Prints a JSON list of timings on stdout.
 
     python3 scripts/bench_reference.py --weights W.safetensors --spec SPEC.json \
         --batch 1 --threads 1 --resolution 224 --iters 30 [--export model.onnx]
@@ -178,7 +179,26 @@ def main():
     if torch is not None:
         torch.set_num_threads(args.threads)
         results.append(torch_timing(torch, tensors, spec, x, args.iters, n))
+    # tract (the `tract` package on PyPI) runs on one thread: timed only beside one-thread runs.
+    if args.threads == 1:
+        try:
+            import tract
+        except ImportError:
+            tract = None
+        if tract is not None:
+            results.append(tract_timing(tract, model, x, args.iters, n))
     json.dump(results, sys.stdout)
+
+
+def tract_timing(tract, model, x, iters, n):
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        open(path, "wb").write(model.SerializeToString())
+        runnable = tract.onnx().load(path).into_model().into_runnable()
+    version = tract.version() if hasattr(tract, "version") else ""
+    return timings(f"tract {version}".strip(), time_it(lambda: runnable.run([x]), iters), n)
 
 
 def torch_timing(torch, tensors, spec, x, iters, n):
