@@ -163,6 +163,20 @@ pub struct Geometry {
     pub pad_left: usize,
 }
 
+impl Geometry {
+    /// Output columns whose taps all lie inside the input (no left or right padding read).
+    #[inline(always)]
+    pub fn interior_cols(&self) -> std::ops::Range<usize> {
+        let lo = self.pad_left.div_ceil(self.stride);
+        let hi = if self.in_w + self.pad_left >= self.kernel {
+            ((self.in_w + self.pad_left - self.kernel) / self.stride + 1).min(self.out_w)
+        } else {
+            0
+        };
+        lo..hi.max(lo)
+    }
+}
+
 /// One output pixel of a depthwise conv for channels `cb..cb + B`, accumulated in registers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -295,14 +309,8 @@ simd_dispatch! {
         let (c0, c1) = (channels.start, channels.end);
         let k = g.kernel as isize;
         let mut pool = pool;
-        // Output columns whose taps all lie inside the input.
-        let x_lo = g.pad_left.div_ceil(g.stride);
-        let x_hi = if g.in_w + g.pad_left >= g.kernel {
-            ((g.in_w + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
-        } else {
-            0
-        };
-        let fast = matches!(g.kernel, 3 | 5) && x_lo < x_hi;
+        let inside = g.interior_cols();
+        let fast = matches!(g.kernel, 3 | 5) && !inside.is_empty();
         with_act!(act, |f| {
             for oy in rows.clone() {
                 let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
@@ -312,7 +320,7 @@ simd_dispatch! {
                 let row_len = g.out_w * c;
                 let out_row = &mut out[(oy - rows.start) * row_len..][..row_len];
                 let full_rows = ky.len() == g.kernel;
-                let interior = if fast && full_rows { x_lo..x_hi } else { 0..0 };
+                let interior = if fast && full_rows { inside.clone() } else { 0..0 };
                 let mut cb_fast = c0;
                 if !interior.is_empty() {
                     // Blocks of 16 channels, then one of 8 (channel counts like 24 and 40).
@@ -387,20 +395,14 @@ simd_dispatch! {
         let k = g.kernel;
         let row_len = k * k * c;
         let run = k * c;
-        // Output columns whose taps all lie inside the input.
-        let x_lo = g.pad_left.div_ceil(g.stride);
-        let x_hi = if g.in_w + g.pad_left >= k {
-            ((g.in_w + g.pad_left - k) / g.stride + 1).min(g.out_w)
-        } else {
-            0
-        };
+        let inside = g.interior_cols();
         let mut r = 0;
         for oy in rows {
             let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
             let rows_inside = iy0 >= 0 && iy0 as usize + k <= g.in_h;
             for ox in 0..g.out_w {
                 let dst = &mut out[r * row_len..(r + 1) * row_len];
-                if rows_inside && (x_lo..x_hi).contains(&ox) {
+                if rows_inside && inside.contains(&ox) {
                     // All taps inside: k runs of k * c values, no bounds to clip or zeros to fill.
                     let src = &input[(iy0 as usize * g.in_w + ox * g.stride - g.pad_left) * c..];
                     for (ky, d) in dst.chunks_exact_mut(run).enumerate() {
