@@ -595,17 +595,16 @@ impl Engine {
         // The running tensor moves x -> t1 (expand) -> t2 (depthwise) -> y (project).
         let mut at = Buf::X;
         let mut cur = shape;
-        let mut pool = Vec::new();
+        // Channel sums for SE, filled by the depthwise conv when there is one.
+        let mut pool = match (&b.dw, &b.se) {
+            (Some(dw), Some(_)) => vec![0.0; n * dw.cout],
+            _ => Vec::new(),
+        };
         let split = match (&b.expand, &b.dw) {
             (Some(e), Some(dw)) if e.kind == ConvKind::Pointwise => self.fused_split(dw, n, cur.0),
             _ => None,
         };
         if let (Some(split), Some(e), Some(dw)) = (split, &b.expand, &b.dw) {
-            pool = if b.se.is_some() {
-                vec![0.0; n * dw.cout]
-            } else {
-                Vec::new()
-            };
             let p = (!pool.is_empty()).then_some(pool.as_mut_slice());
             cur = self.expand_depthwise(e, dw, &a.x, &mut a.t2, n, cur, split, p);
             at = Buf::T2;
@@ -616,9 +615,6 @@ impl Engine {
             at = Buf::T1;
         }
         if let Some(dw) = b.dw.as_ref().filter(|_| !fused) {
-            if b.se.is_some() {
-                pool = vec![0.0; n * dw.cout];
-            }
             let src = if at == Buf::X { &a.x } else { &a.t1 };
             let p = (!pool.is_empty()).then_some(pool.as_mut_slice());
             cur = self.conv(dw, src, &mut a.t2, n, cur, p);
@@ -881,12 +877,7 @@ impl Engine {
         grow(out, n * out_len);
         let rows_per_part = g.out_h.div_ceil(bands).max(1);
         let bands = g.out_h.div_ceil(rows_per_part);
-        // Channel blocks start on packed-panel boundaries.
-        let col_block = c
-            .div_ceil(col_parts)
-            .next_multiple_of(microkernel::NR)
-            .min(c);
-        let col_parts = c.div_ceil(col_block);
+        let (col_block, col_parts) = panel_blocks(c, col_parts);
         let parts = n * bands * col_parts;
         let band = |part: usize| {
             let (img, b, cp) = (
@@ -1000,12 +991,7 @@ impl Engine {
         } else {
             1
         };
-        // Column blocks start on packed-panel boundaries.
-        let col_block = cout
-            .div_ceil(col_parts)
-            .next_multiple_of(microkernel::NR)
-            .min(cout);
-        let col_parts = cout.div_ceil(col_block);
+        let (col_block, col_parts) = panel_blocks(cout, col_parts);
         let shared_out = SharedMut::new(out);
         self.run_parts(row_parts * col_parts, &|part| {
             let (rp, cp) = (part / col_parts, part % col_parts);
@@ -1053,6 +1039,16 @@ fn grow(v: &mut Vec<f32>, len: usize) {
     if v.len() < len {
         v.resize(len, 0.0);
     }
+}
+
+/// `cols` output columns cut into about `parts` blocks that start on packed-panel boundaries:
+/// (block width, number of blocks).
+fn panel_blocks(cols: usize, parts: usize) -> (usize, usize) {
+    let block = cols
+        .div_ceil(parts)
+        .next_multiple_of(microkernel::NR)
+        .min(cols);
+    (block, cols.div_ceil(block))
 }
 
 /// Adds each part's row of `c` channel sums in `partial` to the pooled sums of its image.
