@@ -60,7 +60,7 @@ pub struct TrainConfig {
     pub label_smoothing: f32,
     /// Learned augmentation: `none`, `v0` (AutoAugment) or `rand-nN-mM` (RandAugment).
     pub augment: Policy,
-    /// Inception-style random-resized crop (area 0.08-1) instead of a shift of up to side/8 pixels.
+    /// Inception-style random-resized crop (area 0.08-1) instead of the padded random shift.
     pub random_resized_crop: bool,
     /// Largest random shift of the padded crop, as a fraction of the image side (0 turns it off;
     /// 1/8 is the CIFAR-style 4 pixels at 32).
