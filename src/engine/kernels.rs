@@ -37,6 +37,7 @@ macro_rules! simd_dispatch {
         }
     };
 }
+pub(crate) use simd_dispatch;
 
 /// e^x, branch-free so it vectorises (the scalar libm `expf` does not): n = round(x log2 e) by the
 /// 1.5 * 2^23 trick (its low bits go straight into the exponent field, no float-to-int cast),

@@ -5,6 +5,7 @@
 //! runs on an autodiff device and has not been switched to [`Module::valid`] or frozen, as for burn's
 //! own layers.
 
+mod fused;
 mod init;
 mod load;
 
@@ -13,11 +14,12 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
 };
-use burn::tensor::activation::{relu, sigmoid, silu};
+use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::spec::{Activation, BlockKind, FeatureTap, LayerSpec, ModelSpec, Padding};
 
+pub use fused::FusedOps;
 pub use load::{LoadError, apply_weights, export_weights};
 
 /// Activation as a skipped (non-parameter) module field.
@@ -27,7 +29,7 @@ pub struct Act(pub Activation);
 impl Act {
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match self.0 {
-            Activation::Silu => silu(x),
+            Activation::Silu => fused::silu(x),
             Activation::Relu6 => relu(x).clamp_max(6.0),
         }
     }
@@ -85,7 +87,7 @@ impl ConvBn {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self.bn.forward(self.conv.forward(x));
+        let x = self.bn.forward(fused::depthwise_conv2d(&self.conv, x));
         match &self.act {
             Some(a) => a.forward(x),
             None => x,

@@ -1,0 +1,547 @@
+//! Fused training ops for burn's Flex backend: SiLU and depthwise convolution, each one pass
+//! forward and one pass backward.
+//!
+//! Why: burn composes SiLU as `x * sigmoid(x)` (scalar libm `expf`, four tensor passes forward,
+//! six backward with a second `expf`), and computes a depthwise conv's gradients with a transposed
+//! convolution plus one sliced conv per channel. On the B0 training step those took about a third
+//! of the time (`effnet bench b0 --train`, before/after in docs/benchmarks.md).
+//!
+//! The ops are a burn backend extension implemented for `Flex` and `Autodiff<Flex>` with a
+//! hand-written backward. On any other backend or dtype [`silu`] and [`depthwise_conv2d`] fall
+//! back to burn's own ops, so results never depend on which path ran (tests below compare both).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    Autodiff, Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension,
+};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::engine::kernels::{sigmoid, silu as silu_scalar, simd_dispatch};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    /// x * sigmoid(x).
+    fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Depthwise conv of `x` `[n, c, h, w]` with `weight` `[c, 1, k, k]`, no bias, no dilation;
+    /// `padding` is (top, left, bottom, right).
+    fn fused_depthwise(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self>;
+}
+
+/// SiLU, fused on Flex f32 tensors and burn's `x * sigmoid(x)` elsewhere.
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !runs_fused(&x) {
+        return burn::tensor::activation::silu(x);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_silu(x.into_dispatch()))
+}
+
+/// `conv.forward(x)` for a depthwise `conv` (groups = channels, square kernel, no bias, no
+/// dilation), fused on Flex f32 tensors; any other conv or backend goes through `conv.forward`.
+pub fn depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, channels, h, w] = x.dims();
+    let [k, kw] = conv.kernel_size;
+    let [stride, stride_w] = conv.stride;
+    let depthwise = conv.groups == channels
+        && conv.weight.dims() == [channels, 1, k, k]
+        && k == kw
+        && stride == stride_w
+        && conv.dilation == [1, 1]
+        && conv.bias.is_none();
+    if !depthwise || !runs_fused(&x) {
+        return conv.forward(x);
+    }
+    let padding = match conv.padding {
+        PaddingConfig2d::Valid => [0; 4],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
+        PaddingConfig2d::Same => {
+            // burn's rule (private in burn-nn): TF "same", the odd pixel at the end.
+            let total =
+                |size: usize| ((size.div_ceil(stride) - 1) * stride + k).saturating_sub(size);
+            let (th, tw) = (total(h), total(w));
+            [th / 2, tw / 2, th - th / 2, tw - tw / 2]
+        }
+    };
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_depthwise(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
+        stride,
+        padding,
+    ))
+}
+
+fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32 && matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+impl FusedOps for Flex {
+    fn fused_silu(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let xs = f32s(&x);
+        let mut y = vec![0.0; xs.len()];
+        par_elementwise(xs, &mut y, silu_forward);
+        tensor(y, x.shape().to_vec())
+    }
+
+    fn fused_depthwise(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FlexTensor {
+        let (x, weight) = (contiguous(x), contiguous(weight));
+        let [n, c, h, w] = dims4(&x);
+        let geom = DwGeometry::new(h, w, weight.shape()[2], stride, padding);
+        let y = depthwise_forward(&geom, c, f32s(&x), f32s(&weight));
+        tensor(y, vec![n, c, geom.out_h, geom.out_w])
+    }
+}
+
+impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SiluBackward;
+
+        impl Backward<Flex, 1> for SiluBackward {
+            type State = FlexTensor;
+
+            fn backward(
+                self,
+                ops: Ops<FlexTensor, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let x = ops.state;
+                unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+                    let grad = contiguous(grad);
+                    let mut out = vec![0.0; f32s(&x).len()];
+                    par_elementwise2(f32s(&x), f32s(&grad), &mut out, silu_backward);
+                    tensor(out, x.shape().to_vec())
+                });
+            }
+        }
+
+        let node = x.node();
+        let x = contiguous(x.into_primitive());
+        match SiluBackward.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = <Flex as FusedOps>::fused_silu(x.clone());
+                prep.finish(x, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<Flex as FusedOps>::fused_silu(x)),
+        }
+    }
+
+    fn fused_depthwise(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct DepthwiseBackward;
+
+        impl Backward<Flex, 2> for DepthwiseBackward {
+            type State = (FlexTensor, FlexTensor, DwGeometry);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x, node_w] = ops.parents;
+                let grad = contiguous(grads.consume::<Flex>(&ops.node));
+                let (x, weight, geom) = ops.state;
+                let [n, c, h, w] = dims4(&x);
+                let (gx, gw) = depthwise_backward(
+                    &geom,
+                    c,
+                    f32s(&x),
+                    f32s(&weight),
+                    f32s(&grad),
+                    node_x.is_some(),
+                );
+                if let Some(node) = node_x {
+                    grads.register::<Flex>(node.id, tensor(gx, vec![n, c, h, w]));
+                }
+                if let Some(node) = node_w {
+                    grads.register::<Flex>(node.id, tensor(gw, weight.shape().to_vec()));
+                }
+            }
+        }
+
+        let nodes = [x.node(), weight.node()];
+        let x = contiguous(x.into_primitive());
+        let weight = contiguous(weight.into_primitive());
+        let y = <Flex as FusedOps>::fused_depthwise(x.clone(), weight.clone(), stride, padding);
+        match DepthwiseBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let [_, _, h, w] = dims4(&x);
+                let geom = DwGeometry::new(h, w, weight.shape()[2], stride, padding);
+                prep.finish((x, weight, geom), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}
+
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("fused ops run on contiguous f32 tensors (checked by runs_fused)")
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// Elements per parallel chunk of the elementwise ops: big enough to hide rayon's overhead.
+const CHUNK: usize = 1 << 14;
+
+fn par_elementwise(x: &[f32], out: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| f(x, o));
+}
+
+fn par_elementwise2(
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) {
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| f(a, b, o));
+}
+
+simd_dispatch! {
+    fn silu_forward(x: &[f32], y: &mut [f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y = silu_scalar(*x);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// d/dx [x sigmoid(x)] = s (1 + x (1 - s)) with s = sigmoid(x).
+    fn silu_backward(x: &[f32], grad: &[f32], out: &mut [f32]) {
+        for ((o, x), g) in out.iter_mut().zip(x).zip(grad) {
+            let s = sigmoid(*x);
+            *o = g * s * x.mul_add(1.0 - s, 1.0);
+        }
+    }
+}
+
+/// Shapes of one depthwise conv plane. Each plane is first copied into a zero-padded buffer of
+/// `padded_h x padded_w` (exactly the rows and columns the output reads), so the kernels have no
+/// bounds tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DwGeometry {
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub top: usize,
+    pub left: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl DwGeometry {
+    pub fn new(h: usize, w: usize, k: usize, stride: usize, padding: [usize; 4]) -> Self {
+        let [top, left, bottom, right] = padding;
+        DwGeometry {
+            h,
+            w,
+            k,
+            stride,
+            top,
+            left,
+            out_h: (h + top + bottom - k) / stride + 1,
+            out_w: (w + left + right - k) / stride + 1,
+        }
+    }
+
+    fn padded_h(&self) -> usize {
+        (self.out_h - 1) * self.stride + self.k
+    }
+
+    fn padded_w(&self) -> usize {
+        (self.out_w - 1) * self.stride + self.k
+    }
+
+    fn padded_len(&self) -> usize {
+        self.padded_h() * self.padded_w()
+    }
+
+    /// Rows and columns of the input that land inside the padded buffer (at `top`, `left`);
+    /// trailing ones no output reads are left out.
+    fn window(&self) -> (usize, usize) {
+        (
+            self.h.min(self.padded_h().saturating_sub(self.top)),
+            self.w.min(self.padded_w().saturating_sub(self.left)),
+        )
+    }
+
+    fn pad(&self, x: &[f32], xp: &mut [f32]) {
+        let wp = self.padded_w();
+        let (rows, cols) = self.window();
+        xp.fill(0.0);
+        for r in 0..rows {
+            let dst = (self.top + r) * wp + self.left;
+            xp[dst..dst + cols].copy_from_slice(&x[r * self.w..r * self.w + cols]);
+        }
+    }
+
+    /// The inverse of [`Self::pad`] for gradients: the input's window of the padded buffer.
+    fn crop(&self, xp: &[f32], x: &mut [f32]) {
+        let wp = self.padded_w();
+        let (rows, cols) = self.window();
+        x.fill(0.0);
+        for r in 0..rows {
+            let src = (self.top + r) * wp + self.left;
+            x[r * self.w..r * self.w + cols].copy_from_slice(&xp[src..src + cols]);
+        }
+    }
+}
+
+/// Output planes `[n, c, out_h, out_w]` of the depthwise conv.
+fn depthwise_forward(geom: &DwGeometry, channels: usize, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+    let mut out = vec![0.0; x.len() / plane * out_plane];
+    out.par_chunks_mut(out_plane)
+        .zip(x.par_chunks(plane))
+        .enumerate()
+        .with_min_len(16)
+        .for_each_init(
+            || vec![0.0; geom.padded_len()],
+            |xp, (i, (o, x))| {
+                let c = i % channels;
+                geom.pad(x, xp);
+                depthwise_plane_forward(geom, xp, &weight[c * taps..(c + 1) * taps], o);
+            },
+        );
+    out
+}
+
+/// (input gradient, weight gradient) of the depthwise conv; the input gradient is empty when
+/// `want_input` is false.
+fn depthwise_backward(
+    geom: &DwGeometry,
+    channels: usize,
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    want_input: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+    let mut gx = vec![0.0; if want_input { x.len() } else { 0 }];
+    // Per channel: its input-gradient planes across the batch (disjoint slices of gx).
+    let mut gx_planes: Vec<Vec<&mut [f32]>> = (0..channels).map(|_| Vec::new()).collect();
+    for (i, p) in gx.chunks_mut(plane).enumerate() {
+        gx_planes[i % channels].push(p);
+    }
+    let mut gw = vec![0.0; weight.len()];
+    gw.par_chunks_mut(taps)
+        .zip(gx_planes.into_par_iter())
+        .enumerate()
+        .for_each_init(
+            || (vec![0.0; geom.padded_len()], vec![0.0; geom.padded_len()]),
+            |(xp, gxp), (c, (gw, mut gx_planes))| {
+                let w = &weight[c * taps..(c + 1) * taps];
+                for b in 0..x.len() / plane / channels {
+                    let p = b * channels + c;
+                    geom.pad(&x[p * plane..(p + 1) * plane], xp);
+                    gxp.fill(0.0);
+                    let g = &grad[p * out_plane..(p + 1) * out_plane];
+                    depthwise_plane_backward(geom, xp, w, g, gxp, gw);
+                    if let Some(gx) = gx_planes.get_mut(b) {
+                        geom.crop(gxp, gx);
+                    }
+                }
+            },
+        );
+    (gx, gw)
+}
+
+simd_dispatch! {
+    fn depthwise_plane_forward(geom: &DwGeometry, xp: &[f32], w: &[f32], out: &mut [f32]) {
+        #[inline(always)]
+        fn run(g: &DwGeometry, s: usize, xp: &[f32], w: &[f32], out: &mut [f32]) {
+            let wp = g.padded_w();
+            out.fill(0.0);
+            for (oy, orow) in out.chunks_exact_mut(g.out_w).enumerate() {
+                for (i, wrow) in w.chunks_exact(g.k).enumerate() {
+                    let xrow = &xp[(oy * s + i) * wp..(oy * s + i + 1) * wp];
+                    for (j, &wv) in wrow.iter().enumerate() {
+                        for (ox, o) in orow.iter_mut().enumerate() {
+                            *o = wv.mul_add(xrow[ox * s + j], *o);
+                        }
+                    }
+                }
+            }
+        }
+        // Constant strides let LLVM vectorise the unit-stride case.
+        match geom.stride {
+            1 => run(geom, 1, xp, w, out),
+            2 => run(geom, 2, xp, w, out),
+            s => run(geom, s, xp, w, out),
+        }
+    }
+}
+
+simd_dispatch! {
+    /// Accumulates the weight gradient into `gw` and the padded input gradient into `gxp`.
+    fn depthwise_plane_backward(
+        geom: &DwGeometry,
+        xp: &[f32],
+        w: &[f32],
+        grad: &[f32],
+        gxp: &mut [f32],
+        gw: &mut [f32],
+    ) {
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn run(
+            g: &DwGeometry,
+            s: usize,
+            xp: &[f32],
+            w: &[f32],
+            grad: &[f32],
+            gxp: &mut [f32],
+            gw: &mut [f32],
+        ) {
+            let wp = g.padded_w();
+            for (oy, grow) in grad.chunks_exact(g.out_w).enumerate() {
+                for i in 0..g.k {
+                    let row = (oy * s + i) * wp;
+                    let xrow = &xp[row..row + wp];
+                    let gxrow = &mut gxp[row..row + wp];
+                    for j in 0..g.k {
+                        let wv = w[i * g.k + j];
+                        let mut acc = 0.0f32;
+                        for (ox, &gv) in grow.iter().enumerate() {
+                            acc = gv.mul_add(xrow[ox * s + j], acc);
+                            gxrow[ox * s + j] = wv.mul_add(gv, gxrow[ox * s + j]);
+                        }
+                        gw[i * g.k + j] += acc;
+                    }
+                }
+            }
+        }
+        match geom.stride {
+            1 => run(geom, 1, xp, w, grad, gxp, gw),
+            2 => run(geom, 2, xp, w, grad, gxp, gw),
+            s => run(geom, s, xp, w, grad, gxp, gw),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::{Device, Distribution};
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// The fused SiLU and its gradient match burn's composed `x * sigmoid(x)`.
+    #[test]
+    fn silu_matches_burn() {
+        let device = Device::flex().autodiff();
+        let x =
+            Tensor::<2>::random([37, 1000], Distribution::Normal(0.0, 4.0), &device).require_grad();
+        let g = Tensor::<2>::random([37, 1000], Distribution::Normal(0.0, 1.0), &device);
+        let fused = silu(x.clone());
+        let reference = burn::tensor::activation::silu(x.clone());
+        assert!(max_diff(fused.clone().detach(), reference.clone().detach()) < 1e-5);
+        let gf = x.grad(&(fused * g.clone()).sum().backward()).unwrap();
+        let gr = x.grad(&(reference * g).sum().backward()).unwrap();
+        assert!(max_diff(gf, gr) < 1e-5);
+    }
+
+    /// Output and both gradients equal burn's grouped conv for the strides, kernels and padding
+    /// modes EfficientNets use (TF "same" pads asymmetrically at stride 2).
+    #[test]
+    fn depthwise_matches_burn_conv() {
+        let device = Device::flex().autodiff();
+        for (k, stride, size, padding) in [
+            (3, 1, 8, PaddingConfig2d::Explicit(1, 1, 1, 1)),
+            (3, 2, 8, PaddingConfig2d::Explicit(1, 1, 1, 1)),
+            (5, 2, 9, PaddingConfig2d::Explicit(2, 2, 2, 2)),
+            (3, 2, 8, PaddingConfig2d::Same),
+            (5, 2, 7, PaddingConfig2d::Same),
+            (5, 1, 4, PaddingConfig2d::Same),
+            (3, 1, 1, PaddingConfig2d::Same),
+        ] {
+            let channels = 6;
+            let conv = Conv2dConfig::new([channels, channels], [k, k])
+                .with_stride([stride, stride])
+                .with_groups(channels)
+                .with_padding(padding.clone())
+                .with_bias(false)
+                .init(&device);
+            let x = Tensor::<4>::random([3, channels, size, size], Distribution::Default, &device)
+                .require_grad();
+            let fused = depthwise_conv2d(&conv, x.clone());
+            let reference = conv.forward(x.clone());
+            assert_eq!(
+                fused.dims(),
+                reference.dims(),
+                "k {k} s {stride} {padding:?}"
+            );
+            let g = Tensor::<4>::random(fused.dims(), Distribution::Default, &device);
+            assert!(max_diff(fused.clone().detach(), reference.clone().detach()) < 1e-5);
+            let gf = (fused * g.clone()).sum().backward();
+            let gr = (reference * g).sum().backward();
+            let case = format!("k {k} s {stride} size {size} {padding:?}");
+            let (gxf, gxr) = (x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+            assert!(max_diff(gxf, gxr) < 1e-4, "input grad, {case}");
+            let w = conv.weight.val();
+            let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
+            assert!(max_diff(gwf, gwr) < 1e-4, "weight grad, {case}");
+        }
+    }
+
+    /// Off Flex-f32 (here: a non-depthwise conv) the wrapper is exactly `conv.forward`.
+    #[test]
+    fn non_depthwise_conv_falls_back() {
+        let device = Device::flex();
+        let conv = Conv2dConfig::new([4, 6], [3, 3]).init(&device);
+        let x = Tensor::<4>::random([2, 4, 5, 5], Distribution::Default, &device);
+        let diff = max_diff(depthwise_conv2d(&conv, x.clone()), conv.forward(x));
+        assert_eq!(diff, 0.0);
+    }
+}
