@@ -262,9 +262,7 @@ simd_dispatch! {
     }
 }
 
-/// Shapes of one depthwise conv plane. Each plane is first copied into a zero-padded buffer of
-/// `padded_h x padded_w` (exactly the rows and columns the output reads), so the kernels have no
-/// bounds tests.
+/// Shapes of one depthwise conv plane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DwGeometry {
     pub h: usize,
@@ -275,6 +273,16 @@ pub struct DwGeometry {
     pub left: usize,
     pub out_h: usize,
     pub out_w: usize,
+}
+
+/// Outputs `out..out + len` of a plane that read kernel tap `tap` along one input row, starting at
+/// `input` and stepping by the stride.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    out: usize,
+    input: usize,
+    len: usize,
+    tap: usize,
 }
 
 impl DwGeometry {
@@ -292,65 +300,54 @@ impl DwGeometry {
         }
     }
 
-    fn padded_h(&self) -> usize {
-        (self.out_h - 1) * self.stride + self.k
-    }
-
-    fn padded_w(&self) -> usize {
-        (self.out_w - 1) * self.stride + self.k
-    }
-
-    fn padded_len(&self) -> usize {
-        self.padded_h() * self.padded_w()
-    }
-
-    /// Rows and columns of the input that land inside the padded buffer (at `top`, `left`);
-    /// trailing ones no output reads are left out.
-    fn window(&self) -> (usize, usize) {
-        (
-            self.h.min(self.padded_h().saturating_sub(self.top)),
-            self.w.min(self.padded_w().saturating_sub(self.left)),
-        )
-    }
-
-    fn pad(&self, x: &[f32], xp: &mut [f32]) {
-        let wp = self.padded_w();
-        let (rows, cols) = self.window();
-        xp.fill(0.0);
-        for r in 0..rows {
-            let dst = (self.top + r) * wp + self.left;
-            xp[dst..dst + cols].copy_from_slice(&x[r * self.w..r * self.w + cols]);
+    /// The conv as [`Run`]s. Taps that fall into the padding are left out, so no plane is padded
+    /// and tiny maps (a 5x5 kernel on 2x2 or 1x1) cost only their real taps.
+    fn runs(&self) -> Vec<Run> {
+        let (s, k, w) = (self.stride, self.k, self.w);
+        let mut runs = Vec::new();
+        for oy in 0..self.out_h {
+            for i in 0..k {
+                let Some(iy) = (oy * s + i).checked_sub(self.top).filter(|&iy| iy < self.h) else {
+                    continue;
+                };
+                for j in 0..k {
+                    // Outputs whose input column ox * s + j - left lies in [0, w).
+                    let lo = self.left.saturating_sub(j).div_ceil(s);
+                    let hi = (w + self.left)
+                        .checked_sub(j + 1)
+                        .map_or(0, |last| (last / s + 1).min(self.out_w));
+                    if lo < hi {
+                        runs.push(Run {
+                            out: oy * self.out_w + lo,
+                            input: iy * w + lo * s + j - self.left,
+                            len: hi - lo,
+                            tap: i * k + j,
+                        });
+                    }
+                }
+            }
         }
+        runs
     }
+}
 
-    /// The inverse of [`Self::pad`] for gradients: the input's window of the padded buffer.
-    fn crop(&self, xp: &[f32], x: &mut [f32]) {
-        let wp = self.padded_w();
-        let (rows, cols) = self.window();
-        x.fill(0.0);
-        for r in 0..rows {
-            let src = (self.top + r) * wp + self.left;
-            x[r * self.w..r * self.w + cols].copy_from_slice(&xp[src..src + cols]);
-        }
-    }
+/// Planes per parallel task: enough work to hide rayon's overhead on the tiny late-stage maps.
+fn planes_per_task(plane: usize) -> usize {
+    (4096 / plane.max(1)).max(1)
 }
 
 /// Output planes `[n, c, out_h, out_w]` of the depthwise conv.
 fn depthwise_forward(geom: &DwGeometry, channels: usize, x: &[f32], weight: &[f32]) -> Vec<f32> {
-    let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+    let (plane, out_plane) = (geom.h * geom.w, geom.out_h * geom.out_w);
+    let runs = geom.runs();
+    let per_task = planes_per_task(plane);
     let mut out = vec![0.0; x.len() / plane * out_plane];
-    out.par_chunks_mut(out_plane)
-        .zip(x.par_chunks(plane))
+    out.par_chunks_mut(per_task * out_plane)
+        .zip(x.par_chunks(per_task * plane))
         .enumerate()
-        .with_min_len(16)
-        .for_each_init(
-            || vec![0.0; geom.padded_len()],
-            |xp, (i, (o, x))| {
-                let c = i % channels;
-                geom.pad(x, xp);
-                depthwise_plane_forward(geom, xp, &weight[c * taps..(c + 1) * taps], o);
-            },
-        );
+        .for_each(|(t, (o, x))| {
+            depthwise_planes_forward(&runs, geom, t * per_task, channels, x, weight, o)
+        });
     out
 }
 
@@ -364,105 +361,174 @@ fn depthwise_backward(
     grad: &[f32],
     want_input: bool,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+    let plane = geom.h * geom.w;
+    let taps = geom.k * geom.k;
+    let runs = geom.runs();
     let mut gx = vec![0.0; if want_input { x.len() } else { 0 }];
-    // Per channel: its input-gradient planes across the batch (disjoint slices of gx).
+    // Per channel: its input-gradient planes across the batch (disjoint slices of gx), so each
+    // channel's task owns its weight gradient and its planes.
     let mut gx_planes: Vec<Vec<&mut [f32]>> = (0..channels).map(|_| Vec::new()).collect();
     for (i, p) in gx.chunks_mut(plane).enumerate() {
         gx_planes[i % channels].push(p);
     }
+    let batch = x.len() / plane / channels;
     let mut gw = vec![0.0; weight.len()];
     gw.par_chunks_mut(taps)
         .zip(gx_planes.into_par_iter())
         .enumerate()
-        .for_each_init(
-            || (vec![0.0; geom.padded_len()], vec![0.0; geom.padded_len()]),
-            |(xp, gxp), (c, (gw, mut gx_planes))| {
-                let w = &weight[c * taps..(c + 1) * taps];
-                for b in 0..x.len() / plane / channels {
-                    let p = b * channels + c;
-                    geom.pad(&x[p * plane..(p + 1) * plane], xp);
-                    gxp.fill(0.0);
-                    let g = &grad[p * out_plane..(p + 1) * out_plane];
-                    depthwise_plane_backward(geom, xp, w, g, gxp, gw);
-                    if let Some(gx) = gx_planes.get_mut(b) {
-                        geom.crop(gxp, gx);
-                    }
-                }
-            },
-        );
+        .with_min_len(planes_per_task(batch * plane))
+        .for_each(|(c, (gw, mut gx))| {
+            depthwise_channel_backward(&runs, geom, c, channels, x, weight, grad, &mut gx, gw)
+        });
     (gx, gw)
 }
 
+/// `o[l] += wv * x[l * s]`.
+#[inline(always)]
+fn axpy(o: &mut [f32], x: &[f32], s: usize, wv: f32) {
+    let mut chunks = o.chunks_exact_mut(8);
+    let mut xi = 0;
+    for chunk in &mut chunks {
+        let xs = &x[xi..xi + 7 * s + 1];
+        for (q, v) in chunk.iter_mut().enumerate() {
+            *v = wv.mul_add(xs[q * s], *v);
+        }
+        xi += 8 * s;
+    }
+    for (q, v) in chunks.into_remainder().iter_mut().enumerate() {
+        *v = wv.mul_add(x[xi + q * s], *v);
+    }
+}
+
+/// `dst[l * s] += wv * g[l]`.
+#[inline(always)]
+fn axpy_strided(dst: &mut [f32], g: &[f32], s: usize, wv: f32) {
+    let mut chunks = g.chunks_exact(8);
+    let mut di = 0;
+    for chunk in &mut chunks {
+        let ds = &mut dst[di..di + 7 * s + 1];
+        for (q, &gv) in chunk.iter().enumerate() {
+            ds[q * s] = wv.mul_add(gv, ds[q * s]);
+        }
+        di += 8 * s;
+    }
+    for (q, &gv) in chunks.remainder().iter().enumerate() {
+        dst[di + q * s] = wv.mul_add(gv, dst[di + q * s]);
+    }
+}
+
+/// `sum_l g[l] * x[l * s]`.
+#[inline(always)]
+fn dot(g: &[f32], x: &[f32], s: usize) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = g.chunks_exact(8);
+    let mut xi = 0;
+    for chunk in &mut chunks {
+        let xs = &x[xi..xi + 7 * s + 1];
+        for (q, (a, &gv)) in acc.iter_mut().zip(chunk).enumerate() {
+            *a = gv.mul_add(xs[q * s], *a);
+        }
+        xi += 8 * s;
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (q, &gv) in chunks.remainder().iter().enumerate() {
+        sum = gv.mul_add(x[xi + q * s], sum);
+    }
+    sum
+}
+
 simd_dispatch! {
-    fn depthwise_plane_forward(geom: &DwGeometry, xp: &[f32], w: &[f32], out: &mut [f32]) {
+    /// Forward of consecutive planes, the first being plane number `first_plane` of the tensor.
+    fn depthwise_planes_forward(
+        runs: &[Run],
+        geom: &DwGeometry,
+        first_plane: usize,
+        channels: usize,
+        x: &[f32],
+        weight: &[f32],
+        out: &mut [f32],
+    ) {
         #[inline(always)]
-        fn run(g: &DwGeometry, s: usize, xp: &[f32], w: &[f32], out: &mut [f32]) {
-            let wp = g.padded_w();
-            out.fill(0.0);
-            for (oy, orow) in out.chunks_exact_mut(g.out_w).enumerate() {
-                for (i, wrow) in w.chunks_exact(g.k).enumerate() {
-                    let xrow = &xp[(oy * s + i) * wp..(oy * s + i + 1) * wp];
-                    for (j, &wv) in wrow.iter().enumerate() {
-                        for (ox, o) in orow.iter_mut().enumerate() {
-                            *o = wv.mul_add(xrow[ox * s + j], *o);
-                        }
-                    }
+        #[allow(clippy::too_many_arguments)]
+        fn planes(
+            s: usize,
+            runs: &[Run],
+            geom: &DwGeometry,
+            first_plane: usize,
+            channels: usize,
+            x: &[f32],
+            weight: &[f32],
+            out: &mut [f32],
+        ) {
+            let taps = geom.k * geom.k;
+            let out_planes = out.chunks_exact_mut(geom.out_h * geom.out_w);
+            for (p, (o, x)) in out_planes.zip(x.chunks_exact(geom.h * geom.w)).enumerate() {
+                let c = (first_plane + p) % channels;
+                let w = &weight[c * taps..(c + 1) * taps];
+                for r in runs {
+                    axpy(&mut o[r.out..r.out + r.len], &x[r.input..], s, w[r.tap]);
                 }
             }
         }
-        // Constant strides let LLVM vectorise the unit-stride case.
+        // Literal strides let LLVM specialise (and vectorise) the unit-stride case.
         match geom.stride {
-            1 => run(geom, 1, xp, w, out),
-            2 => run(geom, 2, xp, w, out),
-            s => run(geom, s, xp, w, out),
+            1 => planes(1, runs, geom, first_plane, channels, x, weight, out),
+            2 => planes(2, runs, geom, first_plane, channels, x, weight, out),
+            s => planes(s, runs, geom, first_plane, channels, x, weight, out),
         }
     }
 }
 
 simd_dispatch! {
-    /// Accumulates the weight gradient into `gw` and the padded input gradient into `gxp`.
-    fn depthwise_plane_backward(
+    /// Backward of channel `c` over the batch: accumulates its weight gradient into `gw` and
+    /// writes its input-gradient planes `gx` (none when the input needs no gradient).
+    fn depthwise_channel_backward(
+        runs: &[Run],
         geom: &DwGeometry,
-        xp: &[f32],
-        w: &[f32],
+        c: usize,
+        channels: usize,
+        x: &[f32],
+        weight: &[f32],
         grad: &[f32],
-        gxp: &mut [f32],
+        gx: &mut [&mut [f32]],
         gw: &mut [f32],
     ) {
         #[inline(always)]
         #[allow(clippy::too_many_arguments)]
-        fn run(
-            g: &DwGeometry,
+        fn channel(
             s: usize,
-            xp: &[f32],
-            w: &[f32],
+            runs: &[Run],
+            geom: &DwGeometry,
+            c: usize,
+            channels: usize,
+            x: &[f32],
+            weight: &[f32],
             grad: &[f32],
-            gxp: &mut [f32],
+            gx: &mut [&mut [f32]],
             gw: &mut [f32],
         ) {
-            let wp = g.padded_w();
-            for (oy, grow) in grad.chunks_exact(g.out_w).enumerate() {
-                for i in 0..g.k {
-                    let row = (oy * s + i) * wp;
-                    let xrow = &xp[row..row + wp];
-                    let gxrow = &mut gxp[row..row + wp];
-                    for j in 0..g.k {
-                        let wv = w[i * g.k + j];
-                        let mut acc = 0.0f32;
-                        for (ox, &gv) in grow.iter().enumerate() {
-                            acc = gv.mul_add(xrow[ox * s + j], acc);
-                            gxrow[ox * s + j] = wv.mul_add(gv, gxrow[ox * s + j]);
-                        }
-                        gw[i * g.k + j] += acc;
+            let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+            let w = &weight[c * taps..(c + 1) * taps];
+            for b in 0..x.len() / plane / channels {
+                let p = b * channels + c;
+                let x = &x[p * plane..(p + 1) * plane];
+                let g = &grad[p * out_plane..(p + 1) * out_plane];
+                for r in runs {
+                    let g = &g[r.out..r.out + r.len];
+                    gw[r.tap] += dot(g, &x[r.input..], s);
+                }
+                if let Some(gx) = gx.get_mut(b) {
+                    for r in runs {
+                        let g = &g[r.out..r.out + r.len];
+                        axpy_strided(&mut gx[r.input..], g, s, w[r.tap]);
                     }
                 }
             }
         }
         match geom.stride {
-            1 => run(geom, 1, xp, w, grad, gxp, gw),
-            2 => run(geom, 2, xp, w, grad, gxp, gw),
-            s => run(geom, s, xp, w, grad, gxp, gw),
+            1 => channel(1, runs, geom, c, channels, x, weight, grad, gx, gw),
+            2 => channel(2, runs, geom, c, channels, x, weight, grad, gx, gw),
+            s => channel(s, runs, geom, c, channels, x, weight, grad, gx, gw),
         }
     }
 }
@@ -475,6 +541,13 @@ mod tests {
 
     fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         (a - b).abs().max().into_scalar()
+    }
+
+    /// Max difference relative to the largest reference value (sums of hundreds of products
+    /// differ in float rounding with the summation order).
+    fn rel_diff<const D: usize>(a: Tensor<D>, reference: Tensor<D>) -> f32 {
+        let scale: f32 = reference.clone().abs().max().into_scalar();
+        max_diff(a, reference) / scale.max(1.0)
     }
 
     /// The fused SiLU and its gradient match burn's composed `x * sigmoid(x)`.
@@ -505,6 +578,12 @@ mod tests {
             (5, 2, 7, PaddingConfig2d::Same),
             (5, 1, 4, PaddingConfig2d::Same),
             (3, 1, 1, PaddingConfig2d::Same),
+            (5, 1, 1, PaddingConfig2d::Same),
+            (5, 2, 2, PaddingConfig2d::Same),
+            (5, 1, 2, PaddingConfig2d::Explicit(2, 2, 2, 2)),
+            (3, 1, 16, PaddingConfig2d::Same),
+            (3, 2, 17, PaddingConfig2d::Explicit(1, 1, 1, 1)),
+            (5, 2, 20, PaddingConfig2d::Same),
         ] {
             let channels = 6;
             let conv = Conv2dConfig::new([channels, channels], [k, k])
@@ -528,10 +607,10 @@ mod tests {
             let gr = (reference * g).sum().backward();
             let case = format!("k {k} s {stride} size {size} {padding:?}");
             let (gxf, gxr) = (x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
-            assert!(max_diff(gxf, gxr) < 1e-4, "input grad, {case}");
+            assert!(rel_diff(gxf, gxr) < 1e-5, "input grad, {case}");
             let w = conv.weight.val();
             let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
-            assert!(max_diff(gwf, gwr) < 1e-4, "weight grad, {case}");
+            assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
         }
     }
 
