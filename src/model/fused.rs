@@ -264,15 +264,15 @@ simd_dispatch! {
 
 /// Shapes of one depthwise conv plane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DwGeometry {
-    pub h: usize,
-    pub w: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub top: usize,
-    pub left: usize,
-    pub out_h: usize,
-    pub out_w: usize,
+struct DwGeometry {
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    top: usize,
+    left: usize,
+    out_h: usize,
+    out_w: usize,
 }
 
 /// Outputs `out..out + len` of a plane that read kernel tap `tap` along one input row, starting at
@@ -286,7 +286,7 @@ struct Run {
 }
 
 impl DwGeometry {
-    pub fn new(h: usize, w: usize, k: usize, stride: usize, padding: [usize; 4]) -> Self {
+    fn new(h: usize, w: usize, k: usize, stride: usize, padding: [usize; 4]) -> Self {
         let [top, left, bottom, right] = padding;
         DwGeometry {
             h,

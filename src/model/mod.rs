@@ -87,7 +87,11 @@ impl ConvBn {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self.bn.forward(fused::depthwise_conv2d(&self.conv, x));
+        let x = match self.conv.groups {
+            1 => self.conv.forward(x),
+            _ => fused::depthwise_conv2d(&self.conv, x),
+        };
+        let x = self.bn.forward(x);
         match &self.act {
             Some(a) => a.forward(x),
             None => x,
