@@ -383,58 +383,85 @@ fn depthwise_backward(
     (gx, gw)
 }
 
+// The loops below take the stride `s` as an argument; each entry point passes it as a literal for
+// the strides EfficientNets use, so LLVM specialises (and vectorises) the unit-stride case.
+
 /// `o[l] += wv * x[l * s]`.
 #[inline(always)]
 fn axpy(o: &mut [f32], x: &[f32], s: usize, wv: f32) {
-    let mut chunks = o.chunks_exact_mut(8);
-    let mut xi = 0;
-    for chunk in &mut chunks {
-        let xs = &x[xi..xi + 7 * s + 1];
-        for (q, v) in chunk.iter_mut().enumerate() {
-            *v = wv.mul_add(xs[q * s], *v);
+    #[inline(always)]
+    fn run(o: &mut [f32], x: &[f32], s: usize, wv: f32) {
+        let mut chunks = o.chunks_exact_mut(8);
+        let mut xi = 0;
+        for chunk in &mut chunks {
+            let xs = &x[xi..xi + 7 * s + 1];
+            for (q, v) in chunk.iter_mut().enumerate() {
+                *v = wv.mul_add(xs[q * s], *v);
+            }
+            xi += 8 * s;
         }
-        xi += 8 * s;
+        for (q, v) in chunks.into_remainder().iter_mut().enumerate() {
+            *v = wv.mul_add(x[xi + q * s], *v);
+        }
     }
-    for (q, v) in chunks.into_remainder().iter_mut().enumerate() {
-        *v = wv.mul_add(x[xi + q * s], *v);
+    match s {
+        1 => run(o, x, 1, wv),
+        2 => run(o, x, 2, wv),
+        _ => run(o, x, s, wv),
     }
 }
 
 /// `dst[l * s] += wv * g[l]`.
 #[inline(always)]
 fn axpy_strided(dst: &mut [f32], g: &[f32], s: usize, wv: f32) {
-    let mut chunks = g.chunks_exact(8);
-    let mut di = 0;
-    for chunk in &mut chunks {
-        let ds = &mut dst[di..di + 7 * s + 1];
-        for (q, &gv) in chunk.iter().enumerate() {
-            ds[q * s] = wv.mul_add(gv, ds[q * s]);
+    #[inline(always)]
+    fn run(dst: &mut [f32], g: &[f32], s: usize, wv: f32) {
+        let mut chunks = g.chunks_exact(8);
+        let mut di = 0;
+        for chunk in &mut chunks {
+            let ds = &mut dst[di..di + 7 * s + 1];
+            for (q, &gv) in chunk.iter().enumerate() {
+                ds[q * s] = wv.mul_add(gv, ds[q * s]);
+            }
+            di += 8 * s;
         }
-        di += 8 * s;
+        for (q, &gv) in chunks.remainder().iter().enumerate() {
+            dst[di + q * s] = wv.mul_add(gv, dst[di + q * s]);
+        }
     }
-    for (q, &gv) in chunks.remainder().iter().enumerate() {
-        dst[di + q * s] = wv.mul_add(gv, dst[di + q * s]);
+    match s {
+        1 => run(dst, g, 1, wv),
+        2 => run(dst, g, 2, wv),
+        _ => run(dst, g, s, wv),
     }
 }
 
 /// `sum_l g[l] * x[l * s]`.
 #[inline(always)]
 fn dot(g: &[f32], x: &[f32], s: usize) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut chunks = g.chunks_exact(8);
-    let mut xi = 0;
-    for chunk in &mut chunks {
-        let xs = &x[xi..xi + 7 * s + 1];
-        for (q, (a, &gv)) in acc.iter_mut().zip(chunk).enumerate() {
-            *a = gv.mul_add(xs[q * s], *a);
+    #[inline(always)]
+    fn run(g: &[f32], x: &[f32], s: usize) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = g.chunks_exact(8);
+        let mut xi = 0;
+        for chunk in &mut chunks {
+            let xs = &x[xi..xi + 7 * s + 1];
+            for (q, (a, &gv)) in acc.iter_mut().zip(chunk).enumerate() {
+                *a = gv.mul_add(xs[q * s], *a);
+            }
+            xi += 8 * s;
         }
-        xi += 8 * s;
+        let mut sum: f32 = acc.iter().sum();
+        for (q, &gv) in chunks.remainder().iter().enumerate() {
+            sum = gv.mul_add(x[xi + q * s], sum);
+        }
+        sum
     }
-    let mut sum: f32 = acc.iter().sum();
-    for (q, &gv) in chunks.remainder().iter().enumerate() {
-        sum = gv.mul_add(x[xi + q * s], sum);
+    match s {
+        1 => run(g, x, 1),
+        2 => run(g, x, 2),
+        _ => run(g, x, s),
     }
-    sum
 }
 
 simd_dispatch! {
@@ -448,33 +475,14 @@ simd_dispatch! {
         weight: &[f32],
         out: &mut [f32],
     ) {
-        #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        fn planes(
-            s: usize,
-            runs: &[Run],
-            geom: &DwGeometry,
-            first_plane: usize,
-            channels: usize,
-            x: &[f32],
-            weight: &[f32],
-            out: &mut [f32],
-        ) {
-            let taps = geom.k * geom.k;
-            let out_planes = out.chunks_exact_mut(geom.out_h * geom.out_w);
-            for (p, (o, x)) in out_planes.zip(x.chunks_exact(geom.h * geom.w)).enumerate() {
-                let c = (first_plane + p) % channels;
-                let w = &weight[c * taps..(c + 1) * taps];
-                for r in runs {
-                    axpy(&mut o[r.out..r.out + r.len], &x[r.input..], s, w[r.tap]);
-                }
+        let taps = geom.k * geom.k;
+        let out_planes = out.chunks_exact_mut(geom.out_h * geom.out_w);
+        for (p, (o, x)) in out_planes.zip(x.chunks_exact(geom.h * geom.w)).enumerate() {
+            let c = (first_plane + p) % channels;
+            let w = &weight[c * taps..(c + 1) * taps];
+            for r in runs {
+                axpy(&mut o[r.out..r.out + r.len], &x[r.input..], geom.stride, w[r.tap]);
             }
-        }
-        // Literal strides let LLVM specialise (and vectorise) the unit-stride case.
-        match geom.stride {
-            1 => planes(1, runs, geom, first_plane, channels, x, weight, out),
-            2 => planes(2, runs, geom, first_plane, channels, x, weight, out),
-            s => planes(s, runs, geom, first_plane, channels, x, weight, out),
         }
     }
 }
@@ -493,42 +501,21 @@ simd_dispatch! {
         gx: &mut [&mut [f32]],
         gw: &mut [f32],
     ) {
-        #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        fn channel(
-            s: usize,
-            runs: &[Run],
-            geom: &DwGeometry,
-            c: usize,
-            channels: usize,
-            x: &[f32],
-            weight: &[f32],
-            grad: &[f32],
-            gx: &mut [&mut [f32]],
-            gw: &mut [f32],
-        ) {
-            let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
-            let w = &weight[c * taps..(c + 1) * taps];
-            for b in 0..x.len() / plane / channels {
-                let p = b * channels + c;
-                let x = &x[p * plane..(p + 1) * plane];
-                let g = &grad[p * out_plane..(p + 1) * out_plane];
+        let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+        let s = geom.stride;
+        let w = &weight[c * taps..(c + 1) * taps];
+        for b in 0..x.len() / plane / channels {
+            let p = b * channels + c;
+            let x = &x[p * plane..(p + 1) * plane];
+            let g = &grad[p * out_plane..(p + 1) * out_plane];
+            for r in runs {
+                gw[r.tap] += dot(&g[r.out..r.out + r.len], &x[r.input..], s);
+            }
+            if let Some(gx) = gx.get_mut(b) {
                 for r in runs {
-                    let g = &g[r.out..r.out + r.len];
-                    gw[r.tap] += dot(g, &x[r.input..], s);
-                }
-                if let Some(gx) = gx.get_mut(b) {
-                    for r in runs {
-                        let g = &g[r.out..r.out + r.len];
-                        axpy_strided(&mut gx[r.input..], g, s, w[r.tap]);
-                    }
+                    axpy_strided(&mut gx[r.input..], &g[r.out..r.out + r.len], s, w[r.tap]);
                 }
             }
-        }
-        match geom.stride {
-            1 => channel(1, runs, geom, c, channels, x, weight, grad, gx, gw),
-            2 => channel(2, runs, geom, c, channels, x, weight, grad, gx, gw),
-            s => channel(s, runs, geom, c, channels, x, weight, grad, gx, gw),
         }
     }
 }
