@@ -17,8 +17,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
-    Autodiff, Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension,
+    Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, Flex, TensorMetadata,
+    backend_extension,
 };
+use burn::nn::BatchNorm;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Tensor, TensorData};
@@ -38,6 +40,14 @@ pub trait FusedOps: Backend {
         stride: usize,
         padding: [usize; 4],
     ) -> FloatTensor<Self>;
+    /// Training-mode batch norm of `x` `[n, c, ...]` over all but the channel axis: (output,
+    /// batch mean, biased batch variance), the statistics `[c]` and not differentiated.
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// SiLU, fused on Flex f32 tensors and burn's `x * sigmoid(x)` elsewhere.
@@ -82,6 +92,32 @@ pub fn depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     ))
 }
 
+/// `bn.forward(x)`, with the training-mode normalisation fused on Flex f32 tensors. The running
+/// statistics are updated exactly as burn's `BatchNorm` does (biased batch variance).
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if !(x.device().is_autodiff() && bn.training.is_enabled() && runs_fused(&x)) {
+        return bn.forward(x);
+    }
+    let (out, mean, var) = <Dispatch as FusedOps>::fused_batch_norm_train(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.epsilon,
+    );
+    let out = Tensor::<4>::from_dispatch(out);
+    let device = out.device();
+    for (running, batch) in [(&bn.running_mean, mean), (&bn.running_var, var)] {
+        let batch = Tensor::<1>::from_dispatch(batch).detach();
+        let updated = running
+            .value_sync()
+            .to_device(&device)
+            .mul_scalar(1.0 - bn.momentum)
+            .add(batch.mul_scalar(bn.momentum));
+        running.update(updated.detach());
+    }
+    out
+}
+
 fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
 }
@@ -106,6 +142,31 @@ impl FusedOps for Flex {
         let geom = DwGeometry::new(h, w, weight.shape()[2], stride, padding);
         let y = depthwise_forward(&geom, c, f32s(&x), f32s(&weight));
         tensor(y, vec![n, c, geom.out_h, geom.out_w])
+    }
+
+    fn fused_batch_norm_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+        let shape = x.shape().to_vec();
+        let plane = shape[2..].iter().product();
+        let (out, mean, var) = batch_norm_forward(
+            f32s(&x),
+            shape[1],
+            plane,
+            f32s(&gamma),
+            f32s(&beta),
+            epsilon as f32,
+        );
+        let channels = vec![shape[1]];
+        (
+            tensor(out, shape),
+            tensor(mean, channels.clone()),
+            tensor(var, channels),
+        )
     }
 }
 
@@ -199,6 +260,76 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
+    }
+
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct BatchNormBackward;
+
+        impl Backward<Flex, 3> for BatchNormBackward {
+            /// x, gamma, batch mean, batch variance, epsilon.
+            type State = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, f32);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let grad = contiguous(grads.consume::<Flex>(&ops.node));
+                let (x, gamma, mean, var, epsilon) = ops.state;
+                let channels = gamma.shape()[0];
+                let (gx, ggamma, gbeta) = batch_norm_backward(
+                    f32s(&x),
+                    f32s(&grad),
+                    x.shape()[2..].iter().product(),
+                    f32s(&gamma),
+                    f32s(&mean),
+                    f32s(&var),
+                    epsilon,
+                    node_x.is_some(),
+                );
+                if let Some(node) = node_x {
+                    grads.register::<Flex>(node.id, tensor(gx, x.shape().to_vec()));
+                }
+                if let Some(node) = node_gamma {
+                    grads.register::<Flex>(node.id, tensor(ggamma, vec![channels]));
+                }
+                if let Some(node) = node_beta {
+                    grads.register::<Flex>(node.id, tensor(gbeta, vec![channels]));
+                }
+            }
+        }
+
+        let nodes = [x.node(), gamma.node(), beta.node()];
+        let x = contiguous(x.into_primitive());
+        let gamma = contiguous(gamma.into_primitive());
+        let (out, mean, var) = <Flex as FusedOps>::fused_batch_norm_train(
+            x.clone(),
+            gamma.clone(),
+            beta.into_primitive(),
+            epsilon,
+        );
+        // The statistics leave untracked, as from burn's own batch_norm_train.
+        let stats = (
+            Self::from_inner(mean.clone()),
+            Self::from_inner(var.clone()),
+        );
+        let out = match BatchNormBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, gamma, mean, var, epsilon as f32), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        (out, stats.0, stats.1)
     }
 }
 
@@ -365,12 +496,7 @@ fn depthwise_backward(
     let taps = geom.k * geom.k;
     let runs = geom.runs();
     let mut gx = vec![0.0; if want_input { x.len() } else { 0 }];
-    // Per channel: its input-gradient planes across the batch (disjoint slices of gx), so each
-    // channel's task owns its weight gradient and its planes.
-    let mut gx_planes: Vec<Vec<&mut [f32]>> = (0..channels).map(|_| Vec::new()).collect();
-    for (i, p) in gx.chunks_mut(plane).enumerate() {
-        gx_planes[i % channels].push(p);
-    }
+    let gx_planes = planes_by_channel(&mut gx, plane, channels);
     let batch = x.len() / plane / channels;
     let mut gw = vec![0.0; weight.len()];
     gw.par_chunks_mut(taps)
@@ -381,6 +507,196 @@ fn depthwise_backward(
             depthwise_channel_backward(&runs, geom, c, channels, x, weight, grad, &mut gx, gw)
         });
     (gx, gw)
+}
+
+/// Splits `buf` (`[n, c, plane]`) into its planes grouped by channel: entry `c` holds channel
+/// `c`'s planes across the batch, disjoint slices that per-channel tasks can own.
+fn planes_by_channel(buf: &mut [f32], plane: usize, channels: usize) -> Vec<Vec<&mut [f32]>> {
+    let mut planes: Vec<Vec<&mut [f32]>> = (0..channels).map(|_| Vec::new()).collect();
+    for (i, p) in buf.chunks_mut(plane.max(1)).enumerate() {
+        planes[i % channels].push(p);
+    }
+    planes
+}
+
+/// Per-channel sums of `f(p, c)` over the planes `p` (of channel `c = p % channels`) of an
+/// `[n, channels, plane]` tensor. The planes are visited in memory order (a channel-major walk
+/// would touch every cache line once per channel on 1x1 maps) by tasks of whole images, and the
+/// tasks' partial sums are added in a fixed order, so the result does not depend on the threads.
+fn channel_sums(
+    planes: usize,
+    channels: usize,
+    plane: usize,
+    f: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
+    let per_task = planes_per_task(channels * plane) * channels;
+    let partials: Vec<Vec<f32>> = (0..planes.div_ceil(per_task))
+        .into_par_iter()
+        .map(|t| {
+            let mut acc = vec![0.0f32; channels];
+            for p in t * per_task..((t + 1) * per_task).min(planes) {
+                acc[p % channels] += f(p, p % channels);
+            }
+            acc
+        })
+        .collect();
+    partials
+        .into_iter()
+        .fold(vec![0.0; channels], |mut total, part| {
+            total.iter_mut().zip(part).for_each(|(t, v)| *t += v);
+            total
+        })
+}
+
+/// Calls `f(p, c, out_plane)` for every plane of `out` (`[n, channels, plane]`), in parallel.
+fn for_each_plane(
+    out: &mut [f32],
+    channels: usize,
+    plane: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let per_task = planes_per_task(plane);
+    out.par_chunks_mut(per_task * plane)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            for (i, o) in chunk.chunks_exact_mut(plane).enumerate() {
+                let p = t * per_task + i;
+                f(p, p % channels, o);
+            }
+        });
+}
+
+/// (output, mean, biased variance) of training-mode batch norm of `x` `[n, channels, plane]`;
+/// statistics per channel over the batch and the plane, in two passes (mean, then squared
+/// deviations) as burn computes them.
+fn batch_norm_forward(
+    x: &[f32],
+    channels: usize,
+    plane: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let planes = x.len() / plane;
+    let count = (planes / channels * plane) as f32;
+    let at = |p: usize| &x[p * plane..(p + 1) * plane];
+    let mean: Vec<f32> = channel_sums(planes, channels, plane, |p, _| sum(at(p)))
+        .into_iter()
+        .map(|s| s / count)
+        .collect();
+    let var: Vec<f32> = channel_sums(planes, channels, plane, |p, c| {
+        squared_deviation(at(p), mean[c])
+    })
+    .into_iter()
+    .map(|s| s / count)
+    .collect();
+    let mut out = vec![0.0; x.len()];
+    for_each_plane(&mut out, channels, plane, |p, c, o| {
+        let scale = gamma[c] / (var[c] + epsilon).sqrt();
+        normalize(at(p), mean[c], scale, beta[c], o);
+    });
+    (out, mean, var)
+}
+
+/// (input gradient, gamma gradient, beta gradient) of training-mode batch norm of `x`
+/// `[n, channels, plane]`; the input gradient is empty when `want_input` is false.
+///
+/// With xhat = (x - mean) / std: d beta = sum g, d gamma = sum g xhat, and
+/// dx = gamma / std (g - d beta / m - xhat d gamma / m) over the m values of a channel.
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_backward(
+    x: &[f32],
+    grad: &[f32],
+    plane: usize,
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    epsilon: f32,
+    want_input: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let channels = gamma.len();
+    let planes = x.len() / plane;
+    let count = (planes / channels * plane) as f32;
+    let g_at = |p: usize| &grad[p * plane..(p + 1) * plane];
+    let x_at = |p: usize| &x[p * plane..(p + 1) * plane];
+    let gbeta = channel_sums(planes, channels, plane, |p, _| sum(g_at(p)));
+    let gxc = channel_sums(planes, channels, plane, |p, c| {
+        centered_dot(g_at(p), x_at(p), mean[c])
+    });
+    let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
+    let ggamma = gxc.iter().zip(&inv_std).map(|(s, i)| s * i).collect();
+    let mut gx = vec![0.0; if want_input { x.len() } else { 0 }];
+    for_each_plane(&mut gx, channels, plane, |p, c, o| {
+        // dx = a g + b (x - mean) + d with per-channel constants.
+        let a = gamma[c] * inv_std[c];
+        let b = -a * inv_std[c] * inv_std[c] * gxc[c] / count;
+        let d = -a * gbeta[c] / count - b * mean[c];
+        affine2(g_at(p), x_at(p), a, b, d, o);
+    });
+    (gx, ggamma, gbeta)
+}
+
+simd_dispatch! {
+    /// Sum of a slice, eight lanes at a time.
+    fn sum(x: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for chunk in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(chunk) {
+                *a += v;
+            }
+        }
+        acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+    }
+}
+
+simd_dispatch! {
+    /// `sum (x - mean)^2`, eight lanes at a time.
+    fn squared_deviation(x: &[f32], mean: f32) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for chunk in &mut chunks {
+            for (a, x) in acc.iter_mut().zip(chunk) {
+                *a = (x - mean).mul_add(x - mean, *a);
+            }
+        }
+        let rest: f32 = chunks.remainder().iter().map(|x| (x - mean) * (x - mean)).sum();
+        acc.iter().sum::<f32>() + rest
+    }
+}
+
+simd_dispatch! {
+    /// `sum g (x - mean)`, eight lanes at a time.
+    fn centered_dot(g: &[f32], x: &[f32], mean: f32) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = g.chunks_exact(8).zip(x.chunks_exact(8));
+        for (g, x) in &mut chunks {
+            for ((a, g), x) in acc.iter_mut().zip(g).zip(x) {
+                *a = g.mul_add(x - mean, *a);
+            }
+        }
+        let tail = g.len() / 8 * 8;
+        let rest: f32 = g[tail..].iter().zip(&x[tail..]).map(|(g, x)| g * (x - mean)).sum();
+        acc.iter().sum::<f32>() + rest
+    }
+}
+
+simd_dispatch! {
+    /// `out = (x - mean) * scale + shift`.
+    fn normalize(x: &[f32], mean: f32, scale: f32, shift: f32, out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(x) {
+            *o = (x - mean).mul_add(scale, shift);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `out = a g + b x + d`.
+    fn affine2(g: &[f32], x: &[f32], a: f32, b: f32, d: f32, out: &mut [f32]) {
+        for ((o, g), x) in out.iter_mut().zip(g).zip(x) {
+            *o = g.mul_add(a, x.mul_add(b, d));
+        }
+    }
 }
 
 // The loops below take the stride `s` as an argument; each entry point passes it as a literal for
@@ -523,6 +839,8 @@ simd_dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::module::Param;
+    use burn::nn::BatchNormConfig;
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::{Device, Distribution};
 
@@ -598,6 +916,64 @@ mod tests {
             let w = conv.weight.val();
             let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
             assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
+        }
+    }
+
+    fn batch_norm_layer(channels: usize, device: &Device) -> BatchNorm {
+        let mut bn = BatchNormConfig::new(channels)
+            .with_momentum(0.1)
+            .init(device);
+        let values = |offset: f32| {
+            let v: Vec<f32> = (0..channels).map(|c| offset + 0.25 * c as f32).collect();
+            Param::from_tensor(Tensor::<1>::from_floats(v.as_slice(), device))
+        };
+        bn.gamma = values(0.5);
+        bn.beta = values(-0.3);
+        bn
+    }
+
+    /// Output, running statistics and the gradients of input, gamma and beta equal burn's
+    /// `BatchNorm` in training mode, for the shapes B0 trains with (down to 1x1 maps).
+    #[test]
+    fn batch_norm_matches_burn() {
+        let device = Device::flex().autodiff();
+        for shape in [[4, 6, 5, 5], [64, 3, 1, 1], [2, 5, 9, 1], [3, 4, 16, 16]] {
+            let (fused_bn, burn_bn) = (
+                batch_norm_layer(shape[1], &device),
+                batch_norm_layer(shape[1], &device),
+            );
+            let x =
+                Tensor::<4>::random(shape, Distribution::Normal(3.0, 2.0), &device).require_grad();
+            let fused = batch_norm(&fused_bn, x.clone());
+            let reference = burn_bn.forward(x.clone());
+            let case = format!("{shape:?}");
+            assert!(
+                rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-5,
+                "{case}"
+            );
+            for (a, b) in [
+                (&fused_bn.running_mean, &burn_bn.running_mean),
+                (&fused_bn.running_var, &burn_bn.running_var),
+            ] {
+                assert!(
+                    rel_diff(a.value(), b.value()) < 1e-5,
+                    "running stats, {case}"
+                );
+            }
+            let g = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let gf = (fused * g.clone()).sum().backward();
+            let gr = (reference * g).sum().backward();
+            assert!(
+                rel_diff(x.grad(&gf).unwrap(), x.grad(&gr).unwrap()) < 1e-4,
+                "x, {case}"
+            );
+            for (pf, pr) in [
+                (&fused_bn.gamma, &burn_bn.gamma),
+                (&fused_bn.beta, &burn_bn.beta),
+            ] {
+                let (a, b) = (pf.val().grad(&gf).unwrap(), pr.val().grad(&gr).unwrap());
+                assert!(rel_diff(a, b) < 1e-5, "gamma/beta, {case}");
+            }
         }
     }
 

@@ -91,7 +91,7 @@ impl ConvBn {
             1 => self.conv.forward(x),
             _ => fused::depthwise_conv2d(&self.conv, x),
         };
-        let x = self.bn.forward(x);
+        let x = fused::batch_norm(&self.bn, x);
         match &self.act {
             Some(a) => a.forward(x),
             None => x,
