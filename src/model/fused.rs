@@ -1,14 +1,16 @@
-//! Fused training ops for burn's Flex backend: SiLU and depthwise convolution, each one pass
-//! forward and one pass backward.
+//! Fused training ops for burn's Flex backend: SiLU, depthwise convolution and training-mode
+//! batch norm, each a few passes forward and backward.
 //!
 //! Why: burn composes SiLU as `x * sigmoid(x)` (scalar libm `expf`, four tensor passes forward,
-//! six backward with a second `expf`), and computes a depthwise conv's gradients with a transposed
-//! convolution plus one sliced conv per channel. On the B0 training step those took about a third
-//! of the time (`effnet bench b0 --train`, before/after in docs/benchmarks.md).
+//! six backward with a second `expf`), computes a depthwise conv's gradients with a transposed
+//! convolution plus one sliced conv per channel, and builds batch norm from swapped-axis copies
+//! and generic reductions. On the B0 training step those took about 40 % of the time (`effnet
+//! bench b0 --train`; before/after in docs/benchmarks.md).
 //!
 //! The ops are a burn backend extension implemented for `Flex` and `Autodiff<Flex>` with a
-//! hand-written backward. On any other backend or dtype [`silu`] and [`depthwise_conv2d`] fall
-//! back to burn's own ops, so results never depend on which path ran (tests below compare both).
+//! hand-written backward. On any other backend or dtype [`silu`], [`depthwise_conv2d`] and
+//! [`batch_norm`] fall back to burn's own ops; the tests below check that both paths agree
+//! (forward and every gradient).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

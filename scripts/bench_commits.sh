@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Times the same `effnet bench` command on several commits side by side, so a before/after
+# figure can be re-measured: each commit is built in a git worktree (sharing this checkout's
+# target dir, so only what differs recompiles) and the binaries then run in turn, ROUNDS times.
+#
+#   scripts/bench_commits.sh "b0 --train --threads 1 --iters 15" 8c7c331 HEAD
+#
+# Environment: ROUNDS (default 2). Without --reference: the old binaries cannot find their
+# worktree's scripts/ once it is removed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+args=$1
+shift
+[ $# -ge 1 ] || { echo "usage: $0 \"BENCH ARGS\" REV [REV...]" >&2; exit 2; }
+root=$(pwd)
+bins=$(mktemp -d)
+trap 'rm -rf "$bins"' EXIT
+for rev in "$@"; do
+    sha=$(git rev-parse --short "$rev")
+    tree="$bins/tree-$sha"
+    git worktree add -f --detach "$tree" "$sha" >/dev/null
+    (cd "$tree" && CARGO_TARGET_DIR="$root/target" cargo build --release --quiet)
+    cp "$root/target/release/effnet" "$bins/effnet-$sha"
+    git worktree remove --force "$tree"
+done
+cargo build --release --quiet # leave target/release/effnet built from this checkout
+for round in $(seq "${ROUNDS:-2}"); do
+    for rev in "$@"; do
+        sha=$(git rev-parse --short "$rev")
+        echo "== round $round, $rev ($sha): effnet bench $args"
+        # shellcheck disable=SC2086
+        "$bins/effnet-$sha" bench $args | tail -n 1
+    done
+done
