@@ -5,8 +5,8 @@
 #
 #   scripts/bench_commits.sh "b0 --train --threads 1 --iters 15" 8c7c331 HEAD
 #
-# Environment: ROUNDS (default 2). Without --reference: the old binaries cannot find their
-# worktree's scripts/ once it is removed.
+# Environment: ROUNDS (default 2). --reference works on commits whose binary embeds its Python
+# scripts (from "bench: embed the reference scripts" on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=$1

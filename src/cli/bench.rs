@@ -1,6 +1,6 @@
 //! `effnet bench`: latency (median, p90) and throughput, measured side by side in one run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -175,7 +175,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         });
         std::fs::write(&spec_json, serde_json::to_vec(&spec)?)?;
         let ort_logits = dir.path().join("ort_logits.f32");
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_reference.py");
+        let script = write_script(dir.path(), "bench_reference.py", BENCH_REFERENCE_PY)?;
         let out = Command::new(&args.python)
             .arg(&script)
             .args([
@@ -198,12 +198,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 &args.iters.to_string(),
             ])
             .output()
-            .with_context(|| {
-                format!(
-                    "running {} scripts/bench_reference.py",
-                    args.python.display()
-                )
-            })?;
+            .with_context(|| format!("running {} {}", args.python.display(), script.display()))?;
         if !out.status.success() {
             bail!(
                 "reference benchmark failed: {}",
@@ -235,6 +230,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     );
     let note = agreement.map(|d| format!("engine vs onnxruntime logits: max |diff| {d:.1e}"));
     report(args.json, &title, note, &results, "vs engine")
+}
+
+// The reference scripts travel inside the binary, so an installed `effnet` needs no checkout.
+const BENCH_REFERENCE_PY: &str = include_str!("../../scripts/bench_reference.py");
+const BENCH_TRAIN_TORCH_PY: &str = include_str!("../../scripts/bench_train_torch.py");
+
+fn write_script(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// Prints timings as JSON or as a table with each runtime's time relative to the first.
@@ -322,7 +327,8 @@ fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let mut results = vec![summarize("effnet (burn flex)", ms, n)];
     if args.reference {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_train_torch.py");
+        let dir = tempfile::tempdir()?;
+        let script = write_script(dir.path(), "bench_train_torch.py", BENCH_TRAIN_TORCH_PY)?;
         let out = Command::new(&args.python)
             .arg(&script)
             .args(["--batch", &n.to_string(), "--resolution", &res.to_string()])
