@@ -286,11 +286,6 @@ fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
     let n = args.batch.unwrap_or(64);
     let res = args.resolution.unwrap_or(32);
     let classes = 10;
-    // burn's CPU backend parallelises with rayon's global pool.
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build_global()
-        .context("configuring the thread pool")?;
     let cfg = TrainConfig {
         batch_size: n,
         resolution: res,
@@ -315,16 +310,19 @@ fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
     let stage = cfg.stage(0, spec.dropout);
     let trainer = Trainer::new(&cfg, classes, device);
     let mut ms = Vec::new();
-    for step in 0..args.iters as u64 + 2 {
-        let t = Instant::now();
-        model = trainer
-            .step(model, &mut optim, &batch, &stage, step, 0.004)?
-            .model;
-        if step >= 2 {
-            // The first two steps size buffers and warm caches.
-            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    effnet::train::on_thread_pool(args.threads, || {
+        for step in 0..args.iters as u64 + 2 {
+            let t = Instant::now();
+            model = trainer
+                .step(model, &mut optim, &batch, &stage, step, 0.004)?
+                .model;
+            if step >= 2 {
+                // The first two steps size buffers and warm caches.
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
         }
-    }
+        Ok(())
+    })?;
     let mut results = vec![summarize("effnet (burn flex)", ms, n)];
     if args.reference {
         let dir = tempfile::tempdir()?;

@@ -168,9 +168,9 @@ pub fn run() -> anyhow::Result<()> {
             model,
         } => convert(&input, &output, model.as_deref()),
         Command::Bench(args) => bench::run(&args),
-        Command::Train(args) => train::run(&args),
+        Command::Train(args) => effnet::train::on_thread_pool(0, || train::run(&args)),
         Command::Eval(args) => eval::run(&args),
-        Command::Finetune(args) => train::finetune(&args),
+        Command::Finetune(args) => effnet::train::on_thread_pool(0, || train::finetune(&args)),
     }
 }
 
