@@ -4,8 +4,8 @@
 //! Why: burn composes SiLU as `x * sigmoid(x)` (scalar libm `expf`, four tensor passes forward,
 //! six backward with a second `expf`), computes a depthwise conv's gradients with a transposed
 //! convolution plus one sliced conv per channel, and builds batch norm from swapped-axis copies
-//! and generic reductions. On the B0 training step those took about 40 % of the time (`effnet
-//! bench b0 --train`; before/after in docs/benchmarks.md).
+//! and generic reductions. Replacing them cut the B0 training step by about a third (`effnet
+//! bench b0 --train`; commit-by-commit timings in docs/benchmarks.md).
 //!
 //! The ops are a burn backend extension implemented for `Flex` and `Autodiff<Flex>` with a
 //! hand-written backward. On any other backend or dtype [`silu`], [`depthwise_conv2d`] and
