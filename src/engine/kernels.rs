@@ -1,7 +1,7 @@
 //! Hand-written CPU kernels for what no crate does well here: SIMD activations (no scalar `expf`),
 //! NHWC depthwise convolution with fused bias + activation (+ SE pooling), and the GEMM epilogue.
 //!
-//! Every kernel is plain Rust written so LLVM vectorises it; [`simd_dispatch!`] compiles each one
+//! Every kernel is plain Rust written so LLVM vectorises it; `simd_dispatch!` compiles each one
 //! for AVX-512 and AVX2+FMA and picks at run time (a portable build is the fallback). Measured by
 //! `effnet bench`.
 
@@ -291,7 +291,7 @@ simd_dispatch! {
     /// `input` as the image's rows from `in_row0` on (all those the taps of `rows` touch), for
     /// `channels` of the `bias.len()` (other channels of `out` are left alone), with bias +
     /// activation fused. When `pool` is given, adds each output channel's sum over these rows to it
-    /// (for SE). Interior pixels of 3x3 and 5x5 kernels take [`dw_interior`] (weights in registers
+    /// (for SE). Interior pixels of 3x3 and 5x5 kernels take `dw_interior` (weights in registers
     /// per 16-channel block, FMA); borders and other shapes accumulate per pixel in blocks of
     /// 64/16/8/1 channels.
     pub fn depthwise(

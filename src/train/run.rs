@@ -637,7 +637,8 @@ pub struct RunOptions<'a> {
 
 /// Runs training; writes `config.toml`, `metrics.jsonl`, `metrics.csv`, `curves.png`,
 /// `weights.safetensors` (EMA weights, with metadata) and checkpoints under the run directory.
-/// Returns the per-epoch metrics.
+/// Returns the per-epoch metrics. Call it inside [`super::on_thread_pool`] (as `effnet train`
+/// does): from outside a rayon pool every parallel op sleeps the caller.
 pub fn train(
     cfg: &TrainConfig,
     spec: ModelSpec,
