@@ -691,3 +691,78 @@ fn bad_augmentation_and_override_flags_are_rejected() {
     assert!(err.contains("unknown augmentation `v9`"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A stand-in for `python3`: checks it was handed effnet's embedded training benchmark script
+/// (written to a temp dir, so no checkout is needed) and answers like it, or exits with `code`.
+#[cfg(unix)]
+fn fake_python(dir: &Path, code: u8) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("python-{code}"));
+    let answer = r#"[{"runtime":"fake torch","median_ms":2.0,"p90_ms":3.0,"images_per_s":1000.0}]"#;
+    let script = format!(
+        "#!/bin/sh\ncase \"$1\" in {checkout}/*) exit 7 ;; */bench_train_torch.py) ;; *) exit 9 ;; esac\n\
+         grep -q efficientnet_b0 \"$1\" || exit 8\n\
+         [ {code} -eq 0 ] || {{ echo 'fake failure {code}' >&2; exit {code}; }}\n\
+         echo '{answer}'\n",
+        checkout = env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[cfg(unix)]
+#[test]
+fn bench_train_times_steps_beside_the_embedded_reference_script() {
+    let home = tempfile::tempdir().unwrap();
+    let args = [
+        "bench",
+        "b0",
+        "--train",
+        "--batch",
+        "2",
+        "--resolution",
+        "16",
+        "--iters",
+        "2",
+        "--json",
+        "--reference",
+        "--python",
+    ];
+    let run = |python: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_effnet"))
+            .args(args)
+            .arg(python)
+            .current_dir(home.path()) // away from the checkout's scripts/
+            .output()
+            .unwrap()
+    };
+    let o = run(&fake_python(home.path(), 0));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    assert_eq!(rows[0]["runtime"], "effnet (burn flex)");
+    assert!(rows[0]["median_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(rows[1]["runtime"], "fake torch");
+
+    // Exit 3 is the script's "PyTorch is not installed": effnet's own row only.
+    let o = run(&fake_python(home.path(), 3));
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+
+    let o = run(&fake_python(home.path(), 1));
+    assert_clean_error(&o, "fake failure 1");
+
+    for bad in [
+        ["--resolution", "0"],
+        ["--resolution", "4"],
+        ["--iters", "0"],
+    ] {
+        let o = effnet(&["bench", "b0", "--train", bad[0], bad[1]], home.path());
+        assert_clean_error(&o, "at least");
+    }
+    let o = effnet(&["bench", "b0", "--resolution", "0"], home.path());
+    assert_clean_error(&o, "at least 1");
+}

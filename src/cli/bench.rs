@@ -84,8 +84,8 @@ fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.batch == Some(0) || args.threads == 0 || args.iters == 0 {
-        bail!("--batch, --threads and --iters must be at least 1");
+    if args.batch == Some(0) || args.resolution == Some(0) || args.threads == 0 || args.iters == 0 {
+        bail!("--batch, --resolution, --threads and --iters must be at least 1");
     }
     if args.train {
         return run_train(args);
@@ -291,6 +291,7 @@ fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
         resolution: res,
         ..TrainConfig::default()
     };
+    cfg.validate()?;
     let spec = train_spec(&cfg, args.model.spec()?, classes);
     let device = Device::flex().autodiff();
     let mut model = EfficientNet::new(&spec, &device).tf_init();
