@@ -171,25 +171,8 @@ fn transpose_dense(w: &[f32], out: usize) -> Vec<f32> {
 
 /// Spatial geometry of a conv on an `h x w` input.
 fn geometry(padding: Padding, h: usize, w: usize, kernel: usize, stride: usize) -> Geometry {
-    let (out_h, out_w, pad_top, pad_left) = match padding {
-        Padding::Same => {
-            let pad = |size: usize| {
-                let out = size.div_ceil(stride);
-                (out, ((out - 1) * stride + kernel).saturating_sub(size) / 2)
-            };
-            let ((oh, pt), (ow, pl)) = (pad(h), pad(w));
-            (oh, ow, pt, pl)
-        }
-        Padding::Symmetric => {
-            let p = kernel / 2;
-            (
-                (h + 2 * p - kernel) / stride + 1,
-                (w + 2 * p - kernel) / stride + 1,
-                p,
-                p,
-            )
-        }
-    };
+    let (out_h, pad_top, _) = padding.along(h, kernel, stride);
+    let (out_w, pad_left, _) = padding.along(w, kernel, stride);
     Geometry {
         in_h: h,
         in_w: w,

@@ -29,6 +29,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::engine::kernels::{sigmoid, silu as silu_scalar, simd_dispatch};
+use crate::spec::Padding;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -79,11 +80,11 @@ pub fn depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         PaddingConfig2d::Valid => [0; 4],
         PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
         PaddingConfig2d::Same => {
-            // burn's rule (private in burn-nn): TF "same", the odd pixel at the end.
-            let total =
-                |size: usize| ((size.div_ceil(stride) - 1) * stride + k).saturating_sub(size);
-            let (th, tw) = (total(h), total(w));
-            [th / 2, tw / 2, th - th / 2, tw - tw / 2]
+            let ((_, top, bottom), (_, left, right)) = (
+                Padding::Same.along(h, k, stride),
+                Padding::Same.along(w, k, stride),
+            );
+            [top, left, bottom, right]
         }
     };
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_depthwise(

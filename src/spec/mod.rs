@@ -46,6 +46,25 @@ pub enum Padding {
     Symmetric,
 }
 
+impl Padding {
+    /// (output size, padding before, padding after) of a conv along an axis of `size` pixels.
+    /// TF "SAME" gives ceil(size / stride) outputs and puts an odd padding pixel after (burn's
+    /// `PaddingConfig2d::Same` does the same); symmetric pads k/2 on both sides.
+    pub fn along(self, size: usize, kernel: usize, stride: usize) -> (usize, usize, usize) {
+        match self {
+            Padding::Same => {
+                let out = size.div_ceil(stride);
+                let total = ((out - 1) * stride + kernel).saturating_sub(size);
+                (out, total / 2, total - total / 2)
+            }
+            Padding::Symmetric => {
+                let p = kernel / 2;
+                ((size + 2 * p - kernel) / stride + 1, p, p)
+            }
+        }
+    }
+}
+
 /// A complete, scalable architecture description.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelSpec {
@@ -275,6 +294,17 @@ impl Default for CompoundCoefficients {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// TF "SAME" puts the odd padding pixel after; both modes give ceil(size / stride) outputs.
+    #[test]
+    fn padding_along_an_axis() {
+        assert_eq!(Padding::Same.along(8, 3, 2), (4, 0, 1));
+        assert_eq!(Padding::Same.along(7, 5, 2), (4, 2, 2));
+        assert_eq!(Padding::Same.along(224, 3, 2), (112, 0, 1));
+        assert_eq!(Padding::Same.along(1, 5, 1), (1, 2, 2));
+        assert_eq!(Padding::Symmetric.along(7, 3, 2), (4, 1, 1));
+        assert_eq!(Padding::Symmetric.along(8, 5, 1), (8, 2, 2));
+    }
 
     fn counts(spec: &ModelSpec) -> (Vec<usize>, Vec<usize>) {
         let ch = spec
