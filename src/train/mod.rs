@@ -38,7 +38,8 @@ mod tests {
                 Ok((rayon::current_thread_index(), rayon::current_num_threads()))
             })
             .unwrap();
-            assert_eq!(index, Some(0));
+            // install() hands the work to any one of the pool's workers.
+            assert!(index.is_some_and(|i| i < threads), "{index:?}");
             assert_eq!(size, threads);
         }
         let err = super::on_thread_pool(1, || -> anyhow::Result<()> { anyhow::bail!("boom") });
