@@ -14,8 +14,8 @@ pub use schedule::{Decay, LrSchedule};
 ///
 /// Called from outside a pool, every parallel op of a training step wakes a pool thread and puts
 /// the caller to sleep until it is done; on a pool thread the caller takes part instead, and with
-/// one thread the work runs inline. Measured with `effnet bench b0 --train --threads 1`: about
-/// 10 % of a B0 step at 32x32 (docs/benchmarks.md).
+/// one thread the work runs inline. Measured with `scripts/bench_commits.sh` on `effnet bench b0
+/// --train --threads 1`: 8-9 % of a B0 step at 32x32 (docs/benchmarks.md).
 pub fn on_thread_pool<T: Send>(
     threads: usize,
     work: impl FnOnce() -> anyhow::Result<T> + Send,
