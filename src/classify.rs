@@ -11,9 +11,6 @@ use crate::model::{EfficientNet, apply_weights};
 use crate::preprocess::eval_transform;
 use crate::weights::{self, WeightMeta};
 
-/// The 1000 ImageNet-1k class names in index order.
-pub const IMAGENET_CLASSES: &str = include_str!("../assets/imagenet_classes.txt");
-
 /// A sample photo (scikit-image's `coffee`, public domain) for running without arguments.
 pub const SAMPLE_IMAGE: &[u8] = include_bytes!("../assets/coffee.png");
 
@@ -37,7 +34,7 @@ pub struct Prediction {
 }
 
 /// Which implementation runs the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// The native CPU inference engine (default; fastest).
     Engine,
@@ -71,17 +68,11 @@ impl Classifier {
             Backend::Engine => Runner::Engine(Box::new(Engine::new(&set)?.with_threads(threads))),
             Backend::Burn => {
                 let device = Device::flex();
-                let net = apply_weights(EfficientNet::new(&set.spec, &device), &set.tensors)?;
+                let net = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors)?;
                 Runner::Burn(Box::new(net), device)
             }
         };
-        let labels = if set.meta.num_classes == 1000 {
-            IMAGENET_CLASSES.lines().map(str::to_string).collect()
-        } else {
-            (0..set.meta.num_classes)
-                .map(|i| format!("class {i}"))
-                .collect()
-        };
+        let labels = set.meta.labels();
         Ok(Classifier {
             runner,
             meta: set.meta,
@@ -107,7 +98,10 @@ impl Classifier {
                     .expect("float output")
             }
         };
-        logits.chunks(self.meta.num_classes).map(softmax).collect()
+        logits
+            .chunks(self.meta.spec.num_classes)
+            .map(softmax)
+            .collect()
     }
 
     /// The `k` most probable classes of each image, best first.

@@ -8,6 +8,7 @@ pub mod analysis;
 pub mod classify;
 pub mod data;
 pub mod engine;
+pub mod evaluate;
 pub mod model;
 pub mod preprocess;
 pub mod spec;

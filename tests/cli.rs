@@ -258,7 +258,6 @@ fn convert_round_trips_through_safetensors() {
         "metadata travels with the weights"
     );
     assert_eq!(from_st.tensors, from_pth.tensors);
-    assert_eq!(from_st.spec, from_pth.spec);
 }
 
 /// A tiny IDX dataset under `home/data`, named as `--dataset` takes it.
@@ -338,7 +337,7 @@ fn train_writes_a_run_directory() {
     // The saved EMA weights carry their own metadata (3 classes, 16x16 preprocessing)...
     let weights = out.join("weights.safetensors");
     let set = effnet::weights::load(&weights, None).unwrap();
-    assert_eq!((set.meta.num_classes, set.meta.preprocess.crop), (3, 16));
+    assert_eq!((set.spec().num_classes, set.meta.preprocess.crop), (3, 16));
     // ...and `effnet eval` scores them exactly as training's last evaluation did.
     let o = effnet(
         &[
@@ -531,14 +530,14 @@ fn finetune_keeps_the_checkpoint_conventions_and_replaces_the_head() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let set = effnet::weights::load(&out.join("weights.safetensors"), None).unwrap();
-    assert_eq!(set.meta.model, "efficientnet-lite0");
-    assert_eq!(set.meta.num_classes, 3);
+    assert_eq!(set.spec().name, "efficientnet-lite0");
+    assert_eq!(set.spec().num_classes, 3);
     assert_eq!(
         (set.meta.preprocess.mean, set.meta.preprocess.std),
         ([127.0; 3], [128.0; 3])
     );
     assert_eq!(
-        (set.meta.padding, set.meta.bn_eps),
+        (set.spec().padding, set.spec().bn_eps),
         (effnet::spec::Padding::Same, 1e-3)
     );
     let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
@@ -755,14 +754,211 @@ fn bench_train_times_steps_beside_the_embedded_reference_script() {
     let o = run(&fake_python(home.path(), 1));
     assert_clean_error(&o, "fake failure 1");
 
-    for bad in [
-        ["--resolution", "0"],
-        ["--resolution", "4"],
-        ["--iters", "0"],
+    for (bad, needle) in [
+        (["--resolution", "0"], "at least"),
+        (["--resolution", "4"], "resolution = 4 is outside 8..="),
+        (["--iters", "0"], "at least"),
     ] {
         let o = effnet(&["bench", "b0", "--train", bad[0], bad[1]], home.path());
-        assert_clean_error(&o, "at least");
+        assert_clean_error(&o, needle);
     }
     let o = effnet(&["bench", "b0", "--resolution", "0"], home.path());
     assert_clean_error(&o, "at least 1");
+}
+
+/// Writes an image folder (`train/` and `val/`) with classes `cat` (dark), `dog` (mid), `owl`
+/// (bright) of `n` 12x12 PNGs each.
+fn tiny_image_folder(dir: &Path, n: usize) {
+    for split in ["train", "val"] {
+        for (i, class) in ["cat", "dog", "owl"].iter().enumerate() {
+            let d = dir.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for j in 0..n {
+                let v = (30 + 90 * i + j) as u8;
+                image::RgbImage::from_pixel(12, 12, image::Rgb([v, v, v]))
+                    .save(d.join(format!("{j}.png")))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// `eval` and `classify` need nothing but the weights file a run wrote.
+fn weights_load_alone(home: &Path, weights: &Path, dataset: &str, class_name: &str) {
+    let w = weights.to_str().unwrap();
+    let o = effnet(&["eval", "--weights", w, "--dataset", dataset], home);
+    assert!(
+        o.status.success(),
+        "eval: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let img = home.join("probe.png");
+    image::RgbImage::from_pixel(20, 20, image::Rgb([120, 120, 120]))
+        .save(&img)
+        .unwrap();
+    let o = effnet(&["classify", "--weights", w, img.to_str().unwrap()], home);
+    assert!(
+        o.status.success(),
+        "classify: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout(&o).contains(class_name), "{}", stdout(&o));
+}
+
+#[test]
+fn scaled_and_resumed_runs_load_back_with_their_weights_alone() {
+    let home = tempfile::tempdir().unwrap();
+    let dataset = tiny_dataset(home.path(), 48);
+    let steps = [
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--dataset",
+        &dataset,
+    ];
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&steps);
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        let o = effnet(&args, home.path());
+        assert!(
+            o.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let phi = home.path().join("phi");
+    train(&phi, &["--phi", "1"]);
+    let set = effnet::weights::load(&phi.join("weights.safetensors"), None).unwrap();
+    assert_eq!(set.spec().name, "efficientnet-b0(phi=1)");
+    assert!((set.spec().depth - 1.2).abs() < 1e-12 && (set.spec().width - 1.1).abs() < 1e-12);
+    assert_eq!(set.spec().resolution, 37, "32 x 1.15");
+    weights_load_alone(
+        home.path(),
+        &phi.join("weights.safetensors"),
+        &dataset,
+        "class ",
+    );
+
+    let wd = home.path().join("wd");
+    train(&wd, &["--width", "1.3", "--depth", "0.8"]);
+    let set = effnet::weights::load(&wd.join("weights.safetensors"), None).unwrap();
+    assert!((set.spec().width - 1.3).abs() < 1e-12 && (set.spec().depth - 0.8).abs() < 1e-12);
+    weights_load_alone(
+        home.path(),
+        &wd.join("weights.safetensors"),
+        &dataset,
+        "class ",
+    );
+
+    // A plain run continued with --resume keeps its architecture and name.
+    let plain = home.path().join("plain");
+    train(&plain, &["lite0"]);
+    let o = effnet(
+        &[
+            "train",
+            "--resume",
+            plain.to_str().unwrap(),
+            "--max-steps",
+            "6",
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let set = effnet::weights::load(&plain.join("weights.safetensors"), None).unwrap();
+    assert_eq!(set.spec().name, "efficientnet-lite0");
+    weights_load_alone(
+        home.path(),
+        &plain.join("weights.safetensors"),
+        &dataset,
+        "class ",
+    );
+
+    // Editing the recorded architecture or recipe before resuming is refused.
+    let cfg = plain.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("seed = 0", "seed = 5")).unwrap();
+    assert_clean_error(
+        &effnet(&["train", "--resume", plain.to_str().unwrap()], home.path()),
+        "changed since the last checkpoint (seed)",
+    );
+    std::fs::write(&cfg, text.replace("width = 1.0", "width = 2.0")).unwrap();
+    assert_clean_error(
+        &effnet(&["train", "--resume", plain.to_str().unwrap()], home.path()),
+        "(model)",
+    );
+}
+
+#[test]
+fn finetuned_weights_print_the_folder_class_names() {
+    let home = tempfile::tempdir().unwrap();
+    let folder = home.path().join("pets");
+    tiny_image_folder(&folder, 6);
+    let out = home.path().join("ft");
+    let lite0 = fixture(LITE0);
+    let o = effnet(
+        &[
+            "finetune",
+            "--weights",
+            lite0.to_str().unwrap(),
+            "--dataset",
+            folder.to_str().unwrap(),
+            "--resolution",
+            "32",
+            "--batch-size",
+            "6",
+            "--epochs",
+            "2",
+            "--max-steps",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = out.join("weights.safetensors");
+    let o = effnet(
+        &[
+            "classify",
+            "--weights",
+            w.to_str().unwrap(),
+            "--json",
+            "--top",
+            "3",
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut labels: Vec<&str> = v[0]["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    labels.sort();
+    assert_eq!(labels, ["cat", "dog", "owl"]);
+    weights_load_alone(home.path(), &w, folder.to_str().unwrap(), "cat");
+}
+
+#[test]
+fn absurd_scaling_is_a_one_line_error() {
+    let home = tempfile::tempdir().unwrap();
+    for (args, needle) in [
+        (&["--phi", "1000"][..], "phi 1000"),
+        (&["--depth", "1e9"][..], "blocks"),
+        (&["--width", "1e9"][..], "channels"),
+        (&["--res-mult", "1e6"][..], "pixels wide"),
+        (&["--resolution", "1099511627776"][..], "64 bits"),
+    ] {
+        let mut all = vec!["info", "b0"];
+        all.extend_from_slice(args);
+        assert_clean_error(&effnet(&all, home.path()), needle);
+    }
+    // Large but sane scalings still answer.
+    let o = effnet(&["info", "b0", "--phi", "8"], home.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

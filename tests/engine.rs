@@ -68,7 +68,7 @@ fn engine_matches_the_burn_model_on_every_family() {
         ("v2-xl", Padding::Same, 1, 48, 48),
     ] {
         let set = random_set(name, padding);
-        let model = apply_weights(EfficientNet::new(&set.spec, &device), &set.tensors).unwrap();
+        let model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors).unwrap();
         let x = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
         let data = x.clone().into_data().try_to_vec::<f32>().unwrap();
         let want = model.forward(x).into_data().try_to_vec::<f32>().unwrap();

@@ -26,7 +26,7 @@ fn every_ground_truth_row_matches() {
         let spec = variant(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         let repeats: Vec<String> = spec.stage_repeats().iter().map(|r| r.to_string()).collect();
         assert_eq!(repeats.join("-"), f[blocks], "{name} blocks per stage");
-        let a = analyze(&spec, 224);
+        let a = analyze(&spec, 224).unwrap();
         assert_eq!(a.params.to_string(), f[params], "{name} params");
         assert_eq!(
             a.params.to_string(),
@@ -37,7 +37,7 @@ fn every_ground_truth_row_matches() {
         for (res_col, macs_col) in checks {
             let res: usize = f[res_col].parse().unwrap();
             assert_eq!(
-                analyze(&spec, res).macs.to_string(),
+                analyze(&spec, res).unwrap().macs.to_string(),
                 f[macs_col],
                 "{name} MACs at {res}"
             );

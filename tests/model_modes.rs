@@ -78,7 +78,7 @@ fn eval_mode_is_deterministic_and_training_mode_is_not() {
     assert!(max_abs_diff(before, &after) > 0.0);
     // valid() switches the same model back to eval behaviour (with its updated running stats).
     let updated = export_weights(&train_model);
-    let reference = apply_weights(EfficientNet::new(&set.spec, &plain), &updated).unwrap();
+    let reference = apply_weights(EfficientNet::new(set.spec(), &plain), &updated).unwrap();
     let v = vec(train_model.valid().forward(x.clone()));
     assert!(max_abs_diff(&v, &vec(reference.forward(x))) < 1e-5);
 }

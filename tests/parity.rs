@@ -9,8 +9,8 @@ use effnet::weights;
 
 fn check(weights_file: &str, oracle_name: &str, model: &str, padding: Padding, eps: f64) {
     let set = weights::load(&fixture(weights_file), None).unwrap();
-    assert_eq!(set.spec.name, model);
-    assert_eq!((set.meta.padding, set.meta.bn_eps), (padding, eps));
+    assert_eq!(set.spec().name, model);
+    assert_eq!((set.spec().padding, set.spec().bn_eps), (padding, eps));
     let device = Device::flex();
     let net = model_for(&set, &device);
     let (input, expected) = oracle(oracle_name);

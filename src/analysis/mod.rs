@@ -4,7 +4,7 @@
 //! excluded); MACs count Conv2d (incl. depthwise and the SE 1x1 convs) and Linear at batch 1; BN,
 //! activations, the SE multiply, residual adds and pooling are not counted.
 
-use crate::spec::{BlockKind, ModelSpec};
+use crate::spec::{Conv, ModelSpec, Role, SpecError};
 
 /// What a row of the analysis is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -48,159 +48,118 @@ impl Analysis {
     }
 }
 
-/// Spatial output size of a convolution: ceil(in / stride) for both TF SAME and symmetric k/2 padding
-/// (kernels are odd).
-fn conv_out(size: usize, stride: usize) -> usize {
-    size.div_ceil(stride)
+/// Every count in u64 with overflow checks: a spec within its bounds never overflows, but a
+/// resolution asked for on the command line may still be absurd.
+fn product(factors: &[usize]) -> Option<u64> {
+    factors
+        .iter()
+        .try_fold(1u64, |acc, &f| acc.checked_mul(f as u64))
 }
 
 struct Builder {
     rows: Vec<LayerRow>,
     peak: u64,
+    /// Bytes of the block input kept alive for the residual.
     block_input: u64,
 }
 
 impl Builder {
-    #[allow(clippy::too_many_arguments)]
-    fn conv(
-        &mut self,
-        name: String,
-        input: [usize; 3],
-        out_channels: usize,
-        kernel: usize,
-        stride: usize,
-        groups: usize,
-        with_bn: bool,
-    ) -> [usize; 3] {
-        let [c, h, w] = input;
-        let (oh, ow) = (conv_out(h, stride), conv_out(w, stride));
-        let weights = (out_channels * (c / groups) * kernel * kernel) as u64;
-        let kind = if groups > 1 {
-            LayerKind::DepthwiseConv
-        } else {
-            LayerKind::Conv
+    /// Adds `conv` (and its batch norm) applied to `input`; returns the output shape.
+    fn conv(&mut self, conv: &Conv, input: [usize; 3]) -> Option<[usize; 3]> {
+        let [_, h, w] = input;
+        // ceil(size / stride) for TF SAME and for symmetric k/2 padding alike (kernels are odd).
+        let spatial = match conv.role {
+            Role::SeReduce | Role::SeExpand | Role::Classifier => [1, 1],
+            _ => [h.div_ceil(conv.stride), w.div_ceil(conv.stride)],
         };
-        let output = [out_channels, oh, ow];
+        let output = [conv.out_channels, spatial[0], spatial[1]];
+        let weights = product(&conv.weight_shape())?;
+        let kind = match conv.role {
+            Role::Depthwise => LayerKind::DepthwiseConv,
+            Role::SeReduce | Role::SeExpand => LayerKind::SeConv,
+            Role::Classifier => LayerKind::Linear,
+            _ => LayerKind::Conv,
+        };
+        let (name, params) = match kind {
+            LayerKind::SeConv | LayerKind::Linear => (conv.path.clone(), conv.params()),
+            _ => (conv.weight_module(), weights),
+        };
         self.rows.push(LayerRow {
-            name: format!("{name}.conv"),
+            name,
             kind,
             output,
-            params: weights,
-            macs: weights * (oh * ow) as u64,
+            params,
+            macs: weights.checked_mul(product(&spatial)?)?,
         });
-        if with_bn {
+        if let Some(bn) = conv.bn_module() {
             self.rows.push(LayerRow {
-                name: format!("{name}.bn"),
+                name: bn,
                 kind: LayerKind::BatchNorm,
                 output,
-                params: 2 * out_channels as u64,
+                params: 2 * conv.out_channels as u64,
                 macs: 0,
             });
+            let live = (volume(input)?.checked_add(volume(output)?)?).checked_mul(4)?;
+            self.peak = self.peak.max(self.block_input.checked_add(live)?);
         }
-        let live = self.block_input + 4 * (volume(input) + volume(output));
-        self.peak = self.peak.max(live);
-        output
-    }
-
-    fn squeeze_excite(&mut self, name: &str, channels: usize, reduced: usize) {
-        for (part, cin, cout) in [("reduce", channels, reduced), ("expand", reduced, channels)] {
-            let weights = (cin * cout) as u64;
-            self.rows.push(LayerRow {
-                name: format!("{name}.se.{part}"),
-                kind: LayerKind::SeConv,
-                output: [cout, 1, 1],
-                params: weights + cout as u64,
-                macs: weights,
-            });
-        }
+        Some(output)
     }
 }
 
-fn volume(shape: [usize; 3]) -> u64 {
-    shape.iter().product::<usize>() as u64
+fn volume(shape: [usize; 3]) -> Option<u64> {
+    product(&shape)
 }
 
 /// Analyses `spec` at `resolution` (square input).
-pub fn analyze(spec: &ModelSpec, resolution: usize) -> Analysis {
+pub fn analyze(spec: &ModelSpec, resolution: usize) -> Result<Analysis, SpecError> {
+    spec.validate()?;
+    build(spec, resolution).ok_or_else(|| {
+        SpecError::Invalid(format!(
+            "`{}` at resolution {resolution}: the counts do not fit in 64 bits",
+            spec.name
+        ))
+    })
+}
+
+fn build(spec: &ModelSpec, resolution: usize) -> Option<Analysis> {
+    let anatomy = spec.anatomy();
     let mut b = Builder {
         rows: Vec::new(),
         peak: 0,
         block_input: 0,
     };
-    let mut x = b.conv(
-        "stem".into(),
-        [3, resolution, resolution],
-        spec.stem_channels(),
-        3,
-        2,
-        1,
-        true,
-    );
-    for (i, l) in spec.layers().iter().enumerate() {
-        let name = format!("blocks.{i}");
-        b.block_input = if l.residual { 4 * volume(x) } else { 0 };
-        match l.kind {
-            BlockKind::MbConv => {
-                if l.expand_ratio != 1 {
-                    x = b.conv(format!("{name}.expand"), x, l.mid_channels, 1, 1, 1, true);
-                }
-                x = b.conv(
-                    format!("{name}.dw"),
-                    x,
-                    l.mid_channels,
-                    l.kernel,
-                    l.stride,
-                    l.mid_channels,
-                    true,
-                );
-                if let Some(se) = l.se_channels {
-                    b.squeeze_excite(&name, l.mid_channels, se);
-                }
-                x = b.conv(format!("{name}.project"), x, l.out_channels, 1, 1, 1, true);
-            }
-            BlockKind::FusedMbConv => {
-                let expanded = if l.expand_ratio == 1 {
-                    l.out_channels
-                } else {
-                    l.mid_channels
-                };
-                x = b.conv(
-                    format!("{name}.expand"),
-                    x,
-                    expanded,
-                    l.kernel,
-                    l.stride,
-                    1,
-                    true,
-                );
-                if let Some(se) = l.se_channels {
-                    b.squeeze_excite(&name, expanded, se);
-                }
-                if l.expand_ratio != 1 {
-                    x = b.conv(format!("{name}.project"), x, l.out_channels, 1, 1, 1, true);
-                }
+    let mut x = b.conv(&anatomy.stem, [3, resolution, resolution])?;
+    for block in &anatomy.blocks {
+        b.block_input = if block.layer.residual {
+            4 * volume(x)?
+        } else {
+            0
+        };
+        for conv in block.convs() {
+            let out = b.conv(conv, x)?;
+            // SE convs work on pooled vectors; the running feature map keeps its shape.
+            if !matches!(conv.role, Role::SeReduce | Role::SeExpand) {
+                x = out;
             }
         }
     }
     b.block_input = 0;
-    let x = b.conv("head".into(), x, spec.head_channels(), 1, 1, 1, true);
-    let features = x[0];
-    b.rows.push(LayerRow {
-        name: "classifier".into(),
-        kind: LayerKind::Linear,
-        output: [spec.num_classes, 1, 1],
-        params: (features * spec.num_classes + spec.num_classes) as u64,
-        macs: (features * spec.num_classes) as u64,
-    });
-    Analysis {
+    let x = b.conv(&anatomy.head, x)?;
+    b.conv(&anatomy.classifier, x)?;
+    let sum = |f: fn(&LayerRow) -> Option<u64>| {
+        b.rows
+            .iter()
+            .try_fold(0u64, |acc, r| acc.checked_add(f(r)?))
+    };
+    Some(Analysis {
         model: spec.name.clone(),
         resolution,
-        params: b.rows.iter().map(|r| r.params).sum(),
-        macs: b.rows.iter().map(|r| r.macs).sum(),
+        params: sum(|r| Some(r.params))?,
+        macs: sum(|r| Some(r.macs))?,
         peak_activation_bytes: b.peak,
-        total_activation_bytes: b.rows.iter().map(|r| 4 * volume(r.output)).sum(),
+        total_activation_bytes: sum(|r| volume(r.output)?.checked_mul(4))?,
         layers: b.rows,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -210,18 +169,36 @@ mod tests {
 
     #[test]
     fn b0_matches_torchvision() {
-        let a = analyze(&variant("b0").unwrap(), 224);
+        let a = analyze(&variant("b0").unwrap(), 224).unwrap();
         assert_eq!(a.params, 5_288_548);
         assert_eq!(a.macs, 385_814_752);
     }
 
     #[test]
     fn layer_rows_sum_to_totals_and_are_named_like_the_model() {
-        let a = analyze(&variant("v2-s").unwrap(), 384);
+        let a = analyze(&variant("v2-s").unwrap(), 384).unwrap();
         assert_eq!(a.layers.first().unwrap().name, "stem.conv");
         assert_eq!(a.layers.last().unwrap().name, "classifier");
         assert!(a.layers.iter().any(|r| r.name == "blocks.0.expand.conv"));
         assert!(a.layers.iter().any(|r| r.name == "blocks.39.se.reduce"));
         assert!(a.peak_activation_bytes > 0 && a.peak_activation_bytes < a.total_activation_bytes);
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors_not_wrapped_counts() {
+        let b0 = variant("b0").unwrap();
+        let e = analyze(&b0, 1 << 40).unwrap_err().to_string();
+        assert!(e.contains("64 bits"), "{e}");
+        let big = analyze(&b0, 8192).unwrap();
+        assert!(big.macs > analyze(&b0, 224).unwrap().macs);
+        for (d, w, r) in [(1e9, 1.0, 1.0), (1.0, 1e9, 1.0), (1.0, 1.0, 1e6)] {
+            let e = b0.scaled(d, w, r).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("at most") || e.contains("positive"), "{e}");
+        }
+        let phi = b0
+            .compound(1000.0, crate::spec::CompoundCoefficients::default())
+            .unwrap_err()
+            .to_string();
+        assert!(phi.contains("phi 1000"), "{phi}");
     }
 }

@@ -92,10 +92,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let device = Device::flex();
     let set = match &args.weights {
-        Some(path) => weights::load(path, Some(&args.model.model))?,
+        Some(path) => weights::load(path, args.model.model.as_deref())?,
         None => WeightSet::random(&args.model.spec()?, 0),
     };
-    let res = args.resolution.unwrap_or(set.spec.resolution);
+    let res = args.resolution.unwrap_or(set.spec().resolution);
     let n = args.batch.unwrap_or(1);
     let len = n * 3 * res * res;
     let input: Vec<f32> = (0..len)
@@ -149,7 +149,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     if args.burn {
-        let model = apply_weights(EfficientNet::new(&set.spec, &device), &set.tensors)?;
+        let model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors)?;
         let x = Tensor::<4>::from_data(TensorData::new(input.clone(), [n, 3, res, res]), &device);
         let iters = args.iters.min(10);
         results.push(summarize(
@@ -168,10 +168,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         weights::write_safetensors(&st, &set)?;
         let spec_json = dir.path().join("spec.json");
         let spec = serde_json::json!({
-            "padding": set.spec.padding,
-            "activation": set.spec.activation,
-            "bn_eps": set.spec.bn_eps,
-            "layers": set.spec.layers(),
+            "padding": set.spec().padding,
+            "activation": set.spec().activation,
+            "bn_eps": set.spec().bn_eps,
+            "layers": set.spec().layers(),
         });
         std::fs::write(&spec_json, serde_json::to_vec(&spec)?)?;
         let ort_logits = dir.path().join("ort_logits.f32");
@@ -226,7 +226,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     let title = format!(
         "{} at {res}x{res}, batch {n}, {} thread(s), {} iterations (median of runs)",
-        set.spec.name, args.threads, args.iters
+        set.spec().name,
+        args.threads,
+        args.iters
     );
     let note = agreement.map(|d| format!("engine vs onnxruntime logits: max |diff| {d:.1e}"));
     report(args.json, &title, note, &results, "vs engine")
@@ -281,7 +283,7 @@ fn report(
 /// `--threads`.
 fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
     use effnet::data::loader::Batch;
-    use effnet::train::run::{TrainConfig, Trainer, train_spec};
+    use effnet::train::{TrainConfig, Trainer};
 
     let n = args.batch.unwrap_or(64);
     let res = args.resolution.unwrap_or(32);
@@ -292,7 +294,7 @@ fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
         ..TrainConfig::default()
     };
     cfg.validate()?;
-    let spec = train_spec(&cfg, args.model.spec()?, classes);
+    let spec = cfg.model_spec(&args.model.spec()?, classes)?;
     let device = Device::flex().autodiff();
     let mut model = EfficientNet::new(&spec, &device).tf_init();
     let mut optim = burn::optim::ModuleOptimizer::from(effnet::train::TfRmsProp {

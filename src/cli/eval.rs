@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Args;
 
 use effnet::data::{self, loader::Prepared};
-use effnet::train::run::evaluate;
+use effnet::evaluate::evaluate;
 use effnet::weights;
 
 #[derive(Args)]
@@ -40,18 +40,17 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     prepared.mean = set.meta.preprocess.mean;
     prepared.std = set.meta.preprocess.std;
     let report = evaluate(&set, &prepared, args.batch_size, args.threads)?;
-    let mut class_names = eval.class_names.clone();
-    class_names.resize_with(set.meta.num_classes, || "?".into());
+    let class_names = set.meta.labels();
     if args.json {
         let mut v = serde_json::to_value(&report)?;
-        v["model"] = set.meta.model.clone().into();
+        v["model"] = set.spec().name.clone().into();
         v["class_names"] = serde_json::to_value(&class_names)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
         "{} on {} ({} images): top-1 {:.4}  top-5 {:.4}  loss {:.4}  {:.0} img/s",
-        set.meta.model,
+        set.spec().name,
         args.dataset,
         report.images,
         report.top1,

@@ -13,6 +13,7 @@ use effnet::analysis::{Analysis, analyze};
 use effnet::classify::{Backend, Classifier, DEFAULT_WEIGHTS, SAMPLE_IMAGE, weights_home};
 use effnet::preprocess::load_rgb;
 use effnet::spec::{CompoundCoefficients, ModelSpec, VARIANTS, resolve};
+use effnet::train::ModelChoice;
 use effnet::weights;
 
 #[derive(Parser)]
@@ -61,8 +62,8 @@ enum Command {
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
         top: u16,
         /// Which implementation runs the network.
-        #[arg(long, value_enum, default_value_t = Backend::Engine)]
-        backend: Backend,
+        #[arg(long, value_enum, default_value_t = BackendArg::Engine)]
+        backend: BackendArg,
         /// Threads for the engine.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
@@ -89,9 +90,9 @@ enum Command {
 /// A model: a published variant, optionally rescaled by compound `--phi` or explicit multipliers.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// Published variant (`b0`, `efficientnet-b3`, `lite0`, `v2-s`, `tf_efficientnet_b0`, ...).
-    #[arg(default_value = "efficientnet-b0")]
-    pub model: String,
+    /// Published variant (`b0`, `efficientnet-b3`, `lite0`, `v2-s`, `tf_efficientnet_b0`, ...);
+    /// default efficientnet-b0.
+    pub model: Option<String>,
     /// Compound coefficient: depth alpha^phi, width beta^phi, resolution gamma^phi on top of MODEL.
     #[arg(long)]
     pub phi: Option<f64>,
@@ -113,10 +114,25 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn spec(&self) -> anyhow::Result<ModelSpec> {
-        let (mut spec, _) = resolve(&self.model)?;
-        if let Some(phi) = self.phi {
-            if self.depth.is_some() || self.width.is_some() || self.res_mult.is_some() {
+    /// Whether a model or any scaling was given on the command line.
+    pub fn given(&self) -> bool {
+        self.model.is_some() || self.phi.is_some() || self.scaled()
+    }
+
+    fn scaled(&self) -> bool {
+        self.depth.is_some() || self.width.is_some() || self.res_mult.is_some()
+    }
+
+    /// The spec asked for (MODEL, else `default`, else B0, then scaled), and the factor the
+    /// scaling applied to the resolution.
+    pub fn resolve(&self, default: Option<&ModelChoice>) -> anyhow::Result<(ModelSpec, f64)> {
+        let base = match (&self.model, default) {
+            (Some(name), _) => resolve(name)?.0,
+            (None, Some(choice)) => choice.spec()?,
+            (None, None) => resolve("efficientnet-b0")?.0,
+        };
+        let spec = if let Some(phi) = self.phi {
+            if self.scaled() {
                 bail!("use either --phi or --depth/--width/--res-mult, not both");
             }
             let c = CompoundCoefficients {
@@ -124,15 +140,40 @@ impl ModelArgs {
                 beta: self.beta,
                 gamma: self.gamma,
             };
-            spec = spec.compound(phi, c)?;
-        } else if self.depth.is_some() || self.width.is_some() || self.res_mult.is_some() {
-            spec = spec.scaled(
+            base.compound(phi, c)?
+        } else if self.scaled() {
+            base.scaled(
                 self.depth.unwrap_or(1.0),
                 self.width.unwrap_or(1.0),
                 self.res_mult.unwrap_or(1.0),
-            )?;
+            )?
+        } else {
+            base.clone()
+        };
+        let factor = spec.resolution as f64 / base.resolution as f64;
+        Ok((spec, factor))
+    }
+
+    pub fn spec(&self) -> anyhow::Result<ModelSpec> {
+        Ok(self.resolve(None)?.0)
+    }
+}
+
+/// Which implementation runs the network.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    /// The native CPU inference engine (default; fastest).
+    Engine,
+    /// The burn model on the Flex CPU backend (the reference implementation).
+    Burn,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Engine => Backend::Engine,
+            BackendArg::Burn => Backend::Burn,
         }
-        Ok(spec)
     }
 }
 
@@ -159,7 +200,7 @@ pub fn run() -> anyhow::Result<()> {
             model.as_deref(),
             weights,
             top as usize,
-            (backend, threads as usize),
+            (backend.into(), threads as usize),
             json,
         ),
         Command::Convert {
@@ -181,7 +222,7 @@ fn models(json: bool) -> anyhow::Result<()> {
             let s = v.spec();
             analyze(&s, s.resolution)
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     if json {
         let out: Vec<serde_json::Value> = rows
             .iter()
@@ -238,7 +279,7 @@ fn info(
     if res < 1 {
         bail!("--resolution must be at least 1");
     }
-    let a = analyze(&spec, res);
+    let a = analyze(&spec, res)?;
     if json {
         let mut v = serde_json::to_value(&a)?;
         if !layers {
@@ -357,19 +398,19 @@ fn classify(
         names.push(p.display().to_string());
     }
     let mut classifier = Classifier::from_file(&weights, model, backend, threads)?;
-    let top = top.min(classifier.meta.num_classes);
+    let top = top.min(classifier.meta.spec.num_classes);
     let results = classifier.top_k(&decoded, top);
     if json {
         let out: Vec<serde_json::Value> = names
             .iter()
             .zip(&results)
-            .map(|(n, preds)| serde_json::json!({ "image": n, "model": classifier.meta.model, "predictions": preds }))
+            .map(|(n, preds)| serde_json::json!({ "image": n, "model": classifier.meta.spec.name, "predictions": preds }))
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     for (n, preds) in names.iter().zip(&results) {
-        println!("{n} ({})", classifier.meta.model);
+        println!("{n} ({})", classifier.meta.spec.name);
         for p in preds {
             println!("  {:>4}  {:.4}  {}", p.class, p.probability, p.label);
         }
@@ -381,13 +422,14 @@ fn convert(input: &Path, output: &Path, model: Option<&str>) -> anyhow::Result<(
     let set = weights::load(input, model)?;
     weights::write_safetensors(output, &set)?;
     println!(
-        "wrote {} ({}, {} tensors, from {} layout; padding {:?}, BN eps {})",
+        "wrote {} ({}, {} tensors, from {} layout; padding {:?}, BN eps {}; preprocessing {})",
         output.display(),
-        set.meta.model,
+        set.spec().name,
         set.tensors.len(),
         set.meta.source,
-        set.meta.padding,
-        set.meta.bn_eps
+        set.spec().padding,
+        set.spec().bn_eps,
+        set.meta.preset.as_deref().unwrap_or("of its own")
     );
     Ok(())
 }

@@ -1,14 +1,18 @@
 //! `effnet train`: train any EfficientNet (or compound-scaled model) on Fashion-MNIST, IDX, CIFAR or
 //! an image folder with the TF recipe.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
 
 use effnet::data::{self, augment::Policy, loader::Prepared};
-use effnet::spec::resolve;
-use effnet::train::run::{RunOptions, TrainConfig, default_run_dir, train, train_spec};
+use effnet::preprocess::{Interpolation, Preprocess, ResizeMode};
+use effnet::spec::ModelSpec;
+use effnet::train::checkpoint;
+use effnet::train::config::RESUMABLE_CHANGES;
+use effnet::train::{RunFile, RunOptions, TrainConfig, default_run_dir, train};
+use effnet::weights::{Layout, TensorMap, WeightMeta};
 
 use super::ModelArgs;
 
@@ -87,14 +91,14 @@ impl RunFlags {
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Model (default efficientnet-b0); --phi / --depth / --width rescale it.
+    /// Model (default: the config's, else efficientnet-b0); --phi / --depth / --width rescale it.
     #[command(flatten)]
     model: ModelArgs,
     /// Dataset: `fashion-mnist` (default, Debian's dataset-fashion-mnist), `idx:DIR`,
     /// `cifar10:DIR`, `cifar100:DIR`, or an image folder DIR with train/ and val/ class folders.
-    #[arg(long, default_value = "fashion-mnist")]
-    dataset: String,
-    /// TOML file with any TrainConfig fields; flags given here override it.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// TOML file with any TrainConfig fields and optionally `model`; flags given here override it.
     #[arg(long)]
     config: Option<PathBuf>,
     #[arg(long)]
@@ -105,52 +109,46 @@ pub struct TrainArgs {
     run: RunFlags,
     /// Continue the run in this directory from its last checkpoint, with its own config
     /// (only --epochs and --max-steps may change).
-    #[arg(long, conflicts_with_all = ["config", "out"])]
+    #[arg(long, conflicts_with_all = ["config", "out", "dataset"])]
     resume: Option<PathBuf>,
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.resume {
-        let mut cfg = TrainConfig::from_toml(&dir.join("config.toml"))
-            .with_context(|| format!("`{}` is not a run directory", dir.display()))?;
-        if let Some(e) = args.epochs {
-            cfg.epochs = e;
+        if args.model.given() {
+            bail!("--resume continues the run's own model; do not name one");
         }
-        if let Some(m) = args.run.max_steps {
-            cfg.max_steps = m;
-        }
-        let base = resolve(&cfg.model)?.0;
-        let base = base.scaled(cfg.depth_multiplier, cfg.width_multiplier, 1.0)?;
-        return execute(cfg, base, dir.clone(), true, None, None);
+        return resume(dir, args.epochs, args.run.max_steps);
     }
-    let mut cfg = match &args.config {
-        Some(p) => TrainConfig::from_toml(p)?,
-        None => TrainConfig::default(),
+    let file = match &args.config {
+        Some(p) => RunFile::read(p)?,
+        None => RunFile {
+            model: None,
+            recipe: TrainConfig::default(),
+        },
     };
-    cfg.model = args.model.model.clone();
+    let mut cfg = file.recipe;
     if let Some(v) = args.epochs {
         cfg.epochs = v;
     }
     // With no budget given, a quick demonstration run: 200 steps. The paper's BN decay (0.99) and
     // learning rate need thousands of steps and a long warmup, so the quick run uses BN momentum 0.1
-    // and lr 0.004 per 256 images (measured: EMA eval top-1 0.45 vs 0.18 after 200 steps); flags
-    // and config files override, and `--epochs` runs the recipe as published.
+    // and lr 0.004 per 256 images (docs/training.md compares both); flags and config files override,
+    // and `--epochs` runs the recipe as published.
     let quick = args.run.max_steps.is_none() && args.epochs.is_none() && args.config.is_none();
     if quick {
         cfg.max_steps = 200;
-        cfg.bn_momentum = 0.1;
+        cfg.bn_momentum = Some(0.1);
         cfg.base_lr = 0.004;
     }
     args.run.apply(&mut cfg)?;
-    cfg.dataset = args.dataset.clone();
-    let base = args.model.spec()?;
-    let plain = resolve(&args.model.model)?.0;
-    cfg.depth_multiplier = base.depth / plain.depth;
-    cfg.width_multiplier = base.width / plain.width;
+    if let Some(d) = &args.dataset {
+        cfg.dataset = d.clone();
+    }
+    let (base, res_factor) = args.model.resolve(file.model.as_ref())?;
     if args.run.resolution.is_none() {
         // --phi / --res-mult scale the training resolution too.
-        let factor = base.resolution as f64 / plain.resolution as f64;
-        cfg.resolution = ((cfg.resolution as f64 * factor).round() as usize).max(8);
+        cfg.resolution = ((cfg.resolution as f64 * res_factor).round() as usize).max(8);
     }
     let out = args
         .run
@@ -178,23 +176,64 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     execute(cfg, base, out, false, Some(&budget), None)
 }
 
+/// Continues a run from its last checkpoint with the config it recorded; only the fields in
+/// [`RESUMABLE_CHANGES`] may differ from the checkpoint's (by flags or by editing config.toml).
+fn resume(dir: &Path, epochs: Option<usize>, max_steps: Option<u64>) -> anyhow::Result<()> {
+    let file = RunFile::read(&dir.join("config.toml"))
+        .with_context(|| format!("`{}` is not a run directory", dir.display()))?;
+    let model = file.model.with_context(|| {
+        format!(
+            "`{}/config.toml` has no [model] (written by an older effnet?); start a new run",
+            dir.display()
+        )
+    })?;
+    let spec = model.spec()?;
+    let mut cfg = file.recipe;
+    if let Some(snapshot) = checkpoint::config_snapshot(dir) {
+        let was = RunFile::parse(&snapshot, &[])?;
+        let mut changed: Vec<String> = cfg
+            .changed_fields(&was.recipe)
+            .into_iter()
+            .filter(|f| !RESUMABLE_CHANGES.contains(&f.as_str()))
+            .collect();
+        if was.model.map(|m| m.spec()).transpose()?.as_ref() != Some(&spec) {
+            changed.push("model".into());
+        }
+        if !changed.is_empty() {
+            bail!(
+                "`{}/config.toml` changed since the last checkpoint ({}); only {} may change when resuming",
+                dir.display(),
+                changed.join(", "),
+                RESUMABLE_CHANGES.join(", ")
+            );
+        }
+    }
+    if let Some(e) = epochs {
+        cfg.epochs = e;
+    }
+    if let Some(m) = max_steps {
+        cfg.max_steps = m;
+    }
+    execute(cfg, spec, dir.to_path_buf(), true, None, None)
+}
+
 /// Finishes a config once the training set size is known (warmup cap, epochs from --max-steps).
 type Budget<'a> = &'a dyn Fn(&mut TrainConfig, usize);
 
-/// Loads the data a config names, finishes the config for its size, and trains.
+/// Loads the data a config names, finishes the config for its size, and trains `base` on it.
 fn execute(
     mut cfg: TrainConfig,
-    base: effnet::spec::ModelSpec,
+    base: ModelSpec,
     out: PathBuf,
     resume: bool,
     budget: Option<Budget<'_>>,
-    init: Option<&effnet::weights::TensorMap>,
+    init: Option<&TensorMap>,
 ) -> anyhow::Result<()> {
+    // Everything checkable before the data loads (the slow part).
+    cfg.validate()?;
     let (mut train_raw, eval_raw) = data::named(&cfg.dataset, cfg.resolution)?;
     if cfg.train_limit > 0 {
-        let len = train_raw.height * train_raw.width * train_raw.channels;
-        train_raw.labels.truncate(cfg.train_limit);
-        train_raw.pixels.truncate(cfg.train_limit * len);
+        train_raw.truncate(cfg.train_limit);
     }
     if train_raw.len() < cfg.batch_size {
         bail!(
@@ -206,9 +245,8 @@ fn execute(
     if let Some(b) = budget {
         b(&mut cfg, train_raw.len());
     }
-    // Before the images are resized (the slow part) and anything is printed.
     cfg.validate()?;
-    let spec = train_spec(&cfg, base, train_raw.num_classes());
+    let spec = cfg.model_spec(&base, train_raw.num_classes())?;
     eprintln!(
         "{} {} on {} ({} train / {} eval images, {} classes) at {r}x{r}, batch {}, {} epoch(s){}; run dir {}",
         if resume { "resuming" } else { "training" },
@@ -227,9 +265,24 @@ fn execute(
         out.display(),
         r = cfg.resolution
     );
+    let (mean, std) = cfg.normalisation();
+    let meta = WeightMeta {
+        preprocess: Preprocess {
+            resize: cfg.resolution,
+            crop: cfg.resolution,
+            resize_mode: ResizeMode::ShorterSide,
+            interpolation: Interpolation::Bilinear,
+            mean,
+            std,
+        },
+        class_names: Some(train_raw.class_names.clone()),
+        spec,
+        source: Layout::Effnet,
+        preset: None,
+    };
     let normalised = |raw| {
         let mut p = Prepared::new(raw, cfg.resolution);
-        (p.mean, p.std) = (cfg.mean, cfg.std);
+        (p.mean, p.std) = (mean, std);
         p
     };
     let (train_data, eval_data) = (normalised(&train_raw), normalised(&eval_raw));
@@ -240,11 +293,11 @@ fn execute(
         resume,
         init,
     };
-    let metrics = train(&cfg, spec, &train_data, &eval_data, opts)?;
+    let metrics = train(&cfg, &meta, &train_data, &eval_data, opts)?;
     let last = metrics.last().context("no epoch finished")?;
     println!(
         "{}: {} steps in {:.0} s, EMA eval top-1 {:.4} top-5 {:.4}; weights, config and metrics in {}",
-        cfg.model,
+        meta.spec.name,
         last.step,
         last.seconds,
         last.eval_top1,
@@ -282,22 +335,19 @@ pub struct FinetuneArgs {
 }
 
 /// Two-phase transfer: a new classifier trained on a frozen backbone, then every layer at a lower
-/// learning rate, keeping the checkpoint's padding, BN eps and normalisation.
+/// learning rate, keeping the checkpoint's architecture (padding, BN eps) and normalisation.
 pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
     let set = effnet::weights::load(&args.weights, args.model.as_deref())?;
     let p = &set.meta.preprocess;
     let mut cfg = TrainConfig {
-        model: set.meta.model.clone(),
         dataset: args.dataset.clone(),
         resolution: p.crop,
         epochs: args.epochs,
         freeze_epochs: args.freeze_epochs,
         unfrozen_lr_scale: args.unfrozen_lr_scale,
         freeze_bn: args.freeze_bn,
-        mean: p.mean,
-        std: p.std,
-        padding: set.meta.padding,
-        bn_eps: set.meta.bn_eps,
+        mean: Some(p.mean),
+        std: Some(p.std),
         ..TrainConfig::default()
     };
     args.run.apply(&mut cfg)?;
@@ -312,7 +362,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         .run
         .out
         .clone()
-        .unwrap_or_else(|| default_run_dir(&format!("{}-finetune", set.spec.name)));
+        .unwrap_or_else(|| default_run_dir(&format!("{}-finetune", set.spec().name)));
     let budget = |cfg: &mut TrainConfig, train_len: usize| {
         let steps_per_epoch = (train_len / cfg.batch_size).max(1) as f64;
         let run_epochs = match cfg.max_steps {
@@ -323,7 +373,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
     };
     execute(
         cfg,
-        set.spec.clone(),
+        set.spec().clone(),
         out,
         false,
         Some(&budget),

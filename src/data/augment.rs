@@ -11,8 +11,8 @@ use image::RgbImage;
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use crate::preprocess::Interpolation;
 use crate::preprocess::resize;
-use crate::weights::Interpolation;
 
 /// TF's `_MAX_LEVEL`: magnitudes run from 0 to 10.
 const MAX_LEVEL: f32 = 10.0;

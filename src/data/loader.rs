@@ -12,8 +12,8 @@ use image::RgbImage;
 
 use super::InMemory;
 use super::augment::{Augment, Crop, Policy};
+use crate::preprocess::Interpolation;
 use crate::preprocess::resize;
-use crate::weights::Interpolation;
 
 /// A batch: NCHW float pixels and labels.
 #[derive(Debug, Clone)]

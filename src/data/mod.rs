@@ -86,6 +86,13 @@ impl InMemory {
         self.class_names.len()
     }
 
+    /// Keeps the first `n` samples.
+    pub fn truncate(&mut self, n: usize) {
+        let len = self.height * self.width * self.channels;
+        self.labels.truncate(n);
+        self.pixels.truncate(self.labels.len() * len);
+    }
+
     /// The pixels of sample `i`.
     pub fn image(&self, i: usize) -> &[u8] {
         let len = self.height * self.width * self.channels;
@@ -360,7 +367,11 @@ fn folder_split(dir: &Path, side: usize) -> Result<InMemory, DataError> {
             why: e.to_string(),
         })?;
         let img = crate::preprocess::center_crop(
-            &crate::preprocess::resize_shorter(&img, side, crate::weights::Interpolation::Bilinear),
+            &crate::preprocess::resize_shorter(
+                &img,
+                side,
+                crate::preprocess::Interpolation::Bilinear,
+            ),
             side,
         );
         pixels.extend_from_slice(img.as_raw());

@@ -12,7 +12,7 @@ pub mod microkernel;
 pub mod pool;
 pub mod profile;
 
-use crate::spec::{Activation, BlockKind, ModelSpec, Padding};
+use crate::spec::{Activation, Conv as SpecConv, Padding};
 use crate::weights::{TensorMap, WeightMeta, WeightSet};
 
 use kernels::Geometry;
@@ -85,31 +85,55 @@ struct BlockPlan {
     cout: usize,
 }
 
-fn tensor<'a>(t: &'a TensorMap, name: &str) -> Result<&'a [f32], EngineError> {
-    t.get(name)
-        .map(|t| t.data.as_slice())
-        .ok_or_else(|| EngineError(format!("missing tensor `{name}`")))
+/// Tensor `name` with `len` values.
+fn tensor<'a>(t: &'a TensorMap, name: &str, len: usize) -> Result<&'a [f32], EngineError> {
+    let t = t
+        .get(name)
+        .ok_or_else(|| EngineError(format!("missing tensor `{name}`")))?;
+    if t.data.len() != len {
+        return Err(EngineError(format!(
+            "`{name}` has {} values, the spec needs {len}",
+            t.data.len()
+        )));
+    }
+    Ok(&t.data)
 }
 
-/// Folds `{path}.bn` into `{path}.conv` and repacks the weight for `kind`.
+/// Folds `{path}.bn` into `{path}.conv` and repacks the weight for the kind of convolution.
 fn fold(
     t: &TensorMap,
-    path: &str,
-    kind: ConvKind,
-    stride: usize,
+    spec_conv: &SpecConv,
     eps: f64,
     act: Option<Activation>,
 ) -> Result<Conv, EngineError> {
+    let path = &spec_conv.path;
+    let kind = if spec_conv.is_depthwise() {
+        ConvKind::Depthwise
+    } else if spec_conv.kernel == 1 && spec_conv.stride == 1 {
+        ConvKind::Pointwise
+    } else {
+        ConvKind::Full
+    };
+    let weight_name = format!("{path}.conv.weight");
     let shape = &t
-        .get(&format!("{path}.conv.weight"))
-        .ok_or_else(|| EngineError(format!("missing tensor `{path}.conv.weight`")))?
+        .get(&weight_name)
+        .ok_or_else(|| EngineError(format!("missing tensor `{weight_name}`")))?
         .shape;
+    if *shape != spec_conv.weight_shape() {
+        return Err(EngineError(format!(
+            "`{weight_name}` is {shape:?}, the spec needs {:?}",
+            spec_conv.weight_shape()
+        )));
+    }
     let (cout, cin_g, k) = (shape[0], shape[1], shape[2]);
-    let w = tensor(t, &format!("{path}.conv.weight"))?;
-    let gamma = tensor(t, &format!("{path}.bn.weight"))?;
-    let beta = tensor(t, &format!("{path}.bn.bias"))?;
-    let mean = tensor(t, &format!("{path}.bn.running_mean"))?;
-    let var = tensor(t, &format!("{path}.bn.running_var"))?;
+    let w = tensor(t, &weight_name, cout * cin_g * k * k)?;
+    let bn = |name: &str| tensor(t, &format!("{path}.bn.{name}"), cout);
+    let (gamma, beta, mean, var) = (
+        bn("weight")?,
+        bn("bias")?,
+        bn("running_mean")?,
+        bn("running_var")?,
+    );
     let scale: Vec<f32> = gamma
         .iter()
         .zip(var)
@@ -127,11 +151,7 @@ fn fold(
             }
         }
     }
-    let cin = if kind == ConvKind::Depthwise {
-        cout
-    } else {
-        cin_g
-    };
+    let cin = spec_conv.in_channels;
     let packed = if kind != ConvKind::Depthwise && microkernel::available() {
         microkernel::pack(&weight, kk * cin_g, cout)
     } else {
@@ -147,7 +167,7 @@ fn fold(
         name: path.to_string(),
         kind,
         kernel: k,
-        stride,
+        stride: spec_conv.stride,
         cin,
         cout,
         weight,
@@ -274,7 +294,6 @@ fn gemm_bias_act(
 /// The compiled network plus its reusable buffers.
 pub struct Engine {
     pub meta: WeightMeta,
-    pub spec: ModelSpec,
     stem: Conv,
     blocks: Vec<BlockPlan>,
     head: Conv,
@@ -356,107 +375,51 @@ impl Adapt {
 impl Engine {
     /// Compiles `set` (canonical tensors of any variant) into an engine.
     pub fn new(set: &WeightSet) -> Result<Self, EngineError> {
-        let spec = &set.spec;
+        let spec = set.spec();
         let t = &set.tensors;
-        let eps = spec.bn_eps;
-        let act = Some(spec.activation);
-        let stem = fold(t, "stem", ConvKind::Full, 2, eps, act)?;
+        let anatomy = spec.anatomy();
+        let conv = |c: &SpecConv| fold(t, c, spec.bn_eps, c.act.then_some(spec.activation));
         let mut blocks = Vec::new();
-        for (i, l) in spec.layers().iter().enumerate() {
-            let p = format!("blocks.{i}");
-            let se = match l.se_channels {
-                Some(_) => {
-                    let w1 = tensor(t, &format!("{p}.se.reduce.weight"))?;
-                    let reduced = tensor(t, &format!("{p}.se.reduce.bias"))?.len();
-                    let w2 = tensor(t, &format!("{p}.se.expand.weight"))?;
-                    let channels = tensor(t, &format!("{p}.se.expand.bias"))?.len();
+        for b in &anatomy.blocks {
+            let se = match &b.se {
+                Some([reduce, expand]) => {
+                    let (c, r) = (expand.out_channels, reduce.out_channels);
+                    let w1 = tensor(t, &format!("{}.weight", reduce.path), c * r)?;
+                    let w2 = tensor(t, &format!("{}.weight", expand.path), c * r)?;
                     Some(Se {
-                        name: format!("{p}.se"),
-                        channels,
-                        reduced,
-                        w1: transpose_dense(w1, reduced),
-                        b1: tensor(t, &format!("{p}.se.reduce.bias"))?.to_vec(),
-                        w2: transpose_dense(w2, channels),
-                        b2: tensor(t, &format!("{p}.se.expand.bias"))?.to_vec(),
+                        name: format!("blocks.{}.se", b.pos.index),
+                        channels: expand.out_channels,
+                        reduced: reduce.out_channels,
+                        w1: transpose_dense(w1, reduce.out_channels),
+                        b1: tensor(t, &format!("{}.bias", reduce.path), r)?.to_vec(),
+                        w2: transpose_dense(w2, expand.out_channels),
+                        b2: tensor(t, &format!("{}.bias", expand.path), c)?.to_vec(),
                         act: spec.activation,
                     })
                 }
                 None => None,
             };
-            let plan = match (l.kind, l.expand_ratio) {
-                (BlockKind::MbConv, e) => BlockPlan {
-                    expand: if e != 1 {
-                        Some(fold(
-                            t,
-                            &format!("{p}.expand"),
-                            ConvKind::Pointwise,
-                            1,
-                            eps,
-                            act,
-                        )?)
-                    } else {
-                        None
-                    },
-                    dw: Some(fold(
-                        t,
-                        &format!("{p}.dw"),
-                        ConvKind::Depthwise,
-                        l.stride,
-                        eps,
-                        act,
-                    )?),
-                    se,
-                    project: Some(fold(
-                        t,
-                        &format!("{p}.project"),
-                        ConvKind::Pointwise,
-                        1,
-                        eps,
-                        None,
-                    )?),
-                    residual: l.residual,
-                    cin: l.in_channels,
-                    cout: l.out_channels,
-                },
-                (BlockKind::FusedMbConv, e) => BlockPlan {
-                    expand: Some(fold(
-                        t,
-                        &format!("{p}.expand"),
-                        ConvKind::Full,
-                        l.stride,
-                        eps,
-                        act,
-                    )?),
-                    dw: None,
-                    se,
-                    project: if e != 1 {
-                        Some(fold(
-                            t,
-                            &format!("{p}.project"),
-                            ConvKind::Pointwise,
-                            1,
-                            eps,
-                            None,
-                        )?)
-                    } else {
-                        None
-                    },
-                    residual: l.residual,
-                    cin: l.in_channels,
-                    cout: l.out_channels,
-                },
-            };
-            blocks.push(plan);
+            blocks.push(BlockPlan {
+                expand: b.expand.as_ref().map(conv).transpose()?,
+                dw: b.depthwise.as_ref().map(conv).transpose()?,
+                se,
+                project: b.project.as_ref().map(conv).transpose()?,
+                residual: b.layer.residual,
+                cin: b.layer.in_channels,
+                cout: b.layer.out_channels,
+            });
         }
-        let head = fold(t, "head", ConvKind::Pointwise, 1, eps, act)?;
-        let fc = tensor(t, "classifier.weight")?;
-        let fc_b = tensor(t, "classifier.bias")?.to_vec();
+        let (classes, features) = (
+            anatomy.classifier.out_channels,
+            anatomy.classifier.in_channels,
+        );
+        let fc = tensor(t, "classifier.weight", classes * features)?;
+        let fc_b = tensor(t, "classifier.bias", classes)?.to_vec();
         Ok(Engine {
             meta: set.meta.clone(),
-            spec: spec.clone(),
-            stem,
+            stem: conv(&anatomy.stem)?,
             blocks,
-            head,
+            head: conv(&anatomy.head)?,
             fc_w: transpose_dense(fc, fc_b.len()),
             fc_b,
             arena: Arena::default(),
@@ -707,7 +670,7 @@ impl Engine {
         (h, w): (usize, usize),
         pool: Option<&mut [f32]>,
     ) -> (usize, usize) {
-        let g = geometry(self.spec.padding, h, w, conv.kernel, conv.stride);
+        let g = geometry(self.meta.spec.padding, h, w, conv.kernel, conv.stride);
         let (cin, cout) = (conv.cin, conv.cout);
         let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * cout);
         if conv.kind == ConvKind::Pointwise {
@@ -846,7 +809,7 @@ impl Engine {
         (bands, col_parts): (usize, usize),
         pool: Option<&mut [f32]>,
     ) -> (usize, usize) {
-        let g = geometry(self.spec.padding, h, w, dw.kernel, dw.stride);
+        let g = geometry(self.meta.spec.padding, h, w, dw.kernel, dw.stride);
         let (cin, c) = (e.cin, e.cout);
         let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * c);
         let _t = profile::layer(

@@ -2,29 +2,18 @@
 //! (depthwise: k*k, the multiplier being 1), the classifier U(-1/sqrt(classes), 1/sqrt(classes)),
 //! biases 0; BN keeps gamma 1, beta 0.
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Param;
 use burn::tensor::{Distribution, Tensor};
 
-use super::EfficientNet;
+use super::{EfficientNet, ParamMapper, map_params};
 
-struct TfInit {
-    path: Vec<String>,
-}
+struct TfInit;
 
-impl ModuleMapper for TfInit {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self.path.join(".");
+impl ParamMapper for TfInit {
+    fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (is_conv_bn, leaf) = (
             path.contains(".bn.") || path.starts_with("bn."),
-            self.path.last().cloned(),
+            path.rsplit('.').next().map(str::to_string),
         );
         if is_conv_bn
             || leaf.as_deref() == Some("running_mean")
@@ -71,7 +60,7 @@ impl EfficientNet {
     /// Re-initialises every conv and the classifier as the TF reference does (uses the device's RNG:
     /// seed it for reproducibility).
     pub fn tf_init(self) -> Self {
-        self.map(&mut TfInit { path: Vec::new() })
+        map_params(self, TfInit).0
     }
 }
 

@@ -40,24 +40,91 @@ fn transpose(t: &RawTensor) -> RawTensor {
     }
 }
 
-struct Loader<'a> {
+/// A visitor of every float parameter with its module path (`blocks.3.dw.bn.gamma`).
+pub trait ParamVisitor {
+    fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>);
+}
+
+/// A mapper of every float parameter with its module path.
+pub trait ParamMapper {
+    fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>>;
+}
+
+/// Keeps the module path while burn walks a model, for [`ParamVisitor`] and [`ParamMapper`].
+struct WithPath<T> {
     path: Vec<String>,
+    inner: T,
+}
+
+impl<T> WithPath<T> {
+    fn enter(&mut self, name: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit(&mut self) {
+        self.path.pop();
+    }
+
+    fn joined(&self) -> String {
+        self.path.join(".")
+    }
+}
+
+impl<T: ParamVisitor> ModuleVisitor for WithPath<T> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let path = self.joined();
+        self.inner.visit(&path, param);
+    }
+}
+
+impl<T: ParamMapper> ModuleMapper for WithPath<T> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.joined();
+        self.inner.map(&path, param)
+    }
+}
+
+/// Runs `visitor` over every float parameter of `model`; returns it.
+pub fn visit_params<V: ParamVisitor>(model: &EfficientNet, visitor: V) -> V {
+    let mut v = WithPath {
+        path: Vec::new(),
+        inner: visitor,
+    };
+    model.visit(&mut v);
+    v.inner
+}
+
+/// Runs `mapper` over every float parameter of `model`; returns the model and the mapper.
+pub fn map_params<M: ParamMapper>(model: EfficientNet, mapper: M) -> (EfficientNet, M) {
+    let mut m = WithPath {
+        path: Vec::new(),
+        inner: mapper,
+    };
+    let model = model.map(&mut m);
+    (model, m.inner)
+}
+
+struct Loader<'a> {
     tensors: &'a TensorMap,
     used: BTreeSet<String>,
     errors: Vec<String>,
 }
 
-impl ModuleMapper for Loader<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (name, transposed) = canonical(&self.path.join("."));
+impl ParamMapper for Loader<'_> {
+    fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (name, transposed) = canonical(path);
         let Some(t) = self.tensors.get(&name) else {
             self.errors.push(format!("missing `{name}`"));
             return param;
@@ -92,13 +159,12 @@ impl ModuleMapper for Loader<'_> {
 /// Replaces every parameter and BN statistic of `model` with the canonical tensors in `tensors`.
 /// Every model tensor must be present with the right shape, and every given tensor must be used.
 pub fn apply_weights(model: EfficientNet, tensors: &TensorMap) -> Result<EfficientNet, LoadError> {
-    let mut loader = Loader {
-        path: Vec::new(),
+    let loader = Loader {
         tensors,
         used: BTreeSet::new(),
         errors: Vec::new(),
     };
-    let model = model.map(&mut loader);
+    let (model, mut loader) = map_params(model, loader);
     let unused: Vec<&String> = tensors
         .keys()
         .filter(|k| !loader.used.contains(*k))
@@ -122,22 +188,11 @@ pub fn apply_weights(model: EfficientNet, tensors: &TensorMap) -> Result<Efficie
     }
 }
 
-struct Exporter {
-    path: Vec<String>,
-    out: TensorMap,
-}
+struct Exporter(TensorMap);
 
-impl ModuleVisitor for Exporter {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let (name, transposed) = canonical(&self.path.join("."));
+impl ParamVisitor for Exporter {
+    fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
+        let (name, transposed) = canonical(path);
         let data = param.val().into_data().convert::<f32>();
         let t = RawTensor {
             shape: data.shape().to_vec(),
@@ -145,17 +200,12 @@ impl ModuleVisitor for Exporter {
             integer: false,
         };
         let t = if transposed { transpose(&t) } else { t };
-        self.out.insert(name, t);
+        self.0.insert(name, t);
     }
 }
 
 /// Every parameter and BN statistic of `model` under its canonical name.
 pub fn export_weights(model: &EfficientNet) -> TensorMap {
-    let mut e = Exporter {
-        path: Vec::new(),
-        out: TensorMap::new(),
-    };
     // `valid()` synchronises BN running statistics; visiting directly may see them one update late.
-    model.valid().visit(&mut e);
-    e.out
+    visit_params(&model.valid(), Exporter(TensorMap::new())).0
 }

@@ -17,10 +17,12 @@ use burn::nn::{
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::{Device, Distribution, Tensor};
 
-use crate::spec::{Activation, BlockKind, FeatureTap, LayerSpec, ModelSpec, Padding};
+use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv, FeatureTap, ModelSpec, Padding};
 
 pub use fused::FusedOps;
-pub use load::{LoadError, apply_weights, export_weights};
+pub use load::{
+    LoadError, ParamMapper, ParamVisitor, apply_weights, export_weights, map_params, visit_params,
+};
 
 /// Activation as a skipped (non-parameter) module field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,36 +47,24 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        spec: &ModelSpec,
-        cin: usize,
-        cout: usize,
-        kernel: usize,
-        stride: usize,
-        groups: usize,
-        act: bool,
-        device: &Device,
-    ) -> Self {
+    fn new(spec: &ModelSpec, conv: &SpecConv, device: &Device) -> Self {
+        let k = conv.kernel;
         let padding = match spec.padding {
             Padding::Same => PaddingConfig2d::Same,
-            Padding::Symmetric => {
-                let p = kernel / 2;
-                PaddingConfig2d::Explicit(p, p, p, p)
-            }
+            Padding::Symmetric => PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2),
         };
         ConvBn {
-            conv: Conv2dConfig::new([cin, cout], [kernel, kernel])
-                .with_stride([stride, stride])
-                .with_groups(groups)
+            conv: Conv2dConfig::new([conv.in_channels, conv.out_channels], [k, k])
+                .with_stride([conv.stride, conv.stride])
+                .with_groups(conv.groups)
                 .with_padding(padding)
                 .with_bias(false)
                 .init(device),
-            bn: BatchNormConfig::new(cout)
+            bn: BatchNormConfig::new(conv.out_channels)
                 .with_epsilon(spec.bn_eps)
                 .with_momentum(spec.bn_momentum)
                 .init(device),
-            act: act.then_some(Act(spec.activation)),
+            act: conv.act.then_some(Act(spec.activation)),
         }
     }
 
@@ -109,10 +99,12 @@ pub struct SqueezeExcite {
 }
 
 impl SqueezeExcite {
-    fn new(channels: usize, reduced: usize, act: Activation, device: &Device) -> Self {
+    fn new([reduce, expand]: &[SpecConv; 2], act: Activation, device: &Device) -> Self {
+        let linear =
+            |c: &SpecConv| Conv2dConfig::new([c.in_channels, c.out_channels], [1, 1]).init(device);
         SqueezeExcite {
-            reduce: Conv2dConfig::new([channels, reduced], [1, 1]).init(device),
-            expand: Conv2dConfig::new([reduced, channels], [1, 1]).init(device),
+            reduce: linear(reduce),
+            expand: linear(expand),
             act: Act(act),
         }
     }
@@ -125,7 +117,7 @@ impl SqueezeExcite {
     }
 }
 
-/// One MBConv or Fused-MBConv block; which sub-layers exist follows the spec (see [`LayerSpec`]).
+/// One MBConv or Fused-MBConv block; which sub-layers exist follows the spec's anatomy.
 #[derive(Module, Debug)]
 pub struct Block {
     /// MBConv: 1x1 expansion (absent when e = 1). Fused: the kxk conv (the only conv when e = 1).
@@ -141,45 +133,18 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(spec: &ModelSpec, l: &LayerSpec, device: &Device) -> Self {
-        let (cin, mid, cout, k, s) = (
-            l.in_channels,
-            l.mid_channels,
-            l.out_channels,
-            l.kernel,
-            l.stride,
-        );
-        let se = |channels| {
-            l.se_channels
-                .map(|r| SqueezeExcite::new(channels, r, spec.activation, device))
-        };
-        let (expand, dw, se, project) = match (l.kind, l.expand_ratio) {
-            (BlockKind::MbConv, e) => (
-                (e != 1).then(|| ConvBn::new(spec, cin, mid, 1, 1, 1, true, device)),
-                Some(ConvBn::new(spec, mid, mid, k, s, mid, true, device)),
-                se(mid),
-                Some(ConvBn::new(spec, mid, cout, 1, 1, 1, false, device)),
-            ),
-            (BlockKind::FusedMbConv, 1) => (
-                Some(ConvBn::new(spec, cin, cout, k, s, 1, true, device)),
-                None,
-                se(cout),
-                None,
-            ),
-            (BlockKind::FusedMbConv, _) => (
-                Some(ConvBn::new(spec, cin, mid, k, s, 1, true, device)),
-                None,
-                se(mid),
-                Some(ConvBn::new(spec, mid, cout, 1, 1, 1, false, device)),
-            ),
-        };
+    fn new(spec: &ModelSpec, b: &BlockAnatomy, device: &Device) -> Self {
+        let conv_bn = |c: &Option<SpecConv>| c.as_ref().map(|c| ConvBn::new(spec, c, device));
         Block {
-            expand,
-            dw,
-            se,
-            project,
-            residual: l.residual,
-            drop_path: l.drop_path_rate,
+            expand: conv_bn(&b.expand),
+            dw: conv_bn(&b.depthwise),
+            se: b
+                .se
+                .as_ref()
+                .map(|se| SqueezeExcite::new(se, spec.activation, device)),
+            project: conv_bn(&b.project),
+            residual: b.layer.residual,
+            drop_path: b.layer.drop_path_rate,
             training: Param::from_bool(true),
         }
     }
@@ -225,22 +190,18 @@ pub struct EfficientNet {
 impl EfficientNet {
     /// A freshly initialised model (burn's default initialisers).
     pub fn new(spec: &ModelSpec, device: &Device) -> Self {
-        let layers = spec.layers();
+        let anatomy = spec.anatomy();
+        let fc = &anatomy.classifier;
         EfficientNet {
-            stem: ConvBn::new(spec, 3, spec.stem_channels(), 3, 2, 1, true, device),
-            blocks: layers.iter().map(|l| Block::new(spec, l, device)).collect(),
-            head: ConvBn::new(
-                spec,
-                spec.body_channels(),
-                spec.head_channels(),
-                1,
-                1,
-                1,
-                true,
-                device,
-            ),
+            stem: ConvBn::new(spec, &anatomy.stem, device),
+            blocks: anatomy
+                .blocks
+                .iter()
+                .map(|b| Block::new(spec, b, device))
+                .collect(),
+            head: ConvBn::new(spec, &anatomy.head, device),
             dropout: DropoutConfig::new(spec.dropout).init(),
-            classifier: LinearConfig::new(spec.head_channels(), spec.num_classes).init(device),
+            classifier: LinearConfig::new(fc.in_channels, fc.out_channels).init(device),
             taps: spec.feature_taps(),
         }
     }

@@ -1,6 +1,7 @@
 //! Image decoding and the eval preprocessing a weight set asks for: resize the shorter side
 //! (Pillow-exact convolution resampling), center crop, normalise.
 
+pub mod presets;
 mod resample;
 
 pub use resample::resize;
@@ -9,7 +10,66 @@ use std::path::Path;
 
 use image::RgbImage;
 
-use crate::weights::{Interpolation, Preprocess};
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    Bilinear,
+    Bicubic,
+}
+
+/// How the image reaches `resize` pixels before the center crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    /// The shorter side becomes `resize`, keeping the aspect ratio (torchvision, most of timm).
+    #[default]
+    ShorterSide,
+    /// Both sides become `resize` (timm's `squash` crop mode).
+    Squash,
+}
+
+/// Eval preprocessing: resize to `resize`, center-crop `crop`, then `(pixel - mean) / std` with
+/// pixels in 0..=255.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Preprocess {
+    pub resize: usize,
+    pub crop: usize,
+    #[serde(default)]
+    pub resize_mode: ResizeMode,
+    pub interpolation: Interpolation,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// Largest side a transform may resize or crop to.
+pub const MAX_SIDE: usize = 8192;
+
+impl Preprocess {
+    /// Checks the values no transform can use (weights files carry them, so they are untrusted).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_SIDE).contains(&self.crop) || !(1..=MAX_SIDE).contains(&self.resize) {
+            return Err(format!(
+                "resize {} and crop {} must be in 1..={MAX_SIDE}",
+                self.resize, self.crop
+            ));
+        }
+        if self.crop > self.resize {
+            return Err(format!(
+                "the crop ({}) is larger than the resized image ({})",
+                self.crop, self.resize
+            ));
+        }
+        if !self.mean.iter().all(|m| m.is_finite())
+            || !self.std.iter().all(|s| s.is_finite() && *s > 0.0)
+        {
+            return Err(format!(
+                "mean {:?} must be finite and std {:?} positive",
+                self.mean, self.std
+            ));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -102,7 +162,10 @@ pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
 
 /// The whole eval pipeline: returns CHW floats of side `p.crop`.
 pub fn eval_transform(img: &RgbImage, p: &Preprocess) -> Vec<f32> {
-    let resized = resize_shorter(img, p.resize, p.interpolation);
+    let resized = match p.resize_mode {
+        ResizeMode::ShorterSide => resize_shorter(img, p.resize, p.interpolation),
+        ResizeMode::Squash => resize(img, p.resize, p.resize, p.interpolation),
+    };
     normalize(&center_crop(&resized, p.crop), p.mean, p.std)
 }
 

@@ -8,7 +8,7 @@
 
 use image::RgbImage;
 
-use crate::weights::Interpolation;
+use crate::preprocess::Interpolation;
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 

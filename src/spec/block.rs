@@ -8,6 +8,12 @@ use std::fmt;
 
 use crate::spec::SpecError;
 
+/// Largest kernel, stride, expansion ratio and repeat count a block string may ask for.
+const MAX_KERNEL: usize = 15;
+const MAX_STRIDE: usize = 4;
+const MAX_EXPAND: usize = 32;
+const MAX_REPEATS: usize = 256;
+
 /// Which convolution a block starts with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum BlockKind {
@@ -98,18 +104,29 @@ impl BlockArgs {
                 _ => return Err(bad(format!("unknown option `{op}`"))),
             }
         }
-        let need = |v: Option<usize>, name: &str| {
-            v.filter(|&x| x > 0)
-                .ok_or_else(|| bad(format!("missing or zero `{name}`")))
+        let need = |v: Option<usize>, name: &str, max: usize| {
+            let v = v
+                .filter(|&x| x > 0)
+                .ok_or_else(|| bad(format!("missing or zero `{name}`")))?;
+            if v > max {
+                return Err(bad(format!(
+                    "`{name}{v}` is above the largest allowed, {max}"
+                )));
+            }
+            Ok(v)
         };
+        let kernel = need(kernel, "k", MAX_KERNEL)?;
+        if kernel % 2 == 0 {
+            return Err(bad(format!("`k{kernel}`: kernels must be odd")));
+        }
         Ok(BlockArgs {
             kind,
-            repeats: need(repeats, "r")?,
-            kernel: need(kernel, "k")?,
-            stride: need(stride, "s")?,
-            expand_ratio: need(expand, "e")?,
-            in_channels: need(input, "i")?,
-            out_channels: need(output, "o")?,
+            repeats: need(repeats, "r", MAX_REPEATS)?,
+            kernel,
+            stride: need(stride, "s", MAX_STRIDE)?,
+            expand_ratio: need(expand, "e", MAX_EXPAND)?,
+            in_channels: need(input, "i", super::MAX_CHANNELS)?,
+            out_channels: need(output, "o", super::MAX_CHANNELS)?,
             se_ratio,
             id_skip,
         })
@@ -148,6 +165,22 @@ impl fmt::Display for BlockArgs {
             write!(f, "_noskip")?;
         }
         Ok(())
+    }
+}
+
+/// Serde for a list of stages as block strings (`["r1_k3_s11_e1_i32_o16_se0.25", ...]`).
+pub(super) mod as_strings {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::BlockArgs;
+
+    pub fn serialize<S: Serializer>(blocks: &[BlockArgs], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(blocks.iter().map(BlockArgs::encode))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<BlockArgs>, D::Error> {
+        let strings = Vec::<String>::deserialize(d)?;
+        BlockArgs::decode_all(&strings).map_err(serde::de::Error::custom)
     }
 }
 
@@ -213,6 +246,11 @@ mod tests {
             "r1_k3_s11_e1_i32_o16_se1.5",
             "r1_kx_s11_e1_i32_o16",
             "r1_k3_s11_e1_i32_o16_c7",
+            "r1_k4_s11_e1_i32_o16",
+            "r1_k3_s99_e1_i32_o16",
+            "r1000000_k3_s11_e1_i32_o16",
+            "r1_k3_s11_e1_i32_o99999999999",
+            "r1_k3_s11_e1_i32_o99999999999999999999999",
         ] {
             let err = BlockArgs::decode(s).unwrap_err().to_string();
             assert!(err.contains(s), "{err}");

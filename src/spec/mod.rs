@@ -4,9 +4,11 @@
 //! per-variant defaults; [`ModelSpec::layers`] applies the TF rounding rules and yields the concrete
 //! network (one [`LayerSpec`] per block) that the analysis, the burn model and the weight mapping share.
 
+mod anatomy;
 mod block;
 mod variants;
 
+pub use anatomy::{Anatomy, BlockAnatomy, BlockPos, Conv, Role};
 pub use block::{BlockArgs, BlockKind};
 pub use variants::{Flavor, VARIANTS, resolve, variant};
 
@@ -21,8 +23,15 @@ pub enum SpecError {
     Invalid(String),
 }
 
+/// Bounds on what a spec may describe: far beyond every published variant, and small enough that
+/// sizes, parameter counts and MACs cannot overflow.
+pub const MAX_CHANNELS: usize = 1 << 16;
+pub const MAX_BLOCKS: usize = 4096;
+pub const MAX_RESOLUTION: usize = 16384;
+pub const MAX_CLASSES: usize = 1 << 20;
+
 /// Model family: decides the rounding rule and the Lite simplifications.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Family {
     /// EfficientNet B0-B8, L2 (round_filters with the 0.9 rule).
     V1,
@@ -32,7 +41,7 @@ pub enum Family {
     V2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Activation {
     Silu,
     Relu6,
@@ -65,12 +74,15 @@ impl Padding {
     }
 }
 
-/// A complete, scalable architecture description.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// A complete, scalable architecture description. It serialises with its stages as block strings,
+/// which is how weights files and run directories carry their architecture.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub name: String,
     pub family: Family,
     /// Unscaled stages, one block string each.
+    #[serde(with = "block::as_strings")]
     pub blocks: Vec<BlockArgs>,
     pub width: f64,
     pub depth: f64,
@@ -238,6 +250,87 @@ impl ModelSpec {
         taps
     }
 
+    /// Checks that every size the spec implies is sane (see [`MAX_CHANNELS`] and its siblings) and
+    /// every rate is in range, before anything is built from it.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |why: String| Err(SpecError::Invalid(format!("`{}`: {why}", self.name)));
+        if self.blocks.is_empty() {
+            return bad("it has no stages".into());
+        }
+        for (what, v) in [("width", self.width), ("depth", self.depth)] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!(
+                    "the {what} coefficient must be a positive number, got {v}"
+                ));
+            }
+        }
+        if !(1..=256).contains(&self.divisor) {
+            return bad(format!(
+                "channel divisor {} is outside 1..=256",
+                self.divisor
+            ));
+        }
+        // Sizes in floating point first: the integer rounding below would saturate or overflow.
+        let widest = self
+            .blocks
+            .iter()
+            .map(|b| b.in_channels.max(b.out_channels) * b.expand_ratio)
+            .chain([self.head_channels])
+            .max()
+            .unwrap_or(0) as f64
+            * self.width.max(1.0)
+            + self.divisor as f64;
+        if widest > MAX_CHANNELS as f64 {
+            return bad(format!(
+                "width {} makes layers about {widest:.0} channels wide; at most {MAX_CHANNELS} are supported",
+                self.width
+            ));
+        }
+        let blocks: f64 = self
+            .blocks
+            .iter()
+            .map(|b| (self.depth * b.repeats as f64).ceil().max(b.repeats as f64))
+            .sum();
+        if blocks > MAX_BLOCKS as f64 {
+            return bad(format!(
+                "depth {} makes about {blocks:.0} blocks; at most {MAX_BLOCKS} are supported",
+                self.depth
+            ));
+        }
+        for (what, r) in [
+            ("resolution", self.resolution),
+            ("training resolution", self.train_resolution),
+        ] {
+            if !(1..=MAX_RESOLUTION).contains(&r) {
+                return bad(format!("{what} {r} is outside 1..={MAX_RESOLUTION}"));
+            }
+        }
+        if !(1..=MAX_CLASSES).contains(&self.num_classes) || self.head_channels == 0 {
+            return bad(format!(
+                "{} classes and a head of {} channels (need 1..={MAX_CLASSES} classes and a head)",
+                self.num_classes, self.head_channels
+            ));
+        }
+        if !(self.bn_eps > 0.0 && self.bn_eps < 1.0) {
+            return bad(format!("BN epsilon {} is outside (0, 1)", self.bn_eps));
+        }
+        if !(self.bn_momentum > 0.0 && self.bn_momentum <= 1.0) {
+            return bad(format!(
+                "BN momentum {} is outside (0, 1]",
+                self.bn_momentum
+            ));
+        }
+        for (what, p) in [
+            ("dropout", self.dropout),
+            ("drop-connect rate", self.drop_connect_rate),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return bad(format!("{what} {p} is outside [0, 1)"));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies explicit multipliers on top of this spec's own coefficients.
     pub fn scaled(&self, depth: f64, width: f64, resolution: f64) -> Result<Self, SpecError> {
         for (name, v) in [
@@ -251,12 +344,22 @@ impl ModelSpec {
                 )));
             }
         }
+        let scale_resolution = |r: usize| -> Result<usize, SpecError> {
+            let scaled = (r as f64 * resolution).round().max(1.0);
+            if scaled > MAX_RESOLUTION as f64 {
+                return Err(SpecError::Invalid(format!(
+                    "resolution multiplier {resolution} makes the input {scaled:.0} pixels wide; at most {MAX_RESOLUTION} are supported"
+                )));
+            }
+            Ok(scaled as usize)
+        };
         let mut s = self.clone();
         s.depth *= depth;
         s.width *= width;
-        s.resolution = ((self.resolution as f64 * resolution).round() as usize).max(1);
-        s.train_resolution = ((self.train_resolution as f64 * resolution).round() as usize).max(1);
+        s.resolution = scale_resolution(self.resolution)?;
+        s.train_resolution = scale_resolution(self.train_resolution)?;
         s.name = format!("{}(d{depth:.3},w{width:.3},r{resolution:.3})", self.name);
+        s.validate()?;
         Ok(s)
     }
 
@@ -267,7 +370,16 @@ impl ModelSpec {
         coefficients: CompoundCoefficients,
     ) -> Result<Self, SpecError> {
         let CompoundCoefficients { alpha, beta, gamma } = coefficients;
-        let mut s = self.scaled(alpha.powf(phi), beta.powf(phi), gamma.powf(phi))?;
+        let (d, w, r) = (alpha.powf(phi), beta.powf(phi), gamma.powf(phi));
+        if ![d, w, r].iter().all(|m| m.is_finite() && *m > 0.0) {
+            return Err(SpecError::Invalid(format!(
+                "phi {phi} with alpha {alpha}, beta {beta}, gamma {gamma} gives multipliers depth {d}, width {w}, resolution {r}; each must be a positive number"
+            )));
+        }
+        let mut s = self.scaled(d, w, r).map_err(|e| match e {
+            SpecError::Invalid(why) => SpecError::Invalid(format!("phi {phi}: {why}")),
+            other => other,
+        })?;
         s.name = format!("{}(phi={phi})", self.name);
         Ok(s)
     }

@@ -1,21 +1,29 @@
-//! The TF training recipe: RMSProp with TF semantics and the warmup + staircase-exponential
-//! learning-rate schedule (each unit-tested against hand-computed values), and the training loop.
+//! Training with the TF recipe, split by lifecycle: the recipe ([`config`]), one optimizer step
+//! ([`step`]: loss, L2, RMSProp-TF with TF semantics, the warmup + staircase schedule), the EMA,
+//! checkpoints, metrics and curves, and the loop ([`run`]).
 
+pub mod checkpoint;
+pub mod config;
+pub mod ema;
+pub mod metrics;
 pub mod plot;
 mod rmsprop;
 pub mod run;
 mod schedule;
+pub mod step;
 
+pub use config::{ModelChoice, RunFile, TrainConfig};
 pub use rmsprop::{TfRmsProp, TfRmsPropState};
+pub use run::{RunOptions, default_run_dir, train};
 pub use schedule::{Decay, LrSchedule};
+pub use step::Trainer;
 
 /// Runs `work` on a worker of a fresh rayon pool of `threads` threads (0: rayon's default,
 /// `RAYON_NUM_THREADS` or one per core), where burn's CPU backend then parallelises.
 ///
 /// Called from outside a pool, every parallel op of a training step wakes a pool thread and puts
 /// the caller to sleep until it is done; on a pool thread the caller takes part instead, and with
-/// one thread the work runs inline. Measured with `scripts/bench_commits.sh` on `effnet bench b0
-/// --train --threads 1`: 8-9 % of a B0 step at 32x32 (docs/benchmarks.md).
+/// one thread the work runs inline (docs/benchmarks.md has the measured difference).
 pub fn on_thread_pool<T: Send>(
     threads: usize,
     work: impl FnOnce() -> anyhow::Result<T> + Send,

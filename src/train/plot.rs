@@ -4,7 +4,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::run::EpochMetrics;
+use super::metrics::EpochMetrics;
 
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 

@@ -131,6 +131,8 @@ mod model_tests {
         // A few TF-RMSProp steps on one batch must drive its loss down: the optimizer is wired to
         // every parameter of the burn model.
         let device = Device::flex().autodiff();
+        // A fixed draw: some random starts descend more slowly in 8 steps.
+        device.seed(1);
         let mut spec = crate::spec::variant("lite0").unwrap();
         spec.num_classes = 4;
         spec.dropout = 0.0;

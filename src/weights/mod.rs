@@ -12,7 +12,7 @@ use std::path::Path;
 use crate::spec::{ModelSpec, VARIANTS, resolve};
 
 pub use layout::Layout;
-pub use meta::{Interpolation, Preprocess, WeightMeta};
+pub use meta::{IMAGENET_CLASSES, WeightMeta, checkpoint_defaults};
 
 /// A float32 tensor in row-major order.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,15 +62,19 @@ impl WeightError {
     }
 }
 
-/// Weights mapped to canonical names, with the spec they fit and their metadata.
+/// Weights mapped to canonical names, with their metadata (which holds the spec they fit).
 #[derive(Debug, Clone)]
 pub struct WeightSet {
-    pub spec: ModelSpec,
     pub meta: WeightMeta,
     pub tensors: TensorMap,
 }
 
 impl WeightSet {
+    /// The architecture the tensors fit.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.meta.spec
+    }
+
     /// Deterministic random weights for `spec` (benchmarks and tests): He-style conv weights,
     /// non-trivial BN statistics so folding is exercised, a uniform classifier.
     pub fn random(spec: &ModelSpec, seed: u64) -> Self {
@@ -105,8 +109,7 @@ impl WeightSet {
             );
         }
         WeightSet {
-            spec: spec.clone(),
-            meta: layout::default_meta(spec, Layout::Effnet),
+            meta: checkpoint_defaults(spec, Layout::Effnet),
             tensors,
         }
     }
@@ -149,7 +152,8 @@ fn read_safetensors(path: &Path) -> Result<(TensorMap, Option<WeightMeta>), Weig
         .and_then(|m| m.get(meta::SAFETENSORS_META_KEY))
     {
         Some(json) => Some(
-            serde_json::from_str(json).map_err(|e| corrupt(format!("bad effnet metadata: {e}")))?,
+            WeightMeta::from_json(json)
+                .map_err(|e| corrupt(format!("bad effnet metadata: {e}")))?,
         ),
         None => None,
     };
@@ -234,8 +238,9 @@ pub fn write_safetensors(path: &Path, set: &WeightSet) -> Result<(), WeightError
     crate::util::write_atomic(path, &file).map_err(|e| WeightError::io(path, e))
 }
 
-/// Loads a weights file for `model` (any accepted name), or for the model the file itself names or
-/// fits when `model` is `None`.
+/// Loads a weights file. Without `model`, the architecture is the one the file carries (files this
+/// crate writes) or the published variant its keys and shapes fit; with `model`, that variant, keeping
+/// the file's own conventions and transform where it has them.
 pub fn load(path: &Path, model: Option<&str>) -> Result<WeightSet, WeightError> {
     let (tensors, file_meta) = read_tensors(path)?;
     let layout = Layout::detect(tensors.keys().map(String::as_str)).ok_or_else(|| {
@@ -244,54 +249,75 @@ pub fn load(path: &Path, model: Option<&str>) -> Result<WeightSet, WeightError> 
             keys: tensors
                 .keys()
                 .take(3)
-                .map(|k| format!("`{k}`"))
+                .map(|k| format!("`{}`", crate::util::quote_for_message(k)))
                 .collect::<Vec<_>>()
                 .join(", "),
         }
     })?;
-    let spec = match (model, &file_meta) {
-        (Some(name), _) => {
-            resolve(name)
+    let meta = match (model, file_meta) {
+        (None, Some(meta)) => meta,
+        (Some(name), file_meta) => {
+            let spec = resolve(name)
                 .map_err(|e| WeightError::Invalid(e.to_string()))?
-                .0
+                .0;
+            let spec = with_checkpoint_classes(spec, &tensors, layout);
+            let defaults = checkpoint_defaults(&spec, layout);
+            match file_meta {
+                // The file's conventions and transform still hold for the architecture named.
+                Some(file) => WeightMeta {
+                    spec: ModelSpec {
+                        padding: file.spec.padding,
+                        bn_eps: file.spec.bn_eps,
+                        ..defaults.spec
+                    },
+                    class_names: file.class_names.filter(|n| n.len() == spec.num_classes),
+                    ..file
+                },
+                None => defaults,
+            }
         }
-        (None, Some(meta)) => {
-            resolve(&meta.model)
-                .map_err(|e| WeightError::Invalid(e.to_string()))?
-                .0
+        (None, None) => {
+            let spec = infer_model(&tensors, layout).ok_or_else(|| WeightError::Mismatch {
+                path: path.display().to_string(),
+                layout,
+                model: "any published variant".into(),
+                details: "pass --model to name the architecture".into(),
+                hint: String::new(),
+            })?;
+            checkpoint_defaults(&spec, layout)
         }
-        (None, None) => infer_model(&tensors, layout).ok_or_else(|| WeightError::Mismatch {
-            path: path.display().to_string(),
-            layout,
-            model: "any published variant".into(),
-            details: "pass --model to name the architecture".into(),
-            hint: String::new(),
-        })?,
     };
-    let spec = with_checkpoint_classes(spec, &tensors, layout);
-    let mapped = map_tensors(&spec, layout, &tensors).map_err(|details| {
+    let mapped = map_tensors(&meta.spec, layout, &tensors).map_err(|details| {
         let hint = infer_model(&tensors, layout)
             .map(|s| format!("; the file fits {} (try --model {})", s.name, s.name))
             .unwrap_or_default();
         WeightError::Mismatch {
             path: path.display().to_string(),
             layout,
-            model: spec.name.clone(),
+            model: meta.spec.name.clone(),
             details,
             hint,
         }
     })?;
-    let mut meta = file_meta.unwrap_or_else(|| layout::default_meta(&spec, layout));
-    meta.model = spec.name.clone();
-    meta.num_classes = spec.num_classes;
-    let mut spec = spec;
-    spec.padding = meta.padding;
-    spec.bn_eps = meta.bn_eps;
+    check_finite(path, &mapped)?;
     Ok(WeightSet {
-        spec,
         meta,
         tensors: mapped,
     })
+}
+
+/// NaN or infinite weights give NaN predictions that look like answers: refuse them by name.
+fn check_finite(path: &Path, tensors: &TensorMap) -> Result<(), WeightError> {
+    match tensors
+        .iter()
+        .find(|(_, t)| !t.data.iter().all(|v| v.is_finite()))
+    {
+        Some((name, _)) => Err(WeightError::Corrupt {
+            path: path.display().to_string(),
+            why: format!("tensor `{name}` holds NaN or infinite values"),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A fine-tuned checkpoint may have any number of classes: take it from the classifier.
@@ -300,7 +326,7 @@ fn with_checkpoint_classes(mut spec: ModelSpec, tensors: &TensorMap, layout: Lay
         && let Some(k) = keys.iter().find(|k| k.canonical == "classifier.weight")
         && let Some(t) = tensors.get(&k.source)
         && t.shape.len() == 2
-        && t.shape[0] > 0
+        && (1..=crate::spec::MAX_CLASSES).contains(&t.shape[0])
     {
         spec.num_classes = t.shape[0];
     }

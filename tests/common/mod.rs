@@ -26,7 +26,7 @@ pub fn oracle(name: &str) -> (weights::RawTensor, weights::RawTensor) {
 }
 
 pub fn model_for(set: &WeightSet, device: &Device) -> EfficientNet {
-    apply_weights(EfficientNet::new(&set.spec, device), &set.tensors).unwrap()
+    apply_weights(EfficientNet::new(set.spec(), device), &set.tensors).unwrap()
 }
 
 pub fn logits(model: &EfficientNet, input: &weights::RawTensor, device: &Device) -> Vec<f32> {
