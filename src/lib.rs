@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod model;
 pub mod preprocess;
 pub mod spec;
+pub mod study;
 pub mod train;
 pub mod util;
 pub mod weights;

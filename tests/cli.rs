@@ -962,3 +962,150 @@ fn absurd_scaling_is_a_one_line_error() {
     let o = effnet(&["info", "b0", "--phi", "8"], home.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn a_study_resumes_without_repeating_a_run_and_reports() {
+    let home = tempfile::tempdir().unwrap();
+    let dataset = tiny_dataset(home.path(), 48);
+    let study = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "study",
+            "single-dim",
+            "--dataset",
+            &dataset,
+            "--resolution",
+            "16",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "0",
+            "--seeds",
+            "1",
+            "--depth",
+            "2",
+            "--width",
+            "1.5",
+            "--resolution-mult",
+            "1.5",
+            "--set",
+            "batch_size=16",
+            "--set",
+            "precise_bn_batches=2",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        effnet(&args, home.path())
+    };
+    let whole = home.path().join("whole");
+    let o = study(&whole, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Stopped after its first run, then started again.
+    let split = home.path().join("split");
+    let o = study(&split, &["--max-runs", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = split.join("runs/base-s0/result.json");
+    let before = std::fs::read_to_string(&first).unwrap();
+    let log = std::fs::metadata(split.join("runs/base-s0/train.log"))
+        .unwrap()
+        .len();
+    let o = study(&split, &["--jobs", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(&first).unwrap(),
+        before,
+        "first run redone"
+    );
+    assert_eq!(
+        std::fs::metadata(split.join("runs/base-s0/train.log"))
+            .unwrap()
+            .len(),
+        log
+    );
+    let top1 = |dir: &Path| -> Vec<(String, f64)> {
+        std::fs::read_to_string(dir.join("results.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["id"].as_str().unwrap().to_string(),
+                    v["top1"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(top1(&whole).len(), 4);
+    assert_eq!(top1(&whole), top1(&split), "resumed study differs");
+    for f in ["results.csv", "report.md", "single-dim.png", "plan.md"] {
+        assert!(split.join(f).exists(), "{f}");
+    }
+    // Each run's weights load with `eval --weights` alone.
+    let w = split.join("runs/width-1.5-s0/weights.safetensors");
+    let o = effnet(
+        &[
+            "eval",
+            "--weights",
+            w.to_str().unwrap(),
+            "--dataset",
+            &dataset,
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The same directory with other options is a different study.
+    assert_clean_error(
+        &study(&split, &["--set", "label_smoothing=0.2"]),
+        "recipe fields differ: label_smoothing",
+    );
+}
+
+#[test]
+fn study_plans_reject_bad_input() {
+    let home = tempfile::tempdir().unwrap();
+    let dataset = tiny_dataset(home.path(), 48);
+    let plan = |args: &[&str]| {
+        let mut all = vec!["study"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--dataset", &dataset, "--dry-run", "--set", "batch_size=8"]);
+        effnet(&all, home.path())
+    };
+    assert_clean_error(
+        &plan(&["scaling", "--methods", "height"]),
+        "unknown scaling method `height`",
+    );
+    assert_clean_error(
+        &plan(&["scaling", "--targets", "1000000"]),
+        "cannot reach 1000000x",
+    );
+    assert_clean_error(&plan(&["scaling", "--targets", "2"]), "cannot reach 2x");
+    assert_clean_error(
+        &plan(&[
+            "grid",
+            "--tolerance",
+            "0.0001",
+            "--step",
+            "0.5",
+            "--flops",
+            "2.3",
+        ]),
+        "widen the tolerance",
+    );
+    assert_clean_error(
+        &effnet(
+            &["study", "grid", "--dataset", "nowhere:", "--dry-run"],
+            home.path(),
+        ),
+        "unknown dataset",
+    );
+    let o = plan(&[
+        "scaling",
+        "--skip-unreachable",
+        "--seeds",
+        "1",
+        "--resolution",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("skipped: scaling by compound"));
+    assert!(stdout(&o).contains("x4-compound-s0"));
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod study;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -78,6 +79,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Inference latency and throughput of the native engine (and burn, ONNX Runtime side by side).
     Bench(bench::BenchArgs),
+    /// The compound-scaling study: scaling at matched FLOPs, the coefficient grid, single dimensions.
+    #[command(subcommand)]
+    Study(study::StudyCommand),
     /// Convert a PyTorch checkpoint (torchvision, timm, lukemelas) to safetensors with its metadata.
     Convert {
         input: PathBuf,
@@ -209,6 +213,7 @@ pub fn run() -> anyhow::Result<()> {
             model,
         } => convert(&input, &output, model.as_deref()),
         Command::Bench(args) => bench::run(&args),
+        Command::Study(cmd) => study::run(&cmd),
         Command::Train(args) => effnet::train::on_thread_pool(0, || train::run(&args)),
         Command::Eval(args) => eval::run(&args),
         Command::Finetune(args) => effnet::train::on_thread_pool(0, || train::finetune(&args)),

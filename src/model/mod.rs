@@ -274,6 +274,18 @@ impl EfficientNet {
         }
     }
 
+    /// Sets the momentum of every batch norm (the weight of the next batch's statistics).
+    pub fn set_bn_momentum(&mut self, momentum: f64) {
+        let blocks = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| [&mut b.expand, &mut b.dw, &mut b.project])
+            .flatten();
+        for cb in [&mut self.stem, &mut self.head].into_iter().chain(blocks) {
+            cb.bn.momentum = momentum;
+        }
+    }
+
     /// Freezes the stem and every block (fine-tuning the head and classifier only).
     pub fn freeze_backbone(self) -> Self {
         EfficientNet {

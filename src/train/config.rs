@@ -64,6 +64,12 @@ pub struct TrainConfig {
     /// BN momentum, PyTorch convention (default: the model's own, TF's 0.01).
     pub bn_momentum: Option<f64>,
     pub ema_decay: f64,
+    /// Evaluate (and write metrics and weights) every this many epochs and after the last one;
+    /// epochs in between leave no metrics row.
+    pub eval_every: usize,
+    /// Before each evaluation, re-estimate the EMA weights' BN statistics over this many training
+    /// batches (0 = use the running statistics as trained).
+    pub precise_bn_batches: usize,
     pub seed: u64,
     /// Initialise as the TF reference (conv N(0, sqrt(2/fan_out)), dense uniform) rather than with
     /// burn's defaults.
@@ -114,6 +120,8 @@ impl Default for TrainConfig {
             drop_connect_rate: None,
             bn_momentum: None,
             ema_decay: 0.9999,
+            eval_every: 1,
+            precise_bn_batches: 0,
             seed: 0,
             tf_init: true,
             freeze_epochs: 0,
@@ -269,6 +277,9 @@ impl TrainConfig {
                 self.batch_size,
                 r = self.resolution
             );
+        }
+        if self.eval_every == 0 {
+            bail!("eval_every must be at least 1");
         }
         if self.epochs == 0 || self.epochs > 1_000_000 {
             bail!("epochs = {} is outside 1..=1000000", self.epochs);

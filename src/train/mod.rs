@@ -7,6 +7,7 @@ pub mod config;
 pub mod ema;
 pub mod metrics;
 pub mod plot;
+pub mod precise_bn;
 mod rmsprop;
 pub mod run;
 mod schedule;

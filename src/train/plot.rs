@@ -6,7 +6,7 @@ use plotters::prelude::*;
 
 use super::metrics::EpochMetrics;
 
-const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+pub const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 /// Renders `metrics` to `path` (written atomically).
 pub fn plot_curves(metrics: &[EpochMetrics], title: &str, path: &Path) -> anyhow::Result<()> {

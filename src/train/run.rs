@@ -18,8 +18,13 @@ use super::checkpoint::{self, Checkpoint, EpochTally, Progress, RunLock};
 use super::config::{RunFile, TrainConfig};
 use super::ema::Ema;
 use super::metrics::{EpochMetrics, write_metrics};
+use super::precise_bn;
 use super::step::Trainer;
 use super::{LrSchedule, TfRmsProp};
+
+/// With this environment variable set, a run reports each step as a `progress STEP TOTAL` line on
+/// stderr (for a supervising process such as `effnet study`) instead of drawing a progress bar.
+pub const PROGRESS_LINES_ENV: &str = "EFFNET_PROGRESS_LINES";
 
 /// How a run starts and reports.
 pub struct RunOptions<'a> {
@@ -150,7 +155,8 @@ pub fn train(
         total_steps,
     };
     let trainer = Trainer::new(cfg, meta.spec.num_classes, device.clone());
-    let bar = progress_bar(opts.show_progress, total_steps);
+    let progress_lines = std::env::var_os(PROGRESS_LINES_ENV).is_some();
+    let bar = progress_bar(opts.show_progress && !progress_lines, total_steps);
     let mut metrics = progress.metrics.clone();
     let mut step = progress.step;
     let started = Instant::now() - std::time::Duration::from_secs_f64(progress.seconds);
@@ -225,6 +231,9 @@ pub fn train(
                 };
                 checkpoint::save(out_dir, c)?;
             }
+            if progress_lines {
+                eprintln!("progress {step} {total_steps}");
+            }
             bar.set_position(step);
             bar.set_message(format!(
                 "epoch {} loss {:.3} acc {:.3} lr {:.4} {:.0} img/s",
@@ -239,32 +248,45 @@ pub fn train(
             break;
         }
         let train_seconds = epoch_start.elapsed().as_secs_f64();
-        let set = ema_set(&ema);
-        let report = evaluate(&set, eval_data, 256, 2)?;
-        let m = EpochMetrics {
-            epoch: epoch + 1,
-            step,
-            train_loss: t.loss_sum / t.batches as f64,
-            train_top1: t.correct as f64 / t.seen as f64,
-            lr,
-            images_per_s: t.seen as f64 / train_seconds,
-            eval_top1: report.top1,
-            eval_top5: report.top5,
-            eval_loss: report.loss,
-            seconds: started.elapsed().as_secs_f64(),
-        };
-        bar.println(format!(
-            "epoch {}: train loss {:.4} top-1 {:.4} | EMA eval top-1 {:.4} top-5 {:.4} loss {:.4} | {:.0} img/s",
-            m.epoch, m.train_loss, m.train_top1, m.eval_top1, m.eval_top5, m.eval_loss, m.images_per_s
-        ));
-        metrics.push(m);
-        write_metrics(out_dir, &metrics)?;
-        super::plot::plot_curves(
-            &metrics,
-            &format!("{} on {}", meta.spec.name, cfg.dataset),
-            &out_dir.join("curves.png"),
-        )?;
-        weights::write_safetensors(&out_dir.join("weights.safetensors"), &set)?;
+        let last_epoch = stopped_early || step >= total_steps || epoch + 1 == cfg.epochs;
+        if last_epoch || (epoch + 1).is_multiple_of(cfg.eval_every) {
+            let mut set = ema_set(&ema);
+            if cfg.precise_bn_batches > 0 {
+                let batches = (cfg.precise_bn_batches, cfg.batch_size);
+                set.tensors = precise_bn::recalibrate(
+                    &meta.spec,
+                    &set.tensors,
+                    train_data,
+                    batches,
+                    cfg.seed,
+                )?;
+            }
+            let report = evaluate(&set, eval_data, 256, rayon::current_num_threads())?;
+            let m = EpochMetrics {
+                epoch: epoch + 1,
+                step,
+                train_loss: t.loss_sum / t.batches as f64,
+                train_top1: t.correct as f64 / t.seen as f64,
+                lr,
+                images_per_s: t.seen as f64 / train_seconds,
+                eval_top1: report.top1,
+                eval_top5: report.top5,
+                eval_loss: report.loss,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            bar.println(format!(
+                "epoch {}: train loss {:.4} top-1 {:.4} | EMA eval top-1 {:.4} top-5 {:.4} loss {:.4} | {:.0} img/s",
+                m.epoch, m.train_loss, m.train_top1, m.eval_top1, m.eval_top5, m.eval_loss, m.images_per_s
+            ));
+            metrics.push(m);
+            write_metrics(out_dir, &metrics)?;
+            super::plot::plot_curves(
+                &metrics,
+                &format!("{} on {}", meta.spec.name, cfg.dataset),
+                &out_dir.join("curves.png"),
+            )?;
+            weights::write_safetensors(&out_dir.join("weights.safetensors"), &set)?;
+        }
         // A run stopped by --max-steps mid-epoch resumes inside that epoch; its partial-epoch metrics
         // row is reported now but not carried into the checkpoint (the resumed epoch replaces it).
         let p = if stopped_early {
@@ -273,7 +295,7 @@ pub fn train(
                 epoch,
                 tally: t,
                 seconds: started.elapsed().as_secs_f64(),
-                metrics: metrics[..metrics.len() - 1].to_vec(),
+                metrics: metrics[..metrics.len().saturating_sub(1)].to_vec(),
             }
         } else {
             Progress {
@@ -284,10 +306,12 @@ pub fn train(
                 ..Progress::default()
             }
         };
+        // The checkpoint keeps the EMA as trained (not recalibrated), so a resumed run continues
+        // exactly.
         let c = Checkpoint {
             model: &model,
             optim: &optim,
-            ema: &set,
+            ema: &ema_set(&ema),
             progress: &p,
             config: &config_text,
         };
