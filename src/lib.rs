@@ -11,6 +11,7 @@ pub mod engine;
 pub mod evaluate;
 pub mod model;
 pub mod preprocess;
+pub mod simd;
 pub mod spec;
 pub mod study;
 pub mod train;

@@ -1,88 +1,12 @@
 //! Hand-written CPU kernels for what no crate does well here: SIMD activations (no scalar `expf`),
 //! NHWC depthwise convolution with fused bias + activation (+ SE pooling), and the GEMM epilogue.
 //!
-//! Every kernel is plain Rust written so LLVM vectorises it; `simd_dispatch!` compiles each one
-//! for AVX-512 and AVX2+FMA and picks at run time (a portable build is the fallback). Measured by
-//! `effnet bench`.
+//! Every kernel is plain Rust written so LLVM vectorises it; [`simd_dispatch!`] compiles each one
+//! for AVX-512 and AVX2+FMA and picks at run time (a portable build is the fallback).
 
+use crate::simd::math::{activate, sigmoid, silu};
+use crate::simd::simd_dispatch;
 use crate::spec::Activation;
-
-/// Compiles `$name` for AVX-512 / AVX2+FMA / portable and dispatches on the running CPU.
-macro_rules! simd_dispatch {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl") {
-                    // SAFETY: the CPU supports the features the function was compiled for.
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: as above.
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            imp($($arg),*)
-        }
-    };
-}
-pub(crate) use simd_dispatch;
-
-/// e^x, branch-free so it vectorises (the scalar libm `expf` does not): n = round(x log2 e) by the
-/// 1.5 * 2^23 trick (its low bits go straight into the exponent field, no float-to-int cast),
-/// Cody-Waite reduction r = x - n ln 2, and Cephes' degree-6 polynomial for e^r. ~2 ulp.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 88.0);
-    // Fused multiply-adds throughout: Rust never contracts `a * b + c` by itself, and the
-    // dispatched builds have FMA (on a CPU without it, `mul_add` is a slower software call).
-    let r = x.mul_add(std::f32::consts::LOG2_E, MAGIC);
-    let n = r - MAGIC;
-    let f = (-n).mul_add(LN2_HI, x);
-    let f = (-n).mul_add(LN2_LO, f);
-    let p = 1.987_569_1e-4f32;
-    let p = p.mul_add(f, 1.398_199_9e-3);
-    let p = p.mul_add(f, 8.333_452e-3);
-    let p = p.mul_add(f, 4.166_579_6e-2);
-    let p = p.mul_add(f, 1.666_666_5e-1);
-    let p = p.mul_add(f, 5e-1);
-    let e = (p * f).mul_add(f, f) + 1.0;
-    f32::from_bits(e.to_bits().wrapping_add(r.to_bits() << 23))
-}
-
-#[inline(always)]
-pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
-}
-
-/// x * sigmoid(x) with a single division.
-#[inline(always)]
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + exp(-x))
-}
-
-#[inline(always)]
-fn activate(x: f32, act: Option<Activation>) -> f32 {
-    match act {
-        None => x,
-        Some(Activation::Silu) => silu(x),
-        Some(Activation::Relu6) => x.clamp(0.0, 6.0),
-    }
-}
 
 /// Applies a per-channel activation kernel with the activation hoisted out of the loop.
 macro_rules! with_act {
@@ -483,20 +407,6 @@ simd_dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_accurate() {
-        let mut worst = 0.0f32;
-        let mut x = -80.0f32;
-        while x < 80.0 {
-            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
-            worst = worst.max(rel);
-            x += 0.0137;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert!(sigmoid(-200.0) < 1e-30 && silu(-200.0) > -1e-30);
-        assert_eq!(sigmoid(200.0), 1.0);
-    }
 
     #[test]
     fn bias_act_matches_scalar() {

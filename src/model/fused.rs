@@ -28,7 +28,8 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::engine::kernels::{sigmoid, silu as silu_scalar, simd_dispatch};
+use crate::simd::math::{sigmoid, silu as silu_scalar};
+use crate::simd::simd_dispatch;
 use crate::spec::Padding;
 
 #[backend_extension(Flex, Autodiff)]

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use anyhow::{Context, bail};
 
 use crate::train::{RunFile, TrainConfig};
-use plan::{Method, Multipliers, PlannedRun};
+use plan::{PlannedRun, RunPlan};
 
 /// The commit this binary was built from (`+dirty` with uncommitted changes), recorded with results.
 pub const COMMIT: &str = env!("EFFNET_COMMIT");
@@ -24,17 +24,8 @@ pub const COMMIT: &str = env!("EFFNET_COMMIT");
 /// A finished run: its plan and what it measured.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunResult {
-    pub id: String,
-    pub group: String,
-    pub method: Method,
-    pub target: f64,
-    pub mult: Multipliers,
-    pub phi: f64,
-    pub seed: u64,
-    pub resolution: usize,
-    pub params: u64,
-    pub macs: u64,
-    pub achieved: f64,
+    #[serde(flatten)]
+    pub plan: RunPlan,
     pub top1: f64,
     pub top5: f64,
     pub eval_loss: f64,
@@ -45,6 +36,14 @@ pub struct RunResult {
     pub seconds: f64,
     /// The commit the run was trained at.
     pub commit: String,
+}
+
+impl std::ops::Deref for RunResult {
+    type Target = RunPlan;
+
+    fn deref(&self) -> &RunPlan {
+        &self.plan
+    }
 }
 
 /// How a study runs.
@@ -303,17 +302,7 @@ fn train_one(run: &PlannedRun, opts: &Options, bar: &indicatif::ProgressBar) -> 
     let last: crate::train::metrics::EpochMetrics =
         serde_json::from_str(metrics.lines().last().context("the run wrote no metrics")?)?;
     let result = RunResult {
-        id: run.id.clone(),
-        group: run.group.clone(),
-        method: run.method,
-        target: run.target,
-        mult: run.mult,
-        phi: run.phi,
-        seed: run.seed,
-        resolution: run.resolution,
-        params: run.params,
-        macs: run.macs,
-        achieved: run.achieved,
+        plan: run.plan.clone(),
         top1: last.eval_top1,
         top5: last.eval_top5,
         eval_loss: last.eval_loss,

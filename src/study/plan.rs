@@ -91,9 +91,24 @@ impl Multipliers {
     }
 }
 
-/// One planned training run.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// One planned training run: its plan record and the spec it trains.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlannedRun {
+    pub plan: RunPlan,
+    pub spec: ModelSpec,
+}
+
+impl std::ops::Deref for PlannedRun {
+    type Target = RunPlan;
+
+    fn deref(&self) -> &RunPlan {
+        &self.plan
+    }
+}
+
+/// What identifies and describes a run (recorded with its result).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunPlan {
     /// Unique and stable across restarts: `x2-depth-s0`, `grid-a1.20-b1.10-g1.15-s1`.
     pub id: String,
     /// Runs that differ only by seed share a group.
@@ -105,8 +120,6 @@ pub struct PlannedRun {
     /// Compound phi (compound runs), else 0.
     pub phi: f64,
     pub seed: u64,
-    #[serde(skip)]
-    pub spec: ModelSpec,
     pub resolution: usize,
     pub params: u64,
     pub macs: u64,
@@ -147,18 +160,20 @@ impl Base {
             .seeds
             .iter()
             .map(|&seed| PlannedRun {
-                id: format!("{group}-s{seed}"),
-                group: group.clone(),
-                method,
-                target,
-                mult,
-                phi,
-                seed,
-                resolution: spec.resolution,
+                plan: RunPlan {
+                    id: format!("{group}-s{seed}"),
+                    group: group.clone(),
+                    method,
+                    target,
+                    mult,
+                    phi,
+                    seed,
+                    resolution: spec.resolution,
+                    params,
+                    macs,
+                    achieved: macs as f64 / base as f64,
+                },
                 spec: spec.clone(),
-                params,
-                macs,
-                achieved: macs as f64 / base as f64,
             })
             .collect())
     }

@@ -164,6 +164,17 @@ pub fn train(
         meta: meta.clone(),
         tensors: ema.tensors.clone(),
     };
+    // Checkpoints keep the EMA as trained (not recalibrated), so a resumed run continues exactly.
+    let save = |model: &EfficientNet, optim: &ModuleOptimizer, ema: &Ema, progress: &Progress| {
+        let c = Checkpoint {
+            model,
+            optim,
+            ema: &ema_set(ema),
+            progress,
+            config: &config_text,
+        };
+        checkpoint::save(out_dir, c)
+    };
     let frozen = |epoch: usize| epoch < cfg.freeze_epochs;
     if frozen(progress.epoch) {
         model = model.freeze_backbone();
@@ -222,14 +233,7 @@ pub fn train(
                     seconds: started.elapsed().as_secs_f64(),
                     metrics: metrics.clone(),
                 };
-                let c = Checkpoint {
-                    model: &model,
-                    optim: &optim,
-                    ema: &ema_set(&ema),
-                    progress: &p,
-                    config: &config_text,
-                };
-                checkpoint::save(out_dir, c)?;
+                save(&model, &optim, &ema, &p)?;
             }
             if progress_lines {
                 eprintln!("progress {step} {total_steps}");
@@ -306,16 +310,7 @@ pub fn train(
                 ..Progress::default()
             }
         };
-        // The checkpoint keeps the EMA as trained (not recalibrated), so a resumed run continues
-        // exactly.
-        let c = Checkpoint {
-            model: &model,
-            optim: &optim,
-            ema: &ema_set(&ema),
-            progress: &p,
-            config: &config_text,
-        };
-        checkpoint::save(out_dir, c)?;
+        save(&model, &optim, &ema, &p)?;
         if step >= total_steps {
             break;
         }

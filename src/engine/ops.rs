@@ -1,0 +1,466 @@
+//! The operations a plan's steps run: convolutions (im2col + GEMM, depthwise, 1x1 on the GEMM
+//! micro-kernel), the fused expand + depthwise per band of rows, each split into parallel parts.
+
+use super::kernels::{self, Geometry};
+use super::plan::{Conv, ConvKind};
+use super::pool::SharedMut;
+use super::{Engine, profile};
+use crate::simd::gemm as microkernel;
+use crate::spec::Padding;
+
+/// Spatial geometry of a conv on an `h x w` input.
+pub(super) fn geometry(
+    padding: Padding,
+    h: usize,
+    w: usize,
+    kernel: usize,
+    stride: usize,
+) -> Geometry {
+    let (out_h, pad_top, _) = padding.along(h, kernel, stride);
+    let (out_w, pad_left, _) = padding.along(w, kernel, stride);
+    Geometry {
+        in_h: h,
+        in_w: w,
+        out_h,
+        out_w,
+        kernel,
+        stride,
+        pad_top,
+        pad_left,
+    }
+}
+
+/// Parallel parts per thread for each operation.
+const PARTS_PER_THREAD: usize = 8;
+
+/// Rows per GEMM chunk: the output chunk stays in L2 for the fused epilogue.
+fn chunk_rows(cout: usize) -> usize {
+    (32768 / cout.max(1)).clamp(16, 1024)
+}
+
+/// `out[m x n] = a[m x k] · b[k x n]`, row-major; `b` and `out` rows are `ld` apart (column blocks).
+fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, ld: usize) {
+    assert!(
+        m == 0
+            || (a.len() >= m * k && b.len() >= (k - 1) * ld + n && out.len() >= (m - 1) * ld + n)
+    );
+    // SAFETY: the asserts above bound every element the m x k, k x n and m x n matrices touch.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            ld as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            ld as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `out = act(a · weight + bias)` (+ `residual`) for `m` rows and columns `c0..c0 + nc` of a conv
+/// with `cout` columns (`out` and `residual` hold the block's rows at full width): the AVX-512
+/// kernel when the weights are packed, else the `gemm` crate and a separate epilogue.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_bias_act(
+    conv: &Conv,
+    weight: &[f32],
+    gate: Option<&[f32]>,
+    a: &[f32],
+    m: usize,
+    (c0, nc): (usize, usize),
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (k, cout) = (a.len() / m.max(1), conv.cout);
+    // `weight` is the conv's own GEMM weight or a gated copy in the same layout.
+    assert_eq!(weight.len(), conv.gemm_weight().len(), "weight layout");
+    if !conv.packed.is_empty() {
+        let bias = &conv.bias;
+        microkernel::gemm_bias_act(
+            a,
+            k,
+            m,
+            (weight, gate),
+            (c0, nc),
+            bias,
+            conv.act,
+            residual,
+            out,
+            cout,
+        );
+        return;
+    }
+    assert!(gate.is_none(), "input gates need the microkernel");
+    matmul(a, &weight[c0..], &mut out[c0..], m, k, nc, cout);
+    if nc == cout {
+        kernels::bias_act(&mut out[..m * cout], &conv.bias, conv.act, residual);
+    } else {
+        for r in 0..m {
+            let o = &mut out[r * cout + c0..r * cout + c0 + nc];
+            let res = residual.map(|res| &res[r * cout + c0..r * cout + c0 + nc]);
+            kernels::bias_act(o, &conv.bias[c0..c0 + nc], conv.act, res);
+        }
+    }
+}
+
+impl Engine {
+    /// Runs a conv from NHWC `input` into `out`; returns the output spatial shape.
+    pub(super) fn conv(
+        &self,
+        conv: &Conv,
+        input: &[f32],
+        out: &mut Vec<f32>,
+        n: usize,
+        (h, w): (usize, usize),
+        pool: Option<&mut [f32]>,
+    ) -> (usize, usize) {
+        let g = geometry(self.meta.spec.padding, h, w, conv.kernel, conv.stride);
+        let (cin, cout) = (conv.cin, conv.cout);
+        let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * cout);
+        if conv.kind == ConvKind::Pointwise {
+            let io = (input, out);
+            return self.pointwise(conv.gemm_weight(), None, conv, io, n, (h, w), None);
+        }
+        let _t = profile::layer(
+            match conv.kind {
+                ConvKind::Depthwise => "depthwise",
+                _ => "full conv (im2col+gemm)",
+            },
+            || {
+                let (k, s) = (conv.kernel, conv.stride);
+                format!("{} {k}x{k}/{s} {cin}->{cout} {h}x{w}", conv.name)
+            },
+            || {
+                let per_out = conv.kernel
+                    * conv.kernel
+                    * if conv.kind == ConvKind::Depthwise {
+                        1
+                    } else {
+                        cin
+                    };
+                (n * out_len * per_out) as u64
+            },
+        );
+        grow(out, n * out_len);
+        // Parallel parts: bands of output rows of each image.
+        let rows_per_part = match conv.kind {
+            ConvKind::Full => (chunk_rows(cout) / g.out_w).max(1),
+            _ => g
+                .out_h
+                .div_ceil(PARTS_PER_THREAD * self.active_threads())
+                .max(1),
+        };
+        let bands = g.out_h.div_ceil(rows_per_part);
+        let parts = n * bands;
+        let band = |part: usize| {
+            let (img, b) = (part / bands, part % bands);
+            (
+                img,
+                b * rows_per_part..((b + 1) * rows_per_part).min(g.out_h),
+            )
+        };
+        let shared_out = SharedMut::new(out);
+        if conv.kind == ConvKind::Depthwise {
+            // Each part pools into its own row of `partial`, summed per image afterwards.
+            let mut partial = vec![0.0f32; if pool.is_some() { parts * cout } else { 0 }];
+            let shared_partial = SharedMut::new(&mut partial);
+            let with_pool = pool.is_some();
+            self.run_parts(parts, &|part| {
+                let (img, rows) = band(part);
+                let row_len = g.out_w * cout;
+                // SAFETY: parts write disjoint row bands of `out` and their own row of `partial`.
+                let dst = unsafe {
+                    shared_out.slice(img * out_len + rows.start * row_len, rows.len() * row_len)
+                };
+                let p = with_pool.then(|| unsafe { shared_partial.slice(part * cout, cout) });
+                kernels::depthwise(
+                    &input[img * in_len..(img + 1) * in_len],
+                    &conv.weight,
+                    &conv.bias,
+                    dst,
+                    g,
+                    rows,
+                    0,
+                    0..cout,
+                    conv.act,
+                    p,
+                );
+            });
+            if let Some(pool) = pool {
+                add_partial_pools(pool, &partial, cout, |part| band(part).0);
+            }
+        } else {
+            let row_len = conv.kernel * conv.kernel * cin;
+            self.run_parts(parts, &|part| {
+                let (img, rows) = band(part);
+                let m = rows.len() * g.out_w;
+                SCRATCH.with_borrow_mut(|scratch| {
+                    grow(scratch, m * row_len);
+                    let im2col = profile::scope("  im2col");
+                    kernels::im2col(
+                        &input[img * in_len..(img + 1) * in_len],
+                        cin,
+                        g,
+                        rows.clone(),
+                        scratch,
+                    );
+                    // SAFETY: parts write disjoint row bands of `out`.
+                    let dst = unsafe {
+                        shared_out.slice(img * out_len + rows.start * g.out_w * cout, m * cout)
+                    };
+                    drop(im2col);
+                    let a = &scratch[..m * row_len];
+                    gemm_bias_act(conv, conv.gemm_weight(), None, a, m, (0, cout), None, dst);
+                });
+            });
+        }
+        (g.out_h, g.out_w)
+    }
+
+    /// How [`Engine::expand_depthwise`] splits one image's work across threads, as (bands of output
+    /// rows, blocks of channels), or `None` where fusing does not pay. One part per image when the
+    /// images keep every thread busy; else row bands while the expanded rows recomputed at band
+    /// boundaries add at most 10 % to the expansion; else channel blocks (no overlap, each thread
+    /// expands its own channels).
+    pub(super) fn fused_split(&self, dw: &Conv, n: usize, h: usize) -> Option<(usize, usize)> {
+        let t = self.active_threads();
+        let halo = dw.kernel.saturating_sub(dw.stride);
+        if n >= t {
+            Some((1, 1))
+        } else if (t - 1) * halo * 10 <= h {
+            Some((t, 1))
+        } else if dw.cout >= microkernel::NR * t {
+            Some((1, t))
+        } else {
+            None
+        }
+    }
+
+    /// Expand 1x1 conv + depthwise conv without materialising the expanded tensor: each part (a
+    /// band of output rows and block of channels of one image, `split` as from
+    /// [`Engine::fused_split`]) expands just the input rows its next few output rows read into a
+    /// buffer that stays in L2, keeping the rows it shares with the following step, and runs the
+    /// depthwise kernel on it. `pool` as in [`Engine::conv`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn expand_depthwise(
+        &self,
+        e: &Conv,
+        dw: &Conv,
+        input: &[f32],
+        out: &mut Vec<f32>,
+        n: usize,
+        (h, w): (usize, usize),
+        (bands, col_parts): (usize, usize),
+        pool: Option<&mut [f32]>,
+    ) -> (usize, usize) {
+        let g = geometry(self.meta.spec.padding, h, w, dw.kernel, dw.stride);
+        let (cin, c) = (e.cin, e.cout);
+        let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * c);
+        let _t = profile::layer(
+            "expand+depthwise",
+            || {
+                let (k, s) = (dw.kernel, dw.stride);
+                format!("{} 1x1 {cin}->{c} + {k}x{k}/{s} {h}x{w}", e.name)
+            },
+            || (n * (h * w * cin * c + out_len * dw.kernel * dw.kernel)) as u64,
+        );
+        grow(out, n * out_len);
+        let rows_per_part = g.out_h.div_ceil(bands).max(1);
+        let bands = g.out_h.div_ceil(rows_per_part);
+        let (col_block, col_parts) = panel_blocks(c, col_parts);
+        let parts = n * bands * col_parts;
+        let band = |part: usize| {
+            let (img, b, cp) = (
+                part / (bands * col_parts),
+                part / col_parts % bands,
+                part % col_parts,
+            );
+            let rows = b * rows_per_part..((b + 1) * rows_per_part).min(g.out_h);
+            let cols = cp * col_block..((cp + 1) * col_block).min(c);
+            (img, rows, cols)
+        };
+        // Output rows per step: their expanded input rows fill about FUSED_BYTES. The buffer's rows
+        // are full width; a part touches only its channels.
+        let row_len = w * c;
+        let in_rows = (FUSED_BYTES / (4 * w * col_block)).max(dw.kernel + dw.stride);
+        let step = ((in_rows - dw.kernel) / dw.stride + 1).max(1);
+        let first_row = |oy: usize| (oy * dw.stride).saturating_sub(g.pad_top).min(h);
+        let end_row = |oy: usize| {
+            (oy * dw.stride + dw.kernel)
+                .saturating_sub(g.pad_top)
+                .min(h)
+        };
+        let mut partial = vec![0.0f32; if pool.is_some() { parts * c } else { 0 }];
+        let shared_partial = SharedMut::new(&mut partial);
+        let with_pool = pool.is_some();
+        let shared_out = SharedMut::new(out);
+        self.run_parts(parts, &|part| {
+            let (img, rows, cols) = band(part);
+            let x = &input[img * in_len..(img + 1) * in_len];
+            // SAFETY: parts write disjoint row bands of `out` and their own row of `partial`.
+            let mut p = with_pool.then(|| unsafe { shared_partial.slice(part * c, c) });
+            FUSED.with_borrow_mut(|buf| {
+                // `buf` holds the expanded input rows lo..hi.
+                let (mut lo, mut hi) = (0, 0);
+                for r0 in rows.clone().step_by(step) {
+                    let r1 = (r0 + step).min(rows.end);
+                    let (need_lo, need_hi) = (first_row(r0), end_row(r1 - 1));
+                    if (lo..hi).contains(&need_lo) {
+                        buf.copy_within((need_lo - lo) * row_len..(hi - lo) * row_len, 0);
+                    } else {
+                        hi = need_lo;
+                    }
+                    lo = need_lo;
+                    grow(buf, (need_hi - lo) * row_len);
+                    if need_hi > hi {
+                        let a = &x[hi * w * cin..need_hi * w * cin];
+                        let dst = &mut buf[(hi - lo) * row_len..(need_hi - lo) * row_len];
+                        let (m, cols) = ((need_hi - hi) * w, (cols.start, cols.len()));
+                        gemm_bias_act(e, e.gemm_weight(), None, a, m, cols, None, dst);
+                        hi = need_hi;
+                    }
+                    let out_row = g.out_w * c;
+                    // SAFETY: as above; parts that share rows write disjoint channels of them.
+                    let dst = unsafe {
+                        shared_out.slice(img * out_len + r0 * out_row, (r1 - r0) * out_row)
+                    };
+                    kernels::depthwise(
+                        &buf[..(hi - lo) * row_len],
+                        &dw.weight,
+                        &dw.bias,
+                        dst,
+                        g,
+                        r0..r1,
+                        lo,
+                        cols.clone(),
+                        dw.act,
+                        p.as_deref_mut(),
+                    );
+                }
+            });
+        });
+        if let Some(pool) = pool {
+            add_partial_pools(pool, &partial, c, |part| band(part).0);
+        }
+        (g.out_h, g.out_w)
+    }
+
+    /// 1x1 conv over all `n * h * w` rows, split into row chunks (and column blocks when there are
+    /// few rows) across the pool, bias + activation (+ residual) fused on each cache-hot block.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pointwise(
+        &self,
+        weight: &[f32],
+        gate: Option<&[f32]>,
+        conv: &Conv,
+        (input, out): (&[f32], &mut Vec<f32>),
+        n: usize,
+        (h, w): (usize, usize),
+        residual: Option<&[f32]>,
+    ) -> (usize, usize) {
+        let rows = n * h * w;
+        let (cin, cout) = (conv.cin, conv.cout);
+        let _t = profile::layer(
+            "pointwise (gemm+epilogue)",
+            || format!("{} 1x1 {cin}->{cout} {h}x{w}", conv.name),
+            || (rows * cin * cout) as u64,
+        );
+        grow(out, rows * cout);
+        let threads = self.pool.threads();
+        // Several parts per thread: a worker preempted mid-part (loaded machine) holds back little.
+        let chunk = chunk_rows(cout)
+            .min(rows.div_ceil(PARTS_PER_THREAD * threads))
+            .max(16)
+            // Whole 12-row AVX-512 tiles (a multiple of the AVX2 kernel's 3 rows too): a chunk of
+            // 25 rows ran two full tiles and a 1-row one that costs far more per row.
+            .next_multiple_of(12);
+        let row_parts = rows.div_ceil(chunk);
+        // Few rows (late, small feature maps): split the output channels instead.
+        let col_parts = if row_parts < threads && cout >= 32 * threads {
+            threads
+        } else {
+            1
+        };
+        let (col_block, col_parts) = panel_blocks(cout, col_parts);
+        let shared_out = SharedMut::new(out);
+        self.run_parts(row_parts * col_parts, &|part| {
+            let (rp, cp) = (part / col_parts, part % col_parts);
+            let (r0, m) = (rp * chunk, chunk.min(rows - rp * chunk));
+            let (c0, nc) = (cp * col_block, col_block.min(cout - cp * col_block));
+            // SAFETY: each part owns rows r0..r0+m x columns c0..c0+nc of `out`; the slice spans its
+            // rows and the other columns of those rows are not touched by this part.
+            let dst = unsafe { shared_out.slice(r0 * cout, m * cout) };
+            let res = residual.map(|res| &res[r0 * cout..(r0 + m) * cout]);
+            let a = &input[r0 * cin..(r0 + m) * cin];
+            gemm_bias_act(conv, weight, gate, a, m, (c0, nc), res, dst);
+        });
+        (h, w)
+    }
+}
+
+thread_local! {
+    /// im2col buffer of each thread (reused across calls).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Expanded rows of each thread in [`Engine::expand_depthwise`] (reused across calls).
+    static FUSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Bytes of expanded rows [`Engine::expand_depthwise`] keeps per step (half a typical L2).
+const FUSED_BYTES: usize = 512 * 1024;
+
+pub(super) fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+/// `cols` output columns cut into about `parts` blocks that start on packed-panel boundaries:
+/// (block width, number of blocks).
+fn panel_blocks(cols: usize, parts: usize) -> (usize, usize) {
+    let block = cols
+        .div_ceil(parts)
+        .next_multiple_of(microkernel::NR)
+        .min(cols);
+    (block, cols.div_ceil(block))
+}
+
+/// Adds each part's row of `c` channel sums in `partial` to the pooled sums of its image.
+pub(super) fn add_partial_pools(
+    pool: &mut [f32],
+    partial: &[f32],
+    c: usize,
+    image: impl Fn(usize) -> usize,
+) {
+    for (part, sums) in partial.chunks_exact(c).enumerate() {
+        let img = image(part);
+        for (p, v) in pool[img * c..(img + 1) * c].iter_mut().zip(sums) {
+            *p += v;
+        }
+    }
+}
+
+/// Channel means of NHWC rows.
+pub(super) fn mean_rows(x: &[f32], out: &mut [f32]) {
+    let c = out.len();
+    out.fill(0.0);
+    for row in x.chunks_exact(c) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+    let count = (x.len() / c) as f32;
+    out.iter_mut().for_each(|o| *o /= count);
+}

@@ -1,0 +1,350 @@
+//! Compiling a weight set into an inference plan, once: batch norm folded into each convolution,
+//! weights repacked for the kernel that runs them, and each block turned into a fixed list of
+//! steps that names the buffer every step reads and writes.
+
+use crate::simd::gemm as microkernel;
+use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv};
+use crate::weights::{TensorMap, WeightSet};
+
+use super::EngineError;
+
+/// How a convolution is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConvKind {
+    /// 1x1, stride 1: one GEMM. Weight `[cin x cout]`.
+    Pointwise,
+    /// Depthwise kxk. Weight `[k*k x c]`.
+    Depthwise,
+    /// Dense kxk via im2col + GEMM. Weight `[k*k*cin x cout]`.
+    Full,
+}
+
+/// A convolution with its BN folded in.
+#[derive(Debug, Clone)]
+pub(super) struct Conv {
+    /// Weight path (`blocks.3.expand`), for `bench --profile`.
+    pub name: String,
+    pub kind: ConvKind,
+    pub kernel: usize,
+    pub stride: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub weight: Vec<f32>,
+    /// `weight` packed for the GEMM micro-kernel (empty for depthwise or without AVX2/AVX-512;
+    /// when present, `weight` is empty).
+    pub packed: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub act: Option<Activation>,
+}
+
+impl Conv {
+    /// The weights in the layout the GEMM path reads.
+    pub fn gemm_weight(&self) -> &[f32] {
+        if self.packed.is_empty() {
+            &self.weight
+        } else {
+            &self.packed
+        }
+    }
+}
+
+/// Squeeze-excite: channel means -> reduce (+ activation) -> expand -> sigmoid gates.
+#[derive(Debug, Clone)]
+pub(super) struct Se {
+    pub name: String,
+    pub channels: usize,
+    pub reduced: usize,
+    pub w1: Vec<f32>,
+    pub b1: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub b2: Vec<f32>,
+    pub act: Activation,
+}
+
+/// The activation buffers of a block: its input `X`, two scratch tensors, its output `Y`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Buf {
+    X = 0,
+    T1 = 1,
+    T2 = 2,
+    Y = 3,
+}
+
+/// One step of a block, with the buffers it reads and writes.
+#[derive(Debug, Clone)]
+pub(super) enum Step {
+    /// 1x1 expansion then depthwise conv, X -> T2: per band of rows with the expanded rows kept
+    /// in cache where that pays (decided per call from batch, map height and threads), else as
+    /// two convolutions through T1. With `pool`, the depthwise conv also sums each channel for
+    /// the SE that follows.
+    ExpandDepthwise { expand: Conv, dw: Conv, pool: bool },
+    /// One convolution `from` -> `to` (`pool` as above, depthwise only).
+    Conv {
+        conv: Conv,
+        from: Buf,
+        to: Buf,
+        pool: bool,
+    },
+    /// SE gates applied in place to `on` (a block with no projection after its SE).
+    Se { se: Se, on: Buf },
+    /// 1x1 projection `from` -> Y, gated by the SE first when there is one, plus X when the block
+    /// is residual.
+    Project {
+        conv: Conv,
+        from: Buf,
+        se: Option<Se>,
+        residual: bool,
+    },
+    /// Y += X (a residual block whose last convolution wrote Y).
+    AddInput,
+}
+
+/// A compiled block.
+#[derive(Debug, Clone)]
+pub(super) struct BlockPlan {
+    pub steps: Vec<Step>,
+    pub cin: usize,
+    pub cout: usize,
+}
+
+/// A compiled network.
+#[derive(Debug, Clone)]
+pub(super) struct Plan {
+    pub stem: Conv,
+    pub blocks: Vec<BlockPlan>,
+    pub head: Conv,
+    /// Classifier `[features x classes]` and bias.
+    pub fc_w: Vec<f32>,
+    pub fc_b: Vec<f32>,
+}
+
+/// Tensor `name` with `len` values.
+fn tensor<'a>(t: &'a TensorMap, name: &str, len: usize) -> Result<&'a [f32], EngineError> {
+    let t = t
+        .get(name)
+        .ok_or_else(|| EngineError(format!("missing tensor `{name}`")))?;
+    if t.data.len() != len {
+        return Err(EngineError(format!(
+            "`{name}` has {} values, the spec needs {len}",
+            t.data.len()
+        )));
+    }
+    Ok(&t.data)
+}
+
+/// Folds `{path}.bn` into `{path}.conv` and repacks the weight for the kind of convolution.
+fn fold(
+    t: &TensorMap,
+    spec_conv: &SpecConv,
+    eps: f64,
+    act: Option<Activation>,
+) -> Result<Conv, EngineError> {
+    let path = &spec_conv.path;
+    let kind = if spec_conv.is_depthwise() {
+        ConvKind::Depthwise
+    } else if spec_conv.kernel == 1 && spec_conv.stride == 1 {
+        ConvKind::Pointwise
+    } else {
+        ConvKind::Full
+    };
+    let weight_name = format!("{path}.conv.weight");
+    let shape = &t
+        .get(&weight_name)
+        .ok_or_else(|| EngineError(format!("missing tensor `{weight_name}`")))?
+        .shape;
+    if *shape != spec_conv.weight_shape() {
+        return Err(EngineError(format!(
+            "`{weight_name}` is {shape:?}, the spec needs {:?}",
+            spec_conv.weight_shape()
+        )));
+    }
+    let (cout, cin_g, k) = (shape[0], shape[1], shape[2]);
+    let w = tensor(t, &weight_name, cout * cin_g * k * k)?;
+    let bn = |name: &str| tensor(t, &format!("{path}.bn.{name}"), cout);
+    let (gamma, beta, mean, var) = (
+        bn("weight")?,
+        bn("bias")?,
+        bn("running_mean")?,
+        bn("running_var")?,
+    );
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(var)
+        .map(|(g, v)| (*g as f64 / (*v as f64 + eps).sqrt()) as f32)
+        .collect();
+    let bias: Vec<f32> = (0..cout).map(|o| beta[o] - mean[o] * scale[o]).collect();
+    // One repacking serves all three kinds: `[k*k*cin_g x cout]` rows ordered (tap, input channel).
+    // For 1x1 that is `[cin x cout]`; for depthwise (cin_g = 1) it is `[k*k x c]`.
+    let kk = k * k;
+    let mut weight = vec![0.0; kk * cin_g * cout];
+    for o in 0..cout {
+        for i in 0..cin_g {
+            for tap in 0..kk {
+                weight[(tap * cin_g + i) * cout + o] = w[(o * cin_g + i) * kk + tap] * scale[o];
+            }
+        }
+    }
+    let cin = spec_conv.in_channels;
+    let packed = if kind != ConvKind::Depthwise && microkernel::available() {
+        microkernel::pack(&weight, kk * cin_g, cout)
+    } else {
+        Vec::new()
+    };
+    // Keep one copy: the packed weights replace the plain ones.
+    let weight = if packed.is_empty() {
+        weight
+    } else {
+        Vec::new()
+    };
+    Ok(Conv {
+        name: path.to_string(),
+        kind,
+        kernel: k,
+        stride: spec_conv.stride,
+        cin,
+        cout,
+        weight,
+        packed,
+        bias,
+        act,
+    })
+}
+
+/// `[out, in, 1, 1]` (or `[out, in]`) to `[in x out]`.
+fn transpose_dense(w: &[f32], out: usize) -> Vec<f32> {
+    let inp = w.len() / out;
+    let mut p = vec![0.0; w.len()];
+    for o in 0..out {
+        for i in 0..inp {
+            p[i * out + o] = w[o * inp + i];
+        }
+    }
+    p
+}
+
+/// The steps of one block, each reading and writing named buffers.
+fn block_steps(
+    t: &TensorMap,
+    b: &BlockAnatomy,
+    conv: &dyn Fn(&SpecConv) -> Result<Conv, EngineError>,
+    act: Activation,
+) -> Result<BlockPlan, EngineError> {
+    let se = match &b.se {
+        Some([reduce, expand]) => {
+            let (c, r) = (expand.out_channels, reduce.out_channels);
+            let w1 = tensor(t, &format!("{}.weight", reduce.path), c * r)?;
+            let w2 = tensor(t, &format!("{}.weight", expand.path), c * r)?;
+            Some(Se {
+                name: format!("blocks.{}.se", b.pos.index),
+                channels: c,
+                reduced: r,
+                w1: transpose_dense(w1, r),
+                b1: tensor(t, &format!("{}.bias", reduce.path), r)?.to_vec(),
+                w2: transpose_dense(w2, c),
+                b2: tensor(t, &format!("{}.bias", expand.path), c)?.to_vec(),
+                act,
+            })
+        }
+        None => None,
+    };
+    let pool = se.is_some();
+    let project = b.project.as_ref().map(conv).transpose()?;
+    let mut steps = Vec::new();
+    // Where the tensor the SE and the projection read ends up.
+    let mid = match (
+        b.expand.as_ref().map(conv).transpose()?,
+        b.depthwise.as_ref(),
+    ) {
+        (Some(expand), Some(dw)) if expand.kind == ConvKind::Pointwise => {
+            let dw = conv(dw)?;
+            steps.push(Step::ExpandDepthwise { expand, dw, pool });
+            Buf::T2
+        }
+        (expand, Some(dw)) => {
+            let from = match expand {
+                Some(expand) => {
+                    steps.push(Step::Conv {
+                        conv: expand,
+                        from: Buf::X,
+                        to: Buf::T1,
+                        pool: false,
+                    });
+                    Buf::T1
+                }
+                None => Buf::X,
+            };
+            let dw = conv(dw)?;
+            steps.push(Step::Conv {
+                conv: dw,
+                from,
+                to: Buf::T2,
+                pool,
+            });
+            Buf::T2
+        }
+        // Fused-MBConv: the kxk conv writes the block output directly when it is the whole block.
+        (Some(expand), None) => {
+            let to = if project.is_some() { Buf::T1 } else { Buf::Y };
+            steps.push(Step::Conv {
+                conv: expand,
+                from: Buf::X,
+                to,
+                pool: false,
+            });
+            to
+        }
+        (None, None) => {
+            return Err(EngineError(format!(
+                "block {} has no convolution",
+                b.pos.index
+            )));
+        }
+    };
+    let residual = b.layer.residual;
+    match project {
+        Some(conv) => steps.push(Step::Project {
+            conv,
+            from: mid,
+            se,
+            residual,
+        }),
+        None => {
+            if let Some(se) = se {
+                steps.push(Step::Se { se, on: mid });
+            }
+            if residual {
+                steps.push(Step::AddInput);
+            }
+        }
+    }
+    Ok(BlockPlan {
+        steps,
+        cin: b.layer.in_channels,
+        cout: b.layer.out_channels,
+    })
+}
+
+impl Plan {
+    /// Compiles `set`'s canonical tensors for its spec.
+    pub fn compile(set: &WeightSet) -> Result<Self, EngineError> {
+        let spec = set.spec();
+        let t = &set.tensors;
+        let anatomy = spec.anatomy();
+        let conv = |c: &SpecConv| fold(t, c, spec.bn_eps, c.act.then_some(spec.activation));
+        let blocks = anatomy
+            .blocks
+            .iter()
+            .map(|b| block_steps(t, b, &conv, spec.activation))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fc = &anatomy.classifier;
+        let (classes, features) = (fc.out_channels, fc.in_channels);
+        let fc_w = tensor(t, "classifier.weight", classes * features)?;
+        Ok(Plan {
+            stem: conv(&anatomy.stem)?,
+            blocks,
+            head: conv(&anatomy.head)?,
+            fc_w: transpose_dense(fc_w, classes),
+            fc_b: tensor(t, "classifier.bias", classes)?.to_vec(),
+        })
+    }
+}

@@ -1,0 +1,394 @@
+//! GEMM for the 1x1 and im2col convolutions: weights packed once into 32-column panels, a register
+//! tile of rows x 32 columns (AVX-512: 12 rows of 2 vectors; AVX2 + FMA: 3 rows of 4), and bias,
+//! activation and residual applied in registers before the single store. Written once over
+//! [`Vector`] and compiled per instruction set. Hand-written because the `gemm` crate repacks the
+//! weights on every call and cannot fuse the epilogue (`effnet bench --profile` shows the
+//! difference); CPUs without AVX2 keep the `gemm` crate path.
+
+use super::math::activate_v;
+#[cfg(target_arch = "x86_64")]
+use super::{Avx2, Avx512};
+use super::{Level, Vector, level};
+use crate::spec::Activation;
+
+/// Columns per packed panel (two AVX-512 or four AVX2 vectors).
+pub(crate) const NR: usize = 32;
+
+/// Whether this CPU runs the kernel.
+pub(crate) fn available() -> bool {
+    level() != Level::Portable
+}
+
+/// Packs row-major `w [k x n]` into panels of [`NR`] columns: panel `p` is `k` rows of 32 values
+/// (columns `32p..32p + 32`, zero past `n`).
+pub(crate) fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let panels = n.div_ceil(NR);
+    let mut out = vec![0.0; panels * k * NR];
+    for p in 0..panels {
+        let width = NR.min(n - p * NR);
+        for kk in 0..k {
+            out[(p * k + kk) * NR..][..width].copy_from_slice(&w[kk * n + p * NR..][..width]);
+        }
+    }
+    out
+}
+
+/// One block of a convolution as GEMM: `out[r][c] = act(sum_kk a[r][kk] w[kk][c] + bias[c])`
+/// (+ `residual[r][c]`) for rows `0..m` and columns `c0..c0 + nc`; `a` is `m x k` row-major, `out`
+/// and `residual` rows are `ldo` apart, `packed` comes from [`pack`] and `c0` is a multiple of
+/// [`NR`]. With `gate` (length `k`), weight row `kk` is scaled by `gate[kk]` as it is loaded (the
+/// SE gate of one image applied to the projection without touching activations or weights).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_bias_act(
+    a: &[f32],
+    k: usize,
+    m: usize,
+    (packed, gate): (&[f32], Option<&[f32]>),
+    (c0, nc): (usize, usize),
+    bias: &[f32],
+    act: Option<Activation>,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if m == 0 || nc == 0 {
+        return;
+    }
+    let end = (m - 1) * ldo + c0 + nc;
+    assert!(
+        available()
+            && c0.is_multiple_of(NR)
+            && a.len() >= m * k
+            && packed.len() >= (c0 + nc).div_ceil(NR) * k * NR
+            && bias.len() >= c0 + nc
+            && out.len() >= end
+            && residual.is_none_or(|r| r.len() >= end)
+            && gate.is_none_or(|g| g.len() >= k)
+    );
+    let job = Job {
+        a: a.as_ptr(),
+        k,
+        packed: packed.as_ptr(),
+        cols: (c0, c0 + nc),
+        bias: bias.as_ptr(),
+        act,
+        residual: residual.map(|r| r.as_ptr()),
+        out: out.as_mut_ptr(),
+        ldo,
+        gate: gate.map(|g| g.as_ptr()),
+    };
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `level()` found the features each entry is compiled for; the assert bounds every
+    // row, column and panel read or written: rows < m, columns < c0 + nc (stores are masked to
+    // it), panels < (c0 + nc) / NR.
+    unsafe {
+        match level() {
+            Level::Avx512 => run_avx512(&job, m),
+            Level::Avx2 => run_avx2(&job, m),
+            Level::Portable => unreachable!("asserted available"),
+        }
+    }
+}
+
+/// One [`gemm_bias_act`] call, as raw pointers its assert has bounded.
+struct Job {
+    a: *const f32,
+    k: usize,
+    packed: *const f32,
+    /// Output columns `c0..c1`.
+    cols: (usize, usize),
+    bias: *const f32,
+    act: Option<Activation>,
+    residual: Option<*const f32>,
+    out: *mut f32,
+    ldo: usize,
+    /// Per-row scale of the weights (`k` values).
+    gate: Option<*const f32>,
+}
+
+/// 12 rows x 2 vectors: 24 of the 32 AVX-512 registers accumulate.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn run_avx512(job: &Job, m: usize) {
+    // SAFETY: the caller's contract (CPU features, bounds).
+    unsafe { rows::<Avx512, 12, 2, 1>(job, m) }
+}
+
+/// 3 rows x 4 vectors: 12 of the 16 AVX2 registers accumulate.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2(job: &Job, m: usize) {
+    // SAFETY: the caller's contract (CPU features, bounds).
+    unsafe { rows::<Avx2, 3, 4, 2>(job, m) }
+}
+
+/// Rows `0..m` of the job in tiles of `MR` rows of a panel's `Q` vectors (`H` of them cover half
+/// a panel).
+///
+/// # Safety
+/// The CPU has `V`'s instruction set and the job's pointers are bounded as [`gemm_bias_act`] checks.
+#[inline(always)]
+unsafe fn rows<V: Vector, const MR: usize, const Q: usize, const H: usize>(job: &Job, m: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match job.gate {
+            Some(_) => rows_gated::<V, MR, Q, H, true>(job, m),
+            None => rows_gated::<V, MR, Q, H, false>(job, m),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn rows_gated<V: Vector, const MR: usize, const Q: usize, const H: usize, const G: bool>(
+    job: &Job,
+    m: usize,
+) {
+    let mut r = 0;
+    // SAFETY (all tiles): the caller's contract; each tile stays within rows < m.
+    unsafe {
+        while r + MR <= m {
+            tile::<V, MR, Q, H, G>(job, r);
+            r += MR;
+        }
+        macro_rules! remainder {
+            ($($n:literal)*) => {
+                match m - r {
+                    $($n if $n < MR => tile::<V, $n, Q, H, G>(job, r),)*
+                    _ => {}
+                }
+            };
+        }
+        remainder!(1 2 3 4 5 6 7 8 9 10 11);
+    }
+}
+
+/// Rows `r0..r0 + R` across every panel of the job's columns.
+#[inline(always)]
+unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize, const G: bool>(
+    j: &Job,
+    r0: usize,
+) {
+    let (c0, c1) = j.cols;
+    for p in c0 / NR..c1.div_ceil(NR) {
+        let col = p * NR;
+        let width = (c1 - col).min(NR);
+        // SAFETY: the caller's contract (CPU features, bounds); panel p < c1 / NR holds k rows of
+        // NR values and rows r0 + i < m have k values.
+        unsafe {
+            let mut acc = [[V::splat(0.0); Q]; R];
+            let b = j.packed.add(p * j.k * NR);
+            let a = j.a.add(r0 * j.k);
+            // A panel of at most NR / 2 live columns (16, 40, 80, 112... channels) needs half the
+            // multiply-adds; the other accumulators stay zero and are not stored.
+            if width > NR / 2 {
+                multiply::<V, R, Q, Q, G>(&mut acc, a, b, j);
+            } else {
+                multiply::<V, R, Q, H, G>(&mut acc, a, b, j);
+            }
+            let live = width.div_ceil(V::LANES);
+            // Masked loads and stores touch columns col..col + width <= c1 only (pointers to
+            // masked-off lanes may lie past the buffer, hence `wrapping_add`).
+            let lanes = |q: usize| width.saturating_sub(q * V::LANES);
+            let mut bias = [V::splat(0.0); Q];
+            for (q, b) in bias.iter_mut().enumerate().take(live) {
+                *b = V::load_first(j.bias.wrapping_add(col + q * V::LANES), lanes(q));
+            }
+            for (i, row) in acc.iter().enumerate() {
+                let at = (r0 + i) * j.ldo + col;
+                for q in 0..live {
+                    let at = at + q * V::LANES;
+                    let mut v = activate_v(row[q].add(bias[q]), j.act);
+                    if let Some(res) = j.residual {
+                        v = v.add(V::load_first(res.wrapping_add(at), lanes(q)));
+                    }
+                    v.store_first(j.out.wrapping_add(at), lanes(q));
+                }
+            }
+        }
+    }
+}
+
+/// `acc[i][q] += a[i][kk] * w[kk][q]` over the panel's first `L` vectors, every `kk`.
+#[inline(always)]
+unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize, const G: bool>(
+    acc: &mut [[V; Q]; R],
+    a: *const f32,
+    b: *const f32,
+    j: &Job,
+) {
+    // SAFETY: the caller's contract: `b` is a panel of k rows of NR values, `a` R rows of k.
+    unsafe {
+        for kk in 0..j.k {
+            let bk = b.add(kk * NR);
+            let mut w = [V::splat(0.0); L];
+            for (q, w) in w.iter_mut().enumerate() {
+                *w = V::load(bk.add(q * V::LANES));
+            }
+            // Without a gate this compiles away (G is a constant).
+            if G && let Some(g) = j.gate {
+                let gk = V::splat(*g.add(kk));
+                w = w.map(|v| v.mul(gk));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = V::splat(*a.add(i * j.k + kk));
+                for (v, w) in row.iter_mut().zip(w) {
+                    *v = av.mul_add(w, *v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::with_level;
+
+    #[test]
+    fn matches_a_plain_matmul_with_epilogue() {
+        check_against_plain_matmul();
+    }
+
+    #[test]
+    fn avx2_kernel_matches_a_plain_matmul_with_epilogue() {
+        with_level(Level::Avx2, check_against_plain_matmul);
+    }
+
+    fn check_against_plain_matmul() {
+        if !available() {
+            eprintln!("no AVX-512 or AVX2 here: kernel not exercised");
+            return;
+        }
+        let val = |i: usize| ((i * 7919) % 97) as f32 / 48.0 - 1.0;
+        for (m, k, n) in [
+            (1, 3, 5),
+            (13, 16, 96),
+            (25, 27, 40),
+            (12, 24, 32),
+            (7, 100, 70),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(val).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| val(i + 11)).collect();
+            let bias: Vec<f32> = (0..n).map(|i| val(i + 5)).collect();
+            let res: Vec<f32> = (0..m * n).map(|i| val(i + 3)).collect();
+            let packed = pack(&w, k, n);
+            for act in [None, Some(Activation::Silu), Some(Activation::Relu6)] {
+                for residual in [None, Some(res.as_slice())] {
+                    // Columns in two blocks, the second starting at a panel boundary.
+                    let mut out = vec![f32::NAN; m * n];
+                    let split = if n > NR { NR } else { n };
+                    for (c0, nc) in [(0, split), (split, n - split)] {
+                        let r = residual;
+                        gemm_bias_act(
+                            &a,
+                            k,
+                            m,
+                            (&packed, None),
+                            (c0, nc),
+                            &bias,
+                            act,
+                            r,
+                            &mut out,
+                            n,
+                        );
+                    }
+                    for r in 0..m {
+                        for c in 0..n {
+                            let mut v = bias[c];
+                            for kk in 0..k {
+                                v += a[r * k + kk] * w[kk * n + c];
+                            }
+                            let v = match act {
+                                None => v,
+                                Some(Activation::Silu) => v / (1.0 + (-v).exp()),
+                                Some(Activation::Relu6) => v.clamp(0.0, 6.0),
+                            } + residual.map_or(0.0, |res| res[r * n + c]);
+                            let got = out[r * n + c];
+                            assert!(
+                                (got - v).abs() < 1e-4,
+                                "{m}x{k}x{n} {act:?} [{r},{c}]: {got} vs {v}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn silu_saturates_without_overflow() {
+        silu_extremes();
+        with_level(Level::Avx2, silu_extremes);
+    }
+
+    fn silu_extremes() {
+        if !available() {
+            return;
+        }
+        let bias = [-200.0f32, 200.0, -20.0, 20.0, 0.0, -87.5, 88.5, 1.0];
+        let packed = pack(&[0.0; 8], 1, 8);
+        let mut out = [f32::NAN; 8];
+        let act = Some(Activation::Silu);
+        gemm_bias_act(
+            &[1.0],
+            1,
+            1,
+            (&packed, None),
+            (0, 8),
+            &bias,
+            act,
+            None,
+            &mut out,
+            8,
+        );
+        for (o, b) in out.iter().zip(bias) {
+            let want = b / (1.0 + (-b as f64).exp() as f32);
+            assert!(
+                (o - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "silu({b}) = {o}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn gates_scale_the_weight_rows() {
+        gated();
+        with_level(Level::Avx2, gated);
+    }
+
+    fn gated() {
+        {
+            if !available() {
+                return;
+            }
+            let (m, k, n) = (5, 3, 40);
+            let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| (i % 9) as f32 - 4.0).collect();
+            let gates = [2.0, 0.5, -1.0];
+            let scaled: Vec<f32> = w
+                .chunks_exact(n)
+                .zip(gates)
+                .flat_map(|(row, g)| row.iter().map(move |v| v * g))
+                .collect();
+            let bias = vec![0.0; n];
+            let run = |packed: &[f32], gate: Option<&[f32]>| {
+                let mut out = vec![0.0; m * n];
+                gemm_bias_act(
+                    &a,
+                    k,
+                    m,
+                    (packed, gate),
+                    (0, n),
+                    &bias,
+                    None,
+                    None,
+                    &mut out,
+                    n,
+                );
+                out
+            };
+            let gated = run(&pack(&w, k, n), Some(&gates));
+            assert_eq!(gated, run(&pack(&scaled, k, n), None));
+        }
+    }
+}
