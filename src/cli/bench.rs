@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Print the engine's time per operation kind.
     #[arg(long)]
     profile: bool,
+    /// Time the engine's thread pool alone: one parallel region of --threads trivial parts.
+    #[arg(long, conflicts_with_all = ["train", "burn", "profile", "reference"])]
+    pool: bool,
     #[arg(long)]
     json: bool,
 }
@@ -89,6 +92,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.train {
         return run_train(args);
+    }
+    if args.pool {
+        let (median, p90) = effnet::engine::pool_latency(args.threads, args.iters.max(100));
+        println!(
+            "thread pool, {} threads: median {median:.2} us, p90 {p90:.2} us per parallel region",
+            args.threads
+        );
+        return Ok(());
     }
     let device = Device::flex();
     let set = match &args.weights {

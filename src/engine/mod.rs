@@ -300,6 +300,23 @@ impl Engine {
     }
 }
 
+/// Latency of the engine's thread pool: (median, p90) microseconds of one parallel region of
+/// `threads` trivial parts, over `iterations` regions (`effnet bench --pool`).
+pub fn pool_latency(threads: usize, iterations: usize) -> (f64, f64) {
+    let pool = Pool::new(threads);
+    let mut us: Vec<f64> = (0..iterations.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            pool.run(threads, &|_| {
+                std::hint::black_box(0);
+            });
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    us.sort_by(f64::total_cmp);
+    (us[us.len() / 2], us[us.len() * 9 / 10])
+}
+
 /// Multiplies each image's `h x w` rows of `c` channels by its gates.
 fn scale_images(x: &mut [f32], gates: &[f32], n: usize, (h, w): (usize, usize), c: usize) {
     let len = h * w * c;
