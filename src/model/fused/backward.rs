@@ -1,0 +1,178 @@
+//! The fused ops on `Autodiff<Flex>`: each records its node with the state its hand-written
+//! backward needs and computes the forward with the `Flex` implementation.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, AutodiffBackend, Flex, TensorMetadata};
+
+use super::kernels::{
+    DwGeometry, batch_norm_backward, depthwise_backward, par_elementwise2, silu_backward,
+};
+use super::{FusedOps, contiguous, dims4, f32s, tensor};
+
+impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SiluBackward;
+
+        impl Backward<Flex, 1> for SiluBackward {
+            type State = FlexTensor;
+
+            fn backward(
+                self,
+                ops: Ops<FlexTensor, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let x = ops.state;
+                unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+                    let grad = contiguous(grad);
+                    let mut out = vec![0.0; f32s(&x).len()];
+                    par_elementwise2(f32s(&x), f32s(&grad), &mut out, silu_backward);
+                    tensor(out, x.shape().to_vec())
+                });
+            }
+        }
+
+        let node = x.node();
+        let x = contiguous(x.into_primitive());
+        match SiluBackward.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = <Flex as FusedOps>::fused_silu(x.clone());
+                prep.finish(x, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<Flex as FusedOps>::fused_silu(x)),
+        }
+    }
+
+    fn fused_depthwise(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct DepthwiseBackward;
+
+        impl Backward<Flex, 2> for DepthwiseBackward {
+            type State = (FlexTensor, FlexTensor, DwGeometry);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x, node_w] = ops.parents;
+                let grad = contiguous(grads.consume::<Flex>(&ops.node));
+                let (x, weight, geom) = ops.state;
+                let [n, c, h, w] = dims4(&x);
+                let (gx, gw) = depthwise_backward(
+                    &geom,
+                    c,
+                    f32s(&x),
+                    f32s(&weight),
+                    f32s(&grad),
+                    node_x.is_some(),
+                );
+                if let Some(node) = node_x {
+                    grads.register::<Flex>(node.id, tensor(gx, vec![n, c, h, w]));
+                }
+                if let Some(node) = node_w {
+                    grads.register::<Flex>(node.id, tensor(gw, weight.shape().to_vec()));
+                }
+            }
+        }
+
+        let nodes = [x.node(), weight.node()];
+        let x = contiguous(x.into_primitive());
+        let weight = contiguous(weight.into_primitive());
+        let y = <Flex as FusedOps>::fused_depthwise(x.clone(), weight.clone(), stride, padding);
+        match DepthwiseBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let [_, _, h, w] = dims4(&x);
+                let geom = DwGeometry::new(h, w, weight.shape()[2], stride, padding);
+                prep.finish((x, weight, geom), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct BatchNormBackward;
+
+        impl Backward<Flex, 3> for BatchNormBackward {
+            /// x, gamma, batch mean, batch variance, epsilon.
+            type State = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, f32);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let grad = contiguous(grads.consume::<Flex>(&ops.node));
+                let (x, gamma, mean, var, epsilon) = ops.state;
+                let channels = gamma.shape()[0];
+                let (gx, ggamma, gbeta) = batch_norm_backward(
+                    f32s(&x),
+                    f32s(&grad),
+                    x.shape()[2..].iter().product(),
+                    f32s(&gamma),
+                    f32s(&mean),
+                    f32s(&var),
+                    epsilon,
+                    node_x.is_some(),
+                );
+                if let Some(node) = node_x {
+                    grads.register::<Flex>(node.id, tensor(gx, x.shape().to_vec()));
+                }
+                if let Some(node) = node_gamma {
+                    grads.register::<Flex>(node.id, tensor(ggamma, vec![channels]));
+                }
+                if let Some(node) = node_beta {
+                    grads.register::<Flex>(node.id, tensor(gbeta, vec![channels]));
+                }
+            }
+        }
+
+        let nodes = [x.node(), gamma.node(), beta.node()];
+        let x = contiguous(x.into_primitive());
+        let gamma = contiguous(gamma.into_primitive());
+        let (out, mean, var) = <Flex as FusedOps>::fused_batch_norm_train(
+            x.clone(),
+            gamma.clone(),
+            beta.into_primitive(),
+            epsilon,
+        );
+        // The statistics leave untracked, as from burn's own batch_norm_train.
+        let stats = (
+            Self::from_inner(mean.clone()),
+            Self::from_inner(var.clone()),
+        );
+        let out = match BatchNormBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, gamma, mean, var, epsilon as f32), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        (out, stats.0, stats.1)
+    }
+}

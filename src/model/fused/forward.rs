@@ -1,0 +1,57 @@
+//! The fused ops on `Flex` tensors: forward passes only.
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Flex, TensorMetadata};
+
+use super::kernels::{
+    DwGeometry, batch_norm_forward, depthwise_forward, par_elementwise, silu_forward,
+};
+use super::{FusedOps, contiguous, dims4, f32s, tensor};
+
+impl FusedOps for Flex {
+    fn fused_silu(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let xs = f32s(&x);
+        let mut y = vec![0.0; xs.len()];
+        par_elementwise(xs, &mut y, silu_forward);
+        tensor(y, x.shape().to_vec())
+    }
+
+    fn fused_depthwise(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FlexTensor {
+        let (x, weight) = (contiguous(x), contiguous(weight));
+        let [n, c, h, w] = dims4(&x);
+        let geom = DwGeometry::new(h, w, weight.shape()[2], stride, padding);
+        let y = depthwise_forward(&geom, c, f32s(&x), f32s(&weight));
+        tensor(y, vec![n, c, geom.out_h, geom.out_w])
+    }
+
+    fn fused_batch_norm_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+        let shape = x.shape().to_vec();
+        let plane = shape[2..].iter().product();
+        let (out, mean, var) = batch_norm_forward(
+            f32s(&x),
+            shape[1],
+            plane,
+            f32s(&gamma),
+            f32s(&beta),
+            epsilon as f32,
+        );
+        let channels = vec![shape[1]];
+        (
+            tensor(out, shape),
+            tensor(mean, channels.clone()),
+            tensor(var, channels),
+        )
+    }
+}

@@ -1,0 +1,498 @@
+//! The numeric loops of the fused ops: elementwise SiLU, depthwise convolution as per-row tap runs
+//! that skip the padding, and batch-norm statistics in memory order with fixed chunking (so results
+//! do not depend on the thread count). Each hot loop is dispatched per instruction set.
+
+use rayon::prelude::*;
+
+use crate::simd::math::{sigmoid, silu as silu_scalar};
+use crate::simd::simd_dispatch;
+
+/// Elements per parallel chunk of the elementwise ops: big enough to hide rayon's overhead.
+const CHUNK: usize = 1 << 14;
+
+pub(super) fn par_elementwise(x: &[f32], out: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| f(x, o));
+}
+
+pub(super) fn par_elementwise2(
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) {
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| f(a, b, o));
+}
+
+simd_dispatch! {
+    pub(super) fn silu_forward(x: &[f32], y: &mut [f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y = silu_scalar(*x);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// d/dx [x sigmoid(x)] = s (1 + x (1 - s)) with s = sigmoid(x).
+    pub(super) fn silu_backward(x: &[f32], grad: &[f32], out: &mut [f32]) {
+        for ((o, x), g) in out.iter_mut().zip(x).zip(grad) {
+            let s = sigmoid(*x);
+            *o = g * s * x.mul_add(1.0 - s, 1.0);
+        }
+    }
+}
+
+/// Shapes of one depthwise conv plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DwGeometry {
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    top: usize,
+    left: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+/// Outputs `out..out + len` of a plane that read kernel tap `tap` along one input row, starting at
+/// `input` and stepping by the stride.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Run {
+    out: usize,
+    input: usize,
+    len: usize,
+    tap: usize,
+}
+
+impl DwGeometry {
+    pub(super) fn new(h: usize, w: usize, k: usize, stride: usize, padding: [usize; 4]) -> Self {
+        let [top, left, bottom, right] = padding;
+        DwGeometry {
+            h,
+            w,
+            k,
+            stride,
+            top,
+            left,
+            out_h: (h + top + bottom - k) / stride + 1,
+            out_w: (w + left + right - k) / stride + 1,
+        }
+    }
+
+    /// The conv as [`Run`]s. Taps that fall into the padding are left out, so no plane is padded
+    /// and tiny maps (a 5x5 kernel on 2x2 or 1x1) cost only their real taps.
+    fn runs(&self) -> Vec<Run> {
+        let (s, k, w) = (self.stride, self.k, self.w);
+        let mut runs = Vec::new();
+        for oy in 0..self.out_h {
+            for i in 0..k {
+                let Some(iy) = (oy * s + i).checked_sub(self.top).filter(|&iy| iy < self.h) else {
+                    continue;
+                };
+                for j in 0..k {
+                    // Outputs whose input column ox * s + j - left lies in [0, w).
+                    let lo = self.left.saturating_sub(j).div_ceil(s);
+                    let hi = (w + self.left)
+                        .checked_sub(j + 1)
+                        .map_or(0, |last| (last / s + 1).min(self.out_w));
+                    if lo < hi {
+                        runs.push(Run {
+                            out: oy * self.out_w + lo,
+                            input: iy * w + lo * s + j - self.left,
+                            len: hi - lo,
+                            tap: i * k + j,
+                        });
+                    }
+                }
+            }
+        }
+        runs
+    }
+}
+
+/// Planes per parallel task: enough work to hide rayon's overhead on the tiny late-stage maps.
+pub(super) fn planes_per_task(plane: usize) -> usize {
+    (4096 / plane.max(1)).max(1)
+}
+
+/// Output planes `[n, c, out_h, out_w]` of the depthwise conv.
+pub(super) fn depthwise_forward(
+    geom: &DwGeometry,
+    channels: usize,
+    x: &[f32],
+    weight: &[f32],
+) -> Vec<f32> {
+    let (plane, out_plane) = (geom.h * geom.w, geom.out_h * geom.out_w);
+    let runs = geom.runs();
+    let per_task = planes_per_task(plane);
+    let mut out = vec![0.0; x.len() / plane * out_plane];
+    out.par_chunks_mut(per_task * out_plane)
+        .zip(x.par_chunks(per_task * plane))
+        .enumerate()
+        .for_each(|(t, (o, x))| {
+            depthwise_planes_forward(&runs, geom, t * per_task, channels, x, weight, o)
+        });
+    out
+}
+
+/// (input gradient, weight gradient) of the depthwise conv; the input gradient is empty when
+/// `want_input` is false.
+pub(super) fn depthwise_backward(
+    geom: &DwGeometry,
+    channels: usize,
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    want_input: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let plane = geom.h * geom.w;
+    let taps = geom.k * geom.k;
+    let runs = geom.runs();
+    let mut gx = vec![0.0; if want_input { x.len() } else { 0 }];
+    let gx_planes = planes_by_channel(&mut gx, plane, channels);
+    let batch = x.len() / plane / channels;
+    let mut gw = vec![0.0; weight.len()];
+    gw.par_chunks_mut(taps)
+        .zip(gx_planes.into_par_iter())
+        .enumerate()
+        .with_min_len(planes_per_task(batch * plane))
+        .for_each(|(c, (gw, mut gx))| {
+            depthwise_channel_backward(&runs, geom, c, channels, x, weight, grad, &mut gx, gw)
+        });
+    (gx, gw)
+}
+
+/// Splits `buf` (`[n, c, plane]`) into its planes grouped by channel: entry `c` holds channel
+/// `c`'s planes across the batch, disjoint slices that per-channel tasks can own.
+pub(super) fn planes_by_channel(
+    buf: &mut [f32],
+    plane: usize,
+    channels: usize,
+) -> Vec<Vec<&mut [f32]>> {
+    let mut planes: Vec<Vec<&mut [f32]>> = (0..channels).map(|_| Vec::new()).collect();
+    for (i, p) in buf.chunks_mut(plane.max(1)).enumerate() {
+        planes[i % channels].push(p);
+    }
+    planes
+}
+
+/// Per-channel sums of `f(p, c)` over the planes `p` (of channel `c = p % channels`) of an
+/// `[n, channels, plane]` tensor. The planes are visited in memory order (a channel-major walk
+/// would touch every cache line once per channel on 1x1 maps) by tasks of whole images, and the
+/// tasks' partial sums are added in a fixed order, so the result does not depend on the threads.
+pub(super) fn channel_sums(
+    planes: usize,
+    channels: usize,
+    plane: usize,
+    f: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
+    let per_task = planes_per_task(channels * plane) * channels;
+    let partials: Vec<Vec<f32>> = (0..planes.div_ceil(per_task))
+        .into_par_iter()
+        .map(|t| {
+            let mut acc = vec![0.0f32; channels];
+            for p in t * per_task..((t + 1) * per_task).min(planes) {
+                acc[p % channels] += f(p, p % channels);
+            }
+            acc
+        })
+        .collect();
+    partials
+        .into_iter()
+        .fold(vec![0.0; channels], |mut total, part| {
+            total.iter_mut().zip(part).for_each(|(t, v)| *t += v);
+            total
+        })
+}
+
+/// Calls `f(p, c, out_plane)` for every plane of `out` (`[n, channels, plane]`), in parallel.
+pub(super) fn for_each_plane(
+    out: &mut [f32],
+    channels: usize,
+    plane: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let per_task = planes_per_task(plane);
+    out.par_chunks_mut(per_task * plane)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            for (i, o) in chunk.chunks_exact_mut(plane).enumerate() {
+                let p = t * per_task + i;
+                f(p, p % channels, o);
+            }
+        });
+}
+
+/// (output, mean, biased variance) of training-mode batch norm of `x` `[n, channels, plane]`;
+/// statistics per channel over the batch and the plane, in two passes (mean, then squared
+/// deviations) as burn computes them.
+pub(super) fn batch_norm_forward(
+    x: &[f32],
+    channels: usize,
+    plane: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let planes = x.len() / plane;
+    let count = (planes / channels * plane) as f32;
+    let at = |p: usize| &x[p * plane..(p + 1) * plane];
+    let mean: Vec<f32> = channel_sums(planes, channels, plane, |p, _| sum(at(p)))
+        .into_iter()
+        .map(|s| s / count)
+        .collect();
+    let var: Vec<f32> = channel_sums(planes, channels, plane, |p, c| {
+        squared_deviation(at(p), mean[c])
+    })
+    .into_iter()
+    .map(|s| s / count)
+    .collect();
+    let mut out = vec![0.0; x.len()];
+    for_each_plane(&mut out, channels, plane, |p, c, o| {
+        let scale = gamma[c] / (var[c] + epsilon).sqrt();
+        normalize(at(p), mean[c], scale, beta[c], o);
+    });
+    (out, mean, var)
+}
+
+/// (input gradient, gamma gradient, beta gradient) of training-mode batch norm of `x`
+/// `[n, channels, plane]`; the input gradient is empty when `want_input` is false.
+///
+/// With xhat = (x - mean) / std: d beta = sum g, d gamma = sum g xhat, and
+/// dx = gamma / std (g - d beta / m - xhat d gamma / m) over the m values of a channel.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn batch_norm_backward(
+    x: &[f32],
+    grad: &[f32],
+    plane: usize,
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    epsilon: f32,
+    want_input: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let channels = gamma.len();
+    let planes = x.len() / plane;
+    let count = (planes / channels * plane) as f32;
+    let g_at = |p: usize| &grad[p * plane..(p + 1) * plane];
+    let x_at = |p: usize| &x[p * plane..(p + 1) * plane];
+    let gbeta = channel_sums(planes, channels, plane, |p, _| sum(g_at(p)));
+    let gxc = channel_sums(planes, channels, plane, |p, c| {
+        centered_dot(g_at(p), x_at(p), mean[c])
+    });
+    let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
+    let ggamma = gxc.iter().zip(&inv_std).map(|(s, i)| s * i).collect();
+    let mut gx = vec![0.0; if want_input { x.len() } else { 0 }];
+    for_each_plane(&mut gx, channels, plane, |p, c, o| {
+        // dx = a g + b (x - mean) + d with per-channel constants.
+        let a = gamma[c] * inv_std[c];
+        let b = -a * inv_std[c] * inv_std[c] * gxc[c] / count;
+        let d = -a * gbeta[c] / count - b * mean[c];
+        affine2(g_at(p), x_at(p), a, b, d, o);
+    });
+    (gx, ggamma, gbeta)
+}
+
+simd_dispatch! {
+    /// Sum of a slice, eight lanes at a time.
+    fn sum(x: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for chunk in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(chunk) {
+                *a += v;
+            }
+        }
+        acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+    }
+}
+
+simd_dispatch! {
+    /// `sum (x - mean)^2`, eight lanes at a time.
+    fn squared_deviation(x: &[f32], mean: f32) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for chunk in &mut chunks {
+            for (a, x) in acc.iter_mut().zip(chunk) {
+                *a = (x - mean).mul_add(x - mean, *a);
+            }
+        }
+        let rest: f32 = chunks.remainder().iter().map(|x| (x - mean) * (x - mean)).sum();
+        acc.iter().sum::<f32>() + rest
+    }
+}
+
+simd_dispatch! {
+    /// `sum g (x - mean)`, eight lanes at a time.
+    fn centered_dot(g: &[f32], x: &[f32], mean: f32) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = g.chunks_exact(8).zip(x.chunks_exact(8));
+        for (g, x) in &mut chunks {
+            for ((a, g), x) in acc.iter_mut().zip(g).zip(x) {
+                *a = g.mul_add(x - mean, *a);
+            }
+        }
+        let tail = g.len() / 8 * 8;
+        let rest: f32 = g[tail..].iter().zip(&x[tail..]).map(|(g, x)| g * (x - mean)).sum();
+        acc.iter().sum::<f32>() + rest
+    }
+}
+
+simd_dispatch! {
+    /// `out = (x - mean) * scale + shift`.
+    fn normalize(x: &[f32], mean: f32, scale: f32, shift: f32, out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(x) {
+            *o = (x - mean).mul_add(scale, shift);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `out = a g + b x + d`.
+    fn affine2(g: &[f32], x: &[f32], a: f32, b: f32, d: f32, out: &mut [f32]) {
+        for ((o, g), x) in out.iter_mut().zip(g).zip(x) {
+            *o = g.mul_add(a, x.mul_add(b, d));
+        }
+    }
+}
+
+// The loops below take the stride `s` as an argument; each entry point passes it as a literal for
+// the strides EfficientNets use, so LLVM specialises (and vectorises) the unit-stride case.
+
+/// `o[l] += wv * x[l * s]`.
+#[inline(always)]
+pub(super) fn axpy(o: &mut [f32], x: &[f32], s: usize, wv: f32) {
+    #[inline(always)]
+    fn run(o: &mut [f32], x: &[f32], s: usize, wv: f32) {
+        let mut chunks = o.chunks_exact_mut(8);
+        let mut xi = 0;
+        for chunk in &mut chunks {
+            let xs = &x[xi..xi + 7 * s + 1];
+            for (q, v) in chunk.iter_mut().enumerate() {
+                *v = wv.mul_add(xs[q * s], *v);
+            }
+            xi += 8 * s;
+        }
+        for (q, v) in chunks.into_remainder().iter_mut().enumerate() {
+            *v = wv.mul_add(x[xi + q * s], *v);
+        }
+    }
+    match s {
+        1 => run(o, x, 1, wv),
+        2 => run(o, x, 2, wv),
+        _ => run(o, x, s, wv),
+    }
+}
+
+/// `dst[l * s] += wv * g[l]`.
+#[inline(always)]
+pub(super) fn axpy_strided(dst: &mut [f32], g: &[f32], s: usize, wv: f32) {
+    #[inline(always)]
+    fn run(dst: &mut [f32], g: &[f32], s: usize, wv: f32) {
+        let mut chunks = g.chunks_exact(8);
+        let mut di = 0;
+        for chunk in &mut chunks {
+            let ds = &mut dst[di..di + 7 * s + 1];
+            for (q, &gv) in chunk.iter().enumerate() {
+                ds[q * s] = wv.mul_add(gv, ds[q * s]);
+            }
+            di += 8 * s;
+        }
+        for (q, &gv) in chunks.remainder().iter().enumerate() {
+            dst[di + q * s] = wv.mul_add(gv, dst[di + q * s]);
+        }
+    }
+    match s {
+        1 => run(dst, g, 1, wv),
+        2 => run(dst, g, 2, wv),
+        _ => run(dst, g, s, wv),
+    }
+}
+
+/// `sum_l g[l] * x[l * s]`.
+#[inline(always)]
+pub(super) fn dot(g: &[f32], x: &[f32], s: usize) -> f32 {
+    #[inline(always)]
+    fn run(g: &[f32], x: &[f32], s: usize) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = g.chunks_exact(8);
+        let mut xi = 0;
+        for chunk in &mut chunks {
+            let xs = &x[xi..xi + 7 * s + 1];
+            for (q, (a, &gv)) in acc.iter_mut().zip(chunk).enumerate() {
+                *a = gv.mul_add(xs[q * s], *a);
+            }
+            xi += 8 * s;
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for (q, &gv) in chunks.remainder().iter().enumerate() {
+            sum = gv.mul_add(x[xi + q * s], sum);
+        }
+        sum
+    }
+    match s {
+        1 => run(g, x, 1),
+        2 => run(g, x, 2),
+        _ => run(g, x, s),
+    }
+}
+
+simd_dispatch! {
+    /// Forward of consecutive planes, the first being plane number `first_plane` of the tensor.
+    fn depthwise_planes_forward(
+        runs: &[Run],
+        geom: &DwGeometry,
+        first_plane: usize,
+        channels: usize,
+        x: &[f32],
+        weight: &[f32],
+        out: &mut [f32],
+    ) {
+        let taps = geom.k * geom.k;
+        let out_planes = out.chunks_exact_mut(geom.out_h * geom.out_w);
+        for (p, (o, x)) in out_planes.zip(x.chunks_exact(geom.h * geom.w)).enumerate() {
+            let c = (first_plane + p) % channels;
+            let w = &weight[c * taps..(c + 1) * taps];
+            for r in runs {
+                axpy(&mut o[r.out..r.out + r.len], &x[r.input..], geom.stride, w[r.tap]);
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// Backward of channel `c` over the batch: accumulates its weight gradient into `gw` and
+    /// writes its input-gradient planes `gx` (none when the input needs no gradient).
+    fn depthwise_channel_backward(
+        runs: &[Run],
+        geom: &DwGeometry,
+        c: usize,
+        channels: usize,
+        x: &[f32],
+        weight: &[f32],
+        grad: &[f32],
+        gx: &mut [&mut [f32]],
+        gw: &mut [f32],
+    ) {
+        let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+        let s = geom.stride;
+        let w = &weight[c * taps..(c + 1) * taps];
+        for b in 0..x.len() / plane / channels {
+            let p = b * channels + c;
+            let x = &x[p * plane..(p + 1) * plane];
+            let g = &grad[p * out_plane..(p + 1) * out_plane];
+            for r in runs {
+                gw[r.tap] += dot(&g[r.out..r.out + r.len], &x[r.input..], s);
+            }
+            if let Some(gx) = gx.get_mut(b) {
+                for r in runs {
+                    axpy_strided(&mut gx[r.input..], &g[r.out..r.out + r.len], s, w[r.tap]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Fused training ops for burn's Flex backend: SiLU, depthwise convolution and training-mode
+//! batch norm, each a few passes forward and backward.
+//!
+//! Why: burn composes SiLU as `x * sigmoid(x)` (scalar libm `expf`, four tensor passes forward,
+//! six backward with a second `expf`), computes a depthwise conv's gradients with a transposed
+//! convolution plus one sliced conv per channel, and builds batch norm from swapped-axis copies
+//! and generic reductions. Replacing them cut the B0 training step by about a third (`effnet
+//! bench b0 --train`; commit-by-commit timings in docs/benchmarks.md).
+//!
+//! The ops are a burn backend extension, split by role as burn's custom-kernel example is: this
+//! module declares the extension trait and the public ops (which fall back to burn's composed ops
+//! elsewhere), [`forward`] implements it for `Flex`, [`backward`] for `Autodiff<Flex>` with a
+//! hand-written backward, and [`kernels`] holds the numeric loops both use. On any other backend or dtype [`silu`], [`depthwise_conv2d`] and
+//! [`batch_norm`] fall back to burn's own ops; the tests below check that both paths agree
+//! (forward and every gradient).
+
+mod backward;
+mod forward;
+mod kernels;
+#[cfg(test)]
+mod tests;
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, DispatchDevice, TensorMetadata, backend_extension};
+use burn::nn::BatchNorm;
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use crate::spec::Padding;
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    /// x * sigmoid(x).
+    fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Depthwise conv of `x` `[n, c, h, w]` with `weight` `[c, 1, k, k]`, no bias, no dilation;
+    /// `padding` is (top, left, bottom, right).
+    fn fused_depthwise(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self>;
+    /// Training-mode batch norm of `x` `[n, c, ...]` over all but the channel axis: (output,
+    /// batch mean, biased batch variance), the statistics `[c]` and not differentiated.
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// SiLU, fused on Flex f32 tensors and burn's `x * sigmoid(x)` elsewhere.
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !runs_fused(&x) {
+        return burn::tensor::activation::silu(x);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_silu(x.into_dispatch()))
+}
+
+/// `conv.forward(x)` for a depthwise `conv` (groups = channels, square kernel, no bias, no
+/// dilation), fused on Flex f32 tensors; any other conv or backend goes through `conv.forward`.
+pub fn depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, channels, h, w] = x.dims();
+    let [k, kw] = conv.kernel_size;
+    let [stride, stride_w] = conv.stride;
+    let depthwise = conv.groups == channels
+        && conv.weight.dims() == [channels, 1, k, k]
+        && k == kw
+        && stride == stride_w
+        && conv.dilation == [1, 1]
+        && conv.bias.is_none();
+    if !depthwise || !runs_fused(&x) {
+        return conv.forward(x);
+    }
+    let padding = match conv.padding {
+        PaddingConfig2d::Valid => [0; 4],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
+        PaddingConfig2d::Same => {
+            let ((_, top, bottom), (_, left, right)) = (
+                Padding::Same.along(h, k, stride),
+                Padding::Same.along(w, k, stride),
+            );
+            [top, left, bottom, right]
+        }
+    };
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_depthwise(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
+        stride,
+        padding,
+    ))
+}
+
+/// `bn.forward(x)`, with the training-mode normalisation fused on Flex f32 tensors. The running
+/// statistics are updated exactly as burn's `BatchNorm` does (biased batch variance).
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if !(x.device().is_autodiff() && bn.training.is_enabled() && runs_fused(&x)) {
+        return bn.forward(x);
+    }
+    let (out, mean, var) = <Dispatch as FusedOps>::fused_batch_norm_train(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.epsilon,
+    );
+    let out = Tensor::<4>::from_dispatch(out);
+    let device = out.device();
+    for (running, batch) in [(&bn.running_mean, mean), (&bn.running_var, var)] {
+        let batch = Tensor::<1>::from_dispatch(batch).detach();
+        let updated = running
+            .value_sync()
+            .to_device(&device)
+            .mul_scalar(1.0 - bn.momentum)
+            .add(batch.mul_scalar(bn.momentum));
+        running.update(updated.detach());
+    }
+    out
+}
+
+fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32 && matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+pub(super) fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+pub(super) fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("fused ops run on contiguous f32 tensors (checked by runs_fused)")
+}
+
+pub(super) fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+pub(super) fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}

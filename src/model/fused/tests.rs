@@ -1,0 +1,148 @@
+//! The fused ops against burn's composed ops: outputs, every gradient, running statistics.
+
+use super::*;
+use burn::module::Param;
+use burn::nn::BatchNormConfig;
+use burn::nn::conv::Conv2dConfig;
+use burn::tensor::{Device, Distribution};
+
+fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+/// Max difference relative to the largest reference value (sums of hundreds of products
+/// differ in float rounding with the summation order).
+fn rel_diff<const D: usize>(a: Tensor<D>, reference: Tensor<D>) -> f32 {
+    let scale: f32 = reference.clone().abs().max().into_scalar();
+    max_diff(a, reference) / scale.max(1.0)
+}
+
+/// The fused SiLU and its gradient match burn's composed `x * sigmoid(x)`.
+#[test]
+fn silu_matches_burn() {
+    let device = Device::flex().autodiff();
+    let x = Tensor::<2>::random([37, 1000], Distribution::Normal(0.0, 4.0), &device).require_grad();
+    let g = Tensor::<2>::random([37, 1000], Distribution::Normal(0.0, 1.0), &device);
+    let fused = silu(x.clone());
+    let reference = burn::tensor::activation::silu(x.clone());
+    assert!(max_diff(fused.clone().detach(), reference.clone().detach()) < 1e-5);
+    let gf = x.grad(&(fused * g.clone()).sum().backward()).unwrap();
+    let gr = x.grad(&(reference * g).sum().backward()).unwrap();
+    assert!(max_diff(gf, gr) < 1e-5);
+}
+
+/// Output and both gradients equal burn's grouped conv for the strides, kernels and padding
+/// modes EfficientNets use (TF "same" pads asymmetrically at stride 2).
+#[test]
+fn depthwise_matches_burn_conv() {
+    let device = Device::flex().autodiff();
+    for (k, stride, size, padding) in [
+        (3, 1, 8, PaddingConfig2d::Explicit(1, 1, 1, 1)),
+        (3, 2, 8, PaddingConfig2d::Explicit(1, 1, 1, 1)),
+        (5, 2, 9, PaddingConfig2d::Explicit(2, 2, 2, 2)),
+        (3, 2, 8, PaddingConfig2d::Same),
+        (5, 2, 7, PaddingConfig2d::Same),
+        (5, 1, 4, PaddingConfig2d::Same),
+        (3, 1, 1, PaddingConfig2d::Same),
+        (5, 1, 1, PaddingConfig2d::Same),
+        (5, 2, 2, PaddingConfig2d::Same),
+        (5, 1, 2, PaddingConfig2d::Explicit(2, 2, 2, 2)),
+        (3, 1, 16, PaddingConfig2d::Same),
+        (3, 2, 17, PaddingConfig2d::Explicit(1, 1, 1, 1)),
+        (5, 2, 20, PaddingConfig2d::Same),
+    ] {
+        let channels = 6;
+        let conv = Conv2dConfig::new([channels, channels], [k, k])
+            .with_stride([stride, stride])
+            .with_groups(channels)
+            .with_padding(padding.clone())
+            .with_bias(false)
+            .init(&device);
+        let x = Tensor::<4>::random([3, channels, size, size], Distribution::Default, &device)
+            .require_grad();
+        let fused = depthwise_conv2d(&conv, x.clone());
+        let reference = conv.forward(x.clone());
+        assert_eq!(
+            fused.dims(),
+            reference.dims(),
+            "k {k} s {stride} {padding:?}"
+        );
+        let g = Tensor::<4>::random(fused.dims(), Distribution::Default, &device);
+        assert!(max_diff(fused.clone().detach(), reference.clone().detach()) < 1e-5);
+        let gf = (fused * g.clone()).sum().backward();
+        let gr = (reference * g).sum().backward();
+        let case = format!("k {k} s {stride} size {size} {padding:?}");
+        let (gxf, gxr) = (x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+        assert!(rel_diff(gxf, gxr) < 1e-5, "input grad, {case}");
+        let w = conv.weight.val();
+        let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
+        assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
+    }
+}
+
+fn batch_norm_layer(channels: usize, device: &Device) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(channels)
+        .with_momentum(0.1)
+        .init(device);
+    let values = |offset: f32| {
+        let v: Vec<f32> = (0..channels).map(|c| offset + 0.25 * c as f32).collect();
+        Param::from_tensor(Tensor::<1>::from_floats(v.as_slice(), device))
+    };
+    bn.gamma = values(0.5);
+    bn.beta = values(-0.3);
+    bn
+}
+
+/// Output, running statistics and the gradients of input, gamma and beta equal burn's
+/// `BatchNorm` in training mode, for the shapes B0 trains with (down to 1x1 maps).
+#[test]
+fn batch_norm_matches_burn() {
+    let device = Device::flex().autodiff();
+    for shape in [[4, 6, 5, 5], [64, 3, 1, 1], [2, 5, 9, 1], [3, 4, 16, 16]] {
+        let (fused_bn, burn_bn) = (
+            batch_norm_layer(shape[1], &device),
+            batch_norm_layer(shape[1], &device),
+        );
+        let x = Tensor::<4>::random(shape, Distribution::Normal(3.0, 2.0), &device).require_grad();
+        let fused = batch_norm(&fused_bn, x.clone());
+        let reference = burn_bn.forward(x.clone());
+        let case = format!("{shape:?}");
+        assert!(
+            rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-5,
+            "{case}"
+        );
+        for (a, b) in [
+            (&fused_bn.running_mean, &burn_bn.running_mean),
+            (&fused_bn.running_var, &burn_bn.running_var),
+        ] {
+            assert!(
+                rel_diff(a.value(), b.value()) < 1e-5,
+                "running stats, {case}"
+            );
+        }
+        let g = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let gf = (fused * g.clone()).sum().backward();
+        let gr = (reference * g).sum().backward();
+        assert!(
+            rel_diff(x.grad(&gf).unwrap(), x.grad(&gr).unwrap()) < 1e-4,
+            "x, {case}"
+        );
+        for (pf, pr) in [
+            (&fused_bn.gamma, &burn_bn.gamma),
+            (&fused_bn.beta, &burn_bn.beta),
+        ] {
+            let (a, b) = (pf.val().grad(&gf).unwrap(), pr.val().grad(&gr).unwrap());
+            assert!(rel_diff(a, b) < 1e-5, "gamma/beta, {case}");
+        }
+    }
+}
+
+/// Off Flex-f32 (here: a non-depthwise conv) the wrapper is exactly `conv.forward`.
+#[test]
+fn non_depthwise_conv_falls_back() {
+    let device = Device::flex();
+    let conv = Conv2dConfig::new([4, 6], [3, 3]).init(&device);
+    let x = Tensor::<4>::random([2, 4, 5, 5], Distribution::Default, &device);
+    let diff = max_diff(depthwise_conv2d(&conv, x.clone()), conv.forward(x));
+    assert_eq!(diff, 0.0);
+}
