@@ -1,8 +1,14 @@
 //! EfficientNet (Tan & Le, ICML 2019) and EfficientNetV2 for Rust.
 //!
-//! The architecture [`spec`] is the single source of truth; from it come the exact [`analysis`]
-//! (parameters, MACs), the trainable burn [`model`], the [`weights`] import from PyTorch checkpoints,
-//! the image [`preprocess`]ing each weight set needs, and the `effnet` CLI.
+//! The architecture [`spec`] is the single source of truth, down to which convolutions each block
+//! has ([`spec::ModelSpec::anatomy`]); from it come the exact [`analysis`] (parameters, MACs), the
+//! trainable burn [`model`], the [`weights`] import from PyTorch checkpoints (files this crate
+//! writes carry the whole spec, transform and class names), the native inference [`engine`], the
+//! image [`preprocess`]ing each weight set needs, [`classify`] and [`evaluate`], the [`data`]
+//! loaders, the training recipe ([`train`]), the scaling [`study`], and the `effnet` CLI. [`simd`] is
+//! the one SIMD layer under the engine and the training ops.
+
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod analysis;
 pub mod classify;

@@ -35,8 +35,7 @@ impl Adapt {
             (None, _) => false,
             (Some(_), None) => true,
             // The 4th pass re-times the mode not in use at once: the first timing of each mode may
-            // include a worker's first-touch allocations (which kept B0 on one thread for a whole
-            // 50-pass benchmark while two threads were 1.9x faster).
+            // include a worker's first-touch allocations, and must not decide for good.
             _ if self.calls == 4 || self.calls.is_multiple_of(Self::PROBE) => {
                 self.probing = true;
                 !self.prefers_single()

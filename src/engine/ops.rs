@@ -185,6 +185,7 @@ impl Engine {
                 let dst = unsafe {
                     shared_out.slice(img * out_len + rows.start * row_len, rows.len() * row_len)
                 };
+                // SAFETY: each part owns its row of `partial`.
                 let p = with_pool.then(|| unsafe { shared_partial.slice(part * cout, cout) });
                 kernels::depthwise(
                     &input[img * in_len..(img + 1) * in_len],

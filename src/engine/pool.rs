@@ -1,9 +1,9 @@
 //! A tiny fork-join thread pool: spin briefly, then sleep.
 //!
-//! Hand-written because the engine opens ~100 short parallel regions per inference. Waking a
-//! sleeping thread costs ~60 us on this VM (`examples/pool_latency.rs`), more than many regions
-//! last, while pools that spin without bound (rayon, ONNX Runtime by default) collapse on a loaded
-//! 2-core box. Here a waiting thread spins at most `EFFNET_SPIN_US` microseconds (default 50) with
+//! Hand-written because the engine opens about a hundred short parallel regions per inference.
+//! Waking a sleeping thread costs more than many of those regions last (`effnet bench --pool`),
+//! while pools that spin without bound (rayon, ONNX Runtime by default) collapse when another
+//! process holds a core. Here a waiting thread spins at most `EFFNET_SPIN_US` microseconds (default 50) with
 //! `spin_loop` hints and then blocks on a condition variable.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -96,7 +96,7 @@ impl Pool {
         }
         let sh = &*self.shared;
         let next = Arc::new(AtomicUsize::new(0));
-        // SAFETY (lifetime erasure): `f` is only called for claimed parts, and we return only after
+        // SAFETY: lifetime erasure: `f` is only called for claimed parts, and we return only after
         // every part has completed.
         let f_ptr: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
         // `remaining` first: a late worker may pick the job up before the generation bump.
@@ -183,10 +183,11 @@ impl Drop for Pool {
 
 /// A raw pointer to a buffer that parallel parts write in disjoint ranges.
 #[derive(Clone, Copy)]
-pub struct SharedMut(*mut f32, usize);
+pub(crate) struct SharedMut(*mut f32, usize);
 
 // SAFETY: users only write disjoint ranges from different parts (checked by `slice`'s bounds).
 unsafe impl Send for SharedMut {}
+// SAFETY: as for `Send`.
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {

@@ -1,8 +1,8 @@
 //! Pillow's convolution resampling (`Image.resize` with BICUBIC / BILINEAR), reproduced exactly.
 //!
-//! Hand-written because pretrained weights were evaluated on Pillow's output: `fast_image_resize`
-//! and `image` differ from it by up to 6 levels per pixel on the fixture photos (measured by
-//! `preprocessing_reproduces_the_pytorch_input`), this matches it to the 8-bit level. Same algorithm as
+//! Hand-written because pretrained weights were evaluated on Pillow's output, which
+//! `fast_image_resize` and `image` do not reproduce; this matches it to the 8-bit level
+//! (`preprocessing_reproduces_the_pytorch_input`). Same algorithm as
 //! Pillow's `Resample.c`: separable, horizontal pass first, 8-bit intermediate, fixed-point weights
 //! with 22 fractional bits, support widened by the scale factor when downsampling (antialiasing).
 

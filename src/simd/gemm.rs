@@ -144,7 +144,7 @@ unsafe fn rows_gated<V: Vector, const MR: usize, const Q: usize, const H: usize,
     m: usize,
 ) {
     let mut r = 0;
-    // SAFETY (all tiles): the caller's contract; each tile stays within rows < m.
+    // SAFETY: the caller's contract; each tile stays within rows < m.
     unsafe {
         while r + MR <= m {
             tile::<V, MR, Q, H, G>(job, r);

@@ -4,8 +4,8 @@
 //! Why: burn composes SiLU as `x * sigmoid(x)` (scalar libm `expf`, four tensor passes forward,
 //! six backward with a second `expf`), computes a depthwise conv's gradients with a transposed
 //! convolution plus one sliced conv per channel, and builds batch norm from swapped-axis copies
-//! and generic reductions. Replacing them cut the B0 training step by about a third (`effnet
-//! bench b0 --train`; commit-by-commit timings in docs/benchmarks.md).
+//! and generic reductions; doing each in a few passes is what makes the Flex training step fast
+//! (`effnet bench b0 --train`; figures in docs/benchmarks.md).
 //!
 //! The ops are a burn backend extension, split by role as burn's custom-kernel example is: this
 //! module declares the extension trait and the public ops (which fall back to burn's composed ops
