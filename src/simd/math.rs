@@ -5,7 +5,6 @@
 use super::Vector;
 use crate::spec::Activation;
 
-const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 const POLY: [f32; 5] = [
@@ -16,10 +15,9 @@ const POLY: [f32; 5] = [
     5e-1,
 ];
 
-/// e^x, branch-free so it vectorises (the scalar libm `expf` does not): n = round(x log2 e) by the
-/// 1.5 * 2^23 trick (its low bits go straight into the exponent field, no float-to-int cast),
-/// Cody-Waite reduction r = x - n ln 2, and Cephes' degree-6 polynomial for e^r; about 2 ulp.
-/// Inputs are clamped to [-87, 88], where the result is still a normal float.
+/// e^x, branch-free so it vectorises (the scalar libm `expf` does not): n = round(x log2 e) and the
+/// final scaling by 2^n in the instruction set's own way ([`Vector::round_log2e`]), Cody-Waite
+/// reduction r = x - n ln 2, and Cephes' degree-6 polynomial for e^r; about 2 ulp.
 ///
 /// # Safety
 /// As [`Vector`]: the CPU has `V`'s instruction set.
@@ -27,9 +25,8 @@ const POLY: [f32; 5] = [
 pub(crate) unsafe fn exp_v<V: Vector>(x: V) -> V {
     // SAFETY: the caller's contract.
     unsafe {
-        let x = x.max(V::splat(-87.0)).min(V::splat(88.0));
-        let r = x.mul_add(V::splat(std::f32::consts::LOG2_E), V::splat(MAGIC));
-        let n = r.sub(V::splat(MAGIC));
+        let x = x.exp_domain();
+        let (n, k) = x.round_log2e();
         let f = n.neg_mul_add(V::splat(LN2_HI), x);
         let f = n.neg_mul_add(V::splat(LN2_LO), f);
         let mut p = V::splat(1.987_569_1e-4);
@@ -37,7 +34,7 @@ pub(crate) unsafe fn exp_v<V: Vector>(x: V) -> V {
             p = p.mul_add(f, V::splat(c));
         }
         let e = p.mul(f).mul_add(f, f).add(V::splat(1.0));
-        e.scale_by_rounded(r)
+        e.scale_pow2(k)
     }
 }
 

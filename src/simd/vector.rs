@@ -26,10 +26,20 @@ pub(crate) unsafe trait Vector: Copy {
     unsafe fn mul_add(self, b: Self, c: Self) -> Self;
     /// `c - self * b`, fused.
     unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self;
-    /// `self * 2^n` where `r`'s low mantissa bits hold the integer `n` (the 1.5 * 2^23 rounding
-    /// trick): `r`'s bits shifted into the exponent field and added to `self`'s.
-    unsafe fn scale_by_rounded(self, r: Self) -> Self;
+    /// The inputs `exp` can take on this instruction set: clamped to [-87, 88] where the
+    /// exponent is built from bits (the result stays a normal float), unchanged where the hardware
+    /// scales and saturates by itself.
+    unsafe fn exp_domain(self) -> Self;
+    /// `(n, k)`: `n` = round(self * log2 e) as a float, and `k`, the form [`Vector::scale_pow2`]
+    /// takes it in.
+    unsafe fn round_log2e(self) -> (Self, Self);
+    /// `self * 2^n` for the `k` of [`Vector::round_log2e`].
+    unsafe fn scale_pow2(self, k: Self) -> Self;
 }
+
+/// 1.5 * 2^23: added to a float below 2^22 in magnitude, it rounds it to an integer that then sits
+/// in the low mantissa bits, ready to shift into the exponent field with no float-to-int cast.
+const MAGIC: f32 = 12_582_912.0;
 
 // SAFETY: plain `f32` arithmetic needs no CPU feature.
 unsafe impl Vector for f32 {
@@ -90,8 +100,17 @@ unsafe impl Vector for f32 {
         (-self).mul_add(b, c)
     }
     #[inline(always)]
-    unsafe fn scale_by_rounded(self, r: Self) -> Self {
-        f32::from_bits(self.to_bits().wrapping_add(r.to_bits() << 23))
+    unsafe fn exp_domain(self) -> Self {
+        self.clamp(-87.0, 88.0)
+    }
+    #[inline(always)]
+    unsafe fn round_log2e(self) -> (Self, Self) {
+        let r = self.mul_add(std::f32::consts::LOG2_E, MAGIC);
+        (r - MAGIC, r)
+    }
+    #[inline(always)]
+    unsafe fn scale_pow2(self, k: Self) -> Self {
+        f32::from_bits(self.to_bits().wrapping_add(k.to_bits() << 23))
     }
 }
 
@@ -102,14 +121,14 @@ pub(crate) use x86::{Avx2, Avx512};
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Vector;
+    use super::{MAGIC, Vector};
 
     /// An x86 register type as a [`Vector`]: the arithmetic maps one-to-one onto intrinsics, the
     /// partial loads and stores and the exponent scaling onto the given helpers.
     macro_rules! x86_vector {
         ($name:ident($reg:ty), $lanes:literal, $doc:literal, splat $splat:ident, load $load:ident,
          [$($op:ident $intr:ident),*], [$($op3:ident $intr3:ident),*],
-         $load_first:ident, $store_first:ident, $scale:ident) => {
+         $load_first:ident, $store_first:ident, $domain:ident, $round:ident, $scale:ident) => {
             #[doc = $doc]
             #[derive(Clone, Copy)]
             pub(crate) struct $name($reg);
@@ -139,9 +158,20 @@ mod x86 {
                     unsafe { $store_first(p, n, self.0) }
                 }
                 #[inline(always)]
-                unsafe fn scale_by_rounded(self, r: Self) -> Self {
+                unsafe fn exp_domain(self) -> Self {
                     // SAFETY: the trait's contract.
-                    unsafe { $name($scale(self.0, r.0)) }
+                    unsafe { $name($domain(self.0)) }
+                }
+                #[inline(always)]
+                unsafe fn round_log2e(self) -> (Self, Self) {
+                    // SAFETY: the trait's contract.
+                    let (n, k) = unsafe { $round(self.0) };
+                    ($name(n), $name(k))
+                }
+                #[inline(always)]
+                unsafe fn scale_pow2(self, k: Self) -> Self {
+                    // SAFETY: the trait's contract.
+                    unsafe { $name($scale(self.0, k.0)) }
                 }
                 $(
                     #[inline(always)]
@@ -167,7 +197,7 @@ mod x86 {
         [add _mm512_add_ps, sub _mm512_sub_ps, mul _mm512_mul_ps, div _mm512_div_ps,
          min _mm512_min_ps, max _mm512_max_ps],
         [mul_add _mm512_fmadd_ps, neg_mul_add _mm512_fnmadd_ps],
-        load_first16, store_first16, scale16
+        load_first16, store_first16, domain16, round16, scale16
     );
 
     x86_vector!(
@@ -176,7 +206,7 @@ mod x86 {
         [add _mm256_add_ps, sub _mm256_sub_ps, mul _mm256_mul_ps, div _mm256_div_ps,
          min _mm256_min_ps, max _mm256_max_ps],
         [mul_add _mm256_fmadd_ps, neg_mul_add _mm256_fnmadd_ps],
-        load_first8, store_first8, scale8
+        load_first8, store_first8, domain8, round8, scale8
     );
 
     fn mask16(n: usize) -> __mmask16 {
@@ -209,13 +239,27 @@ mod x86 {
         unsafe { _mm512_mask_storeu_ps(p, mask16(n), v) }
     }
 
+    /// AVX-512 scales by 2^n with `vscalefps`, which saturates to 0 or infinity by itself.
     #[inline(always)]
-    unsafe fn scale16(e: __m512, r: __m512) -> __m512 {
+    unsafe fn domain16(x: __m512) -> __m512 {
+        x
+    }
+
+    #[inline(always)]
+    unsafe fn round16(x: __m512) -> (__m512, __m512) {
         // SAFETY: AVX-512F by the caller's contract.
         unsafe {
-            let shifted = _mm512_slli_epi32::<23>(_mm512_castps_si512(r));
-            _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(e), shifted))
+            let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+            // Round to nearest even, as the 1.5 * 2^23 trick does.
+            let n = _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, log2e));
+            (n, n)
         }
+    }
+
+    #[inline(always)]
+    unsafe fn scale16(e: __m512, n: __m512) -> __m512 {
+        // SAFETY: AVX-512F by the caller's contract.
+        unsafe { _mm512_scalef_ps(e, n) }
     }
 
     #[inline(always)]
@@ -228,6 +272,27 @@ mod x86 {
     unsafe fn store_first8(p: *mut f32, n: usize, v: __m256) {
         // SAFETY: AVX2 by the caller's contract; masked lanes are not written.
         unsafe { _mm256_maskstore_ps(p, mask8(n), v) }
+    }
+
+    #[inline(always)]
+    unsafe fn domain8(x: __m256) -> __m256 {
+        // SAFETY: AVX by the caller's contract.
+        unsafe {
+            _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+                _mm256_set1_ps(88.0),
+            )
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn round8(x: __m256) -> (__m256, __m256) {
+        // SAFETY: AVX2 and FMA by the caller's contract.
+        unsafe {
+            let magic = _mm256_set1_ps(MAGIC);
+            let r = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
+            (_mm256_sub_ps(r, magic), r)
+        }
     }
 
     #[inline(always)]
