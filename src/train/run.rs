@@ -37,9 +37,8 @@ pub struct RunOptions<'a> {
     pub init: Option<&'a TensorMap>,
 }
 
-/// Where the loop stands inside one run.
+/// Where the loop stands inside one run, besides the model.
 struct State {
-    model: EfficientNet,
     optim: ModuleOptimizer,
     ema: Ema,
     progress: Progress,
@@ -52,7 +51,7 @@ fn start(
     meta: &WeightMeta,
     device: &Device,
     opts: &RunOptions<'_>,
-) -> anyhow::Result<State> {
+) -> anyhow::Result<(EfficientNet, State)> {
     device.seed(cfg.seed);
     let mut model = EfficientNet::new(&meta.spec, device);
     if cfg.tf_init {
@@ -75,19 +74,19 @@ fn start(
     });
     if opts.resume {
         let r = checkpoint::load(opts.out_dir, model, optim, cfg.ema_decay)?;
-        return Ok(State {
-            model: r.model,
+        let st = State {
             optim: r.optim,
             ema: r.ema,
             progress: r.progress,
-        });
+        };
+        return Ok((r.model, st));
     }
-    Ok(State {
+    let st = State {
         ema: Ema::new(&model, cfg.ema_decay),
-        model,
         optim,
         progress: Progress::default(),
-    })
+    };
+    Ok((model, st))
 }
 
 fn progress_bar(show: bool, total_steps: u64) -> indicatif::ProgressBar {
@@ -103,6 +102,199 @@ fn progress_bar(show: bool, total_steps: u64) -> indicatif::ProgressBar {
         .expect("valid template"),
     );
     bar
+}
+
+/// What stays fixed while a run trains: its recipe, data, schedule and outputs.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    meta: &'a WeightMeta,
+    train_data: &'a Prepared,
+    eval_data: &'a Prepared,
+    out_dir: &'a Path,
+    config_text: String,
+    schedule: LrSchedule,
+    trainer: Trainer<'a>,
+    started: Instant,
+    bar: indicatif::ProgressBar,
+    progress_lines: bool,
+}
+
+/// How one epoch's training ended.
+struct EpochEnd {
+    tally: EpochTally,
+    lr: f64,
+    seconds: f64,
+    /// `--max-steps` stopped it before the end of the data.
+    stopped_early: bool,
+}
+
+impl Run<'_> {
+    fn total_steps(&self) -> u64 {
+        self.schedule.total_steps
+    }
+
+    fn ema_set(&self, ema: &Ema) -> WeightSet {
+        WeightSet {
+            meta: self.meta.clone(),
+            tensors: ema.tensors.clone(),
+        }
+    }
+
+    /// Checkpoints keep the EMA as trained (not recalibrated), so a resumed run continues exactly.
+    fn save(&self, model: &EfficientNet, st: &State, progress: &Progress) -> anyhow::Result<()> {
+        let c = Checkpoint {
+            model,
+            optim: &st.optim,
+            ema: &self.ema_set(&st.ema),
+            progress,
+            config: &self.config_text,
+        };
+        checkpoint::save(self.out_dir, c)
+    }
+
+    /// The model as epoch `epoch` trains it: backbone frozen for the first `freeze_epochs`, BN
+    /// frozen throughout with `freeze_bn`, the stage's dropout.
+    fn prepare(&self, mut model: EfficientNet, epoch: usize, first: bool) -> EfficientNet {
+        let cfg = self.cfg;
+        if first && epoch < cfg.freeze_epochs {
+            model = model.freeze_backbone();
+        }
+        if cfg.freeze_epochs > 0 && epoch == cfg.freeze_epochs {
+            model = model.unfreeze();
+        }
+        if cfg.freeze_bn && (first || epoch == cfg.freeze_epochs) {
+            model = model.freeze_batch_norm();
+        }
+        if let Some(p) = cfg.stage(epoch, self.meta.spec.dropout).dropout {
+            model.dropout.prob = p;
+        }
+        model
+    }
+
+    /// Trains epoch `epoch` from batch `tally.batches` on, checkpointing every `checkpoint_every`.
+    fn train_epoch(
+        &self,
+        mut model: EfficientNet,
+        st: &mut State,
+        epoch: usize,
+        mut tally: EpochTally,
+        metrics: &[EpochMetrics],
+    ) -> anyhow::Result<(EfficientNet, EpochEnd)> {
+        let cfg = self.cfg;
+        let lr_scale = if cfg.freeze_epochs > 0 && epoch >= cfg.freeze_epochs {
+            cfg.unfrozen_lr_scale
+        } else {
+            1.0
+        };
+        let start = Instant::now();
+        let stage = cfg.stage(epoch, self.meta.spec.dropout);
+        let mut lr = self.schedule.at(st.progress.step) * lr_scale;
+        let batches = self
+            .train_data
+            .epoch(cfg.batch_size, cfg.seed, epoch as u64, stage.augment);
+        for batch in batches.into_iter().skip(tally.batches) {
+            let step = st.progress.step;
+            if step >= self.total_steps() {
+                let end = EpochEnd {
+                    tally,
+                    lr,
+                    seconds: start.elapsed().as_secs_f64(),
+                    stopped_early: true,
+                };
+                return Ok((model, end));
+            }
+            lr = self.schedule.at(step) * lr_scale;
+            let out = self
+                .trainer
+                .step(model, &mut st.optim, &batch, &stage, step, lr)?;
+            model = out.model;
+            let step = step + 1;
+            st.progress.step = step;
+            st.ema.update(&model, step);
+            tally.correct += out.correct;
+            tally.seen += batch.size;
+            tally.loss_sum += out.loss;
+            tally.batches += 1;
+            if cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every) {
+                let p = Progress {
+                    step,
+                    epoch,
+                    tally,
+                    seconds: self.started.elapsed().as_secs_f64(),
+                    metrics: metrics.to_vec(),
+                };
+                self.save(&model, st, &p)?;
+            }
+            if self.progress_lines {
+                eprintln!("progress {step} {}", self.total_steps());
+            }
+            self.bar.set_position(step);
+            self.bar.set_message(format!(
+                "epoch {} loss {:.3} acc {:.3} lr {:.4} {:.0} img/s",
+                epoch + 1,
+                tally.loss_sum / tally.batches as f64,
+                tally.correct as f64 / tally.seen as f64,
+                lr,
+                tally.seen as f64 / start.elapsed().as_secs_f64()
+            ));
+        }
+        let end = EpochEnd {
+            tally,
+            lr,
+            seconds: start.elapsed().as_secs_f64(),
+            stopped_early: false,
+        };
+        Ok((model, end))
+    }
+
+    /// Evaluates the EMA weights (BN statistics re-estimated when the recipe asks), and writes the
+    /// metrics, curves and weights.
+    fn evaluate_epoch(
+        &self,
+        st: &State,
+        epoch: usize,
+        end: &EpochEnd,
+        metrics: &mut Vec<EpochMetrics>,
+    ) -> anyhow::Result<()> {
+        let (cfg, t) = (self.cfg, &end.tally);
+        let mut set = self.ema_set(&st.ema);
+        if cfg.precise_bn_batches > 0 {
+            let batches = (cfg.precise_bn_batches, cfg.batch_size);
+            set.tensors = precise_bn::recalibrate(
+                &self.meta.spec,
+                &set.tensors,
+                self.train_data,
+                batches,
+                cfg.seed,
+            )?;
+        }
+        let report = evaluate(&set, self.eval_data, 256, rayon::current_num_threads())?;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            step: st.progress.step,
+            train_loss: t.loss_sum / t.batches as f64,
+            train_top1: t.correct as f64 / t.seen as f64,
+            lr: end.lr,
+            images_per_s: t.seen as f64 / end.seconds,
+            eval_top1: report.top1,
+            eval_top5: report.top5,
+            eval_loss: report.loss,
+            seconds: self.started.elapsed().as_secs_f64(),
+        };
+        self.bar.println(format!(
+            "epoch {}: train loss {:.4} top-1 {:.4} | EMA eval top-1 {:.4} top-5 {:.4} loss {:.4} | {:.0} img/s",
+            m.epoch, m.train_loss, m.train_top1, m.eval_top1, m.eval_top5, m.eval_loss, m.images_per_s
+        ));
+        metrics.push(m);
+        write_metrics(self.out_dir, metrics)?;
+        super::plot::plot_curves(
+            metrics,
+            &format!("{} on {}", self.meta.spec.name, cfg.dataset),
+            &self.out_dir.join("curves.png"),
+        )?;
+        weights::write_safetensors(&self.out_dir.join("weights.safetensors"), &set)?;
+        Ok(())
+    }
 }
 
 /// Runs training on `meta`'s architecture; writes `config.toml` (the recipe and the whole
@@ -133,17 +325,9 @@ pub fn train(
     let config_text = RunFile::to_toml(cfg, &meta.spec)?;
     crate::util::write_atomic(&out_dir.join("config.toml"), config_text.as_bytes())?;
     let device = Device::flex().autodiff();
-    let State {
-        mut model,
-        mut optim,
-        mut ema,
-        progress,
-    } = start(cfg, meta, &device, &opts)?;
+    let (mut model, mut st) = start(cfg, meta, &device, &opts)?;
     let steps_per_epoch = train_data.len() / cfg.batch_size;
-    let total_steps = match cfg.max_steps {
-        0 => (steps_per_epoch * cfg.epochs) as u64,
-        m => m.min((steps_per_epoch * cfg.epochs) as u64),
-    };
+    let all_steps = (steps_per_epoch * cfg.epochs) as u64;
     let schedule = LrSchedule {
         base_lr: cfg.base_lr,
         batch_size: cfg.batch_size,
@@ -152,170 +336,71 @@ pub fn train(
         decay_rate: cfg.decay_rate,
         decay_epochs: cfg.decay_epochs,
         decay: cfg.lr_decay,
-        total_steps,
+        total_steps: match cfg.max_steps {
+            0 => all_steps,
+            m => m.min(all_steps),
+        },
     };
-    let trainer = Trainer::new(cfg, meta.spec.num_classes, device.clone());
     let progress_lines = std::env::var_os(PROGRESS_LINES_ENV).is_some();
-    let bar = progress_bar(opts.show_progress && !progress_lines, total_steps);
-    let mut metrics = progress.metrics.clone();
-    let mut step = progress.step;
-    let started = Instant::now() - std::time::Duration::from_secs_f64(progress.seconds);
-    let ema_set = |ema: &Ema| WeightSet {
-        meta: meta.clone(),
-        tensors: ema.tensors.clone(),
+    let run = Run {
+        cfg,
+        meta,
+        train_data,
+        eval_data,
+        out_dir,
+        config_text,
+        bar: progress_bar(opts.show_progress && !progress_lines, schedule.total_steps),
+        schedule,
+        trainer: Trainer::new(cfg, meta.spec.num_classes, device.clone()),
+        started: Instant::now() - std::time::Duration::from_secs_f64(st.progress.seconds),
+        progress_lines,
     };
-    // Checkpoints keep the EMA as trained (not recalibrated), so a resumed run continues exactly.
-    let save = |model: &EfficientNet, optim: &ModuleOptimizer, ema: &Ema, progress: &Progress| {
-        let c = Checkpoint {
-            model,
-            optim,
-            ema: &ema_set(ema),
-            progress,
-            config: &config_text,
-        };
-        checkpoint::save(out_dir, c)
-    };
-    let frozen = |epoch: usize| epoch < cfg.freeze_epochs;
-    if frozen(progress.epoch) {
-        model = model.freeze_backbone();
-    }
-    if cfg.freeze_bn {
-        model = model.freeze_batch_norm();
-    }
-    for epoch in progress.epoch..cfg.epochs {
-        if cfg.freeze_epochs > 0 && epoch == cfg.freeze_epochs {
-            model = model.unfreeze();
-            if cfg.freeze_bn {
-                model = model.freeze_batch_norm();
-            }
-        }
-        let lr_scale = if cfg.freeze_epochs > 0 && !frozen(epoch) {
-            cfg.unfrozen_lr_scale
-        } else {
-            1.0
-        };
-        let epoch_start = Instant::now();
-        let mut t = if epoch == progress.epoch {
-            progress.tally
+    let (first_epoch, first_tally) = (st.progress.epoch, st.progress.tally);
+    let mut metrics = std::mem::take(&mut st.progress.metrics);
+    for epoch in first_epoch..cfg.epochs {
+        model = run.prepare(model, epoch, epoch == first_epoch);
+        let tally = if epoch == first_epoch {
+            first_tally
         } else {
             EpochTally::default()
         };
-        let skip = t.batches;
-        let mut stopped_early = false;
-        let mut lr = schedule.at(step) * lr_scale;
-        let stage = cfg.stage(epoch, meta.spec.dropout);
-        if let Some(p) = stage.dropout {
-            model.dropout.prob = p;
-        }
-        for batch in train_data
-            .epoch(cfg.batch_size, cfg.seed, epoch as u64, stage.augment)
-            .into_iter()
-            .skip(skip)
-        {
-            if step >= total_steps {
-                stopped_early = true;
-                break;
-            }
-            lr = schedule.at(step) * lr_scale;
-            let out = trainer.step(model, &mut optim, &batch, &stage, step, lr)?;
-            model = out.model;
-            t.correct += out.correct;
-            step += 1;
-            ema.update(&model, step);
-            t.seen += batch.size;
-            t.loss_sum += out.loss;
-            t.batches += 1;
-            if cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every) {
-                let p = Progress {
-                    step,
-                    epoch,
-                    tally: t,
-                    seconds: started.elapsed().as_secs_f64(),
-                    metrics: metrics.clone(),
-                };
-                save(&model, &optim, &ema, &p)?;
-            }
-            if progress_lines {
-                eprintln!("progress {step} {total_steps}");
-            }
-            bar.set_position(step);
-            bar.set_message(format!(
-                "epoch {} loss {:.3} acc {:.3} lr {:.4} {:.0} img/s",
-                epoch + 1,
-                t.loss_sum / t.batches as f64,
-                t.correct as f64 / t.seen as f64,
-                lr,
-                t.seen as f64 / epoch_start.elapsed().as_secs_f64()
-            ));
-        }
-        if t.batches == 0 {
+        let end;
+        (model, end) = run.train_epoch(model, &mut st, epoch, tally, &metrics)?;
+        if end.tally.batches == 0 {
             break;
         }
-        let train_seconds = epoch_start.elapsed().as_secs_f64();
-        let last_epoch = stopped_early || step >= total_steps || epoch + 1 == cfg.epochs;
-        if last_epoch || (epoch + 1).is_multiple_of(cfg.eval_every) {
-            let mut set = ema_set(&ema);
-            if cfg.precise_bn_batches > 0 {
-                let batches = (cfg.precise_bn_batches, cfg.batch_size);
-                set.tensors = precise_bn::recalibrate(
-                    &meta.spec,
-                    &set.tensors,
-                    train_data,
-                    batches,
-                    cfg.seed,
-                )?;
-            }
-            let report = evaluate(&set, eval_data, 256, rayon::current_num_threads())?;
-            let m = EpochMetrics {
-                epoch: epoch + 1,
-                step,
-                train_loss: t.loss_sum / t.batches as f64,
-                train_top1: t.correct as f64 / t.seen as f64,
-                lr,
-                images_per_s: t.seen as f64 / train_seconds,
-                eval_top1: report.top1,
-                eval_top5: report.top5,
-                eval_loss: report.loss,
-                seconds: started.elapsed().as_secs_f64(),
-            };
-            bar.println(format!(
-                "epoch {}: train loss {:.4} top-1 {:.4} | EMA eval top-1 {:.4} top-5 {:.4} loss {:.4} | {:.0} img/s",
-                m.epoch, m.train_loss, m.train_top1, m.eval_top1, m.eval_top5, m.eval_loss, m.images_per_s
-            ));
-            metrics.push(m);
-            write_metrics(out_dir, &metrics)?;
-            super::plot::plot_curves(
-                &metrics,
-                &format!("{} on {}", meta.spec.name, cfg.dataset),
-                &out_dir.join("curves.png"),
-            )?;
-            weights::write_safetensors(&out_dir.join("weights.safetensors"), &set)?;
+        let step = st.progress.step;
+        let last = end.stopped_early || step >= run.total_steps() || epoch + 1 == cfg.epochs;
+        if last || (epoch + 1).is_multiple_of(cfg.eval_every) {
+            run.evaluate_epoch(&st, epoch, &end, &mut metrics)?;
         }
-        // A run stopped by --max-steps mid-epoch resumes inside that epoch; its partial-epoch metrics
-        // row is reported now but not carried into the checkpoint (the resumed epoch replaces it).
-        let p = if stopped_early {
+        // A run stopped by --max-steps mid-epoch resumes inside that epoch; its partial-epoch
+        // metrics row is reported now but not carried into the checkpoint (the resumed epoch
+        // replaces it).
+        let seconds = run.started.elapsed().as_secs_f64();
+        let p = if end.stopped_early {
             Progress {
                 step,
                 epoch,
-                tally: t,
-                seconds: started.elapsed().as_secs_f64(),
+                tally: end.tally,
+                seconds,
                 metrics: metrics[..metrics.len().saturating_sub(1)].to_vec(),
             }
         } else {
             Progress {
                 step,
                 epoch: epoch + 1,
-                seconds: started.elapsed().as_secs_f64(),
+                seconds,
                 metrics: metrics.clone(),
                 ..Progress::default()
             }
         };
-        save(&model, &optim, &ema, &p)?;
-        if step >= total_steps {
+        run.save(&model, &st, &p)?;
+        if step >= run.total_steps() {
             break;
         }
     }
-    bar.finish_and_clear();
+    run.bar.finish_and_clear();
     Ok(metrics)
 }
 
