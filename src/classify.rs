@@ -8,7 +8,7 @@ use image::RgbImage;
 
 use crate::engine::Engine;
 use crate::model::{EfficientNet, apply_weights};
-use crate::preprocess::eval_transform;
+use crate::preprocess::{ImageError, eval_transform};
 use crate::weights::{self, WeightMeta};
 
 /// A sample photo (scikit-image's `coffee`, public domain) for running without arguments.
@@ -81,12 +81,12 @@ impl Classifier {
     }
 
     /// Class probabilities for each image (one batch).
-    pub fn probabilities(&mut self, images: &[RgbImage]) -> Vec<Vec<f32>> {
+    pub fn probabilities(&mut self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>, ImageError> {
         let p = &self.meta.preprocess;
         let (n, side) = (images.len(), p.crop);
         let mut data = Vec::with_capacity(n * 3 * side * side);
         for img in images {
-            data.extend(eval_transform(img, p));
+            data.extend(eval_transform(img, p)?);
         }
         let logits = match &mut self.runner {
             Runner::Engine(e) => e.forward(&data, n, side, side),
@@ -98,15 +98,20 @@ impl Classifier {
                     .expect("float output")
             }
         };
-        logits
+        Ok(logits
             .chunks(self.meta.spec.num_classes)
             .map(softmax)
-            .collect()
+            .collect())
     }
 
     /// The `k` most probable classes of each image, best first.
-    pub fn top_k(&mut self, images: &[RgbImage], k: usize) -> Vec<Vec<Prediction>> {
-        self.probabilities(images)
+    pub fn top_k(
+        &mut self,
+        images: &[RgbImage],
+        k: usize,
+    ) -> Result<Vec<Vec<Prediction>>, ImageError> {
+        Ok(self
+            .probabilities(images)?
             .into_iter()
             .map(|probs| {
                 let mut idx: Vec<usize> = (0..probs.len()).collect();
@@ -120,7 +125,7 @@ impl Classifier {
                     })
                     .collect()
             })
-            .collect()
+            .collect())
     }
 }
 

@@ -3,9 +3,32 @@
 use std::io::Write;
 use std::path::Path;
 
+/// Reads a whole regular file. FIFOs, devices and directories are refused before they are opened
+/// (a FIFO would block forever, `/dev/zero` never ends).
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    std::fs::read(path)
+}
+
 /// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, then rename, so a
-/// crash or a full disk never leaves a half-written file where a good one was.
+/// crash or a full disk never leaves a half-written file where a good one was. Only a regular file
+/// is ever replaced: a device, FIFO, directory or symbolic link at `path` is an error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_file() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "exists and is not a regular file; refusing to replace it",
+            ));
+        }
+        _ => {}
+    }
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -21,6 +44,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Bytes of memory the OS reports as available (Linux `MemAvailable`), if it says.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Fails with a one-line error when `needed` bytes (an estimate of `what`) exceed the memory
+/// available, rather than letting the allocation abort the process.
+pub fn check_memory(needed: u64, what: &str) -> anyhow::Result<()> {
+    if let Some(available) = available_memory()
+        && needed > available
+    {
+        anyhow::bail!(
+            "{what} needs about {:.1} GB, more than the {:.1} GB this machine has available",
+            needed as f64 / 1e9,
+            available as f64 / 1e9
+        );
+    }
     Ok(())
 }
 
@@ -48,6 +94,29 @@ pub fn quote_for_message(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn special_files_are_neither_read_nor_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(read_regular(&fifo).is_err());
+        assert!(write_atomic(&fifo, b"x").is_err());
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(write_atomic(&link, b"x").is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(read_regular(dir.path()).is_err());
+        write_atomic(&target, b"new").unwrap();
+        assert_eq!(read_regular(&target).unwrap(), b"new");
+    }
 
     #[test]
     fn quoted_text_is_one_short_line() {

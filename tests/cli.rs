@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -1108,4 +1109,233 @@ fn study_plans_reject_bad_input() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("skipped: scaling by compound"));
     assert!(stdout(&o).contains("x4-compound-s0"));
+}
+
+/// A small valid weights file (B0 with 3 classes, random) written through `convert`'s code path.
+fn small_weights(dir: &Path) -> std::path::PathBuf {
+    let mut spec = effnet::spec::variant("b0").unwrap();
+    spec.num_classes = 3;
+    let set = effnet::weights::WeightSet::random(&spec, 1);
+    let path = dir.join("small.safetensors");
+    effnet::weights::write_safetensors(&path, &set).unwrap();
+    path
+}
+
+#[test]
+fn hostile_files_fail_cleanly_and_quickly() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let w = small_weights(dir);
+    let img = dir.join("grey.png");
+    image::RgbImage::from_pixel(40, 30, image::Rgb([90, 90, 90]))
+        .save(&img)
+        .unwrap();
+    let (w_s, img_s) = (w.to_str().unwrap(), img.to_str().unwrap());
+    // A FIFO as weights or image: an error, not a hang.
+    let fifo = dir.join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let fifo_s = fifo.to_str().unwrap();
+    assert_clean_error(
+        &effnet(&["classify", "--weights", fifo_s, img_s], dir),
+        "not a regular file",
+    );
+    assert_clean_error(
+        &effnet(&["classify", "--weights", w_s, fifo_s], dir),
+        "not a regular file",
+    );
+    // `convert` never replaces a FIFO or a symlink with a regular file.
+    assert_clean_error(
+        &effnet(&["convert", w_s, fifo_s], dir),
+        "not a regular file",
+    );
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    let target = dir.join("target.txt");
+    std::fs::write(&target, "keep").unwrap();
+    let link = dir.join("link.safetensors");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert_clean_error(
+        &effnet(&["convert", w_s, link.to_str().unwrap()], dir),
+        "cannot write weights",
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    // NaN weights are refused by name.
+    let (mut t, meta) = effnet::weights::read_tensors(&w).unwrap();
+    t.get_mut("head.bn.running_var").unwrap().data[0] = f32::NAN;
+    let set = effnet::weights::WeightSet {
+        meta: meta.unwrap(),
+        tensors: t,
+    };
+    let nan = dir.join("nan.safetensors");
+    effnet::weights::write_safetensors(&nan, &set).unwrap();
+    assert_clean_error(
+        &effnet(
+            &["classify", "--weights", nan.to_str().unwrap(), img_s],
+            dir,
+        ),
+        "`head.bn.running_var` holds NaN",
+    );
+    // A key with a newline and ANSI escapes prints as one escaped line.
+    let data = vec![0u8; 16];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &data).unwrap();
+    let evil = "x\nerror: fake\u{1b}[31m".repeat(1000);
+    let bytes = safetensors::tensor::serialize([(evil.as_str(), view)], None).unwrap();
+    let bad = dir.join("evil.safetensors");
+    std::fs::write(&bad, bytes).unwrap();
+    let o = effnet(
+        &["classify", "--weights", bad.to_str().unwrap(), img_s],
+        dir,
+    );
+    assert_clean_error(&o, "unknown key layout");
+    assert!(o.stderr.len() < 2000, "{} bytes of error", o.stderr.len());
+    // A 1x65535 strip and a JPEG cut inside its scan.
+    let strip = dir.join("strip.png");
+    image::GrayImage::new(1, 65535).save(&strip).unwrap();
+    assert_clean_error(
+        &effnet(
+            &["classify", "--weights", w_s, strip.to_str().unwrap()],
+            dir,
+        ),
+        "longer side would be",
+    );
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 3, y as u8 * 3, 7]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let cut = dir.join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..jpeg.len() * 2 / 3]).unwrap();
+    assert_clean_error(
+        &effnet(&["classify", "--weights", w_s, cut.to_str().unwrap()], dir),
+        "truncated",
+    );
+    // Many images are classified in batches (more than one batch here).
+    let many: Vec<String> = (0..40).map(|_| img_s.to_string()).collect();
+    let mut args = vec!["classify", "--weights", w_s, "--json"];
+    args.extend(many.iter().map(String::as_str));
+    let o = effnet(&args, dir);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 40);
+    // IDX files of 0x0 images.
+    let data = dir.join("empty-idx");
+    std::fs::create_dir(&data).unwrap();
+    for (prefix, n) in [("train", 4u32), ("t10k", 2)] {
+        let mut imgs = vec![0, 0, 8, 3];
+        for d in [n, 0, 0] {
+            imgs.extend(d.to_be_bytes());
+        }
+        std::fs::write(data.join(format!("{prefix}-images-idx3-ubyte")), imgs).unwrap();
+        let mut lab = vec![0, 0, 8, 1];
+        lab.extend(n.to_be_bytes());
+        lab.extend(vec![0u8; n as usize]);
+        std::fs::write(data.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
+    }
+    let idx = format!("idx:{}", data.display());
+    assert_clean_error(
+        &effnet(&["train", "--dataset", &idx, "--batch-size", "2"], dir),
+        "images are 0x0 pixels",
+    );
+}
+
+#[test]
+fn bad_flags_and_configs_fail_before_any_work() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let dataset = tiny_dataset(dir, 32);
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--dataset", dataset.as_str()];
+        if !extra.contains(&"--batch-size") {
+            args.extend_from_slice(&["--batch-size", "8"]);
+        }
+        args.extend_from_slice(extra);
+        let start = std::time::Instant::now();
+        let o = effnet(&args, dir);
+        assert!(start.elapsed().as_secs() < 30, "{extra:?} took too long");
+        o
+    };
+    for (flags, needle) in [
+        (&["--set", "mixup_alpha=inf"][..], "mixup_alpha"),
+        (&["--set", "mixup_alpha=30"][..], "mixup_alpha"),
+        (&["--set", "cutmix_alpha=1e-320"][..], "cutmix_alpha"),
+        (&["--set", "label_smoothing=5"][..], "label_smoothing = 5"),
+        (&["--set", "bn_momentum=5"][..], "bn_momentum = 5"),
+        (&["--batch-size", "0"][..], "batch_size = 0"),
+        (&["--resolution", "4"][..], "resolution = 4"),
+        (&["--set", "model=lite0"][..], "first argument"),
+    ] {
+        assert_clean_error(&train(flags), needle);
+    }
+    // `--set dataset=...` names the data when `--dataset` does not.
+    assert_clean_error(
+        &effnet(&["train", "--set", "dataset=nowhere:"], dir),
+        "unknown dataset",
+    );
+    let w = small_weights(dir);
+    assert_clean_error(
+        &effnet(
+            &[
+                "eval",
+                "--weights",
+                w.to_str().unwrap(),
+                "--threads",
+                "10000",
+            ],
+            dir,
+        ),
+        "--threads is at most",
+    );
+    assert_clean_error(
+        &effnet(&["bench", "b0", "--threads", "10000"], dir),
+        "more than 256",
+    );
+    assert_clean_error(
+        &effnet(&["bench", "b0", "--batch", "100000"], dir),
+        "needs about",
+    );
+    // A run whose progress file was tampered with, and a second trainer in a directory in use.
+    let run = dir.join("run");
+    let o = train(&["--max-steps", "2", "--out", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let progress = run.join("checkpoint/progress.json");
+    let text = std::fs::read_to_string(&progress).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["seconds"] = (-5.0).into();
+    std::fs::write(&progress, v.to_string()).unwrap();
+    assert_clean_error(
+        &effnet(&["train", "--resume", run.to_str().unwrap()], dir),
+        "is not a duration",
+    );
+    std::fs::write(&progress, text).unwrap();
+    let lock = std::fs::File::options()
+        .write(true)
+        .open(run.join(".lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    assert_clean_error(
+        &effnet(
+            &[
+                "train",
+                "--resume",
+                run.to_str().unwrap(),
+                "--max-steps",
+                "3",
+            ],
+            dir,
+        ),
+        "in use by another training process",
+    );
 }

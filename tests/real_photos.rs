@@ -16,7 +16,7 @@ fn coffee_is_espresso() {
     for backend in [Backend::Engine, Backend::Burn] {
         let mut c = lite0(backend);
         let img = load_rgb(&fixture("images/coffee.png")).unwrap();
-        let top = &c.top_k(&[img], 5)[0];
+        let top = &c.top_k(&[img], 5).unwrap()[0];
         assert_eq!(top[0].class, 967, "{backend:?}");
         assert_eq!(top[0].label, "espresso");
         let p = top[0].probability;
@@ -30,7 +30,7 @@ fn chelsea_is_a_cat() {
     for backend in [Backend::Engine, Backend::Burn] {
         let mut c = lite0(backend);
         let img = load_rgb(&fixture("images/chelsea.png")).unwrap();
-        let top = &c.top_k(&[img], 3)[0];
+        let top = &c.top_k(&[img], 3).unwrap()[0];
         let classes: Vec<usize> = top.iter().map(|p| p.class).collect();
         assert_eq!(classes, vec![282, 285, 281], "{backend:?}");
     }
@@ -43,9 +43,9 @@ fn a_batch_gives_the_same_answers_as_single_images() {
         load_rgb(&fixture("images/coffee.png")).unwrap(),
         load_rgb(&fixture("images/chelsea.png")).unwrap(),
     ];
-    let batch = c.probabilities(&imgs);
+    let batch = c.probabilities(&imgs).unwrap();
     for (i, img) in imgs.iter().enumerate() {
-        let single = &c.probabilities(std::slice::from_ref(img))[0];
+        let single = &c.probabilities(std::slice::from_ref(img)).unwrap()[0];
         assert!(max_abs_diff(single, &batch[i]) < 1e-6);
     }
 }
@@ -59,7 +59,7 @@ fn preprocessing_reproduces_the_pytorch_input() {
         ("chelsea", "efficientnet-lite0_chelsea"),
     ] {
         let img = load_rgb(&fixture(&format!("images/{image}.png"))).unwrap();
-        let ours = eval_transform(&img, &meta.preprocess);
+        let ours = eval_transform(&img, &meta.preprocess).unwrap();
         let (input, _) = oracle(oracle_name);
         let max = max_abs_diff(&ours, &input.data);
         // Bit-exact: same Pillow resampling, same crop, same normalisation.

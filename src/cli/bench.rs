@@ -14,6 +14,9 @@ use effnet::weights::{self, WeightSet};
 
 use super::ModelArgs;
 
+/// Most threads any command accepts.
+pub const MAX_THREADS: usize = 256;
+
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -90,6 +93,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.batch == Some(0) || args.resolution == Some(0) || args.threads == 0 || args.iters == 0 {
         bail!("--batch, --resolution, --threads and --iters must be at least 1");
     }
+    if args.threads > MAX_THREADS {
+        bail!("--threads {} is more than {MAX_THREADS}", args.threads);
+    }
     if args.train {
         return run_train(args);
     }
@@ -108,6 +114,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let res = args.resolution.unwrap_or(set.spec().resolution);
     let n = args.batch.unwrap_or(1);
+    // The input, plus the engine's largest pair of live activations per image.
+    let a = effnet::analysis::analyze(set.spec(), res)?;
+    let needed =
+        (a.peak_activation_bytes + 4 * 3 * (res * res) as u64).saturating_mul(2 * n as u64);
+    effnet::util::check_memory(needed, &format!("inference at {res}x{res} with batch {n}"))?;
     let len = n * 3 * res * res;
     let input: Vec<f32> = (0..len)
         .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
@@ -306,6 +317,7 @@ fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
     };
     cfg.validate()?;
     let spec = cfg.model_spec(&args.model.spec()?, classes)?;
+    effnet::train::run::check_training_memory(&spec, res, n)?;
     let device = Device::flex().autodiff();
     let mut model = EfficientNet::new(&spec, &device).tf_init();
     let mut optim = burn::optim::ModuleOptimizer::from(effnet::train::TfRmsProp {

@@ -33,6 +33,12 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 || args.threads == 0 {
         bail!("--batch-size and --threads must be at least 1");
     }
+    if args.threads > super::bench::MAX_THREADS || args.batch_size > 4096 {
+        bail!(
+            "--threads is at most {} and --batch-size at most 4096",
+            super::bench::MAX_THREADS
+        );
+    }
     let set = weights::load(&args.weights, args.model.as_deref())?;
     let side = set.meta.preprocess.crop;
     let (_, eval) = data::named(&args.dataset, side)?;

@@ -378,6 +378,9 @@ fn default_weights() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Images decoded and classified together: memory stays flat however many files are given.
+const CLASSIFY_BATCH: usize = 16;
+
 fn classify(
     images: &[PathBuf],
     model: Option<&str>,
@@ -390,35 +393,47 @@ fn classify(
         Some(w) => w,
         None => default_weights()?,
     };
-    // Decode every image first so a bad file fails fast, before the model loads.
-    let mut decoded = Vec::new();
-    let mut names = Vec::new();
+    let mut classifier = Classifier::from_file(&weights, model, backend, threads)?;
+    // Every file's header first, so a missing, unsupported or unresizable file fails before any
+    // result is printed.
+    for p in images {
+        let (w, h) = effnet::preprocess::image_dimensions(p)?;
+        effnet::preprocess::check_resizable(w, h, &classifier.meta.preprocess)
+            .map_err(|e| anyhow::anyhow!("`{}`: {e}", p.display()))?;
+    }
+    let top = top.min(classifier.meta.spec.num_classes);
+    let name = classifier.meta.spec.name.clone();
+    let mut all = Vec::new();
+    let mut report = |file: String, preds: Vec<effnet::classify::Prediction>| {
+        if json {
+            all.push(serde_json::json!({ "image": file, "model": name, "predictions": preds }));
+        } else {
+            println!("{file} ({name})");
+            for p in preds {
+                println!("  {:>4}  {:.4}  {}", p.class, p.probability, p.label);
+            }
+        }
+    };
     if images.is_empty() {
         let img = image::load_from_memory(SAMPLE_IMAGE).context("bundled sample image")?;
-        decoded.push(img.to_rgb8());
-        names.push("sample:coffee.png".to_string());
+        let preds = classifier.top_k(&[img.to_rgb8()], top)?;
+        report(
+            "sample:coffee.png".into(),
+            preds.into_iter().next().unwrap_or_default(),
+        );
     }
-    for p in images {
-        decoded.push(load_rgb(p)?);
-        names.push(p.display().to_string());
-    }
-    let mut classifier = Classifier::from_file(&weights, model, backend, threads)?;
-    let top = top.min(classifier.meta.spec.num_classes);
-    let results = classifier.top_k(&decoded, top);
-    if json {
-        let out: Vec<serde_json::Value> = names
+    for chunk in images.chunks(CLASSIFY_BATCH) {
+        let decoded = chunk
             .iter()
-            .zip(&results)
-            .map(|(n, preds)| serde_json::json!({ "image": n, "model": classifier.meta.spec.name, "predictions": preds }))
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
-    }
-    for (n, preds) in names.iter().zip(&results) {
-        println!("{n} ({})", classifier.meta.spec.name);
-        for p in preds {
-            println!("  {:>4}  {:.4}  {}", p.class, p.probability, p.label);
+            .map(|p| load_rgb(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let preds = classifier.top_k(&decoded, top)?;
+        for (p, preds) in chunk.iter().zip(preds) {
+            report(p.display().to_string(), preds);
         }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
     }
     Ok(())
 }

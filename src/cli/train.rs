@@ -188,6 +188,7 @@ fn resume(dir: &Path, epochs: Option<usize>, max_steps: Option<u64>) -> anyhow::
         )
     })?;
     let spec = model.spec()?;
+    checkpoint::progress(dir)?;
     let mut cfg = file.recipe;
     if let Some(snapshot) = checkpoint::config_snapshot(dir) {
         let was = RunFile::parse(&snapshot, &[])?;
@@ -247,24 +248,6 @@ fn execute(
     }
     cfg.validate()?;
     let spec = cfg.model_spec(&base, train_raw.num_classes())?;
-    eprintln!(
-        "{} {} on {} ({} train / {} eval images, {} classes) at {r}x{r}, batch {}, {} epoch(s){}; run dir {}",
-        if resume { "resuming" } else { "training" },
-        spec.name,
-        cfg.dataset,
-        train_raw.len(),
-        eval_raw.len(),
-        train_raw.num_classes(),
-        cfg.batch_size,
-        cfg.epochs,
-        if cfg.max_steps > 0 {
-            format!(", at most {} steps", cfg.max_steps)
-        } else {
-            String::new()
-        },
-        out.display(),
-        r = cfg.resolution
-    );
     let (mean, std) = cfg.normalisation();
     let meta = WeightMeta {
         preprocess: Preprocess {

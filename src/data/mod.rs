@@ -48,18 +48,70 @@ fn corrupt(path: &Path, why: impl Into<String>) -> DataError {
     }
 }
 
-/// Reads a file, transparently gunzipping `.gz` files (or any file starting with the gzip magic).
-pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
-    let raw = std::fs::read(path).map_err(io(path))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| corrupt(path, format!("bad gzip stream: {e}")))?;
-        Ok(out)
+/// Deflate cannot shrink data by more than this factor: a gzip file that claims to hold more is a
+/// bomb or corrupt.
+const MAX_GZIP_RATIO: usize = 1032;
+
+/// Reads a regular file, transparently gunzipping it when it starts with the gzip magic. The
+/// first `header` bytes go to `size`, which returns the total length the file's own header
+/// promises; exactly that many bytes are read (never more), so a gzip bomb is cut off where its
+/// header says the data ends.
+pub fn read_maybe_gz(
+    path: &Path,
+    header: usize,
+    size: impl Fn(&[u8]) -> Result<usize, DataError>,
+) -> Result<Vec<u8>, DataError> {
+    let raw = crate::util::read_regular(path).map_err(io(path))?;
+    let gz = raw.starts_with(&[0x1f, 0x8b]);
+    let limit = if gz {
+        raw.len().saturating_mul(MAX_GZIP_RATIO)
     } else {
-        Ok(raw)
+        raw.len()
+    };
+    let mut reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(&raw[..]))
+    } else {
+        Box::new(&raw[..])
+    };
+    let bad_gz = |e: std::io::Error| corrupt(path, format!("bad gzip stream: {e}"));
+    let mut out = Vec::new();
+    (&mut reader)
+        .take(header as u64)
+        .read_to_end(&mut out)
+        .map_err(bad_gz)?;
+    if out.len() < header {
+        return Err(corrupt(path, format!("only {} bytes long", out.len())));
     }
+    let total = size(&out)?;
+    if total > limit {
+        return Err(corrupt(
+            path,
+            format!(
+                "its header promises {total} bytes, more than the {}-byte file can hold (truncated or corrupt)",
+                raw.len()
+            ),
+        ));
+    }
+    out.reserve_exact(total - header.min(total));
+    reader
+        .take((total - header.min(total)) as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(bad_gz)?;
+    if out.len() != total {
+        return Err(corrupt(
+            path,
+            format!(
+                "its header promises {total} bytes, the file holds {}{}",
+                if out.len() > total { "more" } else { "only " },
+                if out.len() > total {
+                    String::new()
+                } else {
+                    out.len().to_string()
+                }
+            ),
+        ));
+    }
+    Ok(out)
 }
 
 /// Images held in memory as 8-bit pixels, `[n][h][w][channels]`, with their labels.
@@ -113,6 +165,43 @@ impl InMemory {
     }
 }
 
+/// A file with no header to bound it (CIFAR batches): read whole, a gzipped one decompressed up
+/// to the most deflate can hold.
+fn read_headerless(path: &Path) -> Result<Vec<u8>, DataError> {
+    let raw = crate::util::read_regular(path).map_err(io(path))?;
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
+    }
+    let limit = raw.len().saturating_mul(MAX_GZIP_RATIO);
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&raw[..])
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| corrupt(path, format!("bad gzip stream: {e}")))?;
+    if out.len() > limit {
+        return Err(corrupt(
+            path,
+            "the gzip stream expands beyond what deflate can hold",
+        ));
+    }
+    Ok(out)
+}
+
+/// Says "truncated?" in a short-file error of `what`, as users search for that word.
+fn truncated_as(e: DataError, what: &str) -> DataError {
+    match e {
+        DataError::Corrupt { path, why }
+            if why.contains("holds only") || why.contains("bytes long") =>
+        {
+            DataError::Corrupt {
+                path,
+                why: format!("{why} ({what} file truncated?)"),
+            }
+        }
+        e => e,
+    }
+}
+
 fn be_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap())
 }
@@ -124,46 +213,36 @@ pub fn load_idx(
     labels_path: &Path,
     class_names: Option<Vec<String>>,
 ) -> Result<InMemory, DataError> {
-    let img = read_maybe_gz(images)?;
-    let lab = read_maybe_gz(labels_path)?;
-    if img.len() < 16 || be_u32(&img, 0) != 0x0803 {
-        return Err(corrupt(images, "not an IDX image file (magic 0x00000803)"));
-    }
-    if lab.len() < 8 || be_u32(&lab, 0) != 0x0801 {
-        return Err(corrupt(
-            labels_path,
-            "not an IDX label file (magic 0x00000801)",
-        ));
-    }
+    let img = read_maybe_gz(images, 16, |head| {
+        if be_u32(head, 0) != 0x0803 {
+            return Err(corrupt(images, "not an IDX image file (magic 0x00000803)"));
+        }
+        let (n, h, w) = (be_u32(head, 4), be_u32(head, 8), be_u32(head, 12));
+        if h == 0 || w == 0 {
+            return Err(corrupt(images, format!("its images are {h}x{w} pixels")));
+        }
+        (n as usize)
+            .checked_mul(h as usize * w as usize)
+            .and_then(|v| v.checked_add(16))
+            .ok_or_else(|| corrupt(images, "absurd dimensions"))
+    })
+    .map_err(|e| truncated_as(e, "images"))?;
+    let lab = read_maybe_gz(labels_path, 8, |head| {
+        if be_u32(head, 0) != 0x0801 {
+            return Err(corrupt(
+                labels_path,
+                "not an IDX label file (magic 0x00000801)",
+            ));
+        }
+        Ok(8 + be_u32(head, 4) as usize)
+    })
+    .map_err(|e| truncated_as(e, "labels"))?;
     let (n, h, w) = (
         be_u32(&img, 4) as usize,
         be_u32(&img, 8) as usize,
         be_u32(&img, 12) as usize,
     );
-    let expected = n
-        .checked_mul(h * w)
-        .and_then(|v| v.checked_add(16))
-        .ok_or_else(|| corrupt(images, "absurd dimensions"))?;
-    if img.len() != expected {
-        return Err(corrupt(
-            images,
-            format!(
-                "{n} images of {h}x{w} need {expected} bytes, the file has {} (truncated?)",
-                img.len()
-            ),
-        ));
-    }
     let ln = be_u32(&lab, 4) as usize;
-    if lab.len() != 8 + ln {
-        return Err(corrupt(
-            labels_path,
-            format!(
-                "{ln} labels need {} bytes, the file has {}",
-                8 + ln,
-                lab.len()
-            ),
-        ));
-    }
     if ln != n {
         return Err(DataError::Invalid {
             path: labels_path.display().to_string(),
@@ -264,7 +343,7 @@ pub fn load_cifar(files: &[PathBuf], kind: Cifar) -> Result<InMemory, DataError>
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
     for path in files {
-        let bytes = read_maybe_gz(path)?;
+        let bytes = read_headerless(path)?;
         if bytes.is_empty() || !bytes.len().is_multiple_of(record) {
             return Err(corrupt(
                 path,
@@ -362,18 +441,14 @@ fn folder_split(dir: &Path, side: usize) -> Result<InMemory, DataError> {
     let mut pixels = Vec::with_capacity(f.samples.len() * side * side * 3);
     let mut labels = Vec::with_capacity(f.samples.len());
     for (path, label) in &f.samples {
-        let img = crate::preprocess::load_rgb(path).map_err(|e| DataError::Invalid {
+        use crate::preprocess::{Interpolation, center_crop, load_rgb, resize_shorter};
+        let fail = |e: crate::preprocess::ImageError| DataError::Invalid {
             path: path.display().to_string(),
             why: e.to_string(),
-        })?;
-        let img = crate::preprocess::center_crop(
-            &crate::preprocess::resize_shorter(
-                &img,
-                side,
-                crate::preprocess::Interpolation::Bilinear,
-            ),
-            side,
-        );
+        };
+        let img = load_rgb(path).map_err(fail)?;
+        let resized = resize_shorter(&img, side, Interpolation::Bilinear).map_err(fail)?;
+        let img = center_crop(&resized, side).map_err(fail)?;
         pixels.extend_from_slice(img.as_raw());
         labels.push(*label);
     }

@@ -120,6 +120,19 @@ pub fn latest(run: &Path) -> Option<PathBuf> {
         .find(|d| d.join("progress.json").exists())
 }
 
+/// The progress of `run`'s latest checkpoint, read and checked (cheap: no tensors).
+pub fn progress(run: &Path) -> anyhow::Result<Progress> {
+    let dir = latest(run)
+        .with_context(|| format!("`{}` has no checkpoint to resume from", run.display()))?;
+    let bad =
+        |e: String| anyhow::anyhow!("cannot resume from `{}`: progress.json: {e}", dir.display());
+    let text =
+        crate::util::read_regular(&dir.join("progress.json")).map_err(|e| bad(e.to_string()))?;
+    let progress: Progress = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    progress.validate().map_err(bad)?;
+    Ok(progress)
+}
+
 /// A checkpoint read back.
 pub struct Resumed {
     pub model: EfficientNet,
@@ -148,10 +161,7 @@ pub fn load(
         .load(dir.join("optimizer.bpk"))
         .map_err(|e| bad("optimizer.bpk", format!("{e:?}")))?;
     let ema = weights::load(&dir.join("ema.safetensors"), None)?;
-    let text = std::fs::read(dir.join("progress.json"))?;
-    let progress: Progress =
-        serde_json::from_slice(&text).map_err(|e| bad("progress.json", e.to_string()))?;
-    progress.validate().map_err(|e| bad("progress.json", e))?;
+    let progress = progress(run)?;
     Ok(Resumed {
         model,
         optim,
@@ -162,7 +172,8 @@ pub fn load(
 
 /// The config text the latest checkpoint of `run` was written with, if it recorded one.
 pub fn config_snapshot(run: &Path) -> Option<String> {
-    std::fs::read_to_string(latest(run)?.join(CONFIG_SNAPSHOT)).ok()
+    let bytes = crate::util::read_regular(&latest(run)?.join(CONFIG_SNAPSHOT)).ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// An exclusive lock on a run directory, held while a trainer uses it.

@@ -170,8 +170,10 @@ pub struct RunFile {
 
 impl RunFile {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let bytes = crate::util::read_regular(path)
             .with_context(|| format!("cannot read config `{}`", path.display()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| anyhow::anyhow!("config `{}` is not UTF-8 text", path.display()))?;
         Self::parse(&text, &[])
             .map_err(|e| anyhow::anyhow!("invalid config `{}`: {e}", path.display()))
     }

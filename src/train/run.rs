@@ -318,6 +318,7 @@ pub fn train(
             cfg.batch_size
         );
     }
+    check_training_memory(&meta.spec, cfg.resolution, cfg.batch_size)?;
     let out_dir = opts.out_dir;
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("cannot create `{}`", out_dir.display()))?;
@@ -326,6 +327,24 @@ pub fn train(
     crate::util::write_atomic(&out_dir.join("config.toml"), config_text.as_bytes())?;
     let device = Device::flex().autodiff();
     let (mut model, mut st) = start(cfg, meta, &device, &opts)?;
+    eprintln!(
+        "{} {} on {} ({} train / {} eval images, {} classes) at {r}x{r}, batch {}, {} epoch(s){}; run dir {}",
+        if opts.resume { "resuming" } else { "training" },
+        meta.spec.name,
+        cfg.dataset,
+        train_data.len(),
+        eval_data.len(),
+        meta.spec.num_classes,
+        cfg.batch_size,
+        cfg.epochs,
+        if cfg.max_steps > 0 {
+            format!(", at most {} steps", cfg.max_steps)
+        } else {
+            String::new()
+        },
+        out_dir.display(),
+        r = cfg.resolution
+    );
     let steps_per_epoch = train_data.len() / cfg.batch_size;
     let all_steps = (steps_per_epoch * cfg.epochs) as u64;
     let schedule = LrSchedule {
@@ -402,6 +421,24 @@ pub fn train(
     }
     run.bar.finish_and_clear();
     Ok(metrics)
+}
+
+/// Refuses a batch whose activations cannot fit in memory: a training step keeps every layer's
+/// output and its gradient, about twice the analysis's activation total per image.
+pub fn check_training_memory(
+    spec: &crate::spec::ModelSpec,
+    resolution: usize,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let per_image = crate::analysis::analyze(spec, resolution)?.total_activation_bytes;
+    let needed = per_image.saturating_mul(2).saturating_mul(batch as u64);
+    crate::util::check_memory(
+        needed,
+        &format!(
+            "a training step of {} at {resolution}x{resolution} with batch {batch}",
+            spec.name
+        ),
+    )
 }
 
 /// Default run directory: `runs/<model>-<unix time>`.

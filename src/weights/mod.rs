@@ -33,6 +33,12 @@ pub enum WeightError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write weights `{path}`: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("`{path}` is not a weights file: {why}")]
     NotACheckpoint { path: String, why: String },
     #[error("weights `{path}` are corrupt or truncated: {why}")]
@@ -60,6 +66,22 @@ impl WeightError {
             source,
         }
     }
+}
+
+/// Entry points for fuzz and property tests of the readers (not a stable API).
+#[doc(hidden)]
+pub mod fuzz {
+    /// Runs the pickle machine over `data`; the error message on failure.
+    pub fn pickle(data: &[u8]) -> Result<(), String> {
+        super::pickle::load(data)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A weights file's bytes (a regular file only).
+fn read_file(path: &Path) -> Result<Vec<u8>, WeightError> {
+    crate::util::read_regular(path).map_err(|e| WeightError::io(path, e))
 }
 
 /// Weights mapped to canonical names, with their metadata (which holds the spec they fit).
@@ -118,34 +140,32 @@ impl WeightSet {
 /// Reads every tensor of a `.pth`/`.pt`/`.bin` or `.safetensors` file, plus the metadata a
 /// safetensors file written by this crate carries.
 pub fn read_tensors(path: &Path) -> Result<(TensorMap, Option<WeightMeta>), WeightError> {
-    let mut head = [0u8; 9];
-    {
-        use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|e| WeightError::io(path, e))?;
-        let n = f.read(&mut head).map_err(|e| WeightError::io(path, e))?;
-        if n < head.len() {
-            return Err(WeightError::NotACheckpoint {
-                path: path.display().to_string(),
-                why: format!("only {n} bytes long"),
-            });
-        }
+    let bytes = read_file(path)?;
+    if bytes.len() < 9 {
+        return Err(WeightError::NotACheckpoint {
+            path: path.display().to_string(),
+            why: format!("only {} bytes long", bytes.len()),
+        });
     }
     // safetensors: an 8-byte little-endian header length, then a JSON object.
-    if head[8] == b'{' {
-        read_safetensors(path)
+    if bytes[8] == b'{' {
+        read_safetensors(path, &bytes)
     } else {
+        drop(bytes);
         Ok((torch::read(path)?, None))
     }
 }
 
-fn read_safetensors(path: &Path) -> Result<(TensorMap, Option<WeightMeta>), WeightError> {
-    let bytes = std::fs::read(path).map_err(|e| WeightError::io(path, e))?;
+fn read_safetensors(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(TensorMap, Option<WeightMeta>), WeightError> {
     let corrupt = |why: String| WeightError::Corrupt {
         path: path.display().to_string(),
         why,
     };
     let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| corrupt(e.to_string()))?;
     let meta = match header
         .metadata()
         .as_ref()
@@ -157,7 +177,7 @@ fn read_safetensors(path: &Path) -> Result<(TensorMap, Option<WeightMeta>), Weig
         ),
         None => None,
     };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
     let mut out = TensorMap::new();
     for (name, view) in st.tensors() {
         use safetensors::Dtype;
@@ -195,7 +215,8 @@ fn read_safetensors(path: &Path) -> Result<(TensorMap, Option<WeightMeta>), Weig
             ),
             other => {
                 return Err(corrupt(format!(
-                    "tensor `{name}` has unsupported dtype {other:?}"
+                    "tensor `{}` has unsupported dtype {other:?}",
+                    crate::util::quote_for_message(&name)
                 )));
             }
         };
@@ -235,7 +256,10 @@ pub fn write_safetensors(path: &Path, set: &WeightSet) -> Result<(), WeightError
     let metadata = HashMap::from([(meta::SAFETENSORS_META_KEY.to_string(), json)]);
     let file = safetensors::tensor::serialize(views, Some(metadata))
         .map_err(|e| WeightError::Invalid(e.to_string()))?;
-    crate::util::write_atomic(path, &file).map_err(|e| WeightError::io(path, e))
+    crate::util::write_atomic(path, &file).map_err(|e| WeightError::Write {
+        path: path.display().to_string(),
+        source: e,
+    })
 }
 
 /// Loads a weights file. Without `model`, the architecture is the one the file carries (files this
@@ -314,7 +338,10 @@ fn check_finite(path: &Path, tensors: &TensorMap) -> Result<(), WeightError> {
     {
         Some((name, _)) => Err(WeightError::Corrupt {
             path: path.display().to_string(),
-            why: format!("tensor `{name}` holds NaN or infinite values"),
+            why: format!(
+                "tensor `{}` holds NaN or infinite values",
+                crate::util::quote_for_message(name)
+            ),
         }),
         None => Ok(()),
     }
@@ -352,7 +379,9 @@ fn map_tensors(spec: &ModelSpec, layout: Layout, tensors: &TensorMap) -> Result<
             None => missing.push(k.source.clone()),
             Some(t) if t.shape != k.shape => shapes.push(format!(
                 "`{}` is {:?}, expected {:?}",
-                k.source, t.shape, k.shape
+                k.source,
+                &t.shape[..t.shape.len().min(8)],
+                k.shape
             )),
             Some(t) => {
                 out.insert(k.canonical.clone(), t.clone());
@@ -385,7 +414,10 @@ fn map_tensors(spec: &ModelSpec, layout: Layout, tensors: &TensorMap) -> Result<
         parts.push(format!("missing keys: {}", list(&m)));
     }
     if !unexpected.is_empty() {
-        let u: Vec<String> = unexpected.iter().map(|k| format!("`{k}`")).collect();
+        let u: Vec<String> = unexpected
+            .iter()
+            .map(|k| format!("`{}`", crate::util::quote_for_message(k)))
+            .collect();
         parts.push(format!("unexpected keys: {}", list(&u)));
     }
     Err(parts.join("; "))

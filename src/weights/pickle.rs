@@ -3,6 +3,11 @@
 //! Hand-written because no maintained crate reads torch's persistent-id storages, the legacy
 //! (pre-zip) stream layout and strided views together; it never executes code: classes become
 //! [`Value::Global`] names and calls become [`Value::Object`] records that the caller interprets.
+//!
+//! A `.pth` file is untrusted input, so the machine works within budgets: only the globals a
+//! weights file needs are accepted (as PyTorch's `weights_only` does), values nest at most
+//! [`MAX_DEPTH`] deep, and the values it builds or copies (memo references re-used many times
+//! included) are counted against a bound proportional to the stream's length.
 
 use std::collections::HashMap;
 
@@ -69,26 +74,84 @@ pub enum PickleError {
     Opcode { op: u8, pos: usize },
     #[error("malformed pickle at byte {pos}: {why}")]
     Malformed { pos: usize, why: String },
+    #[error(
+        "the pickle names the Python global `{0}`, which a weights file has no use for (only tensors, storages and plain containers are accepted, as torch.load(weights_only=True) does)"
+    )]
+    Forbidden(String),
+    #[error(
+        "the pickle expands beyond {0} values or {MAX_DEPTH} levels of nesting (a decompression bomb?)"
+    )]
+    TooLarge(u64),
+}
+
+/// Deepest nesting of containers accepted (PyTorch checkpoints nest a handful of levels).
+pub const MAX_DEPTH: u32 = 64;
+
+/// The globals a weights file may name: tensor rebuilders, storage types, OrderedDict, and the
+/// plain records training checkpoints carry beside their state dicts (argparse's Namespace, numpy
+/// scalars). They are recorded, never called.
+fn allowed(module: &str, name: &str) -> bool {
+    match module {
+        "collections" => name == "OrderedDict",
+        "torch._utils" => matches!(
+            name,
+            "_rebuild_tensor"
+                | "_rebuild_tensor_v2"
+                | "_rebuild_parameter"
+                | "_rebuild_parameter_with_state"
+        ),
+        "torch" => name.ends_with("Storage") || matches!(name, "Size" | "device" | "float32"),
+        "torch.storage" => name == "UntypedStorage" || name == "TypedStorage",
+        "argparse" => name == "Namespace",
+        "numpy.core.multiarray" | "numpy._core.multiarray" => name == "scalar",
+        "numpy" => name == "dtype",
+        "_codecs" => name == "encode",
+        _ => false,
+    }
 }
 
 /// Reads one pickle from `data`; returns the value and the number of bytes consumed.
 pub fn load(data: &[u8]) -> Result<(Value, usize), PickleError> {
+    let budget = 100_000 + 16 * data.len() as u64;
     Machine {
         data,
         pos: 0,
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        budget,
+        limit: budget,
     }
     .run()
+}
+
+/// A value with its nesting depth and the number of values a copy of it holds.
+#[derive(Debug, Clone)]
+struct Node {
+    v: Value,
+    depth: u32,
+    size: u64,
+}
+
+impl Node {
+    fn leaf(v: Value) -> Self {
+        Node {
+            v,
+            depth: 1,
+            size: 1,
+        }
+    }
 }
 
 struct Machine<'a> {
     data: &'a [u8],
     pos: usize,
-    stack: Vec<Value>,
+    stack: Vec<Node>,
     marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
+    memo: HashMap<u32, Node>,
+    /// Values the machine may still build or copy.
+    budget: u64,
+    limit: u64,
 }
 
 impl Machine<'_> {
@@ -129,19 +192,80 @@ impl Machine<'_> {
             why: why.into(),
         }
     }
-    fn pop(&mut self) -> Result<Value, PickleError> {
+    /// Counts `n` values built or copied against the budget.
+    fn spend(&mut self, n: u64) -> Result<(), PickleError> {
+        self.budget = self
+            .budget
+            .checked_sub(n)
+            .ok_or(PickleError::TooLarge(self.limit))?;
+        Ok(())
+    }
+    fn push(&mut self, v: Value) -> Result<(), PickleError> {
+        self.spend(1)?;
+        self.stack.push(Node::leaf(v));
+        Ok(())
+    }
+    /// Pushes a container of `children` made by `make`.
+    fn push_container(
+        &mut self,
+        children: Vec<Node>,
+        make: impl FnOnce(Vec<Value>) -> Value,
+    ) -> Result<(), PickleError> {
+        let node = self.container(children, make)?;
+        self.stack.push(node);
+        Ok(())
+    }
+    fn container(
+        &mut self,
+        children: Vec<Node>,
+        make: impl FnOnce(Vec<Value>) -> Value,
+    ) -> Result<Node, PickleError> {
+        self.spend(1)?;
+        let depth = 1 + children.iter().map(|c| c.depth).max().unwrap_or(0);
+        if depth > MAX_DEPTH {
+            return Err(PickleError::TooLarge(self.limit));
+        }
+        let size = 1 + children.iter().map(|c| c.size).sum::<u64>();
+        Ok(Node {
+            v: make(children.into_iter().map(|c| c.v).collect()),
+            depth,
+            size,
+        })
+    }
+    fn pop_node(&mut self) -> Result<Node, PickleError> {
         self.stack
             .pop()
             .ok_or_else(|| self.malformed("stack underflow"))
     }
-    fn top(&mut self) -> Result<&mut Value, PickleError> {
+    fn pop(&mut self) -> Result<Value, PickleError> {
+        Ok(self.pop_node()?.v)
+    }
+    fn top(&mut self) -> Result<&mut Node, PickleError> {
         let pos = self.pos;
         self.stack.last_mut().ok_or(PickleError::Malformed {
             pos,
             why: "stack underflow".into(),
         })
     }
-    fn pop_mark(&mut self) -> Result<Vec<Value>, PickleError> {
+    /// Adds `children` to the container on top of the stack with `add`, keeping its depth and size.
+    fn extend_top(
+        &mut self,
+        children: Vec<Node>,
+        add: impl FnOnce(&mut Value, Vec<Value>) -> Result<(), String>,
+    ) -> Result<(), PickleError> {
+        let pos = self.pos;
+        let limit = self.limit;
+        let top = self.top()?;
+        let depth = 1 + children.iter().map(|c| c.depth).max().unwrap_or(0);
+        top.depth = top.depth.max(depth);
+        top.size += children.iter().map(|c| c.size).sum::<u64>();
+        if top.depth > MAX_DEPTH {
+            return Err(PickleError::TooLarge(limit));
+        }
+        add(&mut top.v, children.into_iter().map(|c| c.v).collect())
+            .map_err(|why| PickleError::Malformed { pos, why })
+    }
+    fn pop_mark(&mut self) -> Result<Vec<Node>, PickleError> {
         let mark = self
             .marks
             .pop()
@@ -157,26 +281,45 @@ impl Machine<'_> {
             .map(Value::Str)
             .map_err(|_| self.malformed("invalid UTF-8 string"))
     }
+    /// Pushes a copy of `node`, paying for every value it holds.
+    fn push_copy(&mut self, node: Node) -> Result<(), PickleError> {
+        self.spend(node.size)?;
+        self.stack.push(node);
+        Ok(())
+    }
     fn memo_get(&mut self, key: u32) -> Result<(), PickleError> {
-        let v = self
+        let size = self
             .memo
             .get(&key)
-            .cloned()
+            .map(|n| n.size)
             .ok_or_else(|| self.malformed(format!("memo key {key} missing")))?;
-        self.stack.push(v);
+        // Paid for before the copy is made.
+        self.spend(size)?;
+        let node = self.memo[&key].clone();
+        self.stack.push(node);
         Ok(())
     }
     fn memo_put(&mut self, key: u32) -> Result<(), PickleError> {
-        let v = self.top()?.clone();
-        self.memo.insert(key, v);
+        let size = self.top()?.size;
+        self.spend(size)?;
+        let node = self.top()?.clone();
+        self.memo.insert(key, node);
         Ok(())
     }
-    fn set_items(&mut self, items: Vec<Value>) -> Result<(), PickleError> {
+    fn global(&mut self, module: String, name: String) -> Result<(), PickleError> {
+        if !allowed(&module, &name) {
+            let full = format!("{module}.{name}");
+            return Err(PickleError::Forbidden(crate::util::quote_for_message(
+                &full,
+            )));
+        }
+        self.push(Value::Global { module, name })
+    }
+    fn set_items(&mut self, items: Vec<Node>) -> Result<(), PickleError> {
         if !items.len().is_multiple_of(2) {
             return Err(self.malformed("odd number of dict items"));
         }
-        let pos = self.pos;
-        match self.top()? {
+        self.extend_top(items, |top, items| match top {
             Value::Dict(d) => {
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
@@ -184,11 +327,8 @@ impl Machine<'_> {
                 }
                 Ok(())
             }
-            _ => Err(PickleError::Malformed {
-                pos,
-                why: "SETITEM(S) on a non-dict".into(),
-            }),
-        }
+            _ => Err("SETITEM(S) on a non-dict".into()),
+        })
     }
 
     fn run(mut self) -> Result<(Value, usize), PickleError> {
@@ -207,30 +347,30 @@ impl Machine<'_> {
                     return Ok((v, self.pos));
                 }
                 b'(' => self.marks.push(self.stack.len()),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
+                b'N' => self.push(Value::None)?,
+                0x88 => self.push(Value::Bool(true))?,
+                0x89 => self.push(Value::Bool(false))?,
                 b'J' => {
                     let v = self.u32()? as i32 as i64;
-                    self.stack.push(Value::Int(v))
+                    self.push(Value::Int(v))?
                 }
                 b'K' => {
                     let v = self.u8()? as i64;
-                    self.stack.push(Value::Int(v))
+                    self.push(Value::Int(v))?
                 }
                 b'M' => {
                     let v = self.u16()? as i64;
-                    self.stack.push(Value::Int(v))
+                    self.push(Value::Int(v))?
                 }
                 0x8a => {
                     let n = self.u8()? as usize;
                     let bytes = self.take(n)?.to_vec();
-                    self.stack.push(long_from_bytes(bytes));
+                    self.push(long_from_bytes(bytes))?;
                 }
                 0x8b => {
                     let n = self.u32()? as usize;
                     let bytes = self.take(n)?.to_vec();
-                    self.stack.push(long_from_bytes(bytes));
+                    self.push(long_from_bytes(bytes))?;
                 }
                 b'I' => {
                     let l = self.line()?;
@@ -239,7 +379,7 @@ impl Machine<'_> {
                         "01" => Value::Bool(true),
                         s => Value::Int(s.parse().map_err(|_| self.malformed("bad INT"))?),
                     };
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'L' => {
                     let l = self.line()?;
@@ -247,81 +387,81 @@ impl Machine<'_> {
                         .trim_end_matches('L')
                         .parse()
                         .map_err(|_| self.malformed("bad LONG"))?;
-                    self.stack.push(Value::Int(v));
+                    self.push(Value::Int(v))?;
                 }
                 b'G' => {
                     let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
-                    self.stack.push(Value::Float(v))
+                    self.push(Value::Float(v))?
                 }
                 b'F' => {
                     let l = self.line()?;
                     let v = l.parse().map_err(|_| self.malformed("bad FLOAT"))?;
-                    self.stack.push(Value::Float(v));
+                    self.push(Value::Float(v))?;
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
                     let v = self.string(n)?;
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
                     let v = self.string(n)?;
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 0x8d => {
                     let n = self.u64()? as usize;
                     let v = self.string(n)?;
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 b'T' => {
                     let n = self.u32()? as usize;
                     let v = Value::Bytes(self.take(n)?.to_vec());
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 b'U' => {
                     let n = self.u8()? as usize;
                     let v = Value::Bytes(self.take(n)?.to_vec());
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 b'B' => {
                     let n = self.u32()? as usize;
                     let v = Value::Bytes(self.take(n)?.to_vec());
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 b'C' => {
                     let n = self.u8()? as usize;
                     let v = Value::Bytes(self.take(n)?.to_vec());
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 0x8e => {
                     let n = self.u64()? as usize;
                     let v = Value::Bytes(self.take(n)?.to_vec());
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 b'V' => {
                     let l = self.line()?;
-                    self.stack.push(Value::Str(l));
+                    self.push(Value::Str(l))?;
                 }
                 b'S' => {
                     let l = self.line()?;
-                    self.stack.push(Value::Str(
+                    self.push(Value::Str(
                         l.trim_matches(|c| c == '\'' || c == '"').to_string(),
-                    ));
+                    ))?;
                 }
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b')' => self.push(Value::Tuple(Vec::new()))?,
+                b']' => self.push(Value::List(Vec::new()))?,
+                b'}' => self.push(Value::Dict(Vec::new()))?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    self.push_container(items, Value::Tuple)?;
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(items));
+                    self.push_container(items, Value::List)?;
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Dict(Vec::new()));
+                    self.push(Value::Dict(Vec::new()))?;
                     self.set_items(items)?;
                 }
                 0x85..=0x87 => {
@@ -330,7 +470,7 @@ impl Machine<'_> {
                         return Err(self.malformed("stack underflow"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
+                    self.push_container(items, Value::Tuple)?;
                 }
                 b'q' => {
                     let k = self.u8()? as u32;
@@ -341,7 +481,8 @@ impl Machine<'_> {
                     self.memo_put(k)?
                 }
                 0x94 => {
-                    let k = self.memo.len() as u32;
+                    let k = u32::try_from(self.memo.len())
+                        .map_err(|_| self.malformed("memo overflow"))?;
                     self.memo_put(k)?
                 }
                 b'p' => {
@@ -370,8 +511,8 @@ impl Machine<'_> {
                     self.pop()?;
                 }
                 b'2' => {
-                    let v = self.top()?.clone();
-                    self.stack.push(v);
+                    let node = self.top()?.clone();
+                    self.push_copy(node)?;
                 }
                 b'1' => {
                     self.pop_mark()?;
@@ -379,69 +520,73 @@ impl Machine<'_> {
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.stack.push(Value::Global { module, name });
+                    self.global(module, name)?;
                 }
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(module), Value::Str(name)) => {
-                            self.stack.push(Value::Global { module, name })
-                        }
+                        (Value::Str(module), Value::Str(name)) => self.global(module, name)?,
                         _ => return Err(self.malformed("STACK_GLOBAL needs two strings")),
                     }
                 }
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    self.stack.push(reduce(callable, args));
-                }
-                0x92 => {
-                    let _kwargs = self.pop()?;
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    self.stack.push(reduce(callable, args));
+                b'R' | 0x81 | 0x92 => {
+                    if op == 0x92 {
+                        self.pop()?; // NEWOBJ_EX's kwargs
+                    }
+                    let args = self.pop_node()?;
+                    let callable = self.pop_node()?;
+                    self.push_container(vec![callable, args], |mut parts| {
+                        let args = parts.pop().expect("two parts");
+                        reduce(parts.pop().expect("two parts"), args)
+                    })?;
                 }
                 b'b' => {
-                    let state = self.pop()?;
-                    match self.top()? {
-                        // OrderedDict state is the `_metadata` attribute: not needed.
-                        Value::Dict(_) => {}
-                        Value::Object { state: s, .. } => *s = Some(Box::new(state)),
-                        _ => {}
-                    }
+                    let state = self.pop_node()?;
+                    self.extend_top(vec![state], |top, mut state| {
+                        match top {
+                            // OrderedDict state is the `_metadata` attribute: not needed.
+                            Value::Dict(_) => {}
+                            Value::Object { state: s, .. } => {
+                                *s = state.pop().map(Box::new);
+                            }
+                            _ => {}
+                        }
+                        Ok(())
+                    })?;
                 }
                 b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
+                    let v = self.pop_node()?;
+                    let k = self.pop_node()?;
                     self.set_items(vec![k, v])?;
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
                     self.set_items(items)?;
                 }
-                b'a' => {
-                    let v = self.pop()?;
-                    match self.top()? {
-                        Value::List(l) => l.push(v),
-                        _ => return Err(self.malformed("APPEND on a non-list")),
-                    }
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    match self.top()? {
-                        Value::List(l) => l.extend(items),
-                        _ => return Err(self.malformed("APPENDS on a non-list")),
-                    }
+                b'a' | b'e' => {
+                    let items = if op == b'a' {
+                        vec![self.pop_node()?]
+                    } else {
+                        self.pop_mark()?
+                    };
+                    self.extend_top(items, |top, items| match top {
+                        Value::List(l) => {
+                            l.extend(items);
+                            Ok(())
+                        }
+                        _ => Err("APPEND(S) on a non-list".into()),
+                    })?;
                 }
                 b'Q' => {
-                    let pid = self.pop()?;
-                    self.stack.push(Value::Persistent(Box::new(pid)));
+                    let pid = self.pop_node()?;
+                    self.push_container(vec![pid], |mut p| {
+                        Value::Persistent(Box::new(p.pop().expect("one part")))
+                    })?;
                 }
                 b'P' => {
                     let pid = self.line()?;
-                    self.stack
-                        .push(Value::Persistent(Box::new(Value::Str(pid))));
+                    self.push(Value::Persistent(Box::new(Value::Str(pid))))?;
                 }
                 _ => return Err(PickleError::Opcode { op, pos: at }),
             }

@@ -92,18 +92,42 @@ struct TensorRef {
     strides: Vec<usize>,
 }
 
+/// How many values a file may make: its tensors are views into storages the file holds, so
+/// together they can only exceed the file's size in elements by sharing storage. Counting every
+/// decoded storage and every gathered element against this keeps memory within a fixed multiple
+/// of the file size, whatever the file claims.
+struct Budget {
+    left: usize,
+}
+
+impl Budget {
+    fn for_file(bytes: usize) -> Self {
+        Budget {
+            left: bytes.max(1 << 16),
+        }
+    }
+
+    fn spend(&mut self, elements: usize, what: &str) -> Result<(), String> {
+        self.left = self.left.checked_sub(elements).ok_or_else(|| {
+            format!("{what} holds {elements} elements, more than the file can hold")
+        })?;
+        Ok(())
+    }
+}
+
 /// Reads a `.pth` / `.pt` / `.bin` state dict in either serialization format.
 pub fn read(path: &Path) -> Result<TensorMap, WeightError> {
-    let bytes = std::fs::read(path).map_err(|e| WeightError::io(path, e))?;
+    let bytes = super::read_file(path)?;
     let corrupt = |why: String| WeightError::Corrupt {
         path: path.display().to_string(),
         why,
     };
+    let mut budget = Budget::for_file(bytes.len());
     if bytes.starts_with(b"PK\x03\x04") {
-        read_zip(&bytes).map_err(corrupt)
+        read_zip(&bytes, &mut budget).map_err(corrupt)
     } else if bytes.starts_with(b"\x80\x02\x8a\x0a") && bytes.get(4..14) == Some(&LEGACY_MAGIC[..])
     {
-        read_legacy(&bytes).map_err(corrupt)
+        read_legacy(&bytes, &mut budget).map_err(corrupt)
     } else {
         Err(WeightError::NotACheckpoint {
             path: path.display().to_string(),
@@ -112,7 +136,7 @@ pub fn read(path: &Path) -> Result<TensorMap, WeightError> {
     }
 }
 
-fn read_zip(bytes: &[u8]) -> Result<TensorMap, String> {
+fn read_zip(bytes: &[u8], budget: &mut Budget) -> Result<TensorMap, String> {
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| format!("bad zip archive: {e}"))?;
     let pkl_name = archive
@@ -121,40 +145,71 @@ fn read_zip(bytes: &[u8]) -> Result<TensorMap, String> {
         .map(str::to_string)
         .ok_or("zip archive has no data.pkl")?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-    if let Ok(mut f) = archive.by_name(&format!("{prefix}byteorder")) {
-        let mut order = String::new();
-        f.read_to_string(&mut order).map_err(|e| e.to_string())?;
+    if archive.by_name(&format!("{prefix}byteorder")).is_ok() {
+        let bytes = read_entry(&mut archive, &format!("{prefix}byteorder"), 16)?;
+        let order = String::from_utf8_lossy(&bytes);
         if order.trim() != "little" {
-            return Err(format!("byte order `{}` is not supported", order.trim()));
+            return Err(format!(
+                "byte order `{}` is not supported",
+                quote(order.trim())
+            ));
         }
     }
-    let pkl = read_entry(&mut archive, &pkl_name)?;
+    let pkl = read_entry(&mut archive, &pkl_name, bytes.len())?;
     let (root, _) = pickle::load(&pkl).map_err(|e| e.to_string())?;
     let refs = state_dict(&root)?;
     let mut storages: HashMap<String, Vec<f32>> = HashMap::new();
     for (_, r) in &refs {
         if !storages.contains_key(&r.storage) {
-            let raw = read_entry(&mut archive, &format!("{prefix}data/{}", r.storage))?;
+            let raw = read_entry(
+                &mut archive,
+                &format!("{prefix}data/{}", r.storage),
+                bytes.len(),
+            )?;
+            let what = format!("storage `{}`", quote(&r.storage));
+            budget.spend(raw.len() / r.dtype.size(), &what)?;
             storages.insert(r.storage.clone(), r.dtype.to_f32(&raw));
         }
     }
-    materialize(refs, &storages)
+    materialize(refs, &storages, budget)
 }
 
+/// Archive entry `name`, read to exactly the size its header promises; that size may not exceed
+/// `limit` (PyTorch stores entries uncompressed, so no entry is larger than the archive).
 fn read_entry(
     archive: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>,
     name: &str,
+    limit: usize,
 ) -> Result<Vec<u8>, String> {
-    let mut f = archive
+    let f = archive
         .by_name(name)
-        .map_err(|e| format!("missing archive entry `{name}`: {e}"))?;
-    let mut out = Vec::with_capacity(f.size() as usize);
-    f.read_to_end(&mut out)
-        .map_err(|e| format!("cannot read archive entry `{name}`: {e}"))?;
+        .map_err(|e| format!("missing archive entry `{}`: {e}", quote(name)))?;
+    let size = f.size();
+    if size > limit as u64 {
+        return Err(format!(
+            "archive entry `{}` claims {size} bytes, more than the {limit}-byte file holds",
+            quote(name)
+        ));
+    }
+    let mut out = Vec::with_capacity(size as usize);
+    f.take(size + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("cannot read archive entry `{}`: {e}", quote(name)))?;
+    if out.len() as u64 != size {
+        return Err(format!(
+            "archive entry `{}` holds {} bytes, not the {size} its header says",
+            quote(name),
+            out.len()
+        ));
+    }
     Ok(out)
 }
 
-fn read_legacy(bytes: &[u8]) -> Result<TensorMap, String> {
+fn quote(s: &str) -> String {
+    crate::util::quote_for_message(s)
+}
+
+fn read_legacy(bytes: &[u8], budget: &mut Budget) -> Result<TensorMap, String> {
     let mut pos = 0;
     let mut next = |what: &str| -> Result<Value, String> {
         let (v, used) = pickle::load(&bytes[pos..]).map_err(|e| format!("{what}: {e}"))?;
@@ -183,19 +238,21 @@ fn read_legacy(bytes: &[u8]) -> Result<TensorMap, String> {
         let key = key.as_str().ok_or("storage key is not a string")?;
         let dtype = *dtypes
             .get(key)
-            .ok_or_else(|| format!("storage `{key}` is not used by any tensor"))?;
+            .ok_or_else(|| format!("storage `{}` is not used by any tensor", quote(key)))?;
+        let truncated = || format!("file ends inside storage `{}` (truncated?)", quote(key));
         let header = bytes
-            .get(pos..pos + 8)
-            .ok_or_else(|| format!("file ends before storage `{key}` (truncated?)"))?;
-        let numel = u64::from_le_bytes(header.try_into().unwrap()) as usize;
+            .get(pos..pos.saturating_add(8))
+            .ok_or_else(truncated)?;
+        let numel = u64::from_le_bytes(header.try_into().expect("8 bytes"));
         pos += 8;
-        let len = numel
-            .checked_mul(dtype.size())
-            .ok_or_else(|| format!("storage `{key}` has an absurd size"))?;
-        let data = bytes
-            .get(pos..pos + len)
-            .ok_or_else(|| format!("file ends inside storage `{key}` (truncated?)"))?;
+        let len = usize::try_from(numel)
+            .ok()
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .filter(|&len| len <= bytes.len() - pos)
+            .ok_or_else(truncated)?;
+        let data = &bytes[pos..pos + len];
         pos += len;
+        budget.spend(len / dtype.size(), &format!("storage `{}`", quote(key)))?;
         storages.insert(key.to_string(), dtype.to_f32(data));
     }
     // Views into a root storage become offsets into it.
@@ -204,12 +261,15 @@ fn read_legacy(bytes: &[u8]) -> Result<TensorMap, String> {
         .map(|(name, mut r)| {
             if let Some((root, view_offset)) = r.root.take() {
                 r.storage = root;
-                r.offset += view_offset;
+                r.offset = r
+                    .offset
+                    .checked_add(view_offset)
+                    .ok_or_else(|| format!("`{}`: storage offset overflows", quote(&name)))?;
             }
-            (name, r)
+            Ok((name, r))
         })
-        .collect();
-    materialize(refs, &storages)
+        .collect::<Result<_, String>>()?;
+    materialize(refs, &storages, budget)
 }
 
 /// Finds the tensor dictionary: the top-level dict, or a nested `state_dict` / `model` entry
@@ -269,10 +329,14 @@ fn tensor_ref(v: &Value) -> Result<Option<TensorRef>, String> {
                 .to_string();
             // Legacy view metadata: (view_key, offset, size).
             let (storage, root) = match rest.first().and_then(Value::as_seq) {
-                Some([view_key, view_offset, _]) => (
-                    view_key.as_str().ok_or("bad view key")?.to_string(),
-                    Some((key, view_offset.as_int().ok_or("bad view offset")? as usize)),
-                ),
+                Some([view_key, view_offset, _]) => {
+                    let offset = view_offset
+                        .as_int()
+                        .and_then(|o| usize::try_from(o).ok())
+                        .ok_or("bad view offset (not a non-negative integer)")?;
+                    let view_key = view_key.as_str().ok_or("bad view key")?.to_string();
+                    (view_key, Some((key, offset)))
+                }
                 _ => (key, None),
             };
             let ints = |v: &Value, what: &str| -> Result<Vec<usize>, String> {
@@ -281,8 +345,7 @@ fn tensor_ref(v: &Value) -> Result<Option<TensorRef>, String> {
                     .iter()
                     .map(|x| {
                         x.as_int()
-                            .filter(|&i| i >= 0)
-                            .map(|i| i as usize)
+                            .and_then(|i| usize::try_from(i).ok())
                             .ok_or_else(|| format!("bad tensor {what}"))
                     })
                     .collect()
@@ -298,8 +361,8 @@ fn tensor_ref(v: &Value) -> Result<Option<TensorRef>, String> {
                 root,
                 offset: offset
                     .as_int()
-                    .filter(|&o| o >= 0)
-                    .ok_or("bad storage offset")? as usize,
+                    .and_then(|o| usize::try_from(o).ok())
+                    .ok_or("bad storage offset")?,
                 shape,
                 strides,
             }))
@@ -308,31 +371,42 @@ fn tensor_ref(v: &Value) -> Result<Option<TensorRef>, String> {
     }
 }
 
-/// Gathers every tensor from its storage, honouring offset and strides.
+/// Gathers every tensor from its storage, honouring offset and strides; every count is checked
+/// before anything is allocated.
 fn materialize(
     refs: Vec<(String, TensorRef)>,
     storages: &HashMap<String, Vec<f32>>,
+    budget: &mut Budget,
 ) -> Result<TensorMap, String> {
     let mut out = TensorMap::new();
     for (name, r) in refs {
+        let name_q = quote(&name);
         let storage = storages
             .get(&r.storage)
-            .ok_or_else(|| format!("`{name}`: storage `{}` is missing", r.storage))?;
-        let numel: usize = r.shape.iter().product();
+            .ok_or_else(|| format!("`{name_q}`: storage `{}` is missing", quote(&r.storage)))?;
+        let absurd = || format!("`{name_q}`: its shape and strides overflow");
+        let numel = r
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(absurd)?;
         if numel > 0 {
-            let last = r.offset
-                + r.shape
-                    .iter()
-                    .zip(&r.strides)
-                    .map(|(s, st)| (s - 1) * st)
-                    .sum::<usize>();
-            if last >= storage.len() {
+            let reach = r
+                .shape
+                .iter()
+                .zip(&r.strides)
+                .try_fold(r.offset, |acc, (&s, &st)| {
+                    acc.checked_add((s - 1).checked_mul(st)?)
+                })
+                .ok_or_else(absurd)?;
+            if reach >= storage.len() {
                 return Err(format!(
-                    "`{name}`: view reaches element {last} of a {}-element storage (truncated?)",
+                    "`{name_q}`: view reaches element {reach} of a {}-element storage (truncated?)",
                     storage.len()
                 ));
             }
         }
+        budget.spend(numel, &format!("tensor `{name_q}`"))?;
         let mut data = Vec::with_capacity(numel);
         let mut index = vec![0usize; r.shape.len()];
         for _ in 0..numel {
