@@ -66,3 +66,44 @@ fn preprocessing_reproduces_the_pytorch_input() {
         assert!(max <= 1e-6, "{image}: max |diff| {max}");
     }
 }
+
+/// Real JPEG photos (4:2:0, progressive, 4:2:2, 4:4:4, grey, CMYK, camera files): PyTorch's top-5
+/// with the same weights, to 0.002 in probability, as the JPEG pixels are Pillow's exactly.
+#[test]
+fn jpeg_photos_match_pytorch_top5() {
+    let dir = fixture("jpeg");
+    let text = std::fs::read_to_string(dir.join("lite0_pytorch_top5.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let predictions = v["predictions"].as_object().unwrap();
+    assert!(predictions.len() >= 10);
+    let mut c = lite0(Backend::Engine);
+    let mut worst = 0.0f32;
+    for (file, want) in predictions {
+        let img = load_rgb(&dir.join(file)).unwrap();
+        let got = &c.top_k(&[img], 5).unwrap()[0];
+        let classes: Vec<u64> = got.iter().map(|p| p.class as u64).collect();
+        let want_classes: Vec<u64> = want["top5"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .collect();
+        assert_eq!(classes[0], want_classes[0], "{file}: top-1");
+        for (p, (class, prob)) in want_classes
+            .iter()
+            .zip(want["prob"].as_array().unwrap())
+            .enumerate()
+        {
+            let ours = c
+                .probabilities(&[load_rgb(&dir.join(file)).unwrap()])
+                .unwrap()[0][*class as usize];
+            let d = (ours - prob.as_f64().unwrap() as f32).abs();
+            worst = worst.max(d);
+            assert!(
+                d <= 0.002,
+                "{file}: class {class} (rank {p}) p {ours} vs PyTorch {prob}"
+            );
+        }
+    }
+    eprintln!("worst |dp| over the JPEG fixtures: {worst:.2e}");
+}

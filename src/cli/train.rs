@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use effnet::data::{self, augment::Policy, loader::Prepared};
-use effnet::preprocess::{Interpolation, Preprocess, ResizeMode};
+use effnet::preprocess::{Interpolation, LongSide, Preprocess, ResizeMode};
 use effnet::spec::ModelSpec;
 use effnet::train::checkpoint;
 use effnet::train::config::RESUMABLE_CHANGES;
@@ -254,6 +254,7 @@ fn execute(
             resize: cfg.resolution,
             crop: cfg.resolution,
             resize_mode: ResizeMode::ShorterSide,
+            long_side: LongSide::Round,
             interpolation: Interpolation::Bilinear,
             mean,
             std,

@@ -441,13 +441,14 @@ fn folder_split(dir: &Path, side: usize) -> Result<InMemory, DataError> {
     let mut pixels = Vec::with_capacity(f.samples.len() * side * side * 3);
     let mut labels = Vec::with_capacity(f.samples.len());
     for (path, label) in &f.samples {
-        use crate::preprocess::{Interpolation, center_crop, load_rgb, resize_shorter};
+        use crate::preprocess::{Interpolation, LongSide, center_crop, load_rgb, resize_shorter};
         let fail = |e: crate::preprocess::ImageError| DataError::Invalid {
             path: path.display().to_string(),
             why: e.to_string(),
         };
         let img = load_rgb(path).map_err(fail)?;
-        let resized = resize_shorter(&img, side, Interpolation::Bilinear).map_err(fail)?;
+        let resized =
+            resize_shorter(&img, side, Interpolation::Bilinear, LongSide::Round).map_err(fail)?;
         let img = center_crop(&resized, side).map_err(fail)?;
         pixels.extend_from_slice(img.as_raw());
         labels.push(*label);

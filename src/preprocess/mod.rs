@@ -1,6 +1,7 @@
 //! Image decoding and the eval preprocessing a weight set asks for: resize the shorter side
 //! (Pillow-exact convolution resampling), center crop, normalise.
 
+mod jpeg;
 pub mod presets;
 mod resample;
 
@@ -28,6 +29,17 @@ pub enum ResizeMode {
     Squash,
 }
 
+/// How the longer side's length is rounded when the shorter side is resized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LongSide {
+    /// Python's `round` (half to even), as this project's PyTorch oracles compute it.
+    #[default]
+    Round,
+    /// `int()`, as torchvision's `Resize` (and so timm) computes it.
+    Truncate,
+}
+
 /// Eval preprocessing: resize to `resize`, center-crop `crop`, then `(pixel - mean) / std` with
 /// pixels in 0..=255.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -36,6 +48,8 @@ pub struct Preprocess {
     pub crop: usize,
     #[serde(default)]
     pub resize_mode: ResizeMode,
+    #[serde(default)]
+    pub long_side: LongSide,
     pub interpolation: Interpolation,
     pub mean: [f32; 3],
     pub std: [f32; 3],
@@ -113,8 +127,8 @@ fn jpeg_is_complete(data: &[u8]) -> bool {
     data[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
-/// Decodes an image file to 8-bit RGB (grey and alpha images are converted). Only regular files
-/// are read; images larger than [`MAX_DECODE_SIDE`] on a side or a gigabyte decoded are refused,
+/// Decodes an image file to 8-bit RGB (grey and alpha images are converted; JPEGs exactly as
+/// Pillow decodes them, see [`jpeg`]). Only regular files are read; images larger than [`MAX_DECODE_SIDE`] on a side or a gigabyte decoded are refused,
 /// and so is a JPEG whose scan is cut short.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     let p = path.display().to_string();
@@ -137,6 +151,9 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
         }
         Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(&bytes) => {
             return Err(ImageError::Truncated { path: p });
+        }
+        Some(image::ImageFormat::Jpeg) => {
+            return jpeg::decode(&bytes).map_err(|why| ImageError::Decode { path: p, why });
         }
         _ => {}
     }
@@ -209,16 +226,23 @@ pub fn check_resizable(w: usize, h: usize, p: &Preprocess) -> Result<(), ImageEr
     Ok(())
 }
 
-/// Resizes so the shorter side is `size`, the longer side `round(size * long / short)` (the project's
-/// PyTorch oracles round; torchvision truncates, which differs by one pixel for some aspect ratios).
-/// The longer side may not exceed [`MAX_SIDE`] (a 1x65535 strip would need gigabytes).
+/// Resizes so the shorter side is `size`, the longer side `size * long / short` rounded as
+/// `long_side` says. The longer side may not exceed [`MAX_SIDE`] (a 1x65535 strip would need
+/// gigabytes).
 pub fn resize_shorter(
     img: &RgbImage,
     size: usize,
     interpolation: Interpolation,
+    long_side: LongSide,
 ) -> Result<RgbImage, ImageError> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let long = |l: usize, s: usize| (size as f64 * l as f64 / s.max(1) as f64).round();
+    let long = |l: usize, s: usize| {
+        let exact = size as f64 * l as f64 / s.max(1) as f64;
+        match long_side {
+            LongSide::Round => exact.round_ties_even(),
+            LongSide::Truncate => exact.floor(),
+        }
+    };
     let (nw, nh) = if w <= h {
         (size as f64, long(h, w))
     } else {
@@ -245,7 +269,7 @@ pub fn center_crop(img: &RgbImage, size: usize) -> Result<RgbImage, ImageError> 
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w < size || h < size {
         // Smaller than the crop: scale up first, as a user would expect rather than an error.
-        let up = resize_shorter(img, size, Interpolation::Bicubic)?;
+        let up = resize_shorter(img, size, Interpolation::Bicubic, LongSide::Round)?;
         return center_crop(&up, size);
     }
     let left = ((w - size) as f64 / 2.0).round_ties_even() as u32;
@@ -268,7 +292,7 @@ pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
 /// The whole eval pipeline: returns CHW floats of side `p.crop`.
 pub fn eval_transform(img: &RgbImage, p: &Preprocess) -> Result<Vec<f32>, ImageError> {
     let resized = match p.resize_mode {
-        ResizeMode::ShorterSide => resize_shorter(img, p.resize, p.interpolation)?,
+        ResizeMode::ShorterSide => resize_shorter(img, p.resize, p.interpolation, p.long_side)?,
         ResizeMode::Squash => resize(img, p.resize, p.resize, p.interpolation),
     };
     Ok(normalize(&center_crop(&resized, p.crop)?, p.mean, p.std))
@@ -283,8 +307,23 @@ mod tests {
         let img = RgbImage::from_fn(600, 400, |x, y| {
             image::Rgb([(x % 256) as u8, (y % 256) as u8, 7])
         });
-        let r = resize_shorter(&img, 256, Interpolation::Bicubic).unwrap();
+        let r = resize_shorter(&img, 256, Interpolation::Bicubic, LongSide::Round).unwrap();
         assert_eq!((r.width(), r.height()), (384, 256));
+        // 773x512 to 256: 386.5 rounds half to even (386); torchvision truncates (386); 451x300:
+        // 384.85 rounds to 385, truncates to 384.
+        let odd = RgbImage::new(451, 300);
+        let width = |l| {
+            resize_shorter(&odd, 256, Interpolation::Bilinear, l)
+                .unwrap()
+                .width()
+        };
+        assert_eq!(
+            (width(LongSide::Round), width(LongSide::Truncate)),
+            (385, 384)
+        );
+        let half = RgbImage::new(773, 512);
+        let w = resize_shorter(&half, 256, Interpolation::Bilinear, LongSide::Round).unwrap();
+        assert_eq!(w.width(), 386);
         let c = center_crop(&r, 224).unwrap();
         assert_eq!((c.width(), c.height()), (224, 224));
         let x = normalize(&c, [127.0; 3], [128.0; 3]);
@@ -295,7 +334,7 @@ mod tests {
         assert_eq!(center_crop(&tiny, 32).unwrap().dimensions(), (32, 32));
         // A 1x65535 strip would need a 12 GB resize buffer.
         let strip = RgbImage::new(1, 65535);
-        let e = resize_shorter(&strip, 256, Interpolation::Bicubic).unwrap_err();
+        let e = resize_shorter(&strip, 256, Interpolation::Bicubic, LongSide::Round).unwrap_err();
         assert!(e.to_string().contains("longer side would be"), "{e}");
     }
 

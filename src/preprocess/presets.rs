@@ -1,11 +1,12 @@
 //! The eval transform of every published EfficientNet checkpoint, as a declared table (what timm's
 //! `default_cfgs` and torchvision's weights enums carry): `assets/pretrained_preprocessing.csv`, a
 //! copy of `shared/reference/pretrained_preprocessing.csv` (timm 1.0.31 and torchvision 0.29.2), plus
-//! the few checkpoints outside both libraries.
+//! the few checkpoints outside both libraries. Both libraries resize with torchvision's `Resize`,
+//! which truncates the longer side.
 
 use std::sync::OnceLock;
 
-use super::{Interpolation, Preprocess, ResizeMode};
+use super::{Interpolation, LongSide, Preprocess, ResizeMode};
 
 /// The table, one row per checkpoint tag.
 const TABLE: &str = include_str!("../../assets/pretrained_preprocessing.csv");
@@ -106,6 +107,7 @@ impl Row {
                 resize,
                 crop,
                 resize_mode: mode,
+                long_side: LongSide::Truncate,
                 interpolation: match self.interpolation.as_str() {
                     "bilinear" => Interpolation::Bilinear,
                     _ => Interpolation::Bicubic,
@@ -131,6 +133,7 @@ fn extra_rows() -> Vec<Preset> {
                 resize: (crop as f64 / 0.875).round() as usize,
                 crop,
                 resize_mode: ResizeMode::ShorterSide,
+                long_side: LongSide::Round,
                 interpolation: Interpolation::Bicubic,
                 mean: [127.0; 3],
                 std: [128.0; 3],

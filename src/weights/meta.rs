@@ -4,7 +4,7 @@
 //! assumed to need, by the conventions of the library that published it.
 
 use crate::preprocess::presets::{self, Library};
-use crate::preprocess::{Interpolation, Preprocess, ResizeMode};
+use crate::preprocess::{Interpolation, LongSide, Preprocess, ResizeMode};
 use crate::spec::{Family, ModelSpec, Padding, resolve};
 
 use super::layout::Layout;
@@ -134,6 +134,7 @@ fn generic_preprocess(spec: &ModelSpec) -> Preprocess {
         resize: (crop as f64 / 0.875).floor() as usize,
         crop,
         resize_mode: ResizeMode::ShorterSide,
+        long_side: LongSide::Truncate,
         interpolation: Interpolation::Bicubic,
         mean,
         std,

@@ -213,6 +213,14 @@ fn read_safetensors(
                     .collect(),
                 true,
             ),
+            Dtype::I32 => (
+                raw.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+                    .collect(),
+                true,
+            ),
+            Dtype::U8 | Dtype::BOOL => (raw.iter().map(|&v| v as f32).collect(), true),
+            Dtype::I8 => (raw.iter().map(|&v| v as i8 as f32).collect(), true),
             other => {
                 return Err(corrupt(format!(
                     "tensor `{}` has unsupported dtype {other:?}",
