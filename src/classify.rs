@@ -63,7 +63,11 @@ impl Classifier {
         backend: Backend,
         threads: usize,
     ) -> anyhow::Result<Self> {
-        let set = weights::load(path, model)?;
+        Self::new(weights::load(path, model)?, backend, threads)
+    }
+
+    /// A classifier for a loaded weight set (its metadata decides the transform and labels).
+    pub fn new(set: weights::WeightSet, backend: Backend, threads: usize) -> anyhow::Result<Self> {
         let runner = match backend {
             Backend::Engine => Runner::Engine(Box::new(Engine::new(&set)?.with_threads(threads))),
             Backend::Burn => {

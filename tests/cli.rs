@@ -1339,3 +1339,127 @@ fn bad_flags_and_configs_fail_before_any_work() {
         "in use by another training process",
     );
 }
+
+#[test]
+fn eval_on_an_image_folder_reads_val_alone_with_the_weights_transform() {
+    let home = tempfile::tempdir().unwrap();
+    let folder = home.path().join("pets");
+    tiny_image_folder(&folder, 4);
+    // train/ is neither needed nor read: a broken file there changes nothing.
+    std::fs::write(folder.join("train/cat/broken.png"), b"not a png").unwrap();
+    let mut spec = effnet::spec::variant("b0").unwrap();
+    spec.num_classes = 3;
+    let w = home.path().join("w.safetensors");
+    effnet::weights::write_safetensors(&w, &effnet::weights::WeightSet::random(&spec, 3)).unwrap();
+    let o = effnet(
+        &[
+            "eval",
+            "--weights",
+            w.to_str().unwrap(),
+            "--dataset",
+            folder.to_str().unwrap(),
+            "--json",
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["images"], 12);
+}
+
+#[test]
+fn presets_are_chosen_stored_and_checked() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let timm = fixture(TIMM_B0);
+    let timm_s = timm.to_str().unwrap();
+    let out = dir.join("b0.safetensors");
+    let out_s = out.to_str().unwrap();
+    // convert stores the chosen preset (AdvProp: its own normalisation) in the weights.
+    let o = effnet(
+        &[
+            "convert",
+            timm_s,
+            out_s,
+            "--preset",
+            "tf_efficientnet_b0.ap_in1k",
+        ],
+        dir,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("tf_efficientnet_b0.ap_in1k"));
+    let set = effnet::weights::load(&out, None).unwrap();
+    assert_eq!(
+        set.meta.preset.as_deref(),
+        Some("tf_efficientnet_b0.ap_in1k")
+    );
+    assert_eq!(set.meta.preprocess.mean, [127.5; 3]);
+    // Without a preset, the assumed one is named.
+    let o = effnet(&["convert", timm_s, out_s], dir);
+    assert!(
+        stdout(&o).contains("tf_efficientnet_b0.in1k"),
+        "{}",
+        stdout(&o)
+    );
+    // Overrides on top of the preset.
+    let o = effnet(
+        &[
+            "convert",
+            timm_s,
+            out_s,
+            "--crop-pct",
+            "1.0",
+            "--mean",
+            "0.5,0.5,0.5",
+            "--std",
+            "0.25,0.25,0.25",
+        ],
+        dir,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = effnet::weights::load(&out, None).unwrap().meta.preprocess;
+    assert_eq!((p.resize, p.crop, p.std), (224, 224, [63.75; 3]));
+    for (args, needle) in [
+        (
+            &["--preset", "tf_efficientnet_b0.bogus"][..],
+            "tags of `tf_efficientnet_b0`",
+        ),
+        (
+            &["--preset", "tf_efficientnetv2_s.in1k"][..],
+            "is for tf_efficientnetv2_s",
+        ),
+        (&["--mean", "0.5,0.5"][..], "--mean takes three values"),
+        (&["--std", "0.5,0,0.5"][..], "--std values must be positive"),
+        (&["--crop-pct", "1.5"][..], "--crop-pct must be in (0, 1]"),
+        (&["--crop-pct", "0"][..], "--crop-pct must be in (0, 1]"),
+    ] {
+        let mut all = vec!["convert", timm_s, out_s];
+        all.extend_from_slice(args);
+        assert_clean_error(&effnet(&all, dir), needle);
+    }
+    // doctor names the layout, the assumption and the candidates, and runs them on photos.
+    let coffee = fixture("images/coffee.png");
+    let o = effnet(
+        &[
+            "doctor",
+            "--weights",
+            timm_s,
+            "--images",
+            coffee.to_str().unwrap(),
+        ],
+        dir,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = stdout(&o);
+    for needle in [
+        "layout        timm",
+        "inferred from the tensor shapes",
+        "tf_efficientnet_b0.ap_in1k",
+        "tf_ (SAME padding",
+        "top-1 per transform",
+    ] {
+        assert!(out.contains(needle), "`{needle}` missing:\n{out}");
+    }
+    let o = effnet(&["presets", "v2_l"], dir);
+    assert!(stdout(&o).contains("efficientnet_v2_l.IMAGENET1K_V1"));
+}

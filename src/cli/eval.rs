@@ -41,7 +41,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     }
     let set = weights::load(&args.weights, args.model.as_deref())?;
     let side = set.meta.preprocess.crop;
-    let (_, eval) = data::named(&args.dataset, side)?;
+    // Image folders: val/ alone, through the weights' own eval transform.
+    let eval = data::eval_split(&args.dataset, side, Some(&set.meta.preprocess))?;
     let mut prepared = Prepared::new(&eval, side);
     prepared.mean = set.meta.preprocess.mean;
     prepared.std = set.meta.preprocess.std;

@@ -1,6 +1,7 @@
 //! The `effnet` command line.
 
 mod bench;
+mod doctor;
 mod eval;
 mod study;
 mod train;
@@ -68,6 +69,8 @@ enum Command {
         /// Threads for the engine.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
+        #[command(flatten)]
+        preprocess: PreprocessArgs,
         #[arg(long)]
         json: bool,
     },
@@ -88,7 +91,100 @@ enum Command {
         output: PathBuf,
         #[arg(long)]
         model: Option<String>,
+        #[command(flatten)]
+        preprocess: PreprocessArgs,
     },
+    /// What a weights file is and how it will be used: layout, variant, padding, BN eps, the
+    /// transform, and the presets the file cannot be told apart from (with --images, their top-1).
+    Doctor(doctor::DoctorArgs),
+    /// Every pretrained-config tag in the preset table, with its transform.
+    Presets {
+        /// Only tags containing this text.
+        filter: Option<String>,
+    },
+}
+
+/// The eval transform, as the weights carry it unless these say otherwise.
+#[derive(Args, Clone, Default)]
+pub struct PreprocessArgs {
+    /// A pretrained-config tag whose transform (and padding and BN epsilon) to use:
+    /// `tf_efficientnetv2_s.in21k_ft_in1k`, `efficientnet_v2_l.IMAGENET1K_V1` (`effnet presets`).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Channel means on the 0-1 scale, as timm writes them: `0.485,0.456,0.406`.
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Option<Vec<f32>>,
+    /// Channel standard deviations on the 0-1 scale.
+    #[arg(long, value_delimiter = ',')]
+    pub std: Option<Vec<f32>>,
+    /// Center-crop fraction: the shorter side is resized to floor(crop / crop_pct).
+    #[arg(long)]
+    pub crop_pct: Option<f64>,
+    /// Size the shorter side is resized to.
+    #[arg(long)]
+    pub resize: Option<usize>,
+    /// Center crop (the network's input size).
+    #[arg(long)]
+    pub crop: Option<usize>,
+    #[arg(long, value_parser = ["bilinear", "bicubic"])]
+    pub interpolation: Option<String>,
+}
+
+impl PreprocessArgs {
+    /// Applies the preset, then the individual overrides, to `meta`.
+    pub fn apply(&self, meta: &mut effnet::weights::WeightMeta) -> anyhow::Result<()> {
+        if let Some(tag) = &self.preset {
+            meta.apply_preset(tag).map_err(anyhow::Error::msg)?;
+        }
+        let p = &mut meta.preprocess;
+        let triple = |v: &Vec<f32>, what: &str| -> anyhow::Result<[f32; 3]> {
+            match v[..] {
+                [a, b, c] => Ok([a * 255.0, b * 255.0, c * 255.0]),
+                _ => bail!(
+                    "--{what} takes three values (one per channel), got {}",
+                    v.len()
+                ),
+            }
+        };
+        if let Some(m) = &self.mean {
+            p.mean = triple(m, "mean")?;
+        }
+        if let Some(s) = &self.std {
+            p.std = triple(s, "std")?;
+            if !p.std.iter().all(|s| *s > 0.0 && s.is_finite()) {
+                bail!("--std values must be positive");
+            }
+        }
+        if let Some(c) = self.crop {
+            p.crop = c;
+        }
+        if let Some(pct) = self.crop_pct {
+            if !(pct > 0.0 && pct <= 1.0) {
+                bail!("--crop-pct must be in (0, 1], got {pct}");
+            }
+            p.resize = (p.crop as f64 / pct).floor() as usize;
+        }
+        if let Some(r) = self.resize {
+            p.resize = r;
+        }
+        if let Some(i) = &self.interpolation {
+            p.interpolation = match i.as_str() {
+                "bilinear" => effnet::preprocess::Interpolation::Bilinear,
+                _ => effnet::preprocess::Interpolation::Bicubic,
+            };
+        }
+        let custom = self.mean.is_some()
+            || self.std.is_some()
+            || self.crop.is_some()
+            || self.crop_pct.is_some()
+            || self.resize.is_some()
+            || self.interpolation.is_some();
+        if custom {
+            meta.preset = meta.preset.take().map(|t| format!("{t} (modified)"));
+        }
+        meta.validate()
+            .map_err(|e| anyhow::anyhow!("preprocessing: {e}"))
+    }
 }
 
 /// A model: a published variant, optionally rescaled by compound `--phi` or explicit multipliers.
@@ -198,11 +294,11 @@ pub fn run() -> anyhow::Result<()> {
             top,
             backend,
             threads,
+            preprocess,
             json,
         } => classify(
             &images,
-            model.as_deref(),
-            weights,
+            (model.as_deref(), weights, &preprocess),
             top as usize,
             (backend.into(), threads as usize),
             json,
@@ -211,7 +307,10 @@ pub fn run() -> anyhow::Result<()> {
             input,
             output,
             model,
-        } => convert(&input, &output, model.as_deref()),
+            preprocess,
+        } => convert(&input, &output, model.as_deref(), &preprocess),
+        Command::Doctor(args) => doctor::run(&args),
+        Command::Presets { filter } => presets(filter.as_deref()),
         Command::Bench(args) => bench::run(&args),
         Command::Study(cmd) => study::run(&cmd),
         Command::Train(args) => effnet::train::on_thread_pool(0, || train::run(&args)),
@@ -383,8 +482,7 @@ const CLASSIFY_BATCH: usize = 16;
 
 fn classify(
     images: &[PathBuf],
-    model: Option<&str>,
-    weights: Option<PathBuf>,
+    (model, weights, preprocess): (Option<&str>, Option<PathBuf>, &PreprocessArgs),
     top: usize,
     (backend, threads): (Backend, usize),
     json: bool,
@@ -393,7 +491,9 @@ fn classify(
         Some(w) => w,
         None => default_weights()?,
     };
-    let mut classifier = Classifier::from_file(&weights, model, backend, threads)?;
+    let mut set = weights::load(&weights, model)?;
+    preprocess.apply(&mut set.meta)?;
+    let mut classifier = Classifier::new(set, backend, threads)?;
     // Every file's header first, so a missing, unsupported or unresizable file fails before any
     // result is printed.
     for p in images {
@@ -438,8 +538,14 @@ fn classify(
     Ok(())
 }
 
-fn convert(input: &Path, output: &Path, model: Option<&str>) -> anyhow::Result<()> {
-    let set = weights::load(input, model)?;
+fn convert(
+    input: &Path,
+    output: &Path,
+    model: Option<&str>,
+    preprocess: &PreprocessArgs,
+) -> anyhow::Result<()> {
+    let mut set = weights::load(input, model)?;
+    preprocess.apply(&mut set.meta)?;
     weights::write_safetensors(output, &set)?;
     println!(
         "wrote {} ({}, {} tensors, from {} layout; padding {:?}, BN eps {}; preprocessing {})",
@@ -451,5 +557,38 @@ fn convert(input: &Path, output: &Path, model: Option<&str>) -> anyhow::Result<(
         set.spec().bn_eps,
         set.meta.preset.as_deref().unwrap_or("of its own")
     );
+    Ok(())
+}
+
+fn presets(filter: Option<&str>) -> anyhow::Result<()> {
+    println!(
+        "{:<44} {:<11} {:>6} {:>5} {:<8} {:<8} {:<22} std (0-1)",
+        "tag", "library", "resize", "crop", "mode", "interp", "mean (0-1)"
+    );
+    for p in effnet::preprocess::presets::all()
+        .iter()
+        .filter(|p| filter.is_none_or(|f| p.tag.contains(f)))
+    {
+        let q = &p.preprocess;
+        let scale = |v: [f32; 3]| {
+            format!(
+                "{:.3},{:.3},{:.3}",
+                v[0] / 255.0,
+                v[1] / 255.0,
+                v[2] / 255.0
+            )
+        };
+        println!(
+            "{:<44} {:<11} {:>6} {:>5} {:<8} {:<8} {:<22} {}",
+            p.tag,
+            format!("{:?}", p.library).to_lowercase(),
+            q.resize,
+            q.crop,
+            format!("{:?}", q.resize_mode).to_lowercase(),
+            format!("{:?}", q.interpolation).to_lowercase(),
+            scale(q.mean),
+            scale(q.std)
+        );
+    }
     Ok(())
 }

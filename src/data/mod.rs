@@ -436,20 +436,22 @@ pub fn load_image_folder(root: &Path) -> Result<ImageFolder, DataError> {
     })
 }
 
-fn folder_split(dir: &Path, side: usize) -> Result<InMemory, DataError> {
+/// One split of an image folder, each image made `side x side` by `crop` (training: the shorter
+/// side resized to `side` then center-cropped; evaluation: the weights' eval transform).
+fn folder_split(
+    dir: &Path,
+    side: usize,
+    crop: &dyn Fn(&image::RgbImage) -> Result<image::RgbImage, crate::preprocess::ImageError>,
+) -> Result<InMemory, DataError> {
     let f = load_image_folder(dir)?;
     let mut pixels = Vec::with_capacity(f.samples.len() * side * side * 3);
     let mut labels = Vec::with_capacity(f.samples.len());
     for (path, label) in &f.samples {
-        use crate::preprocess::{Interpolation, LongSide, center_crop, load_rgb, resize_shorter};
         let fail = |e: crate::preprocess::ImageError| DataError::Invalid {
             path: path.display().to_string(),
             why: e.to_string(),
         };
-        let img = load_rgb(path).map_err(fail)?;
-        let resized =
-            resize_shorter(&img, side, Interpolation::Bilinear, LongSide::Round).map_err(fail)?;
-        let img = center_crop(&resized, side).map_err(fail)?;
+        let img = crop(&crate::preprocess::load_rgb(path).map_err(fail)?).map_err(fail)?;
         pixels.extend_from_slice(img.as_raw());
         labels.push(*label);
     }
@@ -461,6 +463,17 @@ fn folder_split(dir: &Path, side: usize) -> Result<InMemory, DataError> {
         channels: 3,
         class_names: f.class_names,
     })
+}
+
+/// Training's crop of an image-folder image: shorter side to `side` (bilinear), center crop.
+fn train_crop(
+    side: usize,
+) -> impl Fn(&image::RgbImage) -> Result<image::RgbImage, crate::preprocess::ImageError> {
+    use crate::preprocess::{Interpolation, LongSide, center_crop, resize_shorter};
+    move |img| {
+        let resized = resize_shorter(img, side, Interpolation::Bilinear, LongSide::Round)?;
+        center_crop(&resized, side)
+    }
 }
 
 fn cifar_files(dir: &Path, train: bool, kind: Cifar) -> Vec<PathBuf> {
@@ -506,8 +519,8 @@ pub fn named(dataset: &str, side: usize) -> Result<(InMemory, InMemory), DataErr
         }
         ("", dir) if Path::new(dir).is_dir() => {
             let dir = Path::new(dir);
-            let train = folder_split(&dir.join("train"), side)?;
-            let val = folder_split(&dir.join("val"), side)?;
+            let train = folder_split(&dir.join("train"), side, &train_crop(side))?;
+            let val = folder_split(&dir.join("val"), side, &train_crop(side))?;
             if train.class_names != val.class_names {
                 return Err(DataError::Invalid {
                     path: dir.display().to_string(),
@@ -522,6 +535,36 @@ pub fn named(dataset: &str, side: usize) -> Result<(InMemory, InMemory), DataErr
                 why: "unknown dataset: use fashion-mnist, idx:DIR, cifar10:DIR, cifar100:DIR or an image folder with train/ and val/".into(),
             });
         }
+    })
+}
+
+/// The evaluation split alone. Image folders read only `val/`, each image through `transform`
+/// (the weights' eval transform, whose crop is the side) when given, else as training prepares it.
+pub fn eval_split(
+    dataset: &str,
+    side: usize,
+    transform: Option<&crate::preprocess::Preprocess>,
+) -> Result<InMemory, DataError> {
+    let (kind, path) = dataset.split_once(':').unwrap_or(("", dataset));
+    Ok(match (kind, path) {
+        ("", "fashion-mnist") => load_fashion_mnist(Path::new(FASHION_MNIST_DIR), false)?,
+        ("idx", dir) => load_mnist_dir(Path::new(dir), false, None)?,
+        ("cifar10" | "cifar100", dir) => {
+            let k = if kind == "cifar10" {
+                Cifar::Ten
+            } else {
+                Cifar::Hundred
+            };
+            load_cifar(&cifar_files(Path::new(dir), false, k), k)?
+        }
+        ("", dir) if Path::new(dir).is_dir() => {
+            let val = Path::new(dir).join("val");
+            match transform {
+                Some(p) => folder_split(&val, p.crop, &|img| crate::preprocess::eval_crop(img, p))?,
+                None => folder_split(&val, side, &train_crop(side))?,
+            }
+        }
+        _ => return named(dataset, side).map(|(_, eval)| eval),
     })
 }
 

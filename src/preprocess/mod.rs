@@ -289,13 +289,18 @@ pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
     out
 }
 
-/// The whole eval pipeline: returns CHW floats of side `p.crop`.
-pub fn eval_transform(img: &RgbImage, p: &Preprocess) -> Result<Vec<f32>, ImageError> {
+/// The eval transform's geometry: resized and center-cropped to `p.crop` x `p.crop`.
+pub fn eval_crop(img: &RgbImage, p: &Preprocess) -> Result<RgbImage, ImageError> {
     let resized = match p.resize_mode {
         ResizeMode::ShorterSide => resize_shorter(img, p.resize, p.interpolation, p.long_side)?,
         ResizeMode::Squash => resize(img, p.resize, p.resize, p.interpolation),
     };
-    Ok(normalize(&center_crop(&resized, p.crop)?, p.mean, p.std))
+    center_crop(&resized, p.crop)
+}
+
+/// The whole eval pipeline: returns CHW floats of side `p.crop`.
+pub fn eval_transform(img: &RgbImage, p: &Preprocess) -> Result<Vec<f32>, ImageError> {
+    Ok(normalize(&eval_crop(img, p)?, p.mean, p.std))
 }
 
 #[cfg(test)]

@@ -141,47 +141,53 @@ fn generic_preprocess(spec: &ModelSpec) -> Preprocess {
     }
 }
 
+/// The padding and BN epsilon of `library`'s checkpoints of `arch`: timm's `tf_*` ports keep TF's
+/// SAME padding and 1e-3, its own models are PyTorch-style; torchvision builds B5-B7 and V2 with
+/// eps 1e-3, the rest with PyTorch's 1e-5; lukemelas ports the TF checkpoints.
+fn conventions(library: Library, arch: &str) -> (Padding, f64) {
+    match library {
+        Library::Timm if arch.starts_with("tf_") => (Padding::Same, 1e-3),
+        Library::Timm => (Padding::Symmetric, 1e-5),
+        Library::Torchvision => {
+            let big = matches!(
+                arch,
+                "efficientnet_b5" | "efficientnet_b6" | "efficientnet_b7"
+            ) || arch.starts_with("efficientnet_v2");
+            (Padding::Symmetric, if big { 1e-3 } else { 1e-5 })
+        }
+        Library::Lukemelas => (Padding::Same, 1e-3),
+    }
+}
+
+/// The library a key layout comes from.
+fn library(layout: Layout) -> Option<Library> {
+    match layout {
+        Layout::Torchvision => Some(Library::Torchvision),
+        Layout::Timm => Some(Library::Timm),
+        Layout::Lukemelas => Some(Library::Lukemelas),
+        Layout::Effnet => None,
+    }
+}
+
+/// Whether `spec` is a published variant at its own resolution (what the preset table describes).
+fn is_published(spec: &ModelSpec) -> bool {
+    resolve(spec.name.as_str()).is_ok_and(|(v, _)| {
+        (v.blocks == spec.blocks && v.width == spec.width && v.depth == spec.depth)
+            && v.resolution == spec.resolution
+    })
+}
+
 /// What weights in `layout` for `spec` need when the file carries no metadata: the publishing
 /// library's padding and BN epsilon, and the eval transform of its original ImageNet weights.
 pub fn checkpoint_defaults(spec: &ModelSpec, layout: Layout) -> WeightMeta {
     let mut spec = spec.clone();
-    let library = match layout {
-        Layout::Torchvision => {
-            // torchvision builds B5-B7 and V2 with BN eps 1e-3, the rest with PyTorch's 1e-5.
-            let big = matches!(
-                spec.name.as_str(),
-                "efficientnet-b5" | "efficientnet-b6" | "efficientnet-b7"
-            ) || spec.family == Family::V2;
-            spec.padding = Padding::Symmetric;
-            spec.bn_eps = if big { 1e-3 } else { 1e-5 };
-            Some(Library::Torchvision)
-        }
-        // timm's `tf_*` ports keep TF padding and eps; its own models are PyTorch-style.
-        Layout::Timm if spec.padding == Padding::Same => {
-            spec.bn_eps = 1e-3;
-            Some(Library::Timm)
-        }
-        Layout::Timm => {
-            spec.bn_eps = 1e-5;
-            Some(Library::Timm)
-        }
-        // Ports of the TF checkpoints.
-        Layout::Lukemelas => {
-            spec.padding = Padding::Same;
-            spec.bn_eps = 1e-3;
-            Some(Library::Lukemelas)
-        }
-        Layout::Effnet => None,
-    };
-    // A table row describes a published variant at its own resolution, not a rescaled one.
-    let published = resolve(spec.name.as_str()).is_ok_and(|(v, _)| {
-        (v.blocks == spec.blocks && v.width == spec.width && v.depth == spec.depth)
-            && v.resolution == spec.resolution
-    });
-    let preset = library.filter(|_| published).and_then(|l| {
-        presets::default_for(l, &arch_name(&spec, l))
+    let preset = library(layout).and_then(|l| {
+        let arch = arch_name(&spec, l);
+        (spec.padding, spec.bn_eps) = conventions(l, &arch);
+        presets::default_for(l, &arch)
             // lukemelas' V1 ports are the TF checkpoints timm also ports.
             .or_else(|| presets::default_for(Library::Timm, &arch_name(&spec, Library::Timm)))
+            .filter(|_| is_published(&spec))
     });
     WeightMeta {
         preprocess: preset.map_or_else(|| generic_preprocess(&spec), |p| p.preprocess.clone()),
@@ -189,6 +195,48 @@ pub fn checkpoint_defaults(spec: &ModelSpec, layout: Layout) -> WeightMeta {
         spec,
         source: layout,
         class_names: None,
+    }
+}
+
+impl WeightMeta {
+    /// Uses `tag`'s transform and the padding and BN epsilon of the library that published it.
+    /// The preset must be for this architecture.
+    pub fn apply_preset(&mut self, tag: &str) -> Result<(), String> {
+        let preset = presets::find(tag).map_err(|e| e.to_string())?;
+        let arch = preset.arch();
+        let base = |name: &str| name.split('(').next().unwrap_or(name).to_string();
+        let fits = resolve(arch).is_ok_and(|(v, _)| v.name == base(&self.spec.name));
+        if !fits {
+            return Err(format!(
+                "preset `{tag}` is for {arch}; these weights are {}",
+                self.spec.name
+            ));
+        }
+        (self.spec.padding, self.spec.bn_eps) = conventions(preset.library, arch);
+        self.preprocess = preset.preprocess.clone();
+        self.preset = Some(preset.tag.clone());
+        Ok(())
+    }
+
+    /// The presets these weights might have been published with, each with the conventions it
+    /// implies: what the keys alone cannot tell apart (timm's `tf_` ports and its own models share
+    /// key names; AdvProp and noisy-student tags share shapes with the plain ones).
+    pub fn candidate_presets(&self) -> Vec<&'static presets::Preset> {
+        let Some(library) = library(self.source) else {
+            return Vec::new();
+        };
+        let base = self.spec.name.split('(').next().unwrap_or(&self.spec.name);
+        let classes = self.spec.num_classes;
+        presets::all()
+            .iter()
+            .filter(|p| {
+                let same_library = p.library == library
+                    || (library == Library::Lukemelas && p.arch().starts_with("tf_"));
+                same_library
+                    && p.num_classes == classes
+                    && resolve(p.arch()).is_ok_and(|(v, _)| v.name == base)
+            })
+            .collect()
     }
 }
 
