@@ -17,6 +17,7 @@ pub mod engine;
 pub mod evaluate;
 pub mod model;
 pub mod preprocess;
+pub mod search;
 pub mod simd;
 pub mod spec;
 pub mod study;

@@ -1463,3 +1463,77 @@ fn presets_are_chosen_stored_and_checked() {
     let o = effnet(&["presets", "v2_l"], dir);
     assert!(stdout(&o).contains("efficientnet_v2_l.IMAGENET1K_V1"));
 }
+
+#[test]
+fn a_search_scores_candidates_resumes_and_reports() {
+    let home = tempfile::tempdir().unwrap();
+    let dataset = tiny_dataset(home.path(), 48);
+    let out = home.path().join("search");
+    let search = |extra: &[&str]| {
+        let mut args = vec![
+            "search",
+            "--dataset",
+            &dataset,
+            "--resolution",
+            "16",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "0",
+            "--set",
+            "batch_size=16",
+            "--set",
+            "precise_bn_batches=1",
+            "--controller",
+            "evolution",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        effnet(&args, home.path())
+    };
+    let o = search(&["--candidates", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
+    assert_eq!(first.lines().count(), 2);
+    let log = std::fs::metadata(out.join("candidates/0/train.log"))
+        .unwrap()
+        .len();
+    let o = search(&["--candidates", "3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let all = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
+    assert_eq!(all.lines().count(), 3);
+    assert!(all.starts_with(&first), "earlier candidates changed");
+    assert_eq!(
+        std::fs::metadata(out.join("candidates/0/train.log"))
+            .unwrap()
+            .len(),
+        log
+    );
+    for f in ["history.csv", "report.md", "search.png", "reference.json"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    // The reported architecture is usable at once.
+    let arch = stdout(&o)
+        .lines()
+        .last()
+        .unwrap()
+        .trim_start_matches("--arch ")
+        .trim_matches('"')
+        .to_string();
+    let o = effnet(
+        &["info", "--arch", &arch, "--resolution", "16"],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Bad input.
+    assert_clean_error(&search(&["--w", "0.5"]), "must be zero or negative");
+    assert_clean_error(
+        &search(&["--target-mflops", "1000000"]),
+        "no architecture in the space",
+    );
+    assert_clean_error(
+        &effnet(&["info", "--arch", "r1_k4_s11_e1_i32_o16"], home.path()),
+        "kernels must be odd",
+    );
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod doctor;
 mod eval;
+mod search;
 mod study;
 mod train;
 
@@ -82,6 +83,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Inference latency and throughput of the native engine (and burn, ONNX Runtime side by side).
     Bench(bench::BenchArgs),
+    /// Search a baseline architecture for a FLOPs target (MnasNet's reward; REINFORCE or evolution).
+    Search(search::SearchArgs),
     /// The compound-scaling study: scaling at matched FLOPs, the coefficient grid, single dimensions.
     #[command(subcommand)]
     Study(study::StudyCommand),
@@ -102,6 +105,32 @@ enum Command {
         /// Only tags containing this text.
         filter: Option<String>,
     },
+}
+
+/// A spec from block strings, with B0's stem, head and defaults.
+fn custom_arch(arch: &str) -> anyhow::Result<ModelSpec> {
+    let strings: Vec<&str> = arch
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if strings.is_empty() {
+        bail!("--arch needs at least one block string");
+    }
+    let blocks = effnet::spec::BlockArgs::decode_all(&strings)?;
+    // A stable short name: FNV-1a of the block strings.
+    let hash = strings
+        .iter()
+        .flat_map(|s| s.bytes().chain([b' ']))
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+    let spec = ModelSpec {
+        name: format!("custom-{:08x}", hash >> 32),
+        blocks,
+        ..resolve("efficientnet-b0")?.0
+    };
+    spec.validate()?;
+    Ok(spec)
 }
 
 /// The eval transform, as the weights carry it unless these say otherwise.
@@ -211,12 +240,16 @@ pub struct ModelArgs {
     /// Explicit resolution multiplier on top of MODEL.
     #[arg(long = "res-mult")]
     pub res_mult: Option<f64>,
+    /// A custom architecture: its stages as block strings (space- or comma-separated, e.g. the
+    /// ones `effnet search` reports), with B0's stem, head and defaults.
+    #[arg(long, conflicts_with = "model")]
+    pub arch: Option<String>,
 }
 
 impl ModelArgs {
     /// Whether a model or any scaling was given on the command line.
     pub fn given(&self) -> bool {
-        self.model.is_some() || self.phi.is_some() || self.scaled()
+        self.model.is_some() || self.arch.is_some() || self.phi.is_some() || self.scaled()
     }
 
     fn scaled(&self) -> bool {
@@ -226,10 +259,11 @@ impl ModelArgs {
     /// The spec asked for (MODEL, else `default`, else B0, then scaled), and the factor the
     /// scaling applied to the resolution.
     pub fn resolve(&self, default: Option<&ModelChoice>) -> anyhow::Result<(ModelSpec, f64)> {
-        let base = match (&self.model, default) {
-            (Some(name), _) => resolve(name)?.0,
-            (None, Some(choice)) => choice.spec()?,
-            (None, None) => resolve("efficientnet-b0")?.0,
+        let base = match (&self.model, &self.arch, default) {
+            (_, Some(arch), _) => custom_arch(arch)?,
+            (Some(name), None, _) => resolve(name)?.0,
+            (None, None, Some(choice)) => choice.spec()?,
+            (None, None, None) => resolve("efficientnet-b0")?.0,
         };
         let spec = if let Some(phi) = self.phi {
             if self.scaled() {
@@ -313,6 +347,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Presets { filter } => presets(filter.as_deref()),
         Command::Bench(args) => bench::run(&args),
         Command::Study(cmd) => study::run(&cmd),
+        Command::Search(args) => search::run(&args),
         Command::Train(args) => effnet::train::on_thread_pool(0, || train::run(&args)),
         Command::Eval(args) => eval::run(&args),
         Command::Finetune(args) => effnet::train::on_thread_pool(0, || train::finetune(&args)),

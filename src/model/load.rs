@@ -97,7 +97,7 @@ impl<T: ParamMapper> ModuleMapper for WithPath<T> {
 }
 
 /// Runs `visitor` over every float parameter of `model`; returns it.
-pub fn visit_params<V: ParamVisitor>(model: &EfficientNet, visitor: V) -> V {
+pub fn visit_params<M: Module, V: ParamVisitor>(model: &M, visitor: V) -> V {
     let mut v = WithPath {
         path: Vec::new(),
         inner: visitor,
@@ -107,7 +107,7 @@ pub fn visit_params<V: ParamVisitor>(model: &EfficientNet, visitor: V) -> V {
 }
 
 /// Runs `mapper` over every float parameter of `model`; returns the model and the mapper.
-pub fn map_params<M: ParamMapper>(model: EfficientNet, mapper: M) -> (EfficientNet, M) {
+pub fn map_params<T: Module, M: ParamMapper>(model: T, mapper: M) -> (T, M) {
     let mut m = WithPath {
         path: Vec::new(),
         inner: mapper,

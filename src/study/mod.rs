@@ -8,14 +8,12 @@ pub mod plan;
 pub mod report;
 
 use std::collections::VecDeque;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use anyhow::{Context, bail};
 
-use crate::train::{RunFile, TrainConfig};
+use crate::train::TrainConfig;
 use plan::{PlannedRun, RunPlan};
 
 /// The commit this binary was built from (`+dirty` with uncommitted changes), recorded with results.
@@ -243,64 +241,15 @@ pub fn execute(runs: &[PlannedRun], opts: &Options) -> anyhow::Result<Vec<RunRes
 
 /// Trains one run in a child `effnet train` (or `--resume`), then records its result.
 fn train_one(run: &PlannedRun, opts: &Options, bar: &indicatif::ProgressBar) -> anyhow::Result<()> {
+    let recipe = TrainConfig {
+        resolution: run.resolution,
+        seed: run.seed,
+        ..opts.recipe.clone()
+    };
+    let config = opts.out.join("configs").join(format!("{}.toml", run.id));
     let dir = run_dir(&opts.out, &run.id);
-    let resuming = crate::train::checkpoint::latest(&dir).is_some();
-    let mut cmd = Command::new(&opts.exe);
-    if resuming {
-        cmd.arg("train").arg("--resume").arg(&dir);
-    } else {
-        let recipe = TrainConfig {
-            resolution: run.resolution,
-            seed: run.seed,
-            ..opts.recipe.clone()
-        };
-        let config = opts.out.join("configs").join(format!("{}.toml", run.id));
-        crate::util::write_atomic(&config, RunFile::to_toml(&recipe, &run.spec)?.as_bytes())?;
-        cmd.arg("train")
-            .arg("--config")
-            .arg(&config)
-            .arg("--out")
-            .arg(&dir);
-    }
-    std::fs::create_dir_all(&dir)?;
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("train.log"))?;
-    let mut child = cmd
-        .env("RAYON_NUM_THREADS", "1")
-        .env(crate::train::run::PROGRESS_LINES_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", opts.exe.display()))?;
-    let stderr = child.stderr.take().expect("piped stderr");
-    let mut last_line = String::new();
-    for line in std::io::BufReader::new(stderr).lines() {
-        let line = line.unwrap_or_default();
-        if let Some(rest) = line.strip_prefix("progress ") {
-            let mut it = rest
-                .split_whitespace()
-                .map(|v| v.parse::<u64>().unwrap_or(0));
-            let (step, total) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-            bar.set_length(total);
-            bar.set_position(step);
-            continue;
-        }
-        use std::io::Write;
-        let _ = writeln!(log, "{line}");
-        if !line.trim().is_empty() {
-            last_line = line;
-        }
-    }
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("{}", last_line.trim());
-    }
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))?;
-    let last: crate::train::metrics::EpochMetrics =
-        serde_json::from_str(metrics.lines().last().context("the run wrote no metrics")?)?;
+    let last =
+        crate::train::child::train_in_child(&opts.exe, &dir, &config, (&recipe, &run.spec), bar)?;
     let result = RunResult {
         plan: run.plan.clone(),
         top1: last.eval_top1,

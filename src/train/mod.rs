@@ -3,6 +3,7 @@
 //! checkpoints, metrics and curves, and the loop ([`run`]).
 
 pub mod checkpoint;
+pub mod child;
 pub mod config;
 pub mod ema;
 pub mod metrics;
