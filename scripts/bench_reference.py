@@ -118,7 +118,9 @@ def timings(runtime, ms, batch):
     ms = sorted(ms)
     median = ms[len(ms) // 2]
     p90 = ms[min(len(ms), -(-len(ms) * 9 // 10)) - 1]
-    return {"runtime": runtime, "median_ms": median, "p90_ms": p90, "images_per_s": batch * 1000.0 / median}
+    p99 = ms[min(len(ms), -(-len(ms) * 99 // 100)) - 1]
+    return {"runtime": runtime, "median_ms": median, "p90_ms": p90, "p99_ms": p99,
+            "images_per_s": batch * 1000.0 / median}
 
 
 def time_it(fn, iters):

@@ -57,9 +57,11 @@ for _ in range(args.iters):
 ms.sort()
 median = ms[len(ms) // 2]
 p90 = ms[min(len(ms), -(-len(ms) * 9 // 10)) - 1]
+p99 = ms[min(len(ms), -(-len(ms) * 99 // 100)) - 1]
 print(json.dumps([{
     "runtime": f"pytorch {torch.__version__.split('+')[0]}",
     "median_ms": median,
     "p90_ms": p90,
+    "p99_ms": p99,
     "images_per_s": args.batch * 1000 / median,
 }]))
