@@ -1492,16 +1492,24 @@ fn a_search_scores_candidates_resumes_and_reports() {
         args.extend_from_slice(extra);
         effnet(&args, home.path())
     };
-    let o = search(&["--candidates", "2"]);
+    let o = search(&["--candidates", "2", "--compare-seeds", "0"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.join("compare").exists());
     let first = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
     assert_eq!(first.lines().count(), 2);
     let log = std::fs::metadata(out.join("candidates/0/train.log"))
         .unwrap()
         .len();
-    let o = search(&["--candidates", "3"]);
+    let o = search(&["--candidates", "3", "--compare-seeds", "2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let all = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
+    // The comparison: B0 and the best candidate, 2 seeds each, at phi 0 and 1, in the report.
+    let compared = std::fs::read_to_string(out.join("compare/results.jsonl")).unwrap();
+    assert_eq!(compared.lines().count(), 8, "{compared}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("- phi = 1: found"), "{report}");
+    let scaled = out.join("compare/found-phi1-s1.json");
+    let trained_at = std::fs::metadata(&scaled).unwrap().modified().unwrap();
     assert_eq!(all.lines().count(), 3);
     assert!(all.starts_with(&first), "earlier candidates changed");
     assert_eq!(
@@ -1526,8 +1534,19 @@ fn a_search_scores_candidates_resumes_and_reports() {
         home.path(),
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Run again: nothing is retrained.
+    let o = search(&["--candidates", "3", "--compare-seeds", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::metadata(&scaled).unwrap().modified().unwrap(),
+        trained_at
+    );
     // Bad input.
     assert_clean_error(&search(&["--w", "0.5"]), "must be zero or negative");
+    assert_clean_error(
+        &search(&["--compare-phi", "-1"]),
+        "must be a positive number",
+    );
     assert_clean_error(
         &search(&["--target-mflops", "1000000"]),
         "no architecture in the space",

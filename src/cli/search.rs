@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use effnet::search::{self, ControllerKind, Options, report, space::Space};
+use effnet::search::{self, ControllerKind, Options, compare, report, space::Space};
+use effnet::spec::CompoundCoefficients;
 use effnet::train::{Decay, RunFile, TrainConfig};
 
 #[derive(Args)]
@@ -45,6 +46,13 @@ pub struct SearchArgs {
     /// Any recipe field of the proxy training (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// After the search: the best candidate and B0 trained with this many seeds, unscaled and at
+    /// --compare-phi (0: no comparison).
+    #[arg(long, default_value_t = 3)]
+    compare_seeds: u64,
+    /// The compound coefficient of the comparison's scaled pair (the paper's alpha, beta, gamma).
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    compare_phi: f64,
 }
 
 /// The proxy recipe: the study's short-run recipe (see `effnet study`), the same for every
@@ -75,6 +83,12 @@ fn recipe(args: &SearchArgs) -> anyhow::Result<TrainConfig> {
 
 pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
     let recipe = recipe(args)?;
+    if !(args.compare_phi.is_finite() && args.compare_phi > 0.0) {
+        bail!(
+            "--compare-phi {} must be a positive number",
+            args.compare_phi
+        );
+    }
     let (train, _) = effnet::data::named(&recipe.dataset, recipe.resolution)?;
     let images = match recipe.train_limit {
         0 => train.len(),
@@ -158,15 +172,29 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
         effnet::study::COMMIT,
         r = args.resolution
     );
-    effnet::util::write_atomic(
-        &args.out.join("report.md"),
-        report::markdown(&history, Some(&b0), &header).as_bytes(),
-    )?;
+    let mut markdown = report::markdown(&history, Some(&b0), &header);
+    effnet::util::write_atomic(&args.out.join("report.md"), markdown.as_bytes())?;
     report::plot(&history, Some(&b0), &args.out.join("search.png"))?;
     let best = history
         .iter()
         .max_by(|a, b| a.reward.total_cmp(&b.reward))
         .context("no candidate")?;
+    if args.compare_seeds > 0 {
+        eprintln!(
+            "comparing candidate {} with B0: {} seeds each, unscaled and at phi = {}",
+            best.index, args.compare_seeds, args.compare_phi
+        );
+        let plan = compare::Plan {
+            found: &best.arch,
+            seeds: args.compare_seeds,
+            phi: args.compare_phi,
+            coefficients: CompoundCoefficients::default(),
+        };
+        let entries = compare::run(&opts, &plan)?;
+        markdown.push('\n');
+        markdown.push_str(&compare::markdown(&entries));
+        effnet::util::write_atomic(&args.out.join("report.md"), markdown.as_bytes())?;
+    }
     println!(
         "best of {}: candidate {} at {:.1} MFLOPs, top-1 {:.4}, reward {:.4} (B0: {:.1} MFLOPs, top-1 {:.4}, reward {:.4}); report.md, history.csv and search.png in {}\n--arch \"{}\"",
         history.len(),

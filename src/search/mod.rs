@@ -5,6 +5,7 @@
 //! scored with MnasNet's reward `ACC x (FLOPS / T)^w`. The history is appended as each candidate
 //! finishes, so a killed search resumes (the controller replays it) without redoing a candidate.
 
+pub mod compare;
 pub mod controller;
 pub mod report;
 pub mod space;
