@@ -1556,3 +1556,115 @@ fn a_search_scores_candidates_resumes_and_reports() {
         "kernels must be odd",
     );
 }
+
+#[test]
+fn embed_writes_features_of_files_and_folders() {
+    let home = tempfile::tempdir().unwrap();
+    let photos = home.path().join("photos");
+    std::fs::create_dir_all(photos.join("more")).unwrap();
+    std::fs::copy(fixture("images/coffee.png"), photos.join("coffee.png")).unwrap();
+    std::fs::copy(
+        fixture("images/chelsea.png"),
+        photos.join("more/chelsea.png"),
+    )
+    .unwrap();
+    std::fs::write(photos.join("notes.txt"), "not an image").unwrap();
+    let weights = fixture(LITE0);
+    let embed = |extra: &[&str]| {
+        let mut args = vec!["embed", "--weights", weights.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        effnet(&args, home.path())
+    };
+    let dir = photos.to_str().unwrap();
+    let npy = home.path().join("pooled.npy");
+    let o = embed(&[dir, "--out", npy.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("2 images"), "{}", stdout(&o));
+    let bytes = std::fs::read(&npy).unwrap();
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+    assert!(header.contains("'shape': (2, 1280)"), "{header}");
+    assert_eq!(bytes.len(), 10 + len + 2 * 1280 * 4);
+    let npy_values: Vec<f32> = bytes[10 + len..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    // Every tap in one safetensors file, in batches of one: the same pooled features.
+    let st = home.path().join("all.safetensors");
+    let o = embed(&[
+        dir,
+        "--taps",
+        "pooled,8,32",
+        "--batch",
+        "1",
+        "--threads",
+        "2",
+        "--out",
+        st.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = std::fs::read(&st).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&file).unwrap();
+    let images = &meta.metadata().as_ref().unwrap()["images"];
+    assert!(
+        images.contains("coffee.png") && images.contains("more/chelsea.png"),
+        "{images}"
+    );
+    let tensors = safetensors::SafeTensors::deserialize(&file).unwrap();
+    assert_eq!(tensors.tensor("pooled").unwrap().shape(), [2, 1280]);
+    assert_eq!(
+        tensors.tensor("features.8").unwrap().shape(),
+        [2, 40, 28, 28]
+    );
+    assert_eq!(
+        tensors.tensor("features.32").unwrap().shape(),
+        [2, 320, 7, 7]
+    );
+    let pooled: Vec<f32> = tensors
+        .tensor("pooled")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let diff = pooled
+        .iter()
+        .zip(&npy_values)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff < 1e-5, "{diff}");
+    // JSON lines: one per image.
+    let jsonl = home.path().join("f.jsonl");
+    let coffee = photos.join("coffee.png");
+    let o = embed(&[coffee.to_str().unwrap(), "--out", jsonl.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&jsonl).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["pooled"].as_array().unwrap().len(), 1280);
+    // Bad input: nothing is written.
+    let bad = home.path().join("bad.npy");
+    let b = bad.to_str().unwrap();
+    assert_clean_error(
+        &embed(&[dir, "--taps", "pooled,8", "--out", b]),
+        "one array",
+    );
+    assert_clean_error(
+        &embed(&[dir, "--taps", "64", "--out", b]),
+        "no feature map at reduction 64",
+    );
+    assert_clean_error(
+        &embed(&[dir, "--taps", "big", "--out", b]),
+        "neither `pooled`",
+    );
+    assert_clean_error(
+        &embed(&[dir, "--out", "f.txt"]),
+        ".safetensors, .npy or .jsonl",
+    );
+    let empty = home.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_clean_error(
+        &embed(&[empty.to_str().unwrap(), "--out", b]),
+        "no image files",
+    );
+    assert_clean_error(&embed(&["/nonexistent.png", "--out", b]), "nonexistent");
+    assert!(!bad.exists());
+}

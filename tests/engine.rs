@@ -114,3 +114,60 @@ fn threads_and_batches_split_the_work_without_changing_the_answer() {
         }
     }
 }
+
+#[test]
+fn embeddings_match_the_burn_models_features() {
+    let device = Device::flex();
+    for (name, padding, batch, h, w) in [
+        ("b0", Padding::Same, 2, 67, 90),
+        ("lite0", Padding::Symmetric, 1, 64, 64),
+        ("v2-b0", Padding::Same, 2, 64, 48),
+    ] {
+        let set = random_set(name, padding);
+        let model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors).unwrap();
+        let x = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
+        let data = x.clone().into_data().try_to_vec::<f32>().unwrap();
+        let want_maps = model.forward_features(x.clone());
+        let want_pooled = model
+            .forward_head_features(x)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let mut engine = Engine::new(&set).unwrap().with_threads(2);
+        let reductions: Vec<usize> = engine.feature_taps().iter().map(|t| t.reduction).collect();
+        assert_eq!(reductions, [2, 4, 8, 16, 32]);
+        // Asked out of order: returned in the order asked.
+        let asked = [32, 2, 8, 4, 16];
+        let got = engine.embed(&data, (batch, h, w), true, &asked).unwrap();
+        let pooled = got.pooled.unwrap();
+        let scale = want_pooled.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            max_abs_diff(&pooled, &want_pooled) <= 1e-4 * scale,
+            "{name} pooled"
+        );
+        assert_eq!(got.maps.len(), asked.len());
+        for (map, r) in got.maps.iter().zip(asked) {
+            let want = &want_maps[reductions.iter().position(|&x| x == r).unwrap()];
+            assert_eq!(map.reduction, r);
+            assert_eq!(
+                [batch, map.channels, map.height, map.width],
+                want.dims(),
+                "{name} tap {r}"
+            );
+            let want = want.clone().into_data().try_to_vec::<f32>().unwrap();
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&map.data, &want);
+            assert!(diff <= 1e-4 * scale, "{name} tap {r}: {diff}");
+        }
+        // The logits path is unchanged by embedding, and unknown levels are named.
+        let logits = engine.forward(&data, batch, h, w);
+        assert_eq!(logits.len(), batch * set.spec().num_classes);
+        let err = engine
+            .embed(&data, (batch, h, w), false, &[64])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no feature map at reduction 64; this model has reductions 2, 4, 8, 16, 32"
+        );
+    }
+}

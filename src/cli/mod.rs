@@ -2,6 +2,7 @@
 
 mod bench;
 mod doctor;
+mod embed;
 mod eval;
 mod search;
 mod study;
@@ -75,6 +76,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Image features (pooled head features, backbone maps) of files and folders, for other tools.
+    Embed(embed::EmbedArgs),
     /// Train a model with the TF recipe (default: B0 on Fashion-MNIST at 32x32, 200 steps).
     Train(train::TrainArgs),
     /// Fine-tune pretrained weights on a dataset: new head on a frozen backbone, then all layers.
@@ -344,6 +347,7 @@ pub fn run() -> anyhow::Result<()> {
             preprocess,
         } => convert(&input, &output, model.as_deref(), &preprocess),
         Command::Doctor(args) => doctor::run(&args),
+        Command::Embed(args) => embed::run(&args),
         Command::Presets { filter } => presets(filter.as_deref()),
         Command::Bench(args) => bench::run(&args),
         Command::Study(cmd) => study::run(&cmd),
@@ -501,7 +505,7 @@ fn info(
     Ok(())
 }
 
-fn default_weights() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_weights() -> anyhow::Result<PathBuf> {
     let path = weights_home().join(DEFAULT_WEIGHTS);
     if !path.exists() {
         bail!(

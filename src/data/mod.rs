@@ -389,6 +389,51 @@ pub struct ImageFolder {
 
 const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"];
 
+/// Whether `path` names an image file by its extension.
+pub fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Folder levels [`image_files`] descends (a guard against link cycles).
+const MAX_FOLDER_DEPTH: usize = 32;
+
+/// The image files among `paths`: files as given (in order), folders walked recursively for image
+/// files, each folder's files sorted by path.
+pub fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+        if depth > MAX_FOLDER_DEPTH {
+            return Err(DataError::Invalid {
+                path: dir.display().to_string(),
+                why: format!("folders nest deeper than {MAX_FOLDER_DEPTH} levels"),
+            });
+        }
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, depth + 1, out)?;
+            } else if p.is_file() && is_image(&p) {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            walk(p, 0, &mut out)?;
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
 pub fn load_image_folder(root: &Path) -> Result<ImageFolder, DataError> {
     let invalid = |why: String| DataError::Invalid {
         path: root.display().to_string(),
@@ -409,11 +454,7 @@ pub fn load_image_folder(root: &Path) -> Result<ImageFolder, DataError> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io(dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            })
+            .filter(|p| is_image(p))
             .collect();
         if files.is_empty() {
             return Err(invalid(format!(

@@ -16,6 +16,7 @@ mod plan;
 pub(crate) mod pool;
 pub mod profile;
 
+use crate::spec::FeatureTap;
 use crate::weights::{WeightMeta, WeightSet};
 
 use adapt::Adapt;
@@ -26,6 +27,60 @@ use pool::Pool;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the inference engine: {0}")]
 pub struct EngineError(String);
+
+/// A feature level the model does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("no feature map at reduction {asked}; this model has reductions {available}")]
+pub struct UnknownTap {
+    pub asked: usize,
+    pub available: String,
+}
+
+/// A backbone feature map of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureMap {
+    /// Input pixels per map pixel along each side.
+    pub reduction: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    /// `[n x channels x height x width]`.
+    pub data: Vec<f32>,
+}
+
+impl FeatureMap {
+    fn from_nhwc(tap: &FeatureTap, x: &[f32], n: usize, (h, w): (usize, usize)) -> Self {
+        let c = tap.channels;
+        let mut data = vec![0.0; n * c * h * w];
+        for img in 0..n {
+            let (src, dst) = (
+                &x[img * h * w * c..(img + 1) * h * w * c],
+                &mut data[img * c * h * w..(img + 1) * c * h * w],
+            );
+            for (px, row) in src.chunks_exact(c).enumerate() {
+                for (ch, v) in row.iter().enumerate() {
+                    dst[ch * h * w + px] = *v;
+                }
+            }
+        }
+        FeatureMap {
+            reduction: tap.reduction,
+            channels: c,
+            height: h,
+            width: w,
+            data,
+        }
+    }
+}
+
+/// What [`Engine::embed`] returns for a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedding {
+    /// `[n x head channels]` when asked for.
+    pub pooled: Option<Vec<f32>>,
+    /// One map per asked reduction, in the order asked.
+    pub maps: Vec<FeatureMap>,
+}
 
 /// The compiled network plus its reusable buffers.
 pub struct Engine {
@@ -86,15 +141,94 @@ impl Engine {
 
     /// Logits `[n x classes]` for `n` NCHW images of `h x w` (any size).
     pub fn forward(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        let pooled = self.timed_pass(input, (n, h, w), &[], &mut Vec::new());
+        let (c, classes) = (self.plan.head.cout, self.plan.fc_b.len());
+        let _t = profile::layer(
+            "classifier",
+            || format!("classifier {c}->{classes}"),
+            || (n * c * classes) as u64,
+        );
+        let mut logits = vec![0.0; n * classes];
+        for (img, out) in logits.chunks_exact_mut(classes).enumerate() {
+            kernels::gemv(
+                &pooled[img * c..(img + 1) * c],
+                &self.plan.fc_w,
+                &self.plan.fc_b,
+                out,
+                None,
+            );
+        }
+        logits
+    }
+
+    /// The backbone's feature taps (reductions 2 to 32, timm's `features_only` levels).
+    pub fn feature_taps(&self) -> Vec<FeatureTap> {
+        self.meta.spec.feature_taps()
+    }
+
+    /// Features of `n` NCHW images of `h x w`: the pooled head features `[n x head channels]`
+    /// (the classifier's input) when `pooled`, and the backbone maps at each of `reductions`
+    /// (NCHW, as the burn model's `forward_features` returns them).
+    pub fn embed(
+        &mut self,
+        input: &[f32],
+        (n, h, w): (usize, usize, usize),
+        pooled: bool,
+        reductions: &[usize],
+    ) -> Result<Embedding, UnknownTap> {
+        let taps = self.feature_taps();
+        let chosen = reductions
+            .iter()
+            .map(|&r| {
+                taps.iter()
+                    .copied()
+                    .find(|t| t.reduction == r)
+                    .ok_or_else(|| UnknownTap {
+                        asked: r,
+                        available: taps
+                            .iter()
+                            .map(|t| t.reduction.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut maps = Vec::new();
+        let head = self.timed_pass(input, (n, h, w), &chosen, &mut maps);
+        // The maps in the order asked.
+        let maps = chosen
+            .iter()
+            .map(|t| {
+                let i = maps
+                    .iter()
+                    .position(|m: &FeatureMap| m.reduction == t.reduction);
+                maps[i.expect("every chosen tap is captured")].clone()
+            })
+            .collect();
+        Ok(Embedding {
+            pooled: pooled.then_some(head),
+            maps,
+        })
+    }
+
+    /// One pass through stem, blocks and head with the thread policy deciding the mode; returns
+    /// the pooled head features and appends the maps at `taps` to `maps`.
+    fn timed_pass(
+        &mut self,
+        input: &[f32],
+        (n, h, w): (usize, usize, usize),
+        taps: &[FeatureTap],
+        maps: &mut Vec<FeatureMap>,
+    ) -> Vec<f32> {
         assert_eq!(input.len(), n * 3 * h * w, "input must be n x 3 x h x w");
         let mut a = std::mem::take(&mut self.arena);
         let single = self.adapt.choose_single(self.pool.threads(), (n, h, w));
         self.single.set(single);
         let start = std::time::Instant::now();
-        let logits = self.forward_images(&mut a, input, n, h, w);
+        let pooled = self.pooled_features(&mut a, input, (n, h, w), taps, maps);
         self.adapt.record(single, start.elapsed().as_secs_f64());
         self.arena = a;
-        logits
+        pooled
     }
 
     /// Threads the current forward pass uses (1 while [`Adapt`] probes or prefers one).
@@ -114,13 +248,13 @@ impl Engine {
         }
     }
 
-    fn forward_images(
+    fn pooled_features(
         &self,
         a: &mut Arena,
         input: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
+        (n, h, w): (usize, usize, usize),
+        taps: &[FeatureTap],
+        maps: &mut Vec<FeatureMap>,
     ) -> Vec<f32> {
         let p = &self.plan;
         // NCHW -> NHWC.
@@ -136,33 +270,27 @@ impl Engine {
         let (x, y) = a.io(Buf::X, Buf::Y);
         let mut shape = self.conv(&p.stem, x, y, n, (h, w), None);
         a.bufs.swap(Buf::X as usize, Buf::Y as usize);
-        for b in &p.blocks {
+        let mut capture = |after_block: Option<usize>, x: &[f32], (h, w): (usize, usize)| {
+            for t in taps.iter().filter(|t| t.after_block == after_block) {
+                maps.push(FeatureMap::from_nhwc(t, x, n, (h, w)));
+            }
+        };
+        capture(None, &a.bufs[Buf::X as usize], shape);
+        for (i, b) in p.blocks.iter().enumerate() {
             shape = self.block(b, a, n, shape);
             a.bufs.swap(Buf::X as usize, Buf::Y as usize);
+            capture(Some(i), &a.bufs[Buf::X as usize], shape);
         }
         let (x, y) = a.io(Buf::X, Buf::Y);
         let (hh, hw) = self.pointwise(p.head.gemm_weight(), None, &p.head, (x, y), n, shape, None);
         let c = p.head.cout;
-        let classes = p.fc_b.len();
-        let _t = profile::layer(
-            "pool + classifier",
-            || format!("pool + classifier {c}->{classes}"),
-            || (n * c * classes) as u64,
-        );
+        let _t = profile::layer("pool", || format!("pool {c}"), || 0);
         let y = &a.bufs[Buf::Y as usize];
-        let mut logits = vec![0.0; n * classes];
-        let mut pooled = vec![0.0; c];
-        for img in 0..n {
-            mean_rows(&y[img * hh * hw * c..(img + 1) * hh * hw * c], &mut pooled);
-            kernels::gemv(
-                &pooled,
-                &p.fc_w,
-                &p.fc_b,
-                &mut logits[img * classes..(img + 1) * classes],
-                None,
-            );
+        let mut pooled = vec![0.0; n * c];
+        for (img, out) in pooled.chunks_exact_mut(c).enumerate() {
+            mean_rows(&y[img * hh * hw * c..(img + 1) * hh * hw * c], out);
         }
-        logits
+        pooled
     }
 
     /// One block's steps, from X (its input) into Y; returns the output spatial shape.
