@@ -16,6 +16,7 @@ pub mod data;
 pub mod embed;
 pub mod engine;
 pub mod evaluate;
+pub mod export;
 pub mod model;
 pub mod preprocess;
 pub mod search;

@@ -1668,3 +1668,39 @@ fn embed_writes_features_of_files_and_folders() {
     assert_clean_error(&embed(&["/nonexistent.png", "--out", b]), "nonexistent");
     assert!(!bad.exists());
 }
+
+#[test]
+fn export_onnx_writes_a_model_and_rejects_bad_options() {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("lite0.onnx");
+    let w = fixture(LITE0);
+    let export = |extra: &[&str]| {
+        let mut args = vec!["export", "onnx", "--weights", w.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        effnet(&args, home.path())
+    };
+    let o = export(&["--out", out.to_str().unwrap(), "--dynamic-batch"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout(&o).contains("224x224 (batch N, opset 17)"),
+        "{}",
+        stdout(&o)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(bytes.len() > 4_000_000, "{}", bytes.len());
+    // The preprocessing travels in the metadata.
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("effnet.preprocess") && text.contains("espresso"));
+    let bad = home.path().join("bad.onnx");
+    let b = bad.to_str().unwrap();
+    assert_clean_error(
+        &export(&["--out", b, "--opset", "7"]),
+        "--opset 7 is not supported",
+    );
+    assert_clean_error(&export(&["--out", b, "--resolution", "0"]), "too small");
+    assert_clean_error(
+        &export(&["--out", "/nonexistent/dir/m.onnx"]),
+        "cannot write",
+    );
+    assert!(!bad.exists());
+}

@@ -4,6 +4,7 @@ mod bench;
 mod doctor;
 mod embed;
 mod eval;
+mod export;
 mod search;
 mod study;
 mod train;
@@ -76,6 +77,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Export weights for another runtime (ONNX).
+    #[command(subcommand)]
+    Export(export::ExportCommand),
     /// Image features (pooled head features, backbone maps) of files and folders, for other tools.
     Embed(embed::EmbedArgs),
     /// Train a model with the TF recipe (default: B0 on Fashion-MNIST at 32x32, 200 steps).
@@ -348,6 +352,7 @@ pub fn run() -> anyhow::Result<()> {
         } => convert(&input, &output, model.as_deref(), &preprocess),
         Command::Doctor(args) => doctor::run(&args),
         Command::Embed(args) => embed::run(&args),
+        Command::Export(cmd) => export::run(&cmd),
         Command::Presets { filter } => presets(filter.as_deref()),
         Command::Bench(args) => bench::run(&args),
         Command::Study(cmd) => study::run(&cmd),

@@ -4,6 +4,7 @@
 
 use crate::simd::gemm as microkernel;
 use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv};
+use crate::weights::fold::{Folded, fold_batch_norm, tensor_values};
 use crate::weights::{TensorMap, WeightSet};
 
 use super::EngineError;
@@ -120,16 +121,7 @@ pub(super) struct Plan {
 
 /// Tensor `name` with `len` values.
 fn tensor<'a>(t: &'a TensorMap, name: &str, len: usize) -> Result<&'a [f32], EngineError> {
-    let t = t
-        .get(name)
-        .ok_or_else(|| EngineError(format!("missing tensor `{name}`")))?;
-    if t.data.len() != len {
-        return Err(EngineError(format!(
-            "`{name}` has {} values, the spec needs {len}",
-            t.data.len()
-        )));
-    }
-    Ok(&t.data)
+    tensor_values(t, name, len).map_err(|e| EngineError(e.to_string()))
 }
 
 /// Folds `{path}.bn` into `{path}.conv` and repacks the weight for the kind of convolution.
@@ -147,32 +139,10 @@ fn fold(
     } else {
         ConvKind::Full
     };
-    let weight_name = format!("{path}.conv.weight");
-    let shape = &t
-        .get(&weight_name)
-        .ok_or_else(|| EngineError(format!("missing tensor `{weight_name}`")))?
-        .shape;
-    if *shape != spec_conv.weight_shape() {
-        return Err(EngineError(format!(
-            "`{weight_name}` is {shape:?}, the spec needs {:?}",
-            spec_conv.weight_shape()
-        )));
-    }
-    let (cout, cin_g, k) = (shape[0], shape[1], shape[2]);
-    let w = tensor(t, &weight_name, cout * cin_g * k * k)?;
-    let bn = |name: &str| tensor(t, &format!("{path}.bn.{name}"), cout);
-    let (gamma, beta, mean, var) = (
-        bn("weight")?,
-        bn("bias")?,
-        bn("running_mean")?,
-        bn("running_var")?,
-    );
-    let scale: Vec<f32> = gamma
-        .iter()
-        .zip(var)
-        .map(|(g, v)| (*g as f64 / (*v as f64 + eps).sqrt()) as f32)
-        .collect();
-    let bias: Vec<f32> = (0..cout).map(|o| beta[o] - mean[o] * scale[o]).collect();
+    let Folded { weight: w, bias } =
+        fold_batch_norm(t, spec_conv, eps).map_err(|e| EngineError(e.to_string()))?;
+    let (cout, k) = (spec_conv.out_channels, spec_conv.kernel);
+    let cin_g = spec_conv.in_channels / spec_conv.groups;
     // One repacking serves all three kinds: `[k*k*cin_g x cout]` rows ordered (tap, input channel).
     // For 1x1 that is `[cin x cout]`; for depthwise (cin_g = 1) it is `[k*k x c]`.
     let kk = k * k;
@@ -180,7 +150,7 @@ fn fold(
     for o in 0..cout {
         for i in 0..cin_g {
             for tap in 0..kk {
-                weight[(tap * cin_g + i) * cout + o] = w[(o * cin_g + i) * kk + tap] * scale[o];
+                weight[(tap * cin_g + i) * cout + o] = w[(o * cin_g + i) * kk + tap];
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Weight import and export: PyTorch checkpoints (zip and legacy) and safetensors, in torchvision,
 //! timm, lukemelas or this crate's layout, mapped to canonical names with their metadata.
 
+pub mod fold;
 pub mod layout;
 pub mod meta;
 mod pickle;

@@ -1,0 +1,4 @@
+//! Exporting a network for other runtimes, written from the spec and the weights.
+
+pub mod onnx;
+pub mod proto;

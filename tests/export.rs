@@ -1,0 +1,89 @@
+//! The ONNX export runs in another runtime (tract) and gives the engine's logits.
+
+mod common;
+
+use common::*;
+use effnet::engine::Engine;
+use effnet::export::onnx::{OnnxOptions, to_onnx};
+use effnet::spec::{Padding, variant};
+use effnet::weights::{self, WeightSet};
+use tract_onnx::prelude::*;
+
+fn run_onnx(bytes: &[u8], input: &[f32], n: usize, side: usize) -> Vec<f32> {
+    let model = tract_onnx::onnx()
+        .model_for_read(&mut std::io::Cursor::new(bytes))
+        .unwrap()
+        .with_input_fact(0, f32::fact([n, 3, side, side]).into())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let x = tract_ndarray::Array4::from_shape_vec((n, 3, side, side), input.to_vec()).unwrap();
+    let out = model.run(tvec!(Tensor::from(x).into())).unwrap();
+    out[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
+}
+
+fn input(n: usize, side: usize) -> Vec<f32> {
+    (0..n * 3 * side * side)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5)
+        .collect()
+}
+
+fn check(set: &WeightSet, side: usize, n: usize, dynamic_batch: bool) {
+    let opts = OnnxOptions {
+        resolution: side,
+        dynamic_batch,
+        opset: 17,
+    };
+    let bytes = to_onnx(set, &opts).unwrap();
+    let x = input(n, side);
+    let got = run_onnx(&bytes, &x, n, side);
+    let want = Engine::new(set).unwrap().forward(&x, n, side, side);
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&got, &want);
+    eprintln!(
+        "{}: {side}px batch {n}: max |diff| {diff:e}",
+        set.spec().name
+    );
+    assert_eq!(got.len(), want.len());
+    assert!(diff <= 1e-4 * scale, "{}: {diff}", set.spec().name);
+}
+
+#[test]
+fn real_lite0_weights_export_to_the_same_logits() {
+    let set = weights::load(&fixture(LITE0), None).unwrap();
+    check(&set, 224, 1, false);
+}
+
+#[test]
+fn every_block_kind_and_padding_exports_to_the_same_logits() {
+    for (name, padding, side, n, dynamic) in [
+        ("b0", Padding::Same, 96, 1, false),
+        ("b0", Padding::Symmetric, 67, 2, true),
+        ("v2-b0", Padding::Same, 64, 2, true),
+        ("lite1", Padding::Same, 72, 1, false),
+    ] {
+        let mut spec = variant(name).unwrap();
+        spec.padding = padding;
+        check(&WeightSet::random(&spec, 3), side, n, dynamic);
+    }
+}
+
+#[test]
+fn bad_export_options_are_errors() {
+    let set = WeightSet::random(&variant("b0").unwrap(), 1);
+    let opts = |opset, resolution| OnnxOptions {
+        resolution,
+        dynamic_batch: false,
+        opset,
+    };
+    let e = to_onnx(&set, &opts(9, 224)).unwrap_err().to_string();
+    assert!(e.contains("--opset 9 is not supported"), "{e}");
+    assert!(to_onnx(&set, &opts(17, 0)).is_err());
+}
