@@ -453,20 +453,30 @@ fn write_report(
                     best.mult.depth, best.mult.width, best.mult.resolution, best.target
                 );
             }
+            // x: the FLOPs each triple really has (rounding moves them off 2x), each point named.
             let series = vec![Series {
                 label: "grid points".into(),
                 points: groups
                     .iter()
                     .map(|g| {
                         let (m, sd) = report::mean_std(&g.top1);
-                        (g.mult.depth, m, sd)
+                        (report::mflops(g), m, sd)
+                    })
+                    .collect(),
+                point_labels: groups
+                    .iter()
+                    .map(|g| {
+                        format!(
+                            "  a{:.2} b{:.2} g{:.2}",
+                            g.mult.depth, g.mult.width, g.mult.resolution
+                        )
                     })
                     .collect(),
             }];
             let path = out.join("grid.png");
             report::plot(
                 &series,
-                ("grid search at phi = 1", "alpha (depth coefficient)"),
+                ("grid search at phi = 1", "MFLOPs (2 x MACs)"),
                 false,
                 &path,
             )?;

@@ -162,6 +162,8 @@ pub fn compound_vs_single(groups: &[Group]) -> String {
 pub struct Series {
     pub label: String,
     pub points: Vec<(f64, f64, f64)>,
+    /// Text beside each point (empty: none).
+    pub point_labels: Vec<String>,
 }
 
 /// MFLOPs (2 x MACs) of a group.
@@ -189,6 +191,7 @@ pub fn method_series(groups: &[Group]) -> Vec<Series> {
             Series {
                 label: m.name().into(),
                 points,
+                point_labels: Vec::new(),
             }
         })
         .collect()
@@ -215,7 +218,11 @@ pub fn plot(
         // No points yet (a study stopped before a run finished): no plot.
         return Ok(());
     }
-    let (xpad, ypad) = (((x1 - x0) * 0.08).max(1e-3), ((y1 - y0) * 0.1).max(0.005));
+    // Room on the right for point labels.
+    let labelled = series.iter().any(|s| !s.point_labels.is_empty());
+    let (left, right) = if labelled { (0.05, 0.25) } else { (0.08, 0.08) };
+    let ypad = ((y1 - y0) * 0.1).max(0.005);
+    let (xpad_left, xpad_right) = (((x1 - x0) * left).max(1e-3), ((x1 - x0) * right).max(1e-3));
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -225,7 +232,7 @@ pub fn plot(
             .x_label_area_size(40)
             .y_label_area_size(56)
             .build_cartesian_2d(
-                x0 - xpad..x1 + xpad,
+                x0 - xpad_left..x1 + xpad_right,
                 (y0 - ypad).max(0.0)..(y1 + ypad).min(1.0),
             )
             .map_err(|e| err(&e))?;
@@ -249,6 +256,16 @@ pub fn plot(
                 .draw_series(s.points.iter().map(|&(x, m, sd)| {
                     ErrorBar::new_vertical(x, m - sd, m, m + sd, colour.filled(), 8)
                 }))
+                .map_err(|e| err(&e))?;
+            chart
+                .draw_series(
+                    s.points
+                        .iter()
+                        .zip(&s.point_labels)
+                        .map(|(&(x, m, _), text)| {
+                            Text::new(text.clone(), (x, m), ("sans-serif", 13).into_font())
+                        }),
+                )
                 .map_err(|e| err(&e))?;
         }
         if lines {
