@@ -1503,9 +1503,15 @@ fn a_search_scores_candidates_resumes_and_reports() {
     let o = search(&["--candidates", "3", "--compare-seeds", "2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let all = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
-    // The comparison: B0 and the best candidate, 2 seeds each, at phi 0 and 1, in the report.
+    // The comparison: B0, the best candidate (and the most accurate within T when that is another
+    // architecture), 2 seeds each, at phi 0 and 1, in the report.
     let compared = std::fs::read_to_string(out.join("compare/results.jsonl")).unwrap();
-    assert_eq!(compared.lines().count(), 8, "{compared}");
+    let names = if compared.contains("found-within-t") {
+        3
+    } else {
+        2
+    };
+    assert_eq!(compared.lines().count(), 4 * names, "{compared}");
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("- phi = 1: found"), "{report}");
     let scaled = out.join("compare/found-phi1-s1.json");

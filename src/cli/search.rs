@@ -180,12 +180,30 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
         .max_by(|a, b| a.reward.total_cmp(&b.reward))
         .context("no candidate")?;
     if args.compare_seeds > 0 {
+        // The reward's choice, and (when it is another architecture) the most accurate one within
+        // the FLOPs target: the comparison at equal FLOPs.
+        let mut found = vec![("found", &best.arch)];
+        if let Some(within) = history
+            .iter()
+            .filter(|c| c.flops <= target)
+            .max_by(|a, b| a.top1.total_cmp(&b.top1))
+            && within.arch != best.arch
+        {
+            found.push(("found-within-t", &within.arch));
+        }
         eprintln!(
-            "comparing candidate {} with B0: {} seeds each, unscaled and at phi = {}",
-            best.index, args.compare_seeds, args.compare_phi
+            "comparing candidate {} (best reward){} with B0: {} seeds each, unscaled and at phi = {}",
+            best.index,
+            if found.len() > 1 {
+                " and the most accurate within T"
+            } else {
+                ""
+            },
+            args.compare_seeds,
+            args.compare_phi
         );
         let plan = compare::Plan {
-            found: &best.arch,
+            found,
             seeds: args.compare_seeds,
             phi: args.compare_phi,
             coefficients: CompoundCoefficients::default(),

@@ -23,10 +23,41 @@ pub fn pareto(history: &[Candidate]) -> Vec<&Candidate> {
     front
 }
 
+/// Each architecture once (its first evaluation; a converged controller samples the same one
+/// again, and training is deterministic), with how many times it was sampled.
+fn distinct(history: &[Candidate]) -> Vec<(&Candidate, usize)> {
+    let mut out: Vec<(&Candidate, usize)> = Vec::new();
+    for c in history {
+        match out.iter_mut().find(|(d, _)| d.arch == c.arch) {
+            Some((_, n)) => *n += 1,
+            None => out.push((c, 1)),
+        }
+    }
+    out
+}
+
 /// The markdown report.
 pub fn markdown(history: &[Candidate], b0: Option<&Candidate>, header: &str) -> String {
     let mut s = format!("# `effnet search`: results\n\n{header}\n\n");
-    let mut ranked: Vec<&Candidate> = history.iter().collect();
+    let unique = distinct(history);
+    let _ = writeln!(
+        s,
+        "{} distinct architectures among {} candidates.\n",
+        unique.len(),
+        history.len()
+    );
+    let times = |c: &Candidate| {
+        let n = unique
+            .iter()
+            .find(|(d, _)| d.arch == c.arch)
+            .map_or(1, |u| u.1);
+        if n > 1 {
+            format!("{} (sampled {n}x)", c.index)
+        } else {
+            c.index.to_string()
+        }
+    };
+    let mut ranked: Vec<&Candidate> = unique.iter().map(|u| u.0).collect();
     ranked.sort_by(|a, b| b.reward.total_cmp(&a.reward));
     let row = |s: &mut String, name: &str, c: &Candidate| {
         let _ = writeln!(
@@ -44,11 +75,12 @@ pub fn markdown(history: &[Candidate], b0: Option<&Candidate>, header: &str) -> 
         row(&mut s, "B0 (reference)", b0);
     }
     for c in ranked.iter().take(5) {
-        row(&mut s, &c.index.to_string(), c);
+        row(&mut s, &times(c), c);
     }
     s.push_str("\n## Pareto front (fewer FLOPs, higher top-1)\n\n| candidate | MFLOPs | params | top-1 | reward | blocks |\n|---|---:|---:|---:|---:|---|\n");
-    for c in pareto(history) {
-        row(&mut s, &c.index.to_string(), c);
+    let firsts: Vec<Candidate> = unique.iter().map(|u| u.0.clone()).collect();
+    for c in pareto(&firsts) {
+        row(&mut s, &times(c), c);
     }
     let _ = writeln!(
         s,
@@ -158,5 +190,20 @@ mod tests {
         ];
         let front: Vec<u64> = pareto(&h).iter().map(|c| c.index).collect();
         assert_eq!(front, [4, 0, 1]);
+    }
+
+    #[test]
+    fn an_architecture_sampled_again_is_listed_once_with_its_count() {
+        let mut h = vec![c(0, 10, 0.5), c(1, 20, 0.7), c(2, 20, 0.7)];
+        h[0].arch = Arch(vec![0]);
+        h[1].arch = Arch(vec![1]);
+        h[2].arch = Arch(vec![1]);
+        let md = markdown(&h, None, "");
+        assert!(
+            md.contains("2 distinct architectures among 3 candidates"),
+            "{md}"
+        );
+        assert!(md.contains("| 1 (sampled 2x) |"), "{md}");
+        assert!(!md.contains("| 2 |"), "{md}");
     }
 }
