@@ -1,15 +1,14 @@
 #!/usr/bin/env python3
-"""Reference runtimes for `effnet bench --reference`: the same weights in ONNX Runtime (and PyTorch
-eager when torch is installed, tract at one thread when the `tract` package is), timed the same way.
-Prints a JSON list of timings on stdout.
+"""Reference runtimes for `effnet bench --reference`: the same network in ONNX Runtime, OpenVINO
+(fp32 and bf16, when the `openvino` package is installed), PyTorch eager (when torch is) and tract at
+one thread (when the `tract` package is), timed the same way. Prints a JSON list of timings on stdout.
 
-    python3 scripts/bench_reference.py --weights W.safetensors --spec SPEC.json \
-        --batch 1 --threads 1 --resolution 224 --iters 30 [--export model.onnx]
+    python3 scripts/bench_reference.py --onnx MODEL.onnx --weights W.safetensors --spec SPEC.json \
+        --batch 1 --threads 1 --resolution 224 --iters 30
 
-The graph is exported from the effnet safetensors file (canonical names) and the spec JSON that
-`effnet bench` writes: Conv + BatchNormalization + Sigmoid/Mul (SiLU) or Clip (ReLU6), SE, residual
-adds, global pooling and Gemm, with SAME padding computed for the static input size, as
-torch.onnx.export of the matching model would produce. Requires numpy, safetensors, onnx, onnxruntime.
+MODEL.onnx is the graph `effnet export onnx` writes (bench writes it); the safetensors file
+(canonical names) and the spec JSON rebuild the network in PyTorch. Requires numpy, safetensors,
+onnxruntime.
 """
 import argparse
 import json
@@ -24,94 +23,6 @@ def conv_out(size, k, s, padding):
         return out, (total // 2, total - total // 2)
     p = k // 2
     return (size + 2 * p - k) // s + 1, (p, p)
-
-
-def build_onnx(tensors, spec, batch, res):
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes, inits = [], []
-    counter = [0]
-
-    def name(prefix):
-        counter[0] += 1
-        return f"{prefix}_{counter[0]}"
-
-    def init(key, arr=None):
-        arr = tensors[key] if arr is None else arr
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), key))
-        return key
-
-    act_kind = spec["activation"]
-    padding = spec["padding"]
-    eps = spec["bn_eps"]
-
-    def act(x):
-        y = name("act")
-        if act_kind == "Silu":
-            s = name("sig")
-            nodes.append(helper.make_node("Sigmoid", [x], [s]))
-            nodes.append(helper.make_node("Mul", [x, s], [y]))
-        else:
-            lo, hi = init(name("zero"), np.array(0.0)), init(name("six"), np.array(6.0))
-            nodes.append(helper.make_node("Clip", [x, lo, hi], [y]))
-        return y
-
-    def conv_bn(x, path, hw, stride, groups, with_act):
-        w = tensors[f"{path}.conv.weight"]
-        k = w.shape[2]
-        (oh, (pt, pb)), (ow, (pl, pr)) = conv_out(hw[0], k, stride, padding), conv_out(hw[1], k, stride, padding)
-        c = name("conv")
-        nodes.append(helper.make_node(
-            "Conv", [x, init(f"{path}.conv.weight")], [c], kernel_shape=[k, k], strides=[stride, stride],
-            pads=[pt, pl, pb, pr], group=groups))
-        b = name("bn")
-        nodes.append(helper.make_node(
-            "BatchNormalization",
-            [c] + [init(f"{path}.bn.{t}") for t in ("weight", "bias", "running_mean", "running_var")],
-            [b], epsilon=eps))
-        return (act(b) if with_act else b), (oh, ow)
-
-    x, hw = conv_bn("input", "stem", (res, res), 2, 1, True)
-    for i, layer in enumerate(spec["layers"]):
-        p = f"blocks.{i}"
-        block_in = x
-        if f"{p}.expand.conv.weight" in tensors:
-            fused = layer["kind"] == "FusedMbConv"
-            x, hw = conv_bn(x, f"{p}.expand", hw, layer["stride"] if fused else 1, 1, True)
-        if f"{p}.dw.conv.weight" in tensors:
-            x, hw = conv_bn(x, f"{p}.dw", hw, layer["stride"], tensors[f"{p}.dw.conv.weight"].shape[0], True)
-        if f"{p}.se.reduce.weight" in tensors:
-            g = name("pool")
-            nodes.append(helper.make_node("GlobalAveragePool", [x], [g]))
-            r = name("se_r")
-            nodes.append(helper.make_node("Conv", [g, init(f"{p}.se.reduce.weight"), init(f"{p}.se.reduce.bias")], [r], kernel_shape=[1, 1]))
-            r = act(r)
-            e = name("se_e")
-            nodes.append(helper.make_node("Conv", [r, init(f"{p}.se.expand.weight"), init(f"{p}.se.expand.bias")], [e], kernel_shape=[1, 1]))
-            s = name("gate")
-            nodes.append(helper.make_node("Sigmoid", [e], [s]))
-            y = name("se")
-            nodes.append(helper.make_node("Mul", [x, s], [y]))
-            x = y
-        if f"{p}.project.conv.weight" in tensors:
-            x, hw = conv_bn(x, f"{p}.project", hw, 1, 1, False)
-        if layer["residual"]:
-            y = name("add")
-            nodes.append(helper.make_node("Add", [x, block_in], [y]))
-            x = y
-    x, hw = conv_bn(x, "head", hw, 1, 1, True)
-    g = name("pool")
-    nodes.append(helper.make_node("GlobalAveragePool", [x], [g]))
-    f = name("flat")
-    nodes.append(helper.make_node("Flatten", [g], [f]))
-    nodes.append(helper.make_node("Gemm", [f, init("classifier.weight"), init("classifier.bias")], ["logits"], transB=1))
-    classes = tensors["classifier.bias"].shape[0]
-    graph = helper.make_graph(
-        nodes, "efficientnet",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, res, res])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def timings(runtime, ms, batch):
@@ -142,7 +53,7 @@ def main():
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--input", help="raw little-endian f32 input file (NCHW) to run instead of the pattern")
-    ap.add_argument("--export", help="also write the ONNX model here")
+    ap.add_argument("--onnx", required=True, help="the ONNX model (effnet export onnx)")
     ap.add_argument("--outputs", help="write ONNX Runtime logits (raw f32) here")
     args = ap.parse_args()
 
@@ -160,19 +71,32 @@ def main():
 
     import onnxruntime as ort
 
-    model = build_onnx(tensors, spec, n, res)
-    if args.export:
-        open(args.export, "wb").write(model.SerializeToString())
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(args.onnx, so, providers=["CPUExecutionProvider"])
     out = sess.run(None, {"input": x})[0]
     if args.outputs:
         out.astype(np.float32).tofile(args.outputs)
     results.append(timings(f"onnxruntime {ort.__version__}", time_it(lambda: sess.run(None, {"input": x}), args.iters), n))
+
+    try:
+        import openvino as ov
+    except ImportError:
+        ov = None
+    if ov is not None:
+        core = ov.Core()
+        for precision in ("f32", "bf16"):
+            compiled = core.compile_model(args.onnx, "CPU", {
+                "INFERENCE_NUM_THREADS": args.threads,
+                "INFERENCE_PRECISION_HINT": precision,
+                "PERFORMANCE_HINT": "LATENCY",
+            })
+            request = compiled.create_infer_request()
+            results.append(timings(f"openvino {ov.__version__.split('-')[0]} {precision}",
+                                   time_it(lambda: request.infer({0: x}), args.iters), n))
 
     try:
         import torch
@@ -188,17 +112,12 @@ def main():
         except ImportError:
             tract = None
         if tract is not None:
-            results.append(tract_timing(tract, model, x, args.iters, n))
+            results.append(tract_timing(tract, args.onnx, x, args.iters, n))
     json.dump(results, sys.stdout)
 
 
-def tract_timing(tract, model, x, iters, n):
-    import os
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "model.onnx")
-        open(path, "wb").write(model.SerializeToString())
-        runnable = tract.onnx().load(path).into_model().into_runnable()
+def tract_timing(tract, path, x, iters, n):
+    runnable = tract.onnx().load(path).into_model().into_runnable()
     version = tract.version() if hasattr(tract, "version") else ""
     return timings(f"tract {version}".strip(), time_it(lambda: runnable.run([x]), iters), n)
 

@@ -203,6 +203,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "layers": set.spec().layers(),
         });
         std::fs::write(&spec_json, serde_json::to_vec(&spec)?)?;
+        // ONNX Runtime, OpenVINO and tract run the graph `effnet export onnx` writes.
+        let onnx = dir.path().join("model.onnx");
+        let options = effnet::export::onnx::OnnxOptions {
+            resolution: res,
+            dynamic_batch: n > 1,
+            opset: 17,
+        };
+        std::fs::write(&onnx, effnet::export::onnx::to_onnx(&set, &options)?)?;
         let ort_logits = dir.path().join("ort_logits.f32");
         let script = write_script(dir.path(), "bench_reference.py", BENCH_REFERENCE_PY)?;
         let out = Command::new(&args.python)
@@ -213,6 +221,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 "--spec",
                 spec_json.to_str().unwrap(),
             ])
+            .args(["--onnx", onnx.to_str().unwrap()])
             .args(["--outputs", ort_logits.to_str().unwrap()])
             .args([
                 "--batch",
