@@ -980,8 +980,6 @@ fn a_study_resumes_without_repeating_a_run_and_reports() {
             "1",
             "--train-limit",
             "0",
-            "--seeds",
-            "1",
             "--depth",
             "2",
             "--width",
@@ -993,6 +991,9 @@ fn a_study_resumes_without_repeating_a_run_and_reports() {
             "--set",
             "precise_bn_batches=2",
         ];
+        if !extra.contains(&"--seeds") {
+            args.extend_from_slice(&["--seeds", "1"]);
+        }
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--out", out.to_str().unwrap()]);
         effnet(&args, home.path())
@@ -1058,6 +1059,13 @@ fn a_study_resumes_without_repeating_a_run_and_reports() {
         &study(&split, &["--set", "label_smoothing=0.2"]),
         "recipe fields differ: label_smoothing",
     );
+    // More seeds grow the study: only the new runs train; fewer seeds again is another study.
+    let o = study(&split, &["--seeds", "2", "--max-runs", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&first).unwrap(), before);
+    assert_eq!(top1(&split).len(), 5);
+    assert!(split.join("runs/base-s1/result.json").exists());
+    assert_clean_error(&study(&split, &[]), "holds a different study");
 }
 
 #[test]

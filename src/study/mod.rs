@@ -71,14 +71,34 @@ pub struct Manifest {
 
 const MANIFEST: &str = "study.json";
 
+/// Whether `new` is `old` with more seeds: the same kind, recipe and options but `seeds`, and every
+/// run of `old` still planned.
+fn adds_seeds(old: &Manifest, new: &Manifest) -> bool {
+    let without_seeds = |o: &serde_json::Value| {
+        let mut o = o.clone();
+        if let Some(map) = o.as_object_mut() {
+            map.remove("seeds");
+        }
+        o
+    };
+    old.kind == new.kind
+        && old.recipe == new.recipe
+        && without_seeds(&old.options) == without_seeds(&new.options)
+        && old.runs.iter().all(|r| new.runs.contains(r))
+}
+
 /// Checks `manifest` against the one in `dir` (or records it there), so a resumed study is the
-/// same study.
+/// same study; a study may grow by seeds (its finished runs are kept).
 pub fn record_manifest(dir: &Path, manifest: &Manifest) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
     let path = dir.join(MANIFEST);
     if let Ok(text) = std::fs::read_to_string(&path) {
         let old: Manifest = serde_json::from_str(&text)
             .with_context(|| format!("`{}` is not a study manifest", path.display()))?;
+        if old != *manifest && adds_seeds(&old, manifest) {
+            crate::util::write_atomic(&path, serde_json::to_string_pretty(manifest)?.as_bytes())?;
+            return Ok(());
+        }
         if old != *manifest {
             let what = if old.kind != manifest.kind {
                 format!("it is a `{}` study", old.kind)
@@ -91,7 +111,7 @@ pub fn record_manifest(dir: &Path, manifest: &Manifest) -> anyhow::Result<()> {
                 "its options or runs differ".into()
             };
             bail!(
-                "`{}` holds a different study ({what}); resume it with the same options or choose another --out",
+                "`{}` holds a different study ({what}); resume it with the same options (more --seeds may be added) or choose another --out",
                 dir.display()
             );
         }
