@@ -10,8 +10,8 @@ ITERS=${1:-50}
 cargo build --release --locked -q
 EFFNET=target/release/effnet
 PYTHON=${PYTHON:-python3}
-"$PYTHON" -c "import onnxruntime, onnx, safetensors, numpy" 2>/dev/null ||
-  "$PYTHON" -m pip install -q onnxruntime onnx safetensors numpy
+"$PYTHON" -c "import onnxruntime, openvino, safetensors, numpy" 2>/dev/null ||
+  "$PYTHON" -m pip install -q onnxruntime openvino safetensors numpy
 
 echo "## Latency (median of $ITERS runs after a warm-up; same weights and input in every runtime)"
 for model in b0 b1 b3; do
