@@ -91,6 +91,16 @@ pub fn quote_for_message(text: &str) -> String {
     out
 }
 
+/// Writes an RGB8 raster of `w x h` pixels (a plot's buffer) as a PNG file, atomically.
+pub fn write_png(path: &Path, (w, h): (u32, u32), rgb: Vec<u8>) -> anyhow::Result<()> {
+    let img = image::RgbImage::from_raw(w, h, rgb)
+        .ok_or_else(|| anyhow::anyhow!("a {w}x{h} image needs {} bytes", w * h * 3))?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    write_atomic(path, &png)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use clap::Args;
 
 use effnet::search::{self, ControllerKind, Options, compare, report, space::Space};
 use effnet::spec::CompoundCoefficients;
-use effnet::train::{Decay, RunFile, TrainConfig};
+use effnet::train::{RunFile, TrainConfig};
 
 #[derive(Args)]
 pub struct SearchArgs {
@@ -55,21 +55,13 @@ pub struct SearchArgs {
     compare_phi: f64,
 }
 
-/// The proxy recipe: the study's short-run recipe (see `effnet study`), the same for every
-/// candidate and for the B0 reference.
+/// The proxy recipe, the same for every candidate and for the B0 reference: the short-run recipe
+/// with a shorter warmup and BN re-estimate for a 2-epoch proxy on 3,000 images.
 fn recipe(args: &SearchArgs) -> anyhow::Result<TrainConfig> {
     let base = TrainConfig {
-        lr_decay: Decay::Cosine,
         warmup_epochs: 0.3,
-        ema_decay: 0.999,
         precise_bn_batches: 20,
-        eval_every: 1 << 20,
-        tf_init: false,
-        dropout: Some(0.0),
-        drop_connect_rate: Some(0.0),
-        shift: 0.0,
-        checkpoint_every: 100,
-        ..TrainConfig::default()
+        ..TrainConfig::short_run()
     };
     let mut r = base.with_overrides(&args.overrides)?;
     r.dataset = args.dataset.clone();

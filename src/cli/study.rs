@@ -13,7 +13,7 @@ use effnet::spec::{CompoundCoefficients, resolve};
 use effnet::study::plan::{self, Base, Method, PlannedRun};
 use effnet::study::report::{self, Series};
 use effnet::study::{self, Manifest, Options, RunResult};
-use effnet::train::{Decay, RunFile, TrainConfig};
+use effnet::train::{RunFile, TrainConfig};
 
 #[derive(Subcommand)]
 pub enum StudyCommand {
@@ -126,28 +126,13 @@ pub struct Coefficients {
     gamma: f64,
 }
 
-/// The study recipe: the TF recipe shortened for budgets of a few epochs, the same for every run.
-/// Short runs are judged by lagging BN statistics and slowed by regularisation meant for 350
-/// epochs, so: cosine decay, half an epoch of warmup, burn's initialisation, no dropout, stochastic
-/// depth or shift, an EMA of 0.999, and BN statistics re-estimated before each evaluation.
+/// The study recipe ([`TrainConfig::short_run`] or `--config`), the same for every run.
 fn study_recipe(c: &Common) -> anyhow::Result<TrainConfig> {
     let file = match &c.config {
         Some(p) => RunFile::read(p)?,
         None => RunFile {
             model: None,
-            recipe: TrainConfig {
-                lr_decay: Decay::Cosine,
-                warmup_epochs: 0.5,
-                ema_decay: 0.999,
-                precise_bn_batches: 25,
-                eval_every: 1 << 20,
-                tf_init: false,
-                dropout: Some(0.0),
-                drop_connect_rate: Some(0.0),
-                shift: 0.0,
-                checkpoint_every: 100,
-                ..TrainConfig::default()
-            },
+            recipe: TrainConfig::short_run(),
         },
     };
     if file.model.is_some() {

@@ -153,11 +153,7 @@ pub fn plot(history: &[Candidate], b0: Option<&Candidate>, path: &Path) -> anyho
             .map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).expect("buffer matches the plot size");
-    let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    crate::util::write_atomic(path, &png)?;
-    Ok(())
+    crate::util::write_png(path, (w, h), buf)
 }
 
 #[cfg(test)]

@@ -239,6 +239,26 @@ impl TrainConfig {
         Ok(file.recipe)
     }
 
+    /// The TF recipe shortened for budgets of a few epochs (`effnet study`, `effnet search`). Short
+    /// runs are judged by lagging BN statistics and slowed by regularisation meant for 350 epochs,
+    /// so: cosine decay, half an epoch of warmup, burn's initialisation, no dropout, stochastic
+    /// depth or shift, an EMA of 0.999, and BN statistics re-estimated before each evaluation.
+    pub fn short_run() -> Self {
+        TrainConfig {
+            lr_decay: Decay::Cosine,
+            warmup_epochs: 0.5,
+            ema_decay: 0.999,
+            precise_bn_batches: 25,
+            eval_every: 1 << 20,
+            tf_init: false,
+            dropout: Some(0.0),
+            drop_connect_rate: Some(0.0),
+            shift: 0.0,
+            checkpoint_every: 100,
+            ..TrainConfig::default()
+        }
+    }
+
     /// Checks every field against its range, before any work (flags, `--set`, config files and a
     /// resumed run's config alike).
     pub fn validate(&self) -> anyhow::Result<()> {

@@ -80,9 +80,5 @@ pub fn plot_curves(metrics: &[EpochMetrics], title: &str, path: &Path) -> anyhow
         }
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).expect("buffer matches the plot size");
-    let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    crate::util::write_atomic(path, &png)?;
-    Ok(())
+    crate::util::write_png(path, (w, h), buf)
 }
