@@ -765,6 +765,34 @@ fn bench_train_times_steps_beside_the_embedded_reference_script() {
     }
     let o = effnet(&["bench", "b0", "--resolution", "0"], home.path());
     assert_clean_error(&o, "at least 1");
+
+    // A sweep: one entry per (resolution, batch), each with its arithmetic rate.
+    let o = effnet(
+        &[
+            "bench",
+            "b0",
+            "--train",
+            "--resolution",
+            "16,24",
+            "--batch",
+            "2",
+            "--iters",
+            "1",
+            "--json",
+        ],
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let sweep = v.as_array().unwrap();
+    assert_eq!(sweep.len(), 2, "{v}");
+    assert_eq!(sweep[1]["resolution"], 24);
+    assert!(
+        sweep[0]["results"][0]["gflops"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    let o = effnet(&["bench", "b0", "--batch", "1,2"], home.path());
+    assert_clean_error(&o, "sweeps of --train");
 }
 
 /// Writes an image folder (`train/` and `val/`) with classes `cat` (dark), `dog` (mid), `owl`

@@ -24,14 +24,14 @@ pub struct BenchArgs {
     /// Weights to benchmark with (default: the model's random initialisation; speed does not depend on values).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Images per batch (default 1; with --train 64).
-    #[arg(long)]
-    batch: Option<usize>,
+    /// Images per batch (default 1; with --train 64, or a comma-separated sweep such as 16,64).
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Input resolution (default: the model's own; with --train 32).
-    #[arg(long)]
-    resolution: Option<usize>,
+    /// Input resolution (default: the model's own; with --train 32, or a sweep such as 32,64,128).
+    #[arg(long, value_delimiter = ',')]
+    resolution: Vec<usize>,
     /// Time training steps (forward, backward, RMSProp-TF update) of the burn model instead of
     /// inference; with --reference, torchvision's efficientnet_b0 + RMSprop beside it.
     #[arg(long, conflicts_with_all = ["burn", "profile", "weights"])]
@@ -66,6 +66,9 @@ pub struct Timing {
     #[serde(default)]
     pub p99_ms: f64,
     pub images_per_s: f64,
+    /// Arithmetic rate, where the benchmark counts FLOPs (training steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gflops: Option<f64>,
 }
 
 fn summarize(runtime: &str, mut ms: Vec<f64>, batch: usize) -> Timing {
@@ -78,6 +81,7 @@ fn summarize(runtime: &str, mut ms: Vec<f64>, batch: usize) -> Timing {
         p90_ms: at(0.9),
         p99_ms: at(0.99),
         images_per_s: batch as f64 * 1000.0 / median,
+        gflops: None,
     }
 }
 
@@ -97,7 +101,11 @@ fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.batch == Some(0) || args.resolution == Some(0) || args.threads == 0 || args.iters == 0 {
+    if args.batch.contains(&0)
+        || args.resolution.contains(&0)
+        || args.threads == 0
+        || args.iters == 0
+    {
         bail!("--batch, --resolution, --threads and --iters must be at least 1");
     }
     if args.threads > MAX_THREADS {
@@ -119,8 +127,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Some(path) => weights::load(path, args.model.model.as_deref())?,
         None => WeightSet::random(&args.model.spec()?, 0),
     };
-    let res = args.resolution.unwrap_or(set.spec().resolution);
-    let n = args.batch.unwrap_or(1);
+    if args.batch.len() > 1 || args.resolution.len() > 1 {
+        bail!(
+            "lists of --batch or --resolution are sweeps of --train; time inference one at a time"
+        );
+    }
+    let res = args
+        .resolution
+        .first()
+        .copied()
+        .unwrap_or(set.spec().resolution);
+    let n = args.batch.first().copied().unwrap_or(1);
     // The input, plus the engine's largest pair of live activations per image.
     let a = effnet::analysis::analyze(set.spec(), res)?;
     let needed =
@@ -299,13 +316,24 @@ fn report(
         println!("{note}");
     }
     let base = results[0].median_ms;
+    let rate = results.iter().any(|r| r.gflops.is_some());
     println!(
-        "{:<16} {:>11} {:>11} {:>11} {:>10} {:>14}",
-        "runtime", "median ms", "p90 ms", "p99 ms", "img/s", relative
+        "{:<16} {:>11} {:>11} {:>11} {:>10} {:>14}{}",
+        "runtime",
+        "median ms",
+        "p90 ms",
+        "p99 ms",
+        "img/s",
+        relative,
+        if rate { "    GFLOP/s" } else { "" }
     );
     for r in results {
+        let gflops = match r.gflops {
+            Some(g) if rate => format!(" {g:>10.1}"),
+            _ => String::new(),
+        };
         println!(
-            "{:<16} {:>11.2} {:>11.2} {:>11.2} {:>10.1} {:>13.2}x",
+            "{:<16} {:>11.2} {:>11.2} {:>11.2} {:>10.1} {:>13.2}x{gflops}",
             r.runtime,
             r.median_ms,
             r.p90_ms,
@@ -321,11 +349,53 @@ fn report(
 /// dropout and stochastic depth on), on a fixed random batch, with burn's pool limited to
 /// `--threads`.
 fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
+    let batches = if args.batch.is_empty() {
+        vec![64]
+    } else {
+        args.batch.clone()
+    };
+    let sides = if args.resolution.is_empty() {
+        vec![32]
+    } else {
+        args.resolution.clone()
+    };
+    let mut sweep = Vec::new();
+    for &res in &sides {
+        for &n in &batches {
+            let (title, results) = train_step_timings(args, n, res)?;
+            if args.json {
+                sweep
+                    .push(serde_json::json!({ "resolution": res, "batch": n, "results": results }));
+            } else {
+                if res != sides[0] || n != batches[0] {
+                    println!();
+                }
+                report(false, &title, None, &results, "vs effnet")?;
+            }
+        }
+    }
+    if args.json {
+        // One configuration: the plain list of timings, as for inference.
+        let out = match sweep.as_slice() {
+            [one] => one["results"].clone(),
+            _ => serde_json::Value::Array(sweep),
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+/// One training-step benchmark at batch `n` and `res` pixels: the title and the timings (with
+/// GFLOP/s counted as 3x the forward FLOPs per image: the forward pass and the backward pass's
+/// two products per layer).
+fn train_step_timings(
+    args: &BenchArgs,
+    n: usize,
+    res: usize,
+) -> anyhow::Result<(String, Vec<Timing>)> {
     use effnet::data::loader::Batch;
     use effnet::train::{TrainConfig, Trainer};
 
-    let n = args.batch.unwrap_or(64);
-    let res = args.resolution.unwrap_or(32);
     let classes = 10;
     let cfg = TrainConfig {
         batch_size: n,
@@ -391,9 +461,13 @@ fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
             ),
         }
     }
+    let step_flops = 3.0 * 2.0 * effnet::analysis::analyze(&spec, res)?.macs as f64 * n as f64;
+    for r in &mut results {
+        r.gflops = Some(step_flops / (r.median_ms * 1e6));
+    }
     let title = format!(
-        "training step of {} at {res}x{res}, batch {n}, {} thread(s), {} iterations (median)",
+        "training step of {} at {res}x{res}, batch {n}, {} thread(s), {} iterations (median); GFLOP/s counts 3x the forward FLOPs",
         spec.name, args.threads, args.iters
     );
-    report(args.json, &title, None, &results, "vs effnet")
+    Ok((title, results))
 }
