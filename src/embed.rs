@@ -63,6 +63,16 @@ pub enum Format {
 }
 
 impl Format {
+    /// Fails for more taps than the format holds (a `.npy` file is one array).
+    pub fn check_taps(self, taps: usize) -> anyhow::Result<()> {
+        if self == Format::Npy && taps != 1 {
+            bail!(
+                "a .npy file holds one array; ask for one tap (--taps pooled or --taps 16) or write .safetensors"
+            );
+        }
+        Ok(())
+    }
+
     pub fn from_path(path: &Path) -> anyhow::Result<Self> {
         match path.extension().and_then(|e| e.to_str()) {
             Some("safetensors") => Ok(Format::Safetensors),
@@ -102,24 +112,14 @@ pub fn embed_files(
         })
         .collect();
     // Every level exists and the output fits in memory, before any image is decoded.
-    let levels = engine.feature_taps();
     let mut per_image = 0u64;
     let mut shapes = Vec::new();
     for tap in taps {
         let shape = match tap {
             Tap::Pooled => vec![engine.meta.spec.head_channels()],
             Tap::Map(r) => {
-                let t = levels.iter().find(|t| t.reduction == *r).with_context(|| {
-                    format!(
-                        "no feature map at reduction {r}; this model has reductions {}",
-                        levels
-                            .iter()
-                            .map(|t| t.reduction.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })?;
-                // Each stride-2 stage rounds up; the true size replaces this once a batch ran.
+                let t = engine.feature_tap(*r)?;
+                // Each stride-2 stage rounds up; the maps' own sizes replace this estimate.
                 vec![t.channels, side.div_ceil(*r), side.div_ceil(*r)]
             }
         };
@@ -147,7 +147,7 @@ pub fn embed_files(
                 Tap::Pooled => out[i].extend(e.pooled.as_deref().expect("pooled was asked for")),
                 Tap::Map(_) => {
                     let m = maps.next().expect("one map per asked reduction");
-                    // The map's true size (padding decides the rounding), checked once.
+                    // The map's true size (padding decides the rounding).
                     shapes[i] = vec![m.channels, m.height, m.width];
                     out[i].extend(m.data);
                 }
@@ -209,11 +209,8 @@ pub fn write(path: &Path, format: Format, features: &Features, model: &str) -> a
             safetensors::tensor::serialize(views, Some(metadata))?
         }
         Format::Npy => {
-            let [(_, shape, data)] = features.taps.as_slice() else {
-                bail!(
-                    "a .npy file holds one array; ask for one tap (--taps pooled or --taps 16) or write .safetensors"
-                );
-            };
+            format.check_taps(features.taps.len())?;
+            let (_, shape, data) = &features.taps[0];
             let mut full = vec![n];
             full.extend(shape);
             npy(&full, data)

@@ -101,6 +101,16 @@ pub fn write_png(path: &Path, (w, h): (u32, u32), rgb: Vec<u8>) -> anyhow::Resul
     Ok(())
 }
 
+/// One JSON line per item (each ended by a newline): the `.jsonl` records runs and searches write.
+pub fn to_jsonl<T: serde::Serialize>(items: &[T]) -> serde_json::Result<String> {
+    let mut out = String::new();
+    for item in items {
+        out.push_str(&serde_json::to_string(item)?);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

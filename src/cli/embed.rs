@@ -42,11 +42,7 @@ pub struct EmbedArgs {
 pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     let format = Format::from_path(&args.out)?;
     let taps = Tap::parse_list(&args.taps)?;
-    if format == Format::Npy && taps.len() != 1 {
-        bail!(
-            "a .npy file holds one array; ask for one tap (--taps pooled or --taps 16) or write .safetensors"
-        );
-    }
+    format.check_taps(taps.len())?;
     let files = effnet::data::image_files(&args.images)?;
     if files.is_empty() {
         bail!("no image files among the paths given");

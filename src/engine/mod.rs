@@ -166,6 +166,22 @@ impl Engine {
         self.meta.spec.feature_taps()
     }
 
+    /// The tap at `reduction`, or an error naming the reductions there are.
+    pub fn feature_tap(&self, reduction: usize) -> Result<FeatureTap, UnknownTap> {
+        let taps = self.feature_taps();
+        taps.iter()
+            .copied()
+            .find(|t| t.reduction == reduction)
+            .ok_or_else(|| UnknownTap {
+                asked: reduction,
+                available: taps
+                    .iter()
+                    .map(|t| t.reduction.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
     /// Features of `n` NCHW images of `h x w`: the pooled head features `[n x head channels]`
     /// (the classifier's input) when `pooled`, and the backbone maps at each of `reductions`
     /// (NCHW, as the burn model's `forward_features` returns them).
@@ -176,35 +192,15 @@ impl Engine {
         pooled: bool,
         reductions: &[usize],
     ) -> Result<Embedding, UnknownTap> {
-        let taps = self.feature_taps();
         let chosen = reductions
             .iter()
-            .map(|&r| {
-                taps.iter()
-                    .copied()
-                    .find(|t| t.reduction == r)
-                    .ok_or_else(|| UnknownTap {
-                        asked: r,
-                        available: taps
-                            .iter()
-                            .map(|t| t.reduction.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })
-            })
+            .map(|&r| self.feature_tap(r))
             .collect::<Result<Vec<_>, _>>()?;
         let mut maps = Vec::new();
         let head = self.timed_pass(input, (n, h, w), &chosen, &mut maps);
-        // The maps in the order asked.
-        let maps = chosen
-            .iter()
-            .map(|t| {
-                let i = maps
-                    .iter()
-                    .position(|m: &FeatureMap| m.reduction == t.reduction);
-                maps[i.expect("every chosen tap is captured")].clone()
-            })
-            .collect();
+        // Captured in network order, each with its place in the request.
+        maps.sort_by_key(|(asked, _)| *asked);
+        let maps = maps.into_iter().map(|(_, m)| m).collect();
         Ok(Embedding {
             pooled: pooled.then_some(head),
             maps,
@@ -212,13 +208,14 @@ impl Engine {
     }
 
     /// One pass through stem, blocks and head with the thread policy deciding the mode; returns
-    /// the pooled head features and appends the maps at `taps` to `maps`.
+    /// the pooled head features and appends the map at each of `taps`, with its index in `taps`,
+    /// to `maps`.
     fn timed_pass(
         &mut self,
         input: &[f32],
         (n, h, w): (usize, usize, usize),
         taps: &[FeatureTap],
-        maps: &mut Vec<FeatureMap>,
+        maps: &mut Vec<(usize, FeatureMap)>,
     ) -> Vec<f32> {
         assert_eq!(input.len(), n * 3 * h * w, "input must be n x 3 x h x w");
         let mut a = std::mem::take(&mut self.arena);
@@ -254,7 +251,7 @@ impl Engine {
         input: &[f32],
         (n, h, w): (usize, usize, usize),
         taps: &[FeatureTap],
-        maps: &mut Vec<FeatureMap>,
+        maps: &mut Vec<(usize, FeatureMap)>,
     ) -> Vec<f32> {
         let p = &self.plan;
         // NCHW -> NHWC.
@@ -271,8 +268,10 @@ impl Engine {
         let mut shape = self.conv(&p.stem, x, y, n, (h, w), None);
         a.bufs.swap(Buf::X as usize, Buf::Y as usize);
         let mut capture = |after_block: Option<usize>, x: &[f32], (h, w): (usize, usize)| {
-            for t in taps.iter().filter(|t| t.after_block == after_block) {
-                maps.push(FeatureMap::from_nhwc(t, x, n, (h, w)));
+            for (i, t) in taps.iter().enumerate() {
+                if t.after_block == after_block {
+                    maps.push((i, FeatureMap::from_nhwc(t, x, n, (h, w))));
+                }
             }
         };
         capture(None, &a.bufs[Buf::X as usize], shape);

@@ -124,10 +124,7 @@ pub fn run(opts: &Options, plan: &Plan) -> anyhow::Result<Vec<Entry>> {
             }
         }
     }
-    let jsonl: String = entries
-        .iter()
-        .map(|e| serde_json::to_string(e).map(|l| l + "\n"))
-        .collect::<Result<_, _>>()?;
+    let jsonl = crate::util::to_jsonl(&entries)?;
     crate::util::write_atomic(&root.join("results.jsonl"), jsonl.as_bytes())?;
     Ok(entries)
 }

@@ -108,11 +108,9 @@ pub fn load_history(out: &Path) -> anyhow::Result<Vec<Candidate>> {
 
 /// Writes `history.jsonl` and `history.csv` from every evaluated candidate, atomically.
 fn write_history(out: &Path, history: &[Candidate]) -> anyhow::Result<()> {
-    let mut jsonl = String::new();
+    let jsonl = crate::util::to_jsonl(history)?;
     let mut csv = String::from("index,flops,params,top1,reward,seconds,commit,blocks\n");
     for c in history {
-        jsonl.push_str(&serde_json::to_string(c)?);
-        jsonl.push('\n');
         csv.push_str(&format!(
             "{},{},{},{},{},{:.1},{},{}\n",
             c.index,

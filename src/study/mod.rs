@@ -146,13 +146,11 @@ pub fn load_results(out: &Path, runs: &[PlannedRun]) -> anyhow::Result<Vec<RunRe
 
 /// Writes `results.jsonl` and `results.csv` (atomically) from every finished run.
 pub fn write_results(out: &Path, results: &[RunResult]) -> anyhow::Result<()> {
-    let mut jsonl = String::new();
+    let jsonl = crate::util::to_jsonl(results)?;
     let mut csv = String::from(
         "id,group,method,target,depth,width,resolution_mult,phi,seed,resolution,params,macs,achieved,top1,top5,eval_loss,train_loss,epochs,steps,seconds,commit\n",
     );
     for r in results {
-        jsonl.push_str(&serde_json::to_string(r)?);
-        jsonl.push('\n');
         csv.push_str(&format!(
             "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{},{},{:.1},{}\n",
             r.id,

@@ -20,14 +20,13 @@ pub struct EpochMetrics {
 
 /// Writes `metrics.jsonl` and `metrics.csv` in `dir`, atomically.
 pub fn write_metrics(dir: &Path, metrics: &[EpochMetrics]) -> anyhow::Result<()> {
-    let mut jsonl = Vec::new();
+    let jsonl = crate::util::to_jsonl(metrics)?;
     let mut csv = Vec::new();
     writeln!(
         csv,
         "epoch,step,train_loss,train_top1,lr,images_per_s,eval_top1,eval_top5,eval_loss,seconds"
     )?;
     for m in metrics {
-        writeln!(jsonl, "{}", serde_json::to_string(m)?)?;
         writeln!(
             csv,
             "{},{},{},{},{},{},{},{},{},{}",
@@ -43,7 +42,7 @@ pub fn write_metrics(dir: &Path, metrics: &[EpochMetrics]) -> anyhow::Result<()>
             m.seconds
         )?;
     }
-    crate::util::write_atomic(&dir.join("metrics.jsonl"), &jsonl)?;
+    crate::util::write_atomic(&dir.join("metrics.jsonl"), jsonl.as_bytes())?;
     crate::util::write_atomic(&dir.join("metrics.csv"), &csv)?;
     Ok(())
 }
