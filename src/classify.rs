@@ -33,6 +33,29 @@ pub struct Prediction {
     pub probability: f32,
 }
 
+/// The burn model of `set` on `device`.
+pub fn burn_model(set: &weights::WeightSet, device: &Device) -> anyhow::Result<EfficientNet> {
+    Ok(apply_weights(
+        EfficientNet::new(set.spec(), device),
+        &set.tensors,
+    )?)
+}
+
+/// The burn model's logits for `n` normalised CHW images of side `side`, read back to the host.
+pub fn burn_logits(
+    net: &EfficientNet,
+    device: &Device,
+    images: Vec<f32>,
+    n: usize,
+    side: usize,
+) -> Vec<f32> {
+    let x = Tensor::<4>::from_data(TensorData::new(images, [n, 3, side, side]), device);
+    net.forward(x)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("the model's output is f32")
+}
+
 /// Which implementation runs the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -70,18 +93,24 @@ impl Classifier {
     pub fn new(set: weights::WeightSet, backend: Backend, threads: usize) -> anyhow::Result<Self> {
         let runner = match backend {
             Backend::Engine => Runner::Engine(Box::new(Engine::new(&set)?.with_threads(threads))),
-            Backend::Burn => {
-                let device = Device::flex();
-                let net = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors)?;
-                Runner::Burn(Box::new(net), device)
-            }
+            Backend::Burn => return Self::on_device(set, Device::flex()),
         };
+        Ok(Self::with_runner(set, runner))
+    }
+
+    /// A classifier that runs the burn model on `device` (any device [`crate::device`] opens).
+    pub fn on_device(set: weights::WeightSet, device: Device) -> anyhow::Result<Self> {
+        let net = burn_model(&set, &device)?;
+        Ok(Self::with_runner(set, Runner::Burn(Box::new(net), device)))
+    }
+
+    fn with_runner(set: weights::WeightSet, runner: Runner) -> Self {
         let labels = set.meta.labels();
-        Ok(Classifier {
+        Classifier {
             runner,
             meta: set.meta,
             labels,
-        })
+        }
     }
 
     /// Class probabilities for each image (one batch).
@@ -94,13 +123,7 @@ impl Classifier {
         }
         let logits = match &mut self.runner {
             Runner::Engine(e) => e.forward(&data, n, side, side),
-            Runner::Burn(net, device) => {
-                let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &*device);
-                net.forward(x)
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .expect("float output")
-            }
+            Runner::Burn(net, device) => burn_logits(net, device, data, n, side),
         };
         Ok(logits
             .chunks(self.meta.spec.num_classes)

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use anyhow::bail;
 
-use crate::classify::softmax;
+use burn::tensor::Device;
+
+use crate::classify::{burn_logits, burn_model, softmax};
 use crate::data::loader::Prepared;
 use crate::engine::Engine;
 use crate::weights::WeightSet;
@@ -32,6 +34,31 @@ pub fn evaluate(
 ) -> anyhow::Result<EvalReport> {
     let mut engine = Engine::new(set)?.with_threads(threads);
     let classes = engine.num_classes();
+    score(data, batch, classes, |images, n, side| {
+        engine.forward(&images, n, side, side)
+    })
+}
+
+/// Evaluates canonical weights on `data` with the burn model on `device` (a GPU, say).
+pub fn evaluate_on_device(
+    set: &WeightSet,
+    data: &Prepared,
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<EvalReport> {
+    let net = burn_model(set, device)?;
+    score(data, batch, set.spec().num_classes, |images, n, side| {
+        burn_logits(&net, device, images, n, side)
+    })
+}
+
+/// Top-1/top-5, loss and confusion of the logits `forward` gives for each batch of `data`.
+fn score(
+    data: &Prepared,
+    batch: usize,
+    classes: usize,
+    mut forward: impl FnMut(Vec<f32>, usize, usize) -> Vec<f32>,
+) -> anyhow::Result<EvalReport> {
     if data.num_classes > classes {
         bail!(
             "the dataset has {} classes but the model predicts {classes}: labels >= {classes} cannot be scored",
@@ -43,8 +70,8 @@ pub fn evaluate(
     let indices: Vec<usize> = (0..data.len()).collect();
     let start = Instant::now();
     for chunk in indices.chunks(batch.max(1)) {
-        let b = data.batch(chunk, None);
-        let logits = engine.forward(&b.images, b.size, data.side, data.side);
+        let b = data.batch(chunk)?;
+        let logits = forward(b.images, b.size, data.side);
         for (row, &label) in logits.chunks(classes).zip(&b.labels) {
             let label = label as usize;
             let mut order: Vec<usize> = (0..classes).collect();

@@ -13,6 +13,7 @@
 pub mod analysis;
 pub mod classify;
 pub mod data;
+pub mod device;
 pub mod embed;
 pub mod engine;
 pub mod evaluate;

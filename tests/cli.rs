@@ -423,34 +423,83 @@ fn train_rejects_bad_data_and_flags() {
 }
 
 #[test]
+fn bad_devices_are_clear_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    // An unknown device string is a usage error naming the accepted forms.
+    for args in [
+        &["train", "--device", "gpu0"][..],
+        &["eval", "--weights", "w.safetensors", "--device", "cuda:x"],
+        &["bench", "b0", "--train", "--device", "tpu"],
+    ] {
+        let o = effnet(args, h);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+        assert!(
+            err.contains("unknown device") && err.contains("cuda[:N]"),
+            "{err}"
+        );
+    }
+    // A CUDA device this build or this machine lacks: one line, before any data loads.
+    let o = effnet(&["train", "--device", "cuda:7", "--max-steps", "1"], h);
+    assert_clean_error(&o, "cuda:7");
+    // --device moves the burn model; the engine runs on the CPU only.
+    assert_clean_error(
+        &effnet(&["classify", "--device", "cuda:0"], h),
+        "add --backend burn",
+    );
+}
+
+#[test]
 fn an_interrupted_run_resumes_bit_for_bit() {
     let home = tempfile::tempdir().unwrap();
     let dataset = tiny_dataset(home.path(), 64);
+    resumes_bit_for_bit(home.path(), &dataset, &[]);
+}
+
+/// The same with the streaming image-folder loader, random-resized crops taken from the full-size
+/// files on several decode threads.
+#[test]
+fn an_interrupted_run_on_a_streamed_image_folder_resumes_bit_for_bit() {
+    let home = tempfile::tempdir().unwrap();
+    let folder = home.path().join("photos");
+    tiny_image_folder(&folder, 22);
+    resumes_bit_for_bit(
+        home.path(),
+        folder.to_str().unwrap(),
+        &["--random-resized-crop"],
+    );
+}
+
+/// Trains 16 steps in one go and in two pieces (stopped mid-epoch, resumed): same weights and
+/// metrics; then resuming a folder without a checkpoint is a clean error.
+fn resumes_bit_for_bit(home: &Path, dataset: &str, flags: &[&str]) {
     let run = |out: &Path, extra: &[&str]| {
         let mut args = vec![
             "train",
             "lite0",
             "--dataset",
-            &dataset,
+            dataset,
             "--resolution",
             "16",
             "--batch-size",
             "8",
         ];
         args.extend_from_slice(&["--epochs", "2", "--warmup-epochs", "0.5"]);
+        args.extend_from_slice(flags);
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--out", out.to_str().unwrap()]);
-        let o = effnet(&args, home.path());
+        let o = effnet(&args, home);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     // 16 steps in one go, with a checkpoint every 3 steps.
-    let whole = home.path().join("whole");
+    let whole = home.join("whole");
     std::fs::create_dir(&whole).unwrap();
-    let cfg = home.path().join("ckpt.toml");
+    let cfg = home.join("ckpt.toml");
     std::fs::write(&cfg, "checkpoint_every = 3\n").unwrap();
     run(&whole, &["--config", cfg.to_str().unwrap()]);
     // The same run stopped after 7 steps (mid-epoch, last checkpoint at step 6), then resumed.
-    let split = home.path().join("split");
+    let split = home.join("split");
     run(
         &split,
         &["--config", cfg.to_str().unwrap(), "--max-steps", "7"],
@@ -463,7 +512,7 @@ fn an_interrupted_run_resumes_bit_for_bit() {
             "--max-steps",
             "0",
         ],
-        home.path(),
+        home,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (a, b) = (run_weights(&whole), run_weights(&split));
@@ -495,10 +544,7 @@ fn an_interrupted_run_resumes_bit_for_bit() {
     }
     // Resuming a directory without a checkpoint is a clean error.
     assert_clean_error(
-        &effnet(
-            &["train", "--resume", home.path().to_str().unwrap()],
-            home.path(),
-        ),
+        &effnet(&["train", "--resume", home.to_str().unwrap()], home),
         "not a run directory",
     );
 }
@@ -804,9 +850,13 @@ fn tiny_image_folder(dir: &Path, n: usize) {
             std::fs::create_dir_all(&d).unwrap();
             for j in 0..n {
                 let v = (30 + 90 * i + j) as u8;
-                image::RgbImage::from_pixel(12, 12, image::Rgb([v, v, v]))
-                    .save(d.join(format!("{j}.png")))
-                    .unwrap();
+                // A little texture, so crops and flips of one image differ.
+                image::RgbImage::from_fn(12, 12, |x, y| {
+                    let t = v.saturating_add(((x * 3 + y * 5) % 7) as u8);
+                    image::Rgb([t, v, v])
+                })
+                .save(d.join(format!("{j}.png")))
+                .unwrap();
             }
         }
     }

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::Args;
 
+use effnet::device::DeviceChoice;
 use effnet::engine::Engine;
 use effnet::model::{EfficientNet, apply_weights};
 use effnet::weights::{self, WeightSet};
@@ -36,6 +37,10 @@ pub struct BenchArgs {
     /// inference; with --reference, torchvision's efficientnet_b0 + RMSprop beside it.
     #[arg(long, conflicts_with_all = ["burn", "profile", "weights"])]
     train: bool,
+    /// Device for --train: cpu, cuda[:N], wgpu[:cpu|N] or vulkan[:cpu|N] (GPU kinds need effnet
+    /// built with that cargo feature).
+    #[arg(long, default_value = "cpu", requires = "train")]
+    device: DeviceChoice,
     /// Python interpreter for --reference.
     #[arg(long, default_value = "python3")]
     python: PathBuf,
@@ -51,6 +56,11 @@ pub struct BenchArgs {
     /// Print the engine's time per operation kind.
     #[arg(long)]
     profile: bool,
+    /// Time the streaming image loader on an image folder (DIR/train/<class>/ or DIR/<class>/):
+    /// decode, random-resized crop, flip and normalisation of --batch images (default 32) at
+    /// --resolution (default 224), with 1 to --threads decode threads (default: every core).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["train", "burn", "profile", "reference", "weights"])]
+    loader: Option<PathBuf>,
     /// Time the engine's thread pool alone: one parallel region of --threads trivial parts.
     #[arg(long, conflicts_with_all = ["train", "burn", "profile", "reference"])]
     pool: bool,
@@ -113,6 +123,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.train {
         return run_train(args);
+    }
+    if let Some(dir) = &args.loader {
+        return run_loader(args, dir);
     }
     if args.pool {
         let (median, p90) = effnet::engine::pool_latency(args.threads, args.iters.max(100));
@@ -345,6 +358,74 @@ fn report(
     Ok(())
 }
 
+/// Streaming-loader throughput by decode-thread count: batches as training receives them.
+fn run_loader(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    use effnet::data::augment::{Augment, Crop, Policy};
+    use effnet::data::loader::Prepared;
+
+    let one = |v: &[usize], default: usize, what: &str| match v {
+        [] => Ok(default),
+        [x] => Ok(*x),
+        _ => bail!("--loader times one {what} at a time"),
+    };
+    let (n, side) = (
+        one(&args.batch, 32, "batch")?,
+        one(&args.resolution, 224, "resolution")?,
+    );
+    let root = if dir.join("train").is_dir() {
+        dir.join("train")
+    } else {
+        dir.to_path_buf()
+    };
+    let folder = effnet::data::load_image_folder(&root)?;
+    if folder.samples.len() < n {
+        bail!(
+            "`{}` has {} images, fewer than one batch of {n}",
+            root.display(),
+            folder.samples.len()
+        );
+    }
+    let aug = Augment {
+        crop: Crop::RandomResized,
+        flip: true,
+        policy: Policy::None,
+        size: side,
+    };
+    let max_workers = if args.threads > 1 {
+        args.threads
+    } else {
+        effnet::data::loader::default_workers()
+    };
+    let mut results = Vec::new();
+    for workers in 1..=max_workers {
+        let data = Prepared::stream(&folder, side, None, workers);
+        let mut ms = Vec::new();
+        let mut epoch = 0;
+        // One warm-up batch (file cache, allocations), then --iters timed ones.
+        while ms.len() < args.iters + 1 {
+            let mut t = Instant::now();
+            for batch in data.epoch(n, (0, epoch), aug, 0) {
+                batch?;
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                t = Instant::now();
+                if ms.len() == args.iters + 1 {
+                    break;
+                }
+            }
+            epoch += 1;
+        }
+        ms.remove(0);
+        results.push(summarize(&format!("{workers} thread(s)"), ms, n));
+    }
+    let title = format!(
+        "streaming loader on {} ({} images): decode + random-resized crop + flip + normalise to {side}x{side}, batch {n}, {} batches (median)",
+        root.display(),
+        folder.samples.len(),
+        args.iters
+    );
+    report(args.json, &title, None, &results, "vs 1 thread")
+}
+
 /// Training throughput: the same step `effnet train` runs (the recipe's loss, L2 and RMSProp-TF,
 /// dropout and stochastic depth on), on a fixed random batch, with burn's pool limited to
 /// `--threads`.
@@ -405,7 +486,7 @@ fn train_step_timings(
     cfg.validate()?;
     let spec = cfg.model_spec(&args.model.spec()?, classes)?;
     effnet::train::run::check_training_memory(&spec, res, n)?;
-    let device = Device::flex().autodiff();
+    let device = args.device.open()?.autodiff();
     let mut model = EfficientNet::new(&spec, &device).tf_init();
     let mut optim = burn::optim::ModuleOptimizer::from(effnet::train::TfRmsProp {
         decay: cfg.rmsprop_decay,
@@ -436,7 +517,11 @@ fn train_step_timings(
         }
         Ok(())
     })?;
-    let mut results = vec![summarize("effnet (burn flex)", ms, n)];
+    let runtime = match args.device {
+        DeviceChoice::Cpu => "effnet (burn flex)".to_string(),
+        d => format!("effnet (burn {d})"),
+    };
+    let mut results = vec![summarize(&runtime, ms, n)];
     if args.reference {
         let dir = tempfile::tempdir()?;
         let script = write_script(dir.path(), "bench_train_torch.py", BENCH_TRAIN_TORCH_PY)?;

@@ -7,7 +7,8 @@ use anyhow::bail;
 use clap::Args;
 
 use effnet::data::{self, loader::Prepared};
-use effnet::evaluate::evaluate;
+use effnet::device::DeviceChoice;
+use effnet::evaluate::{evaluate, evaluate_on_device};
 use effnet::weights;
 
 #[derive(Args)]
@@ -25,6 +26,10 @@ pub struct EvalArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// cpu (the native engine) or a GPU device for the burn model: cuda[:N], wgpu[:cpu|N] or
+    /// vulkan[:cpu|N] (needs effnet built with that cargo feature).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
     #[arg(long)]
     json: bool,
 }
@@ -42,11 +47,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let set = weights::load(&args.weights, args.model.as_deref())?;
     let side = set.meta.preprocess.crop;
     // Image folders: val/ alone, through the weights' own eval transform.
-    let eval = data::eval_split(&args.dataset, side, Some(&set.meta.preprocess))?;
-    let mut prepared = Prepared::new(&eval, side);
+    let eval = data::eval_split(&args.dataset)?;
+    let mut prepared = Prepared::from_split(&eval, side, Some(&set.meta.preprocess));
     prepared.mean = set.meta.preprocess.mean;
     prepared.std = set.meta.preprocess.std;
-    let report = evaluate(&set, &prepared, args.batch_size, args.threads)?;
+    let report = match args.device {
+        DeviceChoice::Cpu => evaluate(&set, &prepared, args.batch_size, args.threads)?,
+        d => evaluate_on_device(&set, &prepared, args.batch_size, &d.open()?)?,
+    };
     let class_names = set.meta.labels();
     if args.json {
         let mut v = serde_json::to_value(&report)?;

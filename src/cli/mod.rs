@@ -72,6 +72,9 @@ enum Command {
         /// Threads for the engine.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
+        /// Device for --backend burn: cpu, cuda[:N], wgpu[:cpu|N] or vulkan[:cpu|N].
+        #[arg(long, default_value = "cpu")]
+        device: effnet::device::DeviceChoice,
         #[command(flatten)]
         preprocess: PreprocessArgs,
         #[arg(long)]
@@ -335,13 +338,14 @@ pub fn run() -> anyhow::Result<()> {
             top,
             backend,
             threads,
+            device,
             preprocess,
             json,
         } => classify(
             &images,
             (model.as_deref(), weights, &preprocess),
             top as usize,
-            (backend.into(), threads as usize),
+            (backend.into(), threads as usize, device),
             json,
         ),
         Command::Convert {
@@ -528,16 +532,22 @@ fn classify(
     images: &[PathBuf],
     (model, weights, preprocess): (Option<&str>, Option<PathBuf>, &PreprocessArgs),
     top: usize,
-    (backend, threads): (Backend, usize),
+    (backend, threads, device): (Backend, usize, effnet::device::DeviceChoice),
     json: bool,
 ) -> anyhow::Result<()> {
+    if !device.is_cpu() && backend != Backend::Burn {
+        bail!("--device {device} runs the burn model: add --backend burn");
+    }
     let weights = match weights {
         Some(w) => w,
         None => default_weights()?,
     };
     let mut set = weights::load(&weights, model)?;
     preprocess.apply(&mut set.meta)?;
-    let mut classifier = Classifier::new(set, backend, threads)?;
+    let mut classifier = match backend {
+        Backend::Burn => Classifier::on_device(set, device.open()?)?,
+        Backend::Engine => Classifier::new(set, backend, threads)?,
+    };
     // Every file's header first, so a missing, unsupported or unresizable file fails before any
     // result is printed.
     for p in images {

@@ -81,7 +81,7 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
             args.compare_phi
         );
     }
-    let (train, _) = effnet::data::named(&recipe.dataset, recipe.resolution)?;
+    let (train, _) = effnet::data::named(&recipe.dataset)?;
     let images = match recipe.train_limit {
         0 => train.len(),
         l => l.min(train.len()),

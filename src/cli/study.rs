@@ -296,7 +296,7 @@ pub fn run(cmd: &StudyCommand) -> anyhow::Result<()> {
 
 /// (training images used, classes) of the recipe's dataset.
 fn dataset_size(recipe: &TrainConfig) -> anyhow::Result<(usize, usize)> {
-    let (train, _) = data::named(&recipe.dataset, recipe.resolution)?;
+    let (train, _) = data::named(&recipe.dataset)?;
     let n = match recipe.train_limit {
         0 => train.len(),
         l => l.min(train.len()),

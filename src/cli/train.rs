@@ -14,6 +14,8 @@ use effnet::train::config::RESUMABLE_CHANGES;
 use effnet::train::{RunFile, RunOptions, TrainConfig, default_run_dir, train};
 use effnet::weights::{Layout, TensorMap, WeightMeta};
 
+use effnet::device::DeviceChoice;
+
 use super::ModelArgs;
 
 /// Flags shared by `train` and `finetune`.
@@ -50,6 +52,10 @@ pub struct RunFlags {
     /// Any config field, as in the TOML file (repeatable): `--set lr_decay=cosine --set ema_decay=0.999`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Where the steps run: cpu, cuda[:N], wgpu[:cpu|N] or vulkan[:cpu|N] (GPU kinds need effnet
+    /// built with that cargo feature).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
 }
 
 impl RunFlags {
@@ -118,7 +124,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         if args.model.given() {
             bail!("--resume continues the run's own model; do not name one");
         }
-        return resume(dir, args.epochs, args.run.max_steps);
+        return resume(dir, args.epochs, args.run.max_steps, args.run.device);
     }
     let file = match &args.config {
         Some(p) => RunFile::read(p)?,
@@ -173,12 +179,17 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             );
         }
     };
-    execute(cfg, base, out, false, Some(&budget), None)
+    execute(cfg, base, out, false, Some(&budget), None, args.run.device)
 }
 
 /// Continues a run from its last checkpoint with the config it recorded; only the fields in
 /// [`RESUMABLE_CHANGES`] may differ from the checkpoint's (by flags or by editing config.toml).
-fn resume(dir: &Path, epochs: Option<usize>, max_steps: Option<u64>) -> anyhow::Result<()> {
+fn resume(
+    dir: &Path,
+    epochs: Option<usize>,
+    max_steps: Option<u64>,
+    device: DeviceChoice,
+) -> anyhow::Result<()> {
     let file = RunFile::read(&dir.join("config.toml"))
         .with_context(|| format!("`{}` is not a run directory", dir.display()))?;
     let model = file.model.with_context(|| {
@@ -215,7 +226,7 @@ fn resume(dir: &Path, epochs: Option<usize>, max_steps: Option<u64>) -> anyhow::
     if let Some(m) = max_steps {
         cfg.max_steps = m;
     }
-    execute(cfg, spec, dir.to_path_buf(), true, None, None)
+    execute(cfg, spec, dir.to_path_buf(), true, None, None, device)
 }
 
 /// Finishes a config once the training set size is known (warmup cap, epochs from --max-steps).
@@ -229,10 +240,12 @@ fn execute(
     resume: bool,
     budget: Option<Budget<'_>>,
     init: Option<&TensorMap>,
+    device: DeviceChoice,
 ) -> anyhow::Result<()> {
     // Everything checkable before the data loads (the slow part).
     cfg.validate()?;
-    let (mut train_raw, eval_raw) = data::named(&cfg.dataset, cfg.resolution)?;
+    let device = device.open()?;
+    let (mut train_raw, eval_raw) = data::named(&cfg.dataset)?;
     if cfg.train_limit > 0 {
         train_raw.truncate(cfg.train_limit);
     }
@@ -259,13 +272,13 @@ fn execute(
             mean,
             std,
         },
-        class_names: Some(train_raw.class_names.clone()),
+        class_names: Some(train_raw.class_names().to_vec()),
         spec,
         source: Layout::Effnet,
         preset: None,
     };
     let normalised = |raw| {
-        let mut p = Prepared::new(raw, cfg.resolution);
+        let mut p = Prepared::from_split(raw, cfg.resolution, None);
         (p.mean, p.std) = (mean, std);
         p
     };
@@ -276,6 +289,7 @@ fn execute(
         show_progress: tty,
         resume,
         init,
+        device,
     };
     let metrics = train(&cfg, &meta, &train_data, &eval_data, opts)?;
     let last = metrics.last().context("no epoch finished")?;
@@ -362,5 +376,6 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         false,
         Some(&budget),
         Some(&set.tensors),
+        args.run.device,
     )
 }

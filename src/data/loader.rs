@@ -1,7 +1,11 @@
-//! Batches for training and evaluation from an [`InMemory`] dataset: images resized once to the
-//! model resolution, seeded augmentation ([`Augment`]), normalisation, and a
-//! background thread that prepares the next batch while the model trains on the current one.
+//! Batches for training and evaluation: from an [`InMemory`] dataset (images resized once to the
+//! model resolution) or streamed from image files (decoded per batch from the originals on worker
+//! threads, so memory is bounded by the prefetch depth, not by the dataset); seeded augmentation
+//! ([`Augment`]), normalisation, and a background thread that prepares the next batches while the
+//! model trains on the current one.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 
 use rand::SeedableRng;
@@ -10,10 +14,11 @@ use rand::seq::SliceRandom;
 
 use image::RgbImage;
 
-use super::InMemory;
 use super::augment::{Augment, Crop, Policy};
-use crate::preprocess::Interpolation;
-use crate::preprocess::resize;
+use super::{DataError, ImageFolder, InMemory, Split};
+use crate::preprocess::{
+    Interpolation, LongSide, Preprocess, center_crop, eval_crop, load_rgb, resize, resize_shorter,
+};
 
 /// A batch: NCHW float pixels and labels.
 #[derive(Debug, Clone)]
@@ -25,10 +30,27 @@ pub struct Batch {
     pub side: usize,
 }
 
-/// A dataset resized to `side x side` RGB, ready for batching.
+/// Batches prepared ahead of the one the model is on: the streaming loader's memory bound.
+pub const PREFETCH_BATCHES: usize = 2;
+
+/// Where a dataset's pixels come from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// `side x side` RGB images in RAM.
+    Pixels(Arc<Vec<u8>>),
+    /// Image files decoded when a batch needs them; evaluation images go through `eval` (the
+    /// weights' transform) when given, else shorter side to `side` and a center crop.
+    Files {
+        paths: Arc<Vec<PathBuf>>,
+        eval: Option<Preprocess>,
+        workers: usize,
+    },
+}
+
+/// A dataset ready for batching at `side x side`.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    pixels: Vec<u8>,
+    source: Source,
     pub labels: Vec<u32>,
     pub side: usize,
     pub num_classes: usize,
@@ -52,13 +74,50 @@ impl Prepared {
             pixels.extend_from_slice(resize(&img, side, side, Interpolation::Bilinear).as_raw());
         }
         Prepared {
-            pixels,
+            source: Source::Pixels(Arc::new(pixels)),
             labels: data.labels.clone(),
             side,
             num_classes: data.num_classes(),
             mean: [127.5; 3],
             std: [127.5; 3],
         }
+    }
+
+    /// Streams an image folder: nothing is decoded until a batch asks. Training crops come from
+    /// the full-size originals; unaugmented batches use `eval` (else shorter side to `side`, center
+    /// crop). `workers` threads decode each batch.
+    pub fn stream(
+        folder: &ImageFolder,
+        side: usize,
+        eval: Option<&Preprocess>,
+        workers: usize,
+    ) -> Self {
+        let (paths, labels) = folder.samples.iter().cloned().unzip();
+        Prepared {
+            source: Source::Files {
+                paths: Arc::new(paths),
+                eval: eval.cloned(),
+                workers: workers.max(1),
+            },
+            labels,
+            side: eval.map_or(side, |p| p.crop),
+            num_classes: folder.class_names.len(),
+            mean: [127.5; 3],
+            std: [127.5; 3],
+        }
+    }
+
+    /// A split as training or evaluation reads it: in memory, or streamed from its files.
+    pub fn from_split(split: &Split, side: usize, eval: Option<&Preprocess>) -> Self {
+        match split {
+            Split::Memory(m) => Self::new(m, side),
+            Split::Folder(f) => Self::stream(f, side, eval, default_workers()),
+        }
+    }
+
+    /// Whether batches are decoded from files as they are needed.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.source, Source::Files { .. })
     }
 
     pub fn len(&self) -> usize {
@@ -69,11 +128,33 @@ impl Prepared {
         self.labels.is_empty()
     }
 
-    /// Sample `i` as an RGB image at the stored side.
-    pub fn image(&self, i: usize) -> RgbImage {
-        let s = self.side;
-        let px = self.pixels[i * s * s * 3..(i + 1) * s * s * 3].to_vec();
-        RgbImage::from_raw(s as u32, s as u32, px).expect("stored images are side x side RGB")
+    /// Sample `i` as an RGB image: at the stored side, or for a streamed dataset the decoded
+    /// original when `full` (a random-resized crop samples from it) and the eval crop otherwise.
+    pub fn image(&self, i: usize, full: bool) -> Result<RgbImage, DataError> {
+        match &self.source {
+            Source::Pixels(pixels) => {
+                let s = self.side;
+                let px = pixels[i * s * s * 3..(i + 1) * s * s * 3].to_vec();
+                Ok(RgbImage::from_raw(s as u32, s as u32, px)
+                    .expect("stored images are side x side RGB"))
+            }
+            Source::Files { paths, eval, .. } => {
+                let path = &paths[i];
+                let fail = |e: crate::preprocess::ImageError| DataError::Invalid {
+                    path: path.display().to_string(),
+                    why: e.to_string(),
+                };
+                let img = load_rgb(path).map_err(fail)?;
+                if full {
+                    return Ok(img);
+                }
+                match eval {
+                    Some(p) => eval_crop(&img, p),
+                    None => fit(&img, self.side),
+                }
+                .map_err(fail)
+            }
+        }
     }
 
     /// Writes an RGB image as normalised CHW floats into `out`.
@@ -86,26 +167,89 @@ impl Prepared {
         }
     }
 
-    /// The batch of samples `indices`, augmented when `aug` is given (its size is the batch's side).
-    pub fn batch(&self, indices: &[usize], aug: Option<(&Augment, &mut StdRng)>) -> Batch {
-        let side = aug.as_ref().map_or(self.side, |(a, _)| a.size);
+    /// Sample `i`, augmented with its own `rng` when `aug` is given, written into `out`.
+    fn sample(
+        &self,
+        i: usize,
+        aug: Option<(&Augment, &mut StdRng)>,
+        out: &mut [f32],
+    ) -> Result<(), DataError> {
+        let full = aug
+            .as_ref()
+            .is_some_and(|(a, _)| a.crop == Crop::RandomResized);
+        let img = self.image(i, full)?;
+        let img = match aug {
+            Some((a, rng)) => a.apply(&img, rng),
+            None => img,
+        };
+        self.write(&img, out);
+        Ok(())
+    }
+
+    /// The unaugmented batch of samples `indices`.
+    pub fn batch(&self, indices: &[usize]) -> Result<Batch, DataError> {
+        self.assemble(indices, self.side, |b, i, out| {
+            self.sample(i, None, out).map(|_| b)
+        })
+    }
+
+    /// The batch of samples `indices` augmented by `aug` (its size is the batch's side), sample
+    /// `b` with the generator `sample_rng(b)`: the result does not depend on how many threads
+    /// decode it.
+    fn augmented_batch(
+        &self,
+        indices: &[usize],
+        aug: &Augment,
+        sample_rng: impl Fn(usize) -> StdRng + Sync,
+    ) -> Result<Batch, DataError> {
+        self.assemble(indices, aug.size, |b, i, out| {
+            let mut rng = sample_rng(b);
+            self.sample(i, Some((aug, &mut rng)), out).map(|_| b)
+        })
+    }
+
+    /// Runs `one(position, sample index, output slice)` for each sample of a batch, on the
+    /// dataset's decode workers when it streams.
+    fn assemble(
+        &self,
+        indices: &[usize],
+        side: usize,
+        one: impl Fn(usize, usize, &mut [f32]) -> Result<usize, DataError> + Sync,
+    ) -> Result<Batch, DataError> {
         let len = 3 * side * side;
         let mut images = vec![0.0; indices.len() * len];
-        let mut aug = aug;
-        for (b, &i) in indices.iter().enumerate() {
-            let img = self.image(i);
-            let img = match aug.as_mut() {
-                Some((a, rng)) => a.apply(&img, rng),
-                None => img,
-            };
-            self.write(&img, &mut images[b * len..(b + 1) * len]);
+        let workers = match &self.source {
+            Source::Files { workers, .. } => (*workers).min(indices.len()).max(1),
+            Source::Pixels(_) => 1,
+        };
+        let per = indices.len().div_ceil(workers).max(1);
+        let run = |(w, out): (usize, &mut [f32])| -> Result<(), DataError> {
+            for (k, o) in out.chunks_mut(len).enumerate() {
+                let b = w * per + k;
+                one(b, indices[b], o)?;
+            }
+            Ok(())
+        };
+        if workers == 1 {
+            run((0, &mut images))?;
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = images
+                    .chunks_mut(per * len)
+                    .enumerate()
+                    .map(|job| s.spawn(move || run(job)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .try_for_each(|h| h.join().expect("a decode worker panicked"))
+            })?;
         }
-        Batch {
+        Ok(Batch {
             images,
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             size: indices.len(),
             side,
-        }
+        })
     }
 
     /// The default training augmentation at the stored side: a random shift of up to side/8 pixels
@@ -121,23 +265,50 @@ impl Prepared {
         }
     }
 
-    /// Shuffled, augmented training batches for one epoch, prepared on a background thread; the
-    /// order and augmentation depend only on `seed` and `epoch`.
-    pub fn epoch(&self, batch_size: usize, seed: u64, epoch: u64, aug: Augment) -> Receiver<Batch> {
-        let (tx, rx) = sync_channel(2);
+    /// Shuffled, augmented training batches for one epoch, prepared on a background thread at most
+    /// [`PREFETCH_BATCHES`] ahead; the order and every sample's augmentation depend only on
+    /// `seed`, `epoch` and the sample's position in the epoch, so the first `skip` batches (done
+    /// before a resume) are left out without being made. A file that fails to decode ends the
+    /// epoch with its error.
+    pub fn epoch(
+        &self,
+        batch_size: usize,
+        (seed, epoch): (u64, u64),
+        aug: Augment,
+        skip: usize,
+    ) -> Receiver<Result<Batch, DataError>> {
+        let (tx, rx) = sync_channel(PREFETCH_BATCHES);
         let data = self.clone();
         std::thread::spawn(move || {
-            let mut rng = StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let epoch_seed = seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let mut order: Vec<usize> = (0..data.len()).collect();
-            order.shuffle(&mut rng);
-            for chunk in order.chunks_exact(batch_size) {
-                if tx.send(data.batch(chunk, Some((&aug, &mut rng)))).is_err() {
+            order.shuffle(&mut StdRng::seed_from_u64(epoch_seed));
+            for (k, chunk) in order.chunks_exact(batch_size).enumerate().skip(skip) {
+                let first = (k * batch_size) as u64;
+                let rng = |b: usize| {
+                    let position = first + b as u64 + 1;
+                    StdRng::seed_from_u64(epoch_seed ^ position.wrapping_mul(0xbf58_476d_1ce4_e5b9))
+                };
+                let batch = data.augmented_batch(chunk, &aug, rng);
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
                     return;
                 }
             }
         });
         rx
     }
+}
+
+/// Threads that decode a streamed batch: the cores, at most 8.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// Training's fit of a full-size image: shorter side to `side` (bilinear), center crop.
+pub fn fit(img: &RgbImage, side: usize) -> Result<RgbImage, crate::preprocess::ImageError> {
+    let resized = resize_shorter(img, side, Interpolation::Bilinear, LongSide::Round)?;
+    center_crop(&resized, side)
 }
 
 #[cfg(test)]
@@ -158,20 +329,20 @@ mod tests {
     #[test]
     fn batches_are_normalised_chw_and_reproducible() {
         let p = Prepared::new(&tiny(), 4);
-        let b = p.batch(&[1], None);
+        let b = p.batch(&[1]).unwrap();
         assert_eq!(b.images.len(), 3 * 16);
         // Grey expanded to three equal channels; (v - 127.5) / 127.5.
         assert_eq!(b.images[0], (64.0 - 127.5) / 127.5);
         assert_eq!(b.images[0], b.images[16]);
         let e1: Vec<Vec<u32>> = p
-            .epoch(2, 7, 0, p.default_augment())
+            .epoch(2, (7, 0), p.default_augment(), 0)
             .iter()
-            .map(|b| b.labels)
+            .map(|b| b.unwrap().labels)
             .collect();
         let e2: Vec<Vec<u32>> = p
-            .epoch(2, 7, 0, p.default_augment())
+            .epoch(2, (7, 0), p.default_augment(), 0)
             .iter()
-            .map(|b| b.labels)
+            .map(|b| b.unwrap().labels)
             .collect();
         assert_eq!(e1, e2);
         assert_eq!(e1.len(), 2);

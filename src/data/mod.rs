@@ -477,43 +477,56 @@ pub fn load_image_folder(root: &Path) -> Result<ImageFolder, DataError> {
     })
 }
 
-/// One split of an image folder, each image made `side x side` by `crop` (training: the shorter
-/// side resized to `side` then center-cropped; evaluation: the weights' eval transform).
-fn folder_split(
-    dir: &Path,
-    side: usize,
-    crop: &dyn Fn(&image::RgbImage) -> Result<image::RgbImage, crate::preprocess::ImageError>,
-) -> Result<InMemory, DataError> {
+/// An image folder whose every file's header was read (so a corrupt or unsupported file fails
+/// before training starts rather than in the middle of an epoch).
+fn checked_folder(dir: &Path) -> Result<ImageFolder, DataError> {
     let f = load_image_folder(dir)?;
-    let mut pixels = Vec::with_capacity(f.samples.len() * side * side * 3);
-    let mut labels = Vec::with_capacity(f.samples.len());
-    for (path, label) in &f.samples {
-        let fail = |e: crate::preprocess::ImageError| DataError::Invalid {
+    for (path, _) in &f.samples {
+        crate::preprocess::image_dimensions(path).map_err(|e| DataError::Invalid {
             path: path.display().to_string(),
             why: e.to_string(),
-        };
-        let img = crop(&crate::preprocess::load_rgb(path).map_err(fail)?).map_err(fail)?;
-        pixels.extend_from_slice(img.as_raw());
-        labels.push(*label);
+        })?;
     }
-    Ok(InMemory {
-        pixels,
-        labels,
-        height: side,
-        width: side,
-        channels: 3,
-        class_names: f.class_names,
-    })
+    Ok(f)
 }
 
-/// Training's crop of an image-folder image: shorter side to `side` (bilinear), center crop.
-fn train_crop(
-    side: usize,
-) -> impl Fn(&image::RgbImage) -> Result<image::RgbImage, crate::preprocess::ImageError> {
-    use crate::preprocess::{Interpolation, LongSide, center_crop, resize_shorter};
-    move |img| {
-        let resized = resize_shorter(img, side, Interpolation::Bilinear, LongSide::Round)?;
-        center_crop(&resized, side)
+/// One split of a dataset: decoded into memory (IDX, CIFAR) or image files that the loader
+/// streams (folders).
+#[derive(Debug, Clone)]
+pub enum Split {
+    Memory(InMemory),
+    Folder(ImageFolder),
+}
+
+impl Split {
+    pub fn len(&self) -> usize {
+        match self {
+            Split::Memory(m) => m.len(),
+            Split::Folder(f) => f.samples.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn class_names(&self) -> &[String] {
+        match self {
+            Split::Memory(m) => &m.class_names,
+            Split::Folder(f) => &f.class_names,
+        }
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.class_names().len()
+    }
+
+    /// Keeps the first `n` samples.
+    pub fn truncate(&mut self, n: usize) {
+        match self {
+            Split::Memory(m) => m.truncate(n),
+            Split::Folder(f) => f.samples.truncate(n),
+        }
     }
 }
 
@@ -529,22 +542,23 @@ fn cifar_files(dir: &Path, train: bool, kind: Cifar) -> Vec<PathBuf> {
 }
 
 /// The (train, eval) splits a dataset name stands for: `fashion-mnist`, `idx:DIR`, `cifar10:DIR`,
-/// `cifar100:DIR`, or an image folder with `train/` and `val/` (images resized to `side`).
-pub fn named(dataset: &str, side: usize) -> Result<(InMemory, InMemory), DataError> {
+/// `cifar100:DIR`, or an image folder with `train/` and `val/` (streamed from the files).
+pub fn named(dataset: &str) -> Result<(Split, Split), DataError> {
     let (kind, path) = dataset.split_once(':').unwrap_or(("", dataset));
+    let memory = |(a, b)| (Split::Memory(a), Split::Memory(b));
     Ok(match (kind, path) {
         ("", "fashion-mnist") => {
             let dir = Path::new(FASHION_MNIST_DIR);
-            (
+            memory((
                 load_fashion_mnist(dir, true)?,
                 load_fashion_mnist(dir, false)?,
-            )
+            ))
         }
         ("idx", dir) => {
             let mut train = load_mnist_dir(Path::new(dir), true, None)?;
             let mut eval = load_mnist_dir(Path::new(dir), false, None)?;
             unify_classes(&mut train, &mut eval);
-            (train, eval)
+            memory((train, eval))
         }
         ("cifar10" | "cifar100", dir) => {
             let k = if kind == "cifar10" {
@@ -553,22 +567,22 @@ pub fn named(dataset: &str, side: usize) -> Result<(InMemory, InMemory), DataErr
                 Cifar::Hundred
             };
             let dir = Path::new(dir);
-            (
+            memory((
                 load_cifar(&cifar_files(dir, true, k), k)?,
                 load_cifar(&cifar_files(dir, false, k), k)?,
-            )
+            ))
         }
         ("", dir) if Path::new(dir).is_dir() => {
             let dir = Path::new(dir);
-            let train = folder_split(&dir.join("train"), side, &train_crop(side))?;
-            let val = folder_split(&dir.join("val"), side, &train_crop(side))?;
+            let train = checked_folder(&dir.join("train"))?;
+            let val = checked_folder(&dir.join("val"))?;
             if train.class_names != val.class_names {
                 return Err(DataError::Invalid {
                     path: dir.display().to_string(),
                     why: "train/ and val/ have different class folders".into(),
                 });
             }
-            (train, val)
+            (Split::Folder(train), Split::Folder(val))
         }
         _ => {
             return Err(DataError::Invalid {
@@ -579,33 +593,27 @@ pub fn named(dataset: &str, side: usize) -> Result<(InMemory, InMemory), DataErr
     })
 }
 
-/// The evaluation split alone. Image folders read only `val/`, each image through `transform`
-/// (the weights' eval transform, whose crop is the side) when given, else as training prepares it.
-pub fn eval_split(
-    dataset: &str,
-    side: usize,
-    transform: Option<&crate::preprocess::Preprocess>,
-) -> Result<InMemory, DataError> {
+/// The evaluation split alone (image folders: `val/` only; the caller's [`loader::Prepared`]
+/// applies the weights' eval transform).
+pub fn eval_split(dataset: &str) -> Result<Split, DataError> {
     let (kind, path) = dataset.split_once(':').unwrap_or(("", dataset));
     Ok(match (kind, path) {
-        ("", "fashion-mnist") => load_fashion_mnist(Path::new(FASHION_MNIST_DIR), false)?,
-        ("idx", dir) => load_mnist_dir(Path::new(dir), false, None)?,
+        ("", "fashion-mnist") => {
+            Split::Memory(load_fashion_mnist(Path::new(FASHION_MNIST_DIR), false)?)
+        }
+        ("idx", dir) => Split::Memory(load_mnist_dir(Path::new(dir), false, None)?),
         ("cifar10" | "cifar100", dir) => {
             let k = if kind == "cifar10" {
                 Cifar::Ten
             } else {
                 Cifar::Hundred
             };
-            load_cifar(&cifar_files(Path::new(dir), false, k), k)?
+            Split::Memory(load_cifar(&cifar_files(Path::new(dir), false, k), k)?)
         }
         ("", dir) if Path::new(dir).is_dir() => {
-            let val = Path::new(dir).join("val");
-            match transform {
-                Some(p) => folder_split(&val, p.crop, &|img| crate::preprocess::eval_crop(img, p))?,
-                None => folder_split(&val, side, &train_crop(side))?,
-            }
+            Split::Folder(checked_folder(&Path::new(dir).join("val"))?)
         }
-        _ => return named(dataset, side).map(|(_, eval)| eval),
+        _ => return named(dataset).map(|(_, eval)| eval),
     })
 }
 

@@ -32,7 +32,7 @@ pub fn recalibrate(
     for (k, chunk) in order.chunks_exact(batch_size).take(batches).enumerate() {
         // Momentum 1/(k+1): after k+1 batches each running statistic is their plain mean.
         model.set_bn_momentum(1.0 / (k + 1) as f64);
-        let b = data.batch(chunk, None);
+        let b = data.batch(chunk)?;
         let x = Tensor::<4>::from_data(
             TensorData::new(b.images, [b.size, 3, b.side, b.side]),
             &device,

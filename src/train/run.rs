@@ -10,7 +10,7 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 
 use crate::data::loader::Prepared;
-use crate::evaluate::evaluate;
+use crate::evaluate::{evaluate, evaluate_on_device};
 use crate::model::{EfficientNet, apply_weights, export_weights};
 use crate::weights::{self, TensorMap, WeightMeta, WeightSet};
 
@@ -35,6 +35,9 @@ pub struct RunOptions<'a> {
     pub resume: bool,
     /// Pretrained canonical tensors to start from (fine-tuning); the classifier is re-initialised.
     pub init: Option<&'a TensorMap>,
+    /// Where the steps run (`Device::flex()` on the CPU, or a GPU device); the model is always
+    /// initialised on the CPU, so a seed gives the same starting weights on every device.
+    pub device: Device,
 }
 
 /// Where the loop stands inside one run, besides the model.
@@ -52,8 +55,9 @@ fn start(
     device: &Device,
     opts: &RunOptions<'_>,
 ) -> anyhow::Result<(EfficientNet, State)> {
-    device.seed(cfg.seed);
-    let mut model = EfficientNet::new(&meta.spec, device);
+    let cpu = Device::flex().autodiff();
+    cpu.seed(cfg.seed);
+    let mut model = EfficientNet::new(&meta.spec, &cpu);
     if cfg.tf_init {
         model = model.tf_init();
     }
@@ -66,6 +70,12 @@ fn start(
             tensors.insert(name.clone(), t.clone());
         }
         model = apply_weights(model, &tensors)?;
+    }
+    if *device != cpu {
+        model = apply_weights(
+            EfficientNet::new(&meta.spec, device),
+            &export_weights(&model),
+        )?;
     }
     let optim = ModuleOptimizer::from(TfRmsProp {
         decay: cfg.rmsprop_decay,
@@ -114,6 +124,8 @@ struct Run<'a> {
     config_text: String,
     schedule: LrSchedule,
     trainer: Trainer<'a>,
+    /// The device that evaluates each epoch when it is not the CPU (the engine does on the CPU).
+    gpu: Option<Device>,
     started: Instant,
     bar: indicatif::ProgressBar,
     progress_lines: bool,
@@ -189,10 +201,14 @@ impl Run<'_> {
         let start = Instant::now();
         let stage = cfg.stage(epoch, self.meta.spec.dropout);
         let mut lr = self.schedule.at(st.progress.step) * lr_scale;
-        let batches = self
-            .train_data
-            .epoch(cfg.batch_size, cfg.seed, epoch as u64, stage.augment);
-        for batch in batches.into_iter().skip(tally.batches) {
+        let batches = self.train_data.epoch(
+            cfg.batch_size,
+            (cfg.seed, epoch as u64),
+            stage.augment,
+            tally.batches,
+        );
+        for batch in batches {
+            let batch = batch?;
             let step = st.progress.step;
             if step >= self.total_steps() {
                 let end = EpochEnd {
@@ -268,7 +284,10 @@ impl Run<'_> {
                 cfg.seed,
             )?;
         }
-        let report = evaluate(&set, self.eval_data, 256, rayon::current_num_threads())?;
+        let report = match &self.gpu {
+            Some(device) => evaluate_on_device(&set, self.eval_data, 256, device)?,
+            None => evaluate(&set, self.eval_data, 256, rayon::current_num_threads())?,
+        };
         let m = EpochMetrics {
             epoch: epoch + 1,
             step: st.progress.step,
@@ -294,6 +313,14 @@ impl Run<'_> {
         )?;
         weights::write_safetensors(&self.out_dir.join("weights.safetensors"), &set)?;
         Ok(())
+    }
+}
+
+fn device_name(device: &Device) -> String {
+    if *device == Device::flex() {
+        "the CPU".into()
+    } else {
+        format!("{device:?}")
     }
 }
 
@@ -325,13 +352,14 @@ pub fn train(
     let _lock = RunLock::acquire(out_dir)?;
     let config_text = RunFile::to_toml(cfg, &meta.spec)?;
     crate::util::write_atomic(&out_dir.join("config.toml"), config_text.as_bytes())?;
-    let device = Device::flex().autodiff();
+    let device = opts.device.clone().autodiff();
     let (mut model, mut st) = start(cfg, meta, &device, &opts)?;
     eprintln!(
-        "{} {} on {} ({} train / {} eval images, {} classes) at {r}x{r}, batch {}, {} epoch(s){}; run dir {}",
+        "{} {} on {} on {} ({} train / {} eval images, {} classes) at {r}x{r}, batch {}, {} epoch(s){}; run dir {}",
         if opts.resume { "resuming" } else { "training" },
         meta.spec.name,
         cfg.dataset,
+        device_name(&opts.device),
         train_data.len(),
         eval_data.len(),
         meta.spec.num_classes,
@@ -371,6 +399,7 @@ pub fn train(
         bar: progress_bar(opts.show_progress && !progress_lines, schedule.total_steps),
         schedule,
         trainer: Trainer::new(cfg, meta.spec.num_classes, device.clone()),
+        gpu: (opts.device != Device::flex()).then(|| opts.device.clone()),
         started: Instant::now() - std::time::Duration::from_secs_f64(st.progress.seconds),
         progress_lines,
     };
