@@ -29,8 +29,8 @@ fn gpu() -> Device {
         .unwrap_or_else(|e| panic!("{e} (install mesa-vulkan-drivers for lavapipe)"))
 }
 
-/// Max |a - b| over the larger of 1 and the reference's largest magnitude.
-fn assert_close(what: &str, a: &[f32], b: &[f32]) {
+/// Max |a - b| over the larger of 1 and the reference's largest magnitude; returns max |a - b|.
+fn assert_close(what: &str, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
     let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
@@ -38,13 +38,14 @@ fn assert_close(what: &str, a: &[f32], b: &[f32]) {
         diff <= TOL * scale,
         "{what}: max |diff| {diff} (scale {scale})"
     );
+    diff
 }
 
-fn assert_maps_close(what: &str, a: &TensorMap, b: &TensorMap) {
+fn assert_maps_close(what: &str, a: &TensorMap, b: &TensorMap) -> f32 {
     assert_eq!(a.len(), b.len());
-    for (name, t) in a {
-        assert_close(&format!("{what} {name}"), &t.data, &b[name].data);
-    }
+    a.iter()
+        .map(|(name, t)| assert_close(&format!("{what} {name}"), &t.data, &b[name].data))
+        .fold(0f32, f32::max)
 }
 
 fn batch(n: usize, side: usize, classes: usize) -> Batch {
