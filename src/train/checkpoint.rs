@@ -161,11 +161,12 @@ pub fn load(
         .load(dir.join("optimizer.bpk"))
         .map_err(|e| bad("optimizer.bpk", format!("{e:?}")))?;
     let ema = weights::load(&dir.join("ema.safetensors"), None)?;
+    let ema = Ema::from_tensors(&ema.tensors, ema_decay, &model)?;
     let progress = progress(run)?;
     Ok(Resumed {
         model,
         optim,
-        ema: Ema::from_tensors(ema.tensors, ema_decay),
+        ema,
         progress,
     })
 }

@@ -148,7 +148,7 @@ impl Run<'_> {
     fn ema_set(&self, ema: &Ema) -> WeightSet {
         WeightSet {
             meta: self.meta.clone(),
-            tensors: ema.tensors.clone(),
+            tensors: ema.tensors(),
         }
     }
 
