@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Precision};
 use crate::model::{EfficientNet, apply_weights};
 use crate::preprocess::{ImageError, eval_transform};
 use crate::weights::{self, WeightMeta};
@@ -110,6 +110,17 @@ impl Classifier {
             runner,
             meta: set.meta,
             labels,
+        }
+    }
+
+    /// The engine's arithmetic ([`Precision`]); the burn model computes in f32 only.
+    pub fn set_precision(&mut self, precision: Precision) -> anyhow::Result<()> {
+        match &mut self.runner {
+            Runner::Engine(e) => Ok(e.set_precision(precision)?),
+            Runner::Burn(..) if precision == Precision::Fp32 => Ok(()),
+            Runner::Burn(..) => {
+                anyhow::bail!("--precision {precision} runs on the engine, not --backend burn")
+            }
         }
     }
 

@@ -107,3 +107,49 @@ fn jpeg_photos_match_pytorch_top5() {
     }
     eprintln!("worst |dp| over the JPEG fixtures: {worst:.2e}");
 }
+
+/// The bf16 engine (AVX512-BF16) keeps the f32 engine's top-1 on every real photo of the fixtures
+/// (the two PNGs and the ten JPEGs), and coffee stays espresso.
+#[test]
+fn bf16_keeps_the_fp32_top1_on_every_photo() {
+    let mut fp32 = lite0(Backend::Engine);
+    let mut bf16 = lite0(Backend::Engine);
+    if let Err(e) = bf16.set_precision(effnet::engine::Precision::Bf16) {
+        eprintln!("not exercised: {e}");
+        return;
+    }
+    let mut photos: Vec<_> = ["images/coffee.png", "images/chelsea.png"]
+        .iter()
+        .map(|p| fixture(p))
+        .collect();
+    let mut jpegs: Vec<_> = std::fs::read_dir(fixture("jpeg"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
+    jpegs.sort();
+    assert_eq!(jpegs.len(), 10);
+    photos.extend(jpegs);
+    let mut worst = 0f32;
+    for photo in &photos {
+        let img = load_rgb(photo).unwrap();
+        let (a, b) = (
+            &fp32.top_k(std::slice::from_ref(&img), 1000).unwrap()[0],
+            &bf16.top_k(std::slice::from_ref(&img), 1000).unwrap()[0],
+        );
+        assert_eq!(a[0].class, b[0].class, "{}", photo.display());
+        let mut pa = vec![0f32; 1000];
+        let mut pb = vec![0f32; 1000];
+        for (x, y) in a.iter().zip(b) {
+            pa[x.class] = x.probability;
+            pb[y.class] = y.probability;
+        }
+        worst = worst.max(max_abs_diff(&pa, &pb));
+    }
+    eprintln!(
+        "bf16 vs fp32 on {} photos: same top-1, max |dp| {worst:.4}",
+        photos.len()
+    );
+    let img = load_rgb(&fixture("images/coffee.png")).unwrap();
+    assert_eq!(bf16.top_k(&[img], 1).unwrap()[0][0].label, "espresso");
+}

@@ -9,7 +9,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use clap::Args;
 
 use effnet::device::DeviceChoice;
-use effnet::engine::Engine;
+use effnet::engine::{Engine, Precision};
 use effnet::model::{EfficientNet, apply_weights};
 use effnet::weights::{self, WeightSet};
 
@@ -64,6 +64,9 @@ pub struct BenchArgs {
     /// Time the engine's thread pool alone: one parallel region of --threads trivial parts.
     #[arg(long, conflicts_with_all = ["train", "burn", "profile", "reference"])]
     pool: bool,
+    /// Engine arithmetic: fp32, or bf16 (AVX512-BF16; timed beside fp32, with their agreement).
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
     #[arg(long)]
     json: bool,
 }
@@ -163,6 +166,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
 
     let mut engine = Engine::new(&set)?.with_threads(args.threads);
+    // The f32 logits are what the other runtimes are checked against.
     let engine_logits = engine.forward(&input, n, res, res);
     results.push(summarize(
         "effnet engine",
@@ -171,6 +175,43 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }),
         n,
     ));
+    let mut note = None;
+    if args.precision != Precision::Fp32 {
+        engine = Engine::new(&set)?
+            .with_threads(args.threads)
+            .with_precision(args.precision)?;
+        let logits = engine.forward(&input, n, res, res);
+        let p = args.precision;
+        results.push(summarize(
+            &format!("effnet engine {p}"),
+            time(args.iters, || {
+                std::hint::black_box(engine.forward(&input, n, res, res));
+            }),
+            n,
+        ));
+        let diff = logits
+            .iter()
+            .zip(&engine_logits)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let classes = set.spec().num_classes;
+        let top1 = |l: &[f32]| -> Vec<usize> {
+            l.chunks(classes)
+                .map(|r| {
+                    (0..classes)
+                        .max_by(|&a, &b| r[a].total_cmp(&r[b]))
+                        .unwrap_or(0)
+                })
+                .collect()
+        };
+        note = Some(format!(
+            "{p} vs fp32 on this input: max |logit diff| {diff:.3e}, top-1 {} of {n}",
+            if top1(&logits) == top1(&engine_logits) {
+                "same"
+            } else {
+                "differs"
+            }
+        ));
+    }
 
     if args.profile {
         effnet::engine::profile::enable(true);
@@ -298,7 +339,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.threads,
         args.iters
     );
-    let note = agreement.map(|d| format!("engine vs onnxruntime logits: max |diff| {d:.1e}"));
+    let note = [
+        note,
+        agreement.map(|d| format!("engine vs onnxruntime logits: max |diff| {d:.1e}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>();
+    let note = (!note.is_empty()).then(|| note.join("\n"));
     report(args.json, &title, note, &results, "vs engine")
 }
 

@@ -31,6 +31,9 @@ pub struct EmbedArgs {
     /// Threads for the engine.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Engine arithmetic: fp32, or bf16 (AVX512-BF16 CPUs).
+    #[arg(long, default_value = "fp32")]
+    precision: effnet::engine::Precision,
     /// Output: .safetensors (every tap, image paths in the metadata), .npy (one tap) or .jsonl
     /// (a line per image).
     #[arg(long)]
@@ -60,7 +63,9 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", p.display()))?;
     }
     let preprocess = set.meta.preprocess.clone();
-    let mut engine = Engine::new(&set)?.with_threads(args.threads as usize);
+    let mut engine = Engine::new(&set)?
+        .with_threads(args.threads as usize)
+        .with_precision(args.precision)?;
     let model = engine.meta.spec.name.clone();
     let bar = indicatif::ProgressBar::new(files.len() as u64);
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {

@@ -75,6 +75,9 @@ enum Command {
         /// Device for --backend burn: cpu, cuda[:N], wgpu[:cpu|N] or vulkan[:cpu|N].
         #[arg(long, default_value = "cpu")]
         device: effnet::device::DeviceChoice,
+        /// Engine arithmetic: fp32, or bf16 (AVX512-BF16 CPUs).
+        #[arg(long, default_value = "fp32")]
+        precision: effnet::engine::Precision,
         #[command(flatten)]
         preprocess: PreprocessArgs,
         #[arg(long)]
@@ -339,13 +342,14 @@ pub fn run() -> anyhow::Result<()> {
             backend,
             threads,
             device,
+            precision,
             preprocess,
             json,
         } => classify(
             &images,
             (model.as_deref(), weights, &preprocess),
             top as usize,
-            (backend.into(), threads as usize, device),
+            (backend.into(), threads as usize, device, precision),
             json,
         ),
         Command::Convert {
@@ -532,7 +536,12 @@ fn classify(
     images: &[PathBuf],
     (model, weights, preprocess): (Option<&str>, Option<PathBuf>, &PreprocessArgs),
     top: usize,
-    (backend, threads, device): (Backend, usize, effnet::device::DeviceChoice),
+    (backend, threads, device, precision): (
+        Backend,
+        usize,
+        effnet::device::DeviceChoice,
+        effnet::engine::Precision,
+    ),
     json: bool,
 ) -> anyhow::Result<()> {
     if !device.is_cpu() && backend != Backend::Burn {
@@ -548,6 +557,7 @@ fn classify(
         Backend::Burn => Classifier::on_device(set, device.open()?)?,
         Backend::Engine => Classifier::new(set, backend, threads)?,
     };
+    classifier.set_precision(precision)?;
     // Every file's header first, so a missing, unsupported or unresizable file fails before any
     // result is printed.
     for p in images {

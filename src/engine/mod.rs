@@ -24,6 +24,8 @@ use ops::{grow, mean_rows};
 use plan::{BlockPlan, Buf, Plan, Se, Step};
 use pool::Pool;
 
+use crate::simd::gemm::NR;
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the inference engine: {0}")]
 pub struct EngineError(String);
@@ -82,6 +84,37 @@ pub struct Embedding {
     pub maps: Vec<FeatureMap>,
 }
 
+/// The arithmetic of the engine's GEMM convolutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum Precision {
+    /// f32 throughout (bit-for-bit the reference path).
+    #[default]
+    Fp32,
+    /// bf16 weights and activations with f32 sums (AVX512-BF16), f32 everywhere else.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision `{s}`: use fp32 or bf16")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
 /// The compiled network plus its reusable buffers.
 pub struct Engine {
     pub meta: WeightMeta,
@@ -127,6 +160,37 @@ impl Engine {
 
     pub fn num_classes(&self) -> usize {
         self.plan.fc_b.len()
+    }
+
+    /// Runs the GEMM convolutions (stem, 1x1 and full 3x3 convs, head: most of the arithmetic)
+    /// in `precision`; depthwise convs, SE, pooling and the classifier stay f32.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self, EngineError> {
+        self.set_precision(precision)?;
+        Ok(self)
+    }
+
+    /// [`Engine::with_precision`] in place.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<(), EngineError> {
+        match precision {
+            Precision::Fp32 => {
+                for conv in self.plan.gemm_convs_mut() {
+                    conv.packed_bf16 = Vec::new();
+                }
+            }
+            Precision::Bf16 => {
+                if !crate::simd::gemm_bf16::available() {
+                    return Err(EngineError(
+                        "--precision bf16 needs a CPU with AVX512-BF16 (vdpbf16ps), which this one lacks; use fp32".into(),
+                    ));
+                }
+                for conv in self.plan.gemm_convs_mut() {
+                    let k = conv.packed.len() / (conv.cout.div_ceil(NR) * NR);
+                    conv.packed_bf16 =
+                        crate::simd::gemm_bf16::pack_from_f32_panels(&conv.packed, k);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs on `threads` threads (the caller's plus sleeping workers; see [`pool`]).

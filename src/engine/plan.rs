@@ -34,6 +34,8 @@ pub(super) struct Conv {
     /// `weight` packed for the GEMM micro-kernel (empty for depthwise or without AVX2/AVX-512;
     /// when present, `weight` is empty).
     pub packed: Vec<f32>,
+    /// `packed` as bf16 pairs (empty unless the engine runs in bf16; then the GEMM uses these).
+    pub packed_bf16: Vec<u32>,
     pub bias: Vec<f32>,
     pub act: Option<Activation>,
 }
@@ -119,6 +121,23 @@ pub(super) struct Plan {
     pub fc_b: Vec<f32>,
 }
 
+impl Plan {
+    /// Every GEMM convolution (stem, 1x1 and full 3x3 convs, head), for a change of precision.
+    pub fn gemm_convs_mut(&mut self) -> impl Iterator<Item = &mut Conv> {
+        let blocks = self.blocks.iter_mut().flat_map(|b| {
+            b.steps.iter_mut().flat_map(|s| match s {
+                Step::ExpandDepthwise { expand, dw, .. } => vec![expand, dw],
+                Step::Conv { conv, .. } | Step::Project { conv, .. } => vec![conv],
+                _ => vec![],
+            })
+        });
+        std::iter::once(&mut self.stem)
+            .chain(blocks)
+            .chain(std::iter::once(&mut self.head))
+            .filter(|c| !c.packed.is_empty())
+    }
+}
+
 /// Tensor `name` with `len` values.
 fn tensor<'a>(t: &'a TensorMap, name: &str, len: usize) -> Result<&'a [f32], EngineError> {
     tensor_values(t, name, len).map_err(|e| EngineError(e.to_string()))
@@ -175,6 +194,7 @@ fn fold(
         cout,
         weight,
         packed,
+        packed_bf16: Vec::new(),
         bias,
         act,
     })

@@ -70,11 +70,13 @@ pub(crate) fn gemm_bias_act(
         k,
         packed: packed.as_ptr(),
         cols: (c0, c0 + nc),
-        bias: bias.as_ptr(),
-        act,
-        residual: residual.map(|r| r.as_ptr()),
-        out: out.as_mut_ptr(),
-        ldo,
+        epi: Epilogue {
+            bias: bias.as_ptr(),
+            act,
+            residual: residual.map(|r| r.as_ptr()),
+            out: out.as_mut_ptr(),
+            ldo,
+        },
         gate: gate.map(|g| g.as_ptr()),
     };
     #[cfg(target_arch = "x86_64")]
@@ -97,13 +99,54 @@ struct Job {
     packed: *const f32,
     /// Output columns `c0..c1`.
     cols: (usize, usize),
-    bias: *const f32,
-    act: Option<Activation>,
-    residual: Option<*const f32>,
-    out: *mut f32,
-    ldo: usize,
+    epi: Epilogue,
     /// Per-row scale of the weights (`k` values).
     gate: Option<*const f32>,
+}
+
+/// What happens to a tile's sums before its single store: `act(sum + bias) (+ residual)` into rows
+/// `ldo` apart.
+pub(super) struct Epilogue {
+    pub bias: *const f32,
+    pub act: Option<Activation>,
+    pub residual: Option<*const f32>,
+    pub out: *mut f32,
+    pub ldo: usize,
+}
+
+/// Stores the sums `acc` of rows `r0..r0 + R`, columns `col..col + width` (at most `Q` vectors)
+/// through the epilogue.
+///
+/// # Safety
+/// The CPU has `V`'s instruction set; the epilogue's pointers hold those rows and columns.
+#[inline(always)]
+pub(super) unsafe fn store<V: Vector, const R: usize, const Q: usize>(
+    acc: &[[V; Q]; R],
+    e: &Epilogue,
+    r0: usize,
+    (col, width): (usize, usize),
+) {
+    // SAFETY: the caller's contract. Masked loads and stores touch columns col..col + width only
+    // (pointers to masked-off lanes may lie past the buffer, hence `wrapping_add`).
+    unsafe {
+        let live = width.div_ceil(V::LANES);
+        let lanes = |q: usize| width.saturating_sub(q * V::LANES);
+        let mut bias = [V::splat(0.0); Q];
+        for (q, b) in bias.iter_mut().enumerate().take(live) {
+            *b = V::load_first(e.bias.wrapping_add(col + q * V::LANES), lanes(q));
+        }
+        for (i, row) in acc.iter().enumerate() {
+            let at = (r0 + i) * e.ldo + col;
+            for q in 0..live {
+                let at = at + q * V::LANES;
+                let mut v = activate_v(row[q].add(bias[q]), e.act);
+                if let Some(res) = e.residual {
+                    v = v.add(V::load_first(res.wrapping_add(at), lanes(q)));
+                }
+                v.store_first(e.out.wrapping_add(at), lanes(q));
+            }
+        }
+    }
 }
 
 /// 12 rows x 2 vectors: 24 of the 32 AVX-512 registers accumulate.
@@ -185,25 +228,7 @@ unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize, const 
             } else {
                 multiply::<V, R, Q, H, G>(&mut acc, a, b, j);
             }
-            let live = width.div_ceil(V::LANES);
-            // Masked loads and stores touch columns col..col + width <= c1 only (pointers to
-            // masked-off lanes may lie past the buffer, hence `wrapping_add`).
-            let lanes = |q: usize| width.saturating_sub(q * V::LANES);
-            let mut bias = [V::splat(0.0); Q];
-            for (q, b) in bias.iter_mut().enumerate().take(live) {
-                *b = V::load_first(j.bias.wrapping_add(col + q * V::LANES), lanes(q));
-            }
-            for (i, row) in acc.iter().enumerate() {
-                let at = (r0 + i) * j.ldo + col;
-                for q in 0..live {
-                    let at = at + q * V::LANES;
-                    let mut v = activate_v(row[q].add(bias[q]), j.act);
-                    if let Some(res) = j.residual {
-                        v = v.add(V::load_first(res.wrapping_add(at), lanes(q)));
-                    }
-                    v.store_first(j.out.wrapping_add(at), lanes(q));
-                }
-            }
+            store(&acc, &j.epi, r0, (col, width));
         }
     }
 }

@@ -5,6 +5,7 @@
 //! instruction set and runs the one this CPU has.
 
 pub(crate) mod gemm;
+pub(crate) mod gemm_bf16;
 pub(crate) mod math;
 mod vector;
 

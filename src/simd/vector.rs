@@ -131,7 +131,7 @@ mod x86 {
          $load_first:ident, $store_first:ident, $domain:ident, $round:ident, $scale:ident) => {
             #[doc = $doc]
             #[derive(Clone, Copy)]
-            pub(crate) struct $name($reg);
+            pub(crate) struct $name(pub(crate) $reg);
 
             // SAFETY: every method is one instruction set's intrinsics (the helpers included); the
             // trait's contract puts the CPU check on the caller.

@@ -11,18 +11,19 @@ use crate::spec::ModelSpec;
 use crate::weights::TensorMap;
 
 /// `tensors` (canonical, for `spec`) with BN running statistics recomputed over `batches` batches
-/// of `batch_size` un-augmented training images in an order fixed by `seed`.
+/// of `batch_size` un-augmented training images in an order fixed by `seed`, on `device` (the
+/// training device).
 pub fn recalibrate(
     spec: &ModelSpec,
     tensors: &TensorMap,
     data: &Prepared,
     (batches, batch_size): (usize, usize),
-    seed: u64,
+    (seed, device): (u64, &Device),
 ) -> anyhow::Result<TensorMap> {
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     // Batch statistics need BN's training mode (an autodiff device); no dropout or dropped blocks.
-    let device = Device::flex().autodiff();
+    let device = device.clone().autodiff();
     let mut plain = spec.clone();
     plain.dropout = 0.0;
     plain.drop_connect_rate = 0.0;

@@ -281,7 +281,7 @@ impl Run<'_> {
                 &set.tensors,
                 self.train_data,
                 batches,
-                cfg.seed,
+                (cfg.seed, self.gpu.as_ref().unwrap_or(&Device::flex())),
             )?;
         }
         let report = match &self.gpu {

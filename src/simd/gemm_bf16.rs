@@ -1,0 +1,302 @@
+//! The GEMM of [`super::gemm`] with bf16 operands and f32 sums, on AVX512-BF16 (`vdpbf16ps`: each
+//! instruction multiplies 16 pairs of bf16 values and adds both products to 16 f32 sums, twice
+//! the multiply-adds of an f32 FMA). Weights are packed once as pairs of consecutive input
+//! channels (`k` rows `2q, 2q + 1` in one 32-bit lane, in 32-column panels); activations are
+//! converted row by row as they come (consecutive channels already form the pairs), with the SE gate
+//! folded into that conversion. The epilogue (bias, activation, residual) is the f32 kernel's.
+//! Hand-written for the same reasons as the f32 kernel: no crate packs for `vdpbf16ps`.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::gemm::{Epilogue, NR};
+use super::{Level, level};
+use crate::spec::Activation;
+
+/// Whether this CPU runs the bf16 kernel (AVX-512 with the BF16 extension).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        level() == Level::Avx512 && *HAS.get_or_init(|| is_x86_feature_detected!("avx512bf16"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Rounds to the nearest bf16, ties to even (what `vcvtne2ps2bf16` does).
+fn bf16_bits(v: f32) -> u32 {
+    half::bf16::from_f32(v).to_bits() as u32
+}
+
+/// Packs the f32 panels of [`super::gemm::pack`] (`k` rows of [`NR`] columns each) into bf16
+/// pairs: panel `p`, pair `q` holds for each column the values of rows `2q` (low half) and `2q + 1`
+/// (high half; zero past `k`).
+pub(crate) fn pack_from_f32_panels(packed: &[f32], k: usize) -> Vec<u32> {
+    let panels = packed.len() / (k * NR).max(1);
+    let k2 = k.div_ceil(2);
+    let mut out = vec![0u32; panels * k2 * NR];
+    for p in 0..panels {
+        for q in 0..k2 {
+            for c in 0..NR {
+                let row = |kk: usize| {
+                    if kk < k {
+                        bf16_bits(packed[(p * k + kk) * NR + c])
+                    } else {
+                        0
+                    }
+                };
+                out[(p * k2 + q) * NR + c] = row(2 * q) | (row(2 * q + 1) << 16);
+            }
+        }
+    }
+    out
+}
+
+/// Converts `m` rows of `k` f32 activations (times `gate[kk]` when given) into rows of
+/// `k.div_ceil(2)` bf16 pairs in `out`.
+pub(crate) fn convert_rows(a: &[f32], m: usize, k: usize, gate: Option<&[f32]>, out: &mut [u32]) {
+    let k2 = k.div_ceil(2);
+    assert!(available() && a.len() >= m * k && out.len() >= m * k2);
+    assert!(gate.is_none_or(|g| g.len() >= k));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `available()` found AVX-512F and BF16; the assert bounds rows < m of k inputs and
+    // k2 outputs, and the loads and stores below are masked to them.
+    unsafe {
+        convert_avx512(a, m, k, gate, out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn convert_avx512(a: &[f32], m: usize, k: usize, gate: Option<&[f32]>, out: &mut [u32]) {
+    let k2 = k.div_ceil(2);
+    let mask = |n: usize| -> u16 { if n >= 16 { u16::MAX } else { (1u16 << n) - 1 } };
+    for r in 0..m {
+        let (src, dst) = (&a[r * k..], out[r * k2..].as_mut_ptr());
+        let mut kk = 0;
+        while kk < k {
+            let (n0, n1) = ((k - kk).min(16), (k - kk).saturating_sub(16).min(16));
+            // SAFETY: masked loads read src[kk..kk + n0 + n1] (< k); the masked store writes
+            // (n0 + n1).div_ceil(2) pairs of this row.
+            unsafe {
+                let mut lo = _mm512_maskz_loadu_ps(mask(n0), src.as_ptr().add(kk));
+                let mut hi = _mm512_maskz_loadu_ps(mask(n1), src.as_ptr().wrapping_add(kk + 16));
+                if let Some(g) = gate {
+                    lo = _mm512_mul_ps(lo, _mm512_maskz_loadu_ps(mask(n0), g.as_ptr().add(kk)));
+                    hi = _mm512_mul_ps(
+                        hi,
+                        _mm512_maskz_loadu_ps(mask(n1), g.as_ptr().wrapping_add(kk + 16)),
+                    );
+                }
+                let pairs = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                let n = (n0 + n1).div_ceil(2);
+                _mm512_mask_storeu_epi32(dst.add(kk / 2) as *mut i32, mask(n), pairs);
+            }
+            kk += 32;
+        }
+    }
+}
+
+/// `out[r][c] = act(sum_q a[r][q] . w[q][c] + bias[c])` (+ residual) for rows `0..m`, columns
+/// `c0..c0 + nc`, where `a` holds `m` rows of `k2` bf16 pairs from [`convert_rows`] and `packed`
+/// comes from [`pack_from_f32_panels`]; the rest as [`super::gemm::gemm_bias_act`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_bias_act(
+    a: &[u32],
+    k2: usize,
+    m: usize,
+    packed: &[u32],
+    (c0, nc): (usize, usize),
+    bias: &[f32],
+    act: Option<Activation>,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if m == 0 || nc == 0 {
+        return;
+    }
+    let end = (m - 1) * ldo + c0 + nc;
+    assert!(
+        available()
+            && c0.is_multiple_of(NR)
+            && a.len() >= m * k2
+            && packed.len() >= (c0 + nc).div_ceil(NR) * k2 * NR
+            && bias.len() >= c0 + nc
+            && out.len() >= end
+            && residual.is_none_or(|r| r.len() >= end)
+    );
+    let job = Job {
+        a: a.as_ptr(),
+        k2,
+        packed: packed.as_ptr(),
+        cols: (c0, c0 + nc),
+        epi: Epilogue {
+            bias: bias.as_ptr(),
+            act,
+            residual: residual.map(|r| r.as_ptr()),
+            out: out.as_mut_ptr(),
+            ldo,
+        },
+    };
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `available()` found AVX-512 and BF16; the assert bounds every row, column and panel
+    // read or written, as in the f32 kernel.
+    unsafe {
+        run(&job, m)
+    }
+}
+
+/// The same 512 bits as 32 bf16 values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn as_bh(v: __m512i) -> __m512bh {
+    // SAFETY: both are 64-byte plain-bits vector types; every bit pattern is valid for either.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+}
+
+struct Job {
+    a: *const u32,
+    k2: usize,
+    packed: *const u32,
+    cols: (usize, usize),
+    epi: Epilogue,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bf16,avx2,fma")]
+unsafe fn run(job: &Job, m: usize) {
+    const MR: usize = 12;
+    let mut r = 0;
+    // SAFETY: the caller's contract; each tile stays within rows < m.
+    unsafe {
+        while r + MR <= m {
+            tile::<MR>(job, r);
+            r += MR;
+        }
+        macro_rules! remainder {
+            ($($n:literal)*) => {
+                match m - r {
+                    $($n if $n < MR => tile::<$n>(job, r),)*
+                    _ => {}
+                }
+            };
+        }
+        remainder!(1 2 3 4 5 6 7 8 9 10 11);
+    }
+}
+
+/// Rows `r0..r0 + R` across the job's panels: 2 x R accumulators of 16 f32 sums.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
+    use super::Avx512;
+    let (c0, c1) = j.cols;
+    for p in c0 / NR..c1.div_ceil(NR) {
+        let col = p * NR;
+        let width = (c1 - col).min(NR);
+        // SAFETY: the caller's contract: panel p holds k2 pairs of NR columns, rows r0 + i < m
+        // hold k2 pairs.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            let b = j.packed.add(p * j.k2 * NR);
+            let a = j.a.add(r0 * j.k2);
+            let halves = if width > NR / 2 { 2 } else { 1 };
+            for q in 0..j.k2 {
+                let w0 = as_bh(_mm512_loadu_si512(b.add(q * NR) as *const _));
+                let w1: __m512bh = if halves == 2 {
+                    as_bh(_mm512_loadu_si512(b.add(q * NR + 16) as *const _))
+                } else {
+                    as_bh(_mm512_setzero_si512())
+                };
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = as_bh(_mm512_set1_epi32(*a.add(i * j.k2 + q) as i32));
+                    row[0] = _mm512_dpbf16_ps(row[0], av, w0);
+                    if halves == 2 {
+                        row[1] = _mm512_dpbf16_ps(row[1], av, w1);
+                    }
+                }
+            }
+            let acc = acc.map(|row| row.map(Avx512));
+            super::gemm::store(&acc, &j.epi, r0, (col, width));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16(v: f32) -> f32 {
+        half::bf16::from_f32(v).to_f32()
+    }
+
+    /// Against a plain product of the bf16-rounded operands (f32 sums), with and without a gate,
+    /// odd and even channel counts, every epilogue.
+    #[test]
+    fn matches_a_plain_matmul_of_rounded_operands() {
+        if !available() {
+            eprintln!("no AVX512-BF16 here: kernel not exercised");
+            return;
+        }
+        let val = |i: usize| ((i * 7919) % 97) as f32 / 48.0 - 1.0;
+        for (m, k, n) in [
+            (1, 3, 5),
+            (13, 16, 96),
+            (25, 27, 40),
+            (12, 24, 32),
+            (7, 101, 70),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(val).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| val(i + 11)).collect();
+            let gate: Vec<f32> = (0..k).map(|i| 0.5 + val(i + 2).abs()).collect();
+            let bias: Vec<f32> = (0..n).map(|i| val(i + 5)).collect();
+            let res: Vec<f32> = (0..m * n).map(|i| val(i + 3)).collect();
+            let packed = pack_from_f32_panels(&super::super::gemm::pack(&w, k, n), k);
+            let k2 = k.div_ceil(2);
+            for g in [None, Some(gate.as_slice())] {
+                let mut a16 = vec![0u32; m * k2];
+                convert_rows(&a, m, k, g, &mut a16);
+                for act in [None, Some(Activation::Silu)] {
+                    let mut out = vec![f32::NAN; m * n];
+                    let split = n.min(NR);
+                    for (c0, nc) in [(0, split), (split, n - split)] {
+                        gemm_bias_act(
+                            &a16,
+                            k2,
+                            m,
+                            &packed,
+                            (c0, nc),
+                            &bias,
+                            act,
+                            Some(&res),
+                            &mut out,
+                            n,
+                        );
+                    }
+                    for r in 0..m {
+                        for c in 0..n {
+                            let mut v = 0.0f32;
+                            for kk in 0..k {
+                                let x = a[r * k + kk] * g.map_or(1.0, |g| g[kk]);
+                                v += bf16(x) * bf16(w[kk * n + c]);
+                            }
+                            let v = v + bias[c];
+                            let v = match act {
+                                Some(Activation::Silu) => v / (1.0 + (-v).exp()),
+                                _ => v,
+                            } + res[r * n + c];
+                            let got = out[r * n + c];
+                            assert!(
+                                (got - v).abs() < 1e-4 * v.abs().max(1.0),
+                                "{m}x{k}x{n} gate {} {act:?} [{r},{c}]: {got} vs {v}",
+                                g.is_some()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
