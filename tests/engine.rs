@@ -171,3 +171,37 @@ fn embeddings_match_the_burn_models_features() {
         );
     }
 }
+
+/// bf16 (AVX512-BF16 CPUs): every GEMM path (stem, 1x1, Fused-MBConv's full 3x3, head,
+/// classifier, the SE gate folded into the projection, batches, two threads) stays close to f32:
+/// logits at a cosine similarity above 0.999 and the same top-1 for each image.
+#[test]
+fn bf16_stays_close_to_fp32_on_each_family() {
+    use effnet::engine::Precision;
+    for name in ["efficientnet-b0", "efficientnet-lite0", "efficientnetv2-b0"] {
+        let set = random_set(name, Padding::Same);
+        let Ok(mut bf16) = Engine::new(&set).unwrap().with_precision(Precision::Bf16) else {
+            eprintln!("no AVX512-BF16 here: not exercised");
+            return;
+        };
+        let mut fp32 = Engine::new(&set).unwrap();
+        let (n, side) = (3, 96);
+        let input: Vec<f32> = (0..n * 3 * side * side)
+            .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+            .collect();
+        let a = fp32.forward(&input, n, side, side);
+        for threads in [1, 2] {
+            bf16 = bf16.with_threads(threads);
+            let b = bf16.forward(&input, n, side, side);
+            let classes = a.len() / n;
+            for (x, y) in a.chunks(classes).zip(b.chunks(classes)) {
+                let dot: f64 = x.iter().zip(y).map(|(p, q)| (p * q) as f64).sum();
+                let norm = |v: &[f32]| v.iter().map(|p| (p * p) as f64).sum::<f64>().sqrt();
+                let cos = dot / (norm(x) * norm(y));
+                assert!(cos > 0.999, "{name}, {threads} thread(s): cosine {cos}");
+                let top = |v: &[f32]| (0..classes).max_by(|&i, &j| v[i].total_cmp(&v[j]));
+                assert_eq!(top(x), top(y), "{name}, {threads} thread(s)");
+            }
+        }
+    }
+}

@@ -163,7 +163,7 @@ impl Engine {
     }
 
     /// Runs the GEMM convolutions (stem, 1x1 and full 3x3 convs, head: most of the arithmetic)
-    /// in `precision`; depthwise convs, SE, pooling and the classifier stay f32.
+    /// and the classifier in `precision`; depthwise convs, SE and pooling stay f32.
     pub fn with_precision(mut self, precision: Precision) -> Result<Self, EngineError> {
         self.set_precision(precision)?;
         Ok(self)
@@ -176,6 +176,7 @@ impl Engine {
                 for conv in self.plan.gemm_convs_mut() {
                     conv.packed_bf16 = Vec::new();
                 }
+                self.plan.fc_bf16 = Vec::new();
             }
             Precision::Bf16 => {
                 if !crate::simd::gemm_bf16::available() {
@@ -213,6 +214,27 @@ impl Engine {
             || (n * c * classes) as u64,
         );
         let mut logits = vec![0.0; n * classes];
+        if !self.plan.fc_bf16.is_empty() {
+            // bf16: half the bytes of the largest weight matrix, read once per image.
+            use crate::simd::gemm_bf16::{convert_rows, gemm_bias_act};
+            let c2 = c.div_ceil(2);
+            let mut rows = vec![0u32; n * c2];
+            convert_rows(&pooled, n, c, None, &mut rows);
+            let (fc, b) = (&self.plan.fc_bf16, &self.plan.fc_b);
+            gemm_bias_act(
+                &rows,
+                c2,
+                n,
+                fc,
+                (0, classes),
+                b,
+                None,
+                None,
+                &mut logits,
+                classes,
+            );
+            return logits;
+        }
         for (img, out) in logits.chunks_exact_mut(classes).enumerate() {
             kernels::gemv(
                 &pooled[img * c..(img + 1) * c],

@@ -119,6 +119,8 @@ pub(super) struct Plan {
     /// Classifier `[features x classes]` and bias.
     pub fc_w: Vec<f32>,
     pub fc_b: Vec<f32>,
+    /// `fc_w` packed as bf16 pairs when the engine runs in bf16 (empty otherwise).
+    pub fc_bf16: Vec<u32>,
 }
 
 impl Plan {
@@ -334,6 +336,7 @@ impl Plan {
             blocks,
             head: conv(&anatomy.head)?,
             fc_w: transpose_dense(fc_w, classes),
+            fc_bf16: Vec::new(),
             fc_b: tensor(t, "classifier.bias", classes)?.to_vec(),
         })
     }
