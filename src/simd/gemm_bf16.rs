@@ -300,3 +300,28 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod without_bf16 {
+    use crate::engine::{Engine, Precision};
+    use crate::simd::{Level, with_level};
+
+    /// A CPU without AVX512-BF16 (here: the kernels forced to AVX2) gets a one-line error naming
+    /// the instruction set and the fallback, not a crash.
+    #[test]
+    fn bf16_on_a_cpu_without_it_is_a_clear_error() {
+        let spec = crate::spec::variant("efficientnet-lite0").unwrap();
+        let set = crate::weights::WeightSet::random(&spec, 0);
+        with_level(Level::Avx2, || {
+            assert!(!super::available());
+            let e = Engine::new(&set)
+                .unwrap()
+                .with_precision(Precision::Bf16)
+                .err()
+                .expect("bf16 refused")
+                .to_string();
+            assert!(e.contains("AVX512-BF16") && e.contains("fp32"), "{e}");
+            assert!(!e.contains('\n'));
+        });
+    }
+}
