@@ -85,6 +85,18 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// A `--devices` value: several devices, comma-separated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceList(pub Vec<DeviceChoice>);
+
+impl FromStr for DeviceList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_device_list(s).map(DeviceList)
+    }
+}
+
 /// Parses a comma-separated `--devices` list (each entry as `--device`; duplicates refused).
 pub fn parse_device_list(s: &str) -> Result<Vec<DeviceChoice>, String> {
     let devices = s

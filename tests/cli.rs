@@ -443,6 +443,22 @@ fn bad_devices_are_clear_errors() {
     // A CUDA device this build or this machine lacks: one line, before any data loads.
     let o = effnet(&["train", "--device", "cuda:7", "--max-steps", "1"], h);
     assert_clean_error(&o, "cuda:7");
+    // Several devices: CUDA only (burn 0.22 all-reduces through NCCL), a batch that splits evenly.
+    for (args, needle) in [
+        (&["--devices", "cpu,cuda:0"][..], "needs CUDA devices"),
+        (
+            &["--devices", "cuda:0,cuda:1", "--batch-size", "63"],
+            "does not split",
+        ),
+        (&["--devices", "cuda:0,cuda:1"], "cuda:0"),
+    ] {
+        let mut all = vec!["train", "--max-steps", "1"];
+        all.extend_from_slice(args);
+        assert_clean_error(&effnet(&all, h), needle);
+    }
+    let o = effnet(&["train", "--devices", "cuda:0,cuda:0"], h);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("listed twice"));
     // --device moves the burn model; the engine runs on the CPU only.
     assert_clean_error(
         &effnet(&["classify", "--device", "cuda:0"], h),

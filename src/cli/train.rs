@@ -56,6 +56,20 @@ pub struct RunFlags {
     /// built with that cargo feature).
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+    /// Data-parallel training over several CUDA devices of this machine, e.g. cuda:0,cuda:1
+    /// (burn's gradient all-reduce; --batch-size is the global batch, split evenly).
+    #[arg(long, conflicts_with = "device")]
+    devices: Option<effnet::device::DeviceList>,
+}
+
+impl RunFlags {
+    /// Every device the run uses, the first one leading.
+    fn device_list(&self) -> Vec<DeviceChoice> {
+        match &self.devices {
+            Some(list) => list.0.clone(),
+            None => vec![self.device],
+        }
+    }
 }
 
 impl RunFlags {
@@ -124,7 +138,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         if args.model.given() {
             bail!("--resume continues the run's own model; do not name one");
         }
-        return resume(dir, args.epochs, args.run.max_steps, args.run.device);
+        return resume(dir, args.epochs, args.run.max_steps, args.run.device_list());
     }
     let file = match &args.config {
         Some(p) => RunFile::read(p)?,
@@ -179,7 +193,15 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             );
         }
     };
-    execute(cfg, base, out, false, Some(&budget), None, args.run.device)
+    execute(
+        cfg,
+        base,
+        out,
+        false,
+        Some(&budget),
+        None,
+        args.run.device_list(),
+    )
 }
 
 /// Continues a run from its last checkpoint with the config it recorded; only the fields in
@@ -188,7 +210,7 @@ fn resume(
     dir: &Path,
     epochs: Option<usize>,
     max_steps: Option<u64>,
-    device: DeviceChoice,
+    devices: Vec<DeviceChoice>,
 ) -> anyhow::Result<()> {
     let file = RunFile::read(&dir.join("config.toml"))
         .with_context(|| format!("`{}` is not a run directory", dir.display()))?;
@@ -226,7 +248,7 @@ fn resume(
     if let Some(m) = max_steps {
         cfg.max_steps = m;
     }
-    execute(cfg, spec, dir.to_path_buf(), true, None, None, device)
+    execute(cfg, spec, dir.to_path_buf(), true, None, None, devices)
 }
 
 /// Finishes a config once the training set size is known (warmup cap, epochs from --max-steps).
@@ -240,11 +262,19 @@ fn execute(
     resume: bool,
     budget: Option<Budget<'_>>,
     init: Option<&TensorMap>,
-    device: DeviceChoice,
+    devices: Vec<DeviceChoice>,
 ) -> anyhow::Result<()> {
     // Everything checkable before the data loads (the slow part).
     cfg.validate()?;
-    let device = device.open()?;
+    effnet::train::parallel::check_devices(&devices, cfg.batch_size)?;
+    let mut opened = devices
+        .iter()
+        .map(DeviceChoice::open)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let device = opened[0].clone();
+    if opened.len() == 1 {
+        opened.clear();
+    }
     let (mut train_raw, eval_raw) = data::named(&cfg.dataset)?;
     if cfg.train_limit > 0 {
         train_raw.truncate(cfg.train_limit);
@@ -290,6 +320,7 @@ fn execute(
         resume,
         init,
         device,
+        devices: opened,
     };
     let metrics = train(&cfg, &meta, &train_data, &eval_data, opts)?;
     let last = metrics.last().context("no epoch finished")?;
@@ -376,6 +407,6 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         false,
         Some(&budget),
         Some(&set.tensors),
-        args.run.device,
+        args.run.device_list(),
     )
 }

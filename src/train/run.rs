@@ -18,6 +18,7 @@ use super::checkpoint::{self, Checkpoint, EpochTally, Progress, RunLock};
 use super::config::{RunFile, TrainConfig};
 use super::ema::Ema;
 use super::metrics::{EpochMetrics, write_metrics};
+use super::parallel::Replicas;
 use super::precise_bn;
 use super::step::Trainer;
 use super::{LrSchedule, TfRmsProp};
@@ -38,6 +39,9 @@ pub struct RunOptions<'a> {
     /// Where the steps run (`Device::flex()` on the CPU, or a GPU device); the model is always
     /// initialised on the CPU, so a seed gives the same starting weights on every device.
     pub device: Device,
+    /// Data parallelism: every device when there are several (the first is `device`), else
+    /// empty; see [`super::parallel`].
+    pub devices: Vec<Device>,
 }
 
 /// Where the loop stands inside one run, besides the model.
@@ -186,7 +190,7 @@ impl Run<'_> {
     /// Trains epoch `epoch` from batch `tally.batches` on, checkpointing every `checkpoint_every`.
     fn train_epoch(
         &self,
-        mut model: EfficientNet,
+        (mut model, mut replicas): (EfficientNet, Option<&mut Replicas<'_>>),
         st: &mut State,
         epoch: usize,
         mut tally: EpochTally,
@@ -220,9 +224,18 @@ impl Run<'_> {
                 return Ok((model, end));
             }
             lr = self.schedule.at(step) * lr_scale;
-            let out = self
-                .trainer
-                .step(model, &mut st.optim, &batch, &stage, step, lr)?;
+            let out = match replicas.as_deref_mut() {
+                Some(r) => r.step(
+                    (model, &mut st.optim, &self.trainer),
+                    &batch,
+                    &stage,
+                    step,
+                    lr,
+                )?,
+                None => self
+                    .trainer
+                    .step(model, &mut st.optim, &batch, &stage, step, lr)?,
+            };
             model = out.model;
             let step = step + 1;
             st.progress.step = step;
@@ -354,6 +367,13 @@ pub fn train(
     crate::util::write_atomic(&out_dir.join("config.toml"), config_text.as_bytes())?;
     let device = opts.device.clone().autodiff();
     let (mut model, mut st) = start(cfg, meta, &device, &opts)?;
+    // Several devices: replicas forked from the first, gradients averaged by burn each step.
+    let mut replicas = None;
+    if opts.devices.len() > 1 {
+        let (first, r) = Replicas::new(model, &st.optim, &opts.devices, cfg, meta.spec.num_classes);
+        model = first;
+        replicas = Some(r);
+    }
     eprintln!(
         "{} {} on {} on {} ({} train / {} eval images, {} classes) at {r}x{r}, batch {}, {} epoch(s){}; run dir {}",
         if opts.resume { "resuming" } else { "training" },
@@ -413,7 +433,8 @@ pub fn train(
             EpochTally::default()
         };
         let end;
-        (model, end) = run.train_epoch(model, &mut st, epoch, tally, &metrics)?;
+        (model, end) =
+            run.train_epoch((model, replicas.as_mut()), &mut st, epoch, tally, &metrics)?;
         if end.tally.batches == 0 {
             break;
         }
