@@ -9,7 +9,7 @@ use burn::tensor::Device;
 
 use crate::classify::{burn_logits, burn_model, softmax};
 use crate::data::loader::Prepared;
-use crate::engine::Engine;
+use crate::engine::{Engine, Precision};
 use crate::weights::WeightSet;
 
 /// What [`evaluate`] measures.
@@ -25,14 +25,17 @@ pub struct EvalReport {
     pub confusion: Vec<Vec<usize>>,
 }
 
-/// Evaluates canonical weights on `data` in batches of `batch` with `threads` engine threads.
+/// Evaluates canonical weights on `data` in batches of `batch` with the engine on `threads`
+/// threads in `precision`.
 pub fn evaluate(
     set: &WeightSet,
     data: &Prepared,
     batch: usize,
-    threads: usize,
+    (threads, precision): (usize, Precision),
 ) -> anyhow::Result<EvalReport> {
-    let mut engine = Engine::new(set)?.with_threads(threads);
+    let mut engine = Engine::new(set)?
+        .with_threads(threads)
+        .with_precision(precision)?;
     let classes = engine.num_classes();
     score(data, batch, classes, |images, n, side| {
         engine.forward(&images, n, side, side)

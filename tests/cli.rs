@@ -422,6 +422,30 @@ fn train_rejects_bad_data_and_flags() {
     );
 }
 
+/// `effnet models | head -1`: the reader goes away early; effnet ends without a panic.
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    use std::io::Read;
+    let home = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["models", "--json"])
+        .env("EFFNET_HOME", home.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn bad_devices_are_clear_errors() {
     let home = tempfile::tempdir().unwrap();

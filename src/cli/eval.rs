@@ -30,6 +30,9 @@ pub struct EvalArgs {
     /// vulkan[:cpu|N] (needs effnet built with that cargo feature).
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+    /// Engine arithmetic on the CPU: fp32, or bf16 (AVX512-BF16 CPUs).
+    #[arg(long, default_value = "fp32")]
+    precision: effnet::engine::Precision,
     #[arg(long)]
     json: bool,
 }
@@ -52,7 +55,16 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     prepared.mean = set.meta.preprocess.mean;
     prepared.std = set.meta.preprocess.std;
     let report = match args.device {
-        DeviceChoice::Cpu => evaluate(&set, &prepared, args.batch_size, args.threads)?,
+        DeviceChoice::Cpu => {
+            let engine = (args.threads, args.precision);
+            evaluate(&set, &prepared, args.batch_size, engine)?
+        }
+        _ if args.precision != effnet::engine::Precision::Fp32 => {
+            bail!(
+                "--precision {} runs on the engine (--device cpu)",
+                args.precision
+            )
+        }
         d => evaluate_on_device(&set, &prepared, args.batch_size, &d.open()?)?,
     };
     let class_names = set.meta.labels();

@@ -10,6 +10,7 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 
 use crate::data::loader::Prepared;
+use crate::engine::Precision;
 use crate::evaluate::{evaluate, evaluate_on_device};
 use crate::model::{EfficientNet, apply_weights, export_weights};
 use crate::weights::{self, TensorMap, WeightMeta, WeightSet};
@@ -299,7 +300,10 @@ impl Run<'_> {
         }
         let report = match &self.gpu {
             Some(device) => evaluate_on_device(&set, self.eval_data, 256, device)?,
-            None => evaluate(&set, self.eval_data, 256, rayon::current_num_threads())?,
+            None => {
+                let threads = rayon::current_num_threads();
+                evaluate(&set, self.eval_data, 256, (threads, Precision::Fp32))?
+            }
         };
         let m = EpochMetrics {
             epoch: epoch + 1,
