@@ -277,23 +277,6 @@ fn tiny_dataset(home: &Path, n: usize) -> String {
 }
 
 /// Writes a tiny IDX dataset (train + t10k) of `n` 8x8 images in 3 classes: class = brightness band.
-fn tiny_idx(dir: &Path, n: usize) {
-    for (prefix, count) in [("train", n), ("t10k", n / 2)] {
-        let mut img = vec![0, 0, 8, 3];
-        for d in [count as u32, 8, 8] {
-            img.extend(d.to_be_bytes());
-        }
-        let mut lab = vec![0, 0, 8, 1];
-        lab.extend((count as u32).to_be_bytes());
-        for i in 0..count {
-            let class = (i % 3) as u8;
-            img.extend(std::iter::repeat_n(40 + class * 80, 64));
-            lab.push(class);
-        }
-        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).unwrap();
-        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
-    }
-}
 
 #[test]
 fn train_writes_a_run_directory() {

@@ -4,6 +4,8 @@
 //! `mesa-vulkan-drivers`) provides the adapter: `cargo test --release --features wgpu --test gpu`.
 #![cfg(feature = "wgpu")]
 
+mod common;
+
 use burn::module::Param;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::ModuleOptimizer;
@@ -166,21 +168,7 @@ fn the_cli_trains_and_evaluates_on_wgpu() {
     let home = tempfile::tempdir().unwrap();
     let data = home.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    for (prefix, count) in [("train", 48u32), ("t10k", 24)] {
-        let mut img = vec![0, 0, 8, 3];
-        for d in [count, 8, 8] {
-            img.extend(d.to_be_bytes());
-        }
-        let mut lab = vec![0, 0, 8, 1];
-        lab.extend(count.to_be_bytes());
-        for i in 0..count {
-            let class = (i % 3) as u8;
-            img.extend(std::iter::repeat_n(40 + class * 80, 64));
-            lab.push(class);
-        }
-        std::fs::write(data.join(format!("{prefix}-images-idx3-ubyte")), img).unwrap();
-        std::fs::write(data.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
-    }
+    common::tiny_idx(&data, 48);
     let effnet = |args: &[&str]| {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_effnet"))
             .args(args)

@@ -51,18 +51,13 @@ pub(crate) fn gemm_bias_act(
     out: &mut [f32],
     ldo: usize,
 ) {
-    if m == 0 || nc == 0 {
+    let Some(epi) = Epilogue::checked(m, (c0, nc), bias, act, residual, out, ldo) else {
         return;
-    }
-    let end = (m - 1) * ldo + c0 + nc;
+    };
     assert!(
         available()
-            && c0.is_multiple_of(NR)
             && a.len() >= m * k
             && packed.len() >= (c0 + nc).div_ceil(NR) * k * NR
-            && bias.len() >= c0 + nc
-            && out.len() >= end
-            && residual.is_none_or(|r| r.len() >= end)
             && gate.is_none_or(|g| g.len() >= k)
     );
     let job = Job {
@@ -70,13 +65,7 @@ pub(crate) fn gemm_bias_act(
         k,
         packed: packed.as_ptr(),
         cols: (c0, c0 + nc),
-        epi: Epilogue {
-            bias: bias.as_ptr(),
-            act,
-            residual: residual.map(|r| r.as_ptr()),
-            out: out.as_mut_ptr(),
-            ldo,
-        },
+        epi,
         gate: gate.map(|g| g.as_ptr()),
     };
     #[cfg(target_arch = "x86_64")]
@@ -112,6 +101,39 @@ pub(super) struct Epilogue {
     pub residual: Option<*const f32>,
     pub out: *mut f32,
     pub ldo: usize,
+}
+
+impl Epilogue {
+    /// The epilogue of rows `0..m`, columns `c0..c0 + nc` (`c0` on a panel boundary), its buffers
+    /// checked to hold them; `None` when there is nothing to compute.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn checked(
+        m: usize,
+        (c0, nc): (usize, usize),
+        bias: &[f32],
+        act: Option<Activation>,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+        ldo: usize,
+    ) -> Option<Epilogue> {
+        if m == 0 || nc == 0 {
+            return None;
+        }
+        let end = (m - 1) * ldo + c0 + nc;
+        assert!(
+            c0.is_multiple_of(NR)
+                && bias.len() >= c0 + nc
+                && out.len() >= end
+                && residual.is_none_or(|r| r.len() >= end)
+        );
+        Some(Epilogue {
+            bias: bias.as_ptr(),
+            act,
+            residual: residual.map(|r| r.as_ptr()),
+            out: out.as_mut_ptr(),
+            ldo,
+        })
+    }
 }
 
 /// Stores the sums `acc` of rows `r0..r0 + R`, columns `col..col + width` (at most `Q` vectors)
@@ -265,7 +287,7 @@ unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize, co
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::simd::with_level;
 
@@ -279,23 +301,37 @@ mod tests {
         with_level(Level::Avx2, check_against_plain_matmul);
     }
 
+    /// (m, k, n) shapes the kernel tests cover: one row, whole and partial tiles and panels, odd k.
+    pub(crate) const SHAPES: [(usize, usize, usize); 5] = [
+        (1, 3, 5),
+        (13, 16, 96),
+        (25, 27, 40),
+        (12, 24, 32),
+        (7, 101, 70),
+    ];
+
+    /// Deterministic test values in [-1, 1) from an index.
+    pub(crate) fn val(i: usize) -> f32 {
+        ((i * 7919) % 97) as f32 / 48.0 - 1.0
+    }
+
+    /// Activations `m x k`, weights `k x n`, bias and a residual `m x n` for one shape.
+    pub(crate) fn operands(m: usize, k: usize, n: usize) -> [Vec<f32>; 4] {
+        [
+            (0..m * k).map(val).collect(),
+            (0..k * n).map(|i| val(i + 11)).collect(),
+            (0..n).map(|i| val(i + 5)).collect(),
+            (0..m * n).map(|i| val(i + 3)).collect(),
+        ]
+    }
+
     fn check_against_plain_matmul() {
         if !available() {
             eprintln!("no AVX-512 or AVX2 here: kernel not exercised");
             return;
         }
-        let val = |i: usize| ((i * 7919) % 97) as f32 / 48.0 - 1.0;
-        for (m, k, n) in [
-            (1, 3, 5),
-            (13, 16, 96),
-            (25, 27, 40),
-            (12, 24, 32),
-            (7, 100, 70),
-        ] {
-            let a: Vec<f32> = (0..m * k).map(val).collect();
-            let w: Vec<f32> = (0..k * n).map(|i| val(i + 11)).collect();
-            let bias: Vec<f32> = (0..n).map(|i| val(i + 5)).collect();
-            let res: Vec<f32> = (0..m * n).map(|i| val(i + 3)).collect();
+        for (m, k, n) in SHAPES {
+            let [a, w, bias, res] = operands(m, k, n);
             let packed = pack(&w, k, n);
             for act in [None, Some(Activation::Silu), Some(Activation::Relu6)] {
                 for residual in [None, Some(res.as_slice())] {

@@ -114,31 +114,16 @@ pub(crate) fn gemm_bias_act(
     out: &mut [f32],
     ldo: usize,
 ) {
-    if m == 0 || nc == 0 {
+    let Some(epi) = Epilogue::checked(m, (c0, nc), bias, act, residual, out, ldo) else {
         return;
-    }
-    let end = (m - 1) * ldo + c0 + nc;
-    assert!(
-        available()
-            && c0.is_multiple_of(NR)
-            && a.len() >= m * k2
-            && packed.len() >= (c0 + nc).div_ceil(NR) * k2 * NR
-            && bias.len() >= c0 + nc
-            && out.len() >= end
-            && residual.is_none_or(|r| r.len() >= end)
-    );
+    };
+    assert!(available() && a.len() >= m * k2 && packed.len() >= (c0 + nc).div_ceil(NR) * k2 * NR);
     let job = Job {
         a: a.as_ptr(),
         k2,
         packed: packed.as_ptr(),
         cols: (c0, c0 + nc),
-        epi: Epilogue {
-            bias: bias.as_ptr(),
-            act,
-            residual: residual.map(|r| r.as_ptr()),
-            out: out.as_mut_ptr(),
-            ldo,
-        },
+        epi,
     };
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available()` found AVX-512 and BF16; the assert bounds every row, column and panel
@@ -240,19 +225,10 @@ mod tests {
             eprintln!("no AVX512-BF16 here: kernel not exercised");
             return;
         }
-        let val = |i: usize| ((i * 7919) % 97) as f32 / 48.0 - 1.0;
-        for (m, k, n) in [
-            (1, 3, 5),
-            (13, 16, 96),
-            (25, 27, 40),
-            (12, 24, 32),
-            (7, 101, 70),
-        ] {
-            let a: Vec<f32> = (0..m * k).map(val).collect();
-            let w: Vec<f32> = (0..k * n).map(|i| val(i + 11)).collect();
+        use super::super::gemm::tests::{SHAPES, operands, val};
+        for (m, k, n) in SHAPES {
+            let [a, w, bias, res] = operands(m, k, n);
             let gate: Vec<f32> = (0..k).map(|i| 0.5 + val(i + 2).abs()).collect();
-            let bias: Vec<f32> = (0..n).map(|i| val(i + 5)).collect();
-            let res: Vec<f32> = (0..m * n).map(|i| val(i + 3)).collect();
             let packed = pack_from_f32_panels(&super::super::gemm::pack(&w, k, n), k);
             let k2 = k.div_ceil(2);
             for g in [None, Some(gate.as_slice())] {

@@ -1,7 +1,7 @@
 //! Shared test helpers: fixture paths and the PyTorch oracle files.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use effnet::model::{EfficientNet, apply_weights};
@@ -43,4 +43,24 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// Writes MNIST-style IDX files of `n` training and `n / 2` test images (8x8, 3 classes, each
+/// class one grey level) into `dir`.
+pub fn tiny_idx(dir: &Path, n: usize) {
+    for (prefix, count) in [("train", n), ("t10k", n / 2)] {
+        let mut img = vec![0, 0, 8, 3];
+        for d in [count as u32, 8, 8] {
+            img.extend(d.to_be_bytes());
+        }
+        let mut lab = vec![0, 0, 8, 1];
+        lab.extend((count as u32).to_be_bytes());
+        for i in 0..count {
+            let class = (i % 3) as u8;
+            img.extend(std::iter::repeat_n(40 + class * 80, 64));
+            lab.push(class);
+        }
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
+    }
 }
