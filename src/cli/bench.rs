@@ -446,7 +446,8 @@ fn run_loader(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     };
     let mut results = Vec::new();
     for workers in 1..=max_workers {
-        let data = Prepared::stream(&folder, side, None, workers);
+        let fit = effnet::preprocess::Preprocess::fit(side, ([127.5; 3], [127.5; 3]));
+        let data = Prepared::stream(&folder, &fit, workers);
         let mut ms = Vec::new();
         let mut epoch = 0;
         // One warm-up batch (file cache, allocations), then --iters timed ones.

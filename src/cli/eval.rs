@@ -48,12 +48,9 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         );
     }
     let set = weights::load(&args.weights, args.model.as_deref())?;
-    let side = set.meta.preprocess.crop;
     // Image folders: val/ alone, through the weights' own eval transform.
     let eval = data::eval_split(&args.dataset)?;
-    let mut prepared = Prepared::from_split(&eval, side, Some(&set.meta.preprocess));
-    prepared.mean = set.meta.preprocess.mean;
-    prepared.std = set.meta.preprocess.std;
+    let prepared = Prepared::from_split(&eval, &set.meta.preprocess);
     let report = match args.device {
         DeviceChoice::Cpu => {
             let engine = (args.threads, args.precision);

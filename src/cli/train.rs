@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use effnet::data::{self, augment::Policy, loader::Prepared};
-use effnet::preprocess::{Interpolation, LongSide, Preprocess, ResizeMode};
+use effnet::preprocess::Preprocess;
 use effnet::spec::ModelSpec;
 use effnet::train::checkpoint;
 use effnet::train::config::RESUMABLE_CHANGES;
@@ -293,26 +293,16 @@ fn execute(
     let spec = cfg.model_spec(&base, train_raw.num_classes())?;
     let (mean, std) = cfg.normalisation();
     let meta = WeightMeta {
-        preprocess: Preprocess {
-            resize: cfg.resolution,
-            crop: cfg.resolution,
-            resize_mode: ResizeMode::ShorterSide,
-            long_side: LongSide::Round,
-            interpolation: Interpolation::Bilinear,
-            mean,
-            std,
-        },
+        preprocess: Preprocess::fit(cfg.resolution, (mean, std)),
         class_names: Some(train_raw.class_names().to_vec()),
         spec,
         source: Layout::Effnet,
         preset: None,
     };
-    let normalised = |raw| {
-        let mut p = Prepared::from_split(raw, cfg.resolution, None);
-        (p.mean, p.std) = (mean, std);
-        p
-    };
-    let (train_data, eval_data) = (normalised(&train_raw), normalised(&eval_raw));
+    let (train_data, eval_data) = (
+        Prepared::from_split(&train_raw, &meta.preprocess),
+        Prepared::from_split(&eval_raw, &meta.preprocess),
+    );
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let opts = RunOptions {
         out_dir: &out,

@@ -16,9 +16,7 @@ use image::RgbImage;
 
 use super::augment::{Augment, Crop, Policy};
 use super::{DataError, ImageFolder, InMemory, Split};
-use crate::preprocess::{
-    Interpolation, LongSide, Preprocess, center_crop, eval_crop, load_rgb, resize, resize_shorter,
-};
+use crate::preprocess::{Interpolation, Preprocess, eval_crop, load_rgb, resize};
 
 /// A batch: NCHW float pixels and labels.
 #[derive(Debug, Clone)]
@@ -38,11 +36,11 @@ pub const PREFETCH_BATCHES: usize = 2;
 enum Source {
     /// `side x side` RGB images in RAM.
     Pixels(Arc<Vec<u8>>),
-    /// Image files decoded when a batch needs them; evaluation images go through `eval` (the
-    /// weights' transform) when given, else shorter side to `side` and a center crop.
+    /// Image files decoded when a batch needs them; images not cropped by the augmentation go
+    /// through `transform`'s resize and crop.
     Files {
         paths: Arc<Vec<PathBuf>>,
-        eval: Option<Preprocess>,
+        transform: Preprocess,
         workers: usize,
     },
 }
@@ -83,41 +81,36 @@ impl Prepared {
         }
     }
 
-    /// Streams an image folder: nothing is decoded until a batch asks. Training crops come from
-    /// the full-size originals; unaugmented batches use `eval` (else shorter side to `side`, center
-    /// crop). `workers` threads decode each batch.
-    pub fn stream(
-        folder: &ImageFolder,
-        side: usize,
-        eval: Option<&Preprocess>,
-        workers: usize,
-    ) -> Self {
+    /// Streams an image folder at `transform`'s crop and normalisation: nothing is decoded until a
+    /// batch asks. Random-resized crops come from the full-size originals, every other image goes
+    /// through `transform`'s resize and crop. `workers` threads decode each batch.
+    pub fn stream(folder: &ImageFolder, transform: &Preprocess, workers: usize) -> Self {
         let (paths, labels) = folder.samples.iter().cloned().unzip();
         Prepared {
             source: Source::Files {
                 paths: Arc::new(paths),
-                eval: eval.cloned(),
+                transform: transform.clone(),
                 workers: workers.max(1),
             },
             labels,
-            side: eval.map_or(side, |p| p.crop),
+            side: transform.crop,
             num_classes: folder.class_names.len(),
-            mean: [127.5; 3],
-            std: [127.5; 3],
+            mean: transform.mean,
+            std: transform.std,
         }
     }
 
-    /// A split as training or evaluation reads it: in memory, or streamed from its files.
-    pub fn from_split(split: &Split, side: usize, eval: Option<&Preprocess>) -> Self {
+    /// A split as training or evaluation reads it, at `transform`'s crop and normalisation: in
+    /// memory (resized once), or streamed from its files.
+    pub fn from_split(split: &Split, transform: &Preprocess) -> Self {
         match split {
-            Split::Memory(m) => Self::new(m, side),
-            Split::Folder(f) => Self::stream(f, side, eval, default_workers()),
+            Split::Memory(m) => Prepared {
+                mean: transform.mean,
+                std: transform.std,
+                ..Self::new(m, transform.crop)
+            },
+            Split::Folder(f) => Self::stream(f, transform, default_workers()),
         }
-    }
-
-    /// Whether batches are decoded from files as they are needed.
-    pub fn is_streamed(&self) -> bool {
-        matches!(self.source, Source::Files { .. })
     }
 
     pub fn len(&self) -> usize {
@@ -129,7 +122,7 @@ impl Prepared {
     }
 
     /// Sample `i` as an RGB image: at the stored side, or for a streamed dataset the decoded
-    /// original when `full` (a random-resized crop samples from it) and the eval crop otherwise.
+    /// original when `full` (a random-resized crop samples from it) and its transform otherwise.
     pub fn image(&self, i: usize, full: bool) -> Result<RgbImage, DataError> {
         match &self.source {
             Source::Pixels(pixels) => {
@@ -138,7 +131,9 @@ impl Prepared {
                 Ok(RgbImage::from_raw(s as u32, s as u32, px)
                     .expect("stored images are side x side RGB"))
             }
-            Source::Files { paths, eval, .. } => {
+            Source::Files {
+                paths, transform, ..
+            } => {
                 let path = &paths[i];
                 let fail = |e: crate::preprocess::ImageError| DataError::Invalid {
                     path: path.display().to_string(),
@@ -148,11 +143,7 @@ impl Prepared {
                 if full {
                     return Ok(img);
                 }
-                match eval {
-                    Some(p) => eval_crop(&img, p),
-                    None => fit(&img, self.side),
-                }
-                .map_err(fail)
+                eval_crop(&img, transform).map_err(fail)
             }
         }
     }
@@ -188,9 +179,7 @@ impl Prepared {
 
     /// The unaugmented batch of samples `indices`.
     pub fn batch(&self, indices: &[usize]) -> Result<Batch, DataError> {
-        self.assemble(indices, self.side, |b, i, out| {
-            self.sample(i, None, out).map(|_| b)
-        })
+        self.assemble(indices, self.side, |_, i, out| self.sample(i, None, out))
     }
 
     /// The batch of samples `indices` augmented by `aug` (its size is the batch's side), sample
@@ -204,7 +193,7 @@ impl Prepared {
     ) -> Result<Batch, DataError> {
         self.assemble(indices, aug.size, |b, i, out| {
             let mut rng = sample_rng(b);
-            self.sample(i, Some((aug, &mut rng)), out).map(|_| b)
+            self.sample(i, Some((aug, &mut rng)), out)
         })
     }
 
@@ -214,7 +203,7 @@ impl Prepared {
         &self,
         indices: &[usize],
         side: usize,
-        one: impl Fn(usize, usize, &mut [f32]) -> Result<usize, DataError> + Sync,
+        one: impl Fn(usize, usize, &mut [f32]) -> Result<(), DataError> + Sync,
     ) -> Result<Batch, DataError> {
         let len = 3 * side * side;
         let mut images = vec![0.0; indices.len() * len];
@@ -303,12 +292,6 @@ impl Prepared {
 /// Threads that decode a streamed batch: the cores, at most 8.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-}
-
-/// Training's fit of a full-size image: shorter side to `side` (bilinear), center crop.
-pub fn fit(img: &RgbImage, side: usize) -> Result<RgbImage, crate::preprocess::ImageError> {
-    let resized = resize_shorter(img, side, Interpolation::Bilinear, LongSide::Round)?;
-    center_crop(&resized, side)
 }
 
 #[cfg(test)]

@@ -59,6 +59,20 @@ pub struct Preprocess {
 pub const MAX_SIDE: usize = 8192;
 
 impl Preprocess {
+    /// The transform `effnet train` fits images with and records in its weights: shorter side to
+    /// `side` (bilinear, rounded), center crop `side`, then `mean` / `std`.
+    pub fn fit(side: usize, (mean, std): ([f32; 3], [f32; 3])) -> Self {
+        Preprocess {
+            resize: side,
+            crop: side,
+            resize_mode: ResizeMode::ShorterSide,
+            long_side: LongSide::Round,
+            interpolation: Interpolation::Bilinear,
+            mean,
+            std,
+        }
+    }
+
     /// Checks the values no transform can use (weights files carry them, so they are untrusted).
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=MAX_SIDE).contains(&self.crop) || !(1..=MAX_SIDE).contains(&self.resize) {
