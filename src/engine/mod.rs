@@ -216,17 +216,14 @@ impl Engine {
         let mut logits = vec![0.0; n * classes];
         if !self.plan.fc_bf16.is_empty() {
             // bf16: half the bytes of the largest weight matrix, read once per image.
-            use crate::simd::gemm_bf16::{convert_rows, gemm_bias_act};
-            let c2 = c.div_ceil(2);
-            let mut rows = vec![0u32; n * c2];
-            convert_rows(&pooled, n, c, None, &mut rows);
-            let (fc, b) = (&self.plan.fc_bf16, &self.plan.fc_b);
-            gemm_bias_act(
-                &rows,
-                c2,
+            let (fc, b) = ((self.plan.fc_bf16.as_slice(), None), &self.plan.fc_b);
+            let cols = (0, classes);
+            crate::simd::gemm_bf16::gemm_bias_act(
+                &pooled,
+                c,
                 n,
                 fc,
-                (0, classes),
+                cols,
                 b,
                 None,
                 None,

@@ -90,26 +90,9 @@ pub(super) fn gemm_bias_act(
     assert_eq!(weight.len(), conv.gemm_weight().len(), "weight layout");
     if !conv.packed_bf16.is_empty() {
         // bf16: the activations are rounded (and gated) once per call, the weights were at load.
-        let k2 = k.div_ceil(2);
-        BF16_ROWS.with_borrow_mut(|rows| {
-            if rows.len() < m * k2 {
-                rows.resize(m * k2, 0);
-            }
-            let rows = &mut rows[..m * k2];
-            bf16::convert_rows(a, m, k, gate, rows);
-            bf16::gemm_bias_act(
-                rows,
-                k2,
-                m,
-                &conv.packed_bf16,
-                (c0, nc),
-                &conv.bias,
-                conv.act,
-                residual,
-                out,
-                cout,
-            );
-        });
+        let packed = (conv.packed_bf16.as_slice(), gate);
+        let (bias, act) = (&conv.bias, conv.act);
+        bf16::gemm_bias_act(a, k, m, packed, (c0, nc), bias, act, residual, out, cout);
         return;
     }
     if !conv.packed.is_empty() {
@@ -438,8 +421,6 @@ impl Engine {
 }
 
 thread_local! {
-    /// Activation rows rounded to bf16 pairs, per thread (reused across calls).
-    static BF16_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// im2col buffer of each thread (reused across calls).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Expanded rows of each thread in [`Engine::expand_depthwise`] (reused across calls).
