@@ -267,14 +267,10 @@ fn execute(
     // Everything checkable before the data loads (the slow part).
     cfg.validate()?;
     effnet::train::parallel::check_devices(&devices, cfg.batch_size)?;
-    let mut opened = devices
+    let devices = devices
         .iter()
         .map(DeviceChoice::open)
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let device = opened[0].clone();
-    if opened.len() == 1 {
-        opened.clear();
-    }
     let (mut train_raw, eval_raw) = data::named(&cfg.dataset)?;
     if cfg.train_limit > 0 {
         train_raw.truncate(cfg.train_limit);
@@ -309,8 +305,7 @@ fn execute(
         show_progress: tty,
         resume,
         init,
-        device,
-        devices: opened,
+        devices,
     };
     let metrics = train(&cfg, &meta, &train_data, &eval_data, opts)?;
     let last = metrics.last().context("no epoch finished")?;

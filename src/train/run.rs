@@ -37,11 +37,9 @@ pub struct RunOptions<'a> {
     pub resume: bool,
     /// Pretrained canonical tensors to start from (fine-tuning); the classifier is re-initialised.
     pub init: Option<&'a TensorMap>,
-    /// Where the steps run (`Device::flex()` on the CPU, or a GPU device); the model is always
-    /// initialised on the CPU, so a seed gives the same starting weights on every device.
-    pub device: Device,
-    /// Data parallelism: every device when there are several (the first is `device`), else
-    /// empty; see [`super::parallel`].
+    /// Where the steps run (`Device::flex()` on the CPU, or GPU devices): one device, or several
+    /// for data parallelism ([`super::parallel`]), the first of which evaluates and saves. The
+    /// model is always initialised on the CPU, so a seed gives the same start on every device.
     pub devices: Vec<Device>,
 }
 
@@ -369,7 +367,10 @@ pub fn train(
     let _lock = RunLock::acquire(out_dir)?;
     let config_text = RunFile::to_toml(cfg, &meta.spec)?;
     crate::util::write_atomic(&out_dir.join("config.toml"), config_text.as_bytes())?;
-    let device = opts.device.clone().autodiff();
+    let Some(first_device) = opts.devices.first() else {
+        bail!("no device to train on");
+    };
+    let device = first_device.clone().autodiff();
     let (mut model, mut st) = start(cfg, meta, &device, &opts)?;
     // Several devices: replicas forked from the first, gradients averaged by burn each step.
     let mut replicas = None;
@@ -383,7 +384,7 @@ pub fn train(
         if opts.resume { "resuming" } else { "training" },
         meta.spec.name,
         cfg.dataset,
-        device_name(&opts.device),
+        device_name(first_device),
         train_data.len(),
         eval_data.len(),
         meta.spec.num_classes,
@@ -423,7 +424,7 @@ pub fn train(
         bar: progress_bar(opts.show_progress && !progress_lines, schedule.total_steps),
         schedule,
         trainer: Trainer::new(cfg, meta.spec.num_classes, device.clone()),
-        gpu: (opts.device != Device::flex()).then(|| opts.device.clone()),
+        gpu: (*first_device != Device::flex()).then(|| first_device.clone()),
         started: Instant::now() - std::time::Duration::from_secs_f64(st.progress.seconds),
         progress_lines,
     };
