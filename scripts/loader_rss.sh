@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Peak memory of training on a streamed image folder does not grow with the folder: B0 trained for
 # the same number of steps on generated folders of 2,000 and 20,000 JPEGs (320x240), peak RSS from
-# GNU time. Usage: scripts/loader_rss.sh [WORKDIR] (default: a temporary folder, removed after).
+# GNU time. Usage: [EFFNET=path/to/effnet] scripts/loader_rss.sh [WORKDIR] (default: a temporary
+# folder, removed after); EFFNET runs another build (an older commit's) on the same folders.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-$(mktemp -d)}"
 [ $# -ge 1 ] || trap 'rm -rf "$WORK"' EXIT
 cargo build --release --locked --quiet
 cargo build --release --locked --quiet --example make_image_folder
-EFFNET=target/release/effnet
+EFFNET=${EFFNET:-target/release/effnet}
 MAKE=target/release/examples/make_image_folder
 STEPS="${STEPS:-30}"
 echo "images  peak RSS (MiB)  seconds   (effnet train b0 --resolution 64 --batch-size 32 --max-steps $STEPS)"
