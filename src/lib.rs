@@ -20,6 +20,7 @@ pub mod evaluate;
 pub mod export;
 pub mod model;
 pub mod preprocess;
+pub mod quantize;
 pub mod search;
 pub mod simd;
 pub mod spec;

@@ -64,9 +64,10 @@ pub struct BenchArgs {
     /// Time the engine's thread pool alone: one parallel region of --threads trivial parts.
     #[arg(long, conflicts_with_all = ["train", "burn", "profile", "reference"])]
     pool: bool,
-    /// Engine arithmetic: fp32, or bf16 (AVX512-BF16; timed beside fp32, with their agreement).
-    #[arg(long, default_value = "fp32")]
-    precision: Precision,
+    /// Engine arithmetic: fp32, bf16 (AVX512-BF16) or int8 (weights from `effnet quantize`), timed
+    /// beside fp32 with their agreement; default: int8 for quantised weights, else fp32.
+    #[arg(long)]
+    precision: Option<Precision>,
     #[arg(long)]
     json: bool,
 }
@@ -143,6 +144,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Some(path) => weights::load(path, args.model.model.as_deref())?,
         None => WeightSet::random(&args.model.spec()?, 0),
     };
+    let precision = args
+        .precision
+        .unwrap_or_else(|| Precision::default_for(&set.meta));
     if args.batch.len() > 1 || args.resolution.len() > 1 {
         bail!(
             "lists of --batch or --resolution are sweeps of --train; time inference one at a time"
@@ -176,12 +180,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         n,
     ));
     let mut note = None;
-    if args.precision != Precision::Fp32 {
+    if precision != Precision::Fp32 {
         engine = Engine::new(&set)?
             .with_threads(args.threads)
-            .with_precision(args.precision)?;
+            .with_precision(precision)?;
         let logits = engine.forward(&input, n, res, res);
-        let p = args.precision;
+        let p = precision;
         results.push(summarize(
             &format!("effnet engine {p}"),
             time(args.iters, || {

@@ -31,9 +31,10 @@ pub struct EmbedArgs {
     /// Threads for the engine.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
-    /// Engine arithmetic: fp32, or bf16 (AVX512-BF16 CPUs).
-    #[arg(long, default_value = "fp32")]
-    precision: effnet::engine::Precision,
+    /// Engine arithmetic: fp32, bf16 (AVX512-BF16 CPUs) or int8 (weights from `effnet
+    /// quantize`); default: int8 for quantised weights, else fp32.
+    #[arg(long)]
+    precision: Option<effnet::engine::Precision>,
     /// Output: .safetensors (every tap, image paths in the metadata), .npy (one tap) or .jsonl
     /// (a line per image).
     #[arg(long)]
@@ -65,7 +66,10 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     let preprocess = set.meta.preprocess.clone();
     let mut engine = Engine::new(&set)?
         .with_threads(args.threads as usize)
-        .with_precision(args.precision)?;
+        .with_precision(
+            args.precision
+                .unwrap_or_else(|| effnet::engine::Precision::default_for(&set.meta)),
+        )?;
     let model = engine.meta.spec.name.clone();
     let bar = indicatif::ProgressBar::new(files.len() as u64);
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {

@@ -30,9 +30,10 @@ pub struct EvalArgs {
     /// vulkan[:cpu|N] (needs effnet built with that cargo feature).
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
-    /// Engine arithmetic on the CPU: fp32, or bf16 (AVX512-BF16 CPUs).
-    #[arg(long, default_value = "fp32")]
-    precision: effnet::engine::Precision,
+    /// Engine arithmetic on the CPU: fp32, bf16 (AVX512-BF16 CPUs) or int8 (weights from
+    /// `effnet quantize`); default: int8 for quantised weights on the CPU, else fp32.
+    #[arg(long)]
+    precision: Option<effnet::engine::Precision>,
     #[arg(long)]
     json: bool,
 }
@@ -53,13 +54,19 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let prepared = Prepared::from_split(&eval, &set.meta.preprocess);
     let report = match args.device {
         DeviceChoice::Cpu => {
-            let engine = (args.threads, args.precision);
+            let precision = args
+                .precision
+                .unwrap_or_else(|| effnet::engine::Precision::default_for(&set.meta));
+            let engine = (args.threads, precision);
             evaluate(&set, &prepared, args.batch_size, engine)?
         }
-        _ if args.precision != effnet::engine::Precision::Fp32 => {
+        _ if args
+            .precision
+            .is_some_and(|p| p != effnet::engine::Precision::Fp32) =>
+        {
             bail!(
                 "--precision {} runs on the engine (--device cpu)",
-                args.precision
+                args.precision.unwrap_or_default()
             )
         }
         d => evaluate_on_device(&set, &prepared, args.batch_size, &d.open()?)?,

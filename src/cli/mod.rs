@@ -5,6 +5,7 @@ mod doctor;
 mod embed;
 mod eval;
 mod export;
+mod quantize;
 mod search;
 mod study;
 mod train;
@@ -75,9 +76,10 @@ enum Command {
         /// Device for --backend burn: cpu, cuda[:N], wgpu[:cpu|N] or vulkan[:cpu|N].
         #[arg(long, default_value = "cpu")]
         device: effnet::device::DeviceChoice,
-        /// Engine arithmetic: fp32, or bf16 (AVX512-BF16 CPUs).
-        #[arg(long, default_value = "fp32")]
-        precision: effnet::engine::Precision,
+        /// Engine arithmetic: fp32, bf16 (AVX512-BF16 CPUs) or int8 (weights from `effnet
+        /// quantize`); default: int8 for quantised weights on the engine, else fp32.
+        #[arg(long)]
+        precision: Option<effnet::engine::Precision>,
         #[command(flatten)]
         preprocess: PreprocessArgs,
         #[arg(long)]
@@ -88,6 +90,8 @@ enum Command {
     Export(export::ExportCommand),
     /// Image features (pooled head features, backbone maps) of files and folders, for other tools.
     Embed(embed::EmbedArgs),
+    /// int8 weights for the engine: calibrated on images, with an accuracy guard and a report.
+    Quantize(quantize::QuantizeArgs),
     /// Train a model with the TF recipe (default: B0 on Fashion-MNIST at 32x32, 200 steps).
     Train(train::TrainArgs),
     /// Fine-tune pretrained weights on a dataset: new head on a frozen backbone, then all layers.
@@ -360,6 +364,7 @@ pub fn run() -> anyhow::Result<()> {
         } => convert(&input, &output, model.as_deref(), &preprocess),
         Command::Doctor(args) => doctor::run(&args),
         Command::Embed(args) => embed::run(&args),
+        Command::Quantize(args) => quantize::run(&args),
         Command::Export(cmd) => export::run(&cmd),
         Command::Presets { filter } => presets(filter.as_deref()),
         Command::Bench(args) => bench::run(&args),
@@ -540,7 +545,7 @@ fn classify(
         Backend,
         usize,
         effnet::device::DeviceChoice,
-        effnet::engine::Precision,
+        Option<effnet::engine::Precision>,
     ),
     json: bool,
 ) -> anyhow::Result<()> {
@@ -556,6 +561,11 @@ fn classify(
     let mut classifier = match backend {
         Backend::Burn => Classifier::on_device(set, device.open()?)?,
         Backend::Engine => Classifier::new(set, backend, threads)?,
+    };
+    let precision = match (precision, backend) {
+        (Some(p), _) => p,
+        (None, Backend::Engine) => effnet::engine::Precision::default_for(&classifier.meta),
+        (None, Backend::Burn) => effnet::engine::Precision::Fp32,
     };
     classifier.set_precision(precision)?;
     // Every file's header first, so a missing, unsupported or unresizable file fails before any

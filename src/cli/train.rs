@@ -294,6 +294,7 @@ fn execute(
         spec,
         source: Layout::Effnet,
         preset: None,
+        quantization: None,
     };
     let (train_data, eval_data) = (
         Prepared::from_split(&train_raw, &meta.preprocess),

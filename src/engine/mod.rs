@@ -10,16 +10,19 @@
 //! model stays the reference; `tests/engine.rs` checks the two agree to 1e-4.
 
 mod adapt;
+pub mod calibrate;
 pub(crate) mod kernels;
 mod ops;
 mod plan;
 pub(crate) mod pool;
 pub mod profile;
 
+use crate::simd::gemm_i8::{ActQuant, Int8Weights};
 use crate::spec::FeatureTap;
-use crate::weights::{WeightMeta, WeightSet};
+use crate::weights::{Quantization, WeightMeta, WeightSet};
 
 use adapt::Adapt;
+use calibrate::{Observe, Observed, Observer};
 use ops::{grow, mean_rows};
 use plan::{BlockPlan, Buf, Plan, Se, Step};
 use pool::Pool;
@@ -92,6 +95,21 @@ pub enum Precision {
     Fp32,
     /// bf16 weights and activations with f32 sums (AVX512-BF16), f32 everywhere else.
     Bf16,
+    /// int8 weights (per output channel) and uint8 activations (calibrated per layer) with int32
+    /// sums (AVX512-VNNI, or a portable loop), in the layers the weights' quantisation names;
+    /// f32 everywhere else.
+    Int8,
+}
+
+impl Precision {
+    /// What runs when none is asked for: int8 for weights `effnet quantize` wrote, else fp32.
+    pub fn default_for(meta: &WeightMeta) -> Self {
+        if meta.quantization.is_some() {
+            Precision::Int8
+        } else {
+            Precision::Fp32
+        }
+    }
 }
 
 impl std::str::FromStr for Precision {
@@ -101,7 +119,8 @@ impl std::str::FromStr for Precision {
         match s.to_ascii_lowercase().as_str() {
             "fp32" | "f32" => Ok(Precision::Fp32),
             "bf16" => Ok(Precision::Bf16),
-            _ => Err(format!("unknown precision `{s}`: use fp32 or bf16")),
+            "int8" => Ok(Precision::Int8),
+            _ => Err(format!("unknown precision `{s}`: use fp32, bf16 or int8")),
         }
     }
 }
@@ -111,6 +130,7 @@ impl std::fmt::Display for Precision {
         f.write_str(match self {
             Precision::Fp32 => "fp32",
             Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
         })
     }
 }
@@ -123,6 +143,10 @@ pub struct Engine {
     pool: Pool,
     adapt: Adapt,
     single: std::cell::Cell<bool>,
+    /// Every GEMM convolution's name, in network order.
+    layers: Vec<String>,
+    /// Recorders at the GEMM convolutions' inputs while calibrating.
+    observers: Option<std::collections::HashMap<String, Observer>>,
 }
 
 /// Buffers reused across calls: no allocation per inference once sizes are reached.
@@ -148,14 +172,88 @@ impl Arena {
 impl Engine {
     /// Compiles `set` (canonical tensors of any variant) into an engine.
     pub fn new(set: &WeightSet) -> Result<Self, EngineError> {
+        let mut plan = Plan::compile(set)?;
+        let layers = plan.gemm_convs_mut().map(|c| c.name.clone()).collect();
         Ok(Engine {
             meta: set.meta.clone(),
-            plan: Plan::compile(set)?,
+            plan,
             arena: Arena::default(),
             pool: Pool::new(1),
             adapt: Adapt::default(),
             single: std::cell::Cell::new(true),
+            layers,
+            observers: None,
         })
+    }
+
+    /// The GEMM convolutions (what int8 quantises), in network order.
+    pub fn gemm_layers(&self) -> &[String] {
+        &self.layers
+    }
+
+    /// Starts recording every GEMM convolution's input (replacing what was recorded).
+    pub fn observe(&mut self, how: &Observe) {
+        let observers = self
+            .layers
+            .iter()
+            .map(|n| (n.clone(), Observer::new(n, how)));
+        self.observers = Some(observers.collect());
+    }
+
+    /// What was recorded since [`Engine::observe`], in network order; recording stops.
+    pub fn observations(&mut self) -> Vec<Observed> {
+        let mut observers = self.observers.take().unwrap_or_default();
+        self.layers
+            .iter()
+            .filter_map(|n| observers.remove(n))
+            .map(Observer::take)
+            .collect()
+    }
+
+    /// A conv with its recorder, if recording.
+    fn observed<'a>(&'a self, conv: &'a plan::Conv) -> (&'a plan::Conv, Option<&'a Observer>) {
+        (
+            conv,
+            self.observers.as_ref().and_then(|o| o.get(&conv.name)),
+        )
+    }
+
+    /// Runs the layers `q` marks int8 in int8 on their calibrated input grids, the rest in fp32
+    /// (what [`Precision::Int8`] does with the weights' own quantisation; `effnet quantize` tries
+    /// others). `q` must name every GEMM convolution of this model.
+    pub fn set_quantization(&mut self, q: &Quantization) -> Result<(), EngineError> {
+        let by_name: std::collections::HashMap<&str, _> =
+            q.layers.iter().map(|l| (l.name.as_str(), l)).collect();
+        if let Some(missing) = self
+            .layers
+            .iter()
+            .find(|n| !by_name.contains_key(n.as_str()))
+        {
+            return Err(EngineError(format!(
+                "the int8 quantisation does not fit this model: it has no range for `{missing}` (quantise these weights again)"
+            )));
+        }
+        self.set_precision(Precision::Fp32)?;
+        for conv in self.plan.gemm_convs_mut() {
+            let layer = by_name[conv.name.as_str()];
+            if !layer.int8 {
+                continue;
+            }
+            if !(layer.lo.is_finite() && layer.hi.is_finite() && layer.lo <= layer.hi) {
+                return Err(EngineError(format!(
+                    "the int8 range of `{}` is not a range: {}..{}",
+                    conv.name, layer.lo, layer.hi
+                )));
+            }
+            let (k, n) = (conv.gemm_rows(), conv.cout);
+            let panels = match conv.packed.is_empty() {
+                true => crate::simd::gemm::pack(&conv.weight, k, n),
+                false => conv.packed.clone(),
+            };
+            let grid = ActQuant::covering(layer.lo, layer.hi);
+            conv.int8 = Some(Int8Weights::quantize(&panels, k, n, &conv.bias, grid));
+        }
+        Ok(())
     }
 
     pub fn num_classes(&self) -> usize {
@@ -175,8 +273,17 @@ impl Engine {
             Precision::Fp32 => {
                 for conv in self.plan.gemm_convs_mut() {
                     conv.packed_bf16 = Vec::new();
+                    conv.int8 = None;
                 }
                 self.plan.fc_bf16 = Vec::new();
+            }
+            Precision::Int8 => {
+                let q = self.meta.quantization.clone().ok_or_else(|| {
+                    EngineError(
+                        "--precision int8 needs weights quantised for it: run `effnet quantize --weights W --calib IMAGES --out W8` and use W8".into(),
+                    )
+                })?;
+                self.set_quantization(&q)?;
             }
             Precision::Bf16 => {
                 if !crate::simd::gemm_bf16::available() {
@@ -184,6 +291,7 @@ impl Engine {
                         "--precision bf16 needs a CPU with AVX512-BF16 (vdpbf16ps), which this one lacks; use fp32".into(),
                     ));
                 }
+                self.set_precision(Precision::Fp32)?;
                 for conv in self.plan.gemm_convs_mut() {
                     let k = conv.packed.len() / (conv.cout.div_ceil(NR) * NR);
                     conv.packed_bf16 =
@@ -441,7 +549,7 @@ impl Engine {
                     if let Some(se) = se {
                         let gates = self.se_gates(se, mid, n, cur, sums.take());
                         match () {
-                            _ if n == 1 && !conv.packed.is_empty() => gate = Some(gates),
+                            _ if n == 1 && conv.takes_gate() => gate = Some(gates),
                             _ if n == 1 && cur.0 * cur.1 > conv.cout => {
                                 let len = conv.weight.len();
                                 grow(&mut a.weight, len);

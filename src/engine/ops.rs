@@ -1,12 +1,14 @@
 //! The operations a plan's steps run: convolutions (im2col + GEMM, depthwise, 1x1 on the GEMM
 //! micro-kernel), the fused expand + depthwise per band of rows, each split into parallel parts.
 
+use super::calibrate::Observer;
 use super::kernels::{self, Geometry};
 use super::plan::{Conv, ConvKind};
 use super::pool::SharedMut;
 use super::{Engine, profile};
 use crate::simd::gemm as microkernel;
 use crate::simd::gemm_bf16 as bf16;
+use crate::simd::gemm_i8 as int8;
 use crate::spec::Padding;
 
 /// Spatial geometry of a conv on an `h x w` input.
@@ -72,11 +74,12 @@ fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, l
 }
 
 /// `out = act(a · weight + bias)` (+ `residual`) for `m` rows and columns `c0..c0 + nc` of a conv
-/// with `cout` columns (`out` and `residual` hold the block's rows at full width): the AVX-512
-/// kernel when the weights are packed, else the `gemm` crate and a separate epilogue.
+/// with `cout` columns (`out` and `residual` hold the block's rows at full width): the int8 or bf16
+/// kernel when the engine runs in that precision, the AVX-512 kernel when the weights are packed,
+/// else the `gemm` crate and a separate epilogue. `observer` records the input (calibration).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm_bias_act(
-    conv: &Conv,
+    (conv, observer): (&Conv, Option<&Observer>),
     weight: &[f32],
     gate: Option<&[f32]>,
     a: &[f32],
@@ -88,6 +91,14 @@ pub(super) fn gemm_bias_act(
     let (k, cout) = (a.len() / m.max(1), conv.cout);
     // `weight` is the conv's own GEMM weight or a gated copy in the same layout.
     assert_eq!(weight.len(), conv.gemm_weight().len(), "weight layout");
+    if let Some(obs) = observer {
+        obs.record(&a[..m * k], k, gate);
+    }
+    if let Some(w) = &conv.int8 {
+        let (act, wq) = (conv.act, (w, gate));
+        int8::gemm_bias_act(a, k, m, wq, (c0, nc), act, residual, out, cout);
+        return;
+    }
     if !conv.packed_bf16.is_empty() {
         // bf16: the activations are rounded (and gated) once per call, the weights were at load.
         let packed = (conv.packed_bf16.as_slice(), gate);
@@ -213,6 +224,7 @@ impl Engine {
             }
         } else {
             let row_len = conv.kernel * conv.kernel * cin;
+            let observed = self.observed(conv);
             self.run_parts(parts, &|part| {
                 let (img, rows) = band(part);
                 let m = rows.len() * g.out_w;
@@ -232,7 +244,16 @@ impl Engine {
                     };
                     drop(im2col);
                     let a = &scratch[..m * row_len];
-                    gemm_bias_act(conv, conv.gemm_weight(), None, a, m, (0, cout), None, dst);
+                    gemm_bias_act(
+                        observed,
+                        conv.gemm_weight(),
+                        None,
+                        a,
+                        m,
+                        (0, cout),
+                        None,
+                        dst,
+                    );
                 });
             });
         }
@@ -316,6 +337,7 @@ impl Engine {
         let shared_partial = SharedMut::new(&mut partial);
         let with_pool = pool.is_some();
         let shared_out = SharedMut::new(out);
+        let observed = self.observed(e);
         self.run_parts(parts, &|part| {
             let (img, rows, cols) = band(part);
             let x = &input[img * in_len..(img + 1) * in_len];
@@ -338,7 +360,7 @@ impl Engine {
                         let a = &x[hi * w * cin..need_hi * w * cin];
                         let dst = &mut buf[(hi - lo) * row_len..(need_hi - lo) * row_len];
                         let (m, cols) = ((need_hi - hi) * w, (cols.start, cols.len()));
-                        gemm_bias_act(e, e.gemm_weight(), None, a, m, cols, None, dst);
+                        gemm_bias_act(observed, e.gemm_weight(), None, a, m, cols, None, dst);
                         hi = need_hi;
                     }
                     let out_row = g.out_w * c;
@@ -405,6 +427,7 @@ impl Engine {
         };
         let (col_block, col_parts) = panel_blocks(cout, col_parts);
         let shared_out = SharedMut::new(out);
+        let observed = self.observed(conv);
         self.run_parts(row_parts * col_parts, &|part| {
             let (rp, cp) = (part / col_parts, part % col_parts);
             let (r0, m) = (rp * chunk, chunk.min(rows - rp * chunk));
@@ -414,7 +437,7 @@ impl Engine {
             let dst = unsafe { shared_out.slice(r0 * cout, m * cout) };
             let res = residual.map(|res| &res[r0 * cout..(r0 + m) * cout]);
             let a = &input[r0 * cin..(r0 + m) * cin];
-            gemm_bias_act(conv, weight, gate, a, m, (c0, nc), res, dst);
+            gemm_bias_act(observed, weight, gate, a, m, (c0, nc), res, dst);
         });
         (h, w)
     }

@@ -3,6 +3,7 @@
 //! steps that names the buffer every step reads and writes.
 
 use crate::simd::gemm as microkernel;
+use crate::simd::gemm_i8::Int8Weights;
 use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv};
 use crate::weights::fold::{Folded, fold_batch_norm, tensor_values};
 use crate::weights::{TensorMap, WeightSet};
@@ -36,6 +37,9 @@ pub(super) struct Conv {
     pub packed: Vec<f32>,
     /// `packed` as bf16 pairs (empty unless the engine runs in bf16; then the GEMM uses these).
     pub packed_bf16: Vec<u32>,
+    /// The weights in int8 for the calibrated input grid (when the engine runs in int8 and this
+    /// layer was not kept in fp32; then the GEMM uses these).
+    pub int8: Option<Int8Weights>,
     pub bias: Vec<f32>,
     pub act: Option<Activation>,
 }
@@ -48,6 +52,16 @@ impl Conv {
         } else {
             &self.packed
         }
+    }
+
+    /// Rows of the GEMM weight (`k * k * cin`; GEMM convolutions are not grouped).
+    pub fn gemm_rows(&self) -> usize {
+        self.kernel * self.kernel * self.cin
+    }
+
+    /// Whether the GEMM scales its input by an SE gate as it loads it (no gated copy needed).
+    pub fn takes_gate(&self) -> bool {
+        !self.packed.is_empty() || self.int8.is_some()
     }
 }
 
@@ -136,7 +150,7 @@ impl Plan {
         std::iter::once(&mut self.stem)
             .chain(blocks)
             .chain(std::iter::once(&mut self.head))
-            .filter(|c| !c.packed.is_empty())
+            .filter(|c| c.kind != ConvKind::Depthwise)
     }
 }
 
@@ -197,6 +211,7 @@ fn fold(
         weight,
         packed,
         packed_bf16: Vec::new(),
+        int8: None,
         bias,
         act,
     })

@@ -6,6 +6,7 @@
 
 pub(crate) mod gemm;
 pub(crate) mod gemm_bf16;
+pub(crate) mod gemm_i8;
 pub(crate) mod math;
 mod vector;
 

@@ -24,6 +24,34 @@ pub struct WeightMeta {
     /// The pretrained-config tag whose transform `preprocess` is, when one was chosen or assumed.
     #[serde(default)]
     pub preset: Option<String>,
+    /// The int8 quantisation `effnet quantize` calibrated for these weights, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Quantization>,
+}
+
+/// Post-training static int8 quantisation of the engine's GEMM convolutions: each layer's input
+/// range (from calibration images) and whether it runs in int8. Weights are quantised from the
+/// stored f32 tensors when the engine loads them (symmetric, per output channel), so the file still
+/// loads everywhere an f32 file does.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quantization {
+    /// How the ranges were found, e.g. `percentile 99.99 of 48 images`.
+    pub calibration: String,
+    /// Every GEMM convolution (stem, 1x1, full kxk, head) in network order.
+    pub layers: Vec<QuantizedLayer>,
+}
+
+/// One GEMM convolution's input range.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizedLayer {
+    /// Weight path, e.g. `blocks.3.expand`.
+    pub name: String,
+    pub lo: f32,
+    pub hi: f32,
+    /// `false`: kept in fp32 (the accuracy guard found it too sensitive).
+    pub int8: bool,
 }
 
 /// Metadata as the first releases wrote it: a variant name and its conventions.
@@ -60,6 +88,7 @@ impl WeightMeta {
                     preprocess: legacy.preprocess,
                     class_names: None,
                     preset: None,
+                    quantization: None,
                 }
             }
         };
@@ -192,6 +221,7 @@ pub fn checkpoint_defaults(spec: &ModelSpec, layout: Layout) -> WeightMeta {
     WeightMeta {
         preprocess: preset.map_or_else(|| generic_preprocess(&spec), |p| p.preprocess.clone()),
         preset: preset.map(|p| p.tag.clone()),
+        quantization: None,
         spec,
         source: layout,
         class_names: None,

@@ -13,7 +13,7 @@ use std::path::Path;
 use crate::spec::{ModelSpec, VARIANTS, resolve};
 
 pub use layout::Layout;
-pub use meta::{IMAGENET_CLASSES, WeightMeta, checkpoint_defaults};
+pub use meta::{IMAGENET_CLASSES, Quantization, QuantizedLayer, WeightMeta, checkpoint_defaults};
 
 /// A float32 tensor in row-major order.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,145 @@
+//! `effnet quantize`: int8 weights for the engine, calibrated on images, with an accuracy guard.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use effnet::quantize::{self, Images, Method, Options};
+
+use super::PreprocessArgs;
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// Weights to quantise (.pth/.pt/.bin/.safetensors); default: the installed Lite0 weights.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Model name; default: the one the weights file names or fits.
+    #[arg(long)]
+    model: Option<String>,
+    /// Calibration images: files and folders (searched recursively), ideally a few dozen to a
+    /// few hundred photos like the ones the model will see.
+    #[arg(long, required = true, num_args = 1..)]
+    calib: Vec<PathBuf>,
+    /// Output weights (.safetensors): the same tensors plus the calibrated int8 quantisation;
+    /// classify, bench, embed and eval run them in int8 unless told `--precision fp32`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Range of each layer's input: `minmax`, or `percentile[:P]` (the central P % of values;
+    /// default P = 99.99).
+    #[arg(long, default_value = "percentile")]
+    method: Method,
+    /// Top-1 agreement with fp32 the calibration images must reach; the most sensitive layers
+    /// are kept in fp32 until it does.
+    #[arg(long, default_value_t = 0.99)]
+    threshold: f64,
+    /// Fraction of the images held out: not calibrated on, not used to choose layers, only
+    /// reported.
+    #[arg(long, default_value_t = 0.25)]
+    holdout: f64,
+    /// Where to write the report (JSON); default: next to --out, `.report.json`.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Threads for the engine.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    #[command(flatten)]
+    preprocess: PreprocessArgs,
+}
+
+pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
+    if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        bail!(
+            "--out must end in .safetensors (int8 weights are safetensors with their quantisation), not `{}`",
+            args.out.display()
+        );
+    }
+    let opts = Options {
+        method: args.method,
+        threshold: args.threshold,
+        holdout: args.holdout,
+        threads: args.threads as usize,
+    };
+    // Options first: a bad flag should not wait for the images.
+    if !(0.0..=1.0).contains(&opts.threshold) {
+        bail!(quantize::QuantizeError::Threshold(opts.threshold));
+    }
+    if !(0.0..1.0).contains(&opts.holdout) {
+        bail!(quantize::QuantizeError::Holdout(opts.holdout));
+    }
+    let weights = match &args.weights {
+        Some(w) => w.clone(),
+        None => super::default_weights()?,
+    };
+    let mut set = effnet::weights::load(&weights, args.model.as_deref())?;
+    args.preprocess.apply(&mut set.meta)?;
+    let files = effnet::data::image_files(&args.calib)?;
+    if files.is_empty() {
+        bail!(quantize::QuantizeError::NoImages);
+    }
+    let p = set.meta.preprocess.clone();
+    // Every header first, so a missing or non-image file fails before any decoding.
+    for f in &files {
+        let (w, h) = effnet::preprocess::image_dimensions(f)
+            .with_context(|| format!("calibration image `{}`", f.display()))?;
+        effnet::preprocess::check_resizable(w, h, &p)
+            .map_err(|e| anyhow::anyhow!("calibration image `{}`: {e}", f.display()))?;
+    }
+    let mut data = Vec::with_capacity(files.len());
+    for f in &files {
+        let img = effnet::preprocess::load_rgb(f)
+            .with_context(|| format!("calibration image `{}`", f.display()))?;
+        data.push(effnet::preprocess::eval_transform(&img, &p)?);
+    }
+    let images = Images {
+        data: &data,
+        side: p.crop,
+    };
+    let quiet = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = |stage: &str| {
+        if !quiet {
+            eprint!("\r\x1b[2K{stage}");
+        }
+    };
+    let (q, report) = quantize::quantize(&set, images, &opts, &progress)?;
+    if !quiet {
+        eprint!("\r\x1b[2K");
+    }
+    set.meta.quantization = Some(q);
+    effnet::weights::write_safetensors(&args.out, &set)?;
+    let report_path = args.report.clone().unwrap_or_else(|| {
+        let mut name = args.out.file_stem().unwrap_or_default().to_os_string();
+        name.push(".report.json");
+        args.out.with_file_name(name)
+    });
+    let json = serde_json::to_string_pretty(&report)?;
+    effnet::util::write_atomic(&report_path, json.as_bytes())
+        .with_context(|| format!("writing `{}`", report_path.display()))?;
+    let int8 = report.layers.iter().filter(|l| l.int8).count();
+    let line = |what: &str, a: &quantize::Agreement| {
+        println!(
+            "  {what:<26} {:>4} images  top-1 agreement {:>6.1} %  mean |dp| {:.4}  max |dp| {:.4}",
+            a.images,
+            100.0 * a.top1,
+            a.mean_abs_dp,
+            a.max_abs_dp
+        )
+    };
+    println!(
+        "{}: {int8} of {} GEMM layers in int8 ({}), calibrated on {} images",
+        report.model,
+        report.layers.len(),
+        report.method,
+        report.calibration_images
+    );
+    line("every layer int8, calib", &report.all_int8);
+    line("chosen, calib", &report.calibration);
+    if report.holdout_images > 0 {
+        line("chosen, held out", &report.holdout);
+    }
+    if !report.kept_fp32.is_empty() {
+        println!("  kept in fp32: {}", report.kept_fp32.join(", "));
+    }
+    println!("wrote {} and {}", args.out.display(), report_path.display());
+    Ok(())
+}

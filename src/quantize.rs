@@ -1,0 +1,318 @@
+//! Post-training static int8 quantisation with an accuracy guard (`effnet quantize`): calibrate
+//! each GEMM convolution's input range on sample images, rank the layers by how much int8 alone
+//! moves the predictions, and keep the most sensitive in fp32 until int8 agrees with fp32 on the
+//! top-1 class of enough calibration images; a held-out part of the images, used for nothing else,
+//! says how well that carries over.
+
+use crate::classify::softmax;
+use crate::engine::calibrate::{Observe, Observed};
+use crate::engine::{Engine, EngineError};
+use crate::weights::{Quantization, QuantizedLayer, WeightSet};
+
+/// How a layer's input range is chosen from what calibration saw.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum Method {
+    /// The smallest and largest value.
+    MinMax,
+    /// The range that holds this fraction of the values (half the rest cut at each end).
+    Percentile(f64),
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "unknown --method `{s}`: use minmax or percentile[:P] (P in 90..100, e.g. percentile:99.99)"
+            )
+        };
+        match s.split_once(':') {
+            None if s == "minmax" => Ok(Method::MinMax),
+            None if s == "percentile" => Ok(Method::Percentile(99.99)),
+            Some(("percentile", p)) => match p.parse::<f64>() {
+                Ok(p) if (90.0..=100.0).contains(&p) => Ok(Method::Percentile(p)),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Method::MinMax => f.write_str("minmax"),
+            Method::Percentile(p) => write!(f, "percentile {p}"),
+        }
+    }
+}
+
+/// What [`quantize`] is asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub method: Method,
+    /// Top-1 agreement with fp32 the calibration images must reach (0..=1).
+    pub threshold: f64,
+    /// Fraction of the images held out of calibration and layer choice.
+    pub holdout: f64,
+    pub threads: usize,
+}
+
+/// How int8 predictions compare with fp32 on a set of images.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Agreement {
+    pub images: usize,
+    /// Fraction whose top-1 class is fp32's.
+    pub top1: f64,
+    /// Mean over images and classes of |p_int8 - p_fp32|, summed over classes (L1 per image).
+    pub mean_abs_dp: f64,
+    /// The largest |p_int8 - p_fp32| of any class of any image.
+    pub max_abs_dp: f64,
+}
+
+/// One GEMM convolution in the report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub lo: f32,
+    pub hi: f32,
+    /// Mean L1 probability change on the calibration images with only this layer in int8.
+    pub sensitivity: f64,
+    pub int8: bool,
+}
+
+/// What [`quantize`] found and chose.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub model: String,
+    pub method: String,
+    pub threshold: f64,
+    pub calibration_images: usize,
+    pub holdout_images: usize,
+    /// Every layer in int8, on the calibration images.
+    pub all_int8: Agreement,
+    /// The chosen quantisation, on the calibration images.
+    pub calibration: Agreement,
+    /// The chosen quantisation, on the held-out images.
+    pub holdout: Agreement,
+    /// Layers in network order.
+    pub layers: Vec<LayerReport>,
+    /// The layers kept in fp32, most sensitive first.
+    pub kept_fp32: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantizeError {
+    #[error("no calibration images: give image files or folders holding images")]
+    NoImages,
+    #[error("--threshold must be in 0..=1, not {0}")]
+    Threshold(f64),
+    #[error("--holdout must be in 0..1, not {0}")]
+    Holdout(f64),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Normalised images of one size, `[3 x side x side]` each.
+pub struct Images<'a> {
+    pub data: &'a [Vec<f32>],
+    pub side: usize,
+}
+
+/// Calibrates `set` on `images` and chooses which layers run in int8; `progress` hears each stage.
+pub fn quantize(
+    set: &WeightSet,
+    images: Images,
+    opts: &Options,
+    progress: &dyn Fn(&str),
+) -> Result<(Quantization, Report), QuantizeError> {
+    if images.data.is_empty() {
+        return Err(QuantizeError::NoImages);
+    }
+    if !(0.0..=1.0).contains(&opts.threshold) {
+        return Err(QuantizeError::Threshold(opts.threshold));
+    }
+    if !(0.0..1.0).contains(&opts.holdout) {
+        return Err(QuantizeError::Holdout(opts.holdout));
+    }
+    // Every `every`-th image is held out; at least one image calibrates.
+    let held =
+        ((images.data.len() as f64 * opts.holdout).round() as usize).min(images.data.len() - 1);
+    let every = images.data.len().checked_div(held).unwrap_or(usize::MAX);
+    let (mut calib, mut holdout) = (Vec::new(), Vec::new());
+    for (i, img) in images.data.iter().enumerate() {
+        if (i + 1) % every == 0 && holdout.len() < held {
+            holdout.push(img.as_slice());
+        } else {
+            calib.push(img.as_slice());
+        }
+    }
+    let side = images.side;
+    let mut engine = Engine::new(set)?.with_threads(opts.threads);
+    progress("fp32 predictions");
+    let reference = (
+        probabilities(&mut engine, &calib, side),
+        probabilities(&mut engine, &holdout, side),
+    );
+    progress("input ranges");
+    engine.observe(&Observe::MinMax);
+    probabilities(&mut engine, &calib, side);
+    let mut observed = engine.observations();
+    if let Method::Percentile(_) = opts.method {
+        progress("input histograms");
+        let ranges = observed
+            .iter()
+            .map(|o| (o.name.clone(), (o.lo, o.hi)))
+            .collect();
+        engine.observe(&Observe::Histogram(ranges));
+        probabilities(&mut engine, &calib, side);
+        observed = engine.observations();
+    }
+    let ranges: Vec<(f32, f32)> = observed
+        .iter()
+        .map(|o: &Observed| match opts.method {
+            Method::MinMax => (o.lo, o.hi),
+            Method::Percentile(p) => o.percentile_range(p / 100.0),
+        })
+        .collect();
+    let calibration = format!("{} of {} images at {side}x{side}", opts.method, calib.len());
+    let table = |int8: &dyn Fn(usize) -> bool| Quantization {
+        calibration: calibration.clone(),
+        layers: observed
+            .iter()
+            .zip(&ranges)
+            .enumerate()
+            .map(|(i, (o, &(lo, hi)))| QuantizedLayer {
+                name: o.name.clone(),
+                lo,
+                hi,
+                int8: int8(i),
+            })
+            .collect(),
+    };
+    let mut compare = |q: &Quantization, imgs: &[&[f32]], reference: &[Vec<f32>]| {
+        engine.set_quantization(q)?;
+        let p = probabilities(&mut engine, imgs, side);
+        Ok::<_, QuantizeError>(agreement(&p, reference))
+    };
+    let layers = observed.len();
+    let mut sensitivity = Vec::with_capacity(layers);
+    for i in 0..layers {
+        progress(&format!("sensitivity {}/{layers}", i + 1));
+        let alone = compare(&table(&|j| j == i), &calib, &reference.0)?;
+        sensitivity.push(alone.mean_abs_dp);
+    }
+    let mut order: Vec<usize> = (0..layers).collect();
+    order.sort_by(|&a, &b| sensitivity[b].total_cmp(&sensitivity[a]));
+    progress("accuracy guard");
+    let all_int8 = compare(&table(&|_| true), &calib, &reference.0)?;
+    let (mut kept, mut chosen) = (0, all_int8);
+    while chosen.top1 < opts.threshold && kept < layers {
+        kept += 1;
+        progress(&format!("accuracy guard: {kept} layers in fp32"));
+        let fp32 = &order[..kept];
+        chosen = compare(&table(&|j| !fp32.contains(&j)), &calib, &reference.0)?;
+    }
+    let fp32 = &order[..kept];
+    let quantization = table(&|j| !fp32.contains(&j));
+    let held_out = compare(&quantization, &holdout, &reference.1)?;
+    let report = Report {
+        model: set.spec().name.clone(),
+        method: opts.method.to_string(),
+        threshold: opts.threshold,
+        calibration_images: calib.len(),
+        holdout_images: holdout.len(),
+        all_int8,
+        calibration: chosen,
+        holdout: held_out,
+        layers: quantization
+            .layers
+            .iter()
+            .zip(&sensitivity)
+            .map(|(l, &s)| LayerReport {
+                name: l.name.clone(),
+                lo: l.lo,
+                hi: l.hi,
+                sensitivity: s,
+                int8: l.int8,
+            })
+            .collect(),
+        kept_fp32: fp32.iter().map(|&i| observed[i].name.clone()).collect(),
+    };
+    Ok((quantization, report))
+}
+
+/// Softmax outputs of `images`, a few at a time.
+fn probabilities(engine: &mut Engine, images: &[&[f32]], side: usize) -> Vec<Vec<f32>> {
+    const BATCH: usize = 8;
+    let classes = engine.num_classes();
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(BATCH) {
+        let input: Vec<f32> = chunk.concat();
+        let logits = engine.forward(&input, chunk.len(), side, side);
+        out.extend(logits.chunks_exact(classes).map(softmax));
+    }
+    out
+}
+
+/// Top-1 agreement and probability changes of `got` against `reference`.
+pub fn agreement(got: &[Vec<f32>], reference: &[Vec<f32>]) -> Agreement {
+    let argmax = |p: &[f32]| {
+        p.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i)
+    };
+    let n = got.len().min(reference.len());
+    if n == 0 {
+        return Agreement::default();
+    }
+    let (mut same, mut l1, mut max) = (0, 0.0, 0.0f64);
+    for (g, r) in got.iter().zip(reference) {
+        same += usize::from(argmax(g) == argmax(r));
+        for (a, b) in g.iter().zip(r) {
+            let d = (a - b).abs() as f64;
+            l1 += d;
+            max = max.max(d);
+        }
+    }
+    Agreement {
+        images: n,
+        top1: same as f64 / n as f64,
+        mean_abs_dp: l1 / n as f64,
+        max_abs_dp: max,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_parse_and_reject_junk() {
+        assert_eq!("minmax".parse::<Method>(), Ok(Method::MinMax));
+        assert_eq!(
+            "percentile".parse::<Method>(),
+            Ok(Method::Percentile(99.99))
+        );
+        assert_eq!(
+            "percentile:99.9".parse::<Method>(),
+            Ok(Method::Percentile(99.9))
+        );
+        for bad in ["entropy", "percentile:5", "percentile:x", "minmax:1"] {
+            let e = bad.parse::<Method>().unwrap_err();
+            assert!(e.contains("minmax or percentile"), "{e}");
+        }
+    }
+
+    #[test]
+    fn agreement_counts_top1_and_probability_changes() {
+        let r = vec![vec![0.7, 0.3], vec![0.4, 0.6]];
+        let g = vec![vec![0.6, 0.4], vec![0.6, 0.4]];
+        let a = agreement(&g, &r);
+        assert_eq!(a.images, 2);
+        assert_eq!(a.top1, 0.5);
+        assert!((a.mean_abs_dp - 0.3).abs() < 1e-6 && (a.max_abs_dp - 0.2).abs() < 1e-6);
+    }
+}

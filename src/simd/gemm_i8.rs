@@ -1,0 +1,424 @@
+//! The GEMM of [`super::gemm`] in int8: post-training static quantisation as ONNX's QLinear ops
+//! define it. Weights are symmetric int8 per output channel (`w ~ s_c * q`, `|q| <= 127`),
+//! activations asymmetric uint8 per tensor (`x ~ s * (q - z)`, calibrated by `effnet quantize`),
+//! sums in int32. On AVX512-VNNI each `vpdpbusd` multiplies 64 uint8 x int8 pairs and adds them in
+//! groups of four to 16 int32 sums (four times the multiply-adds of an f32 FMA); elsewhere a
+//! portable loop computes the same integers. The epilogue turns the sums back into f32 (`s * s_c`
+//! times the sum, minus the zero point's share) and then runs the f32 kernel's bias, activation
+//! and residual. Hand-written for the same reasons as the f32 kernel: no crate packs for VNNI or
+//! fuses this epilogue.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::gemm::{Epilogue, NR, store};
+use super::{Level, level};
+use crate::spec::Activation;
+
+/// Whether this CPU runs the VNNI kernel (else [`gemm_bias_act`] takes the portable loop).
+pub fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        level() == Level::Avx512 && *HAS.get_or_init(|| is_x86_feature_detected!("avx512vnni"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// How one tensor of activations maps to uint8: `q = clamp(round(x / scale) + zero, 0, 255)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActQuant {
+    pub scale: f32,
+    pub zero: i32,
+}
+
+impl ActQuant {
+    /// The uint8 grid covering `lo..hi` (widened to hold 0, so zero padding is exact).
+    pub fn covering(lo: f32, hi: f32) -> Self {
+        let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+        let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        let zero = (-lo / scale).round_ties_even().clamp(0.0, 255.0) as i32;
+        ActQuant { scale, zero }
+    }
+
+    fn quantize(&self, x: f32) -> u8 {
+        ((x * (1.0 / self.scale)).round_ties_even() as i32 + self.zero).clamp(0, 255) as u8
+    }
+}
+
+/// A GEMM weight quantised per output channel, with what the epilogue needs for one input grid.
+#[derive(Debug, Clone)]
+pub(crate) struct Int8Weights {
+    /// Panels of [`NR`] columns; in each, `k.div_ceil(4)` groups of four consecutive input rows,
+    /// one 32-bit lane (four int8) per column.
+    pub packed: Vec<u32>,
+    pub k: usize,
+    pub input: ActQuant,
+    /// `input.scale * s_c` per column.
+    pub scale: Vec<f32>,
+    /// `bias_c - input.zero * sum_k q[k][c] * scale_c`: the bias with the zero point's share.
+    pub offset: Vec<f32>,
+}
+
+impl Int8Weights {
+    /// Quantises the f32 panels of [`super::gemm::pack`] (`k` rows, `n` real columns) for inputs on
+    /// the grid `input`, with `bias` (`n` values).
+    pub fn quantize(packed: &[f32], k: usize, n: usize, bias: &[f32], input: ActQuant) -> Self {
+        let panels = n.div_ceil(NR);
+        let k4 = k.div_ceil(4);
+        let w = |c: usize, kk: usize| packed[((c / NR) * k + kk) * NR + c % NR];
+        let mut out = Int8Weights {
+            packed: vec![0; panels * k4 * NR],
+            k,
+            input,
+            scale: vec![0.0; panels * NR],
+            offset: vec![0.0; panels * NR],
+        };
+        for (c, &b) in bias.iter().enumerate().take(n) {
+            let max = (0..k).map(|kk| w(c, kk).abs()).fold(0.0f32, f32::max);
+            let s = if max > 0.0 { max / 127.0 } else { 1.0 };
+            let mut sum = 0i64;
+            for kk in 0..k {
+                let q = (w(c, kk) / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+                sum += q as i64;
+                let lane = &mut out.packed[((c / NR) * k4 + kk / 4) * NR + c % NR];
+                *lane |= (q as u8 as u32) << (8 * (kk % 4));
+            }
+            out.scale[c] = input.scale * s;
+            out.offset[c] = b - (input.zero as i64 * sum) as f32 * out.scale[c];
+        }
+        out
+    }
+}
+
+/// Quantises `m` rows of `k` f32 activations (times `gate[kk]` when given) onto `grid`, as rows of
+/// `k.div_ceil(4)` groups of four uint8 (zero past `k`: the packed weights are zero there).
+fn quantize_rows(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    gate: Option<&[f32]>,
+    grid: ActQuant,
+    out: &mut [u32],
+) {
+    let k4 = k.div_ceil(4);
+    assert!(a.len() >= m * k && out.len() >= m * k4 && gate.is_none_or(|g| g.len() >= k));
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: AVX-512F/VL/BW are present; the assert bounds the rows read and written.
+        unsafe { quantize_rows_avx512(a, m, k, gate, grid, out) };
+        return;
+    }
+    for r in 0..m {
+        let row = &mut out[r * k4..(r + 1) * k4];
+        row.fill(0);
+        for kk in 0..k {
+            let x = a[r * k + kk] * gate.map_or(1.0, |g| g[kk]);
+            row[kk / 4] |= (grid.quantize(x) as u32) << (8 * (kk % 4));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw")]
+unsafe fn quantize_rows_avx512(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    gate: Option<&[f32]>,
+    grid: ActQuant,
+    out: &mut [u32],
+) {
+    let k4 = k.div_ceil(4);
+    let mask = |n: usize| -> u16 { if n >= 16 { u16::MAX } else { (1u16 << n) - 1 } };
+    let inv = _mm512_set1_ps(1.0 / grid.scale);
+    let (zero, lo, hi) = (
+        _mm512_set1_epi32(grid.zero),
+        _mm512_setzero_si512(),
+        _mm512_set1_epi32(255),
+    );
+    for r in 0..m {
+        let src = &a[r * k..];
+        let dst = out[r * k4..].as_mut_ptr() as *mut u8;
+        // The last group's unused bytes.
+        // SAFETY: the row has k4 lanes.
+        unsafe { *out.as_mut_ptr().add(r * k4 + k4 - 1) = 0 };
+        let mut kk = 0;
+        while kk < k {
+            let n = (k - kk).min(16);
+            // SAFETY: masked loads read src[kk..kk + n] (< k) and the gate likewise; the masked
+            // store writes bytes kk..kk + n of this row's 4 * k4.
+            unsafe {
+                let mut x = _mm512_maskz_loadu_ps(mask(n), src.as_ptr().add(kk));
+                if let Some(g) = gate {
+                    x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(mask(n), g.as_ptr().add(kk)));
+                }
+                // Round to nearest even (the default MXCSR mode), as the portable path does.
+                let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), zero);
+                let q = _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi));
+                // Narrowed in registers, then stored: the narrowing store (`vpmovdb` to memory)
+                // is microcoded on Zen 4 and made the whole int8 GEMM slower than f32.
+                if n == 16 {
+                    _mm_storeu_si128(dst.add(kk) as *mut _, q);
+                } else {
+                    _mm_mask_storeu_epi8(dst.add(kk) as *mut _, mask(n), q);
+                }
+            }
+            kk += 16;
+        }
+    }
+}
+
+thread_local! {
+    /// Activation rows quantised to uint8, per thread (reused across calls).
+    static ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`super::gemm::gemm_bias_act`] in int8, with the same arguments but the weights from
+/// [`Int8Weights::quantize`] (whose `offset` takes the place of the bias): the `m x k` f32
+/// activations are quantised onto the weights' input grid once per call (times the gate, when
+/// given), multiplied in int32 and dequantised in the epilogue.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_bias_act(
+    a: &[f32],
+    k: usize,
+    m: usize,
+    (w, gate): (&Int8Weights, Option<&[f32]>),
+    (c0, nc): (usize, usize),
+    act: Option<Activation>,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let Some(epi) = Epilogue::checked(m, (c0, nc), &w.offset, act, residual, out, ldo) else {
+        return;
+    };
+    let k4 = k.div_ceil(4);
+    assert!(
+        w.k == k
+            && w.packed.len() >= (c0 + nc).div_ceil(NR) * k4 * NR
+            && w.scale.len() >= (c0 + nc).div_ceil(NR) * NR
+    );
+    ROWS.with_borrow_mut(|rows| {
+        if rows.len() < m * k4 {
+            rows.resize(m * k4, 0);
+        }
+        let rows = &mut rows[..m * k4];
+        quantize_rows(a, m, k, gate, w.input, rows);
+        let job = Job {
+            a: rows.as_ptr(),
+            k4,
+            packed: w.packed.as_ptr(),
+            scale: w.scale.as_ptr(),
+            cols: (c0, c0 + nc),
+            epi,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if vnni() {
+            // SAFETY: `vnni()` found AVX-512 and VNNI; the asserts bound every row, column and
+            // panel read or written, as in the f32 kernel.
+            unsafe { run_vnni(&job, m) };
+            return;
+        }
+        // SAFETY: as above, without vector instructions.
+        unsafe { run_portable(&job, m) };
+    });
+}
+
+struct Job {
+    a: *const u32,
+    k4: usize,
+    packed: *const u32,
+    scale: *const f32,
+    cols: (usize, usize),
+    epi: Epilogue,
+}
+
+/// The integer sums of one row and one panel column, then the same epilogue through the `f32`
+/// "vector" of [`store`].
+unsafe fn run_portable(j: &Job, m: usize) {
+    let (c0, c1) = j.cols;
+    let dot = |a: u32, w: u32| -> i32 {
+        (0..4)
+            .map(|i| ((a >> (8 * i)) & 0xff) as i32 * ((w >> (8 * i)) as u8 as i8 as i32))
+            .sum()
+    };
+    for r in 0..m {
+        for p in c0 / NR..c1.div_ceil(NR) {
+            let col = p * NR;
+            let width = (c1 - col).min(NR);
+            let mut acc = [[0.0f32; NR]; 1];
+            for (c, v) in acc[0].iter_mut().enumerate().take(width) {
+                let mut sum = 0i32;
+                for q in 0..j.k4 {
+                    // SAFETY: the caller's contract: row r < m has k4 groups, panel p has k4 x NR.
+                    let (a, w) = unsafe {
+                        (
+                            *j.a.add(r * j.k4 + q),
+                            *j.packed.add((p * j.k4 + q) * NR + c),
+                        )
+                    };
+                    sum += dot(a, w);
+                }
+                // SAFETY: scale holds whole panels.
+                *v = sum as f32 * unsafe { *j.scale.add(col + c) };
+            }
+            // SAFETY: the epilogue's buffers hold row r, columns col..col + width.
+            unsafe { store::<f32, 1, NR>(&acc, &j.epi, r, (col, width)) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn run_vnni(job: &Job, m: usize) {
+    const MR: usize = 12;
+    let mut r = 0;
+    // SAFETY: the caller's contract; each tile stays within rows < m.
+    unsafe {
+        while r + MR <= m {
+            tile::<MR>(job, r);
+            r += MR;
+        }
+        macro_rules! remainder {
+            ($($n:literal)*) => {
+                match m - r {
+                    $($n if $n < MR => tile::<$n>(job, r),)*
+                    _ => {}
+                }
+            };
+        }
+        remainder!(1 2 3 4 5 6 7 8 9 10 11);
+    }
+}
+
+/// Rows `r0..r0 + R` across the job's panels: 2 x R accumulators of 16 int32 sums.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
+    use super::Avx512;
+    let (c0, c1) = j.cols;
+    for p in c0 / NR..c1.div_ceil(NR) {
+        let col = p * NR;
+        let width = (c1 - col).min(NR);
+        // SAFETY: the caller's contract: panel p holds k4 groups of NR columns, rows r0 + i < m
+        // hold k4 groups, `scale` whole panels.
+        unsafe {
+            let mut acc = [[_mm512_setzero_si512(); 2]; R];
+            let b = j.packed.add(p * j.k4 * NR);
+            let a = j.a.add(r0 * j.k4);
+            let halves = if width > NR / 2 { 2 } else { 1 };
+            for q in 0..j.k4 {
+                let w0 = _mm512_loadu_si512(b.add(q * NR) as *const _);
+                let w1 = if halves == 2 {
+                    _mm512_loadu_si512(b.add(q * NR + 16) as *const _)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(*a.add(i * j.k4 + q) as i32);
+                    row[0] = _mm512_dpbusd_epi32(row[0], av, w0);
+                    if halves == 2 {
+                        row[1] = _mm512_dpbusd_epi32(row[1], av, w1);
+                    }
+                }
+            }
+            let s = [
+                _mm512_loadu_ps(j.scale.add(col)),
+                _mm512_loadu_ps(j.scale.add(col + 16)),
+            ];
+            // A loop, not `acc.map`: a closure there compiles out of line without AVX-512.
+            let mut sums = [[Avx512(_mm512_setzero_ps()); 2]; R];
+            for i in 0..R {
+                for h in 0..2 {
+                    sums[i][h] = Avx512(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][h]), s[h]));
+                }
+            }
+            store(&sums, &j.epi, r0, (col, width));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::with_level;
+
+    /// Against a plain integer product of the quantised operands (the grid's rounding, the
+    /// weights' rounding), dequantised in f64: the VNNI kernel and the portable loop (AVX2 level),
+    /// with and without a gate, odd channel counts, split columns, every epilogue.
+    #[test]
+    fn matches_an_integer_matmul_of_the_quantised_operands() {
+        use super::super::gemm::tests::{SHAPES, operands, val};
+        for level in [Level::Avx512, Level::Avx2] {
+            with_level(level, || {
+                for (m, k, n) in SHAPES {
+                    let [a, w, bias, res] = operands(m, k, n);
+                    let gate: Vec<f32> = (0..k).map(|i| 0.5 + val(i + 2).abs()).collect();
+                    let packed = super::super::gemm::pack(&w, k, n);
+                    let grid = ActQuant::covering(-0.4, 1.7);
+                    let q = Int8Weights::quantize(&packed, k, n, &bias, grid);
+                    for g in [None, Some(gate.as_slice())] {
+                        for act in [None, Some(Activation::Silu)] {
+                            let mut out = vec![f32::NAN; m * n];
+                            let split = n.min(NR);
+                            for cols in [(0, split), (split, n - split)] {
+                                let wq = (&q, g);
+                                gemm_bias_act(&a, k, m, wq, cols, act, Some(&res), &mut out, n);
+                            }
+                            check(&out, (m, k, n), (&a, &w, &bias, &res), g, grid, act);
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    fn check(
+        out: &[f32],
+        (m, k, n): (usize, usize, usize),
+        (a, w, bias, res): (&[f32], &[f32], &[f32], &[f32]),
+        gate: Option<&[f32]>,
+        grid: ActQuant,
+        act: Option<Activation>,
+    ) {
+        for c in 0..n {
+            let max = (0..k).map(|kk| w[kk * n + c].abs()).fold(0.0f32, f32::max);
+            let s = max / 127.0;
+            for r in 0..m {
+                let mut sum = 0i64;
+                for kk in 0..k {
+                    let x = a[r * k + kk] * gate.map_or(1.0, |g| g[kk]);
+                    let qa = grid.quantize(x) as i64 - grid.zero as i64;
+                    let qw = (w[kk * n + c] / s).round_ties_even() as i64;
+                    sum += qa * qw;
+                }
+                let v = (sum as f64 * grid.scale as f64 * s as f64) as f32 + bias[c];
+                let v = match act {
+                    Some(Activation::Silu) => v / (1.0 + (-v).exp()),
+                    _ => v,
+                } + res[r * n + c];
+                let got = out[r * n + c];
+                assert!(
+                    (got - v).abs() < 1e-4 * v.abs().max(1.0),
+                    "{m}x{k}x{n} gate {} {act:?} [{r},{c}]: {got} vs {v}",
+                    gate.is_some()
+                );
+            }
+        }
+    }
+
+    /// Quantisation error is what the grids allow: within half a step of each operand.
+    #[test]
+    fn the_grid_holds_zero_exactly_and_clamps() {
+        let g = ActQuant::covering(-0.3, 2.0);
+        assert_eq!(g.quantize(0.0) as i32, g.zero);
+        assert_eq!(g.quantize(100.0), 255);
+        assert_eq!(g.quantize(-100.0), 0);
+        let g = ActQuant::covering(0.5, 2.0);
+        assert_eq!((g.zero, g.quantize(0.0)), (0, 0));
+        let x = 1.2345f32;
+        assert!(((g.quantize(x) as i32 - g.zero) as f32 * g.scale - x).abs() <= g.scale / 2.0);
+    }
+}
