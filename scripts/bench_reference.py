@@ -55,6 +55,9 @@ def main():
     ap.add_argument("--input", help="raw little-endian f32 input file (NCHW) to run instead of the pattern")
     ap.add_argument("--onnx", required=True, help="the ONNX model (effnet export onnx)")
     ap.add_argument("--outputs", help="write ONNX Runtime logits (raw f32) here")
+    ap.add_argument("--calib-input", help="raw f32 calibration images (N x 3 x res x res) for int8 models")
+    ap.add_argument("--check-input", help="raw f32 images on which each runtime's top-1 is compared with its fp32")
+    ap.add_argument("--method", default="percentile:99.99", help="calibration: minmax or percentile:P")
     args = ap.parse_args()
 
     import numpy as np
@@ -69,6 +72,21 @@ def main():
         x = ((np.arange(n * 3 * res * res) * 7919 % 255) / 128.0 - 1.0).astype(np.float32).reshape(n, 3, res, res)
     results = []
 
+    def images(path):
+        if not path:
+            return None
+        return np.fromfile(path, dtype=np.float32).reshape(-1, 1, 3, res, res)
+
+    calib, check = images(args.calib_input), images(args.check_input)
+
+    def top1(run):
+        return np.array([int(np.argmax(run(img))) for img in check])
+
+    def agree(entry, run, reference):
+        if check is not None:
+            entry["top1_vs_fp32"] = float(np.mean(top1(run) == reference))
+        return entry
+
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -81,6 +99,8 @@ def main():
     if args.outputs:
         out.astype(np.float32).tofile(args.outputs)
     results.append(timings(f"onnxruntime {ort.__version__}", time_it(lambda: sess.run(None, {"input": x}), args.iters), n))
+    ort_ref = top1(lambda img: sess.run(None, {"input": img})[0]) if check is not None else None
+    ov_ref = None
 
     try:
         import openvino as ov
@@ -95,8 +115,17 @@ def main():
                 "PERFORMANCE_HINT": "LATENCY",
             })
             request = compiled.create_infer_request()
-            results.append(timings(f"openvino {ov.__version__.split('-')[0]} {precision}",
-                                   time_it(lambda: request.infer({0: x}), args.iters), n))
+            entry = timings(f"openvino {ov.__version__.split('-')[0]} {precision}",
+                            time_it(lambda: request.infer({0: x}), args.iters), n)
+            if check is not None:
+                run = lambda img: request.infer({0: img})[0]
+                if ov_ref is None:
+                    ov_ref = top1(run)
+                entry = agree(entry, run, ov_ref)
+            results.append(entry)
+
+    if calib is not None:
+        results.extend(int8_timings(args, ort, ov, calib, x, n, so, agree, (ort_ref, ov_ref)))
 
     try:
         import torch
@@ -114,6 +143,49 @@ def main():
         if tract is not None:
             results.append(tract_timing(tract, args.onnx, x, args.iters, n))
     json.dump(results, sys.stdout)
+
+
+def int8_timings(args, ort, ov, calib, x, n, so, agree, refs):
+    """ONNX Runtime's post-training static quantisation of the same graph (QDQ, per-channel int8
+    weights, uint8 activations, calibrated on the same images), run by ONNX Runtime and OpenVINO."""
+    import os
+    import tempfile
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            img = next(self.it, None)
+            return None if img is None else {"input": img}
+
+    method, extra = CalibrationMethod.MinMax, {}
+    if args.method.startswith("percentile"):
+        method = CalibrationMethod.Percentile
+        extra = {"CalibPercentile": float(args.method.split(":")[1]) if ":" in args.method else 99.99}
+    tmp = tempfile.mkdtemp()
+    pre, q = os.path.join(tmp, "pre.onnx"), os.path.join(tmp, "int8.onnx")
+    # The quantiser reports progress on stdout, which carries this script's JSON.
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):
+        quant_pre_process(args.onnx, pre, skip_symbolic_shape=True)
+        quantize_static(pre, q, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=method, extra_options=extra)
+    out = []
+    sess = ort.InferenceSession(q, so, providers=["CPUExecutionProvider"])
+    out.append(agree(timings("onnxruntime int8", time_it(lambda: sess.run(None, {"input": x}), args.iters), n),
+                     lambda img: sess.run(None, {"input": img})[0], refs[0]))
+    if ov is not None:
+        compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_NUM_THREADS": args.threads,
+                                                      "PERFORMANCE_HINT": "LATENCY"})
+        request = compiled.create_infer_request()
+        out.append(agree(timings("openvino int8", time_it(lambda: request.infer({0: x}), args.iters), n),
+                         lambda img: request.infer({0: img})[0], refs[1]))
+    return out
 
 
 def tract_timing(tract, path, x, iters, n):

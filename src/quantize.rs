@@ -136,13 +136,13 @@ pub fn quantize(
     if !(0.0..1.0).contains(&opts.holdout) {
         return Err(QuantizeError::Holdout(opts.holdout));
     }
-    // Every `every`-th image is held out; at least one image calibrates.
-    let held =
-        ((images.data.len() as f64 * opts.holdout).round() as usize).min(images.data.len() - 1);
-    let every = images.data.len().checked_div(held).unwrap_or(usize::MAX);
     let (mut calib, mut holdout) = (Vec::new(), Vec::new());
-    for (i, img) in images.data.iter().enumerate() {
-        if (i + 1) % every == 0 && holdout.len() < held {
+    for (img, held) in images
+        .data
+        .iter()
+        .zip(held_out(images.data.len(), opts.holdout))
+    {
+        if held {
             holdout.push(img.as_slice());
         } else {
             calib.push(img.as_slice());
@@ -243,6 +243,21 @@ pub fn quantize(
     Ok((quantization, report))
 }
 
+/// Which of `n` images are held out for a fraction `holdout`: every `n / held`-th, at least one
+/// image left to calibrate on (`effnet bench --calib` splits the same way).
+pub fn held_out(n: usize, holdout: f64) -> Vec<bool> {
+    let held = ((n as f64 * holdout).round() as usize).min(n.saturating_sub(1));
+    let every = n.checked_div(held).unwrap_or(usize::MAX);
+    let mut taken = 0;
+    (0..n)
+        .map(|i| {
+            let h = (i + 1) % every == 0 && taken < held;
+            taken += usize::from(h);
+            h
+        })
+        .collect()
+}
+
 /// Softmax outputs of `images`, a few at a time.
 fn probabilities(engine: &mut Engine, images: &[&[f32]], side: usize) -> Vec<Vec<f32>> {
     const BATCH: usize = 8;
@@ -304,6 +319,17 @@ mod tests {
             let e = bad.parse::<Method>().unwrap_err();
             assert!(e.contains("minmax or percentile"), "{e}");
         }
+    }
+
+    #[test]
+    fn holdout_takes_every_kth_image_and_leaves_one_to_calibrate() {
+        let count = |v: Vec<bool>| v.iter().filter(|h| **h).count();
+        let held: Vec<usize> = (0..12).filter(|&i| held_out(12, 0.25)[i]).collect();
+        assert_eq!(held, [3, 7, 11]);
+        assert_eq!(count(held_out(85, 0.5)), 43);
+        assert_eq!(count(held_out(1, 0.9)), 0);
+        assert_eq!(count(held_out(2, 0.9)), 1);
+        assert_eq!(count(held_out(10, 0.0)), 0);
     }
 
     #[test]

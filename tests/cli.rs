@@ -1819,3 +1819,131 @@ fn export_onnx_writes_a_model_and_rejects_bad_options() {
     );
     assert!(!bad.exists());
 }
+
+/// `effnet quantize` on real weights and photos writes int8 weights (and a report) that classify,
+/// bench and embed run in int8 by default; bad calibration input and flags are one-line errors.
+#[test]
+fn quantize_writes_int8_weights_that_every_command_runs() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let lite0 = fixture(LITE0);
+    let lite0 = lite0.to_str().unwrap();
+    let coffee = fixture("images/coffee.png");
+    let coffee = coffee.to_str().unwrap();
+    let jpegs = fixture("jpeg");
+    let w8 = dir.join("lite0-int8.safetensors");
+    let w8s = w8.to_str().unwrap();
+    let o = effnet(
+        &[
+            "quantize",
+            "--weights",
+            lite0,
+            "--calib",
+            jpegs.to_str().unwrap(),
+            coffee,
+            "--out",
+            w8s,
+            "--threads",
+            "2",
+        ],
+        dir,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = stdout(&o);
+    assert!(
+        out.contains("GEMM layers in int8") && out.contains("held out"),
+        "{out}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("lite0-int8.report.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        report["calibration_images"].as_u64().unwrap() + report["holdout_images"].as_u64().unwrap(),
+        11
+    );
+    assert!(report["calibration"]["top1"].as_f64().unwrap() >= 0.99);
+    assert!(report["layers"].as_array().unwrap().len() > 30);
+
+    let o = effnet(&["classify", "--weights", w8s, coffee, "--top", "1"], dir);
+    assert!(stdout(&o).contains("espresso"), "{}", stdout(&o));
+    // Same weights, forced fp32 and int8: the int8 default is what ran.
+    let p = |args: &[&str]| {
+        let o = effnet(
+            &[&["classify", "--weights", w8s, coffee, "--json"], args].concat(),
+            dir,
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        stdout(&o)
+    };
+    assert_eq!(p(&[]), p(&["--precision", "int8"]));
+    assert_ne!(p(&[]), p(&["--precision", "fp32"]));
+    let o = effnet(&["bench", "--weights", w8s, "--iters", "2"], dir);
+    assert!(stdout(&o).contains("effnet engine int8"), "{}", stdout(&o));
+    let npy = dir.join("f.npy");
+    let o = effnet(
+        &[
+            "embed",
+            "--weights",
+            w8s,
+            "--out",
+            npy.to_str().unwrap(),
+            coffee,
+        ],
+        dir,
+    );
+    assert!(
+        o.status.success() && npy.exists(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Bad input.
+    assert_clean_error(
+        &effnet(
+            &[
+                "classify",
+                "--weights",
+                lite0,
+                "--precision",
+                "int8",
+                coffee,
+            ],
+            dir,
+        ),
+        "effnet quantize",
+    );
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = dir.join("x.safetensors");
+    let out = out.to_str().unwrap();
+    let q = |args: &[&str]| {
+        effnet(
+            &[&["quantize", "--weights", lite0, "--out"], args].concat(),
+            dir,
+        )
+    };
+    assert_clean_error(
+        &q(&[out, "--calib", empty.to_str().unwrap()]),
+        "no calibration images",
+    );
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, "not an image").unwrap();
+    assert_clean_error(&q(&[out, "--calib", notes.to_str().unwrap()]), "notes.txt");
+    assert_clean_error(
+        &q(&[out, "--calib", coffee, "--threshold", "2"]),
+        "--threshold",
+    );
+    assert_clean_error(&q(&[out, "--calib", coffee, "--holdout", "1"]), "--holdout");
+    assert_clean_error(
+        &q(&[&dir.join("x.pth").to_string_lossy(), "--calib", coffee]),
+        ".safetensors",
+    );
+    let o = q(&[out, "--calib", coffee, "--method", "entropy"]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("minmax or percentile")
+    );
+    assert!(
+        !dir.join("x.safetensors").exists(),
+        "nothing written on errors"
+    );
+}

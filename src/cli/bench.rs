@@ -53,6 +53,17 @@ pub struct BenchArgs {
     /// Also time ONNX Runtime (and PyTorch if installed) via scripts/bench_reference.py, on the same weights.
     #[arg(long)]
     reference: bool,
+    /// With --reference: images (files, folders) to calibrate ONNX Runtime's int8 model of the same
+    /// graph on (quantize_static, QDQ; run by ONNX Runtime and OpenVINO), split like `effnet quantize
+    /// --holdout`; every runtime's top-1 agreement with its own fp32 is reported on the held-out part.
+    #[arg(long, num_args = 1.., requires = "reference")]
+    calib: Vec<PathBuf>,
+    /// Fraction of the --calib images held out for the agreement (0: agreement on all of them).
+    #[arg(long, default_value_t = 0.25, requires = "calib")]
+    holdout: f64,
+    /// Calibration of the reference int8 models: minmax or percentile[:P].
+    #[arg(long, default_value = "percentile", requires = "calib")]
+    method: effnet::quantize::Method,
     /// Print the engine's time per operation kind.
     #[arg(long)]
     profile: bool,
@@ -83,6 +94,9 @@ pub struct Timing {
     /// Arithmetic rate, where the benchmark counts FLOPs (training steps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gflops: Option<f64>,
+    /// Fraction of the check images (`--calib`) whose top-1 is the same runtime's fp32 top-1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top1_vs_fp32: Option<f64>,
 }
 
 fn summarize(runtime: &str, mut ms: Vec<f64>, batch: usize) -> Timing {
@@ -96,6 +110,7 @@ fn summarize(runtime: &str, mut ms: Vec<f64>, batch: usize) -> Timing {
         p99_ms: at(0.99),
         images_per_s: batch as f64 * 1000.0 / median,
         gflops: None,
+        top1_vs_fp32: None,
     }
 }
 
@@ -169,6 +184,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .collect();
     let mut results = Vec::new();
 
+    // The --calib images, as the weights' transform makes them: (calibration, check).
+    let calib = match args.calib.is_empty() {
+        true => None,
+        false => Some(calibration_images(args, &set, res)?),
+    };
     let mut engine = Engine::new(&set)?.with_threads(args.threads);
     // The f32 logits are what the other runtimes are checked against.
     let engine_logits = engine.forward(&input, n, res, res);
@@ -186,13 +206,26 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .with_precision(precision)?;
         let logits = engine.forward(&input, n, res, res);
         let p = precision;
-        results.push(summarize(
+        let mut timing = summarize(
             &format!("effnet engine {p}"),
             time(args.iters, || {
                 std::hint::black_box(engine.forward(&input, n, res, res));
             }),
             n,
-        ));
+        );
+        if let Some((_, check)) = &calib {
+            let mut fp32 = Engine::new(&set)?;
+            let top1 = |e: &mut Engine| -> Vec<usize> {
+                check
+                    .chunks_exact(3 * res * res)
+                    .map(|img| argmax(&e.forward(img, 1, res, res)))
+                    .collect()
+            };
+            let (a, b) = (top1(&mut fp32), top1(&mut engine));
+            let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            timing.top1_vs_fp32 = Some(same as f64 / a.len().max(1) as f64);
+        }
+        results.push(timing);
         let diff = logits
             .iter()
             .zip(&engine_logits)
@@ -298,6 +331,26 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             ])
             .args(["--onnx", onnx.to_str().unwrap()])
             .args(["--outputs", ort_logits.to_str().unwrap()])
+            .args(match &calib {
+                Some((c, check)) => {
+                    let (cf, kf) = (dir.path().join("calib.f32"), dir.path().join("check.f32"));
+                    std::fs::write(&cf, f32_bytes(c))?;
+                    std::fs::write(&kf, f32_bytes(check))?;
+                    let method = match args.method {
+                        effnet::quantize::Method::MinMax => "minmax".to_string(),
+                        effnet::quantize::Method::Percentile(p) => format!("percentile:{p}"),
+                    };
+                    vec![
+                        "--calib-input".to_string(),
+                        cf.display().to_string(),
+                        "--check-input".to_string(),
+                        kf.display().to_string(),
+                        "--method".to_string(),
+                        method,
+                    ]
+                }
+                None => Vec::new(),
+            })
             .args([
                 "--batch",
                 &n.to_string(),
@@ -354,6 +407,60 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     report(args.json, &title, note, &results, "vs engine")
 }
 
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len())
+        .max_by(|&a, &b| v[a].total_cmp(&v[b]))
+        .unwrap_or(0)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The `--calib` images through the weights' eval transform at `res`, split like `effnet quantize
+/// --holdout` into (calibration, check) images, each `[n x 3 x res x res]` (check: every image
+/// when nothing is held out).
+fn calibration_images(
+    args: &BenchArgs,
+    set: &WeightSet,
+    res: usize,
+) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+    let p = &set.meta.preprocess;
+    if p.crop != res {
+        bail!(
+            "--calib images are cropped to the weights' {0}x{0}; benchmark at --resolution {0}",
+            p.crop
+        );
+    }
+    if !(0.0..1.0).contains(&args.holdout) {
+        bail!("--holdout must be in 0..1, not {}", args.holdout);
+    }
+    let files = effnet::data::image_files(&args.calib)?;
+    if files.is_empty() {
+        bail!("no calibration images: give image files or folders holding images");
+    }
+    for f in &files {
+        let (w, h) = effnet::preprocess::image_dimensions(f)
+            .with_context(|| format!("calibration image `{}`", f.display()))?;
+        effnet::preprocess::check_resizable(w, h, p)
+            .map_err(|e| anyhow::anyhow!("calibration image `{}`: {e}", f.display()))?;
+    }
+    let held = effnet::quantize::held_out(files.len(), args.holdout);
+    let (mut calib, mut check) = (Vec::new(), Vec::new());
+    for (f, held) in files.iter().zip(held) {
+        let img = effnet::preprocess::load_rgb(f)
+            .with_context(|| format!("calibration image `{}`", f.display()))?;
+        let x = effnet::preprocess::eval_transform(&img, p)?;
+        if held || args.holdout == 0.0 {
+            check.extend_from_slice(&x);
+        }
+        if !held {
+            calib.extend(x);
+        }
+    }
+    Ok((calib, check))
+}
+
 // The reference scripts travel inside the binary, so an installed `effnet` needs no checkout.
 const BENCH_REFERENCE_PY: &str = include_str!("../../scripts/bench_reference.py");
 const BENCH_TRAIN_TORCH_PY: &str = include_str!("../../scripts/bench_train_torch.py");
@@ -382,23 +489,29 @@ fn report(
     }
     let base = results[0].median_ms;
     let rate = results.iter().any(|r| r.gflops.is_some());
+    let agree = results.iter().any(|r| r.top1_vs_fp32.is_some());
     println!(
-        "{:<16} {:>11} {:>11} {:>11} {:>10} {:>14}{}",
+        "{:<16} {:>11} {:>11} {:>11} {:>10} {:>14}{}{}",
         "runtime",
         "median ms",
         "p90 ms",
         "p99 ms",
         "img/s",
         relative,
-        if rate { "    GFLOP/s" } else { "" }
+        if rate { "    GFLOP/s" } else { "" },
+        if agree { "  top-1 = fp32" } else { "" }
     );
     for r in results {
         let gflops = match r.gflops {
             Some(g) if rate => format!(" {g:>10.1}"),
             _ => String::new(),
         };
+        let same = match r.top1_vs_fp32 {
+            Some(a) if agree => format!(" {:>12.1}%", 100.0 * a),
+            _ => String::new(),
+        };
         println!(
-            "{:<16} {:>11.2} {:>11.2} {:>11.2} {:>10.1} {:>13.2}x{gflops}",
+            "{:<16} {:>11.2} {:>11.2} {:>11.2} {:>10.1} {:>13.2}x{gflops}{same}",
             r.runtime,
             r.median_ms,
             r.p90_ms,
