@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--calib-input", help="raw f32 calibration images (N x 3 x res x res) for int8 models")
     ap.add_argument("--check-input", help="raw f32 images on which each runtime's top-1 is compared with its fp32")
     ap.add_argument("--method", default="percentile:99.99", help="calibration: minmax or percentile:P")
+    ap.add_argument("--qdq", help="the int8 weights' own QDQ graph (effnet export onnx of quantised weights)")
     args = ap.parse_args()
 
     import numpy as np
@@ -124,6 +125,8 @@ def main():
                 entry = agree(entry, run, ov_ref)
             results.append(entry)
 
+    if args.qdq:
+        results.extend(qdq_timings(args.qdq, "effnet QDQ", args, ort, ov, x, n, so, agree, (ort_ref, ov_ref)))
     if calib is not None:
         results.extend(int8_timings(args, ort, ov, calib, x, n, so, agree, (ort_ref, ov_ref)))
 
@@ -175,15 +178,20 @@ def int8_timings(args, ort, ov, calib, x, n, so, agree, refs):
         quantize_static(pre, q, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=method, extra_options=extra)
+    return qdq_timings(q, "ORT QDQ", args, ort, ov, x, n, so, agree, refs)
+
+
+def qdq_timings(path, label, args, ort, ov, x, n, so, agree, refs):
+    """An int8 QDQ graph in ONNX Runtime and OpenVINO, with top-1 agreement against their fp32."""
     out = []
-    sess = ort.InferenceSession(q, so, providers=["CPUExecutionProvider"])
-    out.append(agree(timings("onnxruntime int8", time_it(lambda: sess.run(None, {"input": x}), args.iters), n),
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    out.append(agree(timings(f"onnxruntime int8 ({label})", time_it(lambda: sess.run(None, {"input": x}), args.iters), n),
                      lambda img: sess.run(None, {"input": img})[0], refs[0]))
     if ov is not None:
-        compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_NUM_THREADS": args.threads,
-                                                      "PERFORMANCE_HINT": "LATENCY"})
+        compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": args.threads,
+                                                         "PERFORMANCE_HINT": "LATENCY"})
         request = compiled.create_infer_request()
-        out.append(agree(timings("openvino int8", time_it(lambda: request.infer({0: x}), args.iters), n),
+        out.append(agree(timings(f"openvino int8 ({label})", time_it(lambda: request.infer({0: x}), args.iters), n),
                          lambda img: request.infer({0: img})[0], refs[1]))
     return out
 

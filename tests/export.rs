@@ -87,3 +87,60 @@ fn bad_export_options_are_errors() {
     assert!(e.contains("--opset 9 is not supported"), "{e}");
     assert!(to_onnx(&set, &opts(17, 0)).is_err());
 }
+
+/// Weights from `effnet quantize` export as QDQ (QuantizeLinear/DequantizeLinear around each int8
+/// convolution's input, int8 weights per output channel), which another runtime (tract) runs to
+/// the int8 engine's logits; layers the guard kept in fp32 stay plain convolutions.
+#[test]
+fn int8_weights_export_as_qdq_with_the_int8_engine_logits() {
+    use effnet::engine::Precision;
+    use effnet::quantize::{Images, Method, Options, quantize};
+    for (name, side, n) in [("lite0", 96, 1), ("b0", 64, 2), ("v2-b0", 64, 1)] {
+        let mut set = WeightSet::random(&variant(name).unwrap(), 5);
+        let images: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                input(1, side)
+                    .iter()
+                    .map(|v| v * (0.5 + i as f32 * 0.3))
+                    .collect()
+            })
+            .collect();
+        let opts = Options {
+            method: Method::MinMax,
+            threshold: 0.0,
+            holdout: 0.0,
+            threads: 1,
+        };
+        let data = Images {
+            data: &images,
+            side,
+        };
+        let (mut q, _) = quantize(&set, data, &opts, &|_| {}).unwrap();
+        // Every fifth layer kept in fp32, as the guard would.
+        for l in q.layers.iter_mut().step_by(5) {
+            l.int8 = false;
+        }
+        set.meta.quantization = Some(q);
+        let opts = OnnxOptions {
+            resolution: side,
+            dynamic_batch: n > 1,
+            opset: 17,
+        };
+        let bytes = to_onnx(&set, &opts).unwrap();
+        let x = input(n, side);
+        let got = run_onnx(&bytes, &x, n, side);
+        let mut engine = Engine::new(&set)
+            .unwrap()
+            .with_precision(Precision::Int8)
+            .unwrap();
+        let want = engine.forward(&x, n, side, side);
+        let fp32 = Engine::new(&set).unwrap().forward(&x, n, side, side);
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let (diff, moved) = (max_abs_diff(&got, &want), max_abs_diff(&fp32, &want));
+        eprintln!("{name}: QDQ vs int8 engine max |diff| {diff:e}; int8 vs fp32 {moved:e}");
+        assert!(
+            diff <= 1e-3 * scale && diff * 20.0 < moved,
+            "{name}: {diff} ({moved})"
+        );
+    }
+}

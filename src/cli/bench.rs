@@ -318,7 +318,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             dynamic_batch: n > 1,
             opset: 17,
         };
-        std::fs::write(&onnx, effnet::export::onnx::to_onnx(&set, &options)?)?;
+        // The fp32 graph for the fp32 runtimes; int8 weights also as their QDQ graph, so the other
+        // runtimes run the engine's own quantisation.
+        let mut fp32 = set.clone();
+        fp32.meta.quantization = None;
+        std::fs::write(&onnx, effnet::export::onnx::to_onnx(&fp32, &options)?)?;
+        let qdq = dir.path().join("model_qdq.onnx");
+        let qdq_args = match precision == Precision::Int8 {
+            true => {
+                std::fs::write(&qdq, effnet::export::onnx::to_onnx(&set, &options)?)?;
+                vec!["--qdq".to_string(), qdq.display().to_string()]
+            }
+            false => Vec::new(),
+        };
         let ort_logits = dir.path().join("ort_logits.f32");
         let script = write_script(dir.path(), "bench_reference.py", BENCH_REFERENCE_PY)?;
         let out = Command::new(&args.python)
@@ -331,6 +343,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             ])
             .args(["--onnx", onnx.to_str().unwrap()])
             .args(["--outputs", ort_logits.to_str().unwrap()])
+            .args(qdq_args)
             .args(match &calib {
                 Some((c, check)) => {
                     let (cf, kf) = (dir.path().join("calib.f32"), dir.path().join("check.f32"));

@@ -1,11 +1,14 @@
 //! An ONNX graph written from the spec's anatomy and the weights (no tracing): batch norm folded
 //! into each convolution, TF "SAME" padding computed for the export resolution, SiLU as
 //! `x * Sigmoid(x)`, ReLU6 as `Clip(0, 6)`, and the checkpoint's preprocessing and class names in
-//! `metadata_props`.
+//! `metadata_props`. Weights from `effnet quantize` export as QDQ: each int8 convolution reads its
+//! input through QuantizeLinear/DequantizeLinear on its calibrated uint8 grid and its weights as
+//! int8 per output channel through DequantizeLinear, the engine's int8 arithmetic in ONNX's terms.
 
 use prost::Message;
 
 use super::proto::*;
+use crate::simd::gemm_i8::{ActQuant, channel_scale, quantize_weight};
 use crate::spec::{Activation, Conv, ModelSpec};
 use crate::weights::WeightSet;
 use crate::weights::fold::{fold_batch_norm, tensor_values};
@@ -42,6 +45,8 @@ struct Graph<'a> {
     set: &'a WeightSet,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
+    /// Input ranges of the convolutions that run in int8, by weight path.
+    int8: std::collections::HashMap<String, (f32, f32)>,
 }
 
 fn ints(name: &str, v: &[usize]) -> AttributeProto {
@@ -80,13 +85,63 @@ fn fixed(v: usize) -> Dimension {
 
 impl Graph<'_> {
     fn init(&mut self, name: String, dims: &[usize], values: &[f32]) -> String {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.init_raw(name, dims, FLOAT, bytes)
+    }
+
+    fn init_raw(&mut self, name: String, dims: &[usize], data_type: i32, raw: Vec<u8>) -> String {
         self.inits.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: FLOAT,
+            data_type,
             name: name.clone(),
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            raw_data: raw,
         });
         name
+    }
+
+    /// `x` through QuantizeLinear/DequantizeLinear on the uint8 grid covering `lo..hi`.
+    fn fake_quantize(&mut self, x: &str, path: &str, (lo, hi): (f32, f32)) -> String {
+        let grid = ActQuant::covering(lo, hi);
+        let s = self.init(format!("{path}.input_scale"), &[], &[grid.scale]);
+        let z = self.init_raw(
+            format!("{path}.input_zero"),
+            &[],
+            UINT8,
+            vec![grid.zero as u8],
+        );
+        let q = self.node(
+            "QuantizeLinear",
+            &[x, &s, &z],
+            &format!("{path}.input_q"),
+            vec![],
+        );
+        self.node(
+            "DequantizeLinear",
+            &[&q, &s, &z],
+            &format!("{path}.input_dq"),
+            vec![],
+        )
+    }
+
+    /// `weight` (`[cout x ...]`) as int8 per output channel through DequantizeLinear.
+    fn int8_weight(&mut self, weight: &[f32], shape: &[usize], path: &str) -> String {
+        let cout = shape[0];
+        let per = weight.len() / cout;
+        let (mut q, mut scales) = (Vec::with_capacity(weight.len()), Vec::with_capacity(cout));
+        for row in weight.chunks_exact(per) {
+            let s = channel_scale(row.iter().fold(0.0f32, |m, w| m.max(w.abs())));
+            q.extend(row.iter().map(|&w| quantize_weight(w, s) as u8));
+            scales.push(s);
+        }
+        let wq = self.init_raw(format!("{path}.weight_q"), shape, INT8, q);
+        let ws = self.init(format!("{path}.weight_scale"), &[cout], &scales);
+        let wz = self.init_raw(format!("{path}.weight_zero"), &[cout], INT8, vec![0; cout]);
+        self.node(
+            "DequantizeLinear",
+            &[&wq, &ws, &wz],
+            &format!("{path}.weight_dq"),
+            vec![int("axis", 0)],
+        )
     }
 
     fn node(
@@ -141,7 +196,18 @@ impl Graph<'_> {
                 tensor_values(t, &format!("{}.bias", c.path), c.out_channels)?.to_vec(),
             )
         };
-        let wn = self.init(format!("{}.weight", c.path), &c.weight_shape(), &weight);
+        let quantized = self.int8.get(&c.path).copied();
+        let (x, wn) = match quantized {
+            Some(range) => (
+                self.fake_quantize(x, &c.path, range),
+                self.int8_weight(&weight, &c.weight_shape(), &c.path),
+            ),
+            None => (
+                x.to_string(),
+                self.init(format!("{}.weight", c.path), &c.weight_shape(), &weight),
+            ),
+        };
+        let x = x.as_str();
         let bn = self.init(format!("{}.bias", c.path), &[c.out_channels], &bias);
         let (oh, top, bottom) = self.spec.padding.along(h, c.kernel, c.stride);
         let (ow, left, right) = self.spec.padding.along(w, c.kernel, c.stride);
@@ -173,11 +239,16 @@ pub fn to_onnx(set: &WeightSet, opts: &OnnxOptions) -> Result<Vec<u8>, ExportErr
         return Err(ExportError::Resolution(r));
     }
     let anatomy = spec.anatomy();
+    let int8 = set.meta.quantization.iter().flat_map(|q| &q.layers);
     let mut g = Graph {
         spec,
         set,
         nodes: Vec::new(),
         inits: Vec::new(),
+        int8: int8
+            .filter(|l| l.int8)
+            .map(|l| (l.name.clone(), (l.lo, l.hi)))
+            .collect(),
     };
     if spec.activation == Activation::Relu6 {
         g.init("relu6.min".into(), &[], &[0.0]);

@@ -84,6 +84,10 @@ pub struct AttributeProto {
 
 /// `TensorProto.DataType.FLOAT`.
 pub const FLOAT: i32 = 1;
+/// `TensorProto.DataType.UINT8`.
+pub const UINT8: i32 = 2;
+/// `TensorProto.DataType.INT8`.
+pub const INT8: i32 = 3;
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct TensorProto {

@@ -47,6 +47,16 @@ impl ActQuant {
     }
 }
 
+/// The symmetric int8 scale of an output channel whose largest |weight| is `max_abs`.
+pub(crate) fn channel_scale(max_abs: f32) -> f32 {
+    if max_abs > 0.0 { max_abs / 127.0 } else { 1.0 }
+}
+
+/// `w` on the grid of `scale` ([`channel_scale`]).
+pub(crate) fn quantize_weight(w: f32, scale: f32) -> i8 {
+    (w / scale).round_ties_even().clamp(-127.0, 127.0) as i8
+}
+
 /// A GEMM weight quantised per output channel, with what the epilogue needs for one input grid.
 #[derive(Debug, Clone)]
 pub(crate) struct Int8Weights {
@@ -76,11 +86,10 @@ impl Int8Weights {
             offset: vec![0.0; panels * NR],
         };
         for (c, &b) in bias.iter().enumerate().take(n) {
-            let max = (0..k).map(|kk| w(c, kk).abs()).fold(0.0f32, f32::max);
-            let s = if max > 0.0 { max / 127.0 } else { 1.0 };
+            let s = channel_scale((0..k).map(|kk| w(c, kk).abs()).fold(0.0f32, f32::max));
             let mut sum = 0i64;
             for kk in 0..k {
-                let q = (w(c, kk) / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+                let q = quantize_weight(w(c, kk), s);
                 sum += q as i64;
                 let lane = &mut out.packed[((c / NR) * k4 + kk / 4) * NR + c % NR];
                 *lane |= (q as u8 as u32) << (8 * (kk % 4));
