@@ -57,6 +57,8 @@ pub struct Options {
     /// Fraction of the images held out of calibration and layer choice.
     pub holdout: f64,
     pub threads: usize,
+    /// Correct each int8 layer's bias for its weights' rounding on the mean calibration input.
+    pub bias_correction: bool,
 }
 
 /// How int8 predictions compare with fp32 on a set of images.
@@ -159,6 +161,13 @@ pub fn quantize(
     engine.observe(&Observe::MinMax);
     probabilities(&mut engine, &calib, side);
     let mut observed = engine.observations();
+    let means: Vec<Vec<f32>> = observed
+        .iter()
+        .map(|o| match opts.bias_correction {
+            true => o.mean.clone(),
+            false => Vec::new(),
+        })
+        .collect();
     if let Method::Percentile(_) = opts.method {
         progress("input histograms");
         let ranges = observed
@@ -188,6 +197,10 @@ pub fn quantize(
                 lo,
                 hi,
                 int8: int8(i),
+                input_mean: match int8(i) {
+                    true => means[i].clone(),
+                    false => Vec::new(),
+                },
             })
             .collect(),
     };
@@ -207,6 +220,7 @@ pub fn quantize(
     order.sort_by(|&a, &b| sensitivity[b].total_cmp(&sensitivity[a]));
     progress("accuracy guard");
     let all_int8 = compare(&table(&|_| true), &calib, &reference.0)?;
+    // Most sensitive first into fp32 until the threshold holds...
     let (mut kept, mut chosen) = (0, all_int8);
     while chosen.top1 < opts.threshold && kept < layers {
         kept += 1;
@@ -214,7 +228,18 @@ pub fn quantize(
         let fp32 = &order[..kept];
         chosen = compare(&table(&|j| !fp32.contains(&j)), &calib, &reference.0)?;
     }
-    let fp32 = &order[..kept];
+    // ...then each of them back to int8, least sensitive first, where the threshold still holds
+    // (ranks measured one layer at a time miss how errors combine, so the first pass keeps more
+    // than it needs).
+    let mut fp32 = order[..kept].to_vec();
+    for &layer in order[..kept].iter().rev().skip(1) {
+        let without: Vec<usize> = fp32.iter().copied().filter(|&j| j != layer).collect();
+        progress(&format!("accuracy guard: {} layers in fp32", without.len()));
+        let trial = compare(&table(&|j| !without.contains(&j)), &calib, &reference.0)?;
+        if trial.top1 >= opts.threshold {
+            (fp32, chosen) = (without, trial);
+        }
+    }
     let quantization = table(&|j| !fp32.contains(&j));
     let held_out = compare(&quantization, &holdout, &reference.1)?;
     let report = Report {

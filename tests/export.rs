@@ -110,6 +110,7 @@ fn int8_weights_export_as_qdq_with_the_int8_engine_logits() {
             threshold: 0.0,
             holdout: 0.0,
             threads: 1,
+            bias_correction: true,
         };
         let data = Images {
             data: &images,

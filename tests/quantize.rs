@@ -32,6 +32,7 @@ fn options(method: Method) -> Options {
         threshold: 0.99,
         holdout: 0.25,
         threads: 2,
+        bias_correction: true,
     }
 }
 
@@ -98,6 +99,7 @@ fn table(e: &Engine, int8: bool) -> Quantization {
                 lo: -4.0,
                 hi: 8.0,
                 int8,
+                input_mean: Vec::new(),
             })
             .collect(),
     }

@@ -37,6 +37,10 @@ pub struct QuantizeArgs {
     /// reported.
     #[arg(long, default_value_t = 0.25)]
     holdout: f64,
+    /// Leave the biases as they are (by default each int8 layer's bias absorbs the shift its
+    /// weights' rounding causes on the mean calibration input).
+    #[arg(long)]
+    no_bias_correction: bool,
     /// Where to write the report (JSON); default: next to --out, `.report.json`.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -59,6 +63,7 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
         threshold: args.threshold,
         holdout: args.holdout,
         threads: args.threads as usize,
+        bias_correction: !args.no_bias_correction,
     };
     // Options first: a bad flag should not wait for the images.
     if !(0.0..=1.0).contains(&opts.threshold) {

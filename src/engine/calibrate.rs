@@ -24,6 +24,8 @@ pub struct Observed {
     pub hi: f32,
     /// Counts over `lo..hi` when a histogram was asked for.
     pub histogram: Option<Vec<u64>>,
+    /// Mean of each input channel (GEMM row `k`; for im2col, tap-major), from a min-max pass.
+    pub mean: Vec<f32>,
 }
 
 impl Observed {
@@ -58,7 +60,14 @@ impl Observed {
 #[derive(Debug)]
 pub(super) struct Observer {
     name: String,
-    state: Mutex<Observed>,
+    state: Mutex<(Observed, Sums)>,
+}
+
+/// Per-channel sums of what a min-max pass saw.
+#[derive(Debug, Default)]
+struct Sums {
+    sum: Vec<f64>,
+    rows: u64,
 }
 
 impl Observer {
@@ -72,26 +81,39 @@ impl Observer {
         };
         Observer {
             name: name.to_string(),
-            state: Mutex::new(Observed {
-                name: name.to_string(),
-                lo,
-                hi,
-                histogram,
-            }),
+            state: Mutex::new((
+                Observed {
+                    name: name.to_string(),
+                    lo,
+                    hi,
+                    histogram,
+                    mean: Vec::new(),
+                },
+                Sums::default(),
+            )),
         }
     }
 
     /// Records `m` rows of `k` values (times `gate[kk]` when given).
     pub fn record(&self, a: &[f32], k: usize, gate: Option<&[f32]>) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (s, sums) = &mut *guard;
         let values = a
             .chunks_exact(k.max(1))
             .flat_map(|row| row.iter().enumerate())
             .map(|(kk, v)| v * gate.map_or(1.0, |g| g[kk]));
         match s.histogram.take() {
             None => {
-                let (lo, hi) = values.fold((s.lo, s.hi), |(lo, hi), v| (lo.min(v), hi.max(v)));
+                if sums.sum.len() != k {
+                    sums.sum = vec![0.0; k];
+                }
+                let (mut lo, mut hi) = (s.lo, s.hi);
+                for (i, v) in values.enumerate() {
+                    (lo, hi) = (lo.min(v), hi.max(v));
+                    sums.sum[i % k] += v as f64;
+                }
                 (s.lo, s.hi) = (lo, hi);
+                sums.rows += (a.len() / k.max(1)) as u64;
             }
             Some(mut counts) => {
                 let (lo, hi) = (s.lo, s.hi);
@@ -110,7 +132,9 @@ impl Observer {
     }
 
     pub fn take(self) -> Observed {
-        let mut o = self.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        let (mut o, sums) = self.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        let rows = sums.rows.max(1) as f64;
+        o.mean = sums.sum.iter().map(|s| (s / rows) as f32).collect();
         if o.lo > o.hi {
             // Never ran (no rows): an empty range at zero.
             (o.lo, o.hi) = (0.0, 0.0);
@@ -130,6 +154,7 @@ mod tests {
         o.record(&[0.5, -1.0, 3.0, 2.0], 2, Some(&[1.0, 2.0]));
         let r = o.take();
         assert_eq!((r.lo, r.hi), (-2.0, 4.0));
+        assert_eq!(r.mean, [-0.75, 3.0]);
         let ranges = [("x".to_string(), (0.0, 100.0))].into_iter().collect();
         let o = Observer::new("x", &Observe::Histogram(ranges));
         // 10,000 values in 0..10, one outlier at 100.

@@ -251,7 +251,18 @@ impl Engine {
                 false => conv.packed.clone(),
             };
             let grid = ActQuant::covering(layer.lo, layer.hi);
-            conv.int8 = Some(Int8Weights::quantize(&panels, k, n, &conv.bias, grid));
+            let mean = match layer.input_mean.len() {
+                0 => &[][..],
+                len if len == k => &layer.input_mean[..],
+                len => {
+                    return Err(EngineError(format!(
+                        "the int8 quantisation does not fit this model: `{}` has {len} input means for {k} inputs",
+                        conv.name
+                    )));
+                }
+            };
+            let w = Int8Weights::quantize(&panels, (k, n), &conv.bias, grid, mean);
+            conv.int8 = Some(w);
         }
         Ok(())
     }

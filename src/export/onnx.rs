@@ -8,7 +8,7 @@
 use prost::Message;
 
 use super::proto::*;
-use crate::simd::gemm_i8::{ActQuant, channel_scale, quantize_weight};
+use crate::simd::gemm_i8::{ActQuant, channel_scale, quantize_weight, rounding_error};
 use crate::spec::{Activation, Conv, ModelSpec};
 use crate::weights::WeightSet;
 use crate::weights::fold::{fold_batch_norm, tensor_values};
@@ -45,8 +45,8 @@ struct Graph<'a> {
     set: &'a WeightSet,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
-    /// Input ranges of the convolutions that run in int8, by weight path.
-    int8: std::collections::HashMap<String, (f32, f32)>,
+    /// Input ranges and means of the convolutions that run in int8, by weight path.
+    int8: std::collections::HashMap<String, ((f32, f32), Vec<f32>)>,
 }
 
 fn ints(name: &str, v: &[usize]) -> AttributeProto {
@@ -123,15 +123,31 @@ impl Graph<'_> {
         )
     }
 
-    /// `weight` (`[cout x ...]`) as int8 per output channel through DequantizeLinear.
-    fn int8_weight(&mut self, weight: &[f32], shape: &[usize], path: &str) -> String {
-        let cout = shape[0];
+    /// `weight` (`[cout x cin x k x k]`) as int8 per output channel through DequantizeLinear,
+    /// with `bias` corrected for the rounding on inputs of mean `mean` (the engine's GEMM row
+    /// order, `tap * cin + channel`; empty: none), as the int8 engine does.
+    fn int8_weight(
+        &mut self,
+        weight: &[f32],
+        shape: &[usize],
+        path: &str,
+        (mean, bias): (&[f32], &mut [f32]),
+    ) -> String {
+        let (cout, cin, taps) = (shape[0], shape[1], shape[2] * shape[3]);
         let per = weight.len() / cout;
         let (mut q, mut scales) = (Vec::with_capacity(weight.len()), Vec::with_capacity(cout));
-        for row in weight.chunks_exact(per) {
+        for (row, b) in weight.chunks_exact(per).zip(bias.iter_mut()) {
             let s = channel_scale(row.iter().fold(0.0f32, |m, w| m.max(w.abs())));
             q.extend(row.iter().map(|&w| quantize_weight(w, s) as u8));
             scales.push(s);
+            if !mean.is_empty() {
+                let mut shift = 0.0f64;
+                for (at, &w) in row.iter().enumerate() {
+                    let (i, tap) = (at / taps, at % taps);
+                    shift += rounding_error(w, s) * mean[tap * cin + i] as f64;
+                }
+                *b -= shift as f32;
+            }
         }
         let wq = self.init_raw(format!("{path}.weight_q"), shape, INT8, q);
         let ws = self.init(format!("{path}.weight_scale"), &[cout], &scales);
@@ -196,11 +212,11 @@ impl Graph<'_> {
                 tensor_values(t, &format!("{}.bias", c.path), c.out_channels)?.to_vec(),
             )
         };
-        let quantized = self.int8.get(&c.path).copied();
-        let (x, wn) = match quantized {
-            Some(range) => (
+        let mut bias = bias;
+        let (x, wn) = match self.int8.get(&c.path).cloned() {
+            Some((range, mean)) => (
                 self.fake_quantize(x, &c.path, range),
-                self.int8_weight(&weight, &c.weight_shape(), &c.path),
+                self.int8_weight(&weight, &c.weight_shape(), &c.path, (&mean, &mut bias)),
             ),
             None => (
                 x.to_string(),
@@ -247,7 +263,7 @@ pub fn to_onnx(set: &WeightSet, opts: &OnnxOptions) -> Result<Vec<u8>, ExportErr
         inits: Vec::new(),
         int8: int8
             .filter(|l| l.int8)
-            .map(|l| (l.name.clone(), (l.lo, l.hi)))
+            .map(|l| (l.name.clone(), ((l.lo, l.hi), l.input_mean.clone())))
             .collect(),
     };
     if spec.activation == Activation::Relu6 {

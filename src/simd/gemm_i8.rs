@@ -57,6 +57,11 @@ pub(crate) fn quantize_weight(w: f32, scale: f32) -> i8 {
     (w / scale).round_ties_even().clamp(-127.0, 127.0) as i8
 }
 
+/// How far rounding onto the grid of `scale` moves `w`.
+pub(crate) fn rounding_error(w: f32, scale: f32) -> f64 {
+    quantize_weight(w, scale) as f64 * scale as f64 - w as f64
+}
+
 /// A GEMM weight quantised per output channel, with what the epilogue needs for one input grid.
 #[derive(Debug, Clone)]
 pub(crate) struct Int8Weights {
@@ -73,8 +78,15 @@ pub(crate) struct Int8Weights {
 
 impl Int8Weights {
     /// Quantises the f32 panels of [`super::gemm::pack`] (`k` rows, `n` real columns) for inputs on
-    /// the grid `input`, with `bias` (`n` values).
-    pub fn quantize(packed: &[f32], k: usize, n: usize, bias: &[f32], input: ActQuant) -> Self {
+    /// the grid `input`, with `bias` (`n` values) corrected for the rounding of the weights on
+    /// inputs of mean `mean` (`k` values; empty: uncorrected).
+    pub fn quantize(
+        packed: &[f32],
+        (k, n): (usize, usize),
+        bias: &[f32],
+        input: ActQuant,
+        mean: &[f32],
+    ) -> Self {
         let panels = n.div_ceil(NR);
         let k4 = k.div_ceil(4);
         let w = |c: usize, kk: usize| packed[((c / NR) * k + kk) * NR + c % NR];
@@ -87,14 +99,18 @@ impl Int8Weights {
         };
         for (c, &b) in bias.iter().enumerate().take(n) {
             let s = channel_scale((0..k).map(|kk| w(c, kk).abs()).fold(0.0f32, f32::max));
-            let mut sum = 0i64;
+            let (mut sum, mut shift) = (0i64, 0.0f64);
             for kk in 0..k {
                 let q = quantize_weight(w(c, kk), s);
+                if let Some(m) = mean.get(kk) {
+                    shift += rounding_error(w(c, kk), s) * *m as f64;
+                }
                 sum += q as i64;
                 let lane = &mut out.packed[((c / NR) * k4 + kk / 4) * NR + c % NR];
                 *lane |= (q as u8 as u32) << (8 * (kk % 4));
             }
             out.scale[c] = input.scale * s;
+            let b = b - shift as f32;
             out.offset[c] = b - (input.zero as i64 * sum) as f32 * out.scale[c];
         }
         out
@@ -367,7 +383,7 @@ mod tests {
                     let gate: Vec<f32> = (0..k).map(|i| 0.5 + val(i + 2).abs()).collect();
                     let packed = super::super::gemm::pack(&w, k, n);
                     let grid = ActQuant::covering(-0.4, 1.7);
-                    let q = Int8Weights::quantize(&packed, k, n, &bias, grid);
+                    let q = Int8Weights::quantize(&packed, (k, n), &bias, grid, &[]);
                     for g in [None, Some(gate.as_slice())] {
                         for act in [None, Some(Activation::Silu)] {
                             let mut out = vec![f32::NAN; m * n];
@@ -416,6 +432,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// With the calibration mean, the bias absorbs the weights' rounding: on an input equal to
+    /// the mean, the int8 product is much closer to the f32 one than without.
+    #[test]
+    fn bias_correction_cancels_the_weight_rounding_on_the_mean_input() {
+        use super::super::gemm::tests::operands;
+        let (m, k, n) = (4, 150, 40);
+        let [_, w, bias, _] = operands(m, k, n);
+        // A post-activation-like input, the same for every row and on the uint8 grid (so only the
+        // weights round).
+        let grid = ActQuant::covering(0.0, 5.0);
+        let mean: Vec<f32> = (0..k)
+            .map(|i| grid.scale * (40 + (i * 37) % 200) as f32)
+            .collect();
+        let a: Vec<f32> = (0..m).flat_map(|_| mean.clone()).collect();
+        let packed = super::super::gemm::pack(&w, k, n);
+        let err = |mean: &[f32]| {
+            let q = Int8Weights::quantize(&packed, (k, n), &bias, grid, mean);
+            let mut out = vec![0.0; m * n];
+            gemm_bias_act(&a, k, m, (&q, None), (0, n), None, None, &mut out, n);
+            let mut e = 0.0f64;
+            for c in 0..n {
+                let exact: f32 = (0..k).map(|kk| a[kk] * w[kk * n + c]).sum::<f32>() + bias[c];
+                e += (out[c] - exact).abs() as f64;
+            }
+            e / n as f64
+        };
+        let (with, without) = (err(&mean), err(&[]));
+        assert!(with < 0.01 * without, "corrected {with} vs {without}");
     }
 
     /// Quantisation error is what the grids allow: within half a step of each operand.

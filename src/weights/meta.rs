@@ -52,6 +52,11 @@ pub struct QuantizedLayer {
     pub hi: f32,
     /// `false`: kept in fp32 (the accuracy guard found it too sensitive).
     pub int8: bool,
+    /// Mean of each input channel over the calibration images (GEMM row order: for kxk
+    /// convolutions tap-major, `tap * cin + channel`), from which the bias is corrected for the
+    /// weights' rounding; empty: no correction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_mean: Vec<f32>,
 }
 
 /// Metadata as the first releases wrote it: a variant name and its conventions.
