@@ -79,7 +79,8 @@ pub struct LayerReport {
     pub name: String,
     pub lo: f32,
     pub hi: f32,
-    /// Mean L1 probability change on the calibration images with only this layer in int8.
+    /// Mean L1 probability change on the calibration images (the first
+    /// [`SENSITIVITY_IMAGES`]) with only this layer in int8.
     pub sensitivity: f64,
     pub int8: bool,
 }
@@ -210,10 +211,13 @@ pub fn quantize(
         Ok::<_, QuantizeError>(agreement(&p, reference))
     };
     let layers = observed.len();
+    // Ranking takes a pass per layer and image: on a bounded sample of the calibration images.
+    let ranked = calib.len().min(SENSITIVITY_IMAGES);
     let mut sensitivity = Vec::with_capacity(layers);
     for i in 0..layers {
         progress(&format!("sensitivity {}/{layers}", i + 1));
-        let alone = compare(&table(&|j| j == i), &calib, &reference.0)?;
+        let one = table(&|j| j == i);
+        let alone = compare(&one, &calib[..ranked], &reference.0[..ranked])?;
         sensitivity.push(alone.mean_abs_dp);
     }
     let mut order: Vec<usize> = (0..layers).collect();
@@ -282,6 +286,9 @@ pub fn held_out(n: usize, holdout: f64) -> Vec<bool> {
         })
         .collect()
 }
+
+/// Calibration images the per-layer sensitivity is measured on (the first ones).
+pub const SENSITIVITY_IMAGES: usize = 64;
 
 /// Softmax outputs of `images`, a few at a time.
 fn probabilities(engine: &mut Engine, images: &[&[f32]], side: usize) -> Vec<Vec<f32>> {

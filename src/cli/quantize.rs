@@ -18,7 +18,8 @@ pub struct QuantizeArgs {
     #[arg(long)]
     model: Option<String>,
     /// Calibration images: files and folders (searched recursively), ideally a few dozen to a
-    /// few hundred photos like the ones the model will see.
+    /// few hundred photos like the ones the model will see (each layer's sensitivity is ranked on
+    /// the first 64; every image counts for the ranges and the guard).
     #[arg(long, required = true, num_args = 1..)]
     calib: Vec<PathBuf>,
     /// Output weights (.safetensors): the same tensors plus the calibrated int8 quantisation;
@@ -83,6 +84,17 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
         bail!(quantize::QuantizeError::NoImages);
     }
     let p = set.meta.preprocess.clone();
+    // The images are held decoded (3 x crop x crop f32 each), with the engine's activations.
+    let per_image = 3 * p.crop * p.crop * 4;
+    effnet::util::check_memory(
+        (files.len() * per_image) as u64,
+        &format!(
+            "{} calibration images at {}x{}",
+            files.len(),
+            p.crop,
+            p.crop
+        ),
+    )?;
     // Every header first, so a missing or non-image file fails before any decoding.
     for f in &files {
         let (w, h) = effnet::preprocess::image_dimensions(f)

@@ -154,7 +154,7 @@ mod tests {
         o.record(&[0.5, -1.0, 3.0, 2.0], 2, Some(&[1.0, 2.0]));
         let r = o.take();
         assert_eq!((r.lo, r.hi), (-2.0, 4.0));
-        assert_eq!(r.mean, [-0.75, 3.0]);
+        assert_eq!(r.mean, [1.75, 1.0]);
         let ranges = [("x".to_string(), (0.0, 100.0))].into_iter().collect();
         let o = Observer::new("x", &Observe::Histogram(ranges));
         // 10,000 values in 0..10, one outlier at 100.
