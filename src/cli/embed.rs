@@ -79,6 +79,7 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images {elapsed_precise}")
             .expect("valid template"),
     );
+    let start = std::time::Instant::now();
     let features = embed::embed_files(
         &mut engine,
         &preprocess,
@@ -88,6 +89,7 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         &|done| bar.set_position(done as u64),
     )?;
     bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
     embed::write(&args.out, format, &features, &model)?;
     let shapes: Vec<String> = features
         .taps
@@ -98,10 +100,12 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         })
         .collect();
     println!(
-        "{} images through {model}: {} in {}",
+        "{} images through {model}: {} in {} ({:.1} s decoding and computing, {:.1} images/s)",
         files.len(),
         shapes.join(", "),
-        args.out.display()
+        args.out.display(),
+        seconds,
+        files.len() as f64 / seconds.max(1e-9)
     );
     Ok(())
 }

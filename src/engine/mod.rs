@@ -102,9 +102,11 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// What runs when none is asked for: int8 for weights `effnet quantize` wrote, else fp32.
+    /// What runs when none is asked for: int8 for weights `effnet quantize` wrote on CPUs with
+    /// AVX512-VNNI, else fp32 (the portable int8 loop is exact but slower than the f32 kernels;
+    /// `--precision int8` still runs it).
     pub fn default_for(meta: &WeightMeta) -> Self {
-        if meta.quantization.is_some() {
+        if meta.quantization.is_some() && crate::simd::gemm_i8::vnni() {
             Precision::Int8
         } else {
             Precision::Fp32

@@ -477,3 +477,31 @@ mod tests {
         assert!(((g.quantize(x) as i32 - g.zero) as f32 * g.scale - x).abs() <= g.scale / 2.0);
     }
 }
+
+#[cfg(test)]
+mod without_vnni {
+    use crate::engine::Precision;
+    use crate::simd::{Level, with_level};
+    use crate::weights::{Quantization, WeightSet};
+
+    /// Quantised weights run in int8 by default only where VNNI makes it pay; elsewhere fp32
+    /// (the portable int8 loop stays available on request).
+    #[test]
+    fn quantised_weights_default_to_int8_only_with_vnni() {
+        let spec = crate::spec::variant("efficientnet-lite0").unwrap();
+        let mut set = WeightSet::random(&spec, 0);
+        assert_eq!(Precision::default_for(&set.meta), Precision::Fp32);
+        set.meta.quantization = Some(Quantization {
+            calibration: "test".into(),
+            layers: Vec::new(),
+        });
+        let here = match super::vnni() {
+            true => Precision::Int8,
+            false => Precision::Fp32,
+        };
+        assert_eq!(Precision::default_for(&set.meta), here);
+        with_level(Level::Avx2, || {
+            assert_eq!(Precision::default_for(&set.meta), Precision::Fp32);
+        });
+    }
+}
