@@ -1879,6 +1879,8 @@ fn quantize_writes_int8_weights_that_every_command_runs() {
     assert_ne!(p(&[]), p(&["--precision", "fp32"]));
     let o = effnet(&["bench", "--weights", w8s, "--iters", "2"], dir);
     assert!(stdout(&o).contains("effnet engine int8"), "{}", stdout(&o));
+    let o = effnet(&["doctor", "--weights", w8s], dir);
+    assert!(stdout(&o).contains("GEMM layers (percentile 99.99"), "{}", stdout(&o));
     let npy = dir.join("f.npy");
     let o = effnet(
         &[

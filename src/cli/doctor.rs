@@ -78,6 +78,18 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
         meta.preset.as_deref().unwrap_or("(own)"),
         describe(&meta.preprocess)
     );
+    if let Some(q) = &meta.quantization {
+        let int8 = q.layers.iter().filter(|l| l.int8).count();
+        let runs = match effnet::engine::Precision::default_for(meta) {
+            effnet::engine::Precision::Int8 => "runs in int8 by default",
+            _ => "runs in fp32 by default here (no AVX512-VNNI; --precision int8 forces it)",
+        };
+        println!(
+            "int8          {int8} of {} GEMM layers ({}); {runs}",
+            q.layers.len(),
+            q.calibration
+        );
+    }
     let candidates = meta.candidate_presets();
     let differs: Vec<_> = candidates
         .iter()
