@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--outputs", help="write ONNX Runtime logits (raw f32) here")
     ap.add_argument("--calib-input", help="raw f32 calibration images (N x 3 x res x res) for int8 models")
     ap.add_argument("--check-input", help="raw f32 images on which each runtime's top-1 is compared with its fp32")
-    ap.add_argument("--method", default="percentile:99.99", help="calibration: minmax or percentile:P")
+    ap.add_argument("--method", default="percentile:99.99", help="calibration: minmax, entropy or percentile:P")
     ap.add_argument("--qdq", help="the int8 weights' own QDQ graph (effnet export onnx of quantised weights)")
     args = ap.parse_args()
 
@@ -166,7 +166,9 @@ def int8_timings(args, ort, ov, calib, x, n, so, agree, refs):
             return None if img is None else {"input": img}
 
     method, extra = CalibrationMethod.MinMax, {}
-    if args.method.startswith("percentile"):
+    if args.method == "entropy":
+        method = CalibrationMethod.Entropy
+    elif args.method.startswith("percentile"):
         method = CalibrationMethod.Percentile
         extra = {"CalibPercentile": float(args.method.split(":")[1]) if ":" in args.method else 99.99}
     tmp = tempfile.mkdtemp()

@@ -16,6 +16,8 @@ pub enum Method {
     MinMax,
     /// The range that holds this fraction of the values (half the rest cut at each end).
     Percentile(f64),
+    /// The percentile cut (99.9 to 100 %) that quantises the values with the least squared error.
+    Mse,
 }
 
 impl std::str::FromStr for Method {
@@ -24,11 +26,12 @@ impl std::str::FromStr for Method {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || {
             format!(
-                "unknown --method `{s}`: use minmax or percentile[:P] (P in 90..100, e.g. percentile:99.99)"
+                "unknown --method `{s}`: use mse, minmax or percentile[:P] (P in 90..100, e.g. percentile:99.99)"
             )
         };
         match s.split_once(':') {
             None if s == "minmax" => Ok(Method::MinMax),
+            None if s == "mse" => Ok(Method::Mse),
             None if s == "percentile" => Ok(Method::Percentile(99.99)),
             Some(("percentile", p)) => match p.parse::<f64>() {
                 Ok(p) if (90.0..=100.0).contains(&p) => Ok(Method::Percentile(p)),
@@ -44,6 +47,7 @@ impl std::fmt::Display for Method {
         match self {
             Method::MinMax => f.write_str("minmax"),
             Method::Percentile(p) => write!(f, "percentile {p}"),
+            Method::Mse => f.write_str("mse"),
         }
     }
 }
@@ -169,7 +173,7 @@ pub fn quantize(
             false => Vec::new(),
         })
         .collect();
-    if let Method::Percentile(_) = opts.method {
+    if opts.method != Method::MinMax {
         progress("input histograms");
         let ranges = observed
             .iter()
@@ -184,9 +188,19 @@ pub fn quantize(
         .map(|o: &Observed| match opts.method {
             Method::MinMax => (o.lo, o.hi),
             Method::Percentile(p) => o.percentile_range(p / 100.0),
+            Method::Mse => o.mse_range(),
         })
         .collect();
-    let calibration = format!("{} of {} images at {side}x{side}", opts.method, calib.len());
+    let corrected = if opts.bias_correction {
+        ", bias-corrected"
+    } else {
+        ""
+    };
+    let calibration = format!(
+        "{} of {} images at {side}x{side}{corrected}",
+        opts.method,
+        calib.len()
+    );
     let table = |int8: &dyn Fn(usize) -> bool| Quantization {
         calibration: calibration.clone(),
         layers: observed
@@ -339,6 +353,7 @@ mod tests {
     #[test]
     fn methods_parse_and_reject_junk() {
         assert_eq!("minmax".parse::<Method>(), Ok(Method::MinMax));
+        assert_eq!("mse".parse::<Method>(), Ok(Method::Mse));
         assert_eq!(
             "percentile".parse::<Method>(),
             Ok(Method::Percentile(99.99))
@@ -349,7 +364,7 @@ mod tests {
         );
         for bad in ["entropy", "percentile:5", "percentile:x", "minmax:1"] {
             let e = bad.parse::<Method>().unwrap_err();
-            assert!(e.contains("minmax or percentile"), "{e}");
+            assert!(e.contains("mse, minmax or percentile"), "{e}");
         }
     }
 

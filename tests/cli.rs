@@ -1880,7 +1880,7 @@ fn quantize_writes_int8_weights_that_every_command_runs() {
     let o = effnet(&["bench", "--weights", w8s, "--iters", "2"], dir);
     assert!(stdout(&o).contains("effnet engine int8"), "{}", stdout(&o));
     let o = effnet(&["doctor", "--weights", w8s], dir);
-    assert!(stdout(&o).contains("GEMM layers (percentile 99.99"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("GEMM layers (mse of"), "{}", stdout(&o));
     let npy = dir.join("f.npy");
     let o = effnet(
         &[
@@ -1942,7 +1942,8 @@ fn quantize_writes_int8_weights_that_every_command_runs() {
     );
     let o = q(&[out, "--calib", coffee, "--method", "entropy"]);
     assert!(
-        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("minmax or percentile")
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("mse, minmax or percentile")
     );
     assert!(
         !dir.join("x.safetensors").exists(),

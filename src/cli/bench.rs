@@ -61,7 +61,8 @@ pub struct BenchArgs {
     /// Fraction of the --calib images held out for the agreement (0: agreement on all of them).
     #[arg(long, default_value_t = 0.25, requires = "calib")]
     holdout: f64,
-    /// Calibration of the reference int8 models: minmax or percentile[:P].
+    /// Calibration of the reference int8 models: minmax, percentile[:P] or mse (ONNX Runtime's
+    /// entropy calibration).
     #[arg(long, default_value = "percentile", requires = "calib")]
     method: effnet::quantize::Method,
     /// Print the engine's time per operation kind.
@@ -352,6 +353,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     let method = match args.method {
                         effnet::quantize::Method::MinMax => "minmax".to_string(),
                         effnet::quantize::Method::Percentile(p) => format!("percentile:{p}"),
+                        // ONNX Runtime's quantiser has no MSE search; entropy is its nearest.
+                        effnet::quantize::Method::Mse => "entropy".to_string(),
                     };
                     vec![
                         "--calib-input".to_string(),
