@@ -1950,3 +1950,38 @@ fn quantize_writes_int8_weights_that_every_command_runs() {
         "nothing written on errors"
     );
 }
+
+/// The training step's parallel ops (1x1 convolutions by image and output-channel block,
+/// depthwise and batch norm by fixed chunks) do not depend on the thread count: the same seed gives
+/// bit-identical weights on one thread and on two.
+#[test]
+fn training_is_bit_identical_on_one_and_two_threads() {
+    let home = tempfile::tempdir().unwrap();
+    let dataset = tiny_dataset(home.path(), 96);
+    let mut weights = Vec::new();
+    for threads in ["1", "2"] {
+        let out = home.path().join(format!("run{threads}"));
+        let o = Command::new(env!("CARGO_BIN_EXE_effnet"))
+            .args([
+                "train",
+                "b0",
+                "--dataset",
+                &dataset,
+                "--resolution",
+                "32",
+                "--batch-size",
+                "16",
+            ])
+            .args(["--epochs", "1", "--out", out.to_str().unwrap()])
+            .env("EFFNET_HOME", home.path())
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        weights.push(run_weights(&out));
+    }
+    assert!(!weights[0].is_empty());
+    for (name, t) in &weights[0] {
+        assert_eq!(t.data, weights[1][name].data, "{name}");
+    }
+}

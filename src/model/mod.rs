@@ -78,7 +78,7 @@ impl ConvBn {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = match self.conv.groups {
-            1 => self.conv.forward(x),
+            1 => fused::pointwise_conv2d(&self.conv, x),
             _ => fused::depthwise_conv2d(&self.conv, x),
         };
         let x = fused::batch_norm(&self.bn, x);

@@ -10,7 +10,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Flex, TensorMetadata};
 
 use super::kernels::{
-    DwGeometry, batch_norm_backward, depthwise_backward, par_elementwise2, silu_backward,
+    DwGeometry, batch_norm_backward, depthwise_backward, par_elementwise2, pointwise_backward,
+    silu_backward,
 };
 use super::{FusedOps, contiguous, dims4, f32s, tensor};
 
@@ -102,6 +103,54 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let geom = DwGeometry::new(h, w, weight.shape()[2], stride, padding);
                 prep.finish((x, weight, geom), y)
             }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_pointwise(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct PointwiseBackward;
+
+        impl Backward<Flex, 2> for PointwiseBackward {
+            type State = (FlexTensor, FlexTensor);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x, node_w] = ops.parents;
+                let grad = contiguous(grads.consume::<Flex>(&ops.node));
+                let (x, weight) = ops.state;
+                let [n, ci, h, w] = dims4(&x);
+                let co = weight.shape()[0];
+                let (gx, gw) = pointwise_backward(
+                    f32s(&x),
+                    f32s(&weight),
+                    f32s(&grad),
+                    (n, ci, co, h * w),
+                    node_x.is_some(),
+                );
+                if let Some(node) = node_x {
+                    grads.register::<Flex>(node.id, tensor(gx, vec![n, ci, h, w]));
+                }
+                if let Some(node) = node_w {
+                    grads.register::<Flex>(node.id, tensor(gw, weight.shape().to_vec()));
+                }
+            }
+        }
+
+        let nodes = [x.node(), weight.node()];
+        let x = contiguous(x.into_primitive());
+        let weight = contiguous(weight.into_primitive());
+        let y = <Flex as FusedOps>::fused_pointwise(x.clone(), weight.clone());
+        match PointwiseBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, weight), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

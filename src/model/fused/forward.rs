@@ -4,7 +4,8 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Flex, TensorMetadata};
 
 use super::kernels::{
-    DwGeometry, batch_norm_forward, depthwise_forward, par_elementwise, silu_forward,
+    DwGeometry, batch_norm_forward, depthwise_forward, par_elementwise, pointwise_forward,
+    silu_forward,
 };
 use super::{FusedOps, contiguous, dims4, f32s, tensor};
 
@@ -28,6 +29,14 @@ impl FusedOps for Flex {
         let geom = DwGeometry::new(h, w, weight.shape()[2], stride, padding);
         let y = depthwise_forward(&geom, c, f32s(&x), f32s(&weight));
         tensor(y, vec![n, c, geom.out_h, geom.out_w])
+    }
+
+    fn fused_pointwise(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        let (x, weight) = (contiguous(x), contiguous(weight));
+        let [n, ci, h, w] = dims4(&x);
+        let co = weight.shape()[0];
+        let y = pointwise_forward(f32s(&x), f32s(&weight), (n, ci, co, h * w));
+        tensor(y, vec![n, co, h, w])
     }
 
     fn fused_batch_norm_train(

@@ -496,3 +496,94 @@ simd_dispatch! {
         }
     }
 }
+
+/// `out [m x n]` (row-major) = (or +=, with `accumulate`) `a [m x k]` times `b [k x n]`, each given
+/// as (values, row stride, column stride): the `gemm` crate, one thread (callers split the work).
+fn matmul(
+    out: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, b_rs, b_cs): (&[f32], usize, usize),
+    accumulate: bool,
+) {
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(out.len() >= m * n);
+    assert!(k == 0 || (a.len() > last(a_rs, a_cs, m, k) && b.len() > last(b_rs, b_cs, k, n)));
+    // SAFETY: the asserts bound every element of the m x k, k x n and m x n operands read or written.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Output channels per parallel part of the weight gradient: fixed, so the result does not depend
+/// on the thread count.
+const POINTWISE_ROWS: usize = 16;
+
+/// A 1x1 convolution of NCHW `x` (`n` images of `ci x hw`) with `w [co x ci]`: one product per
+/// image, images in parallel.
+pub(super) fn pointwise_forward(
+    x: &[f32],
+    w: &[f32],
+    (n, ci, co, hw): (usize, usize, usize, usize),
+) -> Vec<f32> {
+    let mut y = vec![0.0; n * co * hw];
+    y.par_chunks_mut(co * hw).enumerate().for_each(|(img, y)| {
+        let xi = &x[img * ci * hw..(img + 1) * ci * hw];
+        matmul(y, (co, hw, ci), (w, ci, 1), (xi, hw, 1), false);
+    });
+    y
+}
+
+/// Gradients of [`pointwise_forward`] given `dy` (`n` images of `co x hw`): the input's (when
+/// `need_dx`; `w^T dy` per image) and the weight's (`sum over images of dy x^T`, each block of
+/// output channels summing the images in order).
+pub(super) fn pointwise_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (n, ci, co, hw): (usize, usize, usize, usize),
+    need_dx: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0.0; if need_dx { n * ci * hw } else { 0 }];
+    dx.par_chunks_mut(ci * hw)
+        .enumerate()
+        .for_each(|(img, dx)| {
+            let dyi = &dy[img * co * hw..(img + 1) * co * hw];
+            matmul(dx, (ci, hw, co), (w, 1, ci), (dyi, hw, 1), false);
+        });
+    let mut dw = vec![0.0; co * ci];
+    dw.par_chunks_mut(POINTWISE_ROWS * ci)
+        .enumerate()
+        .for_each(|(part, dw)| {
+            let (r0, rows) = (part * POINTWISE_ROWS, dw.len() / ci);
+            for img in 0..n {
+                let dyi = &dy[(img * co + r0) * hw..];
+                let xi = &x[img * ci * hw..(img + 1) * ci * hw];
+                matmul(dw, (rows, ci, hw), (dyi, hw, 1), (xi, 1, hw), img > 0);
+            }
+        });
+    (dx, dw)
+}

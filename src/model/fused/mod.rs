@@ -1,5 +1,5 @@
-//! Fused training ops for burn's Flex backend: SiLU, depthwise convolution and training-mode
-//! batch norm, each a few passes forward and backward.
+//! Fused training ops for burn's Flex backend: SiLU, depthwise and 1x1 convolutions and
+//! training-mode batch norm, each a few passes forward and backward.
 //!
 //! Why: burn composes SiLU as `x * sigmoid(x)` (scalar libm `expf`, four tensor passes forward,
 //! six backward with a second `expf`), computes a depthwise conv's gradients with a transposed
@@ -42,6 +42,8 @@ pub trait FusedOps: Backend {
         stride: usize,
         padding: [usize; 4],
     ) -> FloatTensor<Self>;
+    /// 1x1 stride-1 convolution of `x` `[n, ci, h, w]` with `weight` `[co, ci, 1, 1]`, no bias.
+    fn fused_pointwise(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Training-mode batch norm of `x` `[n, c, ...]` over all but the channel axis: (output,
     /// batch mean, biased batch variance), the statistics `[c]` and not differentiated.
     fn fused_batch_norm_train(
@@ -91,6 +93,32 @@ pub fn depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         conv.weight.val().into_dispatch(),
         stride,
         padding,
+    ))
+}
+
+/// `conv.forward(x)` for a 1x1 stride-1 `conv` without bias, padding, groups or dilation, as one
+/// matrix product per image on Flex f32 tensors (forward and backward: burn's conv2d backward goes
+/// through a transposed convolution and layout copies); any other conv or backend goes through
+/// `conv.forward`.
+pub fn pointwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, ci, _, _] = x.dims();
+    let unpadded = match &conv.padding {
+        PaddingConfig2d::Valid | PaddingConfig2d::Same => true,
+        PaddingConfig2d::Explicit(a, b, c, d) => [a, b, c, d].iter().all(|p| **p == 0),
+    };
+    let plain = conv.kernel_size == [1, 1]
+        && conv.stride == [1, 1]
+        && conv.groups == 1
+        && conv.dilation == [1, 1]
+        && conv.bias.is_none()
+        && conv.weight.dims()[1] == ci
+        && unpadded;
+    if !plain || !runs_fused(&x) {
+        return conv.forward(x);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_pointwise(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
     ))
 }
 

@@ -146,3 +146,53 @@ fn non_depthwise_conv_falls_back() {
     let diff = max_diff(depthwise_conv2d(&conv, x.clone()), conv.forward(x));
     assert_eq!(diff, 0.0);
 }
+
+/// The 1x1 convolution as per-image matrix products: output and both gradients equal burn's
+/// conv2d, on maps from 1x1 up and odd channel counts; convs it does not cover (bias, stride,
+/// 3x3) go through burn's own.
+#[test]
+fn pointwise_matches_burn_conv() {
+    let device = Device::flex().autodiff();
+    for (n, ci, co, size) in [
+        (3, 16, 24, 8),
+        (1, 7, 33, 5),
+        (2, 40, 8, 1),
+        (4, 96, 40, 14),
+    ] {
+        let conv = Conv2dConfig::new([ci, co], [1, 1])
+            .with_bias(false)
+            .init(&device);
+        let x =
+            Tensor::<4>::random([n, ci, size, size], Distribution::Default, &device).require_grad();
+        let fused = pointwise_conv2d(&conv, x.clone());
+        let reference = conv.forward(x.clone());
+        let case = format!("{n}x{ci}->{co} {size}x{size}");
+        assert_eq!(fused.dims(), reference.dims(), "{case}");
+        assert!(
+            rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-6,
+            "{case}"
+        );
+        let g = Tensor::<4>::random(fused.dims(), Distribution::Default, &device);
+        let gf = (fused * g.clone()).sum().backward();
+        let gr = (reference * g).sum().backward();
+        let (gxf, gxr) = (x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+        assert!(rel_diff(gxf, gxr) < 1e-5, "input grad, {case}");
+        let w = conv.weight.val();
+        let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
+        assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
+    }
+    let x = Tensor::<4>::random([2, 8, 6, 6], Distribution::Default, &device);
+    for conv in [
+        Conv2dConfig::new([8, 4], [1, 1]).init(&device),
+        Conv2dConfig::new([8, 4], [1, 1])
+            .with_stride([2, 2])
+            .with_bias(false)
+            .init(&device),
+        Conv2dConfig::new([8, 4], [3, 3])
+            .with_bias(false)
+            .init(&device),
+    ] {
+        let (a, b) = (pointwise_conv2d(&conv, x.clone()), conv.forward(x.clone()));
+        assert_eq!(max_diff(a, b), 0.0);
+    }
+}
