@@ -145,3 +145,28 @@ fn int8_weights_export_as_qdq_with_the_int8_engine_logits() {
         );
     }
 }
+
+/// One file exported with a dynamic batch runs at batch 1 and at batch 3, each to the engine's
+/// logits.
+#[test]
+fn a_dynamic_batch_export_runs_at_batch_1_and_3() {
+    let set = WeightSet::random(&variant("lite0").unwrap(), 7);
+    let side = 64;
+    let opts = OnnxOptions {
+        resolution: side,
+        dynamic_batch: true,
+        opset: 17,
+    };
+    let bytes = to_onnx(&set, &opts).unwrap();
+    let mut engine = Engine::new(&set).unwrap();
+    for n in [1, 3] {
+        let x = input(n, side);
+        let (got, want) = (
+            run_onnx(&bytes, &x, n, side),
+            engine.forward(&x, n, side, side),
+        );
+        assert_eq!(got.len(), n * 1000);
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        assert!(max_abs_diff(&got, &want) <= 1e-4 * scale, "batch {n}");
+    }
+}
