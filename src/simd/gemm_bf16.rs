@@ -184,23 +184,13 @@ struct Job {
 #[target_feature(enable = "avx512f,avx512vl,avx512bf16,avx2,fma")]
 unsafe fn run(job: &Job, m: usize) {
     const MR: usize = 12;
-    let mut r = 0;
-    // SAFETY: the caller's contract; each tile stays within rows < m.
-    unsafe {
-        while r + MR <= m {
-            tile::<MR>(job, r);
-            r += MR;
-        }
-        macro_rules! remainder {
-            ($($n:literal)*) => {
-                match m - r {
-                    $($n if $n < MR => tile::<$n>(job, r),)*
-                    _ => {}
-                }
-            };
-        }
-        remainder!(1 2 3 4 5 6 7 8 9 10 11);
+    macro_rules! rows {
+        ($n:expr, $r:expr) => {
+            tile::<{ $n }>(job, $r)
+        };
     }
+    // SAFETY: the caller's contract; each tile stays within rows < m.
+    unsafe { super::gemm::in_row_tiles!(m, MR, rows) }
 }
 
 /// Rows `r0..r0 + R` across the job's panels: 2 x R accumulators of 16 f32 sums.
