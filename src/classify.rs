@@ -167,6 +167,13 @@ impl Classifier {
     }
 }
 
+/// Index of the largest value (the last of equals, as `max_by` gives; 0 for none).
+pub fn argmax(v: &[f32]) -> usize {
+    (0..v.len())
+        .max_by(|&a, &b| v[a].total_cmp(&v[b]))
+        .unwrap_or(0)
+}
+
 /// Numerically stable softmax.
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -4,7 +4,7 @@
 //! top-1 class of enough calibration images; a held-out part of the images, used for nothing else,
 //! says how well that carries over.
 
-use crate::classify::softmax;
+use crate::classify::{argmax, softmax};
 use crate::engine::calibrate::{Observe, Observed};
 use crate::engine::{Engine, EngineError};
 use crate::weights::{Quantization, QuantizedLayer, WeightSet};
@@ -63,6 +63,19 @@ pub struct Options {
     pub threads: usize,
     /// Correct each int8 layer's bias for its weights' rounding on the mean calibration input.
     pub bias_correction: bool,
+}
+
+impl Options {
+    /// The threshold and the held-out fraction are fractions.
+    pub fn check(&self) -> Result<(), QuantizeError> {
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(QuantizeError::Threshold(self.threshold));
+        }
+        if !(0.0..1.0).contains(&self.holdout) {
+            return Err(QuantizeError::Holdout(self.holdout));
+        }
+        Ok(())
+    }
 }
 
 /// How int8 predictions compare with fp32 on a set of images.
@@ -137,12 +150,7 @@ pub fn quantize(
     if images.data.is_empty() {
         return Err(QuantizeError::NoImages);
     }
-    if !(0.0..=1.0).contains(&opts.threshold) {
-        return Err(QuantizeError::Threshold(opts.threshold));
-    }
-    if !(0.0..1.0).contains(&opts.holdout) {
-        return Err(QuantizeError::Holdout(opts.holdout));
-    }
+    opts.check()?;
     let (mut calib, mut holdout) = (Vec::new(), Vec::new());
     for (img, held) in images
         .data
@@ -319,12 +327,6 @@ fn probabilities(engine: &mut Engine, images: &[&[f32]], side: usize) -> Vec<Vec
 
 /// Top-1 agreement and probability changes of `got` against `reference`.
 pub fn agreement(got: &[Vec<f32>], reference: &[Vec<f32>]) -> Agreement {
-    let argmax = |p: &[f32]| {
-        p.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i)
-    };
     let n = got.len().min(reference.len());
     if n == 0 {
         return Agreement::default();

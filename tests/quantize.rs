@@ -9,23 +9,6 @@ use effnet::preprocess::{eval_transform, load_rgb};
 use effnet::quantize::{Images, Method, Options, agreement, quantize};
 use effnet::weights::{self, Quantization, WeightSet};
 
-/// The fixture photos: the two PNGs and the ten JPEGs.
-fn photos() -> Vec<std::path::PathBuf> {
-    let mut p: Vec<_> = ["images/coffee.png", "images/chelsea.png"]
-        .iter()
-        .map(|p| fixture(p))
-        .collect();
-    let mut jpegs: Vec<_> = std::fs::read_dir(fixture("jpeg"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
-        .collect();
-    jpegs.sort();
-    assert_eq!(jpegs.len(), 10);
-    p.extend(jpegs);
-    p
-}
-
 fn options(method: Method) -> Options {
     Options {
         method,

@@ -118,18 +118,7 @@ fn bf16_keeps_the_fp32_top1_on_every_photo() {
         eprintln!("not exercised: {e}");
         return;
     }
-    let mut photos: Vec<_> = ["images/coffee.png", "images/chelsea.png"]
-        .iter()
-        .map(|p| fixture(p))
-        .collect();
-    let mut jpegs: Vec<_> = std::fs::read_dir(fixture("jpeg"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
-        .collect();
-    jpegs.sort();
-    assert_eq!(jpegs.len(), 10);
-    photos.extend(jpegs);
+    let photos = photos();
     let mut worst = 0f32;
     for photo in &photos {
         let img = load_rgb(photo).unwrap();

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::Args;
 
+use effnet::classify::argmax;
 use effnet::device::DeviceChoice;
 use effnet::engine::{Engine, Precision};
 use effnet::model::{EfficientNet, apply_weights};
@@ -232,15 +233,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .zip(&engine_logits)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let classes = set.spec().num_classes;
-        let top1 = |l: &[f32]| -> Vec<usize> {
-            l.chunks(classes)
-                .map(|r| {
-                    (0..classes)
-                        .max_by(|&a, &b| r[a].total_cmp(&r[b]))
-                        .unwrap_or(0)
-                })
-                .collect()
-        };
+        let top1 = |l: &[f32]| -> Vec<usize> { l.chunks(classes).map(argmax).collect() };
         note = Some(format!(
             "{p} vs fp32 on this input: max |logit diff| {diff:.3e}, top-1 {} of {n}",
             if top1(&logits) == top1(&engine_logits) {
@@ -423,12 +416,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     report(args.json, &title, note, &results, "vs engine")
 }
 
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len())
-        .max_by(|&a, &b| v[a].total_cmp(&v[b]))
-        .unwrap_or(0)
-}
-
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -449,24 +436,12 @@ fn calibration_images(
         );
     }
     if !(0.0..1.0).contains(&args.holdout) {
-        bail!("--holdout must be in 0..1, not {}", args.holdout);
+        bail!(effnet::quantize::QuantizeError::Holdout(args.holdout));
     }
-    let files = effnet::data::image_files(&args.calib)?;
-    if files.is_empty() {
-        bail!("no calibration images: give image files or folders holding images");
-    }
-    for f in &files {
-        let (w, h) = effnet::preprocess::image_dimensions(f)
-            .with_context(|| format!("calibration image `{}`", f.display()))?;
-        effnet::preprocess::check_resizable(w, h, p)
-            .map_err(|e| anyhow::anyhow!("calibration image `{}`: {e}", f.display()))?;
-    }
-    let held = effnet::quantize::held_out(files.len(), args.holdout);
+    let images = super::quantize::calibration_images(&args.calib, p)?;
+    let held = effnet::quantize::held_out(images.len(), args.holdout);
     let (mut calib, mut check) = (Vec::new(), Vec::new());
-    for (f, held) in files.iter().zip(held) {
-        let img = effnet::preprocess::load_rgb(f)
-            .with_context(|| format!("calibration image `{}`", f.display()))?;
-        let x = effnet::preprocess::eval_transform(&img, p)?;
+    for (x, held) in images.into_iter().zip(held) {
         if held || args.holdout == 0.0 {
             check.extend_from_slice(&x);
         }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
+use effnet::preprocess::Preprocess;
 use effnet::quantize::{self, Images, Method, Options};
 
 use super::PreprocessArgs;
@@ -53,6 +54,44 @@ pub struct QuantizeArgs {
     preprocess: PreprocessArgs,
 }
 
+/// The image files among `paths` through the eval transform `p`, for calibration (`effnet quantize`,
+/// `effnet bench --calib`): a clear error for none, a memory check, and every file's header read
+/// before any is decoded, so a missing or non-image file fails first.
+pub(super) fn calibration_images(
+    paths: &[PathBuf],
+    p: &Preprocess,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let files = effnet::data::image_files(paths)?;
+    if files.is_empty() {
+        bail!(quantize::QuantizeError::NoImages);
+    }
+    // The images are held decoded (3 x crop x crop f32 each), with the engine's activations.
+    let per_image = 3 * p.crop * p.crop * 4;
+    effnet::util::check_memory(
+        (files.len() * per_image) as u64,
+        &format!(
+            "{} calibration images at {}x{}",
+            files.len(),
+            p.crop,
+            p.crop
+        ),
+    )?;
+    for f in &files {
+        let (w, h) = effnet::preprocess::image_dimensions(f)
+            .with_context(|| format!("calibration image `{}`", f.display()))?;
+        effnet::preprocess::check_resizable(w, h, p)
+            .map_err(|e| anyhow::anyhow!("calibration image `{}`: {e}", f.display()))?;
+    }
+    files
+        .iter()
+        .map(|f| {
+            let img = effnet::preprocess::load_rgb(f)
+                .with_context(|| format!("calibration image `{}`", f.display()))?;
+            Ok(effnet::preprocess::eval_transform(&img, p)?)
+        })
+        .collect()
+}
+
 pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
     if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         bail!(
@@ -68,47 +107,15 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
         bias_correction: !args.no_bias_correction,
     };
     // Options first: a bad flag should not wait for the images.
-    if !(0.0..=1.0).contains(&opts.threshold) {
-        bail!(quantize::QuantizeError::Threshold(opts.threshold));
-    }
-    if !(0.0..1.0).contains(&opts.holdout) {
-        bail!(quantize::QuantizeError::Holdout(opts.holdout));
-    }
+    opts.check()?;
     let weights = match &args.weights {
         Some(w) => w.clone(),
         None => super::default_weights()?,
     };
     let mut set = effnet::weights::load(&weights, args.model.as_deref())?;
     args.preprocess.apply(&mut set.meta)?;
-    let files = effnet::data::image_files(&args.calib)?;
-    if files.is_empty() {
-        bail!(quantize::QuantizeError::NoImages);
-    }
     let p = set.meta.preprocess.clone();
-    // The images are held decoded (3 x crop x crop f32 each), with the engine's activations.
-    let per_image = 3 * p.crop * p.crop * 4;
-    effnet::util::check_memory(
-        (files.len() * per_image) as u64,
-        &format!(
-            "{} calibration images at {}x{}",
-            files.len(),
-            p.crop,
-            p.crop
-        ),
-    )?;
-    // Every header first, so a missing or non-image file fails before any decoding.
-    for f in &files {
-        let (w, h) = effnet::preprocess::image_dimensions(f)
-            .with_context(|| format!("calibration image `{}`", f.display()))?;
-        effnet::preprocess::check_resizable(w, h, &p)
-            .map_err(|e| anyhow::anyhow!("calibration image `{}`: {e}", f.display()))?;
-    }
-    let mut data = Vec::with_capacity(files.len());
-    for f in &files {
-        let img = effnet::preprocess::load_rgb(f)
-            .with_context(|| format!("calibration image `{}`", f.display()))?;
-        data.push(effnet::preprocess::eval_transform(&img, &p)?);
-    }
+    let data = calibration_images(&args.calib, &p)?;
     let images = Images {
         data: &data,
         side: p.crop,

@@ -248,9 +248,13 @@ impl Engine {
                 )));
             }
             let (k, n) = (conv.gemm_rows(), conv.cout);
+            let packed;
             let panels = match conv.packed.is_empty() {
-                true => crate::simd::gemm::pack(&conv.weight, k, n),
-                false => conv.packed.clone(),
+                true => {
+                    packed = crate::simd::gemm::pack(&conv.weight, k, n);
+                    &packed
+                }
+                false => &conv.packed,
             };
             let grid = ActQuant::covering(layer.lo, layer.hi);
             let mean = match layer.input_mean.len() {
@@ -263,7 +267,7 @@ impl Engine {
                     )));
                 }
             };
-            let w = Int8Weights::quantize(&panels, (k, n), &conv.bias, grid, mean);
+            let w = Int8Weights::quantize(panels, (k, n), &conv.bias, grid, mean);
             conv.int8 = Some(w);
         }
         Ok(())

@@ -64,3 +64,20 @@ pub fn tiny_idx(dir: &Path, n: usize) {
         std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
     }
 }
+
+/// The fixture photos: the two PNGs, then the ten JPEGs in name order.
+pub fn photos() -> Vec<PathBuf> {
+    let mut p: Vec<_> = ["images/coffee.png", "images/chelsea.png"]
+        .iter()
+        .map(|p| fixture(p))
+        .collect();
+    let mut jpegs: Vec<_> = std::fs::read_dir(fixture("jpeg"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
+    jpegs.sort();
+    assert_eq!(jpegs.len(), 10);
+    p.extend(jpegs);
+    p
+}

@@ -1,6 +1,7 @@
 //! The fused ops on `Autodiff<Flex>`: each records its node with the state its hand-written
 //! backward needs and computes the forward with the `Flex` implementation.
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -80,12 +81,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                     f32s(&grad),
                     node_x.is_some(),
                 );
-                if let Some(node) = node_x {
-                    grads.register::<Flex>(node.id, tensor(gx, vec![n, c, h, w]));
-                }
-                if let Some(node) = node_w {
-                    grads.register::<Flex>(node.id, tensor(gw, weight.shape().to_vec()));
-                }
+                let w_shape = weight.shape().to_vec();
+                register(
+                    grads,
+                    [node_x, node_w].map(|n| n.map(|n| n.id)),
+                    [(gx, vec![n, c, h, w]), (gw, w_shape)],
+                );
             }
         }
 
@@ -132,12 +133,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                     (n, ci, co, h * w),
                     node_x.is_some(),
                 );
-                if let Some(node) = node_x {
-                    grads.register::<Flex>(node.id, tensor(gx, vec![n, ci, h, w]));
-                }
-                if let Some(node) = node_w {
-                    grads.register::<Flex>(node.id, tensor(gw, weight.shape().to_vec()));
-                }
+                let w_shape = weight.shape().to_vec();
+                register(
+                    grads,
+                    [node_x, node_w].map(|n| n.map(|n| n.id)),
+                    [(gx, vec![n, ci, h, w]), (gw, w_shape)],
+                );
             }
         }
 
@@ -188,15 +189,10 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                     epsilon,
                     node_x.is_some(),
                 );
-                if let Some(node) = node_x {
-                    grads.register::<Flex>(node.id, tensor(gx, x.shape().to_vec()));
-                }
-                if let Some(node) = node_gamma {
-                    grads.register::<Flex>(node.id, tensor(ggamma, vec![channels]));
-                }
-                if let Some(node) = node_beta {
-                    grads.register::<Flex>(node.id, tensor(gbeta, vec![channels]));
-                }
+                let nodes = [node_x, node_gamma, node_beta].map(|n| n.map(|n| n.id));
+                let c = vec![channels];
+                let values = [(gx, x.shape().to_vec()), (ggamma, c.clone()), (gbeta, c)];
+                register(grads, nodes, values);
             }
         }
 
@@ -223,5 +219,18 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
         (out, stats.0, stats.1)
+    }
+}
+
+/// Registers each gradient (values, shape) with its parent node, for the parents that track one.
+fn register<const N: usize>(
+    grads: &mut Gradients,
+    nodes: [Option<NodeId>; N],
+    values: [(Vec<f32>, Vec<usize>); N],
+) {
+    for (node, (g, shape)) in nodes.into_iter().zip(values) {
+        if let Some(id) = node {
+            grads.register::<Flex>(id, tensor(g, shape));
+        }
     }
 }
