@@ -51,32 +51,82 @@ fn depthwise_matches_burn_conv() {
         (3, 2, 17, PaddingConfig2d::Explicit(1, 1, 1, 1)),
         (5, 2, 20, PaddingConfig2d::Same),
     ] {
-        let channels = 6;
-        let conv = Conv2dConfig::new([channels, channels], [k, k])
-            .with_stride([stride, stride])
-            .with_groups(channels)
-            .with_padding(padding.clone())
-            .with_bias(false)
-            .init(&device);
-        let x = Tensor::<4>::random([3, channels, size, size], Distribution::Default, &device)
-            .require_grad();
-        let fused = depthwise_conv2d(&conv, x.clone());
-        let reference = conv.forward(x.clone());
-        assert_eq!(
-            fused.dims(),
-            reference.dims(),
-            "k {k} s {stride} {padding:?}"
-        );
-        let g = Tensor::<4>::random(fused.dims(), Distribution::Default, &device);
-        assert!(max_diff(fused.clone().detach(), reference.clone().detach()) < 1e-5);
-        let gf = (fused * g.clone()).sum().backward();
-        let gr = (reference * g).sum().backward();
-        let case = format!("k {k} s {stride} size {size} {padding:?}");
-        let (gxf, gxr) = (x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
-        assert!(rel_diff(gxf, gxr) < 1e-5, "input grad, {case}");
-        let w = conv.weight.val();
-        let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
-        assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
+        for channels in [6, 20] {
+            let conv = Conv2dConfig::new([channels, channels], [k, k])
+                .with_stride([stride, stride])
+                .with_groups(channels)
+                .with_padding(padding.clone())
+                .with_bias(false)
+                .init(&device);
+            let x = Tensor::<4>::random([3, channels, size, size], Distribution::Default, &device)
+                .require_grad();
+            let fused = depthwise_conv2d(&conv, x.clone());
+            let reference = conv.forward(x.clone());
+            assert_eq!(
+                fused.dims(),
+                reference.dims(),
+                "k {k} s {stride} {padding:?}"
+            );
+            let g = Tensor::<4>::random(fused.dims(), Distribution::Default, &device);
+            assert!(max_diff(fused.clone().detach(), reference.clone().detach()) < 1e-5);
+            let gf = (fused * g.clone()).sum().backward();
+            let gr = (reference * g).sum().backward();
+            let case = format!("k {k} s {stride} size {size} {padding:?}");
+            let (gxf, gxr) = (x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+            assert!(rel_diff(gxf, gxr) < 1e-5, "input grad, {case}");
+            let w = conv.weight.val();
+            let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
+            assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
+        }
+    }
+}
+
+/// The depthwise conv's two kernel paths (row runs, channel-interleaved blocks) agree on every
+/// geometry: outputs and input gradients bit for bit (each sums its terms in the same order),
+/// weight gradients within rounding; channel counts with and without a partial block.
+#[test]
+fn depthwise_paths_agree() {
+    use kernels::*;
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    };
+    for (k, stride, size, pad) in [
+        (3, 1, 4, [1, 1, 1, 1]),
+        (3, 2, 8, [0, 0, 1, 1]),
+        (5, 2, 7, [2, 2, 2, 2]),
+        (5, 1, 2, [2, 2, 2, 2]),
+        (5, 2, 2, [1, 1, 2, 2]),
+        (3, 1, 1, [1, 1, 1, 1]),
+        (3, 1, 12, [1, 1, 1, 1]),
+    ] {
+        for channels in [5, 16, 40] {
+            let geom = DwGeometry::new(size, size, k, stride, pad);
+            let n = 3;
+            let x = values(n * channels * size * size, 1);
+            let w = values(channels * k * k, 2);
+            let g = values(n * channels * geom.out_h * geom.out_w, 3);
+            let case = format!("k {k} s {stride} size {size} channels {channels}");
+            let rows = depthwise_forward_rows(&geom, channels, &x, &w);
+            let inter = depthwise_forward_interleaved(&geom, channels, &x, &w);
+            assert_eq!(rows, inter, "forward, {case}");
+            let (gx_rows, gw_rows) = depthwise_backward_rows(&geom, channels, &x, &w, &g, true);
+            let (gx_inter, gw_inter) =
+                depthwise_backward_interleaved(&geom, channels, &x, &w, &g, true);
+            assert_eq!(gx_rows, gx_inter, "input grad, {case}");
+            let scale = gw_rows.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            for (a, b) in gw_rows.iter().zip(&gw_inter) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "weight grad {a} vs {b}, {case}"
+                );
+            }
+            let (gx_none, gw_only) =
+                depthwise_backward_interleaved(&geom, channels, &x, &w, &g, false);
+            assert!(gx_none.is_empty(), "{case}");
+            assert_eq!(gw_only, gw_inter, "{case}");
+        }
     }
 }
 
