@@ -745,10 +745,10 @@ simd_dispatch! {
     }
 }
 
-/// `out [m x n]` (row-major) = (or +=, with `accumulate`) `a [m x k]` times `b [k x n]`, each given
-/// as (values, row stride, column stride): the `gemm` crate, one thread (callers split the work).
+/// `out [m x n]` = (or +=, with `accumulate`) `a [m x k]` times `b [k x n]`, each given as
+/// (values, row stride, column stride): the `gemm` crate, one thread (callers split the work).
 fn matmul(
-    out: &mut [f32],
+    (out, o_rs, o_cs): (&mut [f32], usize, usize),
     (m, n, k): (usize, usize, usize),
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, b_rs, b_cs): (&[f32], usize, usize),
@@ -758,7 +758,7 @@ fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(out.len() >= m * n);
+    assert!(out.len() > last(o_rs, o_cs, m, n));
     assert!(k == 0 || (a.len() > last(a_rs, a_cs, m, k) && b.len() > last(b_rs, b_cs, k, n)));
     // SAFETY: the asserts bound every element of the m x k, k x n and m x n operands read or written.
     unsafe {
@@ -767,8 +767,8 @@ fn matmul(
             n,
             k,
             out.as_mut_ptr(),
-            1,
-            n as isize,
+            o_cs as isize,
+            o_rs as isize,
             accumulate,
             a.as_ptr(),
             a_cs as isize,
@@ -788,26 +788,47 @@ fn matmul(
 
 /// Output channels per parallel part of the weight gradient: fixed, so the result does not depend
 /// on the thread count.
-const POINTWISE_ROWS: usize = 16;
+const POINTWISE_ROWS: usize = 64;
 
-/// A 1x1 convolution of NCHW `x` (`n` images of `ci x hw`) with `w [co x ci]`: one product per
-/// image, images in parallel.
+/// Maps of at most this many positions run a 1x1 conv as one product per position over a group
+/// of images (m = images) rather than one per image (n = positions: a matrix-vector product on
+/// the 1x1 maps of the last stages, and a rank-1 update per image for the weight gradient).
+const BATCHED_MAX_POSITIONS: usize = 16;
+
+/// Images per parallel part of the batched products (fixed, like [`POINTWISE_ROWS`]).
+const BATCHED_IMAGES: usize = 32;
+
+/// A 1x1 convolution of NCHW `x` (`n` images of `ci x hw`) with `w [co x ci]`.
 pub(super) fn pointwise_forward(
     x: &[f32],
     w: &[f32],
     (n, ci, co, hw): (usize, usize, usize, usize),
 ) -> Vec<f32> {
     let mut y = vec![0.0; n * co * hw];
-    y.par_chunks_mut(co * hw).enumerate().for_each(|(img, y)| {
-        let xi = &x[img * ci * hw..(img + 1) * ci * hw];
-        matmul(y, (co, hw, ci), (w, ci, 1), (xi, hw, 1), false);
-    });
+    if hw <= BATCHED_MAX_POSITIONS {
+        // Per position p: y[:, :, p] (images x co) = x[:, :, p] (images x ci) w^T.
+        y.par_chunks_mut(BATCHED_IMAGES * co * hw)
+            .zip(x.par_chunks(BATCHED_IMAGES * ci * hw))
+            .for_each(|(y, x)| {
+                let m = y.len() / (co * hw);
+                for p in 0..hw {
+                    let out = (&mut y[p..], co * hw, hw);
+                    matmul(out, (m, co, ci), (&x[p..], ci * hw, hw), (w, 1, ci), false);
+                }
+            });
+    } else {
+        // One product per image: y_i (co x hw) = w x_i.
+        y.par_chunks_mut(co * hw).enumerate().for_each(|(img, y)| {
+            let xi = &x[img * ci * hw..(img + 1) * ci * hw];
+            matmul((y, hw, 1), (co, hw, ci), (w, ci, 1), (xi, hw, 1), false);
+        });
+    }
     y
 }
 
 /// Gradients of [`pointwise_forward`] given `dy` (`n` images of `co x hw`): the input's (when
-/// `need_dx`; `w^T dy` per image) and the weight's (`sum over images of dy x^T`, each block of
-/// output channels summing the images in order).
+/// `need_dx`; `w^T dy`) and the weight's (`sum over images of dy x^T`, each block of output
+/// channels summing the images in order).
 pub(super) fn pointwise_backward(
     x: &[f32],
     w: &[f32],
@@ -815,22 +836,51 @@ pub(super) fn pointwise_backward(
     (n, ci, co, hw): (usize, usize, usize, usize),
     need_dx: bool,
 ) -> (Vec<f32>, Vec<f32>) {
+    let batched = hw <= BATCHED_MAX_POSITIONS;
     let mut dx = vec![0.0; if need_dx { n * ci * hw } else { 0 }];
-    dx.par_chunks_mut(ci * hw)
-        .enumerate()
-        .for_each(|(img, dx)| {
-            let dyi = &dy[img * co * hw..(img + 1) * co * hw];
-            matmul(dx, (ci, hw, co), (w, 1, ci), (dyi, hw, 1), false);
-        });
+    if batched {
+        // Per position p: dx[:, :, p] (images x ci) = dy[:, :, p] (images x co) w.
+        dx.par_chunks_mut(BATCHED_IMAGES * ci * hw)
+            .zip(dy.par_chunks(BATCHED_IMAGES * co * hw))
+            .for_each(|(dx, dy)| {
+                let m = dx.len() / (ci * hw);
+                for p in 0..hw {
+                    let out = (&mut dx[p..], ci * hw, hw);
+                    matmul(out, (m, ci, co), (&dy[p..], co * hw, hw), (w, ci, 1), false);
+                }
+            });
+    } else {
+        dx.par_chunks_mut(ci * hw)
+            .enumerate()
+            .for_each(|(img, dx)| {
+                let dyi = &dy[img * co * hw..(img + 1) * co * hw];
+                matmul((dx, hw, 1), (ci, hw, co), (w, 1, ci), (dyi, hw, 1), false);
+            });
+    }
     let mut dw = vec![0.0; co * ci];
     dw.par_chunks_mut(POINTWISE_ROWS * ci)
         .enumerate()
         .for_each(|(part, dw)| {
             let (r0, rows) = (part * POINTWISE_ROWS, dw.len() / ci);
-            for img in 0..n {
-                let dyi = &dy[(img * co + r0) * hw..];
-                let xi = &x[img * ci * hw..(img + 1) * ci * hw];
-                matmul(dw, (rows, ci, hw), (dyi, hw, 1), (xi, 1, hw), img > 0);
+            if batched {
+                // Per position p: dw (rows x ci) += dy[:, r0.., p]^T (rows x images) x[:, :, p].
+                for p in 0..hw {
+                    let dyp = (&dy[r0 * hw + p..], hw, co * hw);
+                    let xp = (&x[p..], ci * hw, hw);
+                    matmul((dw, ci, 1), (rows, ci, n), dyp, xp, p > 0);
+                }
+            } else {
+                for img in 0..n {
+                    let dyi = &dy[(img * co + r0) * hw..];
+                    let xi = &x[img * ci * hw..(img + 1) * ci * hw];
+                    matmul(
+                        (dw, ci, 1),
+                        (rows, ci, hw),
+                        (dyi, hw, 1),
+                        (xi, 1, hw),
+                        img > 0,
+                    );
+                }
             }
         });
     (dx, dw)

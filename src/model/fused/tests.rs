@@ -208,6 +208,10 @@ fn pointwise_matches_burn_conv() {
         (1, 7, 33, 5),
         (2, 40, 8, 1),
         (4, 96, 40, 14),
+        // Small maps: one product per position over groups of 32 images (the last partial).
+        (35, 12, 20, 2),
+        (5, 24, 40, 4),
+        (40, 17, 33, 1),
     ] {
         let conv = Conv2dConfig::new([ci, co], [1, 1])
             .with_bias(false)
