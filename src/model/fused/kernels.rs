@@ -226,6 +226,13 @@ pub(super) fn depthwise_forward_interleaved(
     out
 }
 
+/// `a * b + c` lane by lane, on values (not references) so LLVM sees no aliasing and emits one
+/// vector FMA (through references it unrolled 16 scalar ones).
+#[inline(always)]
+fn fma_lanes(a: Lanes, b: Lanes, c: Lanes) -> Lanes {
+    std::array::from_fn(|l| a[l].mul_add(b[l], c[l]))
+}
+
 /// Copies `lanes` planes (`[lanes, plane]`, contiguous) into the interleaved `out` (`[plane]` of
 /// [`Lanes`]).
 #[inline(always)]
@@ -266,10 +273,8 @@ simd_dispatch! {
             ot.fill([0.0; LANES]);
             let w = &wt[b * taps..(b + 1) * taps];
             for t in tap_list {
-                let (o, x, w) = (&mut ot[t.out as usize], &xt[t.input as usize], &w[t.tap as usize]);
-                for l in 0..LANES {
-                    o[l] = w[l].mul_add(x[l], o[l]);
-                }
+                let o = &mut ot[t.out as usize];
+                *o = fma_lanes(w[t.tap as usize], xt[t.input as usize], *o);
             }
             deinterleave(&ot, out_plane, &mut out[c0 * out_plane..(c0 + lanes) * out_plane]);
         }
@@ -383,20 +388,14 @@ simd_dispatch! {
             let at = (b * channels + first) * out_plane;
             interleave(&grad[at..at + lanes * out_plane], out_plane, &mut gt);
             for t in tap_list {
-                let (g, x) = (&gt[t.out as usize], &xt[t.input as usize]);
                 let gw = &mut gwt[t.tap as usize];
-                for l in 0..LANES {
-                    gw[l] = g[l].mul_add(x[l], gw[l]);
-                }
+                *gw = fma_lanes(gt[t.out as usize], xt[t.input as usize], *gw);
             }
             if let Some(gx) = gx.get_mut(b) {
                 gxt.fill([0.0; LANES]);
                 for t in tap_list {
-                    let (g, w) = (&gt[t.out as usize], &wt[t.tap as usize]);
                     let gx = &mut gxt[t.input as usize];
-                    for l in 0..LANES {
-                        gx[l] = g[l].mul_add(w[l], gx[l]);
-                    }
+                    *gx = fma_lanes(gt[t.out as usize], wt[t.tap as usize], *gx);
                 }
                 deinterleave(&gxt, plane, gx);
             }
