@@ -111,8 +111,8 @@ impl SqueezeExcite {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let s = x.clone().mean_dim(3).mean_dim(2);
-        let s = self.act.forward(self.reduce.forward(s));
-        let s = sigmoid(self.expand.forward(s));
+        let s = self.act.forward(fused::pointwise_conv2d(&self.reduce, s));
+        let s = sigmoid(fused::pointwise_conv2d(&self.expand, s));
         x * s
     }
 }

@@ -96,10 +96,10 @@ pub fn depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     ))
 }
 
-/// `conv.forward(x)` for a 1x1 stride-1 `conv` without bias, padding, groups or dilation, as one
-/// matrix product per image on Flex f32 tensors (forward and backward: burn's conv2d backward goes
-/// through a transposed convolution and layout copies); any other conv or backend goes through
-/// `conv.forward`.
+/// `conv.forward(x)` for a 1x1 stride-1 `conv` without padding, groups or dilation, as matrix
+/// products on Flex f32 tensors (forward and backward: burn's conv2d backward goes through a
+/// transposed convolution and layout copies, one thread); a bias (the squeeze-excite convs) is
+/// added by burn's broadcast add. Any other conv or backend goes through `conv.forward`.
 pub fn pointwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let [_, ci, _, _] = x.dims();
     let unpadded = match &conv.padding {
@@ -110,16 +110,22 @@ pub fn pointwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         && conv.stride == [1, 1]
         && conv.groups == 1
         && conv.dilation == [1, 1]
-        && conv.bias.is_none()
         && conv.weight.dims()[1] == ci
         && unpadded;
     if !plain || !runs_fused(&x) {
         return conv.forward(x);
     }
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_pointwise(
+    let y = Tensor::<4>::from_dispatch(<Dispatch as FusedOps>::fused_pointwise(
         x.into_dispatch(),
         conv.weight.val().into_dispatch(),
-    ))
+    ));
+    match &conv.bias {
+        Some(bias) => {
+            let [co] = bias.dims();
+            y + bias.val().reshape([1, co, 1, 1])
+        }
+        None => y,
+    }
 }
 
 /// `bn.forward(x)`, with the training-mode normalisation fused on Flex f32 tensors. The running

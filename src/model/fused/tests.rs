@@ -197,13 +197,13 @@ fn non_depthwise_conv_falls_back() {
     assert_eq!(diff, 0.0);
 }
 
-/// The 1x1 convolution as per-image matrix products: output and both gradients equal burn's
-/// conv2d, on maps from 1x1 up and odd channel counts; convs it does not cover (bias, stride,
-/// 3x3) go through burn's own.
+/// The 1x1 convolution as matrix products: output and every gradient equal burn's conv2d, on
+/// maps from 1x1 up, odd channel counts, with and without bias (the squeeze-excite convs); convs
+/// it does not cover (stride, 3x3) go through burn's own.
 #[test]
 fn pointwise_matches_burn_conv() {
     let device = Device::flex().autodiff();
-    for (n, ci, co, size) in [
+    for ((n, ci, co, size), bias) in [
         (3, 16, 24, 8),
         (1, 7, 33, 5),
         (2, 40, 8, 1),
@@ -212,15 +212,18 @@ fn pointwise_matches_burn_conv() {
         (35, 12, 20, 2),
         (5, 24, 40, 4),
         (40, 17, 33, 1),
-    ] {
+    ]
+    .into_iter()
+    .flat_map(|case| [(case, false), (case, true)])
+    {
         let conv = Conv2dConfig::new([ci, co], [1, 1])
-            .with_bias(false)
+            .with_bias(bias)
             .init(&device);
         let x =
             Tensor::<4>::random([n, ci, size, size], Distribution::Default, &device).require_grad();
         let fused = pointwise_conv2d(&conv, x.clone());
         let reference = conv.forward(x.clone());
-        let case = format!("{n}x{ci}->{co} {size}x{size}");
+        let case = format!("{n}x{ci}->{co} {size}x{size} bias {bias}");
         assert_eq!(fused.dims(), reference.dims(), "{case}");
         assert!(
             rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-6,
@@ -234,10 +237,14 @@ fn pointwise_matches_burn_conv() {
         let w = conv.weight.val();
         let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
         assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
+        if let Some(b) = &conv.bias {
+            let b = b.val();
+            let (gbf, gbr) = (b.grad(&gf).unwrap(), b.grad(&gr).unwrap());
+            assert!(rel_diff(gbf, gbr) < 1e-5, "bias grad, {case}");
+        }
     }
     let x = Tensor::<4>::random([2, 8, 6, 6], Distribution::Default, &device);
     for conv in [
-        Conv2dConfig::new([8, 4], [1, 1]).init(&device),
         Conv2dConfig::new([8, 4], [1, 1])
             .with_stride([2, 2])
             .with_bias(false)
