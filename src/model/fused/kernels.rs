@@ -125,11 +125,12 @@ const LANES: usize = 16;
 /// One position of a block of [`LANES`] channels, the interleaved layout's element.
 type Lanes = [f32; LANES];
 
-/// Output widths below this give row runs too short to vectorise (the scalar remainder loops
-/// were most of the depthwise time at 32x32 inputs), so such convs interleave blocks of
-/// [`LANES`] channels and vectorise across channels instead. Chosen by the geometry alone, so
-/// results never depend on the thread count.
-const INTERLEAVE_BELOW: usize = 8;
+/// Output widths below this run the depthwise conv on blocks of [`LANES`] channels interleaved,
+/// vectorised across channels: row runs of 16 or fewer outputs are mostly scalar remainders and
+/// horizontal sums. Wider maps keep the row runs (at 224x224, batch 16, interleaving maps up to
+/// 28 wide beat 16 and 8, and 56 was slower: `effnet bench b0 --train --resolution 224`). Chosen
+/// by the geometry alone, so results never depend on the thread count.
+const INTERLEAVE_BELOW: usize = 29;
 
 /// One real tap of one output: `out += w[tap] * x[input]` (plane offsets).
 #[derive(Debug, Clone, Copy)]
