@@ -50,6 +50,9 @@ fn depthwise_matches_burn_conv() {
         (3, 1, 16, PaddingConfig2d::Same),
         (3, 2, 17, PaddingConfig2d::Explicit(1, 1, 1, 1)),
         (5, 2, 20, PaddingConfig2d::Same),
+        // Output widths of 29 and more take the row-run path (smaller ones are interleaved).
+        (3, 1, 30, PaddingConfig2d::Same),
+        (5, 2, 61, PaddingConfig2d::Same),
     ] {
         for channels in [6, 20] {
             let conv = Conv2dConfig::new([channels, channels], [k, k])
