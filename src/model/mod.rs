@@ -110,10 +110,10 @@ impl SqueezeExcite {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let s = x.clone().mean_dim(3).mean_dim(2);
+        let s = fused::spatial_mean(x.clone());
         let s = self.act.forward(fused::pointwise_conv2d(&self.reduce, s));
         let s = sigmoid(fused::pointwise_conv2d(&self.expand, s));
-        x * s
+        fused::plane_scale(x, s)
     }
 }
 
@@ -220,7 +220,7 @@ impl EfficientNet {
         }
         let x = self.head.forward(x);
         let [b, c, _, _] = x.dims();
-        x.mean_dim(3).mean_dim(2).reshape([b, c])
+        fused::spatial_mean(x).reshape([b, c])
     }
 
     /// Dropout + classifier on pooled features.

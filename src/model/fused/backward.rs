@@ -11,8 +11,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Flex, TensorMetadata};
 
 use super::kernels::{
-    DwGeometry, batch_norm_backward, depthwise_backward, par_elementwise2, pointwise_backward,
-    silu_backward,
+    DwGeometry, batch_norm_backward, depthwise_backward, for_each_plane, par_elementwise2,
+    plane_dots, pointwise_backward, scale_planes, silu_backward,
 };
 use super::{FusedOps, contiguous, dims4, f32s, tensor};
 
@@ -152,6 +152,94 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((x, weight), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_spatial_mean(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SpatialMeanBackward;
+
+        impl Backward<Flex, 1> for SpatialMeanBackward {
+            /// The input's shape.
+            type State = Vec<usize>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let shape = ops.state;
+                unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+                    let grad = contiguous(grad);
+                    let (g, plane) = (f32s(&grad), shape[2] * shape[3]);
+                    let mut out = vec![0.0; g.len() * plane];
+                    for_each_plane(&mut out, 1, plane, |p, _, o| o.fill(g[p] / plane as f32));
+                    tensor(out, shape)
+                });
+            }
+        }
+
+        let node = x.node();
+        let x = contiguous(x.into_primitive());
+        let shape = x.shape().to_vec();
+        let y = <Flex as FusedOps>::fused_spatial_mean(x);
+        match SpatialMeanBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(shape, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_plane_scale(x: FloatTensor<Self>, scale: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct PlaneScaleBackward;
+
+        impl Backward<Flex, 2> for PlaneScaleBackward {
+            type State = (FlexTensor, FlexTensor);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x, node_s] = ops.parents;
+                let grad = contiguous(grads.consume::<Flex>(&ops.node));
+                let (x, scale) = ops.state;
+                let plane = x.shape()[2] * x.shape()[3];
+                let (g, xs) = (f32s(&grad), f32s(&x));
+                // dx = g * scale per plane; dscale = sum over the plane of g x.
+                let gx = match node_x {
+                    Some(_) => scale_planes(g, f32s(&scale), plane),
+                    None => Vec::new(),
+                };
+                let gs = match node_s {
+                    Some(_) => plane_dots(g, xs, plane),
+                    None => Vec::new(),
+                };
+                register(
+                    grads,
+                    [node_x, node_s].map(|n| n.map(|n| n.id)),
+                    [(gx, x.shape().to_vec()), (gs, scale.shape().to_vec())],
+                );
+            }
+        }
+
+        let nodes = [x.node(), scale.node()];
+        let x = contiguous(x.into_primitive());
+        let scale = contiguous(scale.into_primitive());
+        let y = <Flex as FusedOps>::fused_plane_scale(x.clone(), scale.clone());
+        match PlaneScaleBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, scale), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

@@ -4,8 +4,8 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Flex, TensorMetadata};
 
 use super::kernels::{
-    DwGeometry, batch_norm_forward, depthwise_forward, par_elementwise, pointwise_forward,
-    silu_forward,
+    DwGeometry, batch_norm_forward, depthwise_forward, par_elementwise, plane_means,
+    pointwise_forward, scale_planes, silu_forward,
 };
 use super::{FusedOps, contiguous, dims4, f32s, tensor};
 
@@ -37,6 +37,19 @@ impl FusedOps for Flex {
         let co = weight.shape()[0];
         let y = pointwise_forward(f32s(&x), f32s(&weight), (n, ci, co, h * w));
         tensor(y, vec![n, co, h, w])
+    }
+
+    fn fused_spatial_mean(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let [n, c, h, w] = dims4(&x);
+        tensor(plane_means(f32s(&x), h * w), vec![n, c, 1, 1])
+    }
+
+    fn fused_plane_scale(x: FlexTensor, scale: FlexTensor) -> FlexTensor {
+        let (x, scale) = (contiguous(x), contiguous(scale));
+        let [_, _, h, w] = dims4(&x);
+        let y = scale_planes(f32s(&x), f32s(&scale), h * w);
+        tensor(y, x.shape().to_vec())
     }
 
     fn fused_batch_norm_train(

@@ -475,6 +475,46 @@ pub(super) fn for_each_plane(
         });
 }
 
+/// `f(p)` for every plane `p` of a tensor of `planes`, in parallel (each value computed by one
+/// task, so the result does not depend on the thread count).
+pub(super) fn per_plane(planes: usize, plane: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+    let per_task = planes_per_task(plane);
+    let mut out = vec![0.0; planes];
+    out.par_chunks_mut(per_task)
+        .enumerate()
+        .for_each(|(t, o)| o.iter_mut().enumerate().for_each(|(i, v)| *v = f(t * per_task + i)));
+    out
+}
+
+/// Mean of each plane of `x`.
+pub(super) fn plane_means(x: &[f32], plane: usize) -> Vec<f32> {
+    per_plane(x.len() / plane, plane, |p| sum(&x[p * plane..(p + 1) * plane]) / plane as f32)
+}
+
+/// `sum g x` over each plane.
+pub(super) fn plane_dots(g: &[f32], x: &[f32], plane: usize) -> Vec<f32> {
+    let range = |p: usize| p * plane..(p + 1) * plane;
+    per_plane(x.len() / plane, plane, |p| centered_dot(&g[range(p)], &x[range(p)], 0.0))
+}
+
+/// Each plane of `x` times its factor in `scale` (one per plane).
+pub(super) fn scale_planes(x: &[f32], scale: &[f32], plane: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for_each_plane(&mut out, 1, plane, |p, _, o| {
+        scale_slice(&x[p * plane..(p + 1) * plane], scale[p], o)
+    });
+    out
+}
+
+simd_dispatch! {
+    /// `out = x * factor`.
+    fn scale_slice(x: &[f32], factor: f32, out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(x) {
+            *o = x * factor;
+        }
+    }
+}
+
 /// (output, mean, biased variance) of training-mode batch norm of `x` `[n, channels, plane]`;
 /// statistics per channel over the batch and the plane, in two passes (mean, then squared
 /// deviations) as burn computes them.

@@ -44,6 +44,11 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// 1x1 stride-1 convolution of `x` `[n, ci, h, w]` with `weight` `[co, ci, 1, 1]`, no bias.
     fn fused_pointwise(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Mean of `x` `[n, c, h, w]` over each plane: `[n, c, 1, 1]`.
+    fn fused_spatial_mean(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `x` `[n, c, h, w]` times `scale` `[n, c, 1, 1]`, one factor per plane (the squeeze-excite
+    /// gate).
+    fn fused_plane_scale(x: FloatTensor<Self>, scale: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Training-mode batch norm of `x` `[n, c, ...]` over all but the channel axis: (output,
     /// batch mean, biased batch variance), the statistics `[c]` and not differentiated.
     fn fused_batch_norm_train(
@@ -60,6 +65,28 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         return burn::tensor::activation::silu(x);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_silu(x.into_dispatch()))
+}
+
+/// `x.mean_dim(3).mean_dim(2)` (global average pooling, kept 4-D), fused on Flex f32 tensors:
+/// one sum per plane, and a broadcast backward (burn reduces twice and reduces again backward).
+pub fn spatial_mean(x: Tensor<4>) -> Tensor<4> {
+    if !runs_fused(&x) {
+        return x.mean_dim(3).mean_dim(2);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_spatial_mean(x.into_dispatch()))
+}
+
+/// `x * scale` for `scale` `[n, c, 1, 1]` broadcast over `x` `[n, c, h, w]`, fused on Flex f32
+/// tensors (the scale's gradient is one dot product per plane).
+pub fn plane_scale(x: Tensor<4>, scale: Tensor<4>) -> Tensor<4> {
+    let [n, c, _, _] = x.dims();
+    if !runs_fused(&x) || scale.dims() != [n, c, 1, 1] {
+        return x * scale;
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_plane_scale(
+        x.into_dispatch(),
+        scale.into_dispatch(),
+    ))
 }
 
 /// `conv.forward(x)` for a depthwise `conv` (groups = channels, square kernel, no bias, no

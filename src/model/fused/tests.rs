@@ -133,6 +133,31 @@ fn depthwise_paths_agree() {
     }
 }
 
+/// Global average pooling and the squeeze-excite gate (a factor per plane): outputs and every
+/// gradient equal burn's composed `mean_dim` and broadcast multiply, on maps from 1x1 up.
+#[test]
+fn spatial_mean_and_plane_scale_match_burn() {
+    let device = Device::flex().autodiff();
+    for (n, c, h, w) in [(3, 5, 7, 7), (2, 40, 1, 1), (4, 16, 16, 16), (1, 3, 2, 5)] {
+        let case = format!("{n}x{c}x{h}x{w}");
+        let x = Tensor::<4>::random([n, c, h, w], Distribution::Default, &device).require_grad();
+        let s = Tensor::<4>::random([n, c, 1, 1], Distribution::Default, &device).require_grad();
+        let fused = plane_scale(x.clone(), s.clone()) + spatial_mean(x.clone() * 3.0);
+        let reference = x.clone() * s.clone() + (x.clone() * 3.0).mean_dim(3).mean_dim(2);
+        assert!(
+            rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-6,
+            "{case}"
+        );
+        let g = Tensor::<4>::random([n, c, h, w], Distribution::Default, &device);
+        let gf = (fused * g.clone()).sum().backward();
+        let gr = (reference * g).sum().backward();
+        let (gxf, gxr) = (x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+        assert!(rel_diff(gxf, gxr) < 1e-5, "input grad, {case}");
+        let (gsf, gsr) = (s.grad(&gf).unwrap(), s.grad(&gr).unwrap());
+        assert!(rel_diff(gsf, gsr) < 1e-5, "scale grad, {case}");
+    }
+}
+
 fn batch_norm_layer(channels: usize, device: &Device) -> BatchNorm {
     let mut bn = BatchNormConfig::new(channels)
         .with_momentum(0.1)
