@@ -5,7 +5,7 @@
 //! runs on an autodiff device and has not been switched to [`Module::valid`] or frozen, as for burn's
 //! own layers.
 
-mod fused;
+pub(crate) mod fused;
 mod init;
 mod load;
 

@@ -8,6 +8,8 @@
 use burn::optim::{LearningRate, Optimizer, RecordState, StateSink, StateSource};
 use burn::tensor::{Device, Tensor};
 
+use crate::model::fused::{RmsPropCoefficients, rmsprop_tf};
+
 #[derive(Debug, Clone, Copy)]
 pub struct TfRmsProp {
     pub decay: f64,
@@ -62,10 +64,13 @@ impl Optimizer for TfRmsProp {
             Some(s) => (s.mean_square, s.momentum),
             None => (grad.ones_like(), grad.zeros_like()),
         };
-        let ms = ms.clone() + (grad.clone().powi_scalar(2) - ms).mul_scalar(1.0 - self.decay);
-        let step = grad.mul_scalar(lr) / ms.clone().add_scalar(self.epsilon).sqrt();
-        let mom = mom.mul_scalar(self.momentum) + step;
-        let tensor = tensor - mom.clone();
+        let coefficients = RmsPropCoefficients {
+            lr: lr as f32,
+            decay_complement: (1.0 - self.decay) as f32,
+            momentum: self.momentum as f32,
+            epsilon: self.epsilon as f32,
+        };
+        let (tensor, ms, mom) = rmsprop_tf(tensor, grad, ms, mom, coefficients);
         (
             tensor,
             Some(TfRmsPropState {

@@ -14,7 +14,7 @@ use super::kernels::{
     DwGeometry, batch_norm_backward, depthwise_backward, for_each_plane, par_elementwise2,
     plane_dots, pointwise_backward, scale_planes, silu_backward,
 };
-use super::{FusedOps, contiguous, dims4, f32s, tensor};
+use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -242,6 +242,23 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             OpsKind::Tracked(prep) => prep.finish((x, scale), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
+    }
+
+    fn fused_rmsprop_tf(
+        w: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        ms: FloatTensor<Self>,
+        mom: FloatTensor<Self>,
+        c: RmsPropCoefficients,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        // An optimizer update is not differentiated: computed on the inner tensors, untracked.
+        let [w, g, ms, mom] = [w, g, ms, mom].map(Self::inner);
+        let (w, ms, mom) = <Flex as FusedOps>::fused_rmsprop_tf(w, g, ms, mom, c);
+        (
+            Self::from_inner(w),
+            Self::from_inner(ms),
+            Self::from_inner(mom),
+        )
     }
 
     fn fused_batch_norm_train(

@@ -5,9 +5,9 @@ use burn::backend::{Flex, TensorMetadata};
 
 use super::kernels::{
     DwGeometry, batch_norm_forward, depthwise_forward, par_elementwise, plane_means,
-    pointwise_forward, scale_planes, silu_forward,
+    pointwise_forward, rmsprop_tf, scale_planes, silu_forward,
 };
-use super::{FusedOps, contiguous, dims4, f32s, tensor};
+use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
 
 impl FusedOps for Flex {
     fn fused_silu(x: FlexTensor) -> FlexTensor {
@@ -50,6 +50,23 @@ impl FusedOps for Flex {
         let [_, _, h, w] = dims4(&x);
         let y = scale_planes(f32s(&x), f32s(&scale), h * w);
         tensor(y, x.shape().to_vec())
+    }
+
+    fn fused_rmsprop_tf(
+        w: FlexTensor,
+        g: FlexTensor,
+        ms: FlexTensor,
+        mom: FlexTensor,
+        c: RmsPropCoefficients,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let [w, g, ms, mom] = [w, g, ms, mom].map(contiguous);
+        let (w2, ms2, mom2) = rmsprop_tf(f32s(&w), f32s(&g), f32s(&ms), f32s(&mom), c);
+        let shape = w.shape().to_vec();
+        (
+            tensor(w2, shape.clone()),
+            tensor(ms2, shape.clone()),
+            tensor(mom2, shape),
+        )
     }
 
     fn fused_batch_norm_train(

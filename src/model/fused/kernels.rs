@@ -45,6 +45,49 @@ simd_dispatch! {
     }
 }
 
+/// One TF-RMSProp update (see `fused::rmsprop_tf`): (w, ms, mom), in parallel chunks.
+pub(super) fn rmsprop_tf(
+    w: &[f32],
+    g: &[f32],
+    ms: &[f32],
+    mom: &[f32],
+    c: super::RmsPropCoefficients,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = w.len();
+    let (mut w2, mut ms2, mut mom2) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    w2.par_chunks_mut(CHUNK)
+        .zip(ms2.par_chunks_mut(CHUNK))
+        .zip(mom2.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(i, ((w2, ms2), mom2))| {
+            let r = i * CHUNK..(i * CHUNK + w2.len());
+            let ins = [&w[r.clone()], &g[r.clone()], &ms[r.clone()], &mom[r]];
+            rmsprop_tf_chunk(ins, c, w2, ms2, mom2);
+        });
+    (w2, ms2, mom2)
+}
+
+simd_dispatch! {
+    /// [`rmsprop_tf`] on one chunk, each f32 operation in the composed ops' order.
+    fn rmsprop_tf_chunk(
+        ins: [&[f32]; 4],
+        c: super::RmsPropCoefficients,
+        w2: &mut [f32],
+        ms2: &mut [f32],
+        mom2: &mut [f32],
+    ) {
+        let n = w2.len();
+        let [w, g, ms, mom] = ins.map(|t| &t[..n]);
+        let (ms2, mom2) = (&mut ms2[..n], &mut mom2[..n]);
+        for i in 0..n {
+            let m = ms[i] + (g[i] * g[i] - ms[i]) * c.decay_complement;
+            let step = (g[i] * c.lr) / (m + c.epsilon).sqrt();
+            let v = mom[i] * c.momentum + step;
+            (w2[i], ms2[i], mom2[i]) = (w[i] - v, m, v);
+        }
+    }
+}
+
 /// Shapes of one depthwise conv plane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct DwGeometry {
@@ -480,21 +523,27 @@ pub(super) fn for_each_plane(
 pub(super) fn per_plane(planes: usize, plane: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
     let per_task = planes_per_task(plane);
     let mut out = vec![0.0; planes];
-    out.par_chunks_mut(per_task)
-        .enumerate()
-        .for_each(|(t, o)| o.iter_mut().enumerate().for_each(|(i, v)| *v = f(t * per_task + i)));
+    out.par_chunks_mut(per_task).enumerate().for_each(|(t, o)| {
+        o.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = f(t * per_task + i))
+    });
     out
 }
 
 /// Mean of each plane of `x`.
 pub(super) fn plane_means(x: &[f32], plane: usize) -> Vec<f32> {
-    per_plane(x.len() / plane, plane, |p| sum(&x[p * plane..(p + 1) * plane]) / plane as f32)
+    per_plane(x.len() / plane, plane, |p| {
+        sum(&x[p * plane..(p + 1) * plane]) / plane as f32
+    })
 }
 
 /// `sum g x` over each plane.
 pub(super) fn plane_dots(g: &[f32], x: &[f32], plane: usize) -> Vec<f32> {
     let range = |p: usize| p * plane..(p + 1) * plane;
-    per_plane(x.len() / plane, plane, |p| centered_dot(&g[range(p)], &x[range(p)], 0.0))
+    per_plane(x.len() / plane, plane, |p| {
+        centered_dot(&g[range(p)], &x[range(p)], 0.0)
+    })
 }
 
 /// Each plane of `x` times its factor in `scale` (one per plane).

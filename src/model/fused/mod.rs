@@ -49,6 +49,15 @@ pub trait FusedOps: Backend {
     /// `x` `[n, c, h, w]` times `scale` `[n, c, 1, 1]`, one factor per plane (the squeeze-excite
     /// gate).
     fn fused_plane_scale(x: FloatTensor<Self>, scale: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// One TF-RMSProp update of a parameter `w` with gradient `g` and state `ms`, `mom` (see
+    /// [`rmsprop_tf`]): (new weights, new mean square, new momentum). Not differentiated.
+    fn fused_rmsprop_tf(
+        w: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        ms: FloatTensor<Self>,
+        mom: FloatTensor<Self>,
+        coefficients: RmsPropCoefficients,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Training-mode batch norm of `x` `[n, c, ...]` over all but the channel axis: (output,
     /// batch mean, biased batch variance), the statistics `[c]` and not differentiated.
     fn fused_batch_norm_train(
@@ -57,6 +66,47 @@ pub trait FusedOps: Backend {
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The f32 constants of one TF-RMSProp update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RmsPropCoefficients {
+    pub lr: f32,
+    /// 1 - decay.
+    pub decay_complement: f32,
+    pub momentum: f32,
+    pub epsilon: f32,
+}
+
+/// TF-RMSProp: `ms += (1 - decay)(g^2 - ms); mom = momentum mom + lr g / sqrt(ms + eps);
+/// w -= mom`, returning (w, ms, mom). One parallel pass on Flex f32 tensors (burn's composed ops
+/// take eleven, each allocating, per parameter and step); burn's ops elsewhere, in the same order
+/// of f32 operations, so both give the same bits.
+pub fn rmsprop_tf<const D: usize>(
+    w: Tensor<D>,
+    g: Tensor<D>,
+    ms: Tensor<D>,
+    mom: Tensor<D>,
+    c: RmsPropCoefficients,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    if !runs_fused(&w) || [&g, &ms, &mom].iter().any(|t| t.dims() != w.dims()) {
+        let ms = ms.clone() + (g.clone().powi_scalar(2) - ms).mul_scalar(c.decay_complement);
+        let step = g.mul_scalar(c.lr) / ms.clone().add_scalar(c.epsilon).sqrt();
+        let mom = mom.mul_scalar(c.momentum) + step;
+        return (w - mom.clone(), ms, mom);
+    }
+    let (w, ms, mom) = <Dispatch as FusedOps>::fused_rmsprop_tf(
+        w.into_dispatch(),
+        g.into_dispatch(),
+        ms.into_dispatch(),
+        mom.into_dispatch(),
+        c,
+    );
+    (
+        Tensor::from_dispatch(w),
+        Tensor::from_dispatch(ms),
+        Tensor::from_dispatch(mom),
+    )
 }
 
 /// SiLU, fused on Flex f32 tensors and burn's `x * sigmoid(x)` elsewhere.
@@ -73,7 +123,9 @@ pub fn spatial_mean(x: Tensor<4>) -> Tensor<4> {
     if !runs_fused(&x) {
         return x.mean_dim(3).mean_dim(2);
     }
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_spatial_mean(x.into_dispatch()))
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_spatial_mean(
+        x.into_dispatch(),
+    ))
 }
 
 /// `x * scale` for `scale` `[n, c, 1, 1]` broadcast over `x` `[n, c, h, w]`, fused on Flex f32
