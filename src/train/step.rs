@@ -62,7 +62,7 @@ impl<'a> Trainer<'a> {
         // continues exactly as an uninterrupted one.
         device.seed(cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let correct;
-        let mut loss = if stage.mixup_alpha > 0.0 || stage.cutmix_alpha > 0.0 {
+        let loss = if stage.mixup_alpha > 0.0 || stage.cutmix_alpha > 0.0 {
             // Mixup / CutMix draw from a stream fixed by (seed, step), like everything else.
             let mut rng = StdRng::seed_from_u64(
                 cfg.seed ^ 0x6d69_7875 ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d),
@@ -95,17 +95,20 @@ impl<'a> Trainer<'a> {
             correct = count_correct(&logits, y.clone());
             self.loss_fn.forward(logits, y)
         };
-        if cfg.weight_decay > 0.0
-            && let Some(l2) = l2_of_weights(&model)
-        {
-            // TF's l2_loss is sum(w^2) / 2.
-            loss = loss + l2.mul_scalar(cfg.weight_decay / 2.0);
+        let mut loss_value = loss.clone().into_scalar::<f32>() as f64;
+        if cfg.weight_decay > 0.0 {
+            // TF's l2_loss is sum(w^2) / 2; its gradient, weight_decay * w, is added to the
+            // gradients below rather than backpropagated through the graph (same value, a third
+            // of the passes).
+            loss_value += cfg.weight_decay / 2.0 * sum_of_squared_weights(&model);
         }
-        let loss_value = loss.clone().into_scalar::<f32>() as f64;
         if !loss_value.is_finite() {
             bail!("training diverged at step {step} (loss {loss_value}); lower the learning rate");
         }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        if cfg.weight_decay > 0.0 {
+            add_weight_decay(&model, &mut grads, cfg.weight_decay);
+        }
         Ok(StepOutcome {
             model: optim.step(lr, model, grads),
             loss: loss_value,
@@ -121,12 +124,12 @@ fn count_correct(logits: &Tensor<2>, labels: Tensor<1, Int>) -> usize {
 }
 
 /// Sum of squares of every conv and classifier weight (not BN, not biases), for the L2 term.
-fn l2_of_weights(model: &EfficientNet) -> Option<Tensor<1>> {
+fn sum_of_squared_weights(model: &EfficientNet) -> f64 {
     struct SumOfSquares(Option<Tensor<1>>);
     impl ParamVisitor for SumOfSquares {
         fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
-            if D >= 2 && path.ends_with(".weight") {
-                let s = param.val().powi_scalar(2).sum();
+            if decayed::<D>(path) {
+                let s = param.val().inner().powi_scalar(2).sum();
                 self.0 = Some(match self.0.take() {
                     Some(acc) => acc + s,
                     None => s,
@@ -134,7 +137,31 @@ fn l2_of_weights(model: &EfficientNet) -> Option<Tensor<1>> {
             }
         }
     }
-    visit_params(model, SumOfSquares(None)).0
+    // One read-back for all weights (a GPU would otherwise sync once per weight).
+    visit_params(model, SumOfSquares(None))
+        .0
+        .map_or(0.0, |s| s.into_scalar::<f32>() as f64)
+}
+
+/// Adds `decay * w`, the gradient of the L2 term, to each decayed weight's gradient.
+fn add_weight_decay(model: &EfficientNet, grads: &mut GradientsParams, decay: f64) {
+    struct AddDecay<'a>(&'a mut GradientsParams, f64);
+    impl ParamVisitor for AddDecay<'_> {
+        fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
+            if decayed::<D>(path)
+                && let Some(g) = self.0.remove::<D>(param.id)
+            {
+                let w = param.val().inner();
+                self.0.register(param.id, g + w.mul_scalar(self.1));
+            }
+        }
+    }
+    visit_params(model, AddDecay(grads, decay));
+}
+
+/// The weights the L2 term covers: every conv and classifier weight (not BN, not biases).
+fn decayed<const D: usize>(path: &str) -> bool {
+    D >= 2 && path.ends_with(".weight")
 }
 
 fn tensors(batch: &Batch, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
@@ -146,4 +173,61 @@ fn tensors(batch: &Batch, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
     let labels: Vec<i64> = batch.labels.iter().map(|&l| l as i64).collect();
     let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch.size]), device);
     (x, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// The L2 term added to the gradients equals backpropagating `decay / 2 * sum w^2` through
+    /// the graph, for every weight it covers, and the reported loss includes it.
+    #[test]
+    fn weight_decay_gradient_equals_the_backpropagated_l2_term() {
+        let device = Device::flex().autodiff();
+        let mut spec = crate::spec::variant("lite0").unwrap();
+        spec.num_classes = 3;
+        // No random masks: the two backward passes below must see the same forward.
+        spec.dropout = 0.0;
+        spec.drop_connect_rate = 0.0;
+        let model = EfficientNet::new(&spec, &device);
+        let x = Tensor::<4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+        let decay = 0.05;
+        let head = |m: &EfficientNet| m.forward(x.clone()).sum();
+
+        let mut added = GradientsParams::from_grads(head(&model).backward(), &model);
+        add_weight_decay(&model, &mut added, decay);
+        let squares = sum_of_squared_weights(&model);
+
+        struct L2(Option<Tensor<1>>);
+        impl ParamVisitor for L2 {
+            fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
+                if decayed::<D>(path) {
+                    let s = param.val().powi_scalar(2).sum();
+                    self.0 = Some(self.0.take().map_or(s.clone(), |acc| acc + s));
+                }
+            }
+        }
+        let l2 = visit_params(&model, L2(None)).0.unwrap();
+        let l2_value = l2.clone().into_scalar::<f32>() as f64;
+        assert!((l2_value - squares).abs() <= 1e-5 * squares, "{l2_value} vs {squares}");
+        let loss = head(&model) + l2.mul_scalar(decay / 2.0);
+        let through_graph = GradientsParams::from_grads(loss.backward(), &model);
+
+        struct Compare<'a>(&'a GradientsParams, &'a GradientsParams, usize);
+        impl ParamVisitor for Compare<'_> {
+            fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
+                let (a, b) = (self.0.get::<D>(param.id), self.1.get::<D>(param.id));
+                let (Some(a), Some(b)) = (a, b) else {
+                    return;
+                };
+                let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-3);
+                let diff = (a - b).abs().max().into_scalar::<f32>();
+                assert!(diff <= 1e-5 * scale, "{path}: {diff} (scale {scale})");
+                self.2 += decayed::<D>(path) as usize;
+            }
+        }
+        let checked = visit_params(&model, Compare(&added, &through_graph, 0)).2;
+        assert!(checked >= 40, "{checked} decayed weights compared");
+    }
 }
