@@ -261,4 +261,35 @@ mod tests {
         assert!(above < 0.8 && reward(0.8, 200, 400, -0.07) > 0.8);
         assert_eq!(reward(0.8, 800, 400, 0.0), 0.8);
     }
+
+    /// A resumed search rewrites the history it read: every float must come back bit for bit
+    /// (serde_json's default parser is off by one ulp on some, hence its `float_roundtrip`).
+    #[test]
+    fn the_history_survives_a_rewrite_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let candidate = |index, reward| Candidate {
+            index,
+            arch: Arch(vec![0, 1, 2]),
+            blocks: vec!["r1_k3_s11_e1_i32_o16_se0.25".into()],
+            flops: 13333568,
+            params: 5763379,
+            top1: 1.0 / 3.0,
+            reward,
+            seconds: 0.901243726,
+            commit: "abc".into(),
+        };
+        let history = vec![
+            candidate(0, 0.9731115187734595),
+            candidate(1, 0.35058432476195556),
+            candidate(2, 0.29614160235197245),
+        ];
+        write_history(dir.path(), &history).unwrap();
+        let first = std::fs::read(history_path(dir.path())).unwrap();
+        let read = load_history(dir.path()).unwrap();
+        for (a, b) in read.iter().zip(&history) {
+            assert_eq!(a.reward.to_bits(), b.reward.to_bits());
+        }
+        write_history(dir.path(), &read).unwrap();
+        assert_eq!(std::fs::read(history_path(dir.path())).unwrap(), first);
+    }
 }
