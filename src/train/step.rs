@@ -210,7 +210,10 @@ mod tests {
         }
         let l2 = visit_params(&model, L2(None)).0.unwrap();
         let l2_value = l2.clone().into_scalar::<f32>() as f64;
-        assert!((l2_value - squares).abs() <= 1e-5 * squares, "{l2_value} vs {squares}");
+        assert!(
+            (l2_value - squares).abs() <= 1e-5 * squares,
+            "{l2_value} vs {squares}"
+        );
         let loss = head(&model) + l2.mul_scalar(decay / 2.0);
         let through_graph = GradientsParams::from_grads(loss.backward(), &model);
 
