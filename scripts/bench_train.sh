@@ -4,13 +4,19 @@
 # torchvision's efficientnet_b0 + RMSprop on the same batch shape (`effnet bench --train
 # --reference`). Needs torch and torchvision in PYTHON (default python3).
 #
-#   scripts/bench_train.sh | tee docs/runs/bench-train-DATE.txt
+# Last, two one-thread effnet steps run at once as separate processes: perfectly parallel work, so
+# 2 x (one alone) / (each of the two) is the most any two-thread step can gain on this machine.
+#
+#   scripts/bench_train.sh | tee docs/runs/bench-train-DATE.txt   (EFFNET=path: skip the build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-cargo build --release --quiet
-EFFNET=target/release/effnet
-git log -1 --format='commit %h %s' | cut -c1-100
+if [ -z "${EFFNET:-}" ]; then # EFFNET=path times a binary built before
+    cargo build --release --quiet
+    EFFNET=target/release/effnet
+    git log -1 --format='commit %h %s' | cut -c1-100
+fi
+echo "binary: $EFFNET ($("$EFFNET" --version))"
 for threads in 1 2; do
     echo
     RAYON_NUM_THREADS=$threads "$EFFNET" bench b0 --train --threads "$threads" --iters 20 \
@@ -21,3 +27,12 @@ for threads in 1 2; do
     RAYON_NUM_THREADS=$threads "$EFFNET" bench b0 --train --threads "$threads" --iters 5 \
         --resolution 224 --batch 16 --reference --python "$PYTHON"
 done
+echo
+echo "== two one-thread processes at once (B0 32x32 b64; the ceiling for two threads)"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+for p in a b; do
+    RAYON_NUM_THREADS=1 "$EFFNET" bench b0 --train --threads 1 --iters 20 >"$tmp/$p" &
+done
+wait
+cat "$tmp/a" "$tmp/b"
