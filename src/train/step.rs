@@ -123,13 +123,18 @@ fn count_correct(logits: &Tensor<2>, labels: Tensor<1, Int>) -> usize {
     pred.equal(labels).int().sum().into_scalar::<i64>() as usize
 }
 
-/// Sum of squares of every conv and classifier weight (not BN, not biases), for the L2 term.
-fn sum_of_squared_weights(model: &EfficientNet) -> f64 {
-    struct SumOfSquares(Option<Tensor<1>>);
+/// Sum of squares of every conv and classifier weight (not BN, not biases), for the L2 term:
+/// through the autodiff graph when `tracked`, on the weights' values alone otherwise.
+fn squared_weights(model: &EfficientNet, tracked: bool) -> Option<Tensor<1>> {
+    struct SumOfSquares(Option<Tensor<1>>, bool);
     impl ParamVisitor for SumOfSquares {
         fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
             if decayed::<D>(path) {
-                let s = param.val().inner().powi_scalar(2).sum();
+                let w = match self.1 {
+                    true => param.val(),
+                    false => param.val().inner(),
+                };
+                let s = w.powi_scalar(2).sum();
                 self.0 = Some(match self.0.take() {
                     Some(acc) => acc + s,
                     None => s,
@@ -137,10 +142,12 @@ fn sum_of_squared_weights(model: &EfficientNet) -> f64 {
             }
         }
     }
-    // One read-back for all weights (a GPU would otherwise sync once per weight).
-    visit_params(model, SumOfSquares(None))
-        .0
-        .map_or(0.0, |s| s.into_scalar::<f32>() as f64)
+    visit_params(model, SumOfSquares(None, tracked)).0
+}
+
+/// [`squared_weights`]' value, read back once (a GPU would otherwise sync once per weight).
+fn sum_of_squared_weights(model: &EfficientNet) -> f64 {
+    squared_weights(model, false).map_or(0.0, |s| s.into_scalar::<f32>() as f64)
 }
 
 /// Adds `decay * w`, the gradient of the L2 term, to each decayed weight's gradient.
@@ -199,16 +206,7 @@ mod tests {
         add_weight_decay(&model, &mut added, decay);
         let squares = sum_of_squared_weights(&model);
 
-        struct L2(Option<Tensor<1>>);
-        impl ParamVisitor for L2 {
-            fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
-                if decayed::<D>(path) {
-                    let s = param.val().powi_scalar(2).sum();
-                    self.0 = Some(self.0.take().map_or(s.clone(), |acc| acc + s));
-                }
-            }
-        }
-        let l2 = visit_params(&model, L2(None)).0.unwrap();
+        let l2 = squared_weights(&model, true).unwrap();
         let l2_value = l2.clone().into_scalar::<f32>() as f64;
         assert!(
             (l2_value - squares).abs() <= 1e-5 * squares,
