@@ -14,7 +14,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
 };
-use burn::tensor::activation::{relu, sigmoid};
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv, FeatureTap, ModelSpec, Padding};
@@ -112,7 +112,7 @@ impl SqueezeExcite {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let s = fused::spatial_mean(x.clone());
         let s = self.act.forward(fused::pointwise_conv2d(&self.reduce, s));
-        let s = sigmoid(fused::pointwise_conv2d(&self.expand, s));
+        let s = fused::sigmoid(fused::pointwise_conv2d(&self.expand, s));
         fused::plane_scale(x, s)
     }
 }

@@ -11,8 +11,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Flex, TensorMetadata};
 
 use super::kernels::{
-    DwGeometry, batch_norm_backward, depthwise_backward, for_each_plane, par_elementwise2,
-    plane_dots, pointwise_backward, scale_planes, silu_backward,
+    DwGeometry, batch_norm_backward, depthwise_backward, map_planes, par_map2, plane_dots,
+    pointwise_backward, scale_planes, sigmoid_backward, silu_backward,
 };
 use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
 
@@ -33,8 +33,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let x = ops.state;
                 unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
                     let grad = contiguous(grad);
-                    let mut out = vec![0.0; f32s(&x).len()];
-                    par_elementwise2(f32s(&x), f32s(&grad), &mut out, silu_backward);
+                    let out = par_map2(f32s(&x), f32s(&grad), silu_backward);
                     tensor(out, x.shape().to_vec())
                 });
             }
@@ -49,6 +48,51 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(<Flex as FusedOps>::fused_silu(x)),
         }
+    }
+
+    fn fused_sigmoid(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SigmoidBackward;
+
+        impl Backward<Flex, 1> for SigmoidBackward {
+            /// The output.
+            type State = FlexTensor;
+
+            fn backward(
+                self,
+                ops: Ops<FlexTensor, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let y = ops.state;
+                unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+                    let grad = contiguous(grad);
+                    let out = par_map2(f32s(&y), f32s(&grad), sigmoid_backward);
+                    tensor(out, y.shape().to_vec())
+                });
+            }
+        }
+
+        let node = x.node();
+        let y = <Flex as FusedOps>::fused_sigmoid(x.into_primitive());
+        match SigmoidBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_add_scaled(x: FloatTensor<Self>, y: FloatTensor<Self>, a: f32) -> FloatTensor<Self> {
+        // Not differentiated: computed on the inner tensors, untracked.
+        let [x, y] = [x, y].map(Self::inner);
+        Self::from_inner(<Flex as FusedOps>::fused_add_scaled(x, y, a))
+    }
+
+    fn fused_squared_sum(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(<Flex as FusedOps>::fused_squared_sum(Self::inner(x)))
     }
 
     fn fused_depthwise(
@@ -174,8 +218,9 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
                     let grad = contiguous(grad);
                     let (g, plane) = (f32s(&grad), shape[2] * shape[3]);
-                    let mut out = vec![0.0; g.len() * plane];
-                    for_each_plane(&mut out, 1, plane, |p, _, o| o.fill(g[p] / plane as f32));
+                    let out = map_planes(g.len() * plane, 1, plane, |p, _, o| {
+                        o.fill(g[p] / plane as f32)
+                    });
                     tensor(out, shape)
                 });
             }

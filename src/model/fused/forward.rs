@@ -4,18 +4,34 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Flex, TensorMetadata};
 
 use super::kernels::{
-    DwGeometry, batch_norm_forward, depthwise_forward, par_elementwise, plane_means,
-    pointwise_forward, rmsprop_tf, scale_planes, silu_forward,
+    DwGeometry, affine2, batch_norm_forward, depthwise_forward, par_map, par_map2, plane_means,
+    pointwise_forward, rmsprop_tf, scale_planes, sigmoid_forward, silu_forward, squared_sum,
 };
 use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
 
 impl FusedOps for Flex {
     fn fused_silu(x: FlexTensor) -> FlexTensor {
         let x = contiguous(x);
-        let xs = f32s(&x);
-        let mut y = vec![0.0; xs.len()];
-        par_elementwise(xs, &mut y, silu_forward);
+        let y = par_map(f32s(&x), silu_forward);
         tensor(y, x.shape().to_vec())
+    }
+
+    fn fused_sigmoid(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let y = par_map(f32s(&x), sigmoid_forward);
+        tensor(y, x.shape().to_vec())
+    }
+
+    fn fused_add_scaled(x: FlexTensor, y: FlexTensor, a: f32) -> FlexTensor {
+        let (x, y) = (contiguous(x), contiguous(y));
+        // affine2(y, x, a, 1, 0) = fma(y, a, x): one rounding.
+        let out = par_map2(f32s(&y), f32s(&x), |y, x, o| affine2(y, x, a, 1.0, 0.0, o));
+        tensor(out, x.shape().to_vec())
+    }
+
+    fn fused_squared_sum(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        tensor(vec![squared_sum(f32s(&x))], vec![1])
     }
 
     fn fused_depthwise(

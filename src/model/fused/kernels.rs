@@ -2,6 +2,8 @@
 //! that skip the padding, and batch-norm statistics in memory order with fixed chunking (so results
 //! do not depend on the thread count). Each hot loop is dispatched per instruction set.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::simd::math::{sigmoid, silu as silu_scalar};
@@ -10,21 +12,66 @@ use crate::simd::simd_dispatch;
 /// Elements per parallel chunk of the elementwise ops: big enough to hide rayon's overhead.
 const CHUNK: usize = 1 << 14;
 
-pub(super) fn par_elementwise(x: &[f32], out: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| f(x, o));
+/// `K` new vectors of `len` floats, built in parallel: chunk `i` (`chunk` floats, the last one
+/// shorter) of each is zeroed by the task that then hands it to `fill(i, parts)`.
+///
+/// Instead of `vec![0.0; len]` and `par_chunks_mut`: that zero-fill ran over the whole buffer on
+/// one thread before the tasks overwrote it (8 % of a two-thread B0 step's cycles, all on the
+/// calling thread: docs/benchmarks.md); here each chunk is zeroed in cache, in parallel.
+pub(super) fn par_filled<const K: usize>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, [&mut [f32]; K]) + Sync,
+) -> [Vec<f32>; K] {
+    let mut out: [Vec<f32>; K] = std::array::from_fn(|_| Vec::with_capacity(len));
+    {
+        let mut chunks = out
+            .each_mut()
+            .map(|v| v.spare_capacity_mut()[..len].chunks_mut(chunk.max(1)));
+        let parts: Vec<[&mut [MaybeUninit<f32>]; K]> = (0..len.div_ceil(chunk.max(1)))
+            .map(|_| {
+                chunks
+                    .each_mut()
+                    .map(|c| c.next().expect("K chunkings of one length"))
+            })
+            .collect();
+        parts
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(i, parts)| fill(i, parts.map(zeroed)));
+    }
+    for v in &mut out {
+        // SAFETY: the chunks cover `0..len` of the capacity and every one was initialised by
+        // `zeroed` above.
+        unsafe { v.set_len(len) };
+    }
+    out
 }
 
-pub(super) fn par_elementwise2(
+/// Zeroes `part` and returns it as initialised floats.
+fn zeroed(part: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    part.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just initialised, and `MaybeUninit<f32>` has the layout of `f32`.
+    unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// `f(x_chunk, out_chunk)` over `x` in parallel chunks, into a new vector.
+pub(super) fn par_map(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let [out] = par_filled(x.len(), CHUNK, |i, [o]| f(&x[i * CHUNK..][..o.len()], o));
+    out
+}
+
+/// `f(a_chunk, b_chunk, out_chunk)` over `a` and `b` (of one length) in parallel chunks.
+pub(super) fn par_map2(
     a: &[f32],
     b: &[f32],
-    out: &mut [f32],
     f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
-) {
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| f(a, b, o));
+) -> Vec<f32> {
+    let [out] = par_filled(a.len(), CHUNK, |i, [o]| {
+        let r = i * CHUNK..i * CHUNK + o.len();
+        f(&a[r.clone()], &b[r], o)
+    });
+    out
 }
 
 simd_dispatch! {
@@ -45,6 +92,33 @@ simd_dispatch! {
     }
 }
 
+simd_dispatch! {
+    pub(super) fn sigmoid_forward(x: &[f32], y: &mut [f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y = sigmoid(*x);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// d/dx sigmoid(x) = y (1 - y) from the output y.
+    pub(super) fn sigmoid_backward(y: &[f32], grad: &[f32], out: &mut [f32]) {
+        for ((o, y), g) in out.iter_mut().zip(y).zip(grad) {
+            *o = g * (y - y * y);
+        }
+    }
+}
+
+/// `sum x^2` over fixed chunks of [`CHUNK`] floats, their sums added in order (in f64): the same
+/// value on any number of threads.
+pub(super) fn squared_sum(x: &[f32]) -> f32 {
+    let parts: Vec<f32> = x
+        .par_chunks(CHUNK)
+        .map(|c| squared_deviation(c, 0.0))
+        .collect();
+    parts.iter().map(|&p| p as f64).sum::<f64>() as f32
+}
+
 /// One TF-RMSProp update (see `fused::rmsprop_tf`): (w, ms, mom), in parallel chunks.
 pub(super) fn rmsprop_tf(
     w: &[f32],
@@ -53,17 +127,11 @@ pub(super) fn rmsprop_tf(
     mom: &[f32],
     c: super::RmsPropCoefficients,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let n = w.len();
-    let (mut w2, mut ms2, mut mom2) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    w2.par_chunks_mut(CHUNK)
-        .zip(ms2.par_chunks_mut(CHUNK))
-        .zip(mom2.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(i, ((w2, ms2), mom2))| {
-            let r = i * CHUNK..(i * CHUNK + w2.len());
-            let ins = [&w[r.clone()], &g[r.clone()], &ms[r.clone()], &mom[r]];
-            rmsprop_tf_chunk(ins, c, w2, ms2, mom2);
-        });
+    let [w2, ms2, mom2] = par_filled(w.len(), CHUNK, |i, [w2, ms2, mom2]| {
+        let r = i * CHUNK..(i * CHUNK + w2.len());
+        let ins = [&w[r.clone()], &g[r.clone()], &ms[r.clone()], &mom[r]];
+        rmsprop_tf_chunk(ins, c, w2, ms2, mom2);
+    });
     (w2, ms2, mom2)
 }
 
@@ -229,13 +297,14 @@ pub(super) fn depthwise_forward_rows(
     let (plane, out_plane) = (geom.h * geom.w, geom.out_h * geom.out_w);
     let runs = geom.runs();
     let per_task = planes_per_task(plane);
-    let mut out = vec![0.0; x.len() / plane * out_plane];
-    out.par_chunks_mut(per_task * out_plane)
-        .zip(x.par_chunks(per_task * plane))
-        .enumerate()
-        .for_each(|(t, (o, x))| {
+    let [out] = par_filled(
+        x.len() / plane * out_plane,
+        per_task * out_plane,
+        |t, [o]| {
+            let x = &x[t * per_task * plane..][..o.len() / out_plane * plane];
             depthwise_planes_forward(&runs, geom, t * per_task, channels, x, weight, o)
-        });
+        },
+    );
     out
 }
 
@@ -261,12 +330,11 @@ pub(super) fn depthwise_forward_interleaved(
     let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
     let tap_list = geom.taps();
     let wt = interleave_weights(weight, channels, taps);
-    let mut out = vec![0.0; x.len() / plane * out_plane];
-    out.par_chunks_mut(channels * out_plane)
-        .zip(x.par_chunks(channels * plane))
-        .for_each(|(o, x)| {
-            depthwise_image_forward(&tap_list, geom, channels, x, &wt, o);
-        });
+    let image = (channels * plane, channels * out_plane);
+    let [out] = par_filled(x.len() / plane * out_plane, image.1, |i, [o]| {
+        let x = &x[i * image.0..(i + 1) * image.0];
+        depthwise_image_forward(&tap_list, geom, channels, x, &wt, o);
+    });
     out
 }
 
@@ -352,20 +420,19 @@ pub(super) fn depthwise_backward_rows(
     want_input: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let plane = geom.h * geom.w;
-    let taps = geom.k * geom.k;
     let runs = geom.runs();
-    let mut gx = vec![0.0; if want_input { x.len() } else { 0 }];
-    let gx_planes = planes_by_channel(&mut gx, plane, channels, 1);
     let batch = x.len() / plane / channels;
-    let mut gw = vec![0.0; weight.len()];
-    gw.par_chunks_mut(taps)
-        .zip(gx_planes.into_par_iter())
-        .enumerate()
-        .with_min_len(planes_per_task(batch * plane))
-        .for_each(|(c, (gw, mut gx))| {
-            depthwise_channel_backward(&runs, geom, c, channels, x, weight, grad, &mut gx, gw)
-        });
-    (gx, gw)
+    let blocks = ChannelBlocks {
+        gx_len: if want_input { x.len() } else { 0 },
+        plane,
+        channels,
+        block: 1,
+        taps: geom.k * geom.k,
+        min_len: planes_per_task(batch * plane),
+    };
+    blocks.par_fill(|c, gx, gw| {
+        depthwise_channel_backward(&runs, geom, c, channels, x, weight, grad, gx, gw)
+    })
 }
 
 /// [`depthwise_backward`] on blocks of [`LANES`] channels interleaved, a block per task (over
@@ -381,22 +448,69 @@ pub(super) fn depthwise_backward_interleaved(
     let (plane, taps) = (geom.h * geom.w, geom.k * geom.k);
     let tap_list = geom.taps();
     let wt = interleave_weights(weight, channels, taps);
-    let mut gx = vec![0.0; if want_input { x.len() } else { 0 }];
-    let gx_blocks = planes_by_channel(&mut gx, plane, channels, LANES);
-    let mut gw = vec![0.0; weight.len()];
-    gw.par_chunks_mut(LANES * taps)
-        .zip(gx_blocks.into_par_iter())
-        .enumerate()
-        .for_each(|(b, (gw, mut gx))| {
-            let block = Block {
-                first: b * LANES,
-                lanes: gw.len() / taps,
-                channels,
-            };
-            let wt = &wt[b * taps..(b + 1) * taps];
-            depthwise_block_backward(&tap_list, geom, block, x, wt, grad, &mut gx, gw)
-        });
-    (gx, gw)
+    let blocks = ChannelBlocks {
+        gx_len: if want_input { x.len() } else { 0 },
+        plane,
+        channels,
+        block: LANES,
+        taps,
+        min_len: 1,
+    };
+    blocks.par_fill(|b, gx, gw| {
+        let block = Block {
+            first: b * LANES,
+            lanes: gw.len() / taps,
+            channels,
+        };
+        let wt = &wt[b * taps..(b + 1) * taps];
+        depthwise_block_backward(&tap_list, geom, block, x, wt, grad, gx, gw)
+    })
+}
+
+/// The gradients of a depthwise conv computed by blocks of channels: the input's
+/// (`[n, channels, plane]`, `gx_len` floats, 0 when not wanted) and the weight's
+/// (`[channels, taps]`).
+struct ChannelBlocks {
+    gx_len: usize,
+    plane: usize,
+    channels: usize,
+    /// Channels per task.
+    block: usize,
+    taps: usize,
+    /// Fewest blocks per parallel task.
+    min_len: usize,
+}
+
+impl ChannelBlocks {
+    /// (input gradient, weight gradient), block `k`'s parts filled by `task(k, gx, gw)` in
+    /// parallel: `gx` its planes of each image as [`planes_by_channel`] splits them, `gw` its
+    /// rows; both zeroed by that task (in cache, not in a serial pass beforehand).
+    fn par_fill(
+        &self,
+        task: impl Fn(usize, &mut [&mut [f32]], &mut [f32]) + Sync,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut gx = Vec::with_capacity(self.gx_len);
+        let mut gw = vec![0.0; self.channels * self.taps];
+        let (plane, channels, block) = (self.plane, self.channels, self.block);
+        let gx_blocks = planes_by_channel(
+            &mut gx.spare_capacity_mut()[..self.gx_len],
+            plane,
+            channels,
+            block,
+        );
+        gw.par_chunks_mut(block * self.taps)
+            .zip(gx_blocks.into_par_iter())
+            .enumerate()
+            .with_min_len(self.min_len)
+            .for_each(|(k, (gw, planes))| {
+                let mut planes: Vec<&mut [f32]> = planes.into_iter().map(zeroed).collect();
+                task(k, &mut planes, gw)
+            });
+        // SAFETY: `planes_by_channel` splits all of `0..gx_len` (whole images of `channels`
+        // planes) among the blocks, and every block's task zeroed its planes above.
+        unsafe { gx.set_len(self.gx_len) };
+        (gx, gw)
+    }
 }
 
 /// Channels `first..first + lanes` of `channels`.
@@ -455,13 +569,13 @@ simd_dispatch! {
 /// Splits `buf` (`[n, c, plane]`) by blocks of `block` channels: entry `k` holds, for each image,
 /// the contiguous planes of channels `k * block..(k + 1) * block` (fewer in the last block), so
 /// per-block tasks can own disjoint slices.
-pub(super) fn planes_by_channel(
-    buf: &mut [f32],
+pub(super) fn planes_by_channel<T>(
+    buf: &mut [T],
     plane: usize,
     channels: usize,
     block: usize,
-) -> Vec<Vec<&mut [f32]>> {
-    let mut planes: Vec<Vec<&mut [f32]>> =
+) -> Vec<Vec<&mut [T]>> {
+    let mut planes: Vec<Vec<&mut [T]>> =
         (0..channels.div_ceil(block)).map(|_| Vec::new()).collect();
     for image in buf.chunks_mut((channels * plane).max(1)) {
         for (k, p) in image.chunks_mut((block * plane).max(1)).enumerate() {
@@ -500,22 +614,22 @@ pub(super) fn channel_sums(
         })
 }
 
-/// Calls `f(p, c, out_plane)` for every plane of `out` (`[n, channels, plane]`), in parallel.
-pub(super) fn for_each_plane(
-    out: &mut [f32],
+/// A new `[n, channels, plane]` tensor of `len` floats whose every plane `p` (of channel
+/// `c = p % channels`) `f(p, c, out_plane)` writes, in parallel.
+pub(super) fn map_planes(
+    len: usize,
     channels: usize,
     plane: usize,
     f: impl Fn(usize, usize, &mut [f32]) + Sync,
-) {
+) -> Vec<f32> {
     let per_task = planes_per_task(plane);
-    out.par_chunks_mut(per_task * plane)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            for (i, o) in chunk.chunks_exact_mut(plane).enumerate() {
-                let p = t * per_task + i;
-                f(p, p % channels, o);
-            }
-        });
+    let [out] = par_filled(len, per_task * plane, |t, [chunk]| {
+        for (i, o) in chunk.chunks_exact_mut(plane).enumerate() {
+            let p = t * per_task + i;
+            f(p, p % channels, o);
+        }
+    });
+    out
 }
 
 /// `f(p)` for every plane `p` of a tensor of `planes`, in parallel (each value computed by one
@@ -548,11 +662,9 @@ pub(super) fn plane_dots(g: &[f32], x: &[f32], plane: usize) -> Vec<f32> {
 
 /// Each plane of `x` times its factor in `scale` (one per plane).
 pub(super) fn scale_planes(x: &[f32], scale: &[f32], plane: usize) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    for_each_plane(&mut out, 1, plane, |p, _, o| {
+    map_planes(x.len(), 1, plane, |p, _, o| {
         scale_slice(&x[p * plane..(p + 1) * plane], scale[p], o)
-    });
-    out
+    })
 }
 
 simd_dispatch! {
@@ -588,8 +700,7 @@ pub(super) fn batch_norm_forward(
     .into_iter()
     .map(|s| s / count)
     .collect();
-    let mut out = vec![0.0; x.len()];
-    for_each_plane(&mut out, channels, plane, |p, c, o| {
+    let out = map_planes(x.len(), channels, plane, |p, c, o| {
         let scale = gamma[c] / (var[c] + epsilon).sqrt();
         normalize(at(p), mean[c], scale, beta[c], o);
     });
@@ -623,8 +734,8 @@ pub(super) fn batch_norm_backward(
     });
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
     let ggamma = gxc.iter().zip(&inv_std).map(|(s, i)| s * i).collect();
-    let mut gx = vec![0.0; if want_input { x.len() } else { 0 }];
-    for_each_plane(&mut gx, channels, plane, |p, c, o| {
+    let gx_len = if want_input { x.len() } else { 0 };
+    let gx = map_planes(gx_len, channels, plane, |p, c, o| {
         // dx = a g + b (x - mean) + d with per-channel constants.
         let a = gamma[c] * inv_std[c];
         let b = -a * inv_std[c] * inv_std[c] * gxc[c] / count;
@@ -690,7 +801,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// `out = a g + b x + d`.
-    fn affine2(g: &[f32], x: &[f32], a: f32, b: f32, d: f32, out: &mut [f32]) {
+    pub(super) fn affine2(g: &[f32], x: &[f32], a: f32, b: f32, d: f32, out: &mut [f32]) {
         for ((o, g), x) in out.iter_mut().zip(g).zip(x) {
             *o = g.mul_add(a, x.mul_add(b, d));
         }
@@ -877,7 +988,7 @@ fn matmul(
 
 /// Output channels per parallel part of the weight gradient: fixed, so the result does not depend
 /// on the thread count.
-const POINTWISE_ROWS: usize = 64;
+const POINTWISE_ROWS: usize = 32;
 
 /// Maps of at most this many positions run a 1x1 conv as one product per position over a group
 /// of images (m = images) rather than one per image (n = positions: a matrix-vector product on
@@ -893,25 +1004,23 @@ pub(super) fn pointwise_forward(
     w: &[f32],
     (n, ci, co, hw): (usize, usize, usize, usize),
 ) -> Vec<f32> {
-    let mut y = vec![0.0; n * co * hw];
-    if hw <= BATCHED_MAX_POSITIONS {
+    let [y] = if hw <= BATCHED_MAX_POSITIONS {
         // Per position p: y[:, :, p] (images x co) = x[:, :, p] (images x ci) w^T.
-        y.par_chunks_mut(BATCHED_IMAGES * co * hw)
-            .zip(x.par_chunks(BATCHED_IMAGES * ci * hw))
-            .for_each(|(y, x)| {
-                let m = y.len() / (co * hw);
-                for p in 0..hw {
-                    let out = (&mut y[p..], co * hw, hw);
-                    matmul(out, (m, co, ci), (&x[p..], ci * hw, hw), (w, 1, ci), false);
-                }
-            });
+        par_filled(n * co * hw, BATCHED_IMAGES * co * hw, |t, [y]| {
+            let m = y.len() / (co * hw);
+            let x = &x[t * BATCHED_IMAGES * ci * hw..][..m * ci * hw];
+            for p in 0..hw {
+                let out = (&mut y[p..], co * hw, hw);
+                matmul(out, (m, co, ci), (&x[p..], ci * hw, hw), (w, 1, ci), false);
+            }
+        })
     } else {
         // One product per image: y_i (co x hw) = w x_i.
-        y.par_chunks_mut(co * hw).enumerate().for_each(|(img, y)| {
+        par_filled(n * co * hw, co * hw, |img, [y]| {
             let xi = &x[img * ci * hw..(img + 1) * ci * hw];
             matmul((y, hw, 1), (co, hw, ci), (w, ci, 1), (xi, hw, 1), false);
-        });
-    }
+        })
+    };
     y
 }
 
@@ -926,51 +1035,45 @@ pub(super) fn pointwise_backward(
     need_dx: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let batched = hw <= BATCHED_MAX_POSITIONS;
-    let mut dx = vec![0.0; if need_dx { n * ci * hw } else { 0 }];
-    if batched {
+    let dx_len = if need_dx { n * ci * hw } else { 0 };
+    let [dx] = if batched {
         // Per position p: dx[:, :, p] (images x ci) = dy[:, :, p] (images x co) w.
-        dx.par_chunks_mut(BATCHED_IMAGES * ci * hw)
-            .zip(dy.par_chunks(BATCHED_IMAGES * co * hw))
-            .for_each(|(dx, dy)| {
-                let m = dx.len() / (ci * hw);
-                for p in 0..hw {
-                    let out = (&mut dx[p..], ci * hw, hw);
-                    matmul(out, (m, ci, co), (&dy[p..], co * hw, hw), (w, ci, 1), false);
-                }
-            });
-    } else {
-        dx.par_chunks_mut(ci * hw)
-            .enumerate()
-            .for_each(|(img, dx)| {
-                let dyi = &dy[img * co * hw..(img + 1) * co * hw];
-                matmul((dx, hw, 1), (ci, hw, co), (w, 1, ci), (dyi, hw, 1), false);
-            });
-    }
-    let mut dw = vec![0.0; co * ci];
-    dw.par_chunks_mut(POINTWISE_ROWS * ci)
-        .enumerate()
-        .for_each(|(part, dw)| {
-            let (r0, rows) = (part * POINTWISE_ROWS, dw.len() / ci);
-            if batched {
-                // Per position p: dw (rows x ci) += dy[:, r0.., p]^T (rows x images) x[:, :, p].
-                for p in 0..hw {
-                    let dyp = (&dy[r0 * hw + p..], hw, co * hw);
-                    let xp = (&x[p..], ci * hw, hw);
-                    matmul((dw, ci, 1), (rows, ci, n), dyp, xp, p > 0);
-                }
-            } else {
-                for img in 0..n {
-                    let dyi = &dy[(img * co + r0) * hw..];
-                    let xi = &x[img * ci * hw..(img + 1) * ci * hw];
-                    matmul(
-                        (dw, ci, 1),
-                        (rows, ci, hw),
-                        (dyi, hw, 1),
-                        (xi, 1, hw),
-                        img > 0,
-                    );
-                }
+        par_filled(dx_len, BATCHED_IMAGES * ci * hw, |t, [dx]| {
+            let m = dx.len() / (ci * hw);
+            let dy = &dy[t * BATCHED_IMAGES * co * hw..][..m * co * hw];
+            for p in 0..hw {
+                let out = (&mut dx[p..], ci * hw, hw);
+                matmul(out, (m, ci, co), (&dy[p..], co * hw, hw), (w, ci, 1), false);
             }
-        });
+        })
+    } else {
+        par_filled(dx_len, ci * hw, |img, [dx]| {
+            let dyi = &dy[img * co * hw..(img + 1) * co * hw];
+            matmul((dx, hw, 1), (ci, hw, co), (w, 1, ci), (dyi, hw, 1), false);
+        })
+    };
+    let [dw] = par_filled(co * ci, POINTWISE_ROWS * ci, |part, [dw]| {
+        let (r0, rows) = (part * POINTWISE_ROWS, dw.len() / ci);
+        if batched {
+            // Per position p: dw (rows x ci) += dy[:, r0.., p]^T (rows x images) x[:, :, p].
+            for p in 0..hw {
+                let dyp = (&dy[r0 * hw + p..], hw, co * hw);
+                let xp = (&x[p..], ci * hw, hw);
+                matmul((dw, ci, 1), (rows, ci, n), dyp, xp, p > 0);
+            }
+        } else {
+            for img in 0..n {
+                let dyi = &dy[(img * co + r0) * hw..];
+                let xi = &x[img * ci * hw..(img + 1) * ci * hw];
+                matmul(
+                    (dw, ci, 1),
+                    (rows, ci, hw),
+                    (dyi, hw, 1),
+                    (xi, 1, hw),
+                    img > 0,
+                );
+            }
+        }
+    });
     (dx, dw)
 }

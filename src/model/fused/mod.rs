@@ -34,6 +34,12 @@ use crate::spec::Padding;
 pub trait FusedOps: Backend {
     /// x * sigmoid(x).
     fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// 1 / (1 + exp(-x)).
+    fn fused_sigmoid(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `x + a y` for `x`, `y` of one shape. Not differentiated.
+    fn fused_add_scaled(x: FloatTensor<Self>, y: FloatTensor<Self>, a: f32) -> FloatTensor<Self>;
+    /// The sum of the squares of `x`, as a one-element tensor. Not differentiated.
+    fn fused_squared_sum(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Depthwise conv of `x` `[n, c, h, w]` with `weight` `[c, 1, k, k]`, no bias, no dilation;
     /// `padding` is (top, left, bottom, right).
     fn fused_depthwise(
@@ -115,6 +121,38 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         return burn::tensor::activation::silu(x);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_silu(x.into_dispatch()))
+}
+
+/// Sigmoid (the squeeze-excite gate), fused on Flex f32 tensors: one parallel pass forward and
+/// one backward from the saved output (burn's runs serially through libm `expf`).
+pub fn sigmoid<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !runs_fused(&x) {
+        return burn::tensor::activation::sigmoid(x);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_sigmoid(x.into_dispatch()))
+}
+
+/// `x + a y` in one parallel pass on Flex f32 tensors (burn's two ops elsewhere): the L2 term's
+/// gradient added to a weight's. Not differentiated: autodiff tensors take burn's ops.
+pub fn add_scaled<const D: usize>(x: Tensor<D>, y: Tensor<D>, a: f64) -> Tensor<D> {
+    if !runs_fused(&x) || x.device().is_autodiff() || x.dims() != y.dims() {
+        return x + y.mul_scalar(a);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_add_scaled(
+        x.into_dispatch(),
+        y.into_dispatch(),
+        a as f32,
+    ))
+}
+
+/// `sum(x^2)` as a one-element tensor: in parallel on Flex f32 tensors (fixed chunks summed in
+/// order, so the value does not depend on the thread count), burn's ops elsewhere. Not
+/// differentiated: autodiff tensors take burn's ops.
+pub fn squared_sum<const D: usize>(x: Tensor<D>) -> Tensor<1> {
+    if !runs_fused(&x) || x.device().is_autodiff() {
+        return x.powi_scalar(2).sum();
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_squared_sum(x.into_dispatch()))
 }
 
 /// `x.mean_dim(3).mean_dim(2)` (global average pooling, kept 4-D), fused on Flex f32 tensors:

@@ -31,6 +31,45 @@ fn silu_matches_burn() {
     assert!(max_diff(gf, gr) < 1e-5);
 }
 
+/// The fused sigmoid and its gradient match burn's.
+#[test]
+fn sigmoid_matches_burn() {
+    let device = Device::flex().autodiff();
+    let x = Tensor::<2>::random([37, 1000], Distribution::Normal(0.0, 4.0), &device).require_grad();
+    let g = Tensor::<2>::random([37, 1000], Distribution::Normal(0.0, 1.0), &device);
+    let fused = sigmoid(x.clone());
+    let reference = burn::tensor::activation::sigmoid(x.clone());
+    assert!(max_diff(fused.clone().detach(), reference.clone().detach()) < 1e-6);
+    let gf = x.grad(&(fused * g.clone()).sum().backward()).unwrap();
+    let gr = x.grad(&(reference * g).sum().backward()).unwrap();
+    assert!(max_diff(gf, gr) < 1e-6);
+}
+
+/// `x + a y` matches burn's composed ops and `sum x^2` an f64 sum, on a size spanning several
+/// parallel chunks; the sum is the same bits on one and on two threads.
+#[test]
+fn add_scaled_and_squared_sum_match_burn() {
+    let device = Device::flex();
+    let n = 70_001;
+    let x = Tensor::<2>::random([7, n], Distribution::Normal(0.0, 1.0), &device);
+    let y = Tensor::<2>::random([7, n], Distribution::Normal(0.0, 1.0), &device);
+    let fused = add_scaled(x.clone(), y.clone(), 1e-5);
+    assert!(max_diff(fused, x.clone() + y.mul_scalar(1e-5)) < 1e-6);
+    let sums: Vec<f32> = [1, 2]
+        .map(|threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+            pool.unwrap()
+                .install(|| squared_sum(x.clone()).into_scalar())
+        })
+        .to_vec();
+    // Against an f64 sum: burn's f32 one is itself 1e-4 off at this size.
+    let values = x.into_data().try_to_vec::<f32>().unwrap();
+    let reference: f64 = values.iter().map(|&v| v as f64 * v as f64).sum();
+    assert_eq!(sums[0].to_bits(), sums[1].to_bits());
+    let error = (sums[0] as f64 - reference).abs() / reference;
+    assert!(error < 1e-6, "{sums:?} vs {reference}");
+}
+
 /// Output and both gradients equal burn's grouped conv for the strides, kernels and padding
 /// modes EfficientNets use (TF "same" pads asymmetrically at stride 2).
 #[test]
