@@ -3,11 +3,11 @@
 # threads, for each effnet binary given (e.g. two commits' builds), then 2 threads against 1 while
 # another process keeps one core busy.
 #
-#   scripts/bench_tail.sh ITERS BINARY [BINARY...]
+#   scripts/bench_tail.sh ITERS BINARY [BINARY...]     (MODELS="b0 v2-s b7": the models, default b0 v2-s)
 set -euo pipefail
 iters=$1
 shift
-for model in b0 v2-s; do
+for model in ${MODELS:-b0 v2-s}; do
     for threads in 1 2; do
         for bin in "$@"; do
             echo "== $(basename "$bin"): effnet bench $model --threads $threads --iters $iters"
