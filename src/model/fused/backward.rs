@@ -16,32 +16,33 @@ use super::kernels::{
 };
 use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
 
+/// The backward of an elementwise op whose input gradient is `kernel(saved, grad, out)` for a
+/// saved tensor of the input's shape (SiLU saves its input, sigmoid its output).
+#[derive(Debug)]
+struct ElementwiseBackward(fn(&[f32], &[f32], &mut [f32]));
+
+impl Backward<Flex, 1> for ElementwiseBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let saved = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            let grad = contiguous(grad);
+            let out = par_map2(f32s(&saved), f32s(&grad), self.0);
+            tensor(out, saved.shape().to_vec())
+        });
+    }
+}
+
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct SiluBackward;
-
-        impl Backward<Flex, 1> for SiluBackward {
-            type State = FlexTensor;
-
-            fn backward(
-                self,
-                ops: Ops<FlexTensor, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let x = ops.state;
-                unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
-                    let grad = contiguous(grad);
-                    let out = par_map2(f32s(&x), f32s(&grad), silu_backward);
-                    tensor(out, x.shape().to_vec())
-                });
-            }
-        }
-
         let node = x.node();
         let x = contiguous(x.into_primitive());
-        match SiluBackward.prepare::<C>([node]).compute_bound().stateful() {
+        match ElementwiseBackward(silu_backward)
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let y = <Flex as FusedOps>::fused_silu(x.clone());
                 prep.finish(x, y)
@@ -51,31 +52,10 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     }
 
     fn fused_sigmoid(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct SigmoidBackward;
-
-        impl Backward<Flex, 1> for SigmoidBackward {
-            /// The output.
-            type State = FlexTensor;
-
-            fn backward(
-                self,
-                ops: Ops<FlexTensor, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let y = ops.state;
-                unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
-                    let grad = contiguous(grad);
-                    let out = par_map2(f32s(&y), f32s(&grad), sigmoid_backward);
-                    tensor(out, y.shape().to_vec())
-                });
-            }
-        }
-
         let node = x.node();
         let y = <Flex as FusedOps>::fused_sigmoid(x.into_primitive());
-        match SigmoidBackward
+        // Its derivative is computed from the output, so the output is the saved state.
+        match ElementwiseBackward(sigmoid_backward)
             .prepare::<C>([node])
             .compute_bound()
             .stateful()
