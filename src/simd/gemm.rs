@@ -1,6 +1,6 @@
 //! GEMM for the 1x1 and im2col convolutions: weights packed once into 32-column panels, a register
-//! tile of rows x 32 columns (AVX-512: 12 rows of 2 vectors; AVX2 + FMA: 3 rows of 4), and bias,
-//! activation and residual applied in registers before the single store. Written once over
+//! tile of rows x 32 columns (AVX-512: 12 rows of 2 vectors; AVX2 + FMA: 6 rows of 2, twice), and
+//! bias, activation and residual applied in registers before the single store. Written once over
 //! [`Vector`] and compiled per instruction set. Hand-written because the `gemm` crate repacks the
 //! weights on every call and cannot fuse the epilogue (`effnet bench --profile` shows the
 //! difference); CPUs without AVX2 keep the `gemm` crate path.
@@ -19,15 +19,32 @@ pub(crate) fn available() -> bool {
     level() != Level::Portable
 }
 
-/// Packs row-major `w [k x n]` into panels of [`NR`] columns: panel `p` is `k` rows of 32 values
-/// (columns `32p..32p + 32`, zero past `n`).
+/// Columns of a panel the kernel multiplies in one pass: the whole panel on AVX-512, half of it
+/// (two vectors) on AVX2. Within a panel each group's `k` rows are contiguous.
+pub(crate) fn group_width() -> usize {
+    match level() {
+        Level::Avx2 => NR / 2,
+        _ => NR,
+    }
+}
+
+/// Where weight row `kk`, column `c` of a `k`-row matrix lies in its [`pack`]ed form.
+#[inline]
+pub(crate) fn packed_index(k: usize, kk: usize, c: usize) -> usize {
+    let group = group_width();
+    let (p, within) = (c / NR, c % NR);
+    p * k * NR + (within / group) * k * group + kk * group + within % group
+}
+
+/// Packs row-major `w [k x n]` into panels of [`NR`] columns (columns `32p..32p + 32`, zero past
+/// `n`), each panel as `k` rows of each [`group_width`] columns in turn, so the kernel reads its
+/// weights in one contiguous stream.
 pub(crate) fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     let panels = n.div_ceil(NR);
     let mut out = vec![0.0; panels * k * NR];
-    for p in 0..panels {
-        let width = NR.min(n - p * NR);
-        for kk in 0..k {
-            out[(p * k + kk) * NR..][..width].copy_from_slice(&w[kk * n + p * NR..][..width]);
+    for kk in 0..k {
+        for (c, v) in w[kk * n..(kk + 1) * n].iter().enumerate() {
+            out[packed_index(k, kk, c)] = *v;
         }
     }
     out
@@ -208,16 +225,18 @@ unsafe fn run_avx512(job: &Job, m: usize) {
     unsafe { rows::<Avx512, 12, 2, 1>(job, m) }
 }
 
-/// 3 rows x 4 vectors: 12 of the 16 AVX2 registers accumulate.
+/// 6 rows x 2 vectors, a panel in two halves: 12 of the 16 AVX2 registers accumulate, two hold
+/// weights and one the broadcast input. (3 rows x 4 vectors needed 17: LLVM spilled two
+/// accumulators to the stack every step, and the GEMM ran at 60 % of the rate it has now.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(job: &Job, m: usize) {
     // SAFETY: the caller's contract (CPU features, bounds).
-    unsafe { rows::<Avx2, 3, 4, 2>(job, m) }
+    unsafe { rows::<Avx2, 6, 2, 1>(job, m) }
 }
 
-/// Rows `0..m` of the job in tiles of `MR` rows of a panel's `Q` vectors (`H` of them cover half
-/// a panel).
+/// Rows `0..m` of the job in tiles of `MR` rows by groups of `Q` vectors (`H` of them cover half
+/// a group).
 ///
 /// # Safety
 /// The CPU has `V`'s instruction set and the job's pointers are bounded as [`gemm_bias_act`] checks.
@@ -246,35 +265,41 @@ unsafe fn rows_gated<V: Vector, const MR: usize, const Q: usize, const H: usize,
     unsafe { in_row_tiles!(m, MR, rows) }
 }
 
-/// Rows `r0..r0 + R` across every panel of the job's columns.
+/// Rows `r0..r0 + R` across every panel of the job's columns, each panel in groups of `Q` vectors
+/// (one group on AVX-512, two on AVX2).
 #[inline(always)]
 unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize, const G: bool>(
     j: &Job,
     r0: usize,
 ) {
     let (c0, c1) = j.cols;
+    let group = Q * V::LANES;
     for p in c0 / NR..c1.div_ceil(NR) {
         let col = p * NR;
         let width = (c1 - col).min(NR);
-        // SAFETY: the caller's contract (CPU features, bounds); panel p < c1 / NR holds k rows of
-        // NR values and rows r0 + i < m have k values.
-        unsafe {
-            let mut acc = [[V::splat(0.0); Q]; R];
-            let b = j.packed.add(p * j.k * NR);
-            let a = j.a.add(r0 * j.k);
-            // A panel of at most NR / 2 live columns (16, 40, 80, 112... channels) needs half the
-            // multiply-adds; the other accumulators stay zero and are not stored.
-            if width > NR / 2 {
-                multiply::<V, R, Q, Q, G>(&mut acc, a, b, j);
-            } else {
-                multiply::<V, R, Q, H, G>(&mut acc, a, b, j);
+        for g0 in (0..width).step_by(group) {
+            let live = (width - g0).min(group);
+            // SAFETY: the caller's contract (CPU features, bounds); panel p < c1 / NR holds k rows
+            // of NR values (columns g0.. of it are within the row) and rows r0 + i < m have k
+            // values.
+            unsafe {
+                let mut acc = [[V::splat(0.0); Q]; R];
+                let b = j.packed.add(p * j.k * NR + g0 * j.k);
+                let a = j.a.add(r0 * j.k);
+                // A group of at most half its columns live (16, 40, 80, 112... channels) needs
+                // half the multiply-adds; the other accumulators stay zero and are not stored.
+                if live > group / 2 {
+                    multiply::<V, R, Q, Q, G>(&mut acc, a, b, j);
+                } else {
+                    multiply::<V, R, Q, H, G>(&mut acc, a, b, j);
+                }
+                store(&acc, &j.epi, r0, (col + g0, live));
             }
-            store(&acc, &j.epi, r0, (col, width));
         }
     }
 }
 
-/// `acc[i][q] += a[i][kk] * w[kk][q]` over the panel's first `L` vectors, every `kk`.
+/// `acc[i][q] += a[i][kk] * w[kk][q]` over the group's first `L` vectors, every `kk`.
 #[inline(always)]
 unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize, const G: bool>(
     acc: &mut [[V; Q]; R],
@@ -282,10 +307,10 @@ unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize, co
     b: *const f32,
     j: &Job,
 ) {
-    // SAFETY: the caller's contract: `b` is a panel of k rows of NR values, `a` R rows of k.
+    // SAFETY: the caller's contract: `b` is a group of k rows of Q vectors, `a` R rows of k.
     unsafe {
         for kk in 0..j.k {
-            let bk = b.add(kk * NR);
+            let bk = b.add(kk * Q * V::LANES);
             let mut w = [V::splat(0.0); L];
             for (q, w) in w.iter_mut().enumerate() {
                 *w = V::load(bk.add(q * V::LANES));
@@ -320,13 +345,14 @@ pub(crate) mod tests {
         with_level(Level::Avx2, check_against_plain_matmul);
     }
 
-    /// (m, k, n) shapes the kernel tests cover: one row, whole and partial tiles and panels, odd k.
+    /// (m, k, n) shapes the kernel tests cover: one row, whole and partial tiles, panels and column
+    /// groups (86: a last panel of 22 columns, its second AVX2 group part-filled), odd k.
     pub(crate) const SHAPES: [(usize, usize, usize); 5] = [
         (1, 3, 5),
         (13, 16, 96),
         (25, 27, 40),
         (12, 24, 32),
-        (7, 101, 70),
+        (7, 101, 86),
     ];
 
     /// Deterministic test values in [-1, 1) from an index.

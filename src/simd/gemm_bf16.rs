@@ -41,7 +41,7 @@ pub(crate) fn pack_from_f32_panels(packed: &[f32], k: usize) -> Vec<u32> {
             for c in 0..NR {
                 let row = |kk: usize| {
                     if kk < k {
-                        bf16_bits(packed[(p * k + kk) * NR + c])
+                        bf16_bits(packed[super::gemm::packed_index(k, kk, p * NR + c)])
                     } else {
                         0
                     }

@@ -89,7 +89,7 @@ impl Int8Weights {
     ) -> Self {
         let panels = n.div_ceil(NR);
         let k4 = k.div_ceil(4);
-        let w = |c: usize, kk: usize| packed[((c / NR) * k + kk) * NR + c % NR];
+        let w = |c: usize, kk: usize| packed[super::gemm::packed_index(k, kk, c)];
         let mut out = Int8Weights {
             packed: vec![0; panels * k4 * NR],
             k,
