@@ -83,6 +83,45 @@ fn engine_matches_the_burn_model_on_every_family() {
 }
 
 #[test]
+fn winograd_matches_im2col_on_every_variant_with_3x3_convolutions() {
+    // The V2 family's Fused-MBConv blocks are the stride-1 3x3 convs Winograd runs; B0 has none
+    // (both paths must then be the same code). Odd sizes leave half tiles at the edges.
+    for (name, padding, batch, h, w) in [
+        ("b0", Padding::Same, 1, 64, 64),
+        ("v2-b0", Padding::Same, 2, 67, 90),
+        ("v2-b1", Padding::Symmetric, 1, 64, 80),
+        ("v2-b2", Padding::Same, 1, 96, 96),
+        ("v2-b3", Padding::Symmetric, 1, 72, 72),
+        ("v2-s", Padding::Same, 1, 96, 96),
+        ("v2-m", Padding::Symmetric, 1, 64, 64),
+        ("v2-l", Padding::Same, 1, 64, 64),
+        ("v2-xl", Padding::Same, 1, 48, 48),
+    ] {
+        let set = random_set(name, padding);
+        let per_image = 3 * h * w;
+        let data: Vec<f32> = (0..batch * per_image)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let want = Engine::new(&set)
+            .unwrap()
+            .with_winograd(false)
+            .forward(&data, batch, h, w);
+        for threads in [1, 2] {
+            let got = Engine::new(&set)
+                .unwrap()
+                .with_threads(threads)
+                .forward(&data, batch, h, w);
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got, &want);
+            eprintln!(
+                "{name} {padding:?} {threads} threads: max |diff| {diff:e} (max |logit| {scale:.2})"
+            );
+            assert!(diff <= 1e-5, "{name} {threads} threads: {diff}");
+        }
+    }
+}
+
+#[test]
 fn threads_and_batches_split_the_work_without_changing_the_answer() {
     // Several threads cut the fused expand + depthwise into row bands that recompute their halo
     // rows, and batches change how parts are cut: all must match one thread, one image at a time.

@@ -16,6 +16,7 @@ mod ops;
 mod plan;
 pub(crate) mod pool;
 pub mod profile;
+mod winograd;
 
 use crate::simd::gemm_i8::{ActQuant, Int8Weights};
 use crate::spec::FeatureTap;
@@ -149,6 +150,8 @@ pub struct Engine {
     layers: Vec<String>,
     /// Recorders at the GEMM convolutions' inputs while calibrating.
     observers: Option<std::collections::HashMap<String, Observer>>,
+    /// Stride-1 3x3 convs by Winograd F(2x2, 3x3) (on by default; off: im2col + GEMM).
+    winograd: bool,
 }
 
 /// Buffers reused across calls: no allocation per inference once sizes are reached.
@@ -185,6 +188,7 @@ impl Engine {
             single: std::cell::Cell::new(true),
             layers,
             observers: None,
+            winograd: true,
         })
     }
 
@@ -322,6 +326,13 @@ impl Engine {
     /// Runs on `threads` threads (the caller's plus sleeping workers; see [`pool`]).
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.pool = Pool::new(threads);
+        self
+    }
+
+    /// Runs the stride-1 3x3 convolutions by Winograd F(2x2, 3x3) (the default) or, with
+    /// `false`, by im2col + GEMM like the other dense convolutions (for comparisons).
+    pub fn with_winograd(mut self, on: bool) -> Self {
+        self.winograd = on;
         self
     }
 

@@ -34,7 +34,7 @@ pub(super) fn geometry(
 }
 
 /// Parallel parts per thread for each operation.
-const PARTS_PER_THREAD: usize = 8;
+pub(super) const PARTS_PER_THREAD: usize = 8;
 
 /// Rows per GEMM chunk: the output chunk stays in L2 for the fused epilogue.
 fn chunk_rows(cout: usize) -> usize {
@@ -152,6 +152,9 @@ impl Engine {
         if conv.kind == ConvKind::Pointwise {
             let io = (input, out);
             return self.pointwise(conv.gemm_weight(), None, conv, io, n, (h, w), None);
+        }
+        if self.runs_winograd(conv) {
+            return self.winograd_conv(conv, input, out, n, (h, w));
         }
         let _t = profile::layer(
             match conv.kind {
@@ -415,7 +418,7 @@ impl Engine {
         let chunk = chunk_rows(cout)
             .min(rows.div_ceil(PARTS_PER_THREAD * threads))
             .max(16)
-            // Whole 12-row AVX-512 tiles (a multiple of the AVX2 kernel's 3 rows too): a chunk of
+            // Whole 12-row AVX-512 tiles (a multiple of the AVX2 kernel's 6 rows too): a chunk of
             // 25 rows ran two full tiles and a 1-row one that costs far more per row.
             .next_multiple_of(12);
         let row_parts = rows.div_ceil(chunk);

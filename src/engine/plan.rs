@@ -8,7 +8,7 @@ use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv};
 use crate::weights::fold::{Folded, fold_batch_norm, tensor_values};
 use crate::weights::{TensorMap, WeightSet};
 
-use super::EngineError;
+use super::{EngineError, winograd};
 
 /// How a convolution is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,9 @@ pub(super) struct Conv {
     /// The weights in int8 for the calibrated input grid (when the engine runs in int8 and this
     /// layer was not kept in fp32; then the GEMM uses these).
     pub int8: Option<Int8Weights>,
+    /// The 16 Winograd-transformed weight matrices, packed (stride-1 3x3 convs with the
+    /// micro-kernel; empty otherwise). See [`super::winograd`].
+    pub winograd: Vec<f32>,
     pub bias: Vec<f32>,
     pub act: Option<Activation>,
 }
@@ -195,6 +198,11 @@ fn fold(
     } else {
         Vec::new()
     };
+    let winograd = if winograd::applies(kind, k, spec_conv.stride) {
+        winograd::transform_weights(&weight, cin, cout)
+    } else {
+        Vec::new()
+    };
     // Keep one copy: the packed weights replace the plain ones.
     let weight = if packed.is_empty() {
         weight
@@ -212,6 +220,7 @@ fn fold(
         packed,
         packed_bf16: Vec::new(),
         int8: None,
+        winograd,
         bias,
         act,
     })

@@ -1,0 +1,438 @@
+//! Winograd F(2x2, 3x3) for the stride-1 3x3 convolutions (Fused-MBConv's, V2's early stages;
+//! Lavin & Gray, 2016): each 2x2 block of outputs comes from a 4x4 input tile with 16
+//! multiplications per (input, output) channel pair instead of 36, as 16 GEMMs of
+//! `tiles x cin` by `cin x cout` on the engine's micro-kernel. The im2col GEMM already ran at the
+//! micro-kernel's rate (docs/benchmarks.md), so fewer multiplications were what was left to gain.
+//!
+//! With `d` a 4x4 input tile, `g` a 3x3 kernel, the 2x2 output is `A^T [(G g G^T) . (B^T d B)] A`:
+//! the weights are transformed once at load ([`transform_weights`]), the tiles and the sums per
+//! band of rows ([`input_tiles`], [`output_tiles`], the latter with bias and activation fused).
+
+use std::ops::Range;
+
+use super::kernels::Geometry;
+use super::ops::{PARTS_PER_THREAD, geometry, grow};
+use super::plan::{Conv, ConvKind};
+use super::pool::SharedMut;
+use super::{Engine, profile};
+use crate::simd::gemm::{self as microkernel, NR};
+use crate::simd::math::silu;
+use crate::simd::simd_dispatch;
+use crate::spec::Activation;
+
+/// Transformed values per tile (4 x 4).
+const TILE: usize = 16;
+
+/// Bytes of transformed tiles and their sums a part keeps per step (within a typical L2).
+const STEP_BYTES: usize = 384 * 1024;
+
+/// Whether a dense convolution of this shape runs as Winograd on this CPU.
+pub(super) fn applies(kind: ConvKind, kernel: usize, stride: usize) -> bool {
+    kind == ConvKind::Full && kernel == 3 && stride == 1 && microkernel::available()
+}
+
+/// Length of one transformed weight matrix `[cin x cout]` packed for the micro-kernel.
+fn packed_len(cin: usize, cout: usize) -> usize {
+    cout.div_ceil(NR) * cin * NR
+}
+
+/// The 16 matrices `U[xi] = (G g G^T)[xi]` of `weight` (`[9 * cin x cout]`, rows ordered
+/// (tap, input channel)), each `[cin x cout]` packed for the micro-kernel, one after another.
+/// Computed in f64 so the only rounding is the final one.
+pub(super) fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+    const G: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    assert_eq!(weight.len(), 9 * cin * cout, "3x3 weight layout");
+    let mut u = vec![0.0f32; TILE * cin * cout];
+    for i in 0..cin {
+        for o in 0..cout {
+            let g = |ky: usize, kx: usize| f64::from(weight[((ky * 3 + kx) * cin + i) * cout + o]);
+            let mut gg = [[0.0f64; 3]; 4];
+            for (a, row) in gg.iter_mut().enumerate() {
+                for (kx, v) in row.iter_mut().enumerate() {
+                    *v = (0..3).map(|ky| G[a][ky] * g(ky, kx)).sum();
+                }
+            }
+            for (a, row) in gg.iter().enumerate() {
+                for (b, gb) in G.iter().enumerate() {
+                    let v: f64 = (0..3).map(|kx| row[kx] * gb[kx]).sum();
+                    u[((a * 4 + b) * cin + i) * cout + o] = v as f32;
+                }
+            }
+        }
+    }
+    u.chunks_exact(cin * cout)
+        .flat_map(|m| microkernel::pack(m, cin, cout))
+        .collect()
+}
+
+/// Channels per vectorised step of the tile transforms (an AVX2 register).
+const LANES: usize = 8;
+
+#[inline(always)]
+fn add<const W: usize>(a: [f32; W], b: [f32; W]) -> [f32; W] {
+    std::array::from_fn(|i| a[i] + b[i])
+}
+
+#[inline(always)]
+fn sub<const W: usize>(a: [f32; W], b: [f32; W]) -> [f32; W] {
+    std::array::from_fn(|i| a[i] - b[i])
+}
+
+/// `B^T d B` for channels `at..at + W` of the 4x4 tile `d` (rows of 4 pixels), into `out[xi]`.
+#[inline(always)]
+fn transform_in<const W: usize>(d: &[[&[f32]; 4]; 4], at: usize, out: &mut [&mut [f32]; TILE]) {
+    let px = |r: usize, c: usize| -> [f32; W] { d[r][c][at..at + W].try_into().expect("W") };
+    // Rows, t = B^T d, kept by column: `t[c][r]`.
+    let t: [[[f32; W]; 4]; 4] = std::array::from_fn(|c| {
+        let (d0, d1, d2, d3) = (px(0, c), px(1, c), px(2, c), px(3, c));
+        [sub(d0, d2), add(d1, d2), sub(d2, d1), sub(d1, d3)]
+    });
+    // Columns: t B.
+    for (r, o) in out.chunks_exact_mut(4).enumerate() {
+        let [t0, t1, t2, t3] = [t[0][r], t[1][r], t[2][r], t[3][r]];
+        let v = [sub(t0, t2), add(t1, t2), sub(t2, t1), sub(t1, t3)];
+        for (o, v) in o.iter_mut().zip(v) {
+            o[at..at + W].copy_from_slice(&v);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// Tiles `tiles` (raster order, `tiles_w` to a row) of one NHWC image with `c` channels,
+    /// transformed: value `xi` of the `j`-th tile goes to `out[(xi * tiles.len() + j) * c..][..c]`.
+    /// Tiles that reach into the padding are gathered into `patch` (`16 * c` values) first.
+    pub fn input_tiles(input: &[f32], c: usize, g: Geometry, tiles_w: usize, tiles: Range<usize>, patch: &mut [f32], out: &mut [f32]) {
+        let count = tiles.len();
+        for (j, t) in tiles.enumerate() {
+            let (ty, tx) = (t / tiles_w, t % tiles_w);
+            let iy0 = (2 * ty) as isize - g.pad_top as isize;
+            let ix0 = (2 * tx) as isize - g.pad_left as isize;
+            let inside = iy0 >= 0
+                && ix0 >= 0
+                && iy0 as usize + 4 <= g.in_h
+                && ix0 as usize + 4 <= g.in_w;
+            let (src, row_stride): (&[f32], usize) = if inside {
+                (&input[(iy0 as usize * g.in_w + ix0 as usize) * c..], g.in_w * c)
+            } else {
+                for r in 0..4 {
+                    for col in 0..4 {
+                        let dst = &mut patch[(r * 4 + col) * c..][..c];
+                        let (y, x) = (iy0 + r as isize, ix0 + col as isize);
+                        if (0..g.in_h as isize).contains(&y) && (0..g.in_w as isize).contains(&x) {
+                            dst.copy_from_slice(&input[(y as usize * g.in_w + x as usize) * c..][..c]);
+                        } else {
+                            dst.fill(0.0);
+                        }
+                    }
+                }
+                (&patch[..], 4 * c)
+            };
+            let d: [[&[f32]; 4]; 4] = std::array::from_fn(|r| {
+                std::array::from_fn(|col| &src[r * row_stride + col * c..][..c])
+            });
+            let mut rows = out.chunks_exact_mut(count * c).map(|m| &mut m[j * c..(j + 1) * c]);
+            let mut o: [&mut [f32]; TILE] = std::array::from_fn(|_| rows.next().expect("16 values"));
+            let vec_end = c - c % LANES;
+            for at in (0..vec_end).step_by(LANES) {
+                transform_in::<LANES>(&d, at, &mut o);
+            }
+            for at in vec_end..c {
+                transform_in::<1>(&d, at, &mut o);
+            }
+        }
+    }
+}
+
+/// `A^T m A` for channels `at..at + W` of the 16 sums `m[xi]`: the 2x2 outputs, before bias.
+#[inline(always)]
+fn transform_out<const W: usize>(m: &[&[f32]; TILE], at: usize) -> [[[f32; W]; 2]; 2] {
+    let v = |xi: usize| -> [f32; W] { m[xi][at..at + W].try_into().expect("W") };
+    // Rows: s = A^T m, s0 = m0 + m1 + m2, s1 = m1 - m2 - m3 (each a row of 4).
+    let s: [[[f32; W]; 4]; 2] = [
+        std::array::from_fn(|b| add(add(v(b), v(4 + b)), v(8 + b))),
+        std::array::from_fn(|b| sub(sub(v(4 + b), v(8 + b)), v(12 + b))),
+    ];
+    s.map(|[s0, s1, s2, s3]| [add(add(s0, s1), s2), sub(sub(s1, s2), s3)])
+}
+
+/// Writes `act(y + bias)` for channels `at..at + W` of the tile's outputs that lie inside the map.
+#[inline(always)]
+fn store_out<const W: usize>(
+    m: &[&[f32]; TILE],
+    at: usize,
+    bias: &[f32],
+    act: impl Fn(f32) -> f32,
+    dst: &mut [Option<&mut [f32]>; 4],
+) {
+    let y = transform_out::<W>(m, at);
+    let b = &bias[at..at + W];
+    for (i, row) in y.iter().enumerate() {
+        for (jj, v) in row.iter().enumerate() {
+            if let Some(d) = dst[i * 2 + jj].as_deref_mut() {
+                for ((d, v), b) in d[at..at + W].iter_mut().zip(v).zip(b) {
+                    *d = act(v + b);
+                }
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// The outputs of `tiles` (as in [`input_tiles`]) from their 16 sums `m`
+    /// (`m[(xi * tiles.len() + j) * c..][..c]`), `act(y + bias)`, into NHWC `dst`, whose first
+    /// row is output row `row0`; outputs past the map's edge are dropped.
+    pub fn output_tiles(m: &[f32], bias: &[f32], act: Option<Activation>, g: Geometry, tiles_w: usize, tiles: Range<usize>, row0: usize, dst: &mut [f32]) {
+        let c = bias.len();
+        let count = tiles.len();
+        for (j, t) in tiles.enumerate() {
+            let (ty, tx) = (t / tiles_w, t % tiles_w);
+            let sums: [&[f32]; TILE] = std::array::from_fn(|xi| &m[(xi * count + j) * c..][..c]);
+            // The (up to) four output pixels of the tile, each `c` values of `dst`.
+            let mut pixels: [Option<&mut [f32]>; 4] = [None, None, None, None];
+            let (oy, ox) = (2 * ty, 2 * tx);
+            let rows = (g.out_h - oy).min(2);
+            let cols = (g.out_w - ox).min(2);
+            let mut rest = &mut dst[((oy - row0) * g.out_w + ox) * c..];
+            for i in 0..rows {
+                let (row, tail) = rest.split_at_mut(if i + 1 < rows { g.out_w * c } else { rest.len() });
+                let (p0, p1) = row.split_at_mut(c);
+                pixels[i * 2] = Some(p0);
+                if cols == 2 {
+                    pixels[i * 2 + 1] = Some(&mut p1[..c]);
+                }
+                rest = tail;
+            }
+            let vec_end = c - c % LANES;
+            match act {
+                None => {
+                    for at in (0..vec_end).step_by(LANES) {
+                        store_out::<LANES>(&sums, at, bias, |x| x, &mut pixels);
+                    }
+                    for at in vec_end..c {
+                        store_out::<1>(&sums, at, bias, |x| x, &mut pixels);
+                    }
+                }
+                Some(Activation::Silu) => {
+                    for at in (0..vec_end).step_by(LANES) {
+                        store_out::<LANES>(&sums, at, bias, silu, &mut pixels);
+                    }
+                    for at in vec_end..c {
+                        store_out::<1>(&sums, at, bias, silu, &mut pixels);
+                    }
+                }
+                Some(Activation::Relu6) => {
+                    let relu6 = |x: f32| x.clamp(0.0, 6.0);
+                    for at in (0..vec_end).step_by(LANES) {
+                        store_out::<LANES>(&sums, at, bias, relu6, &mut pixels);
+                    }
+                    for at in vec_end..c {
+                        store_out::<1>(&sums, at, bias, relu6, &mut pixels);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Whether `conv` runs as Winograd in this call: an f32 stride-1 3x3 conv (bf16 and int8 use
+    /// their own GEMMs on the im2col rows, and calibration records those rows).
+    pub(super) fn runs_winograd(&self, conv: &Conv) -> bool {
+        self.winograd
+            && !conv.winograd.is_empty()
+            && conv.int8.is_none()
+            && conv.packed_bf16.is_empty()
+            && self.observed(conv).1.is_none()
+    }
+
+    /// A stride-1 3x3 conv from NHWC `input` into `out` by Winograd F(2x2, 3x3): parts are bands
+    /// of tile rows of one image; each transforms a step of tiles, runs the 16 GEMMs and writes
+    /// their outputs while the step is in cache. Returns the output spatial shape.
+    pub(super) fn winograd_conv(
+        &self,
+        conv: &Conv,
+        input: &[f32],
+        out: &mut Vec<f32>,
+        n: usize,
+        (h, w): (usize, usize),
+    ) -> (usize, usize) {
+        let g = geometry(self.meta.spec.padding, h, w, 3, 1);
+        let (cin, cout) = (conv.cin, conv.cout);
+        let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * cout);
+        let _t = profile::layer(
+            "full conv (winograd)",
+            || format!("{} 3x3/1 {cin}->{cout} {h}x{w}", conv.name),
+            // The direct convolution's multiply-adds, so GMAC/s compares with the im2col path.
+            || (n * out_len * 9 * cin) as u64,
+        );
+        grow(out, n * out_len);
+        let (tiles_h, tiles_w) = (g.out_h.div_ceil(2), g.out_w.div_ceil(2));
+        let rows_per_part = tiles_h
+            .div_ceil(PARTS_PER_THREAD * self.active_threads())
+            .max(1);
+        let bands = tiles_h.div_ceil(rows_per_part);
+        // Tiles per step: whole register tiles of the micro-kernel (12 rows on AVX-512, 3 on AVX2).
+        let step = (STEP_BYTES / (4 * TILE * (cin + cout)))
+            .max(12)
+            .next_multiple_of(12);
+        let plen = packed_len(cin, cout);
+        let zero_bias = vec![0.0f32; cout];
+        let shared_out = SharedMut::new(out);
+        self.run_parts(n * bands, &|part| {
+            let (img, b) = (part / bands, part % bands);
+            let tile_rows = b * rows_per_part..((b + 1) * rows_per_part).min(tiles_h);
+            let row0 = 2 * tile_rows.start;
+            let out_rows = (2 * tile_rows.end).min(g.out_h) - row0;
+            let row_len = g.out_w * cout;
+            // SAFETY: parts write disjoint bands of output rows.
+            let dst =
+                unsafe { shared_out.slice(img * out_len + row0 * row_len, out_rows * row_len) };
+            let x = &input[img * in_len..(img + 1) * in_len];
+            BUFFERS.with_borrow_mut(|buf| {
+                let (v_len, m_len) = (TILE * step * cin, TILE * step * cout);
+                grow(buf, v_len + m_len + TILE * cin);
+                let (v, rest) = buf.split_at_mut(v_len);
+                let (m, patch) = rest.split_at_mut(m_len);
+                let tiles = tile_rows.start * tiles_w..tile_rows.end * tiles_w;
+                for t0 in tiles.clone().step_by(step) {
+                    let t1 = (t0 + step).min(tiles.end);
+                    let count = t1 - t0;
+                    input_tiles(
+                        x,
+                        cin,
+                        g,
+                        tiles_w,
+                        t0..t1,
+                        patch,
+                        &mut v[..TILE * count * cin],
+                    );
+                    for xi in 0..TILE {
+                        let a = &v[xi * count * cin..][..count * cin];
+                        let u = (&conv.winograd[xi * plen..][..plen], None);
+                        let sums = &mut m[xi * count * cout..][..count * cout];
+                        microkernel::gemm_bias_act(
+                            a,
+                            cin,
+                            count,
+                            u,
+                            (0, cout),
+                            &zero_bias,
+                            None,
+                            None,
+                            sums,
+                            cout,
+                        );
+                    }
+                    let sums = &m[..TILE * count * cout];
+                    output_tiles(sums, &conv.bias, conv.act, g, tiles_w, t0..t1, row0, dst);
+                }
+            });
+        });
+        (g.out_h, g.out_w)
+    }
+}
+
+thread_local! {
+    /// Transformed tiles, their sums and a padding patch, per thread (reused across calls).
+    static BUFFERS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::kernels;
+
+    fn val(i: usize) -> f32 {
+        ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5
+    }
+
+    /// Direct 3x3 conv (im2col, f64 sums) + bias + activation.
+    fn direct(x: &[f32], weight: &[f32], bias: &[f32], g: Geometry, cin: usize) -> Vec<f32> {
+        let cout = bias.len();
+        let mut cols = vec![0.0; g.out_h * g.out_w * 9 * cin];
+        kernels::im2col(x, cin, g, 0..g.out_h, &mut cols);
+        cols.chunks_exact(9 * cin)
+            .flat_map(|row| {
+                (0..cout).map(move |o| {
+                    let s: f64 = row
+                        .iter()
+                        .enumerate()
+                        .map(|(k, a)| f64::from(*a) * f64::from(weight[k * cout + o]))
+                        .sum();
+                    silu(s as f32 + bias[o])
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn winograd_tiles_match_a_direct_convolution() {
+        if !microkernel::available() {
+            return;
+        }
+        // Odd and even maps, padding on either side, channel counts off the 8-lane step.
+        for (h, w, cin, cout, pad) in [
+            (6, 6, 8, 32, 1),
+            (7, 5, 3, 40, 1),
+            (9, 12, 19, 7, 1),
+            (5, 8, 16, 33, 0),
+            (1, 1, 4, 4, 1),
+        ] {
+            let (out_h, out_w) = (h + 2 * pad - 2, w + 2 * pad - 2);
+            let g = Geometry {
+                in_h: h,
+                in_w: w,
+                out_h,
+                out_w,
+                kernel: 3,
+                stride: 1,
+                pad_top: pad,
+                pad_left: pad,
+            };
+            let x: Vec<f32> = (0..h * w * cin).map(val).collect();
+            let weight: Vec<f32> = (0..9 * cin * cout).map(|i| val(i + 5)).collect();
+            let bias: Vec<f32> = (0..cout).map(|i| val(i + 11)).collect();
+            let want = direct(&x, &weight, &bias, g, cin);
+            let u = transform_weights(&weight, cin, cout);
+            let plen = packed_len(cin, cout);
+            let (tiles_h, tiles_w) = (out_h.div_ceil(2), out_w.div_ceil(2));
+            // Two steps of tiles over the map, the second starting mid-row.
+            let all = tiles_h * tiles_w;
+            let mut got = vec![f32::NAN; out_h * out_w * cout];
+            let mut patch = vec![0.0; TILE * cin];
+            for tiles in [0..all / 2, all / 2..all] {
+                let count = tiles.len();
+                let mut v = vec![0.0; TILE * count * cin];
+                input_tiles(&x, cin, g, tiles_w, tiles.clone(), &mut patch, &mut v);
+                let mut m = vec![0.0; TILE * count * cout];
+                for xi in 0..TILE {
+                    microkernel::gemm_bias_act(
+                        &v[xi * count * cin..][..count * cin],
+                        cin,
+                        count,
+                        (&u[xi * plen..][..plen], None),
+                        (0, cout),
+                        &vec![0.0; cout],
+                        None,
+                        None,
+                        &mut m[xi * count * cout..][..count * cout],
+                        cout,
+                    );
+                }
+                let act = Some(Activation::Silu);
+                output_tiles(&m, &bias, act, g, tiles_w, tiles, 0, &mut got);
+            }
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(diff <= 1e-5, "{h}x{w} {cin}->{cout} pad {pad}: {diff}");
+        }
+    }
+}
