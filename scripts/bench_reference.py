@@ -12,6 +12,7 @@ onnxruntime.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -134,7 +135,8 @@ def main():
         import torch
     except ImportError:
         torch = None
-    if torch is not None:
+    # BENCH_SKIP_PYTORCH=1: leave PyTorch eager out (slow, and not what a side-by-side round needs).
+    if torch is not None and not os.environ.get("BENCH_SKIP_PYTORCH"):
         torch.set_num_threads(args.threads)
         results.append(torch_timing(torch, tensors, spec, x, args.iters, n))
     # tract (the `tract` package on PyPI) runs on one thread: timed only beside one-thread runs.

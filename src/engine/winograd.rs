@@ -16,8 +16,10 @@ use super::plan::{Conv, ConvKind};
 use super::pool::SharedMut;
 use super::{Engine, profile};
 use crate::simd::gemm::{self as microkernel, NR};
-use crate::simd::math::silu;
-use crate::simd::simd_dispatch;
+use crate::simd::math::activate_v;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Avx2, Avx512};
+use crate::simd::{Level, Vector, level};
 use crate::spec::Activation;
 
 /// Transformed values per tile (4 x 4).
@@ -70,173 +72,292 @@ pub(super) fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<
         .collect()
 }
 
-/// Channels per vectorised step of the tile transforms (an AVX2 register).
-const LANES: usize = 8;
-
+/// `B^T d B` for channels `at..at + V::LANES` (those below `c`) of the 4x4 tile whose pixel
+/// `(r, col)` starts at `d[r * row_stride + col * c]`, into `out[xi]` at `at`.
+///
+/// # Safety
+/// The CPU has `V`'s instruction set; the tile's pixels and `out[xi] + at` hold `c - at` values.
 #[inline(always)]
-fn add<const W: usize>(a: [f32; W], b: [f32; W]) -> [f32; W] {
-    std::array::from_fn(|i| a[i] + b[i])
-}
-
-#[inline(always)]
-fn sub<const W: usize>(a: [f32; W], b: [f32; W]) -> [f32; W] {
-    std::array::from_fn(|i| a[i] - b[i])
-}
-
-/// `B^T d B` for channels `at..at + W` of the 4x4 tile `d` (rows of 4 pixels), into `out[xi]`.
-#[inline(always)]
-fn transform_in<const W: usize>(d: &[[&[f32]; 4]; 4], at: usize, out: &mut [&mut [f32]; TILE]) {
-    let px = |r: usize, c: usize| -> [f32; W] { d[r][c][at..at + W].try_into().expect("W") };
-    // Rows, t = B^T d, kept by column: `t[c][r]`.
-    let t: [[[f32; W]; 4]; 4] = std::array::from_fn(|c| {
-        let (d0, d1, d2, d3) = (px(0, c), px(1, c), px(2, c), px(3, c));
-        [sub(d0, d2), add(d1, d2), sub(d2, d1), sub(d1, d3)]
-    });
-    // Columns: t B.
-    for (r, o) in out.chunks_exact_mut(4).enumerate() {
-        let [t0, t1, t2, t3] = [t[0][r], t[1][r], t[2][r], t[3][r]];
-        let v = [sub(t0, t2), add(t1, t2), sub(t2, t1), sub(t1, t3)];
-        for (o, v) in o.iter_mut().zip(v) {
-            o[at..at + W].copy_from_slice(&v);
-        }
-    }
-}
-
-simd_dispatch! {
-    /// Tiles `tiles` (raster order, `tiles_w` to a row) of one NHWC image with `c` channels,
-    /// transformed: value `xi` of the `j`-th tile goes to `out[(xi * tiles.len() + j) * c..][..c]`.
-    /// Tiles that reach into the padding are gathered into `patch` (`16 * c` values) first.
-    pub fn input_tiles(input: &[f32], c: usize, g: Geometry, tiles_w: usize, tiles: Range<usize>, patch: &mut [f32], out: &mut [f32]) {
-        let count = tiles.len();
-        for (j, t) in tiles.enumerate() {
-            let (ty, tx) = (t / tiles_w, t % tiles_w);
-            let iy0 = (2 * ty) as isize - g.pad_top as isize;
-            let ix0 = (2 * tx) as isize - g.pad_left as isize;
-            let inside = iy0 >= 0
-                && ix0 >= 0
-                && iy0 as usize + 4 <= g.in_h
-                && ix0 as usize + 4 <= g.in_w;
-            let (src, row_stride): (&[f32], usize) = if inside {
-                (&input[(iy0 as usize * g.in_w + ix0 as usize) * c..], g.in_w * c)
-            } else {
-                for r in 0..4 {
-                    for col in 0..4 {
-                        let dst = &mut patch[(r * 4 + col) * c..][..c];
-                        let (y, x) = (iy0 + r as isize, ix0 + col as isize);
-                        if (0..g.in_h as isize).contains(&y) && (0..g.in_w as isize).contains(&x) {
-                            dst.copy_from_slice(&input[(y as usize * g.in_w + x as usize) * c..][..c]);
-                        } else {
-                            dst.fill(0.0);
-                        }
-                    }
-                }
-                (&patch[..], 4 * c)
-            };
-            let d: [[&[f32]; 4]; 4] = std::array::from_fn(|r| {
-                std::array::from_fn(|col| &src[r * row_stride + col * c..][..c])
-            });
-            let mut rows = out.chunks_exact_mut(count * c).map(|m| &mut m[j * c..(j + 1) * c]);
-            let mut o: [&mut [f32]; TILE] = std::array::from_fn(|_| rows.next().expect("16 values"));
-            let vec_end = c - c % LANES;
-            for at in (0..vec_end).step_by(LANES) {
-                transform_in::<LANES>(&d, at, &mut o);
-            }
-            for at in vec_end..c {
-                transform_in::<1>(&d, at, &mut o);
-            }
-        }
-    }
-}
-
-/// `A^T m A` for channels `at..at + W` of the 16 sums `m[xi]`: the 2x2 outputs, before bias.
-#[inline(always)]
-fn transform_out<const W: usize>(m: &[&[f32]; TILE], at: usize) -> [[[f32; W]; 2]; 2] {
-    let v = |xi: usize| -> [f32; W] { m[xi][at..at + W].try_into().expect("W") };
-    // Rows: s = A^T m, s0 = m0 + m1 + m2, s1 = m1 - m2 - m3 (each a row of 4).
-    let s: [[[f32; W]; 4]; 2] = [
-        std::array::from_fn(|b| add(add(v(b), v(4 + b)), v(8 + b))),
-        std::array::from_fn(|b| sub(sub(v(4 + b), v(8 + b)), v(12 + b))),
-    ];
-    s.map(|[s0, s1, s2, s3]| [add(add(s0, s1), s2), sub(sub(s1, s2), s3)])
-}
-
-/// Writes `act(y + bias)` for channels `at..at + W` of the tile's outputs that lie inside the map.
-#[inline(always)]
-fn store_out<const W: usize>(
-    m: &[&[f32]; TILE],
+unsafe fn transform_in<V: Vector>(
+    d: *const f32,
+    (row_stride, c): (usize, usize),
     at: usize,
-    bias: &[f32],
-    act: impl Fn(f32) -> f32,
-    dst: &mut [Option<&mut [f32]>; 4],
+    out: &[*mut f32; TILE],
 ) {
-    let y = transform_out::<W>(m, at);
-    let b = &bias[at..at + W];
-    for (i, row) in y.iter().enumerate() {
-        for (jj, v) in row.iter().enumerate() {
-            if let Some(d) = dst[i * 2 + jj].as_deref_mut() {
-                for ((d, v), b) in d[at..at + W].iter_mut().zip(v).zip(b) {
-                    *d = act(v + b);
+    let live = c - at;
+    // SAFETY: the caller's contract; loads and stores touch lanes below `live` only.
+    unsafe {
+        let px = |r: usize, col: usize| V::load_first(d.add(r * row_stride + col * c + at), live);
+        // Rows, t = B^T d, by column: t[col] = [d0 - d2, d1 + d2, d2 - d1, d1 - d3].
+        let mut t = [[V::splat(0.0); 4]; 4];
+        for (col, t) in t.iter_mut().enumerate() {
+            let (d0, d1, d2, d3) = (px(0, col), px(1, col), px(2, col), px(3, col));
+            *t = [d0.sub(d2), d1.add(d2), d2.sub(d1), d1.sub(d3)];
+        }
+        // Columns: t B.
+        for r in 0..4 {
+            let [t0, t1, t2, t3] = [t[0][r], t[1][r], t[2][r], t[3][r]];
+            let v = [t0.sub(t2), t1.add(t2), t2.sub(t1), t1.sub(t3)];
+            for (b, v) in v.into_iter().enumerate() {
+                v.store_first(out[r * 4 + b].add(at), live);
+            }
+        }
+    }
+}
+
+/// [`input_tiles`] on `V`'s registers.
+///
+/// # Safety
+/// The CPU has `V`'s instruction set.
+#[inline(always)]
+unsafe fn input_tiles_v<V: Vector>(
+    input: &[f32],
+    c: usize,
+    g: Geometry,
+    tiles_w: usize,
+    tiles: Range<usize>,
+    patch: &mut [f32],
+    out: &mut [f32],
+) {
+    let count = tiles.len();
+    assert!(
+        input.len() >= g.in_h * g.in_w * c
+            && patch.len() >= TILE * c
+            && out.len() >= TILE * count * c
+            && (tiles.end <= tiles_w * g.out_h.div_ceil(2))
+    );
+    for (j, t) in tiles.enumerate() {
+        let (ty, tx) = (t / tiles_w, t % tiles_w);
+        let iy0 = (2 * ty) as isize - g.pad_top as isize;
+        let ix0 = (2 * tx) as isize - g.pad_left as isize;
+        let inside =
+            iy0 >= 0 && ix0 >= 0 && iy0 as usize + 4 <= g.in_h && ix0 as usize + 4 <= g.in_w;
+        let (src, row_stride) = if inside {
+            let at = (iy0 as usize * g.in_w + ix0 as usize) * c;
+            (input[at..].as_ptr(), g.in_w * c)
+        } else {
+            for r in 0..4 {
+                for col in 0..4 {
+                    let dst = &mut patch[(r * 4 + col) * c..][..c];
+                    let (y, x) = (iy0 + r as isize, ix0 + col as isize);
+                    if (0..g.in_h as isize).contains(&y) && (0..g.in_w as isize).contains(&x) {
+                        dst.copy_from_slice(&input[(y as usize * g.in_w + x as usize) * c..][..c]);
+                    } else {
+                        dst.fill(0.0);
+                    }
+                }
+            }
+            (patch.as_ptr(), 4 * c)
+        };
+        let base = out.as_mut_ptr();
+        // SAFETY: the assert bounds every row written: (xi * count + j + 1) * c <= out.len().
+        let o: [*mut f32; TILE] =
+            std::array::from_fn(|xi| unsafe { base.add((xi * count + j) * c) });
+        for at in (0..c).step_by(V::LANES) {
+            // SAFETY: the CPU has V's features (caller); an inside tile's last pixel ends at
+            // ((iy0 + 3) * in_w + ix0 + 4) * c <= input.len(), a padded one is `patch`.
+            unsafe { transform_in::<V>(src, (row_stride, c), at, &o) };
+        }
+    }
+}
+
+/// The tile's (up to) four outputs `act(A^T m A + bias)` for channels `at..at + V::LANES`
+/// (those below `c`), `m[xi]` the 16 sums, each output pixel written where `pixels` has it.
+///
+/// # Safety
+/// The CPU has `V`'s instruction set; `m[xi] + at`, `bias + at` and each pixel hold `c - at` values.
+#[inline(always)]
+unsafe fn transform_out<V: Vector>(
+    m: &[*const f32; TILE],
+    (bias, act): (*const f32, Option<Activation>),
+    c: usize,
+    at: usize,
+    pixels: &[Option<*mut f32>; 4],
+) {
+    let live = c - at;
+    // SAFETY: the caller's contract; loads and stores touch lanes below `live` only.
+    unsafe {
+        let v = |xi: usize| V::load_first(m[xi].add(at), live);
+        // Rows: s = A^T m, s0 = m0 + m1 + m2, s1 = m1 - m2 - m3 (each a row of 4).
+        let (mut s0, mut s1) = ([V::splat(0.0); 4], [V::splat(0.0); 4]);
+        for (b, (s0, s1)) in s0.iter_mut().zip(&mut s1).enumerate() {
+            let (m0, m1, m2, m3) = (v(b), v(4 + b), v(8 + b), v(12 + b));
+            *s0 = m0.add(m1).add(m2);
+            *s1 = m1.sub(m2).sub(m3);
+        }
+        let s = [s0, s1];
+        let bias = V::load_first(bias.add(at), live);
+        for (i, [s0, s1, s2, s3]) in s.into_iter().enumerate() {
+            let y = [s0.add(s1).add(s2), s1.sub(s2).sub(s3)];
+            for (jj, y) in y.into_iter().enumerate() {
+                if let Some(p) = pixels[i * 2 + jj] {
+                    activate_v(y.add(bias), act).store_first(p.add(at), live);
                 }
             }
         }
     }
 }
 
-simd_dispatch! {
-    /// The outputs of `tiles` (as in [`input_tiles`]) from their 16 sums `m`
-    /// (`m[(xi * tiles.len() + j) * c..][..c]`), `act(y + bias)`, into NHWC `dst`, whose first
-    /// row is output row `row0`; outputs past the map's edge are dropped.
-    pub fn output_tiles(m: &[f32], bias: &[f32], act: Option<Activation>, g: Geometry, tiles_w: usize, tiles: Range<usize>, row0: usize, dst: &mut [f32]) {
-        let c = bias.len();
-        let count = tiles.len();
-        for (j, t) in tiles.enumerate() {
-            let (ty, tx) = (t / tiles_w, t % tiles_w);
-            let sums: [&[f32]; TILE] = std::array::from_fn(|xi| &m[(xi * count + j) * c..][..c]);
-            // The (up to) four output pixels of the tile, each `c` values of `dst`.
-            let mut pixels: [Option<&mut [f32]>; 4] = [None, None, None, None];
-            let (oy, ox) = (2 * ty, 2 * tx);
-            let rows = (g.out_h - oy).min(2);
-            let cols = (g.out_w - ox).min(2);
-            let mut rest = &mut dst[((oy - row0) * g.out_w + ox) * c..];
-            for i in 0..rows {
-                let (row, tail) = rest.split_at_mut(if i + 1 < rows { g.out_w * c } else { rest.len() });
-                let (p0, p1) = row.split_at_mut(c);
-                pixels[i * 2] = Some(p0);
-                if cols == 2 {
-                    pixels[i * 2 + 1] = Some(&mut p1[..c]);
-                }
-                rest = tail;
-            }
-            let vec_end = c - c % LANES;
-            match act {
-                None => {
-                    for at in (0..vec_end).step_by(LANES) {
-                        store_out::<LANES>(&sums, at, bias, |x| x, &mut pixels);
-                    }
-                    for at in vec_end..c {
-                        store_out::<1>(&sums, at, bias, |x| x, &mut pixels);
-                    }
-                }
-                Some(Activation::Silu) => {
-                    for at in (0..vec_end).step_by(LANES) {
-                        store_out::<LANES>(&sums, at, bias, silu, &mut pixels);
-                    }
-                    for at in vec_end..c {
-                        store_out::<1>(&sums, at, bias, silu, &mut pixels);
-                    }
-                }
-                Some(Activation::Relu6) => {
-                    let relu6 = |x: f32| x.clamp(0.0, 6.0);
-                    for at in (0..vec_end).step_by(LANES) {
-                        store_out::<LANES>(&sums, at, bias, relu6, &mut pixels);
-                    }
-                    for at in vec_end..c {
-                        store_out::<1>(&sums, at, bias, relu6, &mut pixels);
-                    }
-                }
-            }
+/// [`output_tiles`] on `V`'s registers.
+///
+/// # Safety
+/// The CPU has `V`'s instruction set.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn output_tiles_v<V: Vector>(
+    m: &[f32],
+    bias: &[f32],
+    act: Option<Activation>,
+    g: Geometry,
+    tiles_w: usize,
+    tiles: Range<usize>,
+    row0: usize,
+    dst: &mut [f32],
+) {
+    let c = bias.len();
+    let count = tiles.len();
+    let last_row = (2 * tiles.end.div_ceil(tiles_w)).min(g.out_h);
+    assert!(
+        m.len() >= TILE * count * c
+            && tiles.start >= row0 / 2 * tiles_w
+            && dst.len() >= last_row.saturating_sub(row0) * g.out_w * c
+    );
+    for (j, t) in tiles.enumerate() {
+        let (ty, tx) = (t / tiles_w, t % tiles_w);
+        // SAFETY: the assert bounds each tile's sums: (xi * count + j + 1) * c <= m.len().
+        let sums: [*const f32; TILE] =
+            std::array::from_fn(|xi| unsafe { m.as_ptr().add((xi * count + j) * c) });
+        let (oy, ox) = (2 * ty, 2 * tx);
+        let base = dst.as_mut_ptr();
+        // SAFETY: output pixels (oy + i, ox + jj) inside the map lie in rows row0..last_row of
+        // `dst` (asserted); those outside are not written.
+        let pixels: [Option<*mut f32>; 4] = std::array::from_fn(|p| {
+            let (y, x) = (oy + p / 2, ox + p % 2);
+            // SAFETY: as above.
+            (y < g.out_h && x < g.out_w)
+                .then(|| unsafe { base.add(((y - row0) * g.out_w + x) * c) })
+        });
+        for at in (0..c).step_by(V::LANES) {
+            // SAFETY: the CPU has V's features (caller); bounds as above.
+            unsafe { transform_out::<V>(&sums, (bias.as_ptr(), act), c, at, &pixels) };
         }
     }
+}
+
+/// Tiles `tiles` (raster order, `tiles_w` to a row) of one NHWC image with `c` channels,
+/// transformed: value `xi` of the `j`-th tile goes to `out[(xi * tiles.len() + j) * c..][..c]`.
+/// Tiles that reach into the padding are gathered into `patch` (`16 * c` values) first.
+pub fn input_tiles(
+    input: &[f32],
+    c: usize,
+    g: Geometry,
+    tiles_w: usize,
+    tiles: Range<usize>,
+    patch: &mut [f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `level()` found the features each entry is compiled for.
+    unsafe {
+        match level() {
+            Level::Avx512 => return input_avx512(input, c, g, tiles_w, tiles, patch, out),
+            Level::Avx2 => return input_avx2(input, c, g, tiles_w, tiles, patch, out),
+            Level::Portable => {}
+        }
+    }
+    // SAFETY: plain f32 needs no CPU feature.
+    unsafe { input_tiles_v::<f32>(input, c, g, tiles_w, tiles, patch, out) }
+}
+
+/// The outputs of `tiles` (as in [`input_tiles`]) from their 16 sums `m`
+/// (`m[(xi * tiles.len() + j) * c..][..c]`), `act(y + bias)`, into NHWC `dst`, whose first row is
+/// output row `row0`; outputs past the map's edge are dropped.
+#[allow(clippy::too_many_arguments)]
+pub fn output_tiles(
+    m: &[f32],
+    bias: &[f32],
+    act: Option<Activation>,
+    g: Geometry,
+    tiles_w: usize,
+    tiles: Range<usize>,
+    row0: usize,
+    dst: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `level()` found the features each entry is compiled for.
+    unsafe {
+        match level() {
+            Level::Avx512 => return output_avx512(m, bias, act, g, tiles_w, tiles, row0, dst),
+            Level::Avx2 => return output_avx2(m, bias, act, g, tiles_w, tiles, row0, dst),
+            Level::Portable => {}
+        }
+    }
+    // SAFETY: plain f32 needs no CPU feature.
+    unsafe { output_tiles_v::<f32>(m, bias, act, g, tiles_w, tiles, row0, dst) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn input_avx512(
+    input: &[f32],
+    c: usize,
+    g: Geometry,
+    tiles_w: usize,
+    tiles: Range<usize>,
+    patch: &mut [f32],
+    out: &mut [f32],
+) {
+    // SAFETY: the caller's contract (CPU features).
+    unsafe { input_tiles_v::<Avx512>(input, c, g, tiles_w, tiles, patch, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_avx2(
+    input: &[f32],
+    c: usize,
+    g: Geometry,
+    tiles_w: usize,
+    tiles: Range<usize>,
+    patch: &mut [f32],
+    out: &mut [f32],
+) {
+    // SAFETY: the caller's contract (CPU features).
+    unsafe { input_tiles_v::<Avx2>(input, c, g, tiles_w, tiles, patch, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_avx512(
+    m: &[f32],
+    bias: &[f32],
+    act: Option<Activation>,
+    g: Geometry,
+    tiles_w: usize,
+    tiles: Range<usize>,
+    row0: usize,
+    dst: &mut [f32],
+) {
+    // SAFETY: the caller's contract (CPU features).
+    unsafe { output_tiles_v::<Avx512>(m, bias, act, g, tiles_w, tiles, row0, dst) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_avx2(
+    m: &[f32],
+    bias: &[f32],
+    act: Option<Activation>,
+    g: Geometry,
+    tiles_w: usize,
+    tiles: Range<usize>,
+    row0: usize,
+    dst: &mut [f32],
+) {
+    // SAFETY: the caller's contract (CPU features).
+    unsafe { output_tiles_v::<Avx2>(m, bias, act, g, tiles_w, tiles, row0, dst) }
 }
 
 impl Engine {
@@ -346,6 +467,7 @@ thread_local! {
 mod tests {
     use super::*;
     use crate::engine::kernels;
+    use crate::simd::math::silu;
 
     fn val(i: usize) -> f32 {
         ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5
@@ -372,6 +494,13 @@ mod tests {
 
     #[test]
     fn winograd_tiles_match_a_direct_convolution() {
+        // The transforms on every instruction set this CPU has (the GEMM needs AVX2 or AVX-512).
+        for level in [Level::Avx512, Level::Avx2] {
+            crate::simd::with_level(level, check_against_direct);
+        }
+    }
+
+    fn check_against_direct() {
         if !microkernel::available() {
             return;
         }
