@@ -150,7 +150,7 @@ pub struct Engine {
     layers: Vec<String>,
     /// Recorders at the GEMM convolutions' inputs while calibrating.
     observers: Option<std::collections::HashMap<String, Observer>>,
-    /// Stride-1 3x3 convs by Winograd F(2x2, 3x3) (on by default; off: im2col + GEMM).
+    /// Stride-1 3x3 convs by Winograd F(4x4, 3x3) (on by default; off: im2col + GEMM).
     winograd: bool,
 }
 
@@ -329,7 +329,7 @@ impl Engine {
         self
     }
 
-    /// Runs the stride-1 3x3 convolutions by Winograd F(2x2, 3x3) (the default) or, with
+    /// Runs the stride-1 3x3 convolutions by Winograd F(4x4, 3x3) (the default) or, with
     /// `false`, by im2col + GEMM like the other dense convolutions (for comparisons).
     pub fn with_winograd(mut self, on: bool) -> Self {
         self.winograd = on;

@@ -1,10 +1,12 @@
-//! Winograd F(2x2, 3x3) for the stride-1 3x3 convolutions (Fused-MBConv's, V2's early stages;
-//! Lavin & Gray, 2016): each 2x2 block of outputs comes from a 4x4 input tile with 16
-//! multiplications per (input, output) channel pair instead of 36, as 16 GEMMs of
+//! Winograd F(4x4, 3x3) for the stride-1 3x3 convolutions (Fused-MBConv's, V2's early stages;
+//! Lavin & Gray, 2016): each 4x4 block of outputs comes from a 6x6 input tile with 36
+//! multiplications per (input, output) channel pair instead of 144, as 36 GEMMs of
 //! `tiles x cin` by `cin x cout` on the engine's micro-kernel. The im2col GEMM already ran at the
 //! micro-kernel's rate (docs/benchmarks.md), so fewer multiplications were what was left to gain.
+//! (F(2x2, 3x3), 16 per 36, was measured too: the larger tile also halves the transformed data per
+//! output, and its rounding stays within 1e-6 of im2col on every V2 variant in tests/engine.rs.)
 //!
-//! With `d` a 4x4 input tile, `g` a 3x3 kernel, the 2x2 output is `A^T [(G g G^T) . (B^T d B)] A`:
+//! With `d` a 6x6 input tile, `g` a 3x3 kernel, the 4x4 output is `A^T [(G g G^T) . (B^T d B)] A`:
 //! the weights are transformed once at load ([`transform_weights`]), the tiles and the sums per
 //! band of rows ([`input_tiles`], [`output_tiles`], the latter with bias and activation fused).
 
@@ -22,8 +24,12 @@ use crate::simd::{Avx2, Avx512};
 use crate::simd::{Level, Vector, level};
 use crate::spec::Activation;
 
-/// Transformed values per tile (4 x 4).
-const TILE: usize = 16;
+/// Input tile side (the output tile's [`OUT`] plus the kernel's 2).
+const SIDE: usize = 6;
+/// Output tile side.
+const OUT: usize = 4;
+/// Transformed values per tile (6 x 6).
+const TILE: usize = SIDE * SIDE;
 
 /// Bytes of transformed tiles and their sums a part keeps per step (within a typical L2).
 const STEP_BYTES: usize = 384 * 1024;
@@ -38,14 +44,16 @@ fn packed_len(cin: usize, cout: usize) -> usize {
     cout.div_ceil(NR) * cin * NR
 }
 
-/// The 16 matrices `U[xi] = (G g G^T)[xi]` of `weight` (`[9 * cin x cout]`, rows ordered
+/// The 36 matrices `U[xi] = (G g G^T)[xi]` of `weight` (`[9 * cin x cout]`, rows ordered
 /// (tap, input channel)), each `[cin x cout]` packed for the micro-kernel, one after another.
 /// Computed in f64 so the only rounding is the final one.
 pub(super) fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
-    const G: [[f64; 3]; 4] = [
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
+    const G: [[f64; 3]; SIDE] = [
+        [1.0 / 4.0, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
         [0.0, 0.0, 1.0],
     ];
     assert_eq!(weight.len(), 9 * cin * cout, "3x3 weight layout");
@@ -53,7 +61,7 @@ pub(super) fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<
     for i in 0..cin {
         for o in 0..cout {
             let g = |ky: usize, kx: usize| f64::from(weight[((ky * 3 + kx) * cin + i) * cout + o]);
-            let mut gg = [[0.0f64; 3]; 4];
+            let mut gg = [[0.0f64; 3]; SIDE];
             for (a, row) in gg.iter_mut().enumerate() {
                 for (kx, v) in row.iter_mut().enumerate() {
                     *v = (0..3).map(|ky| G[a][ky] * g(ky, kx)).sum();
@@ -62,7 +70,7 @@ pub(super) fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<
             for (a, row) in gg.iter().enumerate() {
                 for (b, gb) in G.iter().enumerate() {
                     let v: f64 = (0..3).map(|kx| row[kx] * gb[kx]).sum();
-                    u[((a * 4 + b) * cin + i) * cout + o] = v as f32;
+                    u[((a * SIDE + b) * cin + i) * cout + o] = v as f32;
                 }
             }
         }
@@ -72,7 +80,44 @@ pub(super) fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<
         .collect()
 }
 
-/// `B^T d B` for channels `at..at + V::LANES` (those below `c`) of the 4x4 tile whose pixel
+/// `B^T x` for one line of 6 input values.
+#[inline(always)]
+unsafe fn rows_in<V: Vector>([d0, d1, d2, d3, d4, d5]: [V; SIDE]) -> [V; SIDE] {
+    // SAFETY: the caller's contract (V's instruction set).
+    unsafe {
+        let (four, five, two) = (V::splat(4.0), V::splat(5.0), V::splat(2.0));
+        // 4 d0 - 5 d2 + d4; -4 (d1 + d2) + d3 + d4; 4 (d1 - d2) - d3 + d4;
+        // -2 (d1 - d3) - d2 + d4; 2 (d1 - d3) - d2 + d4; 4 d1 - 5 d3 + d5.
+        let d4_d2 = d4.sub(d2);
+        let d1_d3 = d1.sub(d3);
+        [
+            four.mul_add(d0, five.neg_mul_add(d2, d4)),
+            four.neg_mul_add(d1.add(d2), d3.add(d4)),
+            four.mul_add(d1.sub(d2), d4.sub(d3)),
+            two.neg_mul_add(d1_d3, d4_d2),
+            two.mul_add(d1_d3, d4_d2),
+            four.mul_add(d1, five.neg_mul_add(d3, d5)),
+        ]
+    }
+}
+
+/// `A^T m` for one line of 6 sums.
+#[inline(always)]
+unsafe fn rows_out<V: Vector>([m0, m1, m2, m3, m4, m5]: [V; SIDE]) -> [V; OUT] {
+    // SAFETY: the caller's contract (V's instruction set).
+    unsafe {
+        let (p12, d12) = (m1.add(m2), m1.sub(m2));
+        let (p34, d34) = (m3.add(m4), m3.sub(m4));
+        [
+            m0.add(p12).add(p34),
+            V::splat(2.0).mul_add(d34, d12),
+            V::splat(4.0).mul_add(p34, p12),
+            V::splat(8.0).mul_add(d34, d12).add(m5),
+        ]
+    }
+}
+
+/// `B^T d B` for channels `at..at + V::LANES` (those below `c`) of the 6x6 tile whose pixel
 /// `(r, col)` starts at `d[r * row_stride + col * c]`, into `out[xi]` at `at`.
 ///
 /// # Safety
@@ -88,18 +133,14 @@ unsafe fn transform_in<V: Vector>(
     // SAFETY: the caller's contract; loads and stores touch lanes below `live` only.
     unsafe {
         let px = |r: usize, col: usize| V::load_first(d.add(r * row_stride + col * c + at), live);
-        // Rows, t = B^T d, by column: t[col] = [d0 - d2, d1 + d2, d2 - d1, d1 - d3].
-        let mut t = [[V::splat(0.0); 4]; 4];
-        for (col, t) in t.iter_mut().enumerate() {
-            let (d0, d1, d2, d3) = (px(0, col), px(1, col), px(2, col), px(3, col));
-            *t = [d0.sub(d2), d1.add(d2), d2.sub(d1), d1.sub(d3)];
-        }
-        // Columns: t B.
-        for r in 0..4 {
-            let [t0, t1, t2, t3] = [t[0][r], t[1][r], t[2][r], t[3][r]];
-            let v = [t0.sub(t2), t1.add(t2), t2.sub(t1), t1.sub(t3)];
+        // Columns first, t = B^T d kept by column: t[col][r].
+        let t: [[V; SIDE]; SIDE] =
+            std::array::from_fn(|col| rows_in(std::array::from_fn(|r| px(r, col))));
+        // Then each row of t: (B^T d) B.
+        for r in 0..SIDE {
+            let v = rows_in(std::array::from_fn(|col| t[col][r]));
             for (b, v) in v.into_iter().enumerate() {
-                v.store_first(out[r * 4 + b].add(at), live);
+                v.store_first(out[r * SIDE + b].add(at), live);
             }
         }
     }
@@ -124,21 +165,21 @@ unsafe fn input_tiles_v<V: Vector>(
         input.len() >= g.in_h * g.in_w * c
             && patch.len() >= TILE * c
             && out.len() >= TILE * count * c
-            && (tiles.end <= tiles_w * g.out_h.div_ceil(2))
+            && (tiles.end <= tiles_w * g.out_h.div_ceil(OUT))
     );
     for (j, t) in tiles.enumerate() {
         let (ty, tx) = (t / tiles_w, t % tiles_w);
-        let iy0 = (2 * ty) as isize - g.pad_top as isize;
-        let ix0 = (2 * tx) as isize - g.pad_left as isize;
+        let iy0 = (OUT * ty) as isize - g.pad_top as isize;
+        let ix0 = (OUT * tx) as isize - g.pad_left as isize;
         let inside =
-            iy0 >= 0 && ix0 >= 0 && iy0 as usize + 4 <= g.in_h && ix0 as usize + 4 <= g.in_w;
+            iy0 >= 0 && ix0 >= 0 && iy0 as usize + SIDE <= g.in_h && ix0 as usize + SIDE <= g.in_w;
         let (src, row_stride) = if inside {
             let at = (iy0 as usize * g.in_w + ix0 as usize) * c;
             (input[at..].as_ptr(), g.in_w * c)
         } else {
-            for r in 0..4 {
-                for col in 0..4 {
-                    let dst = &mut patch[(r * 4 + col) * c..][..c];
+            for r in 0..SIDE {
+                for col in 0..SIDE {
+                    let dst = &mut patch[(r * SIDE + col) * c..][..c];
                     let (y, x) = (iy0 + r as isize, ix0 + col as isize);
                     if (0..g.in_h as isize).contains(&y) && (0..g.in_w as isize).contains(&x) {
                         dst.copy_from_slice(&input[(y as usize * g.in_w + x as usize) * c..][..c]);
@@ -147,7 +188,7 @@ unsafe fn input_tiles_v<V: Vector>(
                     }
                 }
             }
-            (patch.as_ptr(), 4 * c)
+            (patch.as_ptr(), SIDE * c)
         };
         let base = out.as_mut_ptr();
         // SAFETY: the assert bounds every row written: (xi * count + j + 1) * c <= out.len().
@@ -155,14 +196,14 @@ unsafe fn input_tiles_v<V: Vector>(
             std::array::from_fn(|xi| unsafe { base.add((xi * count + j) * c) });
         for at in (0..c).step_by(V::LANES) {
             // SAFETY: the CPU has V's features (caller); an inside tile's last pixel ends at
-            // ((iy0 + 3) * in_w + ix0 + 4) * c <= input.len(), a padded one is `patch`.
+            // ((iy0 + 5) * in_w + ix0 + 6) * c <= input.len(), a padded one is `patch`.
             unsafe { transform_in::<V>(src, (row_stride, c), at, &o) };
         }
     }
 }
 
-/// The tile's (up to) four outputs `act(A^T m A + bias)` for channels `at..at + V::LANES`
-/// (those below `c`), `m[xi]` the 16 sums, each output pixel written where `pixels` has it.
+/// The tile's (up to) 16 outputs `act(A^T m A + bias)` for channels `at..at + V::LANES`
+/// (those below `c`), `m[xi]` the 36 sums, each output pixel written where `pixels` has it.
 ///
 /// # Safety
 /// The CPU has `V`'s instruction set; `m[xi] + at`, `bias + at` and each pixel hold `c - at` values.
@@ -172,25 +213,20 @@ unsafe fn transform_out<V: Vector>(
     (bias, act): (*const f32, Option<Activation>),
     c: usize,
     at: usize,
-    pixels: &[Option<*mut f32>; 4],
+    pixels: &[Option<*mut f32>; OUT * OUT],
 ) {
     let live = c - at;
     // SAFETY: the caller's contract; loads and stores touch lanes below `live` only.
     unsafe {
         let v = |xi: usize| V::load_first(m[xi].add(at), live);
-        // Rows: s = A^T m, s0 = m0 + m1 + m2, s1 = m1 - m2 - m3 (each a row of 4).
-        let (mut s0, mut s1) = ([V::splat(0.0); 4], [V::splat(0.0); 4]);
-        for (b, (s0, s1)) in s0.iter_mut().zip(&mut s1).enumerate() {
-            let (m0, m1, m2, m3) = (v(b), v(4 + b), v(8 + b), v(12 + b));
-            *s0 = m0.add(m1).add(m2);
-            *s1 = m1.sub(m2).sub(m3);
-        }
-        let s = [s0, s1];
+        // Columns first, s = A^T m kept by column: s[b][i].
+        let s: [[V; OUT]; SIDE] =
+            std::array::from_fn(|b| rows_out(std::array::from_fn(|a| v(a * SIDE + b))));
         let bias = V::load_first(bias.add(at), live);
-        for (i, [s0, s1, s2, s3]) in s.into_iter().enumerate() {
-            let y = [s0.add(s1).add(s2), s1.sub(s2).sub(s3)];
+        for i in 0..OUT {
+            let y = rows_out(std::array::from_fn(|b| s[b][i]));
             for (jj, y) in y.into_iter().enumerate() {
-                if let Some(p) = pixels[i * 2 + jj] {
+                if let Some(p) = pixels[i * OUT + jj] {
                     activate_v(y.add(bias), act).store_first(p.add(at), live);
                 }
             }
@@ -216,10 +252,10 @@ unsafe fn output_tiles_v<V: Vector>(
 ) {
     let c = bias.len();
     let count = tiles.len();
-    let last_row = (2 * tiles.end.div_ceil(tiles_w)).min(g.out_h);
+    let last_row = (OUT * tiles.end.div_ceil(tiles_w)).min(g.out_h);
     assert!(
         m.len() >= TILE * count * c
-            && tiles.start >= row0 / 2 * tiles_w
+            && tiles.start >= row0 / OUT * tiles_w
             && dst.len() >= last_row.saturating_sub(row0) * g.out_w * c
     );
     for (j, t) in tiles.enumerate() {
@@ -227,12 +263,12 @@ unsafe fn output_tiles_v<V: Vector>(
         // SAFETY: the assert bounds each tile's sums: (xi * count + j + 1) * c <= m.len().
         let sums: [*const f32; TILE] =
             std::array::from_fn(|xi| unsafe { m.as_ptr().add((xi * count + j) * c) });
-        let (oy, ox) = (2 * ty, 2 * tx);
+        let (oy, ox) = (OUT * ty, OUT * tx);
         let base = dst.as_mut_ptr();
         // SAFETY: output pixels (oy + i, ox + jj) inside the map lie in rows row0..last_row of
         // `dst` (asserted); those outside are not written.
-        let pixels: [Option<*mut f32>; 4] = std::array::from_fn(|p| {
-            let (y, x) = (oy + p / 2, ox + p % 2);
+        let pixels: [Option<*mut f32>; OUT * OUT] = std::array::from_fn(|p| {
+            let (y, x) = (oy + p / OUT, ox + p % OUT);
             // SAFETY: as above.
             (y < g.out_h && x < g.out_w)
                 .then(|| unsafe { base.add(((y - row0) * g.out_w + x) * c) })
@@ -246,7 +282,7 @@ unsafe fn output_tiles_v<V: Vector>(
 
 /// Tiles `tiles` (raster order, `tiles_w` to a row) of one NHWC image with `c` channels,
 /// transformed: value `xi` of the `j`-th tile goes to `out[(xi * tiles.len() + j) * c..][..c]`.
-/// Tiles that reach into the padding are gathered into `patch` (`16 * c` values) first.
+/// Tiles that reach into the padding are gathered into `patch` (`36 * c` values) first.
 pub fn input_tiles(
     input: &[f32],
     c: usize,
@@ -269,7 +305,7 @@ pub fn input_tiles(
     unsafe { input_tiles_v::<f32>(input, c, g, tiles_w, tiles, patch, out) }
 }
 
-/// The outputs of `tiles` (as in [`input_tiles`]) from their 16 sums `m`
+/// The outputs of `tiles` (as in [`input_tiles`]) from their 36 sums `m`
 /// (`m[(xi * tiles.len() + j) * c..][..c]`), `act(y + bias)`, into NHWC `dst`, whose first row is
 /// output row `row0`; outputs past the map's edge are dropped.
 #[allow(clippy::too_many_arguments)]
@@ -371,8 +407,8 @@ impl Engine {
             && self.observed(conv).1.is_none()
     }
 
-    /// A stride-1 3x3 conv from NHWC `input` into `out` by Winograd F(2x2, 3x3): parts are bands
-    /// of tile rows of one image; each transforms a step of tiles, runs the 16 GEMMs and writes
+    /// A stride-1 3x3 conv from NHWC `input` into `out` by Winograd F(4x4, 3x3): parts are bands
+    /// of tile rows of one image; each transforms a step of tiles, runs the 36 GEMMs and writes
     /// their outputs while the step is in cache. Returns the output spatial shape.
     pub(super) fn winograd_conv(
         &self,
@@ -392,7 +428,7 @@ impl Engine {
             || (n * out_len * 9 * cin) as u64,
         );
         grow(out, n * out_len);
-        let (tiles_h, tiles_w) = (g.out_h.div_ceil(2), g.out_w.div_ceil(2));
+        let (tiles_h, tiles_w) = (g.out_h.div_ceil(OUT), g.out_w.div_ceil(OUT));
         let rows_per_part = tiles_h
             .div_ceil(PARTS_PER_THREAD * self.active_threads())
             .max(1);
@@ -407,8 +443,8 @@ impl Engine {
         self.run_parts(n * bands, &|part| {
             let (img, b) = (part / bands, part % bands);
             let tile_rows = b * rows_per_part..((b + 1) * rows_per_part).min(tiles_h);
-            let row0 = 2 * tile_rows.start;
-            let out_rows = (2 * tile_rows.end).min(g.out_h) - row0;
+            let row0 = OUT * tile_rows.start;
+            let out_rows = (OUT * tile_rows.end).min(g.out_h) - row0;
             let row_len = g.out_w * cout;
             // SAFETY: parts write disjoint bands of output rows.
             let dst =
@@ -529,7 +565,7 @@ mod tests {
             let want = direct(&x, &weight, &bias, g, cin);
             let u = transform_weights(&weight, cin, cout);
             let plen = packed_len(cin, cout);
-            let (tiles_h, tiles_w) = (out_h.div_ceil(2), out_w.div_ceil(2));
+            let (tiles_h, tiles_w) = (out_h.div_ceil(OUT), out_w.div_ceil(OUT));
             // Two steps of tiles over the map, the second starting mid-row.
             let all = tiles_h * tiles_w;
             let mut got = vec![f32::NAN; out_h * out_w * cout];
