@@ -433,7 +433,7 @@ impl Engine {
             .div_ceil(PARTS_PER_THREAD * self.active_threads())
             .max(1);
         let bands = tiles_h.div_ceil(rows_per_part);
-        // Tiles per step: whole register tiles of the micro-kernel (12 rows on AVX-512, 3 on AVX2).
+        // Tiles per step: whole register tiles of the micro-kernel (12 rows on AVX-512, 6 on AVX2).
         let step = (STEP_BYTES / (4 * TILE * (cin + cout)))
             .max(12)
             .next_multiple_of(12);
