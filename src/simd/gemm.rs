@@ -31,7 +31,11 @@ pub(crate) fn group_width() -> usize {
 /// Where weight row `kk`, column `c` of a `k`-row matrix lies in its [`pack`]ed form.
 #[inline]
 pub(crate) fn packed_index(k: usize, kk: usize, c: usize) -> usize {
-    let group = group_width();
+    index_in_groups(group_width(), k, kk, c)
+}
+
+#[inline(always)]
+fn index_in_groups(group: usize, k: usize, kk: usize, c: usize) -> usize {
     let (p, within) = (c / NR, c % NR);
     p * k * NR + (within / group) * k * group + kk * group + within % group
 }
@@ -41,10 +45,11 @@ pub(crate) fn packed_index(k: usize, kk: usize, c: usize) -> usize {
 /// weights in one contiguous stream.
 pub(crate) fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     let panels = n.div_ceil(NR);
+    let group = group_width();
     let mut out = vec![0.0; panels * k * NR];
     for kk in 0..k {
         for (c, v) in w[kk * n..(kk + 1) * n].iter().enumerate() {
-            out[packed_index(k, kk, c)] = *v;
+            out[index_in_groups(group, k, kk, c)] = *v;
         }
     }
     out
