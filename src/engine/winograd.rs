@@ -280,120 +280,71 @@ unsafe fn output_tiles_v<V: Vector>(
     }
 }
 
-/// Tiles `tiles` (raster order, `tiles_w` to a row) of one NHWC image with `c` channels,
-/// transformed: value `xi` of the `j`-th tile goes to `out[(xi * tiles.len() + j) * c..][..c]`.
-/// Tiles that reach into the padding are gathered into `patch` (`36 * c` values) first.
-pub fn input_tiles(
-    input: &[f32],
-    c: usize,
-    g: Geometry,
-    tiles_w: usize,
-    tiles: Range<usize>,
-    patch: &mut [f32],
-    out: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `level()` found the features each entry is compiled for.
-    unsafe {
-        match level() {
-            Level::Avx512 => return input_avx512(input, c, g, tiles_w, tiles, patch, out),
-            Level::Avx2 => return input_avx2(input, c, g, tiles_w, tiles, patch, out),
-            Level::Portable => {}
+/// `pub fn $name(args)` that runs `$generic::<V>(args)` on the widest registers this CPU has
+/// (AVX-512, AVX2 + FMA, else plain `f32`).
+macro_rules! on_widest_vectors {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $generic:ident) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) {
+                    // SAFETY: the caller's contract (CPU features).
+                    unsafe { $generic::<Avx512>($($arg),*) }
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    // SAFETY: the caller's contract (CPU features).
+                    unsafe { $generic::<Avx2>($($arg),*) }
+                }
+                // SAFETY: `level()` found the features each entry is compiled for.
+                unsafe {
+                    match level() {
+                        Level::Avx512 => return avx512($($arg),*),
+                        Level::Avx2 => return avx2($($arg),*),
+                        Level::Portable => {}
+                    }
+                }
+            }
+            // SAFETY: plain f32 needs no CPU feature.
+            unsafe { $generic::<f32>($($arg),*) }
         }
-    }
-    // SAFETY: plain f32 needs no CPU feature.
-    unsafe { input_tiles_v::<f32>(input, c, g, tiles_w, tiles, patch, out) }
+    };
 }
 
-/// The outputs of `tiles` (as in [`input_tiles`]) from their 36 sums `m`
-/// (`m[(xi * tiles.len() + j) * c..][..c]`), `act(y + bias)`, into NHWC `dst`, whose first row is
-/// output row `row0`; outputs past the map's edge are dropped.
-#[allow(clippy::too_many_arguments)]
-pub fn output_tiles(
-    m: &[f32],
-    bias: &[f32],
-    act: Option<Activation>,
-    g: Geometry,
-    tiles_w: usize,
-    tiles: Range<usize>,
-    row0: usize,
-    dst: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `level()` found the features each entry is compiled for.
-    unsafe {
-        match level() {
-            Level::Avx512 => return output_avx512(m, bias, act, g, tiles_w, tiles, row0, dst),
-            Level::Avx2 => return output_avx2(m, bias, act, g, tiles_w, tiles, row0, dst),
-            Level::Portable => {}
-        }
-    }
-    // SAFETY: plain f32 needs no CPU feature.
-    unsafe { output_tiles_v::<f32>(m, bias, act, g, tiles_w, tiles, row0, dst) }
+on_widest_vectors! {
+    /// Tiles `tiles` (raster order, `tiles_w` to a row) of one NHWC image with `c` channels,
+    /// transformed: value `xi` of the `j`-th tile goes to `out[(xi * tiles.len() + j) * c..][..c]`.
+    /// Tiles that reach into the padding are gathered into `patch` (`36 * c` values) first.
+    pub fn input_tiles(
+        input: &[f32],
+        c: usize,
+        g: Geometry,
+        tiles_w: usize,
+        tiles: Range<usize>,
+        patch: &mut [f32],
+        out: &mut [f32],
+    ) => input_tiles_v
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn input_avx512(
-    input: &[f32],
-    c: usize,
-    g: Geometry,
-    tiles_w: usize,
-    tiles: Range<usize>,
-    patch: &mut [f32],
-    out: &mut [f32],
-) {
-    // SAFETY: the caller's contract (CPU features).
-    unsafe { input_tiles_v::<Avx512>(input, c, g, tiles_w, tiles, patch, out) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn input_avx2(
-    input: &[f32],
-    c: usize,
-    g: Geometry,
-    tiles_w: usize,
-    tiles: Range<usize>,
-    patch: &mut [f32],
-    out: &mut [f32],
-) {
-    // SAFETY: the caller's contract (CPU features).
-    unsafe { input_tiles_v::<Avx2>(input, c, g, tiles_w, tiles, patch, out) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn output_avx512(
-    m: &[f32],
-    bias: &[f32],
-    act: Option<Activation>,
-    g: Geometry,
-    tiles_w: usize,
-    tiles: Range<usize>,
-    row0: usize,
-    dst: &mut [f32],
-) {
-    // SAFETY: the caller's contract (CPU features).
-    unsafe { output_tiles_v::<Avx512>(m, bias, act, g, tiles_w, tiles, row0, dst) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn output_avx2(
-    m: &[f32],
-    bias: &[f32],
-    act: Option<Activation>,
-    g: Geometry,
-    tiles_w: usize,
-    tiles: Range<usize>,
-    row0: usize,
-    dst: &mut [f32],
-) {
-    // SAFETY: the caller's contract (CPU features).
-    unsafe { output_tiles_v::<Avx2>(m, bias, act, g, tiles_w, tiles, row0, dst) }
+on_widest_vectors! {
+    /// The outputs of `tiles` (as in [`input_tiles`]) from their 36 sums `m`
+    /// (`m[(xi * tiles.len() + j) * c..][..c]`), `act(y + bias)`, into NHWC `dst`, whose first row
+    /// is output row `row0`; outputs past the map's edge are dropped.
+    pub fn output_tiles(
+        m: &[f32],
+        bias: &[f32],
+        act: Option<Activation>,
+        g: Geometry,
+        tiles_w: usize,
+        tiles: Range<usize>,
+        row0: usize,
+        dst: &mut [f32],
+    ) => output_tiles_v
 }
 
 impl Engine {
