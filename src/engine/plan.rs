@@ -40,7 +40,7 @@ pub(super) struct Conv {
     /// The weights in int8 for the calibrated input grid (when the engine runs in int8 and this
     /// layer was not kept in fp32; then the GEMM uses these).
     pub int8: Option<Int8Weights>,
-    /// The 16 Winograd-transformed weight matrices, packed (stride-1 3x3 convs with the
+    /// The 36 Winograd-transformed weight matrices, packed (stride-1 3x3 convs with the
     /// micro-kernel; empty otherwise). See [`super::winograd`].
     pub winograd: Vec<f32>,
     pub bias: Vec<f32>,

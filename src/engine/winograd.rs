@@ -4,7 +4,7 @@
 //! `tiles x cin` by `cin x cout` on the engine's micro-kernel. The im2col GEMM already ran at the
 //! micro-kernel's rate (docs/benchmarks.md), so fewer multiplications were what was left to gain.
 //! (F(2x2, 3x3), 16 per 36, was measured too: the larger tile also halves the transformed data per
-//! output, and its rounding stays within 1e-6 of im2col on every V2 variant in tests/engine.rs.)
+//! output; both stay within 1e-6 of im2col on every V2 variant in tests/engine.rs.)
 //!
 //! With `d` a 6x6 input tile, `g` a 3x3 kernel, the 4x4 output is `A^T [(G g G^T) . (B^T d B)] A`:
 //! the weights are transformed once at load ([`transform_weights`]), the tiles and the sums per
@@ -17,7 +17,7 @@ use super::ops::{PARTS_PER_THREAD, geometry, grow};
 use super::plan::{Conv, ConvKind};
 use super::pool::SharedMut;
 use super::{Engine, profile};
-use crate::simd::gemm::{self as microkernel, NR};
+use crate::simd::gemm::{self as microkernel, packed_len};
 use crate::simd::math::activate_v;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{Avx2, Avx512};
@@ -37,11 +37,6 @@ const STEP_BYTES: usize = 384 * 1024;
 /// Whether a dense convolution of this shape runs as Winograd on this CPU.
 pub(super) fn applies(kind: ConvKind, kernel: usize, stride: usize) -> bool {
     kind == ConvKind::Full && kernel == 3 && stride == 1 && microkernel::available()
-}
-
-/// Length of one transformed weight matrix `[cin x cout]` packed for the micro-kernel.
-fn packed_len(cin: usize, cout: usize) -> usize {
-    cout.div_ceil(NR) * cin * NR
 }
 
 /// The 36 matrices `U[xi] = (G g G^T)[xi]` of `weight` (`[9 * cin x cout]`, rows ordered

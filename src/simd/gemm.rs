@@ -40,13 +40,17 @@ fn index_in_groups(group: usize, k: usize, kk: usize, c: usize) -> usize {
     p * k * NR + (within / group) * k * group + kk * group + within % group
 }
 
+/// Values in the [`pack`]ed form of a `k x n` matrix (whole panels).
+pub(crate) fn packed_len(k: usize, n: usize) -> usize {
+    n.div_ceil(NR) * k * NR
+}
+
 /// Packs row-major `w [k x n]` into panels of [`NR`] columns (columns `32p..32p + 32`, zero past
 /// `n`), each panel as `k` rows of each [`group_width`] columns in turn, so the kernel reads its
 /// weights in one contiguous stream.
 pub(crate) fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
-    let panels = n.div_ceil(NR);
     let group = group_width();
-    let mut out = vec![0.0; panels * k * NR];
+    let mut out = vec![0.0; packed_len(k, n)];
     for kk in 0..k {
         for (c, v) in w[kk * n..(kk + 1) * n].iter().enumerate() {
             out[index_in_groups(group, k, kk, c)] = *v;
@@ -79,7 +83,7 @@ pub(crate) fn gemm_bias_act(
     assert!(
         available()
             && a.len() >= m * k
-            && packed.len() >= (c0 + nc).div_ceil(NR) * k * NR
+            && packed.len() >= packed_len(k, c0 + nc)
             && gate.is_none_or(|g| g.len() >= k)
     );
     let job = Job {
