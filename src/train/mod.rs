@@ -40,6 +40,48 @@ pub fn on_thread_pool<T: Send>(
         .install(work)
 }
 
+/// Runs `work` (one training step) while the pool's other workers poll for its parallel tasks
+/// instead of going to sleep between them.
+///
+/// A step is hundreds of parallel ops with short serial gaps (burn's autodiff bookkeeping, small
+/// ops) between them; rayon puts an idle worker to sleep after a few dozen yields, so each op
+/// began with a futex wake-up on the step's thread and a late start on the other's
+/// (docs/benchmarks.md, "the two-thread training step"). The pollers yield the core to any other
+/// runnable process while there is nothing to steal, and stop when `work` returns (or panics).
+/// Results do not change: the fused ops partition by shape, not by who runs a part.
+pub(crate) fn with_workers_awake<T>(work: impl FnOnce() -> T) -> T {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // Only on a pool worker (a replica's step on a plain thread has no pool to keep awake), and
+    // never on the step's own worker: a poller there would never return to the step.
+    let Some(own) = rayon::current_thread_index() else {
+        return work();
+    };
+    if rayon::current_num_threads() < 2 {
+        return work();
+    }
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let flag = stop.0.clone();
+    rayon::spawn_broadcast(move |ctx| {
+        if ctx.index() == own {
+            return;
+        }
+        while !flag.load(Ordering::Acquire) {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::thread::yield_now();
+            }
+        }
+    });
+    work()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

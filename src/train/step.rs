@@ -57,6 +57,18 @@ impl<'a> Trainer<'a> {
         step: u64,
         lr: f64,
     ) -> anyhow::Result<StepOutcome> {
+        super::with_workers_awake(|| self.step_inner(model, optim, batch, stage, step, lr))
+    }
+
+    fn step_inner(
+        &self,
+        model: EfficientNet,
+        optim: &mut ModuleOptimizer,
+        batch: &Batch,
+        stage: &Stage,
+        step: u64,
+        lr: f64,
+    ) -> anyhow::Result<StepOutcome> {
         let (cfg, device) = (self.cfg, &self.device);
         // Dropout and stochastic depth draw from a stream fixed by (seed, step): a resumed run
         // continues exactly as an uninterrupted one.
