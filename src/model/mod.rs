@@ -78,7 +78,7 @@ impl ConvBn {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = match self.conv.groups {
-            1 => fused::pointwise_conv2d(&self.conv, x),
+            1 => fused::conv2d(&self.conv, x),
             _ => fused::depthwise_conv2d(&self.conv, x),
         };
         let x = fused::batch_norm(&self.bn, x);
@@ -111,8 +111,8 @@ impl SqueezeExcite {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let s = fused::spatial_mean(x.clone());
-        let s = self.act.forward(fused::pointwise_conv2d(&self.reduce, s));
-        let s = fused::sigmoid(fused::pointwise_conv2d(&self.expand, s));
+        let s = self.act.forward(fused::conv2d(&self.reduce, s));
+        let s = fused::sigmoid(fused::conv2d(&self.expand, s));
         fused::plane_scale(x, s)
     }
 }

@@ -11,8 +11,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Flex, TensorMetadata};
 
 use super::kernels::{
-    DwGeometry, batch_norm_backward, depthwise_backward, map_planes, par_map2, plane_dots,
-    pointwise_backward, scale_planes, sigmoid_backward, silu_backward,
+    ConvGeometry, batch_norm_backward, col2im, depthwise_backward, map_planes, par_map2,
+    plane_dots, pointwise_backward, scale_planes, sigmoid_backward, silu_backward,
 };
 use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
 
@@ -85,7 +85,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         struct DepthwiseBackward;
 
         impl Backward<Flex, 2> for DepthwiseBackward {
-            type State = (FlexTensor, FlexTensor, DwGeometry);
+            type State = (FlexTensor, FlexTensor, ConvGeometry);
 
             fn backward(
                 self,
@@ -125,10 +125,54 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => {
                 let [_, _, h, w] = dims4(&x);
-                let geom = DwGeometry::new(h, w, weight.shape()[2], stride, padding);
+                let geom = ConvGeometry::new(h, w, weight.shape()[2], stride, padding);
                 prep.finish((x, weight, geom), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_im2col(
+        x: FloatTensor<Self>,
+        k: usize,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Im2colBackward;
+
+        impl Backward<Flex, 1> for Im2colBackward {
+            /// The input's `[n, c]` and the geometry.
+            type State = ([usize; 2], ConvGeometry);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let ([n, c], geom) = ops.state;
+                unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+                    let grad = contiguous(grad);
+                    let dx = col2im(&geom, n, c, f32s(&grad));
+                    tensor(dx, vec![n, c, geom.h, geom.w])
+                });
+            }
+        }
+
+        let node = x.node();
+        let x = contiguous(x.into_primitive());
+        let [n, c, h, w] = dims4(&x);
+        let cols = <Flex as FusedOps>::fused_im2col(x, k, stride, padding);
+        match Im2colBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish(([n, c], ConvGeometry::new(h, w, k, stride, padding)), cols)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(cols),
         }
     }
 

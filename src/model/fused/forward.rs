@@ -4,8 +4,9 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Flex, TensorMetadata};
 
 use super::kernels::{
-    DwGeometry, affine2, batch_norm_forward, depthwise_forward, par_map, par_map2, plane_means,
-    pointwise_forward, rmsprop_tf, scale_planes, sigmoid_forward, silu_forward, squared_sum,
+    ConvGeometry, affine2, batch_norm_forward, depthwise_forward, im2col, par_map, par_map2,
+    plane_means, pointwise_forward, rmsprop_tf, scale_planes, sigmoid_forward, silu_forward,
+    squared_sum,
 };
 use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
 
@@ -42,9 +43,17 @@ impl FusedOps for Flex {
     ) -> FlexTensor {
         let (x, weight) = (contiguous(x), contiguous(weight));
         let [n, c, h, w] = dims4(&x);
-        let geom = DwGeometry::new(h, w, weight.shape()[2], stride, padding);
+        let geom = ConvGeometry::new(h, w, weight.shape()[2], stride, padding);
         let y = depthwise_forward(&geom, c, f32s(&x), f32s(&weight));
         tensor(y, vec![n, c, geom.out_h, geom.out_w])
+    }
+
+    fn fused_im2col(x: FlexTensor, k: usize, stride: usize, padding: [usize; 4]) -> FlexTensor {
+        let x = contiguous(x);
+        let [n, c, h, w] = dims4(&x);
+        let geom = ConvGeometry::new(h, w, k, stride, padding);
+        let cols = im2col(&geom, c, f32s(&x));
+        tensor(cols, vec![n, c * k * k, geom.out_h, geom.out_w])
     }
 
     fn fused_pointwise(x: FlexTensor, weight: FlexTensor) -> FlexTensor {

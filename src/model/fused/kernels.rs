@@ -156,11 +156,11 @@ simd_dispatch! {
     }
 }
 
-/// Shapes of one depthwise conv plane.
+/// Shapes of one plane of a `k x k` convolution (depthwise, or [`im2col`] for a full one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct DwGeometry {
-    h: usize,
-    w: usize,
+pub(super) struct ConvGeometry {
+    pub(super) h: usize,
+    pub(super) w: usize,
     k: usize,
     stride: usize,
     top: usize,
@@ -179,10 +179,10 @@ pub(super) struct Run {
     tap: usize,
 }
 
-impl DwGeometry {
+impl ConvGeometry {
     pub(super) fn new(h: usize, w: usize, k: usize, stride: usize, padding: [usize; 4]) -> Self {
         let [top, left, bottom, right] = padding;
-        DwGeometry {
+        ConvGeometry {
             h,
             w,
             k,
@@ -225,6 +225,54 @@ impl DwGeometry {
     }
 }
 
+/// The patches of a `k x k` convolution with this geometry over `n` images of `c` planes: per
+/// image a `(c k k) x (out_h out_w)` matrix whose row `(ch, tap)` holds the input under that tap
+/// at every output position (0 in the padding), an image per task. A convolution is then one 1x1
+/// convolution ([`pointwise_forward`]) of these rows with the weight `[co, c k k]`.
+pub(super) fn im2col(geom: &ConvGeometry, c: usize, x: &[f32]) -> Vec<f32> {
+    let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+    let runs = geom.runs();
+    let image = c * taps * out_plane;
+    let [cols] = par_filled(x.len() / plane * taps * out_plane, image, |img, [cols]| {
+        let x = &x[img * c * plane..][..c * plane];
+        for (xc, cols) in x
+            .chunks_exact(plane)
+            .zip(cols.chunks_exact_mut(taps * out_plane))
+        {
+            for r in &runs {
+                let row = &mut cols[r.tap * out_plane + r.out..][..r.len];
+                for (l, v) in row.iter_mut().enumerate() {
+                    *v = xc[r.input + l * geom.stride];
+                }
+            }
+        }
+    });
+    cols
+}
+
+/// The adjoint of [`im2col`]: the input gradient `[n, c, h, w]` from the patches' gradient, each
+/// input summing its taps in the runs' order (an image per task, so the same bits on any number
+/// of threads).
+pub(super) fn col2im(geom: &ConvGeometry, n: usize, c: usize, dcols: &[f32]) -> Vec<f32> {
+    let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+    let runs = geom.runs();
+    let [dx] = par_filled(n * c * plane, c * plane, |img, [dx]| {
+        let dcols = &dcols[img * c * taps * out_plane..][..c * taps * out_plane];
+        for (dxc, dcols) in dx
+            .chunks_exact_mut(plane)
+            .zip(dcols.chunks_exact(taps * out_plane))
+        {
+            for r in &runs {
+                let row = &dcols[r.tap * out_plane + r.out..][..r.len];
+                for (l, v) in row.iter().enumerate() {
+                    dxc[r.input + l * geom.stride] += v;
+                }
+            }
+        }
+    });
+    dx
+}
+
 /// Planes per parallel task: enough work to hide rayon's overhead on the tiny late-stage maps.
 pub(super) fn planes_per_task(plane: usize) -> usize {
     (4096 / plane.max(1)).max(1)
@@ -251,7 +299,7 @@ pub(super) struct Tap {
     tap: u32,
 }
 
-impl DwGeometry {
+impl ConvGeometry {
     fn interleaved(&self) -> bool {
         self.out_w < INTERLEAVE_BELOW
     }
@@ -275,7 +323,7 @@ impl DwGeometry {
 
 /// Output planes `[n, c, out_h, out_w]` of the depthwise conv.
 pub(super) fn depthwise_forward(
-    geom: &DwGeometry,
+    geom: &ConvGeometry,
     channels: usize,
     x: &[f32],
     weight: &[f32],
@@ -289,7 +337,7 @@ pub(super) fn depthwise_forward(
 
 /// [`depthwise_forward`] by row runs: each plane on its own.
 pub(super) fn depthwise_forward_rows(
-    geom: &DwGeometry,
+    geom: &ConvGeometry,
     channels: usize,
     x: &[f32],
     weight: &[f32],
@@ -322,7 +370,7 @@ fn interleave_weights(weight: &[f32], channels: usize, taps: usize) -> Vec<Lanes
 
 /// [`depthwise_forward`] on blocks of [`LANES`] channels interleaved, an image per task.
 pub(super) fn depthwise_forward_interleaved(
-    geom: &DwGeometry,
+    geom: &ConvGeometry,
     channels: usize,
     x: &[f32],
     weight: &[f32],
@@ -370,7 +418,7 @@ simd_dispatch! {
     /// Forward of one image (`[channels, plane]`) block by block.
     fn depthwise_image_forward(
         tap_list: &[Tap],
-        geom: &DwGeometry,
+        geom: &ConvGeometry,
         channels: usize,
         x: &[f32],
         wt: &[Lanes],
@@ -396,7 +444,7 @@ simd_dispatch! {
 /// (input gradient, weight gradient) of the depthwise conv; the input gradient is empty when
 /// `want_input` is false.
 pub(super) fn depthwise_backward(
-    geom: &DwGeometry,
+    geom: &ConvGeometry,
     channels: usize,
     x: &[f32],
     weight: &[f32],
@@ -412,7 +460,7 @@ pub(super) fn depthwise_backward(
 
 /// [`depthwise_backward`] by row runs, a channel per task.
 pub(super) fn depthwise_backward_rows(
-    geom: &DwGeometry,
+    geom: &ConvGeometry,
     channels: usize,
     x: &[f32],
     weight: &[f32],
@@ -438,7 +486,7 @@ pub(super) fn depthwise_backward_rows(
 /// [`depthwise_backward`] on blocks of [`LANES`] channels interleaved, a block per task (over
 /// the whole batch, so its weight gradient sums the images in order).
 pub(super) fn depthwise_backward_interleaved(
-    geom: &DwGeometry,
+    geom: &ConvGeometry,
     channels: usize,
     x: &[f32],
     weight: &[f32],
@@ -526,7 +574,7 @@ simd_dispatch! {
     /// its input-gradient planes `gx` (one slice per image; none when not wanted).
     fn depthwise_block_backward(
         tap_list: &[Tap],
-        geom: &DwGeometry,
+        geom: &ConvGeometry,
         block: Block,
         x: &[f32],
         wt: &[Lanes],
@@ -893,7 +941,7 @@ simd_dispatch! {
     /// Forward of consecutive planes, the first being plane number `first_plane` of the tensor.
     fn depthwise_planes_forward(
         runs: &[Run],
-        geom: &DwGeometry,
+        geom: &ConvGeometry,
         first_plane: usize,
         channels: usize,
         x: &[f32],
@@ -917,7 +965,7 @@ simd_dispatch! {
     /// writes its input-gradient planes `gx` (none when the input needs no gradient).
     fn depthwise_channel_backward(
         runs: &[Run],
-        geom: &DwGeometry,
+        geom: &ConvGeometry,
         c: usize,
         channels: usize,
         x: &[f32],

@@ -48,6 +48,15 @@ pub trait FusedOps: Backend {
         stride: usize,
         padding: [usize; 4],
     ) -> FloatTensor<Self>;
+    /// The patches of a `k x k` convolution of `x` `[n, c, h, w]` (no dilation; `padding` is
+    /// (top, left, bottom, right)): `[n, c k k, out_h, out_w]`, channel `(ch, ky, kx)` holding the
+    /// input under that tap at every output position, 0 in the padding.
+    fn fused_im2col(
+        x: FloatTensor<Self>,
+        k: usize,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self>;
     /// 1x1 stride-1 convolution of `x` `[n, ci, h, w]` with `weight` `[co, ci, 1, 1]`, no bias.
     fn fused_pointwise(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Mean of `x` `[n, c, h, w]` over each plane: `[n, c, 1, 1]`.
@@ -194,7 +203,23 @@ pub fn depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     if !depthwise || !runs_fused(&x) {
         return conv.forward(x);
     }
-    let padding = match conv.padding {
+    let padding = explicit_padding(&conv.padding, [h, w], k, stride);
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_depthwise(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
+        stride,
+        padding,
+    ))
+}
+
+/// (top, left, bottom, right) padding of a `k x k`, `stride` convolution of an `[h, w]` map.
+fn explicit_padding(
+    padding: &PaddingConfig2d,
+    [h, w]: [usize; 2],
+    k: usize,
+    stride: usize,
+) -> [usize; 4] {
+    match *padding {
         PaddingConfig2d::Valid => [0; 4],
         PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
         PaddingConfig2d::Same => {
@@ -204,43 +229,55 @@ pub fn depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
             );
             [top, left, bottom, right]
         }
-    };
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_depthwise(
-        x.into_dispatch(),
-        conv.weight.val().into_dispatch(),
-        stride,
-        padding,
-    ))
+    }
 }
 
-/// `conv.forward(x)` for a 1x1 stride-1 `conv` without padding, groups or dilation, as matrix
-/// products on Flex f32 tensors (forward and backward: burn's conv2d backward goes through a
-/// transposed convolution and layout copies, one thread); a bias (the squeeze-excite convs) is
-/// added by burn's broadcast add. Any other conv or backend goes through `conv.forward`.
-pub fn pointwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let [_, ci, _, _] = x.dims();
-    let unpadded = match &conv.padding {
-        PaddingConfig2d::Valid | PaddingConfig2d::Same => true,
-        PaddingConfig2d::Explicit(a, b, c, d) => [a, b, c, d].iter().all(|p| **p == 0),
-    };
-    let plain = conv.kernel_size == [1, 1]
-        && conv.stride == [1, 1]
-        && conv.groups == 1
+/// Largest patch matrix (floats, whole batch) [`conv2d`] builds: it is kept for the backward, so
+/// bigger convolutions (V2's first Fused-MBConv stages at full resolution) stay on burn's conv.
+const MAX_PATCH_FLOATS: usize = 1 << 25;
+
+/// `conv.forward(x)` for a `conv` without groups or dilation, as matrix products on Flex f32
+/// tensors: a 1x1 stride-1 unpadded conv directly, any other (the stem) as a 1x1 conv of the
+/// input's patches ([`FusedOps::fused_im2col`]) with the weight `[co, ci k k, 1, 1]`. Forward and
+/// backward run in parallel by images and output-channel blocks (burn's conv2d backward goes
+/// through a transposed convolution and layout copies, one thread). A bias (the squeeze-excite
+/// convs) is added by burn's broadcast add. Other convs and backends go through `conv.forward`.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [n, ci, h, w] = x.dims();
+    let [co, weight_ci, k, kw] = conv.weight.dims();
+    let [stride, stride_w] = conv.stride;
+    let plain = conv.groups == 1
         && conv.dilation == [1, 1]
-        && conv.weight.dims()[1] == ci
-        && unpadded;
+        && weight_ci == ci
+        && k == kw
+        && stride == stride_w;
     if !plain || !runs_fused(&x) {
         return conv.forward(x);
     }
+    let padding = explicit_padding(&conv.padding, [h, w], k, stride);
+    let [top, left, bottom, right] = padding;
+    let (x, weight) = if k == 1 && stride == 1 && padding == [0; 4] {
+        (x, conv.weight.val())
+    } else {
+        let (padded_h, padded_w) = (h + top + bottom, w + left + right);
+        let out = ((padded_h.max(k) - k) / stride + 1) * ((padded_w.max(k) - k) / stride + 1);
+        if padded_h < k || padded_w < k || n * ci * k * k * out > MAX_PATCH_FLOATS {
+            return conv.forward(x);
+        }
+        let cols = Tensor::<4>::from_dispatch(<Dispatch as FusedOps>::fused_im2col(
+            x.into_dispatch(),
+            k,
+            stride,
+            padding,
+        ));
+        (cols, conv.weight.val().reshape([co, ci * k * k, 1, 1]))
+    };
     let y = Tensor::<4>::from_dispatch(<Dispatch as FusedOps>::fused_pointwise(
         x.into_dispatch(),
-        conv.weight.val().into_dispatch(),
+        weight.into_dispatch(),
     ));
     match &conv.bias {
-        Some(bias) => {
-            let [co] = bias.dims();
-            y + bias.val().reshape([1, co, 1, 1])
-        }
+        Some(bias) => y + bias.val().reshape([1, co, 1, 1]),
         None => y,
     }
 }

@@ -144,7 +144,7 @@ fn depthwise_paths_agree() {
         (3, 1, 12, [1, 1, 1, 1]),
     ] {
         for channels in [5, 16, 40] {
-            let geom = DwGeometry::new(size, size, k, stride, pad);
+            let geom = ConvGeometry::new(size, size, k, stride, pad);
             let n = 3;
             let x = values(n * channels * size * size, 1);
             let w = values(channels * k * k, 2);
@@ -294,8 +294,7 @@ fn non_depthwise_conv_falls_back() {
 }
 
 /// The 1x1 convolution as matrix products: output and every gradient equal burn's conv2d, on
-/// maps from 1x1 up, odd channel counts, with and without bias (the squeeze-excite convs); convs
-/// it does not cover (stride, 3x3) go through burn's own.
+/// maps from 1x1 up, odd channel counts, with and without bias (the squeeze-excite convs).
 #[test]
 fn pointwise_matches_burn_conv() {
     let device = Device::flex().autodiff();
@@ -317,7 +316,7 @@ fn pointwise_matches_burn_conv() {
             .init(&device);
         let x =
             Tensor::<4>::random([n, ci, size, size], Distribution::Default, &device).require_grad();
-        let fused = pointwise_conv2d(&conv, x.clone());
+        let fused = conv2d(&conv, x.clone());
         let reference = conv.forward(x.clone());
         let case = format!("{n}x{ci}->{co} {size}x{size} bias {bias}");
         assert_eq!(fused.dims(), reference.dims(), "{case}");
@@ -339,17 +338,94 @@ fn pointwise_matches_burn_conv() {
             assert!(rel_diff(gbf, gbr) < 1e-5, "bias grad, {case}");
         }
     }
+    // Grouped and dilated convs go through burn's own.
     let x = Tensor::<4>::random([2, 8, 6, 6], Distribution::Default, &device);
     for conv in [
-        Conv2dConfig::new([8, 4], [1, 1])
-            .with_stride([2, 2])
+        Conv2dConfig::new([8, 4], [3, 3])
+            .with_groups(2)
             .with_bias(false)
             .init(&device),
         Conv2dConfig::new([8, 4], [3, 3])
+            .with_dilation([2, 2])
             .with_bias(false)
             .init(&device),
     ] {
-        let (a, b) = (pointwise_conv2d(&conv, x.clone()), conv.forward(x.clone()));
+        let (a, b) = (conv2d(&conv, x.clone()), conv.forward(x.clone()));
         assert_eq!(max_diff(a, b), 0.0);
+    }
+}
+
+/// Full k x k convolutions (the stem, Fused-MBConv) as a 1x1 conv of the input's patches: output
+/// and every gradient equal burn's conv2d, for strides 1 and 2, TF-SAME (odd padding after),
+/// symmetric and no padding, maps down to 1x1, with and without bias, and with an input that
+/// needs no gradient (the stem's images).
+#[test]
+fn patch_conv_matches_burn_conv() {
+    let device = Device::flex().autodiff();
+    for (n, ci, co, size, k, stride, padding, bias, tracked) in [
+        (3, 3, 32, 16, 3, 2, PaddingConfig2d::Same, false, false),
+        (2, 3, 8, 15, 3, 2, PaddingConfig2d::Same, false, true),
+        (
+            2,
+            5,
+            7,
+            9,
+            3,
+            1,
+            PaddingConfig2d::Explicit(1, 1, 1, 1),
+            true,
+            true,
+        ),
+        (4, 8, 16, 8, 3, 1, PaddingConfig2d::Same, false, true),
+        (1, 6, 4, 7, 5, 2, PaddingConfig2d::Same, true, true),
+        (2, 4, 6, 6, 3, 1, PaddingConfig2d::Valid, false, true),
+        (3, 16, 24, 1, 3, 1, PaddingConfig2d::Same, false, true),
+        (
+            2,
+            4,
+            4,
+            2,
+            3,
+            2,
+            PaddingConfig2d::Explicit(1, 1, 1, 1),
+            false,
+            true,
+        ),
+        // A 1x1 conv with a stride or padding also goes through the patches.
+        (2, 8, 4, 6, 1, 2, PaddingConfig2d::Valid, false, true),
+    ] {
+        let conv = Conv2dConfig::new([ci, co], [k, k])
+            .with_stride([stride, stride])
+            .with_padding(padding.clone())
+            .with_bias(bias)
+            .init(&device);
+        let x = Tensor::<4>::random([n, ci, size, size], Distribution::Default, &device);
+        let x = if tracked { x.require_grad() } else { x };
+        let fused = conv2d(&conv, x.clone());
+        let reference = conv.forward(x.clone());
+        let case = format!("{n}x{ci}->{co} {size}x{size} k{k} s{stride} {padding:?} bias {bias}");
+        assert_eq!(fused.dims(), reference.dims(), "{case}");
+        assert!(
+            rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-6,
+            "{case}"
+        );
+        let g = Tensor::<4>::random(fused.dims(), Distribution::Default, &device);
+        let gf = (fused * g.clone()).sum().backward();
+        let gr = (reference * g).sum().backward();
+        match tracked {
+            true => assert!(
+                rel_diff(x.grad(&gf).unwrap(), x.grad(&gr).unwrap()) < 1e-5,
+                "input grad, {case}"
+            ),
+            false => assert!(x.grad(&gf).is_none(), "{case}"),
+        }
+        let w = conv.weight.val();
+        let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
+        assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
+        if let Some(b) = &conv.bias {
+            let b = b.val();
+            let (gbf, gbr) = (b.grad(&gf).unwrap(), b.grad(&gr).unwrap());
+            assert!(rel_diff(gbf, gbr) < 1e-5, "bias grad, {case}");
+        }
     }
 }
