@@ -1034,16 +1034,20 @@ fn matmul(
     }
 }
 
-/// Output channels per parallel part of the weight gradient: fixed, so the result does not depend
-/// on the thread count.
-const POINTWISE_ROWS: usize = 32;
+/// Output channels per parallel part of the weight gradient of a 1x1 conv with `co` of them: at
+/// most 32, and few enough for at least four parts where 8-row parts allow it (B0's 16-, 24- and
+/// 40-channel projections were one or two parts, left to one thread). Fixed by the shape, so the
+/// result does not depend on the thread count.
+fn weight_gradient_rows(co: usize) -> usize {
+    co.div_ceil(4).next_multiple_of(8).clamp(8, 32)
+}
 
 /// Maps of at most this many positions run a 1x1 conv as one product per position over a group
 /// of images (m = images) rather than one per image (n = positions: a matrix-vector product on
 /// the 1x1 maps of the last stages, and a rank-1 update per image for the weight gradient).
 const BATCHED_MAX_POSITIONS: usize = 16;
 
-/// Images per parallel part of the batched products (fixed, like [`POINTWISE_ROWS`]).
+/// Images per parallel part of the batched products (fixed, like [`weight_gradient_rows`]).
 const BATCHED_IMAGES: usize = 32;
 
 /// A 1x1 convolution of NCHW `x` (`n` images of `ci x hw`) with `w [co x ci]`.
@@ -1100,8 +1104,9 @@ pub(super) fn pointwise_backward(
             matmul((dx, hw, 1), (ci, hw, co), (w, 1, ci), (dyi, hw, 1), false);
         })
     };
-    let [dw] = par_filled(co * ci, POINTWISE_ROWS * ci, |part, [dw]| {
-        let (r0, rows) = (part * POINTWISE_ROWS, dw.len() / ci);
+    let part_rows = weight_gradient_rows(co);
+    let [dw] = par_filled(co * ci, part_rows * ci, |part, [dw]| {
+        let (r0, rows) = (part * part_rows, dw.len() / ci);
         if batched {
             // Per position p: dw (rows x ci) += dy[:, r0.., p]^T (rows x images) x[:, :, p].
             for p in 0..hw {
