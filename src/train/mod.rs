@@ -15,6 +15,10 @@ pub mod run;
 mod schedule;
 pub mod step;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
 pub use config::{ModelChoice, RunFile, TrainConfig};
 pub use rmsprop::{TfRmsProp, TfRmsPropState};
 pub use run::{RunOptions, default_run_dir, train};
@@ -46,44 +50,109 @@ pub fn on_thread_pool<T: Send>(
 /// A step is hundreds of parallel ops with short serial gaps (burn's autodiff bookkeeping, small
 /// ops) between them; rayon puts an idle worker to sleep after a few dozen yields, so each op
 /// began with a futex wake-up on the step's thread and a late start on the other's
-/// (docs/benchmarks.md, "the two-thread training step"). The pollers yield the core to any other
-/// runnable process while there is nothing to steal, and stop when `work` returns (or panics).
-/// Results do not change: the fused ops partition by shape, not by who runs a part.
+/// (docs/benchmarks.md, "the two-thread training step"). Results do not change: the fused ops
+/// partition by shape, not by who runs a part.
 pub(crate) fn with_workers_awake<T>(work: impl FnOnce() -> T) -> T {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    // Only on a pool worker (a replica's step on a plain thread has no pool to keep awake), and
-    // never on the step's own worker: a poller there would never return to the step.
-    let Some(own) = rayon::current_thread_index() else {
-        return work();
-    };
-    if rayon::current_num_threads() < 2 {
-        return work();
-    }
-    struct StopOnDrop(Arc<AtomicBool>);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Release);
-        }
-    }
-    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
-    let flag = stop.0.clone();
-    rayon::spawn_broadcast(move |ctx| {
-        if ctx.index() == own {
-            return;
-        }
-        while !flag.load(Ordering::Acquire) {
-            if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                std::thread::yield_now();
-            }
-        }
-    });
+    let _pollers = Pollers::start();
     work()
+}
+
+/// The pool's other workers polling for tasks, until this is dropped (also when the step
+/// panics). A poller yields its core to any other runnable process while there is nothing to
+/// steal, and goes back to rayon's sleep after [`Pollers::GIVE_UP_AFTER`] without a task: on a
+/// machine where another process takes a core, polling only crowded it (two threads ran a B0
+/// step 1.45x slower than one instead of 1.17x before polling; docs/benchmarks.md).
+struct Pollers(Arc<AtomicBool>);
+
+impl Pollers {
+    const GIVE_UP_AFTER: Duration = Duration::from_millis(2);
+
+    /// None off a pool, or in a pool of one thread.
+    fn start() -> Option<Self> {
+        // Never on the calling worker: a poller there would not return to the step.
+        let own = rayon::current_thread_index()?;
+        if rayon::current_num_threads() < 2 {
+            return None;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        rayon::spawn_broadcast(move |ctx| {
+            if ctx.index() == own {
+                return;
+            }
+            let mut last_task = Instant::now();
+            while !flag.load(Ordering::Acquire) {
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    last_task = Instant::now();
+                } else if last_task.elapsed() > Self::GIVE_UP_AFTER {
+                    return;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        Some(Pollers(stop))
+    }
+}
+
+impl Drop for Pollers {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use rayon::prelude::*;
+
+    use super::{Arc, AtomicBool, Instant, Pollers};
+
+    /// Waits up to 10 s for the pollers' job (which holds a clone of `flag`) to be done. The
+    /// caller's own worker takes its (empty) part of the broadcast when it looks for work.
+    fn pollers_gone(flag: &Arc<AtomicBool>, holders: usize) -> bool {
+        let start = Instant::now();
+        while Arc::strong_count(flag) > holders {
+            if start.elapsed() > std::time::Duration::from_secs(10) {
+                return false;
+            }
+            rayon::yield_now();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// The pollers run only on a pool of two or more, are gone after the step (also one that
+    /// panics), go back to sleep after a while without tasks, and leave results unchanged.
+    #[test]
+    fn pollers_stop_with_the_step_and_when_idle() {
+        assert!(Pollers::start().is_none(), "off a pool");
+        assert!(super::on_thread_pool(1, || Ok(Pollers::start().is_none())).unwrap());
+        super::on_thread_pool(2, || {
+            let sum = super::with_workers_awake(|| (0..100_000u64).into_par_iter().sum::<u64>());
+            assert_eq!(sum, 99_999 * 100_000 / 2);
+
+            let pollers = Pollers::start().unwrap();
+            let flag = pollers.0.clone();
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                let _pollers = pollers;
+                (0..1000)
+                    .into_par_iter()
+                    .for_each(|i| assert!(i < 999, "step fails"));
+            }));
+            assert!(step.is_err());
+            assert!(
+                pollers_gone(&flag, 1),
+                "a poller kept running after the step"
+            );
+
+            let idle = Pollers::start().unwrap();
+            std::thread::sleep(Pollers::GIVE_UP_AFTER * 20);
+            assert!(pollers_gone(&idle.0, 1), "an idle poller did not give up");
+            Ok(())
+        })
+        .unwrap();
+    }
+
     #[test]
     fn work_runs_on_a_worker_of_a_pool_of_the_requested_size() {
         for threads in [1, 2] {

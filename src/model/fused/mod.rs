@@ -1,18 +1,18 @@
-//! Fused training ops for burn's Flex backend: SiLU, depthwise and 1x1 convolutions and
-//! training-mode batch norm, each a few passes forward and backward.
+//! Fused training ops for burn's Flex backend: SiLU, depthwise, 1x1 and full (as 1x1 of their
+//! patches) convolutions and training-mode batch norm, each a few passes forward and backward.
 //!
 //! Why: burn composes SiLU as `x * sigmoid(x)` (scalar libm `expf`, four tensor passes forward,
-//! six backward with a second `expf`), computes a depthwise conv's gradients with a transposed
-//! convolution plus one sliced conv per channel, and builds batch norm from swapped-axis copies
-//! and generic reductions; doing each in a few passes is what makes the Flex training step fast
-//! (`effnet bench b0 --train`; figures in docs/benchmarks.md).
+//! six backward with a second `expf`), computes a conv's gradients with a transposed convolution
+//! (plus one sliced conv per channel for a depthwise one) on one thread, and builds batch norm
+//! from swapped-axis copies and generic reductions; doing each in a few parallel passes is what
+//! makes the Flex training step fast (`effnet bench b0 --train`; figures in docs/benchmarks.md).
 //!
 //! The ops are a burn backend extension, split by role as burn's custom-kernel example is: this
 //! module declares the extension trait and the public ops (which fall back to burn's composed ops
 //! elsewhere), [`forward`] implements it for `Flex`, [`backward`] for `Autodiff<Flex>` with a
-//! hand-written backward, and [`kernels`] holds the numeric loops both use. On any other backend or dtype [`silu`], [`depthwise_conv2d`] and
-//! [`batch_norm`] fall back to burn's own ops; the tests below check that both paths agree
-//! (forward and every gradient).
+//! hand-written backward, and [`kernels`] holds the numeric loops both use. On any other backend
+//! or dtype [`silu`], [`conv2d`], [`depthwise_conv2d`] and [`batch_norm`] fall back to burn's own
+//! ops; the tests check that both paths agree (forward and every gradient).
 
 mod backward;
 mod forward;
