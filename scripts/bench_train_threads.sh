@@ -3,13 +3,21 @@
 # ROUNDS times so that the machine's drift hits every binary alike; prints each run's median
 # step time, then per binary the median of those and the two-thread speed-up.
 #
+# LOADED=1 keeps one core busy with a spinning shell loop throughout (a loaded machine).
+#
 #   scripts/bench_train_threads.sh /path/to/effnet-old target/release/effnet   (ROUNDS=6, ITERS=12)
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 EFFNET [EFFNET...]" >&2; exit 2; }
 rounds=${ROUNDS:-6}
 iters=${ITERS:-12}
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+hog=
+trap 'rm -f "$log"; [ -z "$hog" ] || kill "$hog"' EXIT
+if [ "${LOADED:-0}" = 1 ]; then
+    (while :; do :; done) &
+    hog=$!
+    echo "loaded: one core kept busy by process $hog"
+fi
 for round in $(seq "$rounds"); do
     for bin in "$@"; do
         for threads in 1 2; do
