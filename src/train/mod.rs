@@ -44,31 +44,24 @@ pub fn on_thread_pool<T: Send>(
         .install(work)
 }
 
-/// Runs `work` (one training step) while the pool's other workers poll for its parallel tasks
-/// instead of going to sleep between them.
+/// The pool's other workers polling for tasks during a training step instead of going to sleep
+/// between its ops, until this is dropped (also when the step panics).
 ///
 /// A step is hundreds of parallel ops with short serial gaps (burn's autodiff bookkeeping, small
 /// ops) between them; rayon puts an idle worker to sleep after a few dozen yields, so each op
 /// began with a futex wake-up on the step's thread and a late start on the other's
-/// (docs/benchmarks.md, "the two-thread training step"). Results do not change: the fused ops
-/// partition by shape, not by who runs a part.
-pub(crate) fn with_workers_awake<T>(work: impl FnOnce() -> T) -> T {
-    let _pollers = Pollers::start();
-    work()
-}
-
-/// The pool's other workers polling for tasks, until this is dropped (also when the step
-/// panics). A poller yields its core to any other runnable process while there is nothing to
-/// steal, and goes back to rayon's sleep after [`Pollers::GIVE_UP_AFTER`] without a task: on a
-/// machine where another process takes a core, polling only crowded it (two threads ran a B0
-/// step 1.45x slower than one instead of 1.17x before polling; docs/benchmarks.md).
-struct Pollers(Arc<AtomicBool>);
+/// (docs/benchmarks.md, "the two-thread training step, continued"). A poller yields its core to
+/// any other runnable process while there is nothing to steal, and goes back to rayon's sleep
+/// after [`Pollers::GIVE_UP_AFTER`] without a task: on a machine where another process takes a
+/// core, polling without that limit only crowded it (two threads ran a B0 step 1.45x slower than
+/// one). Results do not change: the fused ops partition by shape, not by who runs a part.
+pub(crate) struct Pollers(Arc<AtomicBool>);
 
 impl Pollers {
     const GIVE_UP_AFTER: Duration = Duration::from_millis(2);
 
     /// None off a pool, or in a pool of one thread.
-    fn start() -> Option<Self> {
+    pub(crate) fn start() -> Option<Self> {
         // Never on the calling worker: a poller there would not return to the step.
         let own = rayon::current_thread_index()?;
         if rayon::current_num_threads() < 2 {
@@ -128,8 +121,10 @@ mod tests {
         assert!(Pollers::start().is_none(), "off a pool");
         assert!(super::on_thread_pool(1, || Ok(Pollers::start().is_none())).unwrap());
         super::on_thread_pool(2, || {
-            let sum = super::with_workers_awake(|| (0..100_000u64).into_par_iter().sum::<u64>());
+            let pollers = Pollers::start();
+            let sum = (0..100_000u64).into_par_iter().sum::<u64>();
             assert_eq!(sum, 99_999 * 100_000 / 2);
+            drop(pollers);
 
             let pollers = Pollers::start().unwrap();
             let flag = pollers.0.clone();

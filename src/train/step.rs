@@ -13,6 +13,7 @@ use crate::data::loader::Batch;
 use crate::data::mix::mix;
 use crate::model::{EfficientNet, ParamVisitor, fused, visit_params};
 
+use super::Pollers;
 use super::config::{Stage, TrainConfig};
 
 /// What one training step returns.
@@ -57,18 +58,7 @@ impl<'a> Trainer<'a> {
         step: u64,
         lr: f64,
     ) -> anyhow::Result<StepOutcome> {
-        super::with_workers_awake(|| self.step_inner(model, optim, batch, stage, step, lr))
-    }
-
-    fn step_inner(
-        &self,
-        model: EfficientNet,
-        optim: &mut ModuleOptimizer,
-        batch: &Batch,
-        stage: &Stage,
-        step: u64,
-        lr: f64,
-    ) -> anyhow::Result<StepOutcome> {
+        let _pollers = Pollers::start();
         let (cfg, device) = (self.cfg, &self.device);
         // Dropout and stochastic depth draw from a stream fixed by (seed, step): a resumed run
         // continues exactly as an uninterrupted one.

@@ -293,6 +293,37 @@ fn non_depthwise_conv_falls_back() {
     assert_eq!(diff, 0.0);
 }
 
+/// [`conv2d`] on `x` against `conv.forward`: output, and the gradients of the input (when it is
+/// tracked), the weight and the bias.
+fn assert_conv_matches_burn(conv: &Conv2d, x: Tensor<4>, case: &str) {
+    let device = x.device();
+    let fused = conv2d(conv, x.clone());
+    let reference = conv.forward(x.clone());
+    assert_eq!(fused.dims(), reference.dims(), "{case}");
+    assert!(
+        rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-6,
+        "{case}"
+    );
+    let g = Tensor::<4>::random(fused.dims(), Distribution::Default, &device);
+    let gf = (fused * g.clone()).sum().backward();
+    let gr = (reference * g).sum().backward();
+    match x.is_require_grad() {
+        true => assert!(
+            rel_diff(x.grad(&gf).unwrap(), x.grad(&gr).unwrap()) < 1e-5,
+            "input grad, {case}"
+        ),
+        false => assert!(x.grad(&gf).is_none(), "{case}"),
+    }
+    let w = conv.weight.val();
+    let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
+    assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
+    if let Some(b) = &conv.bias {
+        let b = b.val();
+        let (gbf, gbr) = (b.grad(&gf).unwrap(), b.grad(&gr).unwrap());
+        assert!(rel_diff(gbf, gbr) < 1e-5, "bias grad, {case}");
+    }
+}
+
 /// The 1x1 convolution as matrix products: output and every gradient equal burn's conv2d, on
 /// maps from 1x1 up, odd channel counts, with and without bias (the squeeze-excite convs).
 #[test]
@@ -316,27 +347,8 @@ fn pointwise_matches_burn_conv() {
             .init(&device);
         let x =
             Tensor::<4>::random([n, ci, size, size], Distribution::Default, &device).require_grad();
-        let fused = conv2d(&conv, x.clone());
-        let reference = conv.forward(x.clone());
         let case = format!("{n}x{ci}->{co} {size}x{size} bias {bias}");
-        assert_eq!(fused.dims(), reference.dims(), "{case}");
-        assert!(
-            rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-6,
-            "{case}"
-        );
-        let g = Tensor::<4>::random(fused.dims(), Distribution::Default, &device);
-        let gf = (fused * g.clone()).sum().backward();
-        let gr = (reference * g).sum().backward();
-        let (gxf, gxr) = (x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
-        assert!(rel_diff(gxf, gxr) < 1e-5, "input grad, {case}");
-        let w = conv.weight.val();
-        let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
-        assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
-        if let Some(b) = &conv.bias {
-            let b = b.val();
-            let (gbf, gbr) = (b.grad(&gf).unwrap(), b.grad(&gr).unwrap());
-            assert!(rel_diff(gbf, gbr) < 1e-5, "bias grad, {case}");
-        }
+        assert_conv_matches_burn(&conv, x, &case);
     }
     // Grouped and dilated convs go through burn's own.
     let x = Tensor::<4>::random([2, 8, 6, 6], Distribution::Default, &device);
@@ -362,37 +374,22 @@ fn pointwise_matches_burn_conv() {
 #[test]
 fn patch_conv_matches_burn_conv() {
     let device = Device::flex().autodiff();
+    let (same, sym, valid) = (
+        PaddingConfig2d::Same,
+        PaddingConfig2d::Explicit(1, 1, 1, 1),
+        PaddingConfig2d::Valid,
+    );
     for (n, ci, co, size, k, stride, padding, bias, tracked) in [
-        (3, 3, 32, 16, 3, 2, PaddingConfig2d::Same, false, false),
-        (2, 3, 8, 15, 3, 2, PaddingConfig2d::Same, false, true),
-        (
-            2,
-            5,
-            7,
-            9,
-            3,
-            1,
-            PaddingConfig2d::Explicit(1, 1, 1, 1),
-            true,
-            true,
-        ),
-        (4, 8, 16, 8, 3, 1, PaddingConfig2d::Same, false, true),
-        (1, 6, 4, 7, 5, 2, PaddingConfig2d::Same, true, true),
-        (2, 4, 6, 6, 3, 1, PaddingConfig2d::Valid, false, true),
-        (3, 16, 24, 1, 3, 1, PaddingConfig2d::Same, false, true),
-        (
-            2,
-            4,
-            4,
-            2,
-            3,
-            2,
-            PaddingConfig2d::Explicit(1, 1, 1, 1),
-            false,
-            true,
-        ),
-        // A 1x1 conv with a stride or padding also goes through the patches.
-        (2, 8, 4, 6, 1, 2, PaddingConfig2d::Valid, false, true),
+        (3, 3, 32, 16, 3, 2, &same, false, false),
+        (2, 3, 8, 15, 3, 2, &same, false, true),
+        (2, 5, 7, 9, 3, 1, &sym, true, true),
+        (4, 8, 16, 8, 3, 1, &same, false, true),
+        (1, 6, 4, 7, 5, 2, &same, true, true),
+        (2, 4, 6, 6, 3, 1, &valid, false, true),
+        (3, 16, 24, 1, 3, 1, &same, false, true),
+        (2, 4, 4, 2, 3, 2, &sym, false, true),
+        // A 1x1 conv with a stride also goes through the patches.
+        (2, 8, 4, 6, 1, 2, &valid, false, true),
     ] {
         let conv = Conv2dConfig::new([ci, co], [k, k])
             .with_stride([stride, stride])
@@ -401,31 +398,7 @@ fn patch_conv_matches_burn_conv() {
             .init(&device);
         let x = Tensor::<4>::random([n, ci, size, size], Distribution::Default, &device);
         let x = if tracked { x.require_grad() } else { x };
-        let fused = conv2d(&conv, x.clone());
-        let reference = conv.forward(x.clone());
         let case = format!("{n}x{ci}->{co} {size}x{size} k{k} s{stride} {padding:?} bias {bias}");
-        assert_eq!(fused.dims(), reference.dims(), "{case}");
-        assert!(
-            rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-6,
-            "{case}"
-        );
-        let g = Tensor::<4>::random(fused.dims(), Distribution::Default, &device);
-        let gf = (fused * g.clone()).sum().backward();
-        let gr = (reference * g).sum().backward();
-        match tracked {
-            true => assert!(
-                rel_diff(x.grad(&gf).unwrap(), x.grad(&gr).unwrap()) < 1e-5,
-                "input grad, {case}"
-            ),
-            false => assert!(x.grad(&gf).is_none(), "{case}"),
-        }
-        let w = conv.weight.val();
-        let (gwf, gwr) = (w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
-        assert!(rel_diff(gwf, gwr) < 1e-5, "weight grad, {case}");
-        if let Some(b) = &conv.bias {
-            let b = b.val();
-            let (gbf, gbr) = (b.grad(&gf).unwrap(), b.grad(&gr).unwrap());
-            assert!(rel_diff(gbf, gbr) < 1e-5, "bias grad, {case}");
-        }
+        assert_conv_matches_burn(&conv, x, &case);
     }
 }
