@@ -53,7 +53,7 @@ pub fn on_thread_pool<T: Send>(
 /// (docs/benchmarks.md, "the two-thread training step, continued"). A poller yields its core to
 /// any other runnable process while there is nothing to steal, and goes back to rayon's sleep
 /// after [`Pollers::GIVE_UP_AFTER`] without a task: on a machine where another process takes a
-/// core, polling without that limit only crowded it (two threads ran a B0 step 1.45x slower than
+/// core, polling without that limit only crowded it (two threads ran a B0 step 1.40x slower than
 /// one). Results do not change: the fused ops partition by shape, not by who runs a part.
 pub(crate) struct Pollers(Arc<AtomicBool>);
 
