@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Where the second thread of a training step loses time: records `effnet bench b0 --train` at two
+# threads with call stacks (perf, DWARF unwinding), finds the step's own thread (the one whose
+# samples run Trainer::step), and prints how many of its samples lie outside any rayon task
+# (serial work the other thread cannot share), with the leaf functions of those samples.
+#
+#   scripts/profile_train_threads.sh [EFFNET] (default target/release/effnet; ITERS=30)
+set -euo pipefail
+effnet=${1:-target/release/effnet}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+RAYON_NUM_THREADS=2 perf record -q -F 1999 --call-graph dwarf,12000 -D 2500 -o "$tmp/perf.data" \
+    "$effnet" bench b0 --train --threads 2 --iters "${ITERS:-30}" | grep '^effnet'
+perf script -i "$tmp/perf.data" -F tid,ip,sym 2>/dev/null >"$tmp/stacks"
+step=$(awk '/^ *[0-9]+ *$/ {tid = $1; next} /Trainer::step/ {n[tid]++}
+    END {for (t in n) print n[t], t}' "$tmp/stacks" | sort -rn | awk 'NR == 1 {print $2}')
+awk -v step="$step" '
+    /^ *[0-9]+ *$/ {tid = $1; par = 0; leaf = ""; next}
+    NF == 0 {
+        if (tid == step) { total++; if (!par) { serial++; n[leaf]++ } }
+        tid = ""; next
+    }
+    {
+        s = $0; sub(/^[ \t]*[0-9a-f]+ /, "", s)
+        if (leaf == "") leaf = substr(s, 1, 90)
+        if (s ~ /rayon::iter::plumbing|rayon_core::join|StackJob/) par = 1
+    }
+    END {
+        printf "step thread %s: %d samples, %d (%.1f %%) outside rayon tasks; their leaves:\n",
+            step, total, serial, 100 * serial / total
+        for (k in n) printf "%6d  %s\n", n[k], k > leaves
+    }' leaves="$tmp/leaves" "$tmp/stacks"
+sort -k1,1 -rn "$tmp/leaves" | head -30
