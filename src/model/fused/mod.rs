@@ -259,9 +259,11 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let (x, weight) = if k == 1 && stride == 1 && padding == [0; 4] {
         (x, conv.weight.val())
     } else {
-        let (padded_h, padded_w) = (h + top + bottom, w + left + right);
-        let out = ((padded_h.max(k) - k) / stride + 1) * ((padded_w.max(k) - k) / stride + 1);
-        if padded_h < k || padded_w < k || n * ci * k * k * out > MAX_PATCH_FLOATS {
+        if h + top + bottom < k || w + left + right < k {
+            return conv.forward(x);
+        }
+        let out = kernels::ConvGeometry::new(h, w, k, stride, padding);
+        if n * ci * k * k * out.out_h * out.out_w > MAX_PATCH_FLOATS {
             return conv.forward(x);
         }
         let cols = Tensor::<4>::from_dispatch(<Dispatch as FusedOps>::fused_im2col(
