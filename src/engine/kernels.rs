@@ -64,10 +64,11 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// `dst = src` with row `i` (of `dst.len() / gates.len()` values) multiplied by `gates[i]`.
-    pub fn scale_rows_from(dst: &mut [f32], src: &[f32], gates: &[f32]) {
-        let row = dst.len() / gates.len();
-        for ((d, s), g) in dst.chunks_exact_mut(row).zip(src.chunks_exact(row)).zip(gates) {
+    /// `dst = src` in chunks of `chunk` values, chunk `i` multiplied by `gates[i % gates.len()]`:
+    /// the rows of a `k x n` weight matrix scaled by per-row gates, row-major (`chunk` = `n`) or
+    /// packed for the GEMM micro-kernel (`chunk` = its group width; `k` rows per group).
+    pub fn scale_chunks_from(dst: &mut [f32], src: &[f32], gates: &[f32], chunk: usize) {
+        for ((d, s), g) in dst.chunks_exact_mut(chunk).zip(src.chunks_exact(chunk)).zip(gates.iter().cycle()) {
             for (d, s) in d.iter_mut().zip(s) {
                 *d = s * g;
             }
@@ -420,5 +421,33 @@ mod tests {
             let want = v / (1.0 + (-v).exp()) + res[i];
             assert!((x[i] - want).abs() < 1e-5, "{i}: {} vs {want}", x[i]);
         }
+    }
+
+    /// Gating a packed weight copy equals packing the gated rows (the projection's SE gate, one
+    /// image): on every kernel level, shapes with a partial panel and a half-filled AVX2 group.
+    #[test]
+    fn gated_packed_weights_equal_packed_gated_weights() {
+        use crate::simd::{Level, gemm, with_level};
+        let check = || {
+            for (k, n) in [(3, 40), (7, 86), (16, 32)] {
+                let w: Vec<f32> = (0..k * n).map(|i| (i % 9) as f32 - 4.0).collect();
+                let gates: Vec<f32> = (0..k).map(|i| 0.5 + i as f32 * 0.25).collect();
+                let scaled: Vec<f32> = w
+                    .chunks_exact(n)
+                    .zip(&gates)
+                    .flat_map(|(row, g)| row.iter().map(move |v| v * g))
+                    .collect();
+                let packed = gemm::pack(&w, k, n);
+                let mut gated = vec![f32::NAN; packed.len()];
+                scale_chunks_from(&mut gated, &packed, &gates, gemm::group_width());
+                assert_eq!(gated, gemm::pack(&scaled, k, n), "{k}x{n}");
+                // Row-major: one chunk per row.
+                let mut rows = vec![f32::NAN; w.len()];
+                scale_chunks_from(&mut rows, &w, &gates, n);
+                assert_eq!(rows, scaled, "{k}x{n} row-major");
+            }
+        };
+        check();
+        with_level(Level::Avx2, check);
     }
 }

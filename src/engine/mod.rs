@@ -569,23 +569,23 @@ impl Engine {
                         .bufs
                         .get_disjoint_mut([Buf::X as usize, *from as usize, Buf::Y as usize])
                         .expect("a projection reads a scratch buffer");
-                    // The SE gate goes where it costs least: into the micro-kernel's weight loads
-                    // (one image), a gated copy of the weights (one image, more pixels than
-                    // output channels), or the activations.
+                    // The SE gate goes where it costs least: into the bf16 / int8 input
+                    // conversion, a gated copy of the weights (one image, more pixels than
+                    // output channels), or the activations (always while calibrating: the
+                    // observers record the projection's gated input).
                     let mut gate = None;
                     let mut weight = conv.gemm_weight();
                     if let Some(se) = se {
                         let gates = self.se_gates(se, mid, n, cur, sums.take());
                         match () {
                             _ if n == 1 && conv.takes_gate() => gate = Some(gates),
-                            _ if n == 1 && cur.0 * cur.1 > conv.cout => {
-                                let len = conv.weight.len();
+                            _ if n == 1
+                                && cur.0 * cur.1 > conv.cout
+                                && self.observers.is_none() =>
+                            {
+                                let len = weight.len();
                                 grow(&mut a.weight, len);
-                                kernels::scale_rows_from(
-                                    &mut a.weight[..len],
-                                    &conv.weight,
-                                    &gates,
-                                );
+                                conv.gated_weight(&gates, &mut a.weight[..len]);
                                 weight = &a.weight[..len];
                             }
                             _ => scale_images(mid, &gates, n, cur, se.channels),

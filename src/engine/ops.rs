@@ -106,13 +106,14 @@ pub(super) fn gemm_bias_act(
         bf16::gemm_bias_act(a, k, m, packed, (c0, nc), bias, act, residual, out, cout);
         return;
     }
+    assert!(gate.is_none(), "input gates need the bf16 or int8 kernel");
     if !conv.packed.is_empty() {
         let bias = &conv.bias;
         microkernel::gemm_bias_act(
             a,
             k,
             m,
-            (weight, gate),
+            weight,
             (c0, nc),
             bias,
             conv.act,
@@ -122,7 +123,6 @@ pub(super) fn gemm_bias_act(
         );
         return;
     }
-    assert!(gate.is_none(), "input gates need the microkernel");
     matmul(a, &weight[c0..], &mut out[c0..], m, k, nc, cout);
     if nc == cout {
         kernels::bias_act(&mut out[..m * cout], &conv.bias, conv.act, residual);

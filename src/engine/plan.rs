@@ -8,7 +8,7 @@ use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv};
 use crate::weights::fold::{Folded, fold_batch_norm, tensor_values};
 use crate::weights::{TensorMap, WeightSet};
 
-use super::{EngineError, winograd};
+use super::{EngineError, kernels, winograd};
 
 /// How a convolution is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,9 +62,20 @@ impl Conv {
         self.kernel * self.kernel * self.cin
     }
 
-    /// Whether the GEMM scales its input by an SE gate as it loads it (no gated copy needed).
+    /// Whether the GEMM scales its input by an SE gate as it converts it (bf16, int8: no gated copy
+    /// needed).
     pub fn takes_gate(&self) -> bool {
-        !self.packed.is_empty() || self.int8.is_some()
+        !self.packed_bf16.is_empty() || self.int8.is_some()
+    }
+
+    /// Writes [`Conv::gemm_weight`] with row `kk` scaled by `gates[kk]` into `dst` (same layout).
+    pub fn gated_weight(&self, gates: &[f32], dst: &mut [f32]) {
+        let chunk = if self.packed.is_empty() {
+            self.cout
+        } else {
+            microkernel::group_width()
+        };
+        kernels::scale_chunks_from(dst, self.gemm_weight(), gates, chunk);
     }
 }
 

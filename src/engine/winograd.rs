@@ -416,7 +416,7 @@ impl Engine {
                     );
                     for xi in 0..TILE {
                         let a = &v[xi * count * cin..][..count * cin];
-                        let u = (&conv.winograd[xi * plen..][..plen], None);
+                        let u = &conv.winograd[xi * plen..][..plen];
                         let sums = &mut m[xi * count * cout..][..count * cout];
                         microkernel::gemm_bias_act(
                             a,
@@ -526,7 +526,7 @@ mod tests {
                         &v[xi * count * cin..][..count * cin],
                         cin,
                         count,
-                        (&u[xi * plen..][..plen], None),
+                        &u[xi * plen..][..plen],
                         (0, cout),
                         &vec![0.0; cout],
                         None,

@@ -62,14 +62,14 @@ pub(crate) fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
 /// One block of a convolution as GEMM: `out[r][c] = act(sum_kk a[r][kk] w[kk][c] + bias[c])`
 /// (+ `residual[r][c]`) for rows `0..m` and columns `c0..c0 + nc`; `a` is `m x k` row-major, `out`
 /// and `residual` rows are `ldo` apart, `packed` comes from [`pack`] and `c0` is a multiple of
-/// [`NR`]. With `gate` (length `k`), weight row `kk` is scaled by `gate[kk]` as it is loaded (the
-/// SE gate of one image applied to the projection without touching activations or weights).
+/// [`NR`]. (An SE gate is applied to a copy of the weights or to the activations beforehand: scaling
+/// the weights as they are loaded cost the FMA-bound AVX2 kernel two multiplies per 12 FMAs.)
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_bias_act(
     a: &[f32],
     k: usize,
     m: usize,
-    (packed, gate): (&[f32], Option<&[f32]>),
+    packed: &[f32],
     (c0, nc): (usize, usize),
     bias: &[f32],
     act: Option<Activation>,
@@ -80,19 +80,13 @@ pub(crate) fn gemm_bias_act(
     let Some(epi) = Epilogue::checked(m, (c0, nc), bias, act, residual, out, ldo) else {
         return;
     };
-    assert!(
-        available()
-            && a.len() >= m * k
-            && packed.len() >= packed_len(k, c0 + nc)
-            && gate.is_none_or(|g| g.len() >= k)
-    );
+    assert!(available() && a.len() >= m * k && packed.len() >= packed_len(k, c0 + nc));
     let job = Job {
         a: a.as_ptr(),
         k,
         packed: packed.as_ptr(),
         cols: (c0, c0 + nc),
         epi,
-        gate: gate.map(|g| g.as_ptr()),
     };
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `level()` found the features each entry is compiled for; the assert bounds every
@@ -115,8 +109,6 @@ struct Job {
     /// Output columns `c0..c1`.
     cols: (usize, usize),
     epi: Epilogue,
-    /// Per-row scale of the weights (`k` values).
-    gate: Option<*const f32>,
 }
 
 /// What happens to a tile's sums before its single store: `act(sum + bias) (+ residual)` into rows
@@ -251,23 +243,9 @@ unsafe fn run_avx2(job: &Job, m: usize) {
 /// The CPU has `V`'s instruction set and the job's pointers are bounded as [`gemm_bias_act`] checks.
 #[inline(always)]
 unsafe fn rows<V: Vector, const MR: usize, const Q: usize, const H: usize>(job: &Job, m: usize) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        match job.gate {
-            Some(_) => rows_gated::<V, MR, Q, H, true>(job, m),
-            None => rows_gated::<V, MR, Q, H, false>(job, m),
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn rows_gated<V: Vector, const MR: usize, const Q: usize, const H: usize, const G: bool>(
-    job: &Job,
-    m: usize,
-) {
     macro_rules! rows {
         ($n:expr, $r:expr) => {
-            tile::<V, { $n }, Q, H, G>(job, $r)
+            tile::<V, { $n }, Q, H>(job, $r)
         };
     }
     // SAFETY: the caller's contract; each tile stays within rows < m.
@@ -277,10 +255,7 @@ unsafe fn rows_gated<V: Vector, const MR: usize, const Q: usize, const H: usize,
 /// Rows `r0..r0 + R` across every panel of the job's columns, each panel in groups of `Q` vectors
 /// (one group on AVX-512, two on AVX2).
 #[inline(always)]
-unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize, const G: bool>(
-    j: &Job,
-    r0: usize,
-) {
+unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize>(j: &Job, r0: usize) {
     let (c0, c1) = j.cols;
     let group = Q * V::LANES;
     for p in c0 / NR..c1.div_ceil(NR) {
@@ -298,9 +273,9 @@ unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize, const 
                 // A group of at most half its columns live (16, 40, 80, 112... channels) needs
                 // half the multiply-adds; the other accumulators stay zero and are not stored.
                 if live > group / 2 {
-                    multiply::<V, R, Q, Q, G>(&mut acc, a, b, j);
+                    multiply::<V, R, Q, Q>(&mut acc, a, b, j.k);
                 } else {
-                    multiply::<V, R, Q, H, G>(&mut acc, a, b, j);
+                    multiply::<V, R, Q, H>(&mut acc, a, b, j.k);
                 }
                 store(&acc, &j.epi, r0, (col + g0, live));
             }
@@ -310,27 +285,22 @@ unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize, const 
 
 /// `acc[i][q] += a[i][kk] * w[kk][q]` over the group's first `L` vectors, every `kk`.
 #[inline(always)]
-unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize, const G: bool>(
+unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize>(
     acc: &mut [[V; Q]; R],
     a: *const f32,
     b: *const f32,
-    j: &Job,
+    k: usize,
 ) {
     // SAFETY: the caller's contract: `b` is a group of k rows of Q vectors, `a` R rows of k.
     unsafe {
-        for kk in 0..j.k {
+        for kk in 0..k {
             let bk = b.add(kk * Q * V::LANES);
             let mut w = [V::splat(0.0); L];
             for (q, w) in w.iter_mut().enumerate() {
                 *w = V::load(bk.add(q * V::LANES));
             }
-            // Without a gate this compiles away (G is a constant).
-            if G && let Some(g) = j.gate {
-                let gk = V::splat(*g.add(kk));
-                w = w.map(|v| v.mul(gk));
-            }
             for (i, row) in acc.iter_mut().enumerate() {
-                let av = V::splat(*a.add(i * j.k + kk));
+                let av = V::splat(*a.add(i * k + kk));
                 for (v, w) in row.iter_mut().zip(w) {
                     *v = av.mul_add(w, *v);
                 }
@@ -394,18 +364,7 @@ pub(crate) mod tests {
                     let split = if n > NR { NR } else { n };
                     for (c0, nc) in [(0, split), (split, n - split)] {
                         let r = residual;
-                        gemm_bias_act(
-                            &a,
-                            k,
-                            m,
-                            (&packed, None),
-                            (c0, nc),
-                            &bias,
-                            act,
-                            r,
-                            &mut out,
-                            n,
-                        );
+                        gemm_bias_act(&a, k, m, &packed, (c0, nc), &bias, act, r, &mut out, n);
                     }
                     for r in 0..m {
                         for c in 0..n {
@@ -444,66 +403,13 @@ pub(crate) mod tests {
         let packed = pack(&[0.0; 8], 1, 8);
         let mut out = [f32::NAN; 8];
         let act = Some(Activation::Silu);
-        gemm_bias_act(
-            &[1.0],
-            1,
-            1,
-            (&packed, None),
-            (0, 8),
-            &bias,
-            act,
-            None,
-            &mut out,
-            8,
-        );
+        gemm_bias_act(&[1.0], 1, 1, &packed, (0, 8), &bias, act, None, &mut out, 8);
         for (o, b) in out.iter().zip(bias) {
             let want = b / (1.0 + (-b as f64).exp() as f32);
             assert!(
                 (o - want).abs() <= 1e-6 * want.abs().max(1.0),
                 "silu({b}) = {o}, want {want}"
             );
-        }
-    }
-
-    #[test]
-    fn gates_scale_the_weight_rows() {
-        gated();
-        with_level(Level::Avx2, gated);
-    }
-
-    fn gated() {
-        {
-            if !available() {
-                return;
-            }
-            let (m, k, n) = (5, 3, 40);
-            let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.1).collect();
-            let w: Vec<f32> = (0..k * n).map(|i| (i % 9) as f32 - 4.0).collect();
-            let gates = [2.0, 0.5, -1.0];
-            let scaled: Vec<f32> = w
-                .chunks_exact(n)
-                .zip(gates)
-                .flat_map(|(row, g)| row.iter().map(move |v| v * g))
-                .collect();
-            let bias = vec![0.0; n];
-            let run = |packed: &[f32], gate: Option<&[f32]>| {
-                let mut out = vec![0.0; m * n];
-                gemm_bias_act(
-                    &a,
-                    k,
-                    m,
-                    (packed, gate),
-                    (0, n),
-                    &bias,
-                    None,
-                    None,
-                    &mut out,
-                    n,
-                );
-                out
-            };
-            let gated = run(&pack(&w, k, n), Some(&gates));
-            assert_eq!(gated, run(&pack(&scaled, k, n), None));
         }
     }
 }
