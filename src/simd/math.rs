@@ -111,4 +111,48 @@ mod tests {
         assert_eq!(sigmoid(200.0), 1.0);
         assert_eq!(activate(7.0, Some(Activation::Relu6)), 6.0);
     }
+
+    /// SiLU on the vector registers, against f64, across the range
+    /// the activations take (and past the exponent's clamp).
+    #[test]
+    fn vector_silu_is_accurate() {
+        fn worst(lanes: impl Fn(f32) -> f32) -> f32 {
+            let mut worst = 0.0f32;
+            let mut x = -100.0f32;
+            while x < 100.0 {
+                let want = (x as f64 / (1.0 + (-x as f64).exp())) as f32;
+                let got = lanes(x);
+                let err = (got - want).abs() / want.abs().max(1e-3);
+                worst = worst.max(err);
+                x += 0.00731;
+            }
+            worst
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::super::{Avx2, Avx512};
+            use std::arch::x86_64::*;
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2(x: f32) -> f32 {
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    unsafe { _mm256_cvtss_f32(silu_v(Avx2::splat(x)).0) }
+                }
+                // SAFETY: as above.
+                let w = worst(|x| unsafe { avx2(x) });
+                assert!(w < 5e-7, "AVX2 SiLU: worst relative error {w}");
+            }
+            if is_x86_feature_detected!("avx512f") {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                fn avx512(x: f32) -> f32 {
+                    // SAFETY: the CPU has AVX-512F (checked above).
+                    unsafe { _mm512_cvtss_f32(silu_v(Avx512::splat(x)).0) }
+                }
+                // SAFETY: as above.
+                let w = worst(|x| unsafe { avx512(x) });
+                assert!(w < 5e-7, "AVX-512 SiLU: worst relative error {w}");
+            }
+        }
+        assert!(worst(silu) < 5e-7);
+    }
 }
