@@ -11,7 +11,7 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// (1.7e-7 evaluated in f32), three FMAs fewer than Cephes' degree-7 form, whose extra accuracy
 /// the activations do not need; SiLU after every expand and depthwise conv is FMA-bound.
 const POLY: [f32; 5] = [
-    8.290_309_5e-3,
+    8.290_309e-3,
     4.189_793e-2,
     1.666_763_6e-1,
     4.999_915e-1,

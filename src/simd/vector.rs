@@ -18,7 +18,6 @@ pub(crate) unsafe trait Vector: Copy {
     unsafe fn store_first(self, p: *mut f32, n: usize);
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
-    unsafe fn mul(self, o: Self) -> Self;
     unsafe fn div(self, o: Self) -> Self;
     unsafe fn min(self, o: Self) -> Self;
     unsafe fn max(self, o: Self) -> Self;
@@ -72,10 +71,6 @@ unsafe impl Vector for f32 {
     #[inline(always)]
     unsafe fn sub(self, o: Self) -> Self {
         self - o
-    }
-    #[inline(always)]
-    unsafe fn mul(self, o: Self) -> Self {
-        self * o
     }
     #[inline(always)]
     unsafe fn div(self, o: Self) -> Self {
@@ -194,7 +189,7 @@ mod x86 {
     x86_vector!(
         Avx512(__m512), 16, "16 lanes in an AVX-512 register.",
         splat _mm512_set1_ps, load _mm512_loadu_ps,
-        [add _mm512_add_ps, sub _mm512_sub_ps, mul _mm512_mul_ps, div _mm512_div_ps,
+        [add _mm512_add_ps, sub _mm512_sub_ps, div _mm512_div_ps,
          min _mm512_min_ps, max _mm512_max_ps],
         [mul_add _mm512_fmadd_ps, neg_mul_add _mm512_fnmadd_ps],
         load_first16, store_first16, domain16, round16, scale16
@@ -203,7 +198,7 @@ mod x86 {
     x86_vector!(
         Avx2(__m256), 8, "8 lanes in an AVX2 register (with FMA).",
         splat _mm256_set1_ps, load _mm256_loadu_ps,
-        [add _mm256_add_ps, sub _mm256_sub_ps, mul _mm256_mul_ps, div _mm256_div_ps,
+        [add _mm256_add_ps, sub _mm256_sub_ps, div _mm256_div_ps,
          min _mm256_min_ps, max _mm256_max_ps],
         [mul_add _mm256_fmadd_ps, neg_mul_add _mm256_fnmadd_ps],
         load_first8, store_first8, domain8, round8, scale8
