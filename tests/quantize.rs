@@ -176,3 +176,34 @@ fn int8_without_a_fitting_quantisation_is_a_clear_error() {
             .contains("stem")
     );
 }
+
+/// Calibration records each projection's gated input whichever way the engine applies the SE gate
+/// (to the activations for a batch of two; for one image, the fp32 engine would scale a copy of the
+/// weights instead, which the observers must not see): an image alone and the same image twice
+/// record the same ranges and channel means.
+#[test]
+fn calibration_records_the_gated_input_at_any_batch() {
+    use effnet::engine::calibrate::Observe;
+    let set = WeightSet::random(&effnet::spec::variant("efficientnet-b0").unwrap(), 3);
+    let side = 64;
+    let a = input(1, side, 0);
+    let mut e = Engine::new(&set).unwrap();
+    let mut record = |images: &[f32], n: usize| {
+        e.observe(&Observe::MinMax);
+        e.forward(images, n, side, side);
+        e.observations()
+    };
+    let one = record(&a, 1);
+    let two = record(&[a.clone(), a.clone()].concat(), 2);
+    assert_eq!(one.len(), two.len());
+    for (x, y) in one.iter().zip(&two) {
+        let close = |p: f32, q: f32| (p - q).abs() <= 1e-5 * p.abs().max(q.abs()).max(1.0);
+        assert!(
+            close(x.lo, y.lo) && close(x.hi, y.hi),
+            "{}: {x:?} vs {y:?}",
+            x.name
+        );
+        let means = x.mean.iter().zip(&y.mean).all(|(p, q)| close(*p, *q));
+        assert!(means, "{}: channel means differ", x.name);
+    }
+}
