@@ -25,14 +25,16 @@ pub(crate) unsafe trait Vector: Copy {
     unsafe fn mul_add(self, b: Self, c: Self) -> Self;
     /// `c - self * b`, fused.
     unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self;
-    /// The inputs `exp` can take on this instruction set: clamped to [-87, 88] where the
-    /// exponent is built from bits (the result stays a normal float), unchanged where the hardware
-    /// scales and saturates by itself.
-    unsafe fn exp_domain(self) -> Self;
-    /// `(n, k)`: `n` = round(self * log2 e) as a float, and `k`, the form [`Vector::scale_pow2`]
-    /// takes it in.
-    unsafe fn round_log2e(self) -> (Self, Self);
-    /// `self * 2^n` for the `k` of [`Vector::round_log2e`].
+    /// `-(self * b) - c`, fused.
+    unsafe fn neg_mul_sub(self, b: Self, c: Self) -> Self;
+    /// The inputs `exp` can take on this instruction set: clamped to [lo, hi] where the exponent
+    /// is built from bits (the result stays a normal float), unchanged where the hardware scales
+    /// and saturates by itself.
+    unsafe fn exp_domain(self, lo: f32, hi: f32) -> Self;
+    /// `(n, k)`: `n` = round(self * c) as a float, and `k`, the form [`Vector::scale_pow2`] takes
+    /// it in (`|self * c|` below 2^22).
+    unsafe fn round_times(self, c: f32) -> (Self, Self);
+    /// `self * 2^n` for the `k` of [`Vector::round_times`].
     unsafe fn scale_pow2(self, k: Self) -> Self;
 }
 
@@ -95,12 +97,16 @@ unsafe impl Vector for f32 {
         (-self).mul_add(b, c)
     }
     #[inline(always)]
-    unsafe fn exp_domain(self) -> Self {
-        self.clamp(-87.0, 88.0)
+    unsafe fn neg_mul_sub(self, b: Self, c: Self) -> Self {
+        (-self).mul_add(b, -c)
     }
     #[inline(always)]
-    unsafe fn round_log2e(self) -> (Self, Self) {
-        let r = self.mul_add(std::f32::consts::LOG2_E, MAGIC);
+    unsafe fn exp_domain(self, lo: f32, hi: f32) -> Self {
+        self.clamp(lo, hi)
+    }
+    #[inline(always)]
+    unsafe fn round_times(self, c: f32) -> (Self, Self) {
+        let r = self.mul_add(c, MAGIC);
         (r - MAGIC, r)
     }
     #[inline(always)]
@@ -153,14 +159,14 @@ mod x86 {
                     unsafe { $store_first(p, n, self.0) }
                 }
                 #[inline(always)]
-                unsafe fn exp_domain(self) -> Self {
+                unsafe fn exp_domain(self, lo: f32, hi: f32) -> Self {
                     // SAFETY: the trait's contract.
-                    unsafe { $name($domain(self.0)) }
+                    unsafe { $name($domain(self.0, lo, hi)) }
                 }
                 #[inline(always)]
-                unsafe fn round_log2e(self) -> (Self, Self) {
+                unsafe fn round_times(self, c: f32) -> (Self, Self) {
                     // SAFETY: the trait's contract.
-                    let (n, k) = unsafe { $round(self.0) };
+                    let (n, k) = unsafe { $round(self.0, c) };
                     ($name(n), $name(k))
                 }
                 #[inline(always)]
@@ -191,7 +197,7 @@ mod x86 {
         splat _mm512_set1_ps, load _mm512_loadu_ps,
         [add _mm512_add_ps, sub _mm512_sub_ps, div _mm512_div_ps,
          min _mm512_min_ps, max _mm512_max_ps],
-        [mul_add _mm512_fmadd_ps, neg_mul_add _mm512_fnmadd_ps],
+        [mul_add _mm512_fmadd_ps, neg_mul_add _mm512_fnmadd_ps, neg_mul_sub _mm512_fnmsub_ps],
         load_first16, store_first16, domain16, round16, scale16
     );
 
@@ -200,7 +206,7 @@ mod x86 {
         splat _mm256_set1_ps, load _mm256_loadu_ps,
         [add _mm256_add_ps, sub _mm256_sub_ps, div _mm256_div_ps,
          min _mm256_min_ps, max _mm256_max_ps],
-        [mul_add _mm256_fmadd_ps, neg_mul_add _mm256_fnmadd_ps],
+        [mul_add _mm256_fmadd_ps, neg_mul_add _mm256_fnmadd_ps, neg_mul_sub _mm256_fnmsub_ps],
         load_first8, store_first8, domain8, round8, scale8
     );
 
@@ -236,17 +242,16 @@ mod x86 {
 
     /// AVX-512 scales by 2^n with `vscalefps`, which saturates to 0 or infinity by itself.
     #[inline(always)]
-    unsafe fn domain16(x: __m512) -> __m512 {
+    unsafe fn domain16(x: __m512, _lo: f32, _hi: f32) -> __m512 {
         x
     }
 
     #[inline(always)]
-    unsafe fn round16(x: __m512) -> (__m512, __m512) {
+    unsafe fn round16(x: __m512, c: f32) -> (__m512, __m512) {
         // SAFETY: AVX-512F by the caller's contract.
         unsafe {
-            let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
             // Round to nearest even, as the 1.5 * 2^23 trick does.
-            let n = _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, log2e));
+            let n = _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, _mm512_set1_ps(c)));
             (n, n)
         }
     }
@@ -283,22 +288,17 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn domain8(x: __m256) -> __m256 {
+    unsafe fn domain8(x: __m256, lo: f32, hi: f32) -> __m256 {
         // SAFETY: AVX by the caller's contract.
-        unsafe {
-            _mm256_min_ps(
-                _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
-                _mm256_set1_ps(88.0),
-            )
-        }
+        unsafe { _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi)) }
     }
 
     #[inline(always)]
-    unsafe fn round8(x: __m256) -> (__m256, __m256) {
+    unsafe fn round8(x: __m256, c: f32) -> (__m256, __m256) {
         // SAFETY: AVX2 and FMA by the caller's contract.
         unsafe {
             let magic = _mm256_set1_ps(MAGIC);
-            let r = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
+            let r = _mm256_fmadd_ps(x, _mm256_set1_ps(c), magic);
             (_mm256_sub_ps(r, magic), r)
         }
     }
