@@ -68,7 +68,8 @@ simd_dispatch! {
     /// the rows of a `k x n` weight matrix scaled by per-row gates, row-major (`chunk` = `n`) or
     /// packed for the GEMM micro-kernel (`chunk` = its group width; `k` rows per group).
     pub fn scale_chunks_from(dst: &mut [f32], src: &[f32], gates: &[f32], chunk: usize) {
-        for ((d, s), g) in dst.chunks_exact_mut(chunk).zip(src.chunks_exact(chunk)).zip(gates.iter().cycle()) {
+        let chunks = dst.chunks_exact_mut(chunk).zip(src.chunks_exact(chunk));
+        for ((d, s), g) in chunks.zip(gates.iter().cycle()) {
             for (d, s) in d.iter_mut().zip(s) {
                 *d = s * g;
             }
