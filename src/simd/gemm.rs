@@ -270,12 +270,20 @@ unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize>(j: &Jo
                 let mut acc = [[V::splat(0.0); Q]; R];
                 let b = j.packed.add(p * j.k * NR + g0 * j.k);
                 let a = j.a.add(r0 * j.k);
+                // Rows stream from memory once: while the first group multiplies, the rows two
+                // tiles on are fetched, a cache line per k step (the hardware prefetcher misses
+                // R short strided streams; 1.25-1.6x on 150x150 projections). Not when a tile's
+                // rows would crowd the weights out of L1.
+                let ahead = match p == c0 / NR && g0 == 0 && R * j.k <= PREFETCH_MAX {
+                    true => R * j.k / 16,
+                    false => 0,
+                };
                 // A group of at most half its columns live (16, 40, 80, 112... channels) needs
                 // half the multiply-adds; the other accumulators stay zero and are not stored.
                 if live > group / 2 {
-                    multiply::<V, R, Q, Q>(&mut acc, a, b, j.k);
+                    multiply::<V, R, Q, Q>(&mut acc, a, b, j.k, ahead);
                 } else {
-                    multiply::<V, R, Q, H>(&mut acc, a, b, j.k);
+                    multiply::<V, R, Q, H>(&mut acc, a, b, j.k, ahead);
                 }
                 store(&acc, &j.epi, r0, (col + g0, live));
             }
@@ -283,17 +291,25 @@ unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize>(j: &Jo
     }
 }
 
-/// `acc[i][q] += a[i][kk] * w[kk][q]` over the group's first `L` vectors, every `kk`.
+/// The most activation values (16 KB) of a tile whose successor's rows are prefetched.
+const PREFETCH_MAX: usize = 4096;
+
+/// `acc[i][q] += a[i][kk] * w[kk][q]` over the group's first `L` vectors, every `kk`; for the
+/// first `ahead` steps also one cache line of the rows two tiles on (rows `2R..`).
 #[inline(always)]
 unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize>(
     acc: &mut [[V; Q]; R],
     a: *const f32,
     b: *const f32,
     k: usize,
+    ahead: usize,
 ) {
     // SAFETY: the caller's contract: `b` is a group of k rows of Q vectors, `a` R rows of k.
     unsafe {
         for kk in 0..k {
+            if kk < ahead {
+                prefetch(a.wrapping_add(2 * R * k + kk * 16));
+            }
             let bk = b.add(kk * Q * V::LANES);
             let mut w = [V::splat(0.0); L];
             for (q, w) in w.iter_mut().enumerate() {
@@ -306,6 +322,17 @@ unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize>(
                 }
             }
         }
+    }
+}
+
+/// Asks for the cache line holding `p` (a hint: never faults, any address).
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that does not access memory architecturally.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
     }
 }
 
