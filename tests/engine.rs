@@ -6,7 +6,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use common::*;
 use effnet::engine::Engine;
 use effnet::model::{EfficientNet, apply_weights};
-use effnet::spec::{Padding, variant};
+use effnet::spec::{BlockArgs, Padding, variant};
 use effnet::weights::{self, WeightSet};
 
 #[test]
@@ -79,6 +79,49 @@ fn engine_matches_the_burn_model_on_every_family() {
             "{name} {padding:?} {batch}x{h}x{w}: max |diff| {diff:e} (max |logit| {scale:.2})"
         );
         assert!(diff <= 1e-4 * scale.max(1.0), "{name}: {diff}");
+    }
+}
+
+#[test]
+fn wide_layers_cut_into_channel_blocks_match_the_burn_model() {
+    // B7's last stage (19x19 maps of 3840 expanded channels) and a 5x5 layer of 1344 channels at
+    // 38x38: too wide for one window of expanded rows in L2, so the fused expand + depthwise runs
+    // them in channel blocks (row bands too at two threads on the larger map).
+    let device = Device::flex();
+    for (res, blocks) in [
+        (
+            38,
+            [
+                "r1_k3_s11_e1_i32_o640_se0.25",
+                "r1_k3_s11_e6_i640_o640_se0.25",
+            ],
+        ),
+        (
+            76,
+            [
+                "r1_k3_s11_e1_i32_o224_se0.25",
+                "r1_k5_s11_e6_i224_o224_se0.25",
+            ],
+        ),
+    ] {
+        let mut spec = variant("b0").unwrap();
+        spec.blocks = BlockArgs::decode_all(&blocks).unwrap();
+        spec.resolution = res;
+        let set = WeightSet::random(&spec, 7);
+        let model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors).unwrap();
+        let x = Tensor::<4>::random([1, 3, res, res], Distribution::Normal(0.0, 1.0), &device);
+        let data = x.clone().into_data().try_to_vec::<f32>().unwrap();
+        let want = model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for threads in [1, 2] {
+            let mut engine = Engine::new(&set).unwrap().with_threads(threads);
+            let diff = max_abs_diff(&engine.forward(&data, 1, res, res), &want);
+            eprintln!("{blocks:?} at {res}, {threads} threads: max |diff| {diff:e}");
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "{blocks:?} {threads}: {diff}"
+            );
+        }
     }
 }
 

@@ -530,7 +530,7 @@ impl Engine {
                         .bufs
                         .get_disjoint_mut([Buf::X as usize, Buf::T1 as usize, Buf::T2 as usize])
                         .expect("distinct buffers");
-                    cur = match self.fused_split(dw, n, cur.0) {
+                    cur = match self.fused_split(dw, n, cur) {
                         Some(split) => {
                             let s = s.as_deref_mut();
                             self.expand_depthwise(expand, dw, x, t2, n, cur, split, s)

@@ -263,23 +263,21 @@ impl Engine {
         (g.out_h, g.out_w)
     }
 
-    /// How [`Engine::expand_depthwise`] splits one image's work across threads, as (bands of output
-    /// rows, blocks of channels), or `None` where fusing does not pay. One part per image when the
-    /// images keep every thread busy; else row bands while the expanded rows recomputed at band
-    /// boundaries add at most 10 % to the expansion; else channel blocks (no overlap, each thread
-    /// expands its own channels).
-    pub(super) fn fused_split(&self, dw: &Conv, n: usize, h: usize) -> Option<(usize, usize)> {
-        let t = self.active_threads();
-        let halo = dw.kernel.saturating_sub(dw.stride);
-        if n >= t {
-            Some((1, 1))
-        } else if (t - 1) * halo * 10 <= h {
-            Some((t, 1))
-        } else if dw.cout >= microkernel::NR * t {
-            Some((1, t))
-        } else {
-            None
-        }
+    /// How [`Engine::expand_depthwise`] splits `n` images of `h x w` across threads, as (bands
+    /// of output rows, blocks of channels), or `None` where fusing does not pay.
+    pub(super) fn fused_split(
+        &self,
+        dw: &Conv,
+        n: usize,
+        hw: (usize, usize),
+    ) -> Option<(usize, usize)> {
+        fused_parts(
+            self.active_threads(),
+            n,
+            hw,
+            (dw.kernel, dw.stride),
+            dw.cout,
+        )
     }
 
     /// Expand 1x1 conv + depthwise conv without materialising the expanded tensor: each part (a
@@ -462,6 +460,38 @@ pub(super) fn grow(v: &mut Vec<f32>, len: usize) {
     }
 }
 
+/// [`Engine::fused_split`] for `threads` threads and a `kernel, stride` depthwise conv of `c`
+/// channels. One part per image when the images keep every thread busy; else row bands while the
+/// expanded rows recomputed at band boundaries add at most 10 % to the expansion; else channel
+/// blocks (no overlap, each thread expands its own channels). And wide layers in channel blocks
+/// besides: the fewest expanded rows a part keeps (`kernel + stride` rows of its channels) must
+/// not outgrow L2 (B7's last stage, 19x19 maps of 3840 channels, needs 1.2 MB; cut in three, a
+/// model of one such block ran in 0.77x the time).
+fn fused_parts(
+    threads: usize,
+    n: usize,
+    (h, w): (usize, usize),
+    (kernel, stride): (usize, usize),
+    c: usize,
+) -> Option<(usize, usize)> {
+    let halo = kernel.saturating_sub(stride);
+    let (bands, col_parts) = if n >= threads {
+        (1, 1)
+    } else if (threads - 1) * halo * 10 <= h {
+        (threads, 1)
+    } else if c >= microkernel::NR * threads {
+        (1, threads)
+    } else {
+        return None;
+    };
+    let window = 4 * w * (kernel + stride) * c.div_ceil(col_parts);
+    let blocks = match window > 2 * FUSED_BYTES {
+        true => window.div_ceil(FUSED_BYTES),
+        false => 1,
+    };
+    Some((bands, col_parts * blocks))
+}
+
 /// `cols` output columns cut into about `parts` blocks that start on packed-panel boundaries:
 /// (block width, number of blocks).
 fn panel_blocks(cols: usize, parts: usize) -> (usize, usize) {
@@ -498,4 +528,33 @@ pub(super) fn mean_rows(x: &[f32], out: &mut [f32]) {
     }
     let count = (x.len() / c) as f32;
     out.iter_mut().for_each(|o| *o /= count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_parts_cut_wide_layers_into_channel_blocks_that_fit() {
+        let window = |w: usize, (k, s): (usize, usize), c: usize, blocks: usize| {
+            4 * w * (k + s) * c.div_ceil(blocks)
+        };
+        // B7's last stage at one thread: three blocks of 1280 channels, each within the budget.
+        let (k, c) = ((3, 1), 3840);
+        assert_eq!(fused_parts(1, 1, (19, 19), k, c), Some((1, 3)));
+        assert!(window(19, k, c, 3) <= FUSED_BYTES);
+        // Two threads already cut it in two channel blocks (19 rows are too few for bands),
+        // each of which fits.
+        assert_eq!(fused_parts(2, 1, (19, 19), k, c), Some((1, 2)));
+        // Two threads on a map with rows to spare: bands, and each band's window split to fit.
+        let (bands, blocks) = fused_parts(2, 1, (150, 600), (3, 1), 288).unwrap();
+        assert!(bands == 2 && blocks > 1 && window(600, (3, 1), 288, blocks) <= FUSED_BYTES);
+        // Layers whose window fits keep their split: B0's widest at 224 and B7's early stages.
+        assert_eq!(fused_parts(1, 1, (7, 7), (5, 1), 1152), Some((1, 1)));
+        assert_eq!(fused_parts(1, 1, (150, 150), (3, 1), 288), Some((1, 1)));
+        assert_eq!(fused_parts(2, 1, (150, 150), (3, 1), 288), Some((2, 1)));
+        assert_eq!(fused_parts(2, 2, (19, 19), (3, 1), 3840), Some((1, 3)));
+        // Too few channels to split and too few rows for bands: no fusion.
+        assert_eq!(fused_parts(2, 1, (7, 7), (5, 1), 48), None);
+    }
 }
