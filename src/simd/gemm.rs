@@ -272,8 +272,8 @@ unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize>(j: &Jo
                 let a = j.a.add(r0 * j.k);
                 // Rows stream from memory once: while the first group multiplies, the rows two
                 // tiles on are fetched, a cache line per k step (the hardware prefetcher misses
-                // R short strided streams; 1.25-1.6x on projections of large maps). Not when a tile's
-                // rows would crowd the weights out of L1.
+                // R short strided streams; 1.25-1.6x on projections of large maps). Not when a
+                // tile's rows would crowd the weights out of L1.
                 let ahead = match p == c0 / NR && g0 == 0 && R * j.k <= PREFETCH_MAX {
                     true => R * j.k / 16,
                     false => 0,
