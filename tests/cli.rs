@@ -1866,9 +1866,9 @@ fn quantize_writes_int8_weights_that_every_command_runs() {
 
     let o = effnet(&["classify", "--weights", w8s, coffee, "--top", "1"], dir);
     assert!(stdout(&o).contains("espresso"), "{}", stdout(&o));
-    // Same weights, forced fp32 and int8: the default is int8 where the CPU has AVX512-VNNI and
-    // fp32 elsewhere (the portable int8 loop is slower than f32); `doctor` says which, and that
-    // is what ran.
+    // Same weights, forced fp32 and int8: the default is int8 where the CPU has AVX512-VNNI or
+    // AVX2 and fp32 elsewhere (the portable int8 loop is slower than f32); `doctor` says which,
+    // and that is what ran.
     let o = effnet(&["doctor", "--weights", w8s], dir);
     let doctor = stdout(&o);
     assert!(doctor.contains("GEMM layers (mse of"), "{doctor}");

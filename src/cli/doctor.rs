@@ -82,7 +82,9 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
         let int8 = q.layers.iter().filter(|l| l.int8).count();
         let runs = match effnet::engine::Precision::default_for(meta) {
             effnet::engine::Precision::Int8 => "runs in int8 by default",
-            _ => "runs in fp32 by default here (no AVX512-VNNI; --precision int8 forces it)",
+            _ => {
+                "runs in fp32 by default here (int8 is no faster on this CPU; --precision int8 forces it)"
+            }
         };
         println!(
             "int8          {int8} of {} GEMM layers ({}); {runs}",

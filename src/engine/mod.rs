@@ -97,17 +97,17 @@ pub enum Precision {
     /// bf16 weights and activations with f32 sums (AVX512-BF16), f32 everywhere else.
     Bf16,
     /// int8 weights (per output channel) and uint8 activations (calibrated per layer) with int32
-    /// sums (AVX512-VNNI, or a portable loop), in the layers the weights' quantisation names;
-    /// f32 everywhere else.
+    /// sums (AVX512-VNNI, AVX2 int16 pairs, or a portable loop), in the layers the weights'
+    /// quantisation names; f32 everywhere else.
     Int8,
 }
 
 impl Precision {
     /// What runs when none is asked for: int8 for weights `effnet quantize` wrote on CPUs with
-    /// AVX512-VNNI, else fp32 (the portable int8 loop is exact but slower than the f32 kernels;
-    /// `--precision int8` still runs it).
+    /// AVX512-VNNI, or with AVX2 and no AVX-512; else fp32 (there the int8 kernels are exact but
+    /// no faster than the f32 ones; `--precision int8` still runs them).
     pub fn default_for(meta: &WeightMeta) -> Self {
-        if meta.quantization.is_some() && crate::simd::gemm_i8::vnni() {
+        if meta.quantization.is_some() && crate::simd::gemm_i8::fast() {
             Precision::Int8
         } else {
             Precision::Fp32

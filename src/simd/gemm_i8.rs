@@ -2,7 +2,10 @@
 //! define it. Weights are symmetric int8 per output channel (`w ~ s_c * q`, `|q| <= 127`),
 //! activations asymmetric uint8 per tensor (`x ~ s * (q - z)`, calibrated by `effnet quantize`),
 //! sums in int32. On AVX512-VNNI each `vpdpbusd` multiplies 64 uint8 x int8 pairs and adds them in
-//! groups of four to 16 int32 sums (four times the multiply-adds of an f32 FMA); elsewhere a
+//! groups of four to 16 int32 sums (four times the multiply-adds of an f32 FMA). On AVX2 without
+//! VNNI, operands widen to int16 pairs and each `vpmaddwd` multiplies 16 pairs into 8 int32 sums
+//! (twice an FMA's multiply-adds, and exact: `vpmaddubsw`, the other AVX2 form, saturates its
+//! int16 sums, which is how other runtimes' int8 loses accuracy on such CPUs). Elsewhere a
 //! portable loop computes the same integers. The epilogue turns the sums back into f32 (`s * s_c`
 //! times the sum, minus the zero point's share) and then runs the f32 kernel's bias, activation
 //! and residual. Hand-written for the same reasons as the f32 kernel: no crate packs for VNNI or
@@ -15,7 +18,8 @@ use super::gemm::{Epilogue, NR, store};
 use super::{Level, level};
 use crate::spec::Activation;
 
-/// Whether this CPU runs the VNNI kernel (else [`gemm_bias_act`] takes the portable loop).
+/// Whether this CPU runs the VNNI kernel (else [`gemm_bias_act`] takes the int16-pair kernel
+/// on AVX2, or the portable loop).
 pub fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -25,6 +29,20 @@ pub fn vnni() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
+
+/// Whether this CPU runs an int8 kernel that beats the f32 one: VNNI, or the int16 pairs where
+/// the f32 kernel is AVX2 (beside AVX-512's 16-lane FMA the 8-lane pairs gain nothing).
+pub fn fast() -> bool {
+    vnni() || level() == Level::Avx2
+}
+
+/// Whether the int16-pair kernel runs: AVX2 (or AVX-512 without VNNI).
+fn pairs() -> bool {
+    level() != Level::Portable && !vnni()
+}
+
+/// Columns the int16-pair kernel multiplies at once (two AVX2 vectors of int32 sums).
+const PAIR_GROUP: usize = 16;
 
 /// How one tensor of activations maps to uint8: `q = clamp(round(x / scale) + zero, 0, 255)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,7 +61,9 @@ impl ActQuant {
     }
 
     fn quantize(&self, x: f32) -> u8 {
-        ((x * (1.0 / self.scale)).round_ties_even() as i32 + self.zero).clamp(0, 255) as u8
+        // Bounded first: +inf as i32 saturates, and adding the zero point would then wrap.
+        let steps = (x * (1.0 / self.scale)).clamp(-512.0, 512.0);
+        (steps.round_ties_even() as i32 + self.zero).clamp(0, 255) as u8
     }
 }
 
@@ -74,6 +94,10 @@ pub(crate) struct Int8Weights {
     pub scale: Vec<f32>,
     /// `bias_c - input.zero * sum_k q[k][c] * scale_c`: the bias with the zero point's share.
     pub offset: Vec<f32>,
+    /// The same weights for the int16-pair kernel (empty where it does not run): per panel, two
+    /// groups of [`PAIR_GROUP`] columns; in each, `k.div_ceil(2)` pairs of consecutive input rows,
+    /// one 32-bit lane (two int16) per column.
+    pub pairs: Vec<u32>,
 }
 
 impl Int8Weights {
@@ -96,7 +120,12 @@ impl Int8Weights {
             input,
             scale: vec![0.0; panels * NR],
             offset: vec![0.0; panels * NR],
+            pairs: match pairs() {
+                true => vec![0; panels * k.div_ceil(2) * NR],
+                false => Vec::new(),
+            },
         };
+        let k2 = k.div_ceil(2);
         for (c, &b) in bias.iter().enumerate().take(n) {
             let s = channel_scale((0..k).map(|kk| w(c, kk).abs()).fold(0.0f32, f32::max));
             let (mut sum, mut shift) = (0i64, 0.0f64);
@@ -108,6 +137,11 @@ impl Int8Weights {
                 sum += q as i64;
                 let lane = &mut out.packed[((c / NR) * k4 + kk / 4) * NR + c % NR];
                 *lane |= (q as u8 as u32) << (8 * (kk % 4));
+                if !out.pairs.is_empty() {
+                    let group = c / PAIR_GROUP;
+                    let lane = &mut out.pairs[(group * k2 + kk / 2) * PAIR_GROUP + c % PAIR_GROUP];
+                    *lane |= (q as i16 as u16 as u32) << (16 * (kk % 2));
+                }
             }
             out.scale[c] = input.scale * s;
             let b = b - shift as f32;
@@ -163,6 +197,8 @@ unsafe fn quantize_rows_avx512(
         _mm512_setzero_si512(),
         _mm512_set1_epi32(255),
     );
+    // As in the AVX2 form: bounded before the conversion, which turns overflow into i32::MIN.
+    let (lo_steps, hi_steps) = (_mm512_set1_ps(-512.0), _mm512_set1_ps(512.0));
     for r in 0..m {
         let src = &a[r * k..];
         let dst = out[r * k4..].as_mut_ptr() as *mut u8;
@@ -180,7 +216,8 @@ unsafe fn quantize_rows_avx512(
                     x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(mask(n), g.as_ptr().add(kk)));
                 }
                 // Round to nearest even (the default MXCSR mode), as the portable path does.
-                let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), zero);
+                let steps = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), lo_steps), hi_steps);
+                let q = _mm512_add_epi32(_mm512_cvtps_epi32(steps), zero);
                 let q = _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi));
                 // Narrowed in registers, then stored: the narrowing store (`vpmovdb` to memory)
                 // is microcoded on Zen 4 and made the whole int8 GEMM slower than f32.
@@ -191,6 +228,86 @@ unsafe fn quantize_rows_avx512(
                 }
             }
             kk += 16;
+        }
+    }
+}
+
+/// Quantises `m` rows of `k` f32 activations (times `gate[kk]` when given) onto `grid`, as rows of
+/// `k.div_ceil(2)` pairs of uint8 values widened to int16 (zero past `k`).
+fn quantize_row_pairs(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    gate: Option<&[f32]>,
+    grid: ActQuant,
+    out: &mut [u32],
+) {
+    let k2 = k.div_ceil(2);
+    assert!(a.len() >= m * k && out.len() >= m * k2 && gate.is_none_or(|g| g.len() >= k));
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Portable {
+        // SAFETY: AVX2 is present; the assert bounds the rows read and written.
+        unsafe { quantize_row_pairs_avx2(a, m, k, gate, grid, out) };
+        return;
+    }
+    for r in 0..m {
+        let row = &mut out[r * k2..(r + 1) * k2];
+        row.fill(0);
+        for kk in 0..k {
+            let x = a[r * k + kk] * gate.map_or(1.0, |g| g[kk]);
+            row[kk / 2] |= (grid.quantize(x) as u32) << (16 * (kk % 2));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_pairs_avx2(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    gate: Option<&[f32]>,
+    grid: ActQuant,
+    out: &mut [u32],
+) {
+    let k2 = k.div_ceil(2);
+    let inv = _mm256_set1_ps(1.0 / grid.scale);
+    let (zero, lo, hi) = (
+        _mm256_set1_epi32(grid.zero),
+        _mm256_setzero_si256(),
+        _mm256_set1_epi32(255),
+    );
+    // Outside +-512 steps every value clamps alike; bounding first keeps the conversion in range
+    // (`vcvtps2dq` turns overflow into i32::MIN, so +inf would land on 0, not 255).
+    let (lo_steps, hi_steps) = (_mm256_set1_ps(-512.0), _mm256_set1_ps(512.0));
+    for r in 0..m {
+        let src = &a[r * k..(r + 1) * k];
+        let row = &mut out[r * k2..(r + 1) * k2];
+        let whole = k / 8 * 8;
+        for kk in (0..whole).step_by(8) {
+            // SAFETY: kk + 8 <= k values of the row (and of the gate); the store writes lanes
+            // kk / 2 .. kk / 2 + 4 < k2 of the row.
+            unsafe {
+                let mut x = _mm256_loadu_ps(src.as_ptr().add(kk));
+                if let Some(g) = gate {
+                    x = _mm256_mul_ps(x, _mm256_loadu_ps(g.as_ptr().add(kk)));
+                }
+                // Round to nearest even (the default MXCSR mode), as the portable path does.
+                let steps = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), lo_steps), hi_steps);
+                let q = _mm256_add_epi32(_mm256_cvtps_epi32(steps), zero);
+                let q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+                // 0..=255 fits int16: pack (per 128-bit half), then gather the halves.
+                let q = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(q, q));
+                _mm_storeu_si128(
+                    row.as_mut_ptr().add(kk / 2) as *mut _,
+                    _mm256_castsi256_si128(q),
+                );
+            }
+        }
+        row[whole / 2..].fill(0);
+        for kk in whole..k {
+            let x = src[kk] * gate.map_or(1.0, |g| g[kk]);
+            row[kk / 2] |= (grid.quantize(x) as u32) << (16 * (kk % 2));
         }
     }
 }
@@ -225,6 +342,30 @@ pub(crate) fn gemm_bias_act(
             && w.packed.len() >= (c0 + nc).div_ceil(NR) * k4 * NR
             && w.scale.len() >= (c0 + nc).div_ceil(NR) * NR
     );
+    #[cfg(target_arch = "x86_64")]
+    if pairs() && !w.pairs.is_empty() {
+        let k2 = k.div_ceil(2);
+        assert!(w.pairs.len() >= (c0 + nc).div_ceil(NR) * k2 * NR);
+        ROWS.with_borrow_mut(|rows| {
+            if rows.len() < m * k2 {
+                rows.resize(m * k2, 0);
+            }
+            let rows = &mut rows[..m * k2];
+            quantize_row_pairs(a, m, k, gate, w.input, rows);
+            let job = Job {
+                a: rows.as_ptr(),
+                k4: k2,
+                packed: w.pairs.as_ptr(),
+                scale: w.scale.as_ptr(),
+                cols: (c0, c0 + nc),
+                epi,
+            };
+            // SAFETY: `pairs()` found AVX2; the asserts bound every row (k2 lanes), column and
+            // panel read or written, as in the f32 kernel.
+            unsafe { run_pairs(&job, m) };
+        });
+        return;
+    }
     ROWS.with_borrow_mut(|rows| {
         if rows.len() < m * k4 {
             rows.resize(m * k4, 0);
@@ -253,6 +394,7 @@ pub(crate) fn gemm_bias_act(
 
 struct Job {
     a: *const u32,
+    /// 32-bit lanes per activation row: groups of four uint8 (VNNI, portable) or pairs of int16.
     k4: usize,
     packed: *const u32,
     scale: *const f32,
@@ -355,6 +497,84 @@ unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
     }
 }
 
+/// 6 rows x 2 vectors of int32 sums per column group, as the f32 AVX2 kernel's register tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_pairs(job: &Job, m: usize) {
+    const MR: usize = 6;
+    macro_rules! rows {
+        ($n:expr, $r:expr) => {
+            pair_tile::<{ $n }>(job, $r)
+        };
+    }
+    // SAFETY: the caller's contract; each tile stays within rows < m.
+    unsafe { super::gemm::in_row_tiles!(m, MR, rows) }
+}
+
+/// Rows `r0..r0 + R` across the job's panels, each in groups of [`PAIR_GROUP`] columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pair_tile<const R: usize>(j: &Job, r0: usize) {
+    let (c0, c1) = j.cols;
+    for p in c0 / NR..c1.div_ceil(NR) {
+        let col = p * NR;
+        let width = (c1 - col).min(NR);
+        for g0 in (0..width).step_by(PAIR_GROUP) {
+            let live = (width - g0).min(PAIR_GROUP);
+            // SAFETY: the caller's contract: group (col + g0) / 16 holds k2 pair rows of 16
+            // columns, rows r0 + i < m hold k2 lanes, `scale` whole panels.
+            unsafe {
+                let b = j.packed.add((col + g0) / PAIR_GROUP * j.k4 * PAIR_GROUP);
+                let a = j.a.add(r0 * j.k4);
+                let acc = match live > PAIR_GROUP / 2 {
+                    true => pair_sums::<R, 2>(a, b, j.k4),
+                    false => pair_sums::<R, 1>(a, b, j.k4),
+                };
+                let s = [
+                    _mm256_loadu_ps(j.scale.add(col + g0)),
+                    _mm256_loadu_ps(j.scale.add(col + g0 + 8)),
+                ];
+                let mut sums = [[super::Avx2(_mm256_setzero_ps()); 2]; R];
+                for i in 0..R {
+                    for h in 0..2 {
+                        sums[i][h] =
+                            super::Avx2(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][h]), s[h]));
+                    }
+                }
+                store(&sums, &j.epi, r0, (col + g0, live));
+            }
+        }
+    }
+}
+
+/// The int32 sums of `R` rows of `k2` int16 pairs against a group's first `L` vectors of columns
+/// (the rest stay zero).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pair_sums<const R: usize, const L: usize>(
+    a: *const u32,
+    b: *const u32,
+    k2: usize,
+) -> [[__m256i; 2]; R] {
+    // SAFETY: the caller's contract: `b` holds k2 rows of 16 lanes, `a` R rows of k2 lanes.
+    unsafe {
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for q in 0..k2 {
+            let mut w = [_mm256_setzero_si256(); L];
+            for (h, w) in w.iter_mut().enumerate() {
+                *w = _mm256_loadu_si256(b.add(q * PAIR_GROUP + 8 * h) as *const _);
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_epi32(*a.add(i * k2 + q) as i32);
+                for (v, w) in row.iter_mut().zip(w) {
+                    *v = _mm256_add_epi32(*v, _mm256_madd_epi16(av, w));
+                }
+            }
+        }
+        acc
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,7 +586,7 @@ mod tests {
     #[test]
     fn matches_an_integer_matmul_of_the_quantised_operands() {
         use super::super::gemm::tests::{SHAPES, operands, val};
-        for level in [Level::Avx512, Level::Avx2] {
+        for level in [Level::Avx512, Level::Avx2, Level::Portable] {
             with_level(level, || {
                 for (m, k, n) in SHAPES {
                     let [a, w, bias, res] = operands(m, k, n);
@@ -374,6 +594,11 @@ mod tests {
                     let packed = super::super::gemm::pack(&w, k, n);
                     let grid = ActQuant::covering(-0.4, 1.7);
                     let q = Int8Weights::quantize(&packed, (k, n), &bias, grid, &[]);
+                    // The int16-pair kernel is what AVX2 runs (its weights are there).
+                    assert_eq!(
+                        q.pairs.is_empty(),
+                        super::level() != Level::Avx2 || !pairs()
+                    );
                     for g in [None, Some(gate.as_slice())] {
                         for act in [None, Some(Activation::Silu)] {
                             let mut out = vec![f32::NAN; m * n];
@@ -454,6 +679,48 @@ mod tests {
         assert!(with < 0.01 * without, "corrected {with} vs {without}");
     }
 
+    /// The row quantisers (int16 pairs for AVX2, groups of four uint8 for VNNI, on whatever this
+    /// CPU runs) give the grid's values, the tails and the clamps included (infinities and
+    /// values far outside the grid too).
+    #[test]
+    fn row_quantisers_match_the_grid() {
+        let grid = ActQuant::covering(-0.3, 2.0);
+        let k = 21;
+        let mut a: Vec<f32> = (0..2 * k).map(|i| (i as f32 - 9.0) * 0.137).collect();
+        a[3] = f32::INFINITY;
+        a[4] = f32::NEG_INFINITY;
+        a[5] = 3e12;
+        a[6] = -3e12;
+        a[k + 20] = 1e30;
+        let gate: Vec<f32> = (0..k).map(|i| 0.5 + i as f32 * 0.05).collect();
+        for g in [None, Some(gate.as_slice())] {
+            let mut got = vec![u32::MAX; 2 * k.div_ceil(2)];
+            quantize_row_pairs(&a, 2, k, g, grid, &mut got);
+            for r in 0..2 {
+                for kk in 0..k.div_ceil(2) * 2 {
+                    let lane = got[r * k.div_ceil(2) + kk / 2] >> (16 * (kk % 2)) & 0xffff;
+                    let want = match kk < k {
+                        true => grid.quantize(a[r * k + kk] * g.map_or(1.0, |g| g[kk])) as u32,
+                        false => 0,
+                    };
+                    assert_eq!(lane, want, "row {r} [{kk}] gate {}", g.is_some());
+                }
+            }
+            let mut got = vec![u32::MAX; 2 * k.div_ceil(4)];
+            quantize_rows(&a, 2, k, g, grid, &mut got);
+            for r in 0..2 {
+                for kk in 0..k.div_ceil(4) * 4 {
+                    let lane = got[r * k.div_ceil(4) + kk / 4] >> (8 * (kk % 4)) & 0xff;
+                    let want = match kk < k {
+                        true => grid.quantize(a[r * k + kk] * g.map_or(1.0, |g| g[kk])) as u32,
+                        false => 0,
+                    };
+                    assert_eq!(lane, want, "uint8 row {r} [{kk}] gate {}", g.is_some());
+                }
+            }
+        }
+    }
+
     /// Quantisation error is what the grids allow: within half a step of each operand.
     #[test]
     fn the_grid_holds_zero_exactly_and_clamps() {
@@ -474,10 +741,10 @@ mod without_vnni {
     use crate::simd::{Level, with_level};
     use crate::weights::{Quantization, WeightSet};
 
-    /// Quantised weights run in int8 by default only where VNNI makes it pay; elsewhere fp32
+    /// Quantised weights run in int8 by default where VNNI or AVX2 makes it pay; elsewhere fp32
     /// (the portable int8 loop stays available on request).
     #[test]
-    fn quantised_weights_default_to_int8_only_with_vnni() {
+    fn quantised_weights_default_to_int8_where_a_fast_kernel_runs() {
         let spec = crate::spec::variant("efficientnet-lite0").unwrap();
         let mut set = WeightSet::random(&spec, 0);
         assert_eq!(Precision::default_for(&set.meta), Precision::Fp32);
@@ -485,12 +752,12 @@ mod without_vnni {
             calibration: "test".into(),
             layers: Vec::new(),
         });
-        let here = match super::vnni() {
-            true => Precision::Int8,
-            false => Precision::Fp32,
+        let here = match (crate::simd::level(), super::vnni()) {
+            (Level::Avx2, _) | (_, true) => Precision::Int8,
+            _ => Precision::Fp32,
         };
         assert_eq!(Precision::default_for(&set.meta), here);
-        with_level(Level::Avx2, || {
+        with_level(Level::Portable, || {
             assert_eq!(Precision::default_for(&set.meta), Precision::Fp32);
         });
     }
