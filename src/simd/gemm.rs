@@ -306,10 +306,7 @@ unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize>(
 ) {
     // SAFETY: the caller's contract: `b` is a group of k rows of Q vectors, `a` R rows of k.
     unsafe {
-        for kk in 0..k {
-            if kk < ahead {
-                prefetch(a.wrapping_add(2 * R * k + kk * 16));
-            }
+        let step = |acc: &mut [[V; Q]; R], kk: usize| {
             let bk = b.add(kk * Q * V::LANES);
             let mut w = [V::splat(0.0); L];
             for (q, w) in w.iter_mut().enumerate() {
@@ -321,6 +318,16 @@ unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize>(
                     *v = av.mul_add(w, *v);
                 }
             }
+        };
+        // Two loops rather than a test per step: in one loop the test (and a pointer reloaded
+        // from the stack for it) made the AVX2 loop 5-15 % slower, and the loop is FMA-bound.
+        let ahead = ahead.min(k);
+        for kk in 0..ahead {
+            prefetch(a.wrapping_add(2 * R * k + kk * 16));
+            step(acc, kk);
+        }
+        for kk in ahead..k {
+            step(acc, kk);
         }
     }
 }
