@@ -169,12 +169,26 @@ fn quantize_rows(
         unsafe { quantize_rows_avx512(a, m, k, gate, grid, out) };
         return;
     }
+    quantize_rows_portable(a, (m, k), gate, grid, out, 4);
+}
+
+/// The row quantisers without vector instructions: `per_lane` values (4 uint8 or 2 int16) in
+/// each 32-bit lane of `k.div_ceil(per_lane)` per row, zero past `k`.
+fn quantize_rows_portable(
+    a: &[f32],
+    (m, k): (usize, usize),
+    gate: Option<&[f32]>,
+    grid: ActQuant,
+    out: &mut [u32],
+    per_lane: usize,
+) {
+    let (lanes, bits) = (k.div_ceil(per_lane), 32 / per_lane);
     for r in 0..m {
-        let row = &mut out[r * k4..(r + 1) * k4];
+        let row = &mut out[r * lanes..(r + 1) * lanes];
         row.fill(0);
         for kk in 0..k {
             let x = a[r * k + kk] * gate.map_or(1.0, |g| g[kk]);
-            row[kk / 4] |= (grid.quantize(x) as u32) << (8 * (kk % 4));
+            row[kk / per_lane] |= (grid.quantize(x) as u32) << (bits * (kk % per_lane));
         }
     }
 }
@@ -250,14 +264,7 @@ fn quantize_row_pairs(
         unsafe { quantize_row_pairs_avx2(a, m, k, gate, grid, out) };
         return;
     }
-    for r in 0..m {
-        let row = &mut out[r * k2..(r + 1) * k2];
-        row.fill(0);
-        for kk in 0..k {
-            let x = a[r * k + kk] * gate.map_or(1.0, |g| g[kk]);
-            row[kk / 2] |= (grid.quantize(x) as u32) << (16 * (kk % 2));
-        }
-    }
+    quantize_rows_portable(a, (m, k), gate, grid, out, 2);
 }
 
 #[cfg(target_arch = "x86_64")]
