@@ -343,50 +343,42 @@ pub(crate) fn gemm_bias_act(
     let Some(epi) = Epilogue::checked(m, (c0, nc), &w.offset, act, residual, out, ldo) else {
         return;
     };
-    let k4 = k.div_ceil(4);
+    // The int16-pair kernel (AVX2) holds two values in each 32-bit lane, the others four.
+    let pairs = pairs() && !w.pairs.is_empty();
+    let (per_lane, packed) = match pairs {
+        true => (2, &w.pairs),
+        false => (4, &w.packed),
+    };
+    let lanes = k.div_ceil(per_lane);
     assert!(
         w.k == k
-            && w.packed.len() >= (c0 + nc).div_ceil(NR) * k4 * NR
+            && packed.len() >= (c0 + nc).div_ceil(NR) * lanes * NR
             && w.scale.len() >= (c0 + nc).div_ceil(NR) * NR
     );
-    #[cfg(target_arch = "x86_64")]
-    if pairs() && !w.pairs.is_empty() {
-        let k2 = k.div_ceil(2);
-        assert!(w.pairs.len() >= (c0 + nc).div_ceil(NR) * k2 * NR);
-        ROWS.with_borrow_mut(|rows| {
-            if rows.len() < m * k2 {
-                rows.resize(m * k2, 0);
-            }
-            let rows = &mut rows[..m * k2];
-            quantize_row_pairs(a, m, k, gate, w.input, rows);
-            let job = Job {
-                a: rows.as_ptr(),
-                k4: k2,
-                packed: w.pairs.as_ptr(),
-                scale: w.scale.as_ptr(),
-                cols: (c0, c0 + nc),
-                epi,
-            };
-            // SAFETY: `pairs()` found AVX2; the asserts bound every row (k2 lanes), column and
-            // panel read or written, as in the f32 kernel.
-            unsafe { run_pairs(&job, m) };
-        });
-        return;
-    }
     ROWS.with_borrow_mut(|rows| {
-        if rows.len() < m * k4 {
-            rows.resize(m * k4, 0);
+        if rows.len() < m * lanes {
+            rows.resize(m * lanes, 0);
         }
-        let rows = &mut rows[..m * k4];
-        quantize_rows(a, m, k, gate, w.input, rows);
+        let rows = &mut rows[..m * lanes];
+        match pairs {
+            true => quantize_row_pairs(a, m, k, gate, w.input, rows),
+            false => quantize_rows(a, m, k, gate, w.input, rows),
+        }
         let job = Job {
             a: rows.as_ptr(),
-            k4,
-            packed: w.packed.as_ptr(),
+            lanes,
+            packed: packed.as_ptr(),
             scale: w.scale.as_ptr(),
             cols: (c0, c0 + nc),
             epi,
         };
+        #[cfg(target_arch = "x86_64")]
+        if pairs {
+            // SAFETY: `pairs()` found AVX2; the asserts bound every row, column and panel read
+            // or written, as in the f32 kernel.
+            unsafe { run_pairs(&job, m) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if vnni() {
             // SAFETY: `vnni()` found AVX-512 and VNNI; the asserts bound every row, column and
@@ -401,8 +393,9 @@ pub(crate) fn gemm_bias_act(
 
 struct Job {
     a: *const u32,
-    /// 32-bit lanes per activation row: groups of four uint8 (VNNI, portable) or pairs of int16.
-    k4: usize,
+    /// 32-bit lanes per activation row (and per weight row of a panel): groups of four uint8
+    /// (VNNI, portable) or pairs of int16.
+    lanes: usize,
     packed: *const u32,
     scale: *const f32,
     cols: (usize, usize),
@@ -425,12 +418,13 @@ unsafe fn run_portable(j: &Job, m: usize) {
             let mut acc = [[0.0f32; NR]; 1];
             for (c, v) in acc[0].iter_mut().enumerate().take(width) {
                 let mut sum = 0i32;
-                for q in 0..j.k4 {
-                    // SAFETY: the caller's contract: row r < m has k4 groups, panel p has k4 x NR.
+                for q in 0..j.lanes {
+                    // SAFETY: the caller's contract: row r < m has `lanes` groups, panel p has
+                    // lanes x NR.
                     let (a, w) = unsafe {
                         (
-                            *j.a.add(r * j.k4 + q),
-                            *j.packed.add((p * j.k4 + q) * NR + c),
+                            *j.a.add(r * j.lanes + q),
+                            *j.packed.add((p * j.lanes + q) * NR + c),
                         )
                     };
                     sum += dot(a, w);
@@ -466,14 +460,14 @@ unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
     for p in c0 / NR..c1.div_ceil(NR) {
         let col = p * NR;
         let width = (c1 - col).min(NR);
-        // SAFETY: the caller's contract: panel p holds k4 groups of NR columns, rows r0 + i < m
-        // hold k4 groups, `scale` whole panels.
+        // SAFETY: the caller's contract: panel p holds `lanes` groups of NR columns, rows
+        // r0 + i < m hold `lanes` groups, `scale` whole panels.
         unsafe {
             let mut acc = [[_mm512_setzero_si512(); 2]; R];
-            let b = j.packed.add(p * j.k4 * NR);
-            let a = j.a.add(r0 * j.k4);
+            let b = j.packed.add(p * j.lanes * NR);
+            let a = j.a.add(r0 * j.lanes);
             let halves = if width > NR / 2 { 2 } else { 1 };
-            for q in 0..j.k4 {
+            for q in 0..j.lanes {
                 let w0 = _mm512_loadu_si512(b.add(q * NR) as *const _);
                 let w1 = if halves == 2 {
                     _mm512_loadu_si512(b.add(q * NR + 16) as *const _)
@@ -481,7 +475,7 @@ unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
                     _mm512_setzero_si512()
                 };
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_epi32(*a.add(i * j.k4 + q) as i32);
+                    let av = _mm512_set1_epi32(*a.add(i * j.lanes + q) as i32);
                     row[0] = _mm512_dpbusd_epi32(row[0], av, w0);
                     if halves == 2 {
                         row[1] = _mm512_dpbusd_epi32(row[1], av, w1);
@@ -531,11 +525,11 @@ unsafe fn pair_tile<const R: usize>(j: &Job, r0: usize) {
             // SAFETY: the caller's contract: group (col + g0) / 16 holds k2 pair rows of 16
             // columns, rows r0 + i < m hold k2 lanes, `scale` whole panels.
             unsafe {
-                let b = j.packed.add((col + g0) / PAIR_GROUP * j.k4 * PAIR_GROUP);
-                let a = j.a.add(r0 * j.k4);
+                let b = j.packed.add((col + g0) / PAIR_GROUP * j.lanes * PAIR_GROUP);
+                let a = j.a.add(r0 * j.lanes);
                 let acc = match live > PAIR_GROUP / 2 {
-                    true => pair_sums::<R, 2>(a, b, j.k4),
-                    false => pair_sums::<R, 1>(a, b, j.k4),
+                    true => pair_sums::<R, 2>(a, b, j.lanes),
+                    false => pair_sums::<R, 1>(a, b, j.lanes),
                 };
                 let s = [
                     _mm256_loadu_ps(j.scale.add(col + g0)),
@@ -602,10 +596,9 @@ mod tests {
                     let grid = ActQuant::covering(-0.4, 1.7);
                     let q = Int8Weights::quantize(&packed, (k, n), &bias, grid, &[]);
                     // The int16-pair kernel is what AVX2 runs (its weights are there).
-                    assert_eq!(
-                        q.pairs.is_empty(),
-                        super::level() != Level::Avx2 || !pairs()
-                    );
+                    if super::level() == Level::Avx2 {
+                        assert!(!q.pairs.is_empty());
+                    }
                     for g in [None, Some(gate.as_slice())] {
                         for act in [None, Some(Activation::Silu)] {
                             let mut out = vec![f32::NAN; m * n];
