@@ -361,12 +361,14 @@ pub(crate) mod tests {
 
     /// (m, k, n) shapes the kernel tests cover: one row, whole and partial tiles, panels and column
     /// groups (86: a last panel of 22 columns, its second AVX2 group part-filled), odd k.
-    pub(crate) const SHAPES: [(usize, usize, usize); 5] = [
+    pub(crate) const SHAPES: [(usize, usize, usize); 6] = [
         (1, 3, 5),
         (13, 16, 96),
         (25, 27, 40),
         (12, 24, 32),
         (7, 101, 86),
+        // One row across many panels (the classifier at batch 1), the last one partial.
+        (1, 37, 200),
     ];
 
     /// Deterministic test values in [-1, 1) from an index.
