@@ -116,10 +116,13 @@ fn summarize(runtime: &str, mut ms: Vec<f64>, batch: usize) -> Timing {
     }
 }
 
+/// Untimed passes before the timed ones.
+const WARMUP_PASSES: usize = 10;
+
 fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
     // Warm-up: arena sizing, page faults, and the engine's calibration of its thread policy (a
     // service pays it on its first requests; a benchmark of the steady state should not).
-    for _ in 0..10 {
+    for _ in 0..WARMUP_PASSES {
         f();
     }
     (0..iters)
@@ -194,13 +197,25 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut engine = Engine::new(&set)?.with_threads(args.threads);
     // The f32 logits are what the other runtimes are checked against.
     let engine_logits = engine.forward(&input, n, res, res);
-    results.push(summarize(
-        "effnet engine",
-        time(args.iters, || {
-            std::hint::black_box(engine.forward(&input, n, res, res));
-        }),
-        n,
-    ));
+    let (mut calls, mut after_warmup) = (0, (0, 0));
+    let ms = time(args.iters, || {
+        if calls == WARMUP_PASSES {
+            after_warmup = engine.thread_policy();
+        }
+        calls += 1;
+        std::hint::black_box(engine.forward(&input, n, res, res));
+    });
+    results.push(summarize("effnet engine", ms, n));
+    let policy = (engine.threads() > 1).then(|| {
+        let (_, single) = engine.thread_policy();
+        format!(
+            "thread policy: {} of {} timed passes ran on one thread ({} of the {WARMUP_PASSES} \
+             warm-up passes, which calibrate it)",
+            single - after_warmup.1,
+            args.iters,
+            after_warmup.1
+        )
+    });
     let mut note = None;
     if precision != Precision::Fp32 {
         engine = Engine::new(&set)?
@@ -406,6 +421,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.iters
     );
     let note = [
+        policy,
         note,
         agreement.map(|d| format!("engine vs onnxruntime logits: max |diff| {d:.1e}")),
     ]

@@ -4,16 +4,20 @@
 //!
 //! The policy, per input shape: the first passes calibrate (after one warm-up pass each, both
 //! modes are timed alternately and the faster median wins). After that only the chosen mode runs;
-//! the other is re-timed only when the machine's load changes: when the chosen mode slows down
-//! against its calibrated time for several passes in a row (a busy core), or when the 1-minute
-//! load average moved since the decision (checked every few seconds; on systems without it, a
-//! rare periodic re-check). A steady machine therefore never pays for a probe.
+//! the other is re-timed only when the machine's load changes: when the CPU time that *other*
+//! processes use (steal time of a virtual machine included, this process's own threads excluded)
+//! moved by most of a core since the decision (read every few seconds from `/proc`), or when the
+//! chosen mode stays well above its calibrated time for several passes and at least a second (a
+//! busy core that the counters missed; shorter hiccups, such as a virtual machine's brief stolen
+//! time, pass without a probe). On systems without `/proc`, a rare periodic re-check. A steady
+//! machine therefore never pays for a probe. The 1-minute load average is not used: it counts
+//! this process's own threads, so a busy engine moved it by itself and re-probed its own load.
 //!
 //! One thread chosen while several were asked for is re-checked as well, after 8 passes, then
 //! after twice as many each time one thread wins again (up to 1024): the calibration may have met
-//! a passing slowdown of the other cores that no load average shows (a virtual machine's stolen
-//! time), and such a decision would otherwise stick at one thread's speed. On a really loaded
-//! machine this costs a few passes of each re-check, ever more rarely.
+//! a passing slowdown of the other cores that no counter shows, and such a decision would
+//! otherwise stick at one thread's speed. On a really loaded machine this costs a few passes of
+//! each re-check, ever more rarely.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -30,9 +34,10 @@ struct ShapeState {
     samples: usize,
     /// The decision and the chosen mode's calibrated time.
     decided: Option<(bool, f64)>,
-    /// Consecutive passes of the chosen mode well above its calibrated time.
+    /// Consecutive passes of the chosen mode well above its calibrated time, and their seconds.
     slow: u32,
-    /// Load average when decided.
+    slow_secs: f64,
+    /// Other processes' CPU use (cores) when decided, or the first reading after.
     load: Option<f64>,
     /// Passes since the decision (for the periodic re-checks).
     since: u64,
@@ -44,26 +49,107 @@ struct ShapeState {
 pub(super) struct Adapt {
     states: HashMap<Shape, ShapeState>,
     current: Shape,
-    /// The 1-minute load average, if the system reports one.
-    load_source: fn() -> Option<f64>,
+    /// Other processes' CPU use, if the system reports it.
+    load_source: LoadSource,
     load_period: Duration,
     last_check: Option<Instant>,
+    /// The latest reading of `load_source` (taken at most every `load_period`).
+    load: Option<f64>,
+    /// Passes timed, and of those the ones run on one thread while several were asked for
+    /// (calibration and re-checks, or one thread chosen).
+    passes: u64,
+    single_passes: u64,
+}
+
+/// Where the policy reads the machine's load from.
+enum LoadSource {
+    OtherProcesses(OtherCpu),
+    #[cfg(test)]
+    Fixed(fn() -> Option<f64>),
+}
+
+impl LoadSource {
+    fn read(&mut self) -> Option<f64> {
+        match self {
+            LoadSource::OtherProcesses(cpu) => cpu.read(),
+            #[cfg(test)]
+            LoadSource::Fixed(f) => f(),
+        }
+    }
 }
 
 impl Default for Adapt {
     fn default() -> Self {
-        Adapt::with_load_source(load_average)
+        Adapt::with_load_source(LoadSource::OtherProcesses(OtherCpu::default()))
     }
 }
 
-/// Linux's 1-minute load average.
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// CPU time counters: the whole machine's busy time (steal included) and this process's, in
+/// clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuTicks {
+    busy: u64,
+    own: u64,
+}
+
+/// The whole machine's busy ticks from the first line of `/proc/stat` (user, nice, system, irq,
+/// softirq and steal; guest time is inside user).
+fn machine_busy(stat: &str) -> Option<u64> {
+    let line = stat.lines().next()?;
+    let mut fields = line.split_whitespace();
+    (fields.next()? == "cpu").then_some(())?;
+    let v: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    (v.len() >= 4).then(|| at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
+}
+
+/// This process's user + system ticks from `/proc/self/stat` (fields 14 and 15; the command name
+/// before them is in parentheses and may hold spaces or parentheses itself).
+fn process_busy(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
+}
+
+/// Cores' worth of CPU time that other processes used between two readings `secs` apart.
+fn other_cores(then: CpuTicks, now: CpuTicks, ticks_per_sec: f64, secs: f64) -> f64 {
+    let busy = now.busy.saturating_sub(then.busy) as f64;
+    let own = now.own.saturating_sub(then.own) as f64;
+    ((busy - own) / ticks_per_sec / secs).max(0.0)
+}
+
+/// Reads other processes' CPU use since its previous reading.
+#[derive(Default)]
+struct OtherCpu {
+    last: Option<(Instant, CpuTicks)>,
+}
+
+impl OtherCpu {
+    fn ticks() -> Option<CpuTicks> {
+        Some(CpuTicks {
+            busy: machine_busy(&std::fs::read_to_string("/proc/stat").ok()?)?,
+            own: process_busy(&std::fs::read_to_string("/proc/self/stat").ok()?)?,
+        })
+    }
+
+    /// Cores used by other processes since the previous call; `None` on the first call, within
+    /// 100 ms of the previous one, or where `/proc` is missing.
+    fn read(&mut self) -> Option<f64> {
+        let now = (Instant::now(), Self::ticks()?);
+        let Some((t0, then)) = self.last else {
+            self.last = Some(now);
+            return None;
+        };
+        let secs = now.0.duration_since(t0).as_secs_f64();
+        if secs < 0.1 {
+            return None;
+        }
+        self.last = Some(now);
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        (hz > 0).then(|| other_cores(then, now.1, hz as f64, secs))
+    }
 }
 
 impl Adapt {
@@ -72,26 +158,36 @@ impl Adapt {
     const RECHECK_SAMPLES: usize = 2;
     /// The chosen mode is "slow" above this multiple of its calibrated time ...
     const SLOW: f64 = 1.3;
-    /// ... for this many passes in a row.
+    /// ... for this many passes in a row and at least this many seconds.
     const SLOW_PASSES: u32 = 4;
-    /// A load-average change that triggers a re-check, and how often it is read.
+    const SLOW_SECS: f64 = 1.0;
+    /// A change of other processes' CPU use (cores) that triggers a re-check, and how often it is
+    /// read.
     const LOAD_CHANGE: f64 = 0.75;
     const LOAD_PERIOD: Duration = Duration::from_secs(2);
-    /// Passes between re-checks where no load average is available.
+    /// Passes between re-checks where the CPU counters are not available.
     const FALLBACK_PERIOD: u64 = 1024;
     /// Shapes remembered.
     const MAX_SHAPES: usize = 16;
     /// The first and the longest interval between re-checks of a one-thread decision.
     const SINGLE_RECHECK: (u64, u64) = (8, 1024);
 
-    pub(super) fn with_load_source(load_source: fn() -> Option<f64>) -> Self {
+    fn with_load_source(load_source: LoadSource) -> Self {
         Adapt {
             states: HashMap::new(),
             current: (0, 0, 0),
             load_source,
             load_period: Self::LOAD_PERIOD,
             last_check: None,
+            load: None,
+            passes: 0,
+            single_passes: 0,
         }
+    }
+
+    /// Passes timed so far, and how many of them ran on one thread while several were asked for.
+    pub(super) fn single_share(&self) -> (u64, u64) {
+        (self.passes, self.single_passes)
     }
 
     /// Whether the next pass of `shape` runs on one thread (always, with one thread).
@@ -130,7 +226,8 @@ impl Adapt {
         }
     }
 
-    /// Whether the load average moved since `shape`'s decision (read at most every few seconds).
+    /// Whether other processes' CPU use moved since `shape`'s decision (read at most every few
+    /// seconds).
     fn load_changed(&mut self, shape: Shape) -> bool {
         let Some(st) = self.states.get_mut(&shape) else {
             return false;
@@ -146,19 +243,29 @@ impl Adapt {
             return false;
         }
         self.last_check = Some(Instant::now());
-        match ((self.load_source)(), st.load) {
+        let reading = self.load_source.read();
+        if reading.is_some() {
+            self.load = reading;
+        }
+        match (reading, st.load) {
             (Some(now), Some(then)) => (now - then).abs() >= Self::LOAD_CHANGE,
-            (Some(_), None) => false,
+            // The first reading after the decision is its baseline.
+            (Some(now), None) => {
+                st.load = Some(now);
+                false
+            }
             (None, _) => st.since >= Self::FALLBACK_PERIOD,
         }
     }
 
     /// Records the pass just run (`single` as chosen) and its time.
     pub(super) fn record(&mut self, single: bool, seconds: f64) {
-        let load = (self.load_source)();
+        let load = self.load;
         let Some(st) = self.states.get_mut(&self.current) else {
             return;
         };
+        self.passes += 1;
+        self.single_passes += u64::from(single);
         match st.decided {
             None => {
                 // The first pass of each mode (buffer allocation, cold caches) is not kept.
@@ -176,17 +283,18 @@ impl Adapt {
                         st.single_period = 0;
                     }
                     st.slow = 0;
+                    st.slow_secs = 0.0;
                     st.since = 0;
                     st.load = load;
                 }
             }
             Some((_, reference)) => {
-                st.slow = if seconds > Self::SLOW * reference {
-                    st.slow + 1
+                (st.slow, st.slow_secs) = if seconds > Self::SLOW * reference {
+                    (st.slow + 1, st.slow_secs + seconds)
                 } else {
-                    0
+                    (0, 0.0)
                 };
-                if st.slow >= Self::SLOW_PASSES {
+                if st.slow >= Self::SLOW_PASSES && st.slow_secs >= Self::SLOW_SECS {
                     // The chosen mode slowed down for good: the machine's load changed.
                     st.decided = None;
                     st.multi.clear();
@@ -206,7 +314,7 @@ fn median(v: &[f64]) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::Adapt;
+    use super::*;
 
     fn no_load() -> Option<f64> {
         None
@@ -225,7 +333,7 @@ mod tests {
 
     #[test]
     fn a_steady_machine_pays_for_no_probe_after_calibration() {
-        let mut a = Adapt::with_load_source(no_load);
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
         // Two threads 1.9x faster; the first multi-threaded pass is a slow warm-up.
         let modes = run(&mut a, 1000, |i, one| match (i, one) {
             (0, false) => 24.0,
@@ -240,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_loaded_machine_settles_on_one_thread() {
-        let mut a = Adapt::with_load_source(no_load);
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
         let modes = run(&mut a, 2000, |_, one| if one { 6.0 } else { 9.0 });
         // Re-checks of the decision ever more rarely: a few passes of two threads in 2000.
         let multi = modes[10..].iter().filter(|&&one| !one).count();
@@ -250,7 +358,7 @@ mod tests {
 
     #[test]
     fn a_passing_slowdown_during_calibration_does_not_stick() {
-        let mut a = Adapt::with_load_source(no_load);
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
         // The other core is busy (stolen) for the first 12 passes, calibration included.
         let modes = run(&mut a, 200, |i, one| match (one, i < 12) {
             (true, _) => 6.0,
@@ -273,13 +381,13 @@ mod tests {
     fn load_going_away_brings_the_threads_back() {
         let set = |v: f64| LOAD.store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
         set(2.0);
-        let mut a = Adapt::with_load_source(fake_load);
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(fake_load));
         a.load_period = std::time::Duration::ZERO;
         // Loaded: two threads slower.
         let modes = run(&mut a, 100, |_, one| if one { 6.0 } else { 9.0 });
         let multi = modes[20..].iter().filter(|&&one| !one).count();
         assert!(multi <= 12, "{modes:?}");
-        // The other process ends: the load average falls and two threads are faster again.
+        // The other process ends: its CPU use falls and two threads are faster again.
         set(0.5);
         let modes = run(&mut a, 100, |_, one| if one { 6.0 } else { 3.2 });
         assert!(modes[20..].iter().all(|&one| !one), "{modes:?}");
@@ -287,7 +395,7 @@ mod tests {
 
     #[test]
     fn load_appearing_switches_to_one_thread_within_a_few_passes() {
-        let mut a = Adapt::with_load_source(no_load);
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
         let modes = run(&mut a, 300, |i, one| match (one, i >= 100) {
             (true, _) => 6.0,
             (false, false) => 3.2,
@@ -301,5 +409,92 @@ mod tests {
             "{multi} of 180 passes on two threads: {modes:?}"
         );
         assert!(modes[290..].iter().all(|&one| one));
+    }
+
+    /// Two threads at 6.7 ms and one at 10.6 ms (B0 on two cores), in seconds.
+    fn b0(i: usize, one: bool, slow: std::ops::Range<usize>, slow_time: f64) -> f64 {
+        match (one, slow.contains(&i)) {
+            (true, _) => 0.0106,
+            (false, true) => slow_time,
+            (false, false) => 0.0067,
+        }
+    }
+
+    #[test]
+    fn a_brief_slowdown_costs_no_probe() {
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
+        // Ten passes at three times the calibrated time (0.2 s, a virtual machine's stolen time).
+        let modes = run(&mut a, 400, |i, one| b0(i, one, 100..110, 0.02));
+        assert!(modes[10..].iter().all(|&one| !one), "{modes:?}");
+        let (passes, single) = a.single_share();
+        assert_eq!(passes, 400);
+        assert!(single <= 4, "{single} passes on one thread");
+    }
+
+    #[test]
+    fn a_slowdown_that_lasts_is_rechecked() {
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
+        // From pass 100 on two threads take 30 ms (a core taken by a process the counters
+        // missed): after a second of that, one thread is timed again and wins.
+        let modes = run(&mut a, 300, |i, one| b0(i, one, 100..usize::MAX, 0.03));
+        assert!(!modes[99]);
+        let first_single = (100..300).find(|&i| modes[i]).expect("re-checked");
+        assert!((130..150).contains(&first_single), "{first_single}");
+        // One thread from then on, but for the re-checks of that decision.
+        let multi = modes[200..].iter().filter(|&&one| !one).count();
+        assert!(
+            multi <= 12,
+            "{multi} of 100 passes on two threads: {modes:?}"
+        );
+    }
+
+    #[test]
+    fn cpu_counters_are_read_from_proc() {
+        let stat = "cpu  880190 1 71817 3983618 19474 10 292 5119 0 0\ncpu0 1 2 3 4\n";
+        assert_eq!(
+            machine_busy(stat),
+            Some(880190 + 1 + 71817 + 10 + 292 + 5119)
+        );
+        assert_eq!(machine_busy("intr 1 2 3"), None);
+        let own = "4242 (effnet (worker) 1) S 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 0 3";
+        assert_eq!(process_busy(own), Some(281));
+        assert_eq!(process_busy("4242 (effnet) S 1"), None);
+        // 400 ticks busy in two seconds at 100 ticks a second, 200 of them this process's.
+        let (then, now) = (
+            CpuTicks {
+                busy: 1000,
+                own: 100,
+            },
+            CpuTicks {
+                busy: 1400,
+                own: 300,
+            },
+        );
+        assert_eq!(other_cores(then, now, 100.0, 2.0), 1.0);
+        // Counters that moved by less than this process's own time (tick rounding) read zero.
+        let now = CpuTicks {
+            busy: 1150,
+            own: 300,
+        };
+        assert_eq!(other_cores(then, now, 100.0, 2.0), 0.0);
+    }
+
+    /// This process's own work is counted as its own, not as other processes' load.
+    #[test]
+    fn own_work_is_not_load() {
+        let Some(before) = OtherCpu::ticks() else {
+            return; // no /proc
+        };
+        let mut cpu = OtherCpu::default();
+        assert_eq!(cpu.read(), None);
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = OtherCpu::ticks().expect("readable twice");
+        assert!(after.own > before.own, "{before:?} {after:?}");
+        let others = cpu.read().expect("a reading 300 ms later");
+        assert!(others.is_finite() && others >= 0.0);
     }
 }

@@ -336,6 +336,13 @@ impl Engine {
         self
     }
 
+    /// Forward passes run so far, and how many of them ran on one thread although several were
+    /// set (the thread policy's calibration and re-checks, or one thread chosen on a loaded
+    /// machine; module `adapt`).
+    pub fn thread_policy(&self) -> (u64, u64) {
+        self.adapt.single_share()
+    }
+
     pub fn threads(&self) -> usize {
         self.pool.threads()
     }
