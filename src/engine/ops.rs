@@ -369,6 +369,7 @@ impl Engine {
                     let dst = unsafe {
                         shared_out.slice(img * out_len + r0 * out_row, (r1 - r0) * out_row)
                     };
+                    let _dw = profile::scope("  depthwise (fused)");
                     kernels::depthwise(
                         &buf[..(hi - lo) * row_len],
                         &dw.weight,
