@@ -6,7 +6,8 @@
 //! modes are timed alternately and the faster median wins). After that only the chosen mode runs;
 //! the other is re-timed only when the machine's load changes: when the CPU time that *other*
 //! processes use (steal time of a virtual machine included, this process's own threads excluded)
-//! moved by most of a core since the decision (read every few seconds from `/proc`), or when the
+//! moved by most of a core since the decision (read every few seconds from `/proc`) while it
+//! leaves fewer free cores than this engine has threads (before or after), or when the
 //! chosen mode stays well above its calibrated time for several passes and at least a second (a
 //! busy core that the counters missed; shorter hiccups, such as a virtual machine's brief stolen
 //! time, pass without a probe). On systems without `/proc`, a rare periodic re-check. A steady
@@ -64,8 +65,9 @@ pub(super) struct Adapt {
 /// Where the policy reads the machine's load from.
 enum LoadSource {
     OtherProcesses(OtherCpu),
+    /// A fixed reading function and count of cores (tests).
     #[cfg(test)]
-    Fixed(fn() -> Option<f64>),
+    Fixed(fn() -> Option<f64>, usize),
 }
 
 impl LoadSource {
@@ -73,7 +75,16 @@ impl LoadSource {
         match self {
             LoadSource::OtherProcesses(cpu) => cpu.read(),
             #[cfg(test)]
-            LoadSource::Fixed(f) => f(),
+            LoadSource::Fixed(f, _) => f(),
+        }
+    }
+
+    /// The machine's cores, if known.
+    fn cores(&self) -> Option<usize> {
+        match self {
+            LoadSource::OtherProcesses(cpu) => cpu.cores,
+            #[cfg(test)]
+            LoadSource::Fixed(_, cores) => Some(*cores),
         }
     }
 }
@@ -104,6 +115,16 @@ fn machine_busy(stat: &str) -> Option<u64> {
     (v.len() >= 4).then(|| at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
 }
 
+/// The machine's cores: the `cpuN` lines of `/proc/stat`.
+fn machine_cores(stat: &str) -> usize {
+    stat.lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count()
+}
+
 /// This process's user + system ticks from `/proc/self/stat` (fields 14 and 15; the command name
 /// before them is in parentheses and may hold spaces or parentheses itself).
 fn process_busy(stat: &str) -> Option<u64> {
@@ -123,20 +144,27 @@ fn other_cores(then: CpuTicks, now: CpuTicks, ticks_per_sec: f64, secs: f64) -> 
 #[derive(Default)]
 struct OtherCpu {
     last: Option<(Instant, CpuTicks)>,
+    /// The machine's cores (those the counters cover), once read.
+    cores: Option<usize>,
 }
 
 impl OtherCpu {
-    fn ticks() -> Option<CpuTicks> {
-        Some(CpuTicks {
-            busy: machine_busy(&std::fs::read_to_string("/proc/stat").ok()?)?,
+    /// The counters now, and the machine's cores.
+    fn ticks() -> Option<(CpuTicks, usize)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks = CpuTicks {
+            busy: machine_busy(&stat)?,
             own: process_busy(&std::fs::read_to_string("/proc/self/stat").ok()?)?,
-        })
+        };
+        Some((ticks, machine_cores(&stat)))
     }
 
     /// Cores used by other processes since the previous call; `None` on the first call, within
     /// 100 ms of the previous one, or where `/proc` is missing.
     fn read(&mut self) -> Option<f64> {
-        let now = (Instant::now(), Self::ticks()?);
+        let (ticks, cores) = Self::ticks()?;
+        self.cores = (cores > 0).then_some(cores);
+        let now = (Instant::now(), ticks);
         let Some((t0, then)) = self.last else {
             self.last = Some(now);
             return None;
@@ -161,8 +189,8 @@ impl Adapt {
     /// ... for this many passes in a row and at least this many seconds.
     const SLOW_PASSES: u32 = 4;
     const SLOW_SECS: f64 = 1.0;
-    /// A change of other processes' CPU use (cores) that triggers a re-check, and how often it is
-    /// read.
+    /// A change of other processes' CPU use (cores) that triggers a re-check where the cores are
+    /// contested (see [`Adapt::contested`]), and how often it is read.
     const LOAD_CHANGE: f64 = 0.75;
     const LOAD_PERIOD: Duration = Duration::from_secs(2);
     /// Passes between re-checks where the CPU counters are not available.
@@ -199,7 +227,7 @@ impl Adapt {
         if self.states.len() >= Self::MAX_SHAPES && !self.states.contains_key(&shape) {
             self.states.clear();
         }
-        let recheck = self.load_changed(shape);
+        let recheck = self.load_changed(shape, threads);
         let st = self.states.entry(shape).or_insert_with(|| ShapeState {
             samples: Self::FIRST_SAMPLES,
             ..ShapeState::default()
@@ -228,7 +256,7 @@ impl Adapt {
 
     /// Whether other processes' CPU use moved since `shape`'s decision (read at most every few
     /// seconds).
-    fn load_changed(&mut self, shape: Shape) -> bool {
+    fn load_changed(&mut self, shape: Shape, threads: usize) -> bool {
         let Some(st) = self.states.get_mut(&shape) else {
             return false;
         };
@@ -247,8 +275,14 @@ impl Adapt {
         if reading.is_some() {
             self.load = reading;
         }
+        let contested = |load: f64| match self.load_source.cores() {
+            Some(cores) => load + threads as f64 > cores as f64,
+            None => true,
+        };
         match (reading, st.load) {
-            (Some(now), Some(then)) => (now - then).abs() >= Self::LOAD_CHANGE,
+            (Some(now), Some(then)) => {
+                (now - then).abs() >= Self::LOAD_CHANGE && (contested(now) || contested(then))
+            }
             // The first reading after the decision is its baseline.
             (Some(now), None) => {
                 st.load = Some(now);
@@ -333,7 +367,7 @@ mod tests {
 
     #[test]
     fn a_steady_machine_pays_for_no_probe_after_calibration() {
-        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load, 2));
         // Two threads 1.9x faster; the first multi-threaded pass is a slow warm-up.
         let modes = run(&mut a, 1000, |i, one| match (i, one) {
             (0, false) => 24.0,
@@ -348,7 +382,7 @@ mod tests {
 
     #[test]
     fn a_loaded_machine_settles_on_one_thread() {
-        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load, 2));
         let modes = run(&mut a, 2000, |_, one| if one { 6.0 } else { 9.0 });
         // Re-checks of the decision ever more rarely: a few passes of two threads in 2000.
         let multi = modes[10..].iter().filter(|&&one| !one).count();
@@ -358,7 +392,7 @@ mod tests {
 
     #[test]
     fn a_passing_slowdown_during_calibration_does_not_stick() {
-        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load, 2));
         // The other core is busy (stolen) for the first 12 passes, calibration included.
         let modes = run(&mut a, 200, |i, one| match (one, i < 12) {
             (true, _) => 6.0,
@@ -381,7 +415,7 @@ mod tests {
     fn load_going_away_brings_the_threads_back() {
         let set = |v: f64| LOAD.store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
         set(2.0);
-        let mut a = Adapt::with_load_source(LoadSource::Fixed(fake_load));
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(fake_load, 2));
         a.load_period = std::time::Duration::ZERO;
         // Loaded: two threads slower.
         let modes = run(&mut a, 100, |_, one| if one { 6.0 } else { 9.0 });
@@ -395,7 +429,7 @@ mod tests {
 
     #[test]
     fn load_appearing_switches_to_one_thread_within_a_few_passes() {
-        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load, 2));
         let modes = run(&mut a, 300, |i, one| match (one, i >= 100) {
             (true, _) => 6.0,
             (false, false) => 3.2,
@@ -422,7 +456,7 @@ mod tests {
 
     #[test]
     fn a_brief_slowdown_costs_no_probe() {
-        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load, 2));
         // Ten passes at three times the calibrated time (0.2 s, a virtual machine's stolen time).
         let modes = run(&mut a, 400, |i, one| b0(i, one, 100..110, 0.02));
         assert!(modes[10..].iter().all(|&one| !one), "{modes:?}");
@@ -433,7 +467,7 @@ mod tests {
 
     #[test]
     fn a_slowdown_that_lasts_is_rechecked() {
-        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load));
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(no_load, 2));
         // From pass 100 on two threads take 30 ms (a core taken by a process the counters
         // missed): after a second of that, one thread is timed again and wins.
         let modes = run(&mut a, 300, |i, one| b0(i, one, 100..usize::MAX, 0.03));
@@ -482,9 +516,10 @@ mod tests {
     /// This process's own work is counted as its own, not as other processes' load.
     #[test]
     fn own_work_is_not_load() {
-        let Some(before) = OtherCpu::ticks() else {
+        let Some((before, cores)) = OtherCpu::ticks() else {
             return; // no /proc
         };
+        assert!(cores >= 1);
         let mut cpu = OtherCpu::default();
         assert_eq!(cpu.read(), None);
         let start = Instant::now();
@@ -492,9 +527,42 @@ mod tests {
         while start.elapsed() < Duration::from_millis(300) {
             x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
         }
-        let after = OtherCpu::ticks().expect("readable twice");
+        let (after, _) = OtherCpu::ticks().expect("readable twice");
         assert!(after.own > before.own, "{before:?} {after:?}");
         let others = cpu.read().expect("a reading 300 ms later");
         assert!(others.is_finite() && others >= 0.0);
+    }
+
+    static LOAD_ELSEWHERE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    fn load_elsewhere() -> Option<f64> {
+        Some(f64::from_bits(
+            LOAD_ELSEWHERE.load(std::sync::atomic::Ordering::Relaxed),
+        ))
+    }
+
+    /// On a machine with cores to spare, other processes coming and going leave the decision alone.
+    #[test]
+    fn load_on_spare_cores_costs_no_probe() {
+        let set = |v: f64| LOAD_ELSEWHERE.store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        set(1.0);
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(load_elsewhere, 64));
+        a.load_period = std::time::Duration::ZERO;
+        let mut modes = run(&mut a, 50, |_, one| if one { 6.0 } else { 3.2 });
+        for load in [10.0, 2.0, 30.0, 0.5] {
+            set(load);
+            modes.extend(run(&mut a, 50, |_, one| if one { 6.0 } else { 3.2 }));
+        }
+        assert!(modes[10..].iter().all(|&one| !one), "{modes:?}");
+        // Where those processes would take cores this engine's threads need, they re-check.
+        // (Two threads as fast as before, so only the load can bring a one-thread pass.)
+        set(63.0);
+        let modes = run(&mut a, 20, |_, one| if one { 6.0 } else { 3.2 });
+        assert!(modes[..3].iter().any(|&one| one), "{modes:?}");
+        assert!(modes[10..].iter().all(|&one| !one), "{modes:?}");
+        assert_eq!(
+            machine_cores("cpu  1 2 3 4\ncpu0 1 2 3 4\ncpu1 1 2 3 4\nintr 5\n"),
+            2
+        );
     }
 }
