@@ -189,8 +189,8 @@ impl Adapt {
     /// ... for this many passes in a row and at least this many seconds.
     const SLOW_PASSES: u32 = 4;
     const SLOW_SECS: f64 = 1.0;
-    /// A change of other processes' CPU use (cores) that triggers a re-check where the cores are
-    /// contested (see [`Adapt::contested`]), and how often it is read.
+    /// A change of other processes' CPU use (cores) that triggers a re-check where they leave
+    /// fewer free cores than the engine has threads (before or after), and how often it is read.
     const LOAD_CHANGE: f64 = 0.75;
     const LOAD_PERIOD: Duration = Duration::from_secs(2);
     /// Passes between re-checks where the CPU counters are not available.
@@ -403,17 +403,26 @@ mod tests {
         assert!(modes[60..].iter().all(|&one| !one), "{modes:?}");
     }
 
-    static LOAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A load reading kept in a static, for the `fn` of [`LoadSource::Fixed`].
+    fn reading(cell: &AtomicU64) -> Option<f64> {
+        Some(f64::from_bits(cell.load(Ordering::Relaxed)))
+    }
+
+    fn set_reading(cell: &AtomicU64, load: f64) {
+        cell.store(load.to_bits(), Ordering::Relaxed);
+    }
+
+    static LOAD: AtomicU64 = AtomicU64::new(0);
 
     fn fake_load() -> Option<f64> {
-        Some(f64::from_bits(
-            LOAD.load(std::sync::atomic::Ordering::Relaxed),
-        ))
+        reading(&LOAD)
     }
 
     #[test]
     fn load_going_away_brings_the_threads_back() {
-        let set = |v: f64| LOAD.store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        let set = |v: f64| set_reading(&LOAD, v);
         set(2.0);
         let mut a = Adapt::with_load_source(LoadSource::Fixed(fake_load, 2));
         a.load_period = std::time::Duration::ZERO;
@@ -533,18 +542,16 @@ mod tests {
         assert!(others.is_finite() && others >= 0.0);
     }
 
-    static LOAD_ELSEWHERE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static LOAD_ELSEWHERE: AtomicU64 = AtomicU64::new(0);
 
     fn load_elsewhere() -> Option<f64> {
-        Some(f64::from_bits(
-            LOAD_ELSEWHERE.load(std::sync::atomic::Ordering::Relaxed),
-        ))
+        reading(&LOAD_ELSEWHERE)
     }
 
     /// On a machine with cores to spare, other processes coming and going leave the decision alone.
     #[test]
     fn load_on_spare_cores_costs_no_probe() {
-        let set = |v: f64| LOAD_ELSEWHERE.store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        let set = |v: f64| set_reading(&LOAD_ELSEWHERE, v);
         set(1.0);
         let mut a = Adapt::with_load_source(LoadSource::Fixed(load_elsewhere, 64));
         a.load_period = std::time::Duration::ZERO;
