@@ -169,6 +169,12 @@ pub(super) unsafe fn store<V: Vector, const R: usize, const Q: usize>(
     // SAFETY: the caller's contract. Masked loads and stores touch columns col..col + width only
     // (pointers to masked-off lanes may lie past the buffer, hence `wrapping_add`).
     unsafe {
+        // The epilogue of a tall tile is too long for LLVM to unroll over its rows, so it indexes
+        // the sums at run time; doing that on `acc` itself put every tile's accumulators in a
+        // stack array, zeroed by a `memset` call before the k loop. An opaque copy keeps `acc` in
+        // registers.
+        let mut sums = *acc;
+        let acc = std::hint::black_box(&mut sums);
         let live = width.div_ceil(V::LANES);
         let lanes = |q: usize| width.saturating_sub(q * V::LANES);
         let mut bias = [V::splat(0.0); Q];
