@@ -272,9 +272,17 @@ fn bf16_stays_close_to_fp32_on_each_family() {
             .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
             .collect();
         let a = fp32.forward(&input, n, side, side);
+        let mut one_thread = Vec::new();
         for threads in [1, 2] {
             bf16 = bf16.with_threads(threads);
             let b = bf16.forward(&input, n, side, side);
+            // Two threads split the layers (the classifier by columns) without changing a sum.
+            if threads == 1 {
+                one_thread = b.clone();
+            } else {
+                let diff = max_abs_diff(&b, &one_thread);
+                assert!(diff <= 1e-5, "{name}: two threads {diff} from one");
+            }
             let classes = a.len() / n;
             for (x, y) in a.chunks(classes).zip(b.chunks(classes)) {
                 let dot: f64 = x.iter().zip(y).map(|(p, q)| (p * q) as f64).sum();

@@ -368,17 +368,19 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// Dense `out = act(x · W + b)` for a single vector (SE layers and the classifier).
-    pub fn gemv(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], act: Option<Activation>) {
+    /// Dense `out = act(x · W + b)` for a single vector (SE layers and the classifier), over
+    /// `bias.len()` columns of `W`, whose rows are `ldw` apart in `weight` (a block of a wider
+    /// matrix when `ldw` exceeds the column count).
+    pub fn gemv(x: &[f32], weight: &[f32], ldw: usize, bias: &[f32], out: &mut [f32], act: Option<Activation>) {
         let n = bias.len();
+        assert!(out.len() == n && ldw >= n && (x.is_empty() || weight.len() >= (x.len() - 1) * ldw + n));
+        let row = |kk: usize| &weight[kk * ldw..][..n];
         out.copy_from_slice(bias);
         // Wide layers (the classifier, whose weights come from memory, not cache) take four weight
         // rows per pass over `out`: a quarter of its loads and stores, four streams in flight.
-        let quads = if n >= 512 { x.len() / 4 } else { 0 };
-        for (xs, w) in x[..quads * 4].chunks_exact(4).zip(weight.chunks_exact(4 * n)) {
-            let (w0, rest) = w.split_at(n);
-            let (w1, rest) = rest.split_at(n);
-            let (w2, w3) = rest.split_at(n);
+        let quads = if ldw >= 512 { x.len() / 4 } else { 0 };
+        for (q, xs) in x[..quads * 4].chunks_exact(4).enumerate() {
+            let (w0, w1, w2, w3) = (row(4 * q), row(4 * q + 1), row(4 * q + 2), row(4 * q + 3));
             for j in 0..n {
                 let acc = xs[0].mul_add(w0[j], out[j]);
                 let acc = xs[1].mul_add(w1[j], acc);
@@ -386,8 +388,8 @@ simd_dispatch! {
                 out[j] = xs[3].mul_add(w3[j], acc);
             }
         }
-        for (xi, wrow) in x[quads * 4..].iter().zip(weight[quads * 4 * n..].chunks_exact(n)) {
-            for (o, w) in out.iter_mut().zip(wrow) {
+        for (kk, xi) in x.iter().enumerate().skip(quads * 4) {
+            for (o, w) in out.iter_mut().zip(row(kk)) {
                 *o = xi.mul_add(*w, *o);
             }
         }

@@ -26,7 +26,7 @@ use adapt::Adapt;
 use calibrate::{Observe, Observed, Observer};
 use ops::{grow, mean_rows};
 use plan::{BlockPlan, Buf, Plan, Se, Step};
-use pool::Pool;
+use pool::{Pool, SharedMut};
 
 use crate::simd::gemm::NR;
 
@@ -357,33 +357,49 @@ impl Engine {
             || (n * c * classes) as u64,
         );
         let mut logits = vec![0.0; n * classes];
-        if !self.plan.fc_bf16.is_empty() {
-            // bf16: half the bytes of the largest weight matrix, read once per image.
-            let (fc, b) = ((self.plan.fc_bf16.as_slice(), None), &self.plan.fc_b);
-            let cols = (0, classes);
-            crate::simd::gemm_bf16::gemm_bias_act(
-                &pooled,
-                c,
-                n,
-                fc,
-                cols,
-                b,
-                None,
-                None,
-                &mut logits,
-                classes,
-            );
-            return logits;
-        }
-        for (img, out) in logits.chunks_exact_mut(classes).enumerate() {
-            kernels::gemv(
-                &pooled[img * c..(img + 1) * c],
-                &self.plan.fc_w,
-                &self.plan.fc_b,
-                out,
-                None,
-            );
-        }
+        // The classifier's weights (5 MB for 1000 classes) stream from memory for every batch:
+        // each thread takes a block of the columns, so two threads read half each.
+        let threads = self.active_threads();
+        let parts = if classes >= 128 * threads { threads } else { 1 };
+        // Whole 32-column panels, so the bf16 kernel's blocks start where its packing does.
+        let block = classes.div_ceil(parts).next_multiple_of(NR);
+        let parts = classes.div_ceil(block);
+        let shared = SharedMut::new(&mut logits);
+        self.run_parts(parts, &|part| {
+            let (c0, nc) = (part * block, block.min(classes - part * block));
+            let rows = || {
+                // SAFETY: part p writes columns c0..c0 + nc of each image's row, disjoint from every
+                // other part's.
+                (0..n).map(|img| unsafe { shared.slice(img * classes + c0, nc) })
+            };
+            let bias = &self.plan.fc_b[c0..c0 + nc];
+            if self.plan.fc_bf16.is_empty() {
+                for (img, out) in rows().enumerate() {
+                    let x = &pooled[img * c..(img + 1) * c];
+                    kernels::gemv(x, &self.plan.fc_w[c0..], classes, bias, out, None);
+                }
+            } else {
+                // bf16: half the bytes of the largest weight matrix. The kernel writes the part's
+                // columns at their place in full rows, so into scratch rows first.
+                let mut scratch = vec![0.0; n * classes];
+                let fc = (self.plan.fc_bf16.as_slice(), None);
+                crate::simd::gemm_bf16::gemm_bias_act(
+                    &pooled,
+                    c,
+                    n,
+                    fc,
+                    (c0, nc),
+                    &self.plan.fc_b,
+                    None,
+                    None,
+                    &mut scratch,
+                    classes,
+                );
+                for (out, got) in rows().zip(scratch.chunks_exact(classes)) {
+                    out.copy_from_slice(&got[c0..c0 + nc]);
+                }
+            }
+        });
         logits
     }
 
@@ -645,8 +661,8 @@ impl Engine {
         let mut hidden = vec![0.0; se.reduced];
         let mut gates = vec![0.0; n * c];
         for (p, g) in pool.chunks_exact(c).zip(gates.chunks_exact_mut(c)) {
-            kernels::gemv(p, &se.w1, &se.b1, &mut hidden, Some(se.act));
-            kernels::gemv(&hidden, &se.w2, &se.b2, g, None);
+            kernels::gemv(p, &se.w1, se.reduced, &se.b1, &mut hidden, Some(se.act));
+            kernels::gemv(&hidden, &se.w2, c, &se.b2, g, None);
         }
         kernels::sigmoid_inplace(&mut gates);
         gates
