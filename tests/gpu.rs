@@ -218,3 +218,166 @@ fn the_cli_trains_and_evaluates_on_wgpu() {
     let (cpu, _) = effnet(&["eval", "--weights", w, "--dataset", &dataset, "--json"]);
     assert_eq!(top1(&gpu), top1(&cpu));
 }
+
+/// Cosine between the moves `a - init` and `b - init` over every conv and classifier tensor.
+fn move_cosine(a: &TensorMap, b: &TensorMap, init: &TensorMap) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (name, t0) in init.iter().filter(|(n, _)| !n.contains(".bn.")) {
+        for ((x, y), z) in a[name].data.iter().zip(&b[name].data).zip(&t0.data) {
+            let (u, v) = ((x - z) as f64, (y - z) as f64);
+            (ab, aa, bb) = (ab + u * v, aa + u * u, bb + v * v);
+        }
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
+
+/// Mixed precision on the GPU path: three f16 steps on wgpu (convolutions and classifier in
+/// f16, dynamic loss scaling) move the f32 master weights as three f32 steps on Flex do. BN is
+/// frozen so that the comparison is not dominated by a fresh network's sensitivity to rounding
+/// in its batch statistics (`train::mixed` tests).
+#[test]
+fn lite0_trains_in_f16_on_wgpu_as_in_f32_on_flex() {
+    use effnet::train::mixed::{HalfType, LossScale};
+    let (side, n, classes) = (64, 8, 4);
+    let cfg = |half| TrainConfig {
+        batch_size: n,
+        resolution: side,
+        dropout: Some(0.0),
+        drop_connect_rate: Some(0.0),
+        mixed_precision: half,
+        ..TrainConfig::default()
+    };
+    let (f32_cfg, f16_cfg) = (cfg(None), cfg(Some(HalfType::F16)));
+    let spec = f32_cfg
+        .model_spec(&resolve("lite0").unwrap().0, classes)
+        .unwrap();
+    let cpu = Device::flex().autodiff();
+    let gpu = gpu().autodiff();
+    cpu.seed(0);
+    let start = export_weights(&EfficientNet::new(&spec, &cpu).tf_init());
+    let on = |device: &Device| {
+        apply_weights(EfficientNet::new(&spec, device), &start)
+            .unwrap()
+            .freeze_batch_norm()
+    };
+    let data = batch(n, side, classes);
+    let stage = f32_cfg.stage(0, spec.dropout);
+    let lr = 0.016 * n as f64 / 256.0;
+    let run = |cfg: &TrainConfig, device: &Device| {
+        let trainer = Trainer::new(cfg, classes, device.clone());
+        trainer.set_loss_scale(LossScale {
+            scale: 128.0,
+            good_steps: 0,
+        });
+        let mut optim = ModuleOptimizer::from(TfRmsProp::default());
+        let mut model = on(device);
+        // The loss of the first step (the same weights in both runs).
+        let mut loss = None;
+        for step in 0..3 {
+            let out = trainer
+                .step(model, &mut optim, &data, &stage, step, lr)
+                .unwrap();
+            model = out.model;
+            loss.get_or_insert(out.loss);
+        }
+        let loss = loss.unwrap();
+        if cfg.mixed_precision.is_some() {
+            assert_eq!(trainer.loss_scale().good_steps, 3, "a step overflowed");
+        }
+        (export_weights(&model), loss)
+    };
+    let (f32_weights, f32_loss) = run(&f32_cfg, &cpu);
+    let (f16_weights, f16_loss) = run(&f16_cfg, &gpu);
+    let cos = move_cosine(&f16_weights, &f32_weights, &start);
+    eprintln!(
+        "wgpu f16 vs flex f32: first loss {f16_loss:.5} vs {f32_loss:.5}, after 3 steps the cosine of the weights' moves {cos:.5}"
+    );
+    assert!(
+        (f16_loss - f32_loss).abs() <= 0.01 * f32_loss,
+        "{f16_loss} vs {f32_loss}"
+    );
+    assert!(cos >= 0.9, "cosine {cos}");
+}
+
+/// `effnet train --mixed-precision f16` on wgpu: the checkpoint keeps the loss scale, and a
+/// resumed run continues from it; bf16 there and any mixed precision on the CPU are refused.
+#[test]
+fn the_cli_trains_in_f16_on_wgpu_and_resumes() {
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    common::tiny_idx(&data, 48);
+    let effnet = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_effnet"))
+            .args(args)
+            .env("EFFNET_HOME", home.path())
+            .output()
+            .unwrap()
+    };
+    let dataset = format!("idx:{}", data.display());
+    let out = home.path().join("run");
+    let device = DeviceChoice::Wgpu(AdapterKind::Cpu).to_string();
+    let train = |more: &[&str]| {
+        let mut args = vec![
+            "train",
+            "lite0",
+            "--dataset",
+            &dataset,
+            "--resolution",
+            "16",
+            "--batch-size",
+            "8",
+            "--device",
+            &device,
+        ];
+        args.extend_from_slice(more);
+        effnet(&args)
+    };
+    let o = train(&[
+        "--max-steps",
+        "2",
+        "--mixed-precision",
+        "f16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let progress = || -> serde_json::Value {
+        let text = std::fs::read(out.join("checkpoint").join("progress.json")).unwrap();
+        serde_json::from_slice(&text).unwrap()
+    };
+    let scale = progress()["loss_scale"].clone();
+    assert!(scale["scale"].as_f64().unwrap() >= 1.0, "{scale}");
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(config.contains("mixed_precision = \"f16\""), "{config}");
+    let o = effnet(&[
+        "train",
+        "--resume",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "4",
+        "--device",
+        &device,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(progress()["step"], 4);
+    assert!(progress()["loss_scale"]["scale"].as_f64().is_some());
+
+    for (flags, says) in [
+        (vec!["--mixed-precision", "bf16"], "needs a CUDA device"),
+        (
+            vec!["--mixed-precision", "f16", "--device", "cpu"],
+            "is for GPU devices",
+        ),
+    ] {
+        let mut args = vec!["train", "lite0", "--dataset", &dataset, "--max-steps", "1"];
+        if !flags.contains(&"--device") {
+            args.extend(["--device", &device]);
+        }
+        args.extend(flags.iter().copied());
+        let o = effnet(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}

@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// built with that cargo feature).
     #[arg(long, default_value = "cpu", requires = "train")]
     device: DeviceChoice,
+    /// With --train on a GPU: convolutions and the classifier in f16 or bf16 on f32 master weights
+    /// (as `train --mixed-precision`).
+    #[arg(long, value_name = "TYPE", requires = "train")]
+    mixed_precision: Option<effnet::train::mixed::HalfType>,
     /// Python interpreter for --reference.
     #[arg(long, default_value = "python3")]
     python: PathBuf,
@@ -654,9 +658,11 @@ fn train_step_timings(
     let cfg = TrainConfig {
         batch_size: n,
         resolution: res,
+        mixed_precision: args.mixed_precision,
         ..TrainConfig::default()
     };
     cfg.validate()?;
+    effnet::train::mixed::check_device(cfg.mixed_precision, &[args.device])?;
     let spec = cfg.model_spec(&args.model.spec()?, classes)?;
     effnet::train::run::check_training_memory(&spec, res, n)?;
     let device = args.device.open()?.autodiff();
@@ -690,10 +696,13 @@ fn train_step_timings(
         }
         Ok(())
     })?;
-    let runtime = match args.device {
+    let mut runtime = match args.device {
         DeviceChoice::Cpu => "effnet (burn flex)".to_string(),
         d => format!("effnet (burn {d})"),
     };
+    if let Some(h) = cfg.mixed_precision {
+        runtime = format!("{runtime} {h}");
+    }
     let mut results = vec![summarize(&runtime, ms, n)];
     if args.reference {
         let dir = tempfile::tempdir()?;

@@ -15,6 +15,7 @@ use effnet::train::{RunFile, RunOptions, TrainConfig, default_run_dir, train};
 use effnet::weights::{Layout, TensorMap, WeightMeta};
 
 use effnet::device::DeviceChoice;
+use effnet::train::mixed::HalfType;
 
 use super::ModelArgs;
 
@@ -60,6 +61,10 @@ pub struct RunFlags {
     /// (burn's gradient all-reduce; --batch-size is the global batch, split evenly).
     #[arg(long, conflicts_with = "device")]
     devices: Option<effnet::device::DeviceList>,
+    /// Mixed precision on a GPU: convolutions and the classifier in f16 (with dynamic loss
+    /// scaling) or bf16 (CUDA only), on f32 master weights.
+    #[arg(long, value_name = "TYPE")]
+    mixed_precision: Option<HalfType>,
 }
 
 impl RunFlags {
@@ -101,6 +106,9 @@ impl RunFlags {
         }
         if let Some(v) = self.progressive {
             cfg.progressive_stages = v;
+        }
+        if let Some(v) = self.mixed_precision {
+            cfg.mixed_precision = Some(v);
         }
         if !self.overrides.is_empty() {
             *cfg = cfg.with_overrides(&self.overrides)?;
@@ -267,6 +275,7 @@ fn execute(
     // Everything checkable before the data loads (the slow part).
     cfg.validate()?;
     effnet::train::parallel::check_devices(&devices, cfg.batch_size)?;
+    effnet::train::mixed::check_device(cfg.mixed_precision, &devices)?;
     let devices = devices
         .iter()
         .map(DeviceChoice::open)

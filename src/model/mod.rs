@@ -225,7 +225,11 @@ impl EfficientNet {
 
     /// Dropout + classifier on pooled features.
     pub fn classify(&self, features: Tensor<2>) -> Tensor<2> {
-        self.classifier.forward(self.dropout.forward(features))
+        let x = self.dropout.forward(features);
+        match fused::half_compute(&self.classifier.weight, &x) {
+            Some((compute, back)) => self.classifier.forward(x.cast(compute)).cast(back),
+            None => self.classifier.forward(x),
+        }
     }
 
     /// Backbone features at reductions 2, 4, 8, 16 and 32 (see [`EfficientNet::feature_channels`]).

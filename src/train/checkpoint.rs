@@ -33,6 +33,9 @@ pub struct Progress {
     pub tally: EpochTally,
     pub seconds: f64,
     pub metrics: Vec<EpochMetrics>,
+    /// The f16 loss scale of mixed-precision runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<super::mixed::LossScale>,
 }
 
 impl Progress {

@@ -85,6 +85,9 @@ pub struct TrainConfig {
     /// Keep every BatchNorm in inference mode with fixed statistics and affine parameters (the
     /// Keras fine-tuning recipe); convolutions and the classifier still train.
     pub freeze_bn: bool,
+    /// Mixed precision: convolutions and the classifier in `f16` or `bf16` on f32 master weights
+    /// (GPU devices; see `train::mixed`).
+    pub mixed_precision: Option<super::mixed::HalfType>,
 }
 
 impl Default for TrainConfig {
@@ -129,6 +132,7 @@ impl Default for TrainConfig {
             std: None,
             unfrozen_lr_scale: 1.0,
             freeze_bn: false,
+            mixed_precision: None,
         }
     }
 }

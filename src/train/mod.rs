@@ -7,6 +7,7 @@ pub mod child;
 pub mod config;
 pub mod ema;
 pub mod metrics;
+pub mod mixed;
 pub mod parallel;
 pub mod plot;
 pub mod precise_bn;

@@ -118,6 +118,9 @@ impl<'a> Replicas<'a> {
                 .into_iter()
                 .zip(&shards[1..])
                 .map(|((m, mut o, t), shard)| {
+                    // Gradients are averaged across devices, so every replica takes the same f16
+                    // loss-scale decisions; the first one's is the one checkpoints keep.
+                    t.set_loss_scale(trainer.loss_scale());
                     s.spawn(move || {
                         let out = t.step(m, &mut o, shard, stage, step, lr);
                         (out, o, t)

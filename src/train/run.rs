@@ -19,6 +19,7 @@ use super::checkpoint::{self, Checkpoint, EpochTally, Progress, RunLock};
 use super::config::{RunFile, TrainConfig};
 use super::ema::Ema;
 use super::metrics::{EpochMetrics, write_metrics};
+use super::mixed::{HalfType, LossScale};
 use super::parallel::Replicas;
 use super::precise_bn;
 use super::step::Trainer;
@@ -156,6 +157,11 @@ impl Run<'_> {
     }
 
     /// Checkpoints keep the EMA as trained (not recalibrated), so a resumed run continues exactly.
+    /// What a checkpoint records of the f16 loss scale (nothing without f16).
+    fn loss_scale(&self) -> Option<LossScale> {
+        (self.cfg.mixed_precision == Some(HalfType::F16)).then(|| self.trainer.loss_scale())
+    }
+
     fn save(&self, model: &EfficientNet, st: &State, progress: &Progress) -> anyhow::Result<()> {
         let c = Checkpoint {
             model,
@@ -250,6 +256,7 @@ impl Run<'_> {
                     tally,
                     seconds: self.started.elapsed().as_secs_f64(),
                     metrics: metrics.to_vec(),
+                    loss_scale: self.loss_scale(),
                 };
                 self.save(&model, st, &p)?;
             }
@@ -428,6 +435,9 @@ pub fn train(
         started: Instant::now() - std::time::Duration::from_secs_f64(st.progress.seconds),
         progress_lines,
     };
+    if let Some(scale) = st.progress.loss_scale {
+        run.trainer.set_loss_scale(scale);
+    }
     let (first_epoch, first_tally) = (st.progress.epoch, st.progress.tally);
     let mut metrics = std::mem::take(&mut st.progress.metrics);
     for epoch in first_epoch..cfg.epochs {
@@ -459,6 +469,7 @@ pub fn train(
                 tally: end.tally,
                 seconds,
                 metrics: metrics[..metrics.len().saturating_sub(1)].to_vec(),
+                loss_scale: run.loss_scale(),
             }
         } else {
             Progress {
@@ -466,6 +477,7 @@ pub fn train(
                 epoch: epoch + 1,
                 seconds,
                 metrics: metrics.clone(),
+                loss_scale: run.loss_scale(),
                 ..Progress::default()
             }
         };

@@ -1,5 +1,7 @@
 //! One optimizer step as the recipe defines it, shared by `train` and the training benchmark.
 
+use std::sync::Mutex;
+
 use anyhow::bail;
 use burn::module::Param;
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
@@ -15,6 +17,7 @@ use crate::model::{EfficientNet, ParamVisitor, fused, visit_params};
 
 use super::Pollers;
 use super::config::{Stage, TrainConfig};
+use super::mixed::{self, HalfType, LossScale};
 
 /// What one training step returns.
 pub struct StepOutcome {
@@ -31,6 +34,8 @@ pub struct Trainer<'a> {
     classes: usize,
     device: Device,
     loss_fn: CrossEntropyLoss,
+    /// f16's loss scale, carried from step to step (and through checkpoints).
+    loss_scale: Mutex<LossScale>,
 }
 
 impl<'a> Trainer<'a> {
@@ -44,7 +49,18 @@ impl<'a> Trainer<'a> {
             classes,
             device,
             loss_fn,
+            loss_scale: Mutex::new(LossScale::default()),
         }
+    }
+
+    /// The f16 loss scale the next step uses (checkpoints keep it so a resumed run continues
+    /// exactly).
+    pub fn loss_scale(&self) -> LossScale {
+        *self.loss_scale.lock().unwrap()
+    }
+
+    pub fn set_loss_scale(&self, scale: LossScale) {
+        *self.loss_scale.lock().unwrap() = scale;
     }
 
     /// Forward (mixing the batch when the stage asks), smoothed cross-entropy + L2 on non-BN
@@ -60,6 +76,10 @@ impl<'a> Trainer<'a> {
     ) -> anyhow::Result<StepOutcome> {
         let _pollers = Pollers::start();
         let (cfg, device) = (self.cfg, &self.device);
+        let half = cfg
+            .mixed_precision
+            .map(|h| mixed::half_copy(&model, h.dtype()));
+        let net = half.as_ref().unwrap_or(&model);
         // Dropout and stochastic depth draw from a stream fixed by (seed, step): a resumed run
         // continues exactly as an uninterrupted one.
         device.seed(cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -87,13 +107,13 @@ impl<'a> Trainer<'a> {
                 TensorData::new(m.targets, [batch.size, self.classes]),
                 device,
             );
-            let logits = model.forward(x);
+            let logits = net.forward(x);
             correct = count_correct(&logits, y);
             // Cross-entropy against soft targets (label smoothing already folded in).
             (targets * log_softmax(logits, 1)).sum_dim(1).mean().neg()
         } else {
             let (x, y) = tensors(batch, device);
-            let logits = model.forward(x);
+            let logits = net.forward(x);
             correct = count_correct(&logits, y.clone());
             self.loss_fn.forward(logits, y)
         };
@@ -107,7 +127,25 @@ impl<'a> Trainer<'a> {
         if !loss_value.is_finite() {
             bail!("training diverged at step {step} (loss {loss_value}); lower the learning rate");
         }
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        drop(half);
+        let mut grads = if cfg.mixed_precision == Some(HalfType::F16) {
+            let scale = self.loss_scale();
+            let scaled = loss.mul_scalar(scale.scale);
+            let mut grads = GradientsParams::from_grads(scaled.backward(), &model);
+            let finite = mixed::unscale(&model, &mut grads, scale.scale);
+            self.set_loss_scale(scale.after(finite));
+            if !finite {
+                // Skipped, as GradScaler does: the weights and the optimizer state stay.
+                return Ok(StepOutcome {
+                    model,
+                    loss: loss_value,
+                    correct,
+                });
+            }
+            grads
+        } else {
+            GradientsParams::from_grads(loss.backward(), &model)
+        };
         if cfg.weight_decay > 0.0 {
             add_weight_decay(&model, &mut grads, cfg.weight_decay);
         }

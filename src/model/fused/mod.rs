@@ -26,7 +26,7 @@ use burn::backend::{Backend, Dispatch, DispatchDevice, TensorMetadata, backend_e
 use burn::nn::BatchNorm;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 use crate::spec::Padding;
 
@@ -191,6 +191,9 @@ pub fn plane_scale(x: Tensor<4>, scale: Tensor<4>) -> Tensor<4> {
 /// `conv.forward(x)` for a depthwise `conv` (groups = channels, square kernel, no bias, no
 /// dilation), fused on Flex f32 tensors; any other conv or backend goes through `conv.forward`.
 pub fn depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    if let Some((compute, back)) = half_compute(&conv.weight, &x) {
+        return depthwise_conv2d(conv, x.cast(compute)).cast(back);
+    }
     let [_, channels, h, w] = x.dims();
     let [k, kw] = conv.kernel_size;
     let [stride, stride_w] = conv.stride;
@@ -243,6 +246,9 @@ const MAX_PATCH_FLOATS: usize = 1 << 25;
 /// through a transposed convolution and layout copies, one thread). A bias (the squeeze-excite
 /// convs) is added by burn's broadcast add. Other convs and backends go through `conv.forward`.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    if let Some((compute, back)) = half_compute(&conv.weight, &x) {
+        return conv2d(conv, x.cast(compute)).cast(back);
+    }
     let [n, ci, h, w] = x.dims();
     let [co, weight_ci, k, kw] = conv.weight.dims();
     let [stride, stride_w] = conv.stride;
@@ -308,6 +314,17 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
         running.update(updated.detach());
     }
     out
+}
+
+/// Mixed precision (`train::mixed`): weights cast to a half type make their layer compute in that
+/// type, on an input cast to it, and cast the output back. (the weights' type, the input's) when
+/// they differ.
+pub(crate) fn half_compute<const D: usize, const E: usize>(
+    weight: &Tensor<D>,
+    x: &Tensor<E>,
+) -> Option<(FloatDType, FloatDType)> {
+    let (w, x) = (weight.dtype(), x.dtype());
+    (w != x).then(|| (w.into(), x.into()))
 }
 
 fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
