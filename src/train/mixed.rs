@@ -401,16 +401,13 @@ mod tests {
         };
         trainer.set_loss_scale(huge);
         let mut optim = ModuleOptimizer::from(TfRmsProp::default());
-        let out = trainer
-            .step(
-                init.clone(),
-                &mut optim,
-                &batch(),
-                &cfg.stage(0, 0.0),
-                0,
-                0.01,
-            )
-            .unwrap();
+        let (stage, data) = (cfg.stage(0, 0.0), batch());
+        let mut step = || {
+            trainer
+                .step(init.clone(), &mut optim, &data, &stage, 0, 0.01)
+                .unwrap()
+        };
+        let out = step();
         assert!(out.loss.is_finite());
         assert_eq!(max_abs_diff(&out.model, &init).0, 0.0);
         assert_eq!(trainer.loss_scale(), huge.after(false));
@@ -420,16 +417,7 @@ mod tests {
         let mut skipped = 0;
         loop {
             let before = trainer.loss_scale();
-            let out = trainer
-                .step(
-                    init.clone(),
-                    &mut optim,
-                    &batch(),
-                    &cfg.stage(0, 0.0),
-                    0,
-                    0.01,
-                )
-                .unwrap();
+            let out = step();
             let moved = max_abs_diff(&out.model, &init).0 > 0.0;
             assert_eq!(trainer.loss_scale(), before.after(moved), "{before:?}");
             if moved {
