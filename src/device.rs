@@ -134,6 +134,8 @@ impl DeviceChoice {
     }
 
     fn device(&self) -> anyhow::Result<Device> {
+        // Unused in a build with every GPU feature.
+        #[cfg(not(all(feature = "cuda", feature = "wgpu", feature = "vulkan")))]
         let missing = |feature: &str| {
             anyhow::anyhow!(
                 "device `{self}` needs effnet built with `--features {feature}` (this build has {})",
