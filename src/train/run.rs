@@ -156,12 +156,12 @@ impl Run<'_> {
         }
     }
 
-    /// Checkpoints keep the EMA as trained (not recalibrated), so a resumed run continues exactly.
     /// What a checkpoint records of the f16 loss scale (nothing without f16).
     fn loss_scale(&self) -> Option<LossScale> {
         (self.cfg.mixed_precision == Some(HalfType::F16)).then(|| self.trainer.loss_scale())
     }
 
+    /// Checkpoints keep the EMA as trained (not recalibrated), so a resumed run continues exactly.
     fn save(&self, model: &EfficientNet, st: &State, progress: &Progress) -> anyhow::Result<()> {
         let c = Checkpoint {
             model,
