@@ -1428,6 +1428,13 @@ fn bad_flags_and_configs_fail_before_any_work() {
         &effnet(&["train", "--resume", run.to_str().unwrap()], dir),
         "is not a duration",
     );
+    v["seconds"] = 1.0.into();
+    v["loss_scale"] = serde_json::json!({"scale": 0.0, "good_steps": 3});
+    std::fs::write(&progress, v.to_string()).unwrap();
+    assert_clean_error(
+        &effnet(&["train", "--resume", run.to_str().unwrap()], dir),
+        "is not a loss scale",
+    );
     std::fs::write(&progress, text).unwrap();
     let lock = std::fs::File::options()
         .write(true)

@@ -49,6 +49,11 @@ impl Progress {
         if !self.tally.loss_sum.is_finite() || self.tally.correct > self.tally.seen {
             return Err("the epoch's running totals are inconsistent".into());
         }
+        if let Some(s) = self.loss_scale
+            && !(s.scale.is_finite() && s.scale >= 1.0)
+        {
+            return Err(format!("{} is not a loss scale (at least 1)", s.scale));
+        }
         Ok(())
     }
 }
