@@ -4,35 +4,9 @@ mod common;
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
-
-fn effnet(args: &[&str], home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_effnet"))
-        .args(args)
-        .env("EFFNET_HOME", home)
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Fails with one clear `error:` line, non-zero exit, and no panic.
-fn assert_clean_error(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success: {}",
-        stdout(o)
-    );
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(err.contains(needle), "`{needle}` not in: {err}");
-}
 
 #[test]
 fn models_lists_every_variant() {

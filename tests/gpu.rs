@@ -170,14 +170,10 @@ fn the_cli_trains_and_evaluates_on_wgpu() {
     std::fs::create_dir(&data).unwrap();
     common::tiny_idx(&data, 48);
     let effnet = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_effnet"))
-            .args(args)
-            .env("EFFNET_HOME", home.path())
-            .output()
-            .unwrap();
+        let o = common::effnet(args, home.path());
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(o.status.success(), "{args:?}: {err}");
-        (String::from_utf8_lossy(&o.stdout).into_owned(), err)
+        (common::stdout(&o), err)
     };
     let dataset = format!("idx:{}", data.display());
     let out = home.path().join("run");
@@ -307,13 +303,7 @@ fn the_cli_trains_in_f16_on_wgpu_and_resumes() {
     let data = home.path().join("data");
     std::fs::create_dir(&data).unwrap();
     common::tiny_idx(&data, 48);
-    let effnet = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_effnet"))
-            .args(args)
-            .env("EFFNET_HOME", home.path())
-            .output()
-            .unwrap()
-    };
+    let effnet = |args: &[&str]| common::effnet(args, home.path());
     let dataset = format!("idx:{}", data.display());
     let out = home.path().join("run");
     let device = DeviceChoice::Wgpu(AdapterKind::Cpu).to_string();
@@ -375,9 +365,6 @@ fn the_cli_trains_in_f16_on_wgpu_and_resumes() {
             args.extend(["--device", &device]);
         }
         args.extend(flags.iter().copied());
-        let o = effnet(&args);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        common::assert_clean_error(&effnet(&args), says);
     }
 }

@@ -65,6 +65,12 @@ pub fn check_device(half: Option<HalfType>, devices: &[DeviceChoice]) -> anyhow:
     Ok(())
 }
 
+/// The parameters that compute in the half type: every conv's and the classifier's weight and bias
+/// (BN's are `gamma` and `beta`).
+fn computes_in_half(path: &str) -> bool {
+    path.ends_with(".weight") || path.ends_with(".bias")
+}
+
 /// `model` with every conv and classifier weight and bias cast to `dtype` inside the autodiff
 /// graph (same parameter ids; gradients flow back to the f32 originals). BN parameters and
 /// statistics are not cast.
@@ -72,7 +78,7 @@ pub fn half_copy(model: &EfficientNet, dtype: FloatDType) -> EfficientNet {
     struct Cast(FloatDType);
     impl ParamMapper for Cast {
         fn map<const D: usize>(&mut self, path: &str, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if path.ends_with(".weight") || path.ends_with(".bias") {
+            if computes_in_half(path) {
                 p.map(|t| t.cast(self.0))
             } else {
                 p
@@ -297,7 +303,7 @@ mod tests {
         struct Jitter(f32);
         impl ParamMapper for Jitter {
             fn map<const D: usize>(&mut self, path: &str, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
-                if !(path.ends_with(".weight") || path.ends_with(".bias")) {
+                if !computes_in_half(path) {
                     return p;
                 }
                 let rel = self.0;
@@ -318,7 +324,7 @@ mod tests {
         let half = half_copy(&model, FloatDType::BF16);
         let (mut cast, mut kept) = (0, 0);
         for (path, dtype) in dtypes(&half) {
-            if path.ends_with(".weight") || path.ends_with(".bias") {
+            if computes_in_half(&path) {
                 assert_eq!(dtype, DType::BF16, "{path}");
                 cast += 1;
             } else {

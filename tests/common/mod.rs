@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use effnet::model::{EfficientNet, apply_weights};
@@ -80,4 +81,31 @@ pub fn photos() -> Vec<PathBuf> {
     assert_eq!(jpegs.len(), 10);
     p.extend(jpegs);
     p
+}
+
+/// The `effnet` binary run with `args` and `EFFNET_HOME` set to `home`.
+pub fn effnet(args: &[&str], home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(args)
+        .env("EFFNET_HOME", home)
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Fails with one clear `error:` line, non-zero exit, and no panic.
+pub fn assert_clean_error(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success: {}",
+        stdout(o)
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "`{needle}` not in: {err}");
 }
