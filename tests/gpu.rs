@@ -31,6 +31,14 @@ fn gpu() -> Device {
         .unwrap_or_else(|e| panic!("{e} (install mesa-vulkan-drivers for lavapipe)"))
 }
 
+/// Burn's Flex random generator is one per process, and `Trainer::step` re-seeds it: the tests
+/// here that seed it and train in-process hold this lock so that their initial weights are the
+/// same on every run, whatever runs beside them.
+fn flex_rng() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Max |a - b| over the larger of 1 and the reference's largest magnitude; returns max |a - b|.
 fn assert_close(what: &str, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
@@ -101,6 +109,7 @@ fn b0_trains_on_wgpu_as_on_flex() {
     let spec = cfg
         .model_spec(&resolve("efficientnet-b0").unwrap().0, classes)
         .unwrap();
+    let _rng = flex_rng();
     let cpu = Device::flex().autodiff();
     let gpu = gpu().autodiff();
     cpu.seed(0);
@@ -247,6 +256,7 @@ fn lite0_trains_in_f16_on_wgpu_as_in_f32_on_flex() {
     let spec = f32_cfg
         .model_spec(&resolve("lite0").unwrap().0, classes)
         .unwrap();
+    let _rng = flex_rng();
     let cpu = Device::flex().autodiff();
     let gpu = gpu().autodiff();
     cpu.seed(0);
@@ -288,8 +298,10 @@ fn lite0_trains_in_f16_on_wgpu_as_in_f32_on_flex() {
     eprintln!(
         "wgpu f16 vs flex f32: first loss {f16_loss:.5} vs {f32_loss:.5}, after 3 steps the cosine of the weights' moves {cos:.5}"
     );
+    // Over seeds 0-7 the first losses differed by 0.16-1.2 % (seed 0: 0.16 %), the cosines were
+    // 0.956-0.988; a lost cast or gradient moves either far more.
     assert!(
-        (f16_loss - f32_loss).abs() <= 0.01 * f32_loss,
+        (f16_loss - f32_loss).abs() <= 0.03 * f32_loss,
         "{f16_loss} vs {f32_loss}"
     );
     assert!(cos >= 0.9, "cosine {cos}");

@@ -373,13 +373,14 @@ mod tests {
             eprintln!(
                 "{half}: first loss {loss:.5} (f32 {f32_loss:.5}); cosine of the weights' moves {cos:.5}"
             );
+            // Tests share the device's random stream, so the initial weights differ from run to
+            // run. Over seeds 0-11 the first losses differed by 0.09-1.7 % (bf16) and 0.18-0.86 %
+            // (f16), the cosines were 0.914-0.980 (bf16) and 0.957-0.994 (f16); a gradient lost
+            // in the casts would leave weights unmoved or point elsewhere.
             assert!(
-                (loss - f32_loss).abs() <= 0.02 * f32_loss,
+                (loss - f32_loss).abs() <= 0.03 * f32_loss,
                 "{half}: {loss} vs {f32_loss}"
             );
-            // bf16 0.92-0.98 and f16 0.96-0.99 in runs (tests share the device's random stream,
-            // so the initial weights differ from run to run); a gradient lost in the casts would
-            // leave weights unmoved or point elsewhere.
             let least = if half == HalfType::Bf16 { 0.8 } else { 0.9 };
             assert!(cos >= least, "{half}: cosine {cos}");
             assert!(
