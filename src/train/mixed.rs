@@ -337,7 +337,8 @@ mod tests {
         // The forward pass computes in the half type and hands back f32 logits. A fresh network
         // normalising 8 images by their batch statistics is sensitive: rounding its f32 weights to
         // the type's precision alone (a relative jitter of one unit in the last place) moves its
-        // logits by about as much, so that is the yardstick.
+        // logits by about as much, so that is the yardstick (over seeds 0-11 the ratio was
+        // 0.84-1.80 in bf16 and 1.33-2.08 in f16).
         for (dtype, ulp) in [
             (FloatDType::BF16, 2f32.powi(-8)),
             (FloatDType::F16, 2f32.powi(-11)),
