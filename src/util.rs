@@ -33,6 +33,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // Said here: tempfile's own error would name its temp file, not the folder the user gave.
+    if !dir.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the folder `{}` does not exist", dir.display()),
+        ));
+    }
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     // Temp files are created 0600; results are ordinary user files.
     #[cfg(unix)]
@@ -136,6 +143,10 @@ mod tests {
         assert!(read_regular(dir.path()).is_err());
         write_atomic(&target, b"new").unwrap();
         assert_eq!(read_regular(&target).unwrap(), b"new");
+        let missing = dir.path().join("no such folder").join("out.npy");
+        let err = write_atomic(&missing, b"x").unwrap_err().to_string();
+        let folder = missing.parent().unwrap().display();
+        assert_eq!(err, format!("the folder `{folder}` does not exist"));
     }
 
     #[test]
