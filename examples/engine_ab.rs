@@ -1,0 +1,83 @@
+//! Side-by-side timing of one engine switch inside one process: passes alternate between the
+//! default engine and one with the switch off, so both see the same machine (this VM's speed
+//! drifts by up to 2x between processes).
+//!
+//!   cargo run --release --example engine_ab -- MODEL SWITCH [--weights W] [--precision P]
+//!       [--threads N] [--passes N] [--side S]
+//!
+//! SWITCH: `winograd` (the one switch today; add others beside it). Prints each engine's median ms over the passes and
+//! the ratio (switch on / off), with the median of per-pair ratios.
+
+use anyhow::{Context, bail};
+use effnet::engine::{Engine, Precision};
+use effnet::weights::{self, WeightSet};
+use std::time::Instant;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [model, switch, rest @ ..] = args.as_slice() else {
+        bail!(
+            "usage: engine_ab MODEL SWITCH [--weights W] [--precision P] [--threads N] [--passes N] [--side S]"
+        );
+    };
+    let mut opts = std::collections::HashMap::new();
+    for pair in rest.chunks(2) {
+        let [k, v] = pair else {
+            bail!("`{}` needs a value", pair[0]);
+        };
+        opts.insert(k.trim_start_matches("--").to_string(), v.clone());
+    }
+    let number = |k: &str, default: usize| -> anyhow::Result<usize> {
+        opts.get(k).map_or(Ok(default), |v| {
+            v.parse().with_context(|| format!("--{k} {v}"))
+        })
+    };
+    let set = match opts.get("weights") {
+        Some(w) => weights::load(std::path::Path::new(w), None)?,
+        None => WeightSet::random(&effnet::spec::variant(model)?, 7),
+    };
+    let precision: Precision = opts
+        .get("precision")
+        .map_or("fp32", |p| p)
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let threads = number("threads", 1)?;
+    let passes = number("passes", 200)?;
+    let side = number("side", set.spec().resolution)?;
+    let build = |on: bool| -> anyhow::Result<Engine> {
+        let e = Engine::new(&set)?.with_threads(threads);
+        let e = match switch.as_str() {
+            "winograd" => e.with_winograd(on),
+            other => bail!("unknown switch `{other}`: winograd"),
+        };
+        Ok(e.with_precision(precision)?)
+    };
+    let mut engines = [build(true)?, build(false)?];
+    let input: Vec<f32> = (0..3 * side * side)
+        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+        .collect();
+    let mut times = [Vec::new(), Vec::new()];
+    for pass in 0..passes + 10 {
+        for (e, t) in engines.iter_mut().zip(&mut times) {
+            let start = Instant::now();
+            std::hint::black_box(e.forward(&input, 1, side, side));
+            if pass >= 10 {
+                t.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ratios: Vec<f64> = times[0].iter().zip(&times[1]).map(|(a, b)| a / b).collect();
+    let (on, off) = (median(&times[0]), median(&times[1]));
+    println!(
+        "{model} {precision:?} {threads} thread(s), {passes} alternating passes at {side}: \
+         {switch} on {on:.3} ms, off {off:.3} ms, ratio {:.3} (median per pair {:.3})",
+        on / off,
+        median(&ratios)
+    );
+    Ok(())
+}
