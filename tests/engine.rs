@@ -295,3 +295,50 @@ fn bf16_stays_close_to_fp32_on_each_family() {
         }
     }
 }
+
+#[test]
+fn bf16_runs_the_classifier_in_bf16() {
+    // The logits are the product of the bf16-rounded pooled features and classifier weights
+    // (f32 sums): within float noise of that, and clearly away from the f32 product. (The bf16
+    // classifier was wired but never packed for two days; the closeness tests above passed.)
+    use effnet::engine::Precision;
+    let set = random_set("lite0", Padding::Same);
+    let Ok(mut e) = Engine::new(&set).unwrap().with_precision(Precision::Bf16) else {
+        eprintln!("no AVX512-BF16 here: not exercised");
+        return;
+    };
+    let side = 64;
+    let input: Vec<f32> = (0..3 * side * side)
+        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+        .collect();
+    let logits = e.forward(&input, 1, side, side);
+    let embedding = e.embed(&input, (1, side, side), true, &[]).unwrap();
+    let pooled = embedding.pooled.unwrap();
+    let (w, b) = (
+        &set.tensors["classifier.weight"],
+        &set.tensors["classifier.bias"],
+    );
+    let (classes, c) = (w.shape[0], w.shape[1]);
+    assert_eq!((logits.len(), pooled.len()), (classes, c));
+    let round = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+    let (mut off_bf16, mut off_f32) = (0f64, 0f64);
+    let rows = w.data.chunks_exact(c).zip(&b.data);
+    for ((row, &bias), &got) in rows.zip(&logits) {
+        let dot = |f: &dyn Fn(f32) -> f64| -> f64 {
+            pooled
+                .iter()
+                .zip(row)
+                .map(|(&x, &y)| f(x) * f(y))
+                .sum::<f64>()
+                + bias as f64
+        };
+        off_bf16 = off_bf16.max((got as f64 - dot(&round)).abs());
+        off_f32 = off_f32.max((got as f64 - dot(&|v| v as f64)).abs());
+    }
+    eprintln!("max |logit - bf16 product| {off_bf16:e}, - f32 product {off_f32:e}");
+    assert!(off_bf16 <= 1e-4, "{off_bf16}");
+    assert!(
+        off_f32 >= 10.0 * off_bf16.max(1e-6),
+        "{off_f32} vs {off_bf16}"
+    );
+}

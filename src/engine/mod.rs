@@ -318,6 +318,9 @@ impl Engine {
                     conv.packed_bf16 =
                         crate::simd::gemm_bf16::pack_from_f32_panels(&conv.packed, k);
                 }
+                let (c, classes) = (self.plan.head.cout, self.plan.fc_b.len());
+                let panels = crate::simd::gemm::pack(&self.plan.fc_w, c, classes);
+                self.plan.fc_bf16 = crate::simd::gemm_bf16::pack_from_f32_panels(&panels, c);
             }
         }
         Ok(())
