@@ -5,8 +5,8 @@
 //!   cargo run --release --example engine_ab -- MODEL SWITCH [--weights W] [--precision P]
 //!       [--threads N] [--passes N] [--side S]
 //!
-//! SWITCH: `winograd` (the one switch today; add others beside it). Prints each engine's median ms over the passes and
-//! the ratio (switch on / off), with the median of per-pair ratios.
+//! SWITCH: `winograd` (the one switch today; add others beside it). Prints each engine's median
+//! ms over the passes and the ratio (switch on / off), with the median of per-pair ratios.
 
 use anyhow::{Context, bail};
 use effnet::engine::{Engine, Precision};
@@ -25,7 +25,11 @@ fn main() -> anyhow::Result<()> {
         let [k, v] = pair else {
             bail!("`{}` needs a value", pair[0]);
         };
-        opts.insert(k.trim_start_matches("--").to_string(), v.clone());
+        let key = k.strip_prefix("--").unwrap_or(k);
+        if !["weights", "precision", "threads", "passes", "side"].contains(&key) {
+            bail!("unknown option `{k}`");
+        }
+        opts.insert(key.to_string(), v.clone());
     }
     let number = |k: &str, default: usize| -> anyhow::Result<usize> {
         opts.get(k).map_or(Ok(default), |v| {
