@@ -1,6 +1,8 @@
 //! The fused ops on `Autodiff<Flex>`: each records its node with the state its hand-written
 //! backward needs and computes the forward with the `Flex` implementation.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -11,15 +13,16 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Flex, TensorMetadata};
 
 use super::kernels::{
-    ConvGeometry, batch_norm_backward, col2im, depthwise_backward, map_planes, par_map2,
+    ConvGeometry, Written, batch_norm_backward, col2im, depthwise_backward, map_planes, par_map2,
     plane_dots, pointwise_backward, scale_planes, sigmoid_backward, silu_backward,
 };
 use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
 
 /// The backward of an elementwise op whose input gradient is `kernel(saved, grad, out)` for a
-/// saved tensor of the input's shape (SiLU saves its input, sigmoid its output).
+/// saved tensor of the input's shape (SiLU saves its input, sigmoid its output). The kernel
+/// writes every element of `out`.
 #[derive(Debug)]
-struct ElementwiseBackward(fn(&[f32], &[f32], &mut [f32]));
+struct ElementwiseBackward(fn(&[f32], &[f32], &mut Written));
 
 impl Backward<Flex, 1> for ElementwiseBackward {
     type State = FlexTensor;
@@ -28,7 +31,8 @@ impl Backward<Flex, 1> for ElementwiseBackward {
         let saved = ops.state;
         unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
             let grad = contiguous(grad);
-            let out = par_map2(f32s(&saved), f32s(&grad), self.0);
+            // SAFETY: the kernel writes every element of its chunk (the type's contract).
+            let out = unsafe { par_map2(f32s(&saved), f32s(&grad), self.0) };
             tensor(out, saved.shape().to_vec())
         });
     }
@@ -242,9 +246,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
                     let grad = contiguous(grad);
                     let (g, plane) = (f32s(&grad), shape[2] * shape[3]);
-                    let out = map_planes(g.len() * plane, 1, plane, |p, _, o| {
-                        o.fill(g[p] / plane as f32)
-                    });
+                    // SAFETY: the fill writes all of each plane.
+                    let out = unsafe {
+                        map_planes(g.len() * plane, 1, plane, |p, _, o| {
+                            o.fill(MaybeUninit::new(g[p] / plane as f32))
+                        })
+                    };
                     tensor(out, shape)
                 });
             }

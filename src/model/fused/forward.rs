@@ -13,20 +13,23 @@ use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
 impl FusedOps for Flex {
     fn fused_silu(x: FlexTensor) -> FlexTensor {
         let x = contiguous(x);
-        let y = par_map(f32s(&x), silu_forward);
+        // SAFETY: the kernel writes every element of its chunk.
+        let y = unsafe { par_map(f32s(&x), silu_forward) };
         tensor(y, x.shape().to_vec())
     }
 
     fn fused_sigmoid(x: FlexTensor) -> FlexTensor {
         let x = contiguous(x);
-        let y = par_map(f32s(&x), sigmoid_forward);
+        // SAFETY: the kernel writes every element of its chunk.
+        let y = unsafe { par_map(f32s(&x), sigmoid_forward) };
         tensor(y, x.shape().to_vec())
     }
 
     fn fused_add_scaled(x: FlexTensor, y: FlexTensor, a: f32) -> FlexTensor {
         let (x, y) = (contiguous(x), contiguous(y));
         // affine2(y, x, a, 1, 0) = fma(y, a, x): one rounding.
-        let out = par_map2(f32s(&y), f32s(&x), |y, x, o| affine2(y, x, a, 1.0, 0.0, o));
+        // SAFETY: `affine2` writes every element of its chunk.
+        let out = unsafe { par_map2(f32s(&y), f32s(&x), |y, x, o| affine2(y, x, a, 1.0, 0.0, o)) };
         tensor(out, x.shape().to_vec())
     }
 

@@ -13,7 +13,8 @@ use crate::simd::simd_dispatch;
 const CHUNK: usize = 1 << 14;
 
 /// `K` new vectors of `len` floats, built in parallel: chunk `i` (`chunk` floats, the last one
-/// shorter) of each is zeroed by the task that then hands it to `fill(i, parts)`.
+/// shorter) of each is zeroed by the task that then hands it to `fill(i, parts)`. For fills that
+/// add into their parts; [`par_written`] skips the zeroing for fills that overwrite them.
 ///
 /// Instead of `vec![0.0; len]` and `par_chunks_mut`: that zero-fill ran over the whole buffer on
 /// one thread before the tasks overwrote it (8 % of a two-thread B0 step's cycles, all on the
@@ -22,6 +23,24 @@ pub(super) fn par_filled<const K: usize>(
     len: usize,
     chunk: usize,
     fill: impl Fn(usize, [&mut [f32]; K]) + Sync,
+) -> [Vec<f32>; K] {
+    // SAFETY: `zeroed` initialises every element of every part before `fill` sees it.
+    unsafe { par_written(len, chunk, |i, parts| fill(i, parts.map(zeroed))) }
+}
+
+/// [`par_filled`] without the zeroing: `fill(i, parts)` writes every element of its parts. The
+/// zeroing was 9 % of a one-thread B0 training step (memset, docs/benchmarks.md) at sites whose
+/// kernels overwrite every element anyway.
+///
+/// In unit tests the parts start as NaN, so a fill that misses an element fails the gradient
+/// checks instead of reading leftover memory.
+///
+/// # Safety
+/// `fill(i, parts)` must initialise every element of every part it is given.
+pub(super) unsafe fn par_written<const K: usize>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, [&mut [MaybeUninit<f32>]; K]) + Sync,
 ) -> [Vec<f32>; K] {
     let mut out: [Vec<f32>; K] = std::array::from_fn(|_| Vec::with_capacity(len));
     {
@@ -35,14 +54,18 @@ pub(super) fn par_filled<const K: usize>(
                     .map(|c| c.next().expect("K chunkings of one length"))
             })
             .collect();
-        parts
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(i, parts)| fill(i, parts.map(zeroed)));
+        parts.into_par_iter().enumerate().for_each(|(i, parts)| {
+            #[cfg(test)]
+            let parts = parts.map(|p| {
+                p.fill(MaybeUninit::new(f32::NAN));
+                p
+            });
+            fill(i, parts)
+        });
     }
     for v in &mut out {
-        // SAFETY: the chunks cover `0..len` of the capacity and every one was initialised by
-        // `zeroed` above.
+        // SAFETY: the chunks cover `0..len` of the capacity, and the caller's `fill` initialised
+        // every one of them.
         unsafe { v.set_len(len) };
     }
     out
@@ -55,56 +78,94 @@ fn zeroed(part: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
+/// An output element a kernel sets: `f32` in an initialised buffer, `MaybeUninit<f32>` in a
+/// fresh one from [`par_written`] (only ever set to a value, never read). Only these two types
+/// implement it, both with the layout of `f32`.
+pub(super) trait Slot {
+    /// Whether the element holds a value that may be read (and added to).
+    const INITIALISED: bool;
+    fn set(&mut self, v: f32);
+}
+
+impl Slot for f32 {
+    const INITIALISED: bool = true;
+    #[inline(always)]
+    fn set(&mut self, v: f32) {
+        *self = v;
+    }
+}
+
+impl Slot for MaybeUninit<f32> {
+    const INITIALISED: bool = false;
+    #[inline(always)]
+    fn set(&mut self, v: f32) {
+        *self = MaybeUninit::new(v);
+    }
+}
+
+/// The output chunk of an elementwise kernel (fresh: every element must be written).
+pub(super) type Written = [MaybeUninit<f32>];
+
 /// `f(x_chunk, out_chunk)` over `x` in parallel chunks, into a new vector.
-pub(super) fn par_map(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
-    let [out] = par_filled(x.len(), CHUNK, |i, [o]| f(&x[i * CHUNK..][..o.len()], o));
+///
+/// # Safety
+/// `f` must write every element of its output chunk (as long as its input chunk).
+pub(super) unsafe fn par_map(x: &[f32], f: impl Fn(&[f32], &mut Written) + Sync) -> Vec<f32> {
+    // SAFETY: the caller's `f` writes all of each chunk.
+    let [out] = unsafe { par_written(x.len(), CHUNK, |i, [o]| f(&x[i * CHUNK..][..o.len()], o)) };
     out
 }
 
 /// `f(a_chunk, b_chunk, out_chunk)` over `a` and `b` (of one length) in parallel chunks.
-pub(super) fn par_map2(
+///
+/// # Safety
+/// `f` must write every element of its output chunk (as long as its input chunks).
+pub(super) unsafe fn par_map2(
     a: &[f32],
     b: &[f32],
-    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+    f: impl Fn(&[f32], &[f32], &mut Written) + Sync,
 ) -> Vec<f32> {
-    let [out] = par_filled(a.len(), CHUNK, |i, [o]| {
-        let r = i * CHUNK..i * CHUNK + o.len();
-        f(&a[r.clone()], &b[r], o)
-    });
+    // SAFETY: the caller's `f` writes all of each chunk.
+    let [out] = unsafe {
+        par_written(a.len(), CHUNK, |i, [o]| {
+            let r = i * CHUNK..i * CHUNK + o.len();
+            f(&a[r.clone()], &b[r], o)
+        })
+    };
     out
 }
 
 simd_dispatch! {
-    pub(super) fn silu_forward(x: &[f32], y: &mut [f32]) {
+    pub(super) fn silu_forward(x: &[f32], y: &mut Written) {
         for (y, x) in y.iter_mut().zip(x) {
-            *y = silu_scalar(*x);
+            y.set(silu_scalar(*x));
         }
     }
 }
 
 simd_dispatch! {
     /// d/dx [x sigmoid(x)] = s (1 + x (1 - s)) with s = sigmoid(x).
-    pub(super) fn silu_backward(x: &[f32], grad: &[f32], out: &mut [f32]) {
+    pub(super) fn silu_backward(x: &[f32], grad: &[f32], out: &mut Written) {
         for ((o, x), g) in out.iter_mut().zip(x).zip(grad) {
             let s = sigmoid(*x);
-            *o = g * s * x.mul_add(1.0 - s, 1.0);
+            o.set(g * s * x.mul_add(1.0 - s, 1.0));
         }
     }
 }
 
 simd_dispatch! {
-    pub(super) fn sigmoid_forward(x: &[f32], y: &mut [f32]) {
+    pub(super) fn sigmoid_forward(x: &[f32], y: &mut Written) {
         for (y, x) in y.iter_mut().zip(x) {
-            *y = sigmoid(*x);
+            y.set(sigmoid(*x));
         }
     }
 }
 
 simd_dispatch! {
     /// d/dx sigmoid(x) = y (1 - y) from the output y.
-    pub(super) fn sigmoid_backward(y: &[f32], grad: &[f32], out: &mut [f32]) {
+    pub(super) fn sigmoid_backward(y: &[f32], grad: &[f32], out: &mut Written) {
         for ((o, y), g) in out.iter_mut().zip(y).zip(grad) {
-            *o = g * (y - y * y);
+            o.set(g * (y - y * y));
         }
     }
 }
@@ -127,11 +188,14 @@ pub(super) fn rmsprop_tf(
     mom: &[f32],
     c: super::RmsPropCoefficients,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let [w2, ms2, mom2] = par_filled(w.len(), CHUNK, |i, [w2, ms2, mom2]| {
-        let r = i * CHUNK..(i * CHUNK + w2.len());
-        let ins = [&w[r.clone()], &g[r.clone()], &ms[r.clone()], &mom[r]];
-        rmsprop_tf_chunk(ins, c, w2, ms2, mom2);
-    });
+    // SAFETY: `rmsprop_tf_chunk` writes every element of its three outputs.
+    let [w2, ms2, mom2] = unsafe {
+        par_written(w.len(), CHUNK, |i, [w2, ms2, mom2]| {
+            let r = i * CHUNK..(i * CHUNK + w2.len());
+            let ins = [&w[r.clone()], &g[r.clone()], &ms[r.clone()], &mom[r]];
+            rmsprop_tf_chunk(ins, c, w2, ms2, mom2);
+        })
+    };
     (w2, ms2, mom2)
 }
 
@@ -140,9 +204,9 @@ simd_dispatch! {
     fn rmsprop_tf_chunk(
         ins: [&[f32]; 4],
         c: super::RmsPropCoefficients,
-        w2: &mut [f32],
-        ms2: &mut [f32],
-        mom2: &mut [f32],
+        w2: &mut Written,
+        ms2: &mut Written,
+        mom2: &mut Written,
     ) {
         let n = w2.len();
         let [w, g, ms, mom] = ins.map(|t| &t[..n]);
@@ -151,7 +215,9 @@ simd_dispatch! {
             let m = ms[i] + (g[i] * g[i] - ms[i]) * c.decay_complement;
             let step = (g[i] * c.lr) / (m + c.epsilon).sqrt();
             let v = mom[i] * c.momentum + step;
-            (w2[i], ms2[i], mom2[i]) = (w[i] - v, m, v);
+            w2[i].set(w[i] - v);
+            ms2[i].set(m);
+            mom2[i].set(v);
         }
     }
 }
@@ -379,10 +445,13 @@ pub(super) fn depthwise_forward_interleaved(
     let tap_list = geom.taps();
     let wt = interleave_weights(weight, channels, taps);
     let image = (channels * plane, channels * out_plane);
-    let [out] = par_filled(x.len() / plane * out_plane, image.1, |i, [o]| {
-        let x = &x[i * image.0..(i + 1) * image.0];
-        depthwise_image_forward(&tap_list, geom, channels, x, &wt, o);
-    });
+    // SAFETY: `depthwise_image_forward` writes every plane of every channel of its image.
+    let [out] = unsafe {
+        par_written(x.len() / plane * out_plane, image.1, |i, [o]| {
+            let x = &x[i * image.0..(i + 1) * image.0];
+            depthwise_image_forward(&tap_list, geom, channels, x, &wt, o);
+        })
+    };
     out
 }
 
@@ -406,10 +475,10 @@ fn interleave(planes: &[f32], plane: usize, out: &mut [Lanes]) {
 
 /// The inverse of [`interleave`]: the first `planes.len() / plane` lanes back into planes.
 #[inline(always)]
-fn deinterleave(from: &[Lanes], plane: usize, planes: &mut [f32]) {
+fn deinterleave(from: &[Lanes], plane: usize, planes: &mut [impl Slot]) {
     for (l, p) in planes.chunks_exact_mut(plane).enumerate() {
         for (v, f) in p.iter_mut().zip(from) {
-            *v = f[l];
+            v.set(f[l]);
         }
     }
 }
@@ -422,7 +491,7 @@ simd_dispatch! {
         channels: usize,
         x: &[f32],
         wt: &[Lanes],
-        out: &mut [f32],
+        out: &mut Written,
     ) {
         let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
         let mut xt = vec![[0.0; LANES]; plane];
@@ -664,19 +733,25 @@ pub(super) fn channel_sums(
 
 /// A new `[n, channels, plane]` tensor of `len` floats whose every plane `p` (of channel
 /// `c = p % channels`) `f(p, c, out_plane)` writes, in parallel.
-pub(super) fn map_planes(
+///
+/// # Safety
+/// `f` must write every element of its plane.
+pub(super) unsafe fn map_planes(
     len: usize,
     channels: usize,
     plane: usize,
-    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+    f: impl Fn(usize, usize, &mut Written) + Sync,
 ) -> Vec<f32> {
     let per_task = planes_per_task(plane);
-    let [out] = par_filled(len, per_task * plane, |t, [chunk]| {
-        for (i, o) in chunk.chunks_exact_mut(plane).enumerate() {
-            let p = t * per_task + i;
-            f(p, p % channels, o);
-        }
-    });
+    // SAFETY: the chunks are whole planes, each written by the caller's `f`.
+    let [out] = unsafe {
+        par_written(len, per_task * plane, |t, [chunk]| {
+            for (i, o) in chunk.chunks_exact_mut(plane).enumerate() {
+                let p = t * per_task + i;
+                f(p, p % channels, o);
+            }
+        })
+    };
     out
 }
 
@@ -710,16 +785,19 @@ pub(super) fn plane_dots(g: &[f32], x: &[f32], plane: usize) -> Vec<f32> {
 
 /// Each plane of `x` times its factor in `scale` (one per plane).
 pub(super) fn scale_planes(x: &[f32], scale: &[f32], plane: usize) -> Vec<f32> {
-    map_planes(x.len(), 1, plane, |p, _, o| {
-        scale_slice(&x[p * plane..(p + 1) * plane], scale[p], o)
-    })
+    // SAFETY: `scale_slice` writes all of `o`, as long as its input plane.
+    unsafe {
+        map_planes(x.len(), 1, plane, |p, _, o| {
+            scale_slice(&x[p * plane..(p + 1) * plane], scale[p], o)
+        })
+    }
 }
 
 simd_dispatch! {
     /// `out = x * factor`.
-    fn scale_slice(x: &[f32], factor: f32, out: &mut [f32]) {
+    fn scale_slice(x: &[f32], factor: f32, out: &mut Written) {
         for (o, x) in out.iter_mut().zip(x) {
-            *o = x * factor;
+            o.set(x * factor);
         }
     }
 }
@@ -748,10 +826,13 @@ pub(super) fn batch_norm_forward(
     .into_iter()
     .map(|s| s / count)
     .collect();
-    let out = map_planes(x.len(), channels, plane, |p, c, o| {
-        let scale = gamma[c] / (var[c] + epsilon).sqrt();
-        normalize(at(p), mean[c], scale, beta[c], o);
-    });
+    // SAFETY: `normalize` writes all of `o`, as long as its input plane.
+    let out = unsafe {
+        map_planes(x.len(), channels, plane, |p, c, o| {
+            let scale = gamma[c] / (var[c] + epsilon).sqrt();
+            normalize(at(p), mean[c], scale, beta[c], o);
+        })
+    };
     (out, mean, var)
 }
 
@@ -783,13 +864,16 @@ pub(super) fn batch_norm_backward(
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
     let ggamma = gxc.iter().zip(&inv_std).map(|(s, i)| s * i).collect();
     let gx_len = if want_input { x.len() } else { 0 };
-    let gx = map_planes(gx_len, channels, plane, |p, c, o| {
-        // dx = a g + b (x - mean) + d with per-channel constants.
-        let a = gamma[c] * inv_std[c];
-        let b = -a * inv_std[c] * inv_std[c] * gxc[c] / count;
-        let d = -a * gbeta[c] / count - b * mean[c];
-        affine2(g_at(p), x_at(p), a, b, d, o);
-    });
+    // SAFETY: `affine2` writes all of `o`, as long as its input planes.
+    let gx = unsafe {
+        map_planes(gx_len, channels, plane, |p, c, o| {
+            // dx = a g + b (x - mean) + d with per-channel constants.
+            let a = gamma[c] * inv_std[c];
+            let b = -a * inv_std[c] * inv_std[c] * gxc[c] / count;
+            let d = -a * gbeta[c] / count - b * mean[c];
+            affine2(g_at(p), x_at(p), a, b, d, o);
+        })
+    };
     (gx, ggamma, gbeta)
 }
 
@@ -840,18 +924,18 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// `out = (x - mean) * scale + shift`.
-    fn normalize(x: &[f32], mean: f32, scale: f32, shift: f32, out: &mut [f32]) {
+    fn normalize(x: &[f32], mean: f32, scale: f32, shift: f32, out: &mut Written) {
         for (o, x) in out.iter_mut().zip(x) {
-            *o = (x - mean).mul_add(scale, shift);
+            o.set((x - mean).mul_add(scale, shift));
         }
     }
 }
 
 simd_dispatch! {
     /// `out = a g + b x + d`.
-    pub(super) fn affine2(g: &[f32], x: &[f32], a: f32, b: f32, d: f32, out: &mut [f32]) {
+    pub(super) fn affine2(g: &[f32], x: &[f32], a: f32, b: f32, d: f32, out: &mut Written) {
         for ((o, g), x) in out.iter_mut().zip(g).zip(x) {
-            *o = g.mul_add(a, x.mul_add(b, d));
+            o.set(g.mul_add(a, x.mul_add(b, d)));
         }
     }
 }
@@ -995,8 +1079,9 @@ simd_dispatch! {
 
 /// `out [m x n]` = (or +=, with `accumulate`) `a [m x k]` times `b [k x n]`, each given as
 /// (values, row stride, column stride): the `gemm` crate, one thread (callers split the work).
-fn matmul(
-    (out, o_rs, o_cs): (&mut [f32], usize, usize),
+/// A fresh (`MaybeUninit`) output can only be set, and gets every one of its m x n elements.
+fn matmul<S: Slot>(
+    (out, o_rs, o_cs): (&mut [S], usize, usize),
     (m, n, k): (usize, usize, usize),
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, b_rs, b_cs): (&[f32], usize, usize),
@@ -1008,13 +1093,19 @@ fn matmul(
     }
     assert!(out.len() > last(o_rs, o_cs, m, n));
     assert!(k == 0 || (a.len() > last(a_rs, a_cs, m, k) && b.len() > last(b_rs, b_cs, k, n)));
-    // SAFETY: the asserts bound every element of the m x k, k x n and m x n operands read or written.
+    assert!(
+        S::INITIALISED || !accumulate,
+        "adding into an uninitialised output"
+    );
+    // SAFETY: the asserts bound every element of the m x k, k x n and m x n operands read or
+    // written; `S` has the layout of `f32`; with `accumulate` false gemm sets the m x n outputs
+    // (read_dst false, alpha 0: it zeroes them even when k is 0) without reading them.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out.as_mut_ptr().cast::<f32>(),
             o_cs as isize,
             o_rs as isize,
             accumulate,
@@ -1058,20 +1149,26 @@ pub(super) fn pointwise_forward(
 ) -> Vec<f32> {
     let [y] = if hw <= BATCHED_MAX_POSITIONS {
         // Per position p: y[:, :, p] (images x co) = x[:, :, p] (images x ci) w^T.
-        par_filled(n * co * hw, BATCHED_IMAGES * co * hw, |t, [y]| {
-            let m = y.len() / (co * hw);
-            let x = &x[t * BATCHED_IMAGES * ci * hw..][..m * ci * hw];
-            for p in 0..hw {
-                let out = (&mut y[p..], co * hw, hw);
-                matmul(out, (m, co, ci), (&x[p..], ci * hw, hw), (w, 1, ci), false);
-            }
-        })
+        // SAFETY: the products over the hw positions set every element of the part.
+        unsafe {
+            par_written(n * co * hw, BATCHED_IMAGES * co * hw, |t, [y]| {
+                let m = y.len() / (co * hw);
+                let x = &x[t * BATCHED_IMAGES * ci * hw..][..m * ci * hw];
+                for p in 0..hw {
+                    let out = (&mut y[p..], co * hw, hw);
+                    matmul(out, (m, co, ci), (&x[p..], ci * hw, hw), (w, 1, ci), false);
+                }
+            })
+        }
     } else {
         // One product per image: y_i (co x hw) = w x_i.
-        par_filled(n * co * hw, co * hw, |img, [y]| {
-            let xi = &x[img * ci * hw..(img + 1) * ci * hw];
-            matmul((y, hw, 1), (co, hw, ci), (w, ci, 1), (xi, hw, 1), false);
-        })
+        // SAFETY: the product sets all of the image's co x hw outputs.
+        unsafe {
+            par_written(n * co * hw, co * hw, |img, [y]| {
+                let xi = &x[img * ci * hw..(img + 1) * ci * hw];
+                matmul((y, hw, 1), (co, hw, ci), (w, ci, 1), (xi, hw, 1), false);
+            })
+        }
     };
     y
 }
@@ -1090,19 +1187,25 @@ pub(super) fn pointwise_backward(
     let dx_len = if need_dx { n * ci * hw } else { 0 };
     let [dx] = if batched {
         // Per position p: dx[:, :, p] (images x ci) = dy[:, :, p] (images x co) w.
-        par_filled(dx_len, BATCHED_IMAGES * ci * hw, |t, [dx]| {
-            let m = dx.len() / (ci * hw);
-            let dy = &dy[t * BATCHED_IMAGES * co * hw..][..m * co * hw];
-            for p in 0..hw {
-                let out = (&mut dx[p..], ci * hw, hw);
-                matmul(out, (m, ci, co), (&dy[p..], co * hw, hw), (w, ci, 1), false);
-            }
-        })
+        // SAFETY: the products over the hw positions set every element of the part.
+        unsafe {
+            par_written(dx_len, BATCHED_IMAGES * ci * hw, |t, [dx]| {
+                let m = dx.len() / (ci * hw);
+                let dy = &dy[t * BATCHED_IMAGES * co * hw..][..m * co * hw];
+                for p in 0..hw {
+                    let out = (&mut dx[p..], ci * hw, hw);
+                    matmul(out, (m, ci, co), (&dy[p..], co * hw, hw), (w, ci, 1), false);
+                }
+            })
+        }
     } else {
-        par_filled(dx_len, ci * hw, |img, [dx]| {
-            let dyi = &dy[img * co * hw..(img + 1) * co * hw];
-            matmul((dx, hw, 1), (ci, hw, co), (w, 1, ci), (dyi, hw, 1), false);
-        })
+        // SAFETY: the product sets all of the image's ci x hw outputs.
+        unsafe {
+            par_written(dx_len, ci * hw, |img, [dx]| {
+                let dyi = &dy[img * co * hw..(img + 1) * co * hw];
+                matmul((dx, hw, 1), (ci, hw, co), (w, 1, ci), (dyi, hw, 1), false);
+            })
+        }
     };
     let part_rows = weight_gradient_rows(co);
     let [dw] = par_filled(co * ci, part_rows * ci, |part, [dw]| {
