@@ -6,7 +6,9 @@
 #   scripts/bench_commits.sh "b0 --train --threads 1 --iters 15" 8c7c331 HEAD
 #
 # Environment: ROUNDS (default 2). --reference works on commits whose binary embeds its Python
-# scripts (from "bench: embed the reference scripts" on).
+# scripts (from "bench: embed the reference scripts" on). PROFILE=REGEX records each run with
+# `perf record` (flat, 999 Hz) and prints the share of samples in the symbols matching REGEX
+# (e.g. PROFILE='memset|clear_page'): a figure the VM's wall-clock noise does not swamp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=$1
@@ -28,7 +30,14 @@ for round in $(seq "${ROUNDS:-2}"); do
     for rev in "$@"; do
         sha=$(git rev-parse --short "$rev")
         echo "== round $round, $rev ($sha): effnet bench $args"
-        # shellcheck disable=SC2086
-        "$bins/effnet-$sha" bench $args | tail -n 1
+        if [ -n "${PROFILE:-}" ]; then
+            # shellcheck disable=SC2086
+            perf record -q -F 999 -o "$bins/perf.data" -- "$bins/effnet-$sha" bench $args | tail -n 1
+            perf report -i "$bins/perf.data" --no-children --sort symbol -g none 2>/dev/null |
+                awk -v re="$PROFILE" '!/^#/ && $0 ~ re {printf "  %s %s\n", $1, $3}'
+        else
+            # shellcheck disable=SC2086
+            "$bins/effnet-$sha" bench $args | tail -n 1
+        fi
     done
 done
