@@ -248,8 +248,10 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                     let (g, plane) = (f32s(&grad), shape[2] * shape[3]);
                     // SAFETY: the fill writes all of each plane.
                     let out = unsafe {
-                        map_planes(g.len() * plane, 1, plane, |p, _, o| {
-                            o.fill(MaybeUninit::new(g[p] / plane as f32))
+                        map_planes(g.len() * plane, plane, |first, out| {
+                            for (o, g) in out.chunks_exact_mut(plane).zip(&g[first..]) {
+                                o.fill(MaybeUninit::new(g / plane as f32));
+                            }
                         })
                     };
                     tensor(out, shape)

@@ -173,10 +173,7 @@ simd_dispatch! {
 /// `sum x^2` over fixed chunks of [`CHUNK`] floats, their sums added in order (in f64): the same
 /// value on any number of threads.
 pub(super) fn squared_sum(x: &[f32]) -> f32 {
-    let parts: Vec<f32> = x
-        .par_chunks(CHUNK)
-        .map(|c| squared_deviation(c, 0.0))
-        .collect();
+    let parts: Vec<f32> = x.par_chunks(CHUNK).map(sum_of_squares).collect();
     parts.iter().map(|&p| p as f64).sum::<f64>() as f32
 }
 
@@ -702,23 +699,27 @@ pub(super) fn planes_by_channel<T>(
     planes
 }
 
-/// Per-channel sums of `f(p, c)` over the planes `p` (of channel `c = p % channels`) of an
-/// `[n, channels, plane]` tensor. The planes are visited in memory order (a channel-major walk
+/// Per-channel sums of per-plane values over the planes `p` (of channel `p % channels`) of an
+/// `[n, channels, plane]` tensor: `f(first, values)` sets `values[i]` to plane `first + i`'s
+/// value, for a run of whole images. The planes are visited in memory order (a channel-major walk
 /// would touch every cache line once per channel on 1x1 maps) by tasks of whole images, and the
 /// tasks' partial sums are added in a fixed order, so the result does not depend on the threads.
 pub(super) fn channel_sums(
     planes: usize,
     channels: usize,
     plane: usize,
-    f: impl Fn(usize, usize) -> f32 + Sync,
+    f: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let per_task = planes_per_task(channels * plane) * channels;
     let partials: Vec<Vec<f32>> = (0..planes.div_ceil(per_task))
         .into_par_iter()
         .map(|t| {
+            let first = t * per_task;
+            let mut values = vec![0.0f32; per_task.min(planes - first)];
+            f(first, &mut values);
             let mut acc = vec![0.0f32; channels];
-            for p in t * per_task..((t + 1) * per_task).min(planes) {
-                acc[p % channels] += f(p, p % channels);
+            for (p, v) in (first..).zip(values) {
+                acc[p % channels] += v;
             }
             acc
         })
@@ -731,73 +732,112 @@ pub(super) fn channel_sums(
         })
 }
 
-/// A new `[n, channels, plane]` tensor of `len` floats whose every plane `p` (of channel
-/// `c = p % channels`) `f(p, c, out_plane)` writes, in parallel.
+/// A new tensor of `len` floats (whole planes of `plane`) written in parallel runs of planes:
+/// `f(first, out)` writes `out`, the planes `first..` of the result.
+///
+/// The kernels take a run of planes rather than one: on the 1x1 and 2x2 maps of the last stages
+/// a call per plane was a call per element or four.
 ///
 /// # Safety
-/// `f` must write every element of its plane.
+/// `f` must write every element of its run.
 pub(super) unsafe fn map_planes(
     len: usize,
-    channels: usize,
     plane: usize,
-    f: impl Fn(usize, usize, &mut Written) + Sync,
+    f: impl Fn(usize, &mut Written) + Sync,
 ) -> Vec<f32> {
     let per_task = planes_per_task(plane);
-    // SAFETY: the chunks are whole planes, each written by the caller's `f`.
-    let [out] = unsafe {
-        par_written(len, per_task * plane, |t, [chunk]| {
-            for (i, o) in chunk.chunks_exact_mut(plane).enumerate() {
-                let p = t * per_task + i;
-                f(p, p % channels, o);
-            }
-        })
-    };
+    // SAFETY: the caller's `f` writes all of each run.
+    let [out] = unsafe { par_written(len, per_task * plane, |t, [run]| f(t * per_task, run)) };
     out
 }
 
-/// `f(p)` for every plane `p` of a tensor of `planes`, in parallel (each value computed by one
-/// task, so the result does not depend on the thread count).
-pub(super) fn per_plane(planes: usize, plane: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+/// One value per plane of a tensor of `planes`, in parallel runs: `f(first, values)` sets the
+/// values of planes `first..` (each value computed by one task, so the result does not depend on
+/// the thread count).
+pub(super) fn per_plane(
+    planes: usize,
+    plane: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let per_task = planes_per_task(plane);
     let mut out = vec![0.0; planes];
-    out.par_chunks_mut(per_task).enumerate().for_each(|(t, o)| {
-        o.iter_mut()
-            .enumerate()
-            .for_each(|(i, v)| *v = f(t * per_task + i))
-    });
+    out.par_chunks_mut(per_task)
+        .enumerate()
+        .for_each(|(t, o)| f(t * per_task, o));
     out
+}
+
+/// Where a run of whole planes starts in an `[n, channels, plane]` tensor: plane `first` (of
+/// channel `first % channels`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PlaneRun {
+    first: usize,
+    channels: usize,
+    plane: usize,
+}
+
+impl PlaneRun {
+    /// The floats of the `planes` planes from `first` in `x`.
+    fn of<'a>(&self, x: &'a [f32], planes: usize) -> &'a [f32] {
+        &x[self.first * self.plane..(self.first + planes) * self.plane]
+    }
+
+    /// The channel of the run's `i`-th plane.
+    #[inline(always)]
+    fn channel(&self, i: usize) -> usize {
+        (self.first + i) % self.channels
+    }
 }
 
 /// Mean of each plane of `x`.
 pub(super) fn plane_means(x: &[f32], plane: usize) -> Vec<f32> {
-    per_plane(x.len() / plane, plane, |p| {
-        sum(&x[p * plane..(p + 1) * plane]) / plane as f32
+    per_plane(x.len() / plane, plane, |first, out| {
+        let run = PlaneRun {
+            first,
+            channels: 1,
+            plane,
+        };
+        plane_sums(run.of(x, out.len()), plane, out);
+        out.iter_mut().for_each(|v| *v /= plane as f32);
     })
 }
 
 /// `sum g x` over each plane.
 pub(super) fn plane_dots(g: &[f32], x: &[f32], plane: usize) -> Vec<f32> {
-    let range = |p: usize| p * plane..(p + 1) * plane;
-    per_plane(x.len() / plane, plane, |p| {
-        centered_dot(&g[range(p)], &x[range(p)], 0.0)
+    per_plane(x.len() / plane, plane, |first, out| {
+        let run = PlaneRun {
+            first,
+            channels: 1,
+            plane,
+        };
+        let (g, x) = (run.of(g, out.len()), run.of(x, out.len()));
+        plane_centered_dots(g, x, run, &[0.0], out);
     })
 }
 
 /// Each plane of `x` times its factor in `scale` (one per plane).
 pub(super) fn scale_planes(x: &[f32], scale: &[f32], plane: usize) -> Vec<f32> {
-    // SAFETY: `scale_slice` writes all of `o`, as long as its input plane.
+    // SAFETY: `scale_plane_run` writes all of its run, as long as its input.
     unsafe {
-        map_planes(x.len(), 1, plane, |p, _, o| {
-            scale_slice(&x[p * plane..(p + 1) * plane], scale[p], o)
+        map_planes(x.len(), plane, |first, out| {
+            let run = PlaneRun {
+                first,
+                channels: 1,
+                plane,
+            };
+            scale_plane_run(run.of(x, out.len() / plane), plane, &scale[first..], out)
         })
     }
 }
 
 simd_dispatch! {
-    /// `out = x * factor`.
-    fn scale_slice(x: &[f32], factor: f32, out: &mut Written) {
-        for (o, x) in out.iter_mut().zip(x) {
-            o.set(x * factor);
+    /// `out` = each plane of `x` times its factor in `factors`.
+    fn scale_plane_run(x: &[f32], plane: usize, factors: &[f32], out: &mut Written) {
+        let planes = out.chunks_exact_mut(plane).zip(x.chunks_exact(plane));
+        for ((o, x), factor) in planes.zip(factors) {
+            for (o, x) in o.iter_mut().zip(x) {
+                o.set(x * factor);
+            }
         }
     }
 }
@@ -815,22 +855,33 @@ pub(super) fn batch_norm_forward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
-    let at = |p: usize| &x[p * plane..(p + 1) * plane];
-    let mean: Vec<f32> = channel_sums(planes, channels, plane, |p, _| sum(at(p)))
-        .into_iter()
-        .map(|s| s / count)
-        .collect();
-    let var: Vec<f32> = channel_sums(planes, channels, plane, |p, c| {
-        squared_deviation(at(p), mean[c])
+    let run = |first| PlaneRun {
+        first,
+        channels,
+        plane,
+    };
+    let mean: Vec<f32> = channel_sums(planes, channels, plane, |first, out| {
+        plane_sums(run(first).of(x, out.len()), plane, out)
     })
     .into_iter()
     .map(|s| s / count)
     .collect();
-    // SAFETY: `normalize` writes all of `o`, as long as its input plane.
+    let var: Vec<f32> = channel_sums(planes, channels, plane, |first, out| {
+        let run = run(first);
+        plane_squared_deviations(run.of(x, out.len()), run, &mean, out)
+    })
+    .into_iter()
+    .map(|s| s / count)
+    .collect();
+    let scale: Vec<f32> = (0..channels)
+        .map(|c| gamma[c] / (var[c] + epsilon).sqrt())
+        .collect();
+    // SAFETY: `normalize_plane_run` writes all of its run, as long as its input.
     let out = unsafe {
-        map_planes(x.len(), channels, plane, |p, c, o| {
-            let scale = gamma[c] / (var[c] + epsilon).sqrt();
-            normalize(at(p), mean[c], scale, beta[c], o);
+        map_planes(x.len(), plane, |first, out| {
+            let run = run(first);
+            let x = run.of(x, out.len() / plane);
+            normalize_plane_run(x, run, [&mean, &scale, beta], out);
         })
     };
     (out, mean, var)
@@ -855,87 +906,176 @@ pub(super) fn batch_norm_backward(
     let channels = gamma.len();
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
-    let g_at = |p: usize| &grad[p * plane..(p + 1) * plane];
-    let x_at = |p: usize| &x[p * plane..(p + 1) * plane];
-    let gbeta = channel_sums(planes, channels, plane, |p, _| sum(g_at(p)));
-    let gxc = channel_sums(planes, channels, plane, |p, c| {
-        centered_dot(g_at(p), x_at(p), mean[c])
+    let run = |first| PlaneRun {
+        first,
+        channels,
+        plane,
+    };
+    let gbeta = channel_sums(planes, channels, plane, |first, out| {
+        plane_sums(run(first).of(grad, out.len()), plane, out)
+    });
+    let gxc = channel_sums(planes, channels, plane, |first, out| {
+        let run = run(first);
+        let (g, x) = (run.of(grad, out.len()), run.of(x, out.len()));
+        plane_centered_dots(g, x, run, mean, out)
     });
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
     let ggamma = gxc.iter().zip(&inv_std).map(|(s, i)| s * i).collect();
     let gx_len = if want_input { x.len() } else { 0 };
-    // SAFETY: `affine2` writes all of `o`, as long as its input planes.
+    // dx = a g + b (x - mean) + d with per-channel constants.
+    let a: Vec<f32> = (0..channels).map(|c| gamma[c] * inv_std[c]).collect();
+    let b: Vec<f32> = (0..channels)
+        .map(|c| -a[c] * inv_std[c] * inv_std[c] * gxc[c] / count)
+        .collect();
+    let d: Vec<f32> = (0..channels)
+        .map(|c| -a[c] * gbeta[c] / count - b[c] * mean[c])
+        .collect();
+    // SAFETY: `affine2_plane_run` writes all of its run, as long as its inputs.
     let gx = unsafe {
-        map_planes(gx_len, channels, plane, |p, c, o| {
-            // dx = a g + b (x - mean) + d with per-channel constants.
-            let a = gamma[c] * inv_std[c];
-            let b = -a * inv_std[c] * inv_std[c] * gxc[c] / count;
-            let d = -a * gbeta[c] / count - b * mean[c];
-            affine2(g_at(p), x_at(p), a, b, d, o);
+        map_planes(gx_len, plane, |first, out| {
+            let run = run(first);
+            let planes = out.len() / plane;
+            affine2_plane_run(
+                run.of(grad, planes),
+                run.of(x, planes),
+                run,
+                [&a, &b, &d],
+                out,
+            );
         })
     };
     (gx, ggamma, gbeta)
 }
 
-simd_dispatch! {
-    /// Sum of a slice, eight lanes at a time.
-    fn sum(x: &[f32]) -> f32 {
-        let mut acc = [0.0f32; 8];
-        let mut chunks = x.chunks_exact(8);
-        for chunk in &mut chunks {
-            for (a, v) in acc.iter_mut().zip(chunk) {
-                *a += v;
-            }
+/// Sum of a slice, eight lanes at a time. Inlined into the dispatched kernels below.
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *a += v;
         }
-        acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `sum (x - mean)^2`, eight lanes at a time.
+#[inline(always)]
+fn squared_deviation(x: &[f32], mean: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a = (x - mean).mul_add(x - mean, *a);
+        }
+    }
+    let rest: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|x| (x - mean) * (x - mean))
+        .sum();
+    acc.iter().sum::<f32>() + rest
+}
+
+/// `sum g (x - mean)`, eight lanes at a time.
+#[inline(always)]
+fn centered_dot(g: &[f32], x: &[f32], mean: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = g.chunks_exact(8).zip(x.chunks_exact(8));
+    for (g, x) in &mut chunks {
+        for ((a, g), x) in acc.iter_mut().zip(g).zip(x) {
+            *a = g.mul_add(x - mean, *a);
+        }
+    }
+    let tail = g.len() / 8 * 8;
+    let rest: f32 = g[tail..]
+        .iter()
+        .zip(&x[tail..])
+        .map(|(g, x)| g * (x - mean))
+        .sum();
+    acc.iter().sum::<f32>() + rest
+}
+
+simd_dispatch! {
+    /// `sum x^2` of a slice.
+    fn sum_of_squares(x: &[f32]) -> f32 {
+        squared_deviation(x, 0.0)
     }
 }
 
 simd_dispatch! {
-    /// `sum (x - mean)^2`, eight lanes at a time.
-    fn squared_deviation(x: &[f32], mean: f32) -> f32 {
-        let mut acc = [0.0f32; 8];
-        let mut chunks = x.chunks_exact(8);
-        for chunk in &mut chunks {
-            for (a, x) in acc.iter_mut().zip(chunk) {
-                *a = (x - mean).mul_add(x - mean, *a);
-            }
+    /// `out[i]` = the sum of plane `i` of `x` (whole planes of `plane`).
+    fn plane_sums(x: &[f32], plane: usize, out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(x.chunks_exact(plane)) {
+            *o = sum(x);
         }
-        let rest: f32 = chunks.remainder().iter().map(|x| (x - mean) * (x - mean)).sum();
-        acc.iter().sum::<f32>() + rest
     }
 }
 
 simd_dispatch! {
-    /// `sum g (x - mean)`, eight lanes at a time.
-    fn centered_dot(g: &[f32], x: &[f32], mean: f32) -> f32 {
-        let mut acc = [0.0f32; 8];
-        let mut chunks = g.chunks_exact(8).zip(x.chunks_exact(8));
-        for (g, x) in &mut chunks {
-            for ((a, g), x) in acc.iter_mut().zip(g).zip(x) {
-                *a = g.mul_add(x - mean, *a);
-            }
+    /// `out[i]` = `sum (x - mean[c])^2` over plane `i` of the run `x` (of channel `c`).
+    fn plane_squared_deviations(x: &[f32], run: PlaneRun, mean: &[f32], out: &mut [f32]) {
+        for (i, (o, x)) in out.iter_mut().zip(x.chunks_exact(run.plane)).enumerate() {
+            *o = squared_deviation(x, mean[run.channel(i)]);
         }
-        let tail = g.len() / 8 * 8;
-        let rest: f32 = g[tail..].iter().zip(&x[tail..]).map(|(g, x)| g * (x - mean)).sum();
-        acc.iter().sum::<f32>() + rest
     }
 }
 
 simd_dispatch! {
-    /// `out = (x - mean) * scale + shift`.
-    fn normalize(x: &[f32], mean: f32, scale: f32, shift: f32, out: &mut Written) {
-        for (o, x) in out.iter_mut().zip(x) {
-            o.set((x - mean).mul_add(scale, shift));
+    /// `out[i]` = `sum g (x - mean[c])` over plane `i` of the runs `g` and `x` (of channel `c`).
+    fn plane_centered_dots(g: &[f32], x: &[f32], run: PlaneRun, mean: &[f32], out: &mut [f32]) {
+        let planes = g.chunks_exact(run.plane).zip(x.chunks_exact(run.plane));
+        for (i, (o, (g, x))) in out.iter_mut().zip(planes).enumerate() {
+            *o = centered_dot(g, x, mean[run.channel(i)]);
         }
+    }
+}
+
+simd_dispatch! {
+    /// `out = (x - mean[c]) * scale[c] + shift[c]` over the run's planes (of channel `c`).
+    fn normalize_plane_run(x: &[f32], run: PlaneRun, coefficients: [&[f32]; 3], out: &mut Written) {
+        let [mean, scale, shift] = coefficients;
+        let planes = out.chunks_exact_mut(run.plane).zip(x.chunks_exact(run.plane));
+        for (i, (o, x)) in planes.enumerate() {
+            let c = run.channel(i);
+            for (o, x) in o.iter_mut().zip(x) {
+                o.set((x - mean[c]).mul_add(scale[c], shift[c]));
+            }
+        }
+    }
+}
+
+/// `out = a g + b x + d`. Inlined into the dispatched kernels.
+#[inline(always)]
+fn affine2_slice(g: &[f32], x: &[f32], (a, b, d): (f32, f32, f32), out: &mut Written) {
+    for ((o, g), x) in out.iter_mut().zip(g).zip(x) {
+        o.set(g.mul_add(a, x.mul_add(b, d)));
     }
 }
 
 simd_dispatch! {
     /// `out = a g + b x + d`.
     pub(super) fn affine2(g: &[f32], x: &[f32], a: f32, b: f32, d: f32, out: &mut Written) {
-        for ((o, g), x) in out.iter_mut().zip(g).zip(x) {
-            o.set(g.mul_add(a, x.mul_add(b, d)));
+        affine2_slice(g, x, (a, b, d), out)
+    }
+}
+
+simd_dispatch! {
+    /// [`affine2`] over the run's planes with the coefficients of each plane's channel.
+    fn affine2_plane_run(
+        g: &[f32],
+        x: &[f32],
+        run: PlaneRun,
+        coefficients: [&[f32]; 3],
+        out: &mut Written,
+    ) {
+        let [a, b, d] = coefficients;
+        let p = run.plane;
+        let planes = out.chunks_exact_mut(p).zip(g.chunks_exact(p).zip(x.chunks_exact(p)));
+        for (i, (o, (g, x))) in planes.enumerate() {
+            let c = run.channel(i);
+            affine2_slice(g, x, (a[c], b[c], d[c]), o);
         }
     }
 }

@@ -244,7 +244,17 @@ fn batch_norm_layer(channels: usize, device: &Device) -> BatchNorm {
 #[test]
 fn batch_norm_matches_burn() {
     let device = Device::flex().autodiff();
-    for shape in [[4, 6, 5, 5], [64, 3, 1, 1], [2, 5, 9, 1], [3, 4, 16, 16]] {
+    // The last two span several parallel runs of planes, the later runs starting mid-image (on a
+    // channel other than 0).
+    let shapes = [
+        [4, 6, 5, 5],
+        [64, 3, 1, 1],
+        [2, 5, 9, 1],
+        [3, 4, 16, 16],
+        [1500, 3, 1, 1],
+        [300, 5, 2, 2],
+    ];
+    for shape in shapes {
         let (fused_bn, burn_bn) = (
             batch_norm_layer(shape[1], &device),
             batch_norm_layer(shape[1], &device),
