@@ -5,7 +5,8 @@ mod cli;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc 2's `mi_option_e` (libmimalloc-sys 0.1 names no constant).
+/// `mi_option_purge_delay` in `mi_option_e`: 15 in mimalloc 3 (what libmimalloc-sys 0.1.49 builds)
+/// and in mimalloc 2; libmimalloc-sys 0.1 names no constant.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Keeps freed pages mapped: by default mimalloc hands memory back to the OS 10 ms after it is
