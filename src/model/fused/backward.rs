@@ -248,8 +248,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                     let (g, plane) = (f32s(&grad), shape[2] * shape[3]);
                     // SAFETY: the fill writes all of each plane.
                     let out = unsafe {
-                        map_planes(g.len() * plane, plane, |first, out| {
-                            for (o, g) in out.chunks_exact_mut(plane).zip(&g[first..]) {
+                        map_planes(g.len() * plane, 1, plane, |run, out| {
+                            for (o, g) in out.chunks_exact_mut(plane).zip(&g[run.first..]) {
                                 o.fill(MaybeUninit::new(g / plane as f32));
                             }
                         })

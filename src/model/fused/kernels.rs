@@ -40,14 +40,14 @@ pub(super) fn par_filled<const K: usize>(
 pub(super) unsafe fn par_written<const K: usize>(
     len: usize,
     chunk: usize,
-    fill: impl Fn(usize, [&mut [MaybeUninit<f32>]; K]) + Sync,
+    fill: impl Fn(usize, [&mut Written; K]) + Sync,
 ) -> [Vec<f32>; K] {
     let mut out: [Vec<f32>; K] = std::array::from_fn(|_| Vec::with_capacity(len));
     {
         let mut chunks = out
             .each_mut()
             .map(|v| v.spare_capacity_mut()[..len].chunks_mut(chunk.max(1)));
-        let parts: Vec<[&mut [MaybeUninit<f32>]; K]> = (0..len.div_ceil(chunk.max(1)))
+        let parts: Vec<[&mut Written; K]> = (0..len.div_ceil(chunk.max(1)))
             .map(|_| {
                 chunks
                     .each_mut()
@@ -700,15 +700,16 @@ pub(super) fn planes_by_channel<T>(
 }
 
 /// Per-channel sums of per-plane values over the planes `p` (of channel `p % channels`) of an
-/// `[n, channels, plane]` tensor: `f(first, values)` sets `values[i]` to plane `first + i`'s
-/// value, for a run of whole images. The planes are visited in memory order (a channel-major walk
-/// would touch every cache line once per channel on 1x1 maps) by tasks of whole images, and the
-/// tasks' partial sums are added in a fixed order, so the result does not depend on the threads.
+/// `[n, channels, plane]` tensor: `f(run, values)` sets `values[i]` to the value of the run's
+/// `i`-th plane, for runs of whole images. The planes are visited in memory order (a
+/// channel-major walk would touch every cache line once per channel on 1x1 maps) by tasks of
+/// whole images, and the tasks' partial sums are added in a fixed order, so the result does not
+/// depend on the threads.
 pub(super) fn channel_sums(
     planes: usize,
     channels: usize,
     plane: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync,
+    f: impl Fn(PlaneRun, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let per_task = planes_per_task(channels * plane) * channels;
     let partials: Vec<Vec<f32>> = (0..planes.div_ceil(per_task))
@@ -716,7 +717,14 @@ pub(super) fn channel_sums(
         .map(|t| {
             let first = t * per_task;
             let mut values = vec![0.0f32; per_task.min(planes - first)];
-            f(first, &mut values);
+            f(
+                PlaneRun {
+                    first,
+                    channels,
+                    plane,
+                },
+                &mut values,
+            );
             let mut acc = vec![0.0f32; channels];
             for (p, v) in (first..).zip(values) {
                 acc[p % channels] += v;
@@ -732,8 +740,8 @@ pub(super) fn channel_sums(
         })
 }
 
-/// A new tensor of `len` floats (whole planes of `plane`) written in parallel runs of planes:
-/// `f(first, out)` writes `out`, the planes `first..` of the result.
+/// A new `[n, channels, plane]` tensor of `len` floats written in parallel runs of planes:
+/// `f(run, out)` writes `out`, the run's planes of the result.
 ///
 /// The kernels take a run of planes rather than one: on the 1x1 and 2x2 maps of the last stages
 /// a call per plane was a call per element or four.
@@ -742,28 +750,49 @@ pub(super) fn channel_sums(
 /// `f` must write every element of its run.
 pub(super) unsafe fn map_planes(
     len: usize,
+    channels: usize,
     plane: usize,
-    f: impl Fn(usize, &mut Written) + Sync,
+    f: impl Fn(PlaneRun, &mut Written) + Sync,
 ) -> Vec<f32> {
     let per_task = planes_per_task(plane);
     // SAFETY: the caller's `f` writes all of each run.
-    let [out] = unsafe { par_written(len, per_task * plane, |t, [run]| f(t * per_task, run)) };
+    let [out] = unsafe {
+        par_written(len, per_task * plane, |t, [out]| {
+            let first = t * per_task;
+            f(
+                PlaneRun {
+                    first,
+                    channels,
+                    plane,
+                },
+                out,
+            )
+        })
+    };
     out
 }
 
-/// One value per plane of a tensor of `planes`, in parallel runs: `f(first, values)` sets the
-/// values of planes `first..` (each value computed by one task, so the result does not depend on
+/// One value per plane of a tensor of `planes`, in parallel runs: `f(run, values)` sets the
+/// values of the run's planes (each value computed by one task, so the result does not depend on
 /// the thread count).
 pub(super) fn per_plane(
     planes: usize,
     plane: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync,
+    f: impl Fn(PlaneRun, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let per_task = planes_per_task(plane);
     let mut out = vec![0.0; planes];
-    out.par_chunks_mut(per_task)
-        .enumerate()
-        .for_each(|(t, o)| f(t * per_task, o));
+    out.par_chunks_mut(per_task).enumerate().for_each(|(t, o)| {
+        let first = t * per_task;
+        f(
+            PlaneRun {
+                first,
+                channels: 1,
+                plane,
+            },
+            o,
+        )
+    });
     out
 }
 
@@ -771,7 +800,7 @@ pub(super) fn per_plane(
 /// channel `first % channels`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PlaneRun {
-    first: usize,
+    pub(super) first: usize,
     channels: usize,
     plane: usize,
 }
@@ -791,12 +820,7 @@ impl PlaneRun {
 
 /// Mean of each plane of `x`.
 pub(super) fn plane_means(x: &[f32], plane: usize) -> Vec<f32> {
-    per_plane(x.len() / plane, plane, |first, out| {
-        let run = PlaneRun {
-            first,
-            channels: 1,
-            plane,
-        };
+    per_plane(x.len() / plane, plane, |run, out| {
         plane_sums(run.of(x, out.len()), plane, out);
         out.iter_mut().for_each(|v| *v /= plane as f32);
     })
@@ -804,12 +828,7 @@ pub(super) fn plane_means(x: &[f32], plane: usize) -> Vec<f32> {
 
 /// `sum g x` over each plane.
 pub(super) fn plane_dots(g: &[f32], x: &[f32], plane: usize) -> Vec<f32> {
-    per_plane(x.len() / plane, plane, |first, out| {
-        let run = PlaneRun {
-            first,
-            channels: 1,
-            plane,
-        };
+    per_plane(x.len() / plane, plane, |run, out| {
         let (g, x) = (run.of(g, out.len()), run.of(x, out.len()));
         plane_centered_dots(g, x, run, &[0.0], out);
     })
@@ -819,13 +838,13 @@ pub(super) fn plane_dots(g: &[f32], x: &[f32], plane: usize) -> Vec<f32> {
 pub(super) fn scale_planes(x: &[f32], scale: &[f32], plane: usize) -> Vec<f32> {
     // SAFETY: `scale_plane_run` writes all of its run, as long as its input.
     unsafe {
-        map_planes(x.len(), plane, |first, out| {
-            let run = PlaneRun {
-                first,
-                channels: 1,
+        map_planes(x.len(), 1, plane, |run, out| {
+            scale_plane_run(
+                run.of(x, out.len() / plane),
                 plane,
-            };
-            scale_plane_run(run.of(x, out.len() / plane), plane, &scale[first..], out)
+                &scale[run.first..],
+                out,
+            )
         })
     }
 }
@@ -855,19 +874,13 @@ pub(super) fn batch_norm_forward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
-    let run = |first| PlaneRun {
-        first,
-        channels,
-        plane,
-    };
-    let mean: Vec<f32> = channel_sums(planes, channels, plane, |first, out| {
-        plane_sums(run(first).of(x, out.len()), plane, out)
+    let mean: Vec<f32> = channel_sums(planes, channels, plane, |run, out| {
+        plane_sums(run.of(x, out.len()), plane, out)
     })
     .into_iter()
     .map(|s| s / count)
     .collect();
-    let var: Vec<f32> = channel_sums(planes, channels, plane, |first, out| {
-        let run = run(first);
+    let var: Vec<f32> = channel_sums(planes, channels, plane, |run, out| {
         plane_squared_deviations(run.of(x, out.len()), run, &mean, out)
     })
     .into_iter()
@@ -878,8 +891,7 @@ pub(super) fn batch_norm_forward(
         .collect();
     // SAFETY: `normalize_plane_run` writes all of its run, as long as its input.
     let out = unsafe {
-        map_planes(x.len(), plane, |first, out| {
-            let run = run(first);
+        map_planes(x.len(), channels, plane, |run, out| {
             let x = run.of(x, out.len() / plane);
             normalize_plane_run(x, run, [&mean, &scale, beta], out);
         })
@@ -906,16 +918,10 @@ pub(super) fn batch_norm_backward(
     let channels = gamma.len();
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
-    let run = |first| PlaneRun {
-        first,
-        channels,
-        plane,
-    };
-    let gbeta = channel_sums(planes, channels, plane, |first, out| {
-        plane_sums(run(first).of(grad, out.len()), plane, out)
+    let gbeta = channel_sums(planes, channels, plane, |run, out| {
+        plane_sums(run.of(grad, out.len()), plane, out)
     });
-    let gxc = channel_sums(planes, channels, plane, |first, out| {
-        let run = run(first);
+    let gxc = channel_sums(planes, channels, plane, |run, out| {
         let (g, x) = (run.of(grad, out.len()), run.of(x, out.len()));
         plane_centered_dots(g, x, run, mean, out)
     });
@@ -932,8 +938,7 @@ pub(super) fn batch_norm_backward(
         .collect();
     // SAFETY: `affine2_plane_run` writes all of its run, as long as its inputs.
     let gx = unsafe {
-        map_planes(gx_len, plane, |first, out| {
-            let run = run(first);
+        map_planes(gx_len, channels, plane, |run, out| {
             let planes = out.len() / plane;
             affine2_plane_run(
                 run.of(grad, planes),
