@@ -15,7 +15,7 @@ use burn::nn::{
     BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
 };
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor};
 
 use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv, FeatureTap, ModelSpec, Padding};
 
@@ -165,11 +165,7 @@ impl Block {
         }
         if self.drop_path > 0.0 && self.training.is_enabled() && x.device().is_autodiff() {
             // Stochastic depth: drop the whole residual branch per sample, rescale the survivors.
-            let keep = 1.0 - self.drop_path;
-            let [b, _, _, _] = x.dims();
-            let mask =
-                Tensor::<4>::random([b, 1, 1, 1], Distribution::Bernoulli(keep), &x.device());
-            x = x * mask.div_scalar(keep);
+            x = fused::drop_path(x, self.drop_path);
         }
         x + input
     }
@@ -225,7 +221,7 @@ impl EfficientNet {
 
     /// Dropout + classifier on pooled features.
     pub fn classify(&self, features: Tensor<2>) -> Tensor<2> {
-        let x = self.dropout.forward(features);
+        let x = fused::dropout(&self.dropout, features);
         match fused::half_compute(&self.classifier.weight, &x) {
             Some((compute, back)) => self.classifier.forward(x.cast(compute)).cast(back),
             None => self.classifier.forward(x),

@@ -177,6 +177,37 @@ pub(super) fn squared_sum(x: &[f32]) -> f32 {
     parts.iter().map(|&p| p as f64).sum::<f64>() as f32
 }
 
+/// `len` values of an inverted-dropout mask: `scale` with probability `keep`, else 0. Element `i`
+/// is kept when the top 24 bits of the `i`-th output of a SplitMix64 stream from `seed` fall
+/// below `keep * 2^24`: a function of `(seed, i)` alone, so the mask is the same on any number of
+/// threads, and drawing it is a few integer operations per element in parallel chunks.
+pub(super) fn keep_mask(len: usize, keep: f64, scale: f32, seed: u64) -> Vec<f32> {
+    let threshold = (keep.clamp(0.0, 1.0) * (1u64 << 24) as f64) as u64;
+    // SAFETY: every element of each chunk is set.
+    let [mask] = unsafe {
+        par_written(len, CHUNK, |chunk, [out]| {
+            let first = (chunk * CHUNK) as u64;
+            for (i, o) in (first..).zip(out.iter_mut()) {
+                let kept = splitmix64(seed.wrapping_add(i.wrapping_mul(GOLDEN_GAMMA))) >> 40;
+                o.set(if kept < threshold { scale } else { 0.0 });
+            }
+        })
+    };
+    mask
+}
+
+/// SplitMix64's increment (2^64 / the golden ratio).
+const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64 (Steele, Lea and Flood, 2014): `splitmix64(seed + i gamma)` is output `i` (from 0)
+/// of the stream seeded with `seed`.
+fn splitmix64(z: u64) -> u64 {
+    let z = z.wrapping_add(GOLDEN_GAMMA);
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// One TF-RMSProp update (see `fused::rmsprop_tf`): (w, ms, mom), in parallel chunks.
 pub(super) fn rmsprop_tf(
     w: &[f32],

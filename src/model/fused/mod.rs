@@ -23,10 +23,10 @@ mod tests;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, DispatchDevice, TensorMetadata, backend_extension};
-use burn::nn::BatchNorm;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use burn::nn::{BatchNorm, Dropout};
+use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor, TensorData};
 
 use crate::spec::Padding;
 
@@ -162,6 +162,53 @@ pub fn squared_sum<const D: usize>(x: Tensor<D>) -> Tensor<1> {
         return x.powi_scalar(2).sum();
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_squared_sum(x.into_dispatch()))
+}
+
+/// `layer.forward(x)` (inverted dropout: `x * mask * (1 / keep)`, the same bits for the same
+/// mask). On Flex f32 tensors the mask is [`kernels::keep_mask`]'s, drawn in parallel from one
+/// seed taken from the device's random stream (so a run stays fixed by its seed and step on any
+/// number of threads): burn draws its Bernoulli mask one element at a time through a generic
+/// sampler, 1.6 % of a B0 training step at 32x32 (docs/benchmarks.md).
+pub fn dropout<const D: usize>(layer: &Dropout, x: Tensor<D>) -> Tensor<D> {
+    if !runs_fused(&x) {
+        return layer.forward(x);
+    }
+    if !layer.training.is_enabled() || !x.device().is_autodiff() || layer.prob == 0.0 {
+        return x;
+    }
+    let (keep, shape, device) = (1.0 - layer.prob, x.dims(), x.device());
+    let mask = keep_mask(shape.iter().product(), keep, (1.0 / keep) as f32, &device);
+    x * Tensor::<D>::from_data(TensorData::new(mask, shape), &device)
+}
+
+/// Stochastic depth of a residual branch `x` `[n, c, h, w]` in training: each image's branch
+/// kept with probability `1 - prob` and scaled by `1 / (1 - prob)`, else zeroed. On Flex f32
+/// tensors the per-image mask is [`kernels::keep_mask`]'s and the product [`plane_scale`]'s (in
+/// parallel, forward and backward); burn's Bernoulli draw and broadcast product elsewhere.
+pub fn drop_path(x: Tensor<4>, prob: f64) -> Tensor<4> {
+    let keep = 1.0 - prob;
+    let [n, c, _, _] = x.dims();
+    let device = x.device();
+    if !runs_fused(&x) {
+        let mask = Tensor::<4>::random([n, 1, 1, 1], Distribution::Bernoulli(keep), &device);
+        return x * mask.div_scalar(keep);
+    }
+    let per_image = keep_mask(n, keep, 1.0 / keep as f32, &device);
+    let per_plane = per_image
+        .iter()
+        .flat_map(|&m| std::iter::repeat_n(m, c))
+        .collect();
+    let scale = Tensor::<4>::from_data(TensorData::new(per_plane, [n, c, 1, 1]), &device);
+    plane_scale(x, scale)
+}
+
+/// `len` floats of [`kernels::keep_mask`] from a seed drawn from `device`'s random stream.
+fn keep_mask(len: usize, keep: f64, scale: f32, device: &Device) -> Vec<f32> {
+    let draw = Tensor::<1>::random([2], Distribution::Default, device).into_data();
+    let seed = draw
+        .iter::<f32>()
+        .fold(0u64, |seed, v| (seed << 32) | u64::from(v.to_bits()));
+    kernels::keep_mask(len, keep, scale, seed)
 }
 
 /// `x.mean_dim(3).mean_dim(2)` (global average pooling, kept 4-D), fused on Flex f32 tensors:

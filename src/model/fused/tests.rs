@@ -412,3 +412,95 @@ fn patch_conv_matches_burn_conv() {
         assert_conv_matches_burn(&conv, x, &case);
     }
 }
+
+/// The dropout mask: only 0 and the scale, kept at the asked rate, a function of the seed and
+/// the element's index alone (a prefix of a longer mask, the same on one and two threads), and a
+/// different mask for another seed.
+#[test]
+fn keep_mask_is_a_bernoulli_mask_fixed_by_its_seed() {
+    let len = 3 * (1 << 14) + 17;
+    let masks: Vec<Vec<f32>> = [1, 2]
+        .map(|threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+            pool.unwrap()
+                .install(|| kernels::keep_mask(len, 0.8, 1.25, 7))
+        })
+        .to_vec();
+    assert_eq!(masks[0], masks[1]);
+    let mask = &masks[0];
+    assert!(mask.iter().all(|&m| m == 0.0 || m == 1.25));
+    let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64 / len as f64;
+    // Binomial standard deviation sqrt(0.8 * 0.2 / len) = 0.002.
+    assert!((kept - 0.8).abs() < 0.01, "kept {kept}");
+    assert_eq!(kernels::keep_mask(1000, 0.8, 1.25, 7), mask[..1000]);
+    // No period of the parallel chunk size (each chunk continues the stream).
+    assert_ne!(mask[..1 << 14], mask[1 << 14..2 << 14]);
+    let other = kernels::keep_mask(len, 0.8, 1.25, 8);
+    let same = mask.iter().zip(&other).filter(|(a, b)| a == b).count() as f64 / len as f64;
+    // Independent masks agree on 0.8^2 + 0.2^2 = 68 % of the elements.
+    assert!((same - 0.68).abs() < 0.02, "agree on {same}");
+    assert!(
+        kernels::keep_mask(len, 1.0, 1.0, 7)
+            .iter()
+            .all(|&m| m == 1.0)
+    );
+}
+
+/// Dropout and stochastic depth in training: each element (dropout) or image (stochastic depth)
+/// is zeroed or scaled by exactly the factor burn's layers use, the gradient is the same mask,
+/// the mask follows the device's seed, and outside training both are the identity.
+#[test]
+fn dropout_and_drop_path_scale_or_zero_by_the_device_stream() {
+    let device = Device::flex().autodiff();
+    let layer = burn::nn::DropoutConfig::new(0.25).init();
+    let x = Tensor::<2>::random([64, 300], Distribution::Normal(1.0, 1.0), &device).require_grad();
+    let run = |seed: u64| {
+        device.seed(seed);
+        let y = dropout(&layer, x.clone());
+        let g = x.grad(&y.clone().sum().backward()).unwrap();
+        (
+            y.detach().into_data().try_to_vec::<f32>().unwrap(),
+            g.into_data().try_to_vec::<f32>().unwrap(),
+        )
+    };
+    let (y, g) = run(3);
+    let xs = x.clone().detach().into_data().try_to_vec::<f32>().unwrap();
+    let scale = (1.0 / 0.75f64) as f32;
+    for ((&y, &g), &x) in y.iter().zip(&g).zip(&xs) {
+        assert!(
+            (g == 0.0 && y == 0.0) || (g == scale && y == x * scale),
+            "{x} {y} {g}"
+        );
+    }
+    let kept = g.iter().filter(|&&g| g != 0.0).count() as f64 / g.len() as f64;
+    assert!((kept - 0.75).abs() < 0.02, "kept {kept}");
+    assert_eq!(run(3).0, y);
+    assert_ne!(run(4).0, y);
+
+    let x4 = Tensor::<4>::random([32, 5, 3, 3], Distribution::Normal(1.0, 1.0), &device);
+    let x4 = x4.require_grad();
+    device.seed(5);
+    let y4 = drop_path(x4.clone(), 0.5);
+    let g4 = x4.grad(&y4.clone().sum().backward()).unwrap();
+    let [y4, g4, x4] = [y4.detach(), g4, x4.detach()].map(|t| t.into_data().try_to_vec::<f32>());
+    let (y4, g4, x4) = (y4.unwrap(), g4.unwrap(), x4.unwrap());
+    let image = 5 * 9;
+    let mut dropped = 0;
+    for ((y, g), x) in y4.chunks(image).zip(g4.chunks(image)).zip(x4.chunks(image)) {
+        if g.iter().all(|&g| g == 0.0) && y.iter().all(|&y| y == 0.0) {
+            dropped += 1;
+        } else {
+            assert!(g.iter().all(|&g| g == 2.0));
+            assert!(y.iter().zip(x).all(|(&y, &x)| y == x * 2.0));
+        }
+    }
+    assert!(
+        (4..=28).contains(&dropped),
+        "{dropped} of 32 images dropped"
+    );
+
+    let eval = Device::flex();
+    let x = Tensor::<2>::random([4, 8], Distribution::Default, &eval);
+    let y = dropout(&layer, x.clone());
+    assert_eq!(y.into_data(), x.into_data());
+}
