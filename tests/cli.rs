@@ -808,6 +808,9 @@ fn bench_train_times_steps_beside_the_embedded_reference_script() {
     }
     let o = effnet(&["bench", "b0", "--resolution", "0"], home.path());
     assert_clean_error(&o, "at least 1");
+    // Half precision is for GPU devices, for inference as for training.
+    let o = effnet(&["bench", "b0", "--mixed-precision", "f16"], home.path());
+    assert_clean_error(&o, "is for GPU devices");
 
     // A sweep: one entry per (resolution, batch), each with its arithmetic rate.
     let o = effnet(

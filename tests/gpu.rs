@@ -20,13 +20,17 @@ use effnet::weights::TensorMap;
 
 const TOL: f32 = 1e-4;
 
-/// The software adapter the README's set-up installs; `EFFNET_TEST_WGPU` may name another.
-fn gpu() -> Device {
-    let choice: DeviceChoice = std::env::var("EFFNET_TEST_WGPU")
+/// The software adapter the README's set-up installs; `EFFNET_TEST_WGPU` may name another
+/// (`vulkan`, `wgpu:0` on a machine with a GPU: scripts/gpu_check.sh).
+fn gpu_choice() -> DeviceChoice {
+    std::env::var("EFFNET_TEST_WGPU")
         .unwrap_or_else(|_| DeviceChoice::Wgpu(AdapterKind::Cpu).to_string())
         .parse()
-        .unwrap();
-    choice
+        .unwrap()
+}
+
+fn gpu() -> Device {
+    gpu_choice()
         .open()
         .unwrap_or_else(|e| panic!("{e} (install mesa-vulkan-drivers for lavapipe)"))
 }
@@ -186,7 +190,7 @@ fn the_cli_trains_and_evaluates_on_wgpu() {
     };
     let dataset = format!("idx:{}", data.display());
     let out = home.path().join("run");
-    let device = DeviceChoice::Wgpu(AdapterKind::Cpu).to_string();
+    let device = gpu_choice().to_string();
     let (_, log) = effnet(&[
         "train",
         "lite0",
@@ -203,7 +207,7 @@ fn the_cli_trains_and_evaluates_on_wgpu() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(log.contains("Wgpu"), "{log}");
+    assert!(!log.contains("on the CPU ("), "{log}");
     let weights = out.join("weights.safetensors");
     let w = weights.to_str().unwrap();
     let top1 = |stdout: &str| -> f64 {
@@ -318,7 +322,7 @@ fn the_cli_trains_in_f16_on_wgpu_and_resumes() {
     let effnet = |args: &[&str]| common::effnet(args, home.path());
     let dataset = format!("idx:{}", data.display());
     let out = home.path().join("run");
-    let device = DeviceChoice::Wgpu(AdapterKind::Cpu).to_string();
+    let device = gpu_choice().to_string();
     let train = |more: &[&str]| {
         let mut args = vec![
             "train",
@@ -379,4 +383,43 @@ fn the_cli_trains_in_f16_on_wgpu_and_resumes() {
         args.extend(flags.iter().copied());
         common::assert_clean_error(&effnet(&args), says);
     }
+}
+
+/// `effnet bench --device` times the burn model's inference on the device over a batch sweep
+/// (f32 and f16), with one timing per batch size and a rate computed from the forward MACs.
+#[test]
+fn bench_times_inference_on_the_device() {
+    let home = tempfile::tempdir().unwrap();
+    let device = gpu_choice().to_string();
+    for half in [None, Some("f16")] {
+        let mut args = vec!["bench", "lite0", "--device", &device, "--resolution", "32"];
+        args.extend(["--batch", "1,3", "--iters", "2", "--json"]);
+        args.extend(half.iter().flat_map(|h| ["--mixed-precision", *h]));
+        let o = common::effnet(&args, home.path());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let sweep: serde_json::Value = serde_json::from_str(&common::stdout(&o)).unwrap();
+        let sweep = sweep.as_array().unwrap();
+        assert_eq!(sweep.len(), 2, "{sweep:?}");
+        for (entry, n) in sweep.iter().zip([1.0, 3.0]) {
+            assert_eq!(entry["batch"].as_f64(), Some(n));
+            let t = &entry["results"][0];
+            let (ms, rate) = (
+                t["median_ms"].as_f64().unwrap(),
+                t["images_per_s"].as_f64().unwrap(),
+            );
+            assert!(
+                ms > 0.0 && (rate - n * 1000.0 / ms).abs() < 1e-6 * rate,
+                "{t}"
+            );
+            assert!(t["gflops"].as_f64().unwrap() > 0.0, "{t}");
+            let name = t["runtime"].as_str().unwrap();
+            assert!(name.starts_with(&format!("burn {device}")), "{name}");
+            assert_eq!(name.ends_with("f16"), half.is_some(), "{name}");
+        }
+    }
+    let o = common::effnet(
+        &["bench", "lite0", "--device", &device, "--burn"],
+        home.path(),
+    );
+    common::assert_clean_error(&o, "time the CPU engine");
 }

@@ -38,13 +38,14 @@ pub struct BenchArgs {
     /// inference; with --reference, torchvision's efficientnet_b0 + RMSprop beside it.
     #[arg(long, conflicts_with_all = ["burn", "profile", "weights"])]
     train: bool,
-    /// Device for --train: cpu, cuda[:N], wgpu[:cpu|N] or vulkan[:cpu|N] (GPU kinds need effnet
-    /// built with that cargo feature).
-    #[arg(long, default_value = "cpu", requires = "train")]
+    /// Device: cpu, cuda[:N], wgpu[:cpu|N] or vulkan[:cpu|N] (GPU kinds need effnet built with
+    /// that cargo feature). With --train, where the step runs; without it, a GPU device times the
+    /// burn model's inference there (batch and resolution sweeps allowed) instead of the engine.
+    #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
-    /// With --train on a GPU: convolutions and the classifier in f16 or bf16 on f32 master weights
-    /// (as `train --mixed-precision`).
-    #[arg(long, value_name = "TYPE", requires = "train")]
+    /// On a GPU device: convolutions and the classifier in f16 or bf16 (on f32 master weights with
+    /// --train, as `train --mixed-precision`).
+    #[arg(long, value_name = "TYPE")]
     mixed_precision: Option<effnet::train::mixed::HalfType>,
     /// Python interpreter for --reference.
     #[arg(long, default_value = "python3")]
@@ -162,6 +163,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             args.threads
         );
         return Ok(());
+    }
+    if !args.device.is_cpu() {
+        return run_device_inference(args);
+    }
+    if let Some(half) = args.mixed_precision {
+        // The same one-line refusal as --train gives on the CPU.
+        effnet::train::mixed::check_device(Some(half), &[args.device])?;
     }
     let device = Device::flex();
     let set = match &args.weights {
@@ -603,6 +611,81 @@ fn run_loader(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     report(args.json, &title, None, &results, "vs 1 thread")
 }
 
+/// Inference throughput of the burn model on a GPU device (eval mode: BN on its running
+/// statistics, no autodiff), for every --batch and --resolution: each pass uploads the batch, runs
+/// the forward pass and reads the logits back, which waits for the device. GFLOP/s counts 2x the
+/// forward MACs.
+fn run_device_inference(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.burn || args.reference || args.profile || args.precision.is_some() {
+        bail!(
+            "--burn, --reference, --profile and --precision time the CPU engine; on --device {} \
+             only the burn model is timed",
+            args.device
+        );
+    }
+    effnet::train::mixed::check_device(args.mixed_precision, &[args.device])?;
+    let set = match &args.weights {
+        Some(path) => weights::load(path, args.model.model.as_deref())?,
+        None => WeightSet::random(&args.model.spec()?, 0),
+    };
+    let device = args.device.open()?;
+    let mut model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors)?;
+    let mut runtime = format!("burn {}", args.device);
+    if let Some(half) = args.mixed_precision {
+        model = effnet::train::mixed::half_copy(&model, half.dtype());
+        runtime = format!("{runtime} {half}");
+    }
+    let batches = if args.batch.is_empty() {
+        vec![1]
+    } else {
+        args.batch.clone()
+    };
+    let sides = if args.resolution.is_empty() {
+        vec![set.spec().resolution]
+    } else {
+        args.resolution.clone()
+    };
+    let mut sweep = Vec::new();
+    for &res in &sides {
+        let macs = effnet::analysis::analyze(set.spec(), res)?.macs as f64;
+        for &n in &batches {
+            let input: Vec<f32> = (0..n * 3 * res * res)
+                .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+                .collect();
+            let ms = time(args.iters, || {
+                let x = Tensor::<4>::from_data(
+                    TensorData::new(input.clone(), [n, 3, res, res]),
+                    &device,
+                );
+                std::hint::black_box(model.forward(x).into_data());
+            });
+            let mut timing = summarize(&runtime, ms, n);
+            timing.gflops = Some(2.0 * macs * n as f64 / (timing.median_ms * 1e6));
+            if args.json {
+                sweep.push(
+                    serde_json::json!({ "resolution": res, "batch": n, "results": [timing] }),
+                );
+            } else {
+                if res != sides[0] || n != batches[0] {
+                    println!();
+                }
+                let title = format!(
+                    "inference of {} at {res}x{res}, batch {n} on {}, {} iterations (median); \
+                     GFLOP/s counts 2x the forward MACs",
+                    set.spec().name,
+                    args.device,
+                    args.iters
+                );
+                report(false, &title, None, &[timing], "vs first")?;
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&sweep)?);
+    }
+    Ok(())
+}
+
 /// Training throughput: the same step `effnet train` runs (the recipe's loss, L2 and RMSProp-TF,
 /// dropout and stochastic depth on), on a fixed random batch, with burn's pool limited to
 /// `--threads`.
@@ -732,9 +815,14 @@ fn train_step_timings(
     for r in &mut results {
         r.gflops = Some(step_flops / (r.median_ms * 1e6));
     }
+    let place = match args.device {
+        DeviceChoice::Cpu => format!("{} thread(s)", args.threads),
+        d => format!("on {d}"),
+    };
     let title = format!(
-        "training step of {} at {res}x{res}, batch {n}, {} thread(s), {} iterations (median); GFLOP/s counts 3x the forward FLOPs",
-        spec.name, args.threads, args.iters
+        "training step of {} at {res}x{res}, batch {n}, {place}, {} iterations (median); GFLOP/s \
+         counts 3x the forward FLOPs",
+        spec.name, args.iters
     );
     Ok((title, results))
 }
