@@ -2,11 +2,14 @@
 # The GPU figures of docs/gpu.md in one short run on a machine with a GPU, from binaries built
 # elsewhere (a GPU machine's time should not go to compiling): training parity with Flex
 # (tests/gpu.rs on the device), then B0 at 224, batch 64 and 256, inference and training steps in
-# f32 and with --mixed-precision f16, and PyTorch (torchvision's efficientnet_b0) on the same GPU.
+# f32 and with --mixed-precision (f16; bf16 too on CUDA), and PyTorch (torchvision's
+# efficientnet_b0) on the same GPU.
 #
 #   scripts/gpu_build.sh                 # here: effnet, tests/gpu.rs -> .gpubin/vulkan/
+#   (scripts/llvm_for_cuda.sh; FEATURES=vulkan,cuda scripts/gpu_build.sh  # CUDA too)
 #   scripts/gpu_check.sh > gpu-check.log # there (BIN, DEVICE, RES, BATCHES, ITERS, LIMIT,
-#                                        # PYTHON; TORCH=0 skips PyTorch; GPU_TEST=0 the tests)
+#                                        # HALVES, PYTHON; TORCH=0 skips PyTorch; GPU_TEST=0
+#                                        # the tests). CUDA: BIN=.gpubin/vulkan-cuda DEVICE=cuda:0
 #
 # Every command is printed before its output, with its exit status and seconds after it; each is
 # cut off after LIMIT seconds so that one slow step cannot take the rest of the run with it.
@@ -21,6 +24,8 @@ LIMIT=${LIMIT:-150}
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-1}
 GPU_TEST=${GPU_TEST:-1}
+# Half types for --mixed-precision (bf16 is CUDA's only: HALVES="f16 bf16" with DEVICE=cuda:0).
+HALVES=${HALVES:-f16}
 
 step() {
     echo
@@ -58,8 +63,10 @@ if [ "$GPU_TEST" = 1 ]; then
 fi
 step "$effnet" bench $b0
 step "$effnet" bench $b0 --train
-step "$effnet" bench $b0 --mixed-precision f16
-step "$effnet" bench $b0 --train --mixed-precision f16
+for half in $HALVES; do
+    step "$effnet" bench $b0 --mixed-precision "$half"
+    step "$effnet" bench $b0 --train --mixed-precision "$half"
+done
 [ "$TORCH" = 1 ] || exit 0
 for n in ${BATCHES//,/ }; do
     for amp in "" f16; do

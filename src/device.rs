@@ -146,11 +146,15 @@ impl DeviceChoice {
             DeviceChoice::Cpu => Device::flex(),
             #[cfg(feature = "cuda")]
             DeviceChoice::Cuda(i) => {
-                let count = cuda_devices()?;
-                if i >= count {
-                    anyhow::bail!(
+                match cuda_devices()? {
+                    0 => anyhow::bail!(
+                        "device `{self}` is not usable: no CUDA device found (no NVIDIA driver \
+                         loaded, or no GPU)"
+                    ),
+                    count if i >= count => anyhow::bail!(
                         "device `{self}` does not exist: this machine has {count} CUDA device(s)"
-                    );
+                    ),
+                    _ => {}
                 }
                 Device::cuda(i)
             }
