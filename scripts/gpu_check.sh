@@ -69,7 +69,7 @@ for half in $HALVES; do
 done
 [ "$TORCH" = 1 ] || exit 0
 for n in ${BATCHES//,/ }; do
-    for amp in "" f16; do
+    for amp in "" $HALVES; do
         # effnet's training benchmark has 10 classes, its inference the model's 1000.
         for mode in "--classes 10" "--classes 1000 --eval"; do
             step "$PYTHON" scripts/bench_train_torch.py --device cuda --resolution "$RES" \
