@@ -224,8 +224,9 @@ fn probe(device: &Device) -> Result<(), String> {
     })
 }
 
-/// Runs `f`, turning a panic into its message without printing it.
-fn quiet_panics<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+/// Runs `f`, turning a panic into its message without printing it (burn reports a device that
+/// fails, or runs out of memory, by panicking).
+pub fn quiet_panics<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let out = std::panic::catch_unwind(f);

@@ -422,4 +422,22 @@ fn bench_times_inference_on_the_device() {
         home.path(),
     );
     common::assert_clean_error(&o, "time the CPU engine");
+    // A batch beyond the host's memory is refused before anything is allocated. (Mesa may print
+    // its own line about XDG_RUNTIME_DIR when the device opens, so the whole of stderr is not one
+    // line here.)
+    let args = [
+        "bench",
+        "lite0",
+        "--device",
+        &device,
+        "--batch",
+        "100000000",
+    ];
+    let o = common::effnet(&args, home.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("error: inference at 224x224 with batch 100000000 needs about"),
+        "{err}"
+    );
 }

@@ -649,16 +649,24 @@ fn run_device_inference(args: &BenchArgs) -> anyhow::Result<()> {
     for &res in &sides {
         let macs = effnet::analysis::analyze(set.spec(), res)?.macs as f64;
         for &n in &batches {
+            // The input and its copy per pass, on the host.
+            let bytes = (4 * 3 * res * res) as u64 * n as u64;
+            let what = format!("inference at {res}x{res} with batch {n}");
+            effnet::util::check_memory(bytes.saturating_mul(2), &what)?;
             let input: Vec<f32> = (0..n * 3 * res * res)
                 .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
                 .collect();
-            let ms = time(args.iters, || {
+            let pass = || {
                 let x = Tensor::<4>::from_data(
                     TensorData::new(input.clone(), [n, 3, res, res]),
                     &device,
                 );
                 std::hint::black_box(model.forward(x).into_data());
-            });
+            };
+            // A batch the device cannot hold fails here, in one line, rather than as a panic.
+            effnet::device::quiet_panics(std::panic::AssertUnwindSafe(pass))
+                .map_err(|why| anyhow::anyhow!("{what} failed on {}: {why}", args.device))?;
+            let ms = time(args.iters, pass);
             let mut timing = summarize(&runtime, ms, n);
             timing.gflops = Some(2.0 * macs * n as f64 / (timing.median_ms * 1e6));
             if args.json {
