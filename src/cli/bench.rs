@@ -121,6 +121,21 @@ fn summarize(runtime: &str, mut ms: Vec<f64>, batch: usize) -> Timing {
     }
 }
 
+/// `--weights`, or the model's random initialisation (speed does not depend on the values).
+fn weight_set(args: &BenchArgs) -> anyhow::Result<WeightSet> {
+    Ok(match &args.weights {
+        Some(path) => weights::load(path, args.model.model.as_deref())?,
+        None => WeightSet::random(&args.model.spec()?, 0),
+    })
+}
+
+/// The fixed input every benchmark feeds: values in [-1, 1) that no runtime can shortcut.
+fn bench_input(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+        .collect()
+}
+
 /// Untimed passes before the timed ones.
 const WARMUP_PASSES: usize = 10;
 
@@ -172,10 +187,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         effnet::train::mixed::check_device(Some(half), &[args.device])?;
     }
     let device = Device::flex();
-    let set = match &args.weights {
-        Some(path) => weights::load(path, args.model.model.as_deref())?,
-        None => WeightSet::random(&args.model.spec()?, 0),
-    };
+    let set = weight_set(args)?;
     let precision = args
         .precision
         .unwrap_or_else(|| Precision::default_for(&set.meta));
@@ -196,9 +208,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         (a.peak_activation_bytes + 4 * 3 * (res * res) as u64).saturating_mul(2 * n as u64);
     effnet::util::check_memory(needed, &format!("inference at {res}x{res} with batch {n}"))?;
     let len = n * 3 * res * res;
-    let input: Vec<f32> = (0..len)
-        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-        .collect();
+    let input = bench_input(len);
     let mut results = Vec::new();
 
     // The --calib images, as the weights' transform makes them: (calibration, check).
@@ -624,10 +634,7 @@ fn run_device_inference(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     effnet::train::mixed::check_device(args.mixed_precision, &[args.device])?;
-    let set = match &args.weights {
-        Some(path) => weights::load(path, args.model.model.as_deref())?,
-        None => WeightSet::random(&args.model.spec()?, 0),
-    };
+    let set = weight_set(args)?;
     let device = args.device.open()?;
     let mut model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors)?;
     let mut runtime = format!("burn {}", args.device);
@@ -635,83 +642,61 @@ fn run_device_inference(args: &BenchArgs) -> anyhow::Result<()> {
         model = effnet::train::mixed::half_copy(&model, half.dtype());
         runtime = format!("{runtime} {half}");
     }
-    let batches = if args.batch.is_empty() {
-        vec![1]
-    } else {
-        args.batch.clone()
-    };
-    let sides = if args.resolution.is_empty() {
-        vec![set.spec().resolution]
-    } else {
-        args.resolution.clone()
-    };
-    let mut sweep = Vec::new();
-    for &res in &sides {
-        let macs = effnet::analysis::analyze(set.spec(), res)?.macs as f64;
-        for &n in &batches {
-            // The input and its copy per pass, on the host.
-            let bytes = (4 * 3 * res * res) as u64 * n as u64;
-            let what = format!("inference at {res}x{res} with batch {n}");
-            effnet::util::check_memory(bytes.saturating_mul(2), &what)?;
-            let input: Vec<f32> = (0..n * 3 * res * res)
-                .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-                .collect();
-            let pass = || {
-                let x = Tensor::<4>::from_data(
-                    TensorData::new(input.clone(), [n, 3, res, res]),
-                    &device,
-                );
-                std::hint::black_box(model.forward(x).into_data());
-            };
-            // A batch the device cannot hold fails here, in one line, rather than as a panic.
-            effnet::device::quiet_panics(std::panic::AssertUnwindSafe(pass))
-                .map_err(|why| anyhow::anyhow!("{what} failed on {}: {why}", args.device))?;
-            let ms = time(args.iters, pass);
-            let mut timing = summarize(&runtime, ms, n);
-            timing.gflops = Some(2.0 * macs * n as f64 / (timing.median_ms * 1e6));
-            if args.json {
-                sweep.push(
-                    serde_json::json!({ "resolution": res, "batch": n, "results": [timing] }),
-                );
-            } else {
-                if res != sides[0] || n != batches[0] {
-                    println!();
-                }
-                let title = format!(
-                    "inference of {} at {res}x{res}, batch {n} on {}, {} iterations (median); \
-                     GFLOP/s counts 2x the forward MACs",
-                    set.spec().name,
-                    args.device,
-                    args.iters
-                );
-                report(false, &title, None, &[timing], "vs first")?;
-            }
-        }
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&sweep)?);
-    }
-    Ok(())
+    let spec = set.spec();
+    sweep(args, 1, spec.resolution, "vs first", |n, res| {
+        // The input and its copy per pass, on the host.
+        let bytes = (4 * 3 * res * res) as u64 * n as u64;
+        let what = format!("inference at {res}x{res} with batch {n}");
+        effnet::util::check_memory(bytes.saturating_mul(2), &what)?;
+        let input = bench_input(n * 3 * res * res);
+        let pass = || {
+            let x =
+                Tensor::<4>::from_data(TensorData::new(input.clone(), [n, 3, res, res]), &device);
+            std::hint::black_box(model.forward(x).into_data());
+        };
+        // A batch the device cannot hold fails here, in one line, rather than as a panic.
+        effnet::device::quiet_panics(std::panic::AssertUnwindSafe(pass))
+            .map_err(|why| anyhow::anyhow!("{what} failed on {}: {why}", args.device))?;
+        let mut timing = summarize(&runtime, time(args.iters, pass), n);
+        let macs = effnet::analysis::analyze(spec, res)?.macs as f64;
+        timing.gflops = Some(2.0 * macs * n as f64 / (timing.median_ms * 1e6));
+        let title = format!(
+            "inference of {} at {res}x{res}, batch {n} on {}, {} iterations (median); GFLOP/s \
+             counts 2x the forward MACs",
+            spec.name, args.device, args.iters
+        );
+        Ok((title, vec![timing]))
+    })
 }
 
 /// Training throughput: the same step `effnet train` runs (the recipe's loss, L2 and RMSProp-TF,
 /// dropout and stochastic depth on), on a fixed random batch, with burn's pool limited to
 /// `--threads`.
 fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
-    let batches = if args.batch.is_empty() {
-        vec![64]
-    } else {
-        args.batch.clone()
+    sweep(args, 64, 32, "vs effnet", |n, res| {
+        train_step_timings(args, n, res)
+    })
+}
+
+/// Times every (--resolution, --batch) pair (default: `batch` at `res`) with `time_one`, which
+/// returns a title and its timings; prints a table for each, or with --json one list (for a single
+/// pair, the plain list of timings, as for inference).
+fn sweep(
+    args: &BenchArgs,
+    batch: usize,
+    res: usize,
+    relative: &str,
+    mut time_one: impl FnMut(usize, usize) -> anyhow::Result<(String, Vec<Timing>)>,
+) -> anyhow::Result<()> {
+    let or = |list: &[usize], default| match list {
+        [] => vec![default],
+        _ => list.to_vec(),
     };
-    let sides = if args.resolution.is_empty() {
-        vec![32]
-    } else {
-        args.resolution.clone()
-    };
+    let (batches, sides) = (or(&args.batch, batch), or(&args.resolution, res));
     let mut sweep = Vec::new();
     for &res in &sides {
         for &n in &batches {
-            let (title, results) = train_step_timings(args, n, res)?;
+            let (title, results) = time_one(n, res)?;
             if args.json {
                 sweep
                     .push(serde_json::json!({ "resolution": res, "batch": n, "results": results }));
@@ -719,12 +704,11 @@ fn run_train(args: &BenchArgs) -> anyhow::Result<()> {
                 if res != sides[0] || n != batches[0] {
                     println!();
                 }
-                report(false, &title, None, &results, "vs effnet")?;
+                report(false, &title, None, &results, relative)?;
             }
         }
     }
     if args.json {
-        // One configuration: the plain list of timings, as for inference.
         let out = match sweep.as_slice() {
             [one] => one["results"].clone(),
             _ => serde_json::Value::Array(sweep),
@@ -764,9 +748,7 @@ fn train_step_timings(
         epsilon: cfg.epsilon,
     });
     let batch = Batch {
-        images: (0..n * 3 * res * res)
-            .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-            .collect(),
+        images: bench_input(n * 3 * res * res),
         labels: (0..n).map(|i| (i % classes) as u32).collect(),
         size: n,
         side: res,
