@@ -786,8 +786,15 @@ fn bench_train_times_steps_beside_the_embedded_reference_script() {
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
     assert_eq!(rows[0]["runtime"], "effnet (burn flex)");
-    assert!(rows[0]["median_ms"].as_f64().unwrap() > 0.0);
+    let median = rows[0]["median_ms"].as_f64().unwrap();
+    assert!(median > 0.0);
+    // The step's parts: each took time, and no more than the slowest whole step.
+    let parts =
+        ["forward", "backward", "update"].map(|p| rows[0]["phases_ms"][p].as_f64().unwrap());
+    let slowest = rows[0]["p99_ms"].as_f64().unwrap();
+    assert!(parts.iter().all(|&t| t > 0.0 && t <= slowest), "{v}");
     assert_eq!(rows[1]["runtime"], "fake torch");
+    assert!(rows[1].get("phases_ms").is_none(), "{v}");
 
     // Exit 3 is the script's "PyTorch is not installed": effnet's own row only.
     let o = run(&fake_python(home.path(), 3));

@@ -141,13 +141,7 @@ fn b0_trains_on_wgpu_as_on_flex() {
     }
 
     let stage = cfg.stage(0, spec.dropout);
-    let optim = || {
-        ModuleOptimizer::from(TfRmsProp {
-            decay: cfg.rmsprop_decay,
-            momentum: cfg.momentum,
-            epsilon: cfg.epsilon,
-        })
-    };
+    let optim = || ModuleOptimizer::from(TfRmsProp::recipe(&cfg));
     let (mut oa, mut ob) = (optim(), optim());
     let (ta, tb) = (
         Trainer::new(&cfg, classes, cpu.clone()),

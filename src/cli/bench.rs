@@ -104,6 +104,17 @@ pub struct Timing {
     /// Fraction of the check images (`--calib`) whose top-1 is the same runtime's fp32 top-1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top1_vs_fp32: Option<f64>,
+    /// The training step's parts (effnet's training benchmark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases_ms: Option<StepPhasesMs>,
+}
+
+/// Median milliseconds of each part of a training step ([`effnet::train::StepPhases`]).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct StepPhasesMs {
+    pub forward: f64,
+    pub backward: f64,
+    pub update: f64,
 }
 
 fn summarize(runtime: &str, mut ms: Vec<f64>, batch: usize) -> Timing {
@@ -118,6 +129,7 @@ fn summarize(runtime: &str, mut ms: Vec<f64>, batch: usize) -> Timing {
         images_per_s: batch as f64 * 1000.0 / median,
         gflops: None,
         top1_vs_fp32: None,
+        phases_ms: None,
     }
 }
 
@@ -742,11 +754,7 @@ fn train_step_timings(
     effnet::train::run::check_training_memory(&spec, res, n)?;
     let device = args.device.open()?.autodiff();
     let mut model = EfficientNet::new(&spec, &device).tf_init();
-    let mut optim = burn::optim::ModuleOptimizer::from(effnet::train::TfRmsProp {
-        decay: cfg.rmsprop_decay,
-        momentum: cfg.momentum,
-        epsilon: cfg.epsilon,
-    });
+    let mut optim = burn::optim::ModuleOptimizer::from(effnet::train::TfRmsProp::recipe(&cfg));
     let batch = Batch {
         images: bench_input(n * 3 * res * res),
         labels: (0..n).map(|i| (i % classes) as u32).collect(),
@@ -755,20 +763,27 @@ fn train_step_timings(
     };
     let stage = cfg.stage(0, spec.dropout);
     let trainer = Trainer::new(&cfg, classes, device);
-    let mut ms = Vec::new();
+    let (mut ms, mut phases) = (Vec::new(), [(); 3].map(|_| Vec::new()));
     effnet::train::on_thread_pool(args.threads, || {
         for step in 0..args.iters as u64 + 2 {
             let t = Instant::now();
-            model = trainer
-                .step(model, &mut optim, &batch, &stage, step, 0.004)?
-                .model;
+            let out = trainer.step(model, &mut optim, &batch, &stage, step, 0.004)?;
+            model = out.model;
             if step >= 2 {
                 // The first two steps size buffers and warm caches.
                 ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                let p = out.phases;
+                for (all, d) in phases.iter_mut().zip([p.forward, p.backward, p.update]) {
+                    all.push(d.as_secs_f64() * 1000.0);
+                }
             }
         }
         Ok(())
     })?;
+    let [forward, backward, update] = phases.map(|mut v| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    });
     let mut runtime = match args.device {
         DeviceChoice::Cpu => "effnet (burn flex)".to_string(),
         d => format!("effnet (burn {d})"),
@@ -776,7 +791,14 @@ fn train_step_timings(
     if let Some(h) = cfg.mixed_precision {
         runtime = format!("{runtime} {h}");
     }
-    let mut results = vec![summarize(&runtime, ms, n)];
+    let mut results = vec![Timing {
+        phases_ms: Some(StepPhasesMs {
+            forward,
+            backward,
+            update,
+        }),
+        ..summarize(&runtime, ms, n)
+    }];
     if args.reference {
         let dir = tempfile::tempdir()?;
         let script = write_script(dir.path(), "bench_train_torch.py", BENCH_TRAIN_TORCH_PY)?;
@@ -811,7 +833,8 @@ fn train_step_timings(
     };
     let title = format!(
         "training step of {} at {res}x{res}, batch {n}, {place}, {} iterations (median); GFLOP/s \
-         counts 3x the forward FLOPs",
+         counts 3x the forward FLOPs\neffnet's step, median ms: forward {forward:.2}, backward \
+         {backward:.2}, update {update:.2}",
         spec.name, args.iters
     );
     Ok((title, results))

@@ -369,7 +369,7 @@ fn measure_step(recipe: &TrainConfig, run: &PlannedRun) -> anyhow::Result<f64> {
     let (n, res, classes) = (recipe.batch_size, run.resolution, run.spec.num_classes);
     let device = Device::flex().autodiff();
     let mut model = EfficientNet::new(&run.spec, &device);
-    let mut optim = burn::optim::ModuleOptimizer::from(effnet::train::TfRmsProp::default());
+    let mut optim = burn::optim::ModuleOptimizer::from(effnet::train::TfRmsProp::recipe(recipe));
     let batch = Batch {
         images: (0..n * 3 * res * res)
             .map(|i| (i % 7) as f32 / 7.0)

@@ -191,7 +191,8 @@ mod tests {
             let spec = space.spec(&space.random(&mut rng));
             let device = Device::flex().autodiff();
             let model = EfficientNet::new(&spec, &device);
-            let mut optim = burn::optim::ModuleOptimizer::from(crate::train::TfRmsProp::default());
+            let mut optim =
+                burn::optim::ModuleOptimizer::from(crate::train::TfRmsProp::recipe(&cfg));
             let batch = Batch {
                 images: vec![0.1; 2 * 3 * 16 * 16],
                 labels: vec![0, 2],

@@ -218,11 +218,7 @@ mod tests {
             scale: 1024.0,
             good_steps: 0,
         });
-        let mut optim = ModuleOptimizer::from(TfRmsProp {
-            decay: cfg.rmsprop_decay,
-            momentum: cfg.momentum,
-            epsilon: cfg.epsilon,
-        });
+        let mut optim = ModuleOptimizer::from(TfRmsProp::recipe(&cfg));
         let (mut model, mut loss) = (model, None);
         let stage = cfg.stage(0, 0.0);
         for step in 0..steps {

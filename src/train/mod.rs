@@ -24,7 +24,7 @@ pub use config::{ModelChoice, RunFile, TrainConfig};
 pub use rmsprop::{TfRmsProp, TfRmsPropState};
 pub use run::{RunOptions, default_run_dir, train};
 pub use schedule::{Decay, LrSchedule};
-pub use step::Trainer;
+pub use step::{StepPhases, Trainer};
 
 /// Runs `work` on a worker of a fresh rayon pool of `threads` threads (0: rayon's default,
 /// `RAYON_NUM_THREADS` or one per core), where burn's CPU backend then parallelises.

@@ -146,6 +146,8 @@ impl<'a> Replicas<'a> {
             model: first.model,
             loss: loss / shards.len() as f64,
             correct,
+            // The first device's (the others run alongside it).
+            phases: first.phases,
         })
     }
 }

@@ -4,10 +4,15 @@
 //! - epsilon is added inside the square root;
 //! - the learning rate multiplies the step inside the momentum buffer:
 //!   `ms += (1 - decay)(g^2 - ms); mom = momentum * mom + lr * g / sqrt(ms + eps); w -= mom`.
+//!
+//! It also adds the recipe's L2 term to the gradient of each weight it covers, `g + weight_decay
+//! w` (TF adds `weight_decay / 2 * sum w^2` to the loss): inside the update's one pass over the
+//! weights, rather than as a pass of its own before it (docs/benchmarks.md).
 
 use burn::optim::{LearningRate, Optimizer, RecordState, StateSink, StateSource};
 use burn::tensor::{Device, Tensor};
 
+use super::TrainConfig;
 use crate::model::fused::{RmsPropCoefficients, rmsprop_tf};
 
 #[derive(Debug, Clone, Copy)]
@@ -15,16 +20,32 @@ pub struct TfRmsProp {
     pub decay: f64,
     pub momentum: f64,
     pub epsilon: f64,
+    /// The L2 factor for the parameters [`TfRmsProp::decays`] covers.
+    pub weight_decay: f64,
 }
 
 impl Default for TfRmsProp {
-    /// The EfficientNet values: decay 0.9, momentum 0.9, epsilon 1e-3.
+    /// The EfficientNet values: decay 0.9, momentum 0.9, epsilon 1e-3, weight decay 1e-5.
     fn default() -> Self {
+        TfRmsProp::recipe(&TrainConfig::default())
+    }
+}
+
+impl TfRmsProp {
+    /// The optimizer of a training recipe.
+    pub fn recipe(cfg: &TrainConfig) -> Self {
         TfRmsProp {
-            decay: 0.9,
-            momentum: 0.9,
-            epsilon: 1e-3,
+            decay: cfg.rmsprop_decay,
+            momentum: cfg.momentum,
+            epsilon: cfg.epsilon,
+            weight_decay: cfg.weight_decay,
         }
+    }
+
+    /// Whether a `D`-dimensional parameter takes the L2 term: the convolution and classifier
+    /// weights (every parameter of two or more dimensions), not batch norm's or the biases.
+    pub fn decays<const D: usize>() -> bool {
+        D >= 2
     }
 }
 
@@ -69,6 +90,10 @@ impl Optimizer for TfRmsProp {
             decay_complement: (1.0 - self.decay) as f32,
             momentum: self.momentum as f32,
             epsilon: self.epsilon as f32,
+            weight_decay: match Self::decays::<D>() {
+                true => self.weight_decay as f32,
+                false => 0.0,
+            },
         };
         let (tensor, ms, mom) = rmsprop_tf(tensor, grad, ms, mom, coefficients);
         (

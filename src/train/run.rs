@@ -81,11 +81,7 @@ fn start(
             &export_weights(&model),
         )?;
     }
-    let optim = ModuleOptimizer::from(TfRmsProp {
-        decay: cfg.rmsprop_decay,
-        momentum: cfg.momentum,
-        epsilon: cfg.epsilon,
-    });
+    let optim = ModuleOptimizer::from(TfRmsProp::recipe(cfg));
     if opts.resume {
         let r = checkpoint::load(opts.out_dir, model, optim, cfg.ema_decay)?;
         let st = State {

@@ -1,6 +1,7 @@
 //! One optimizer step as the recipe defines it, shared by `train` and the training benchmark.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use burn::module::Param;
@@ -15,9 +16,9 @@ use crate::data::loader::Batch;
 use crate::data::mix::mix;
 use crate::model::{EfficientNet, ParamVisitor, fused, visit_params};
 
-use super::Pollers;
 use super::config::{Stage, TrainConfig};
 use super::mixed::{self, HalfType, LossScale};
+use super::{Pollers, TfRmsProp};
 
 /// What one training step returns.
 pub struct StepOutcome {
@@ -26,6 +27,20 @@ pub struct StepOutcome {
     pub loss: f64,
     /// Correct top-1 predictions in the batch (against the dominant label when mixing).
     pub correct: usize,
+    /// Where the step's time went.
+    pub phases: StepPhases,
+}
+
+/// Wall time of a step's parts on the calling thread (on a GPU, kernels queued by one part may
+/// still run during the next).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepPhases {
+    /// The forward pass and the loss, read back (with the L2 term's value).
+    pub forward: Duration,
+    /// The backward pass (and f16's unscaling of the gradients).
+    pub backward: Duration,
+    /// The optimizer's update of every parameter (the L2 term's gradient included).
+    pub update: Duration,
 }
 
 /// Runs steps of one recipe.
@@ -64,7 +79,8 @@ impl<'a> Trainer<'a> {
     }
 
     /// Forward (mixing the batch when the stage asks), smoothed cross-entropy + L2 on non-BN
-    /// weights, backward, and an RMSProp-TF update at `lr`.
+    /// weights, backward, and an RMSProp-TF update at `lr`. The L2 term's gradient is the
+    /// optimizer's to add: `optim` is [`TfRmsProp::recipe`] of this trainer's recipe.
     pub fn step(
         &self,
         model: EfficientNet,
@@ -75,6 +91,7 @@ impl<'a> Trainer<'a> {
         lr: f64,
     ) -> anyhow::Result<StepOutcome> {
         let _pollers = Pollers::start();
+        let start = Instant::now();
         let (cfg, device) = (self.cfg, &self.device);
         let half = cfg
             .mixed_precision
@@ -119,16 +136,17 @@ impl<'a> Trainer<'a> {
         };
         let mut loss_value = loss.clone().into_scalar::<f32>() as f64;
         if cfg.weight_decay > 0.0 {
-            // TF's l2_loss is sum(w^2) / 2; its gradient, weight_decay * w, is added to the
-            // gradients below rather than backpropagated through the graph (same value, a third
-            // of the passes).
+            // TF's l2_loss is sum(w^2) / 2; its gradient, weight_decay * w, is added by the
+            // optimizer as it updates each weight rather than backpropagated through the graph
+            // (same value, a third of the passes).
             loss_value += cfg.weight_decay / 2.0 * sum_of_squared_weights(&model);
         }
         if !loss_value.is_finite() {
             bail!("training diverged at step {step} (loss {loss_value}); lower the learning rate");
         }
         drop(half);
-        let mut grads = if cfg.mixed_precision == Some(HalfType::F16) {
+        let forward = start.elapsed();
+        let grads = if cfg.mixed_precision == Some(HalfType::F16) {
             let scale = self.loss_scale();
             let scaled = loss.mul_scalar(scale.scale);
             let mut grads = GradientsParams::from_grads(scaled.backward(), &model);
@@ -140,19 +158,28 @@ impl<'a> Trainer<'a> {
                     model,
                     loss: loss_value,
                     correct,
+                    phases: StepPhases {
+                        forward,
+                        backward: start.elapsed() - forward,
+                        update: Duration::ZERO,
+                    },
                 });
             }
             grads
         } else {
             GradientsParams::from_grads(loss.backward(), &model)
         };
-        if cfg.weight_decay > 0.0 {
-            add_weight_decay(&model, &mut grads, cfg.weight_decay);
-        }
+        let backward = start.elapsed() - forward;
+        let model = optim.step(lr, model, grads);
         Ok(StepOutcome {
-            model: optim.step(lr, model, grads),
+            model,
             loss: loss_value,
             correct,
+            phases: StepPhases {
+                forward,
+                backward,
+                update: start.elapsed() - forward - backward,
+            },
         })
     }
 }
@@ -168,8 +195,8 @@ fn count_correct(logits: &Tensor<2>, labels: Tensor<1, Int>) -> usize {
 fn squared_weights(model: &EfficientNet, tracked: bool) -> Option<Tensor<1>> {
     struct SumOfSquares(Option<Tensor<1>>, bool);
     impl ParamVisitor for SumOfSquares {
-        fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
-            if decayed::<D>(path) {
+        fn visit<const D: usize>(&mut self, _path: &str, param: &Param<Tensor<D>>) {
+            if TfRmsProp::decays::<D>() {
                 let w = match self.1 {
                     true => param.val(),
                     false => param.val().inner(),
@@ -193,27 +220,6 @@ fn sum_of_squared_weights(model: &EfficientNet) -> f64 {
     squared_weights(model, false).map_or(0.0, |s| s.into_scalar::<f32>() as f64)
 }
 
-/// Adds `decay * w`, the gradient of the L2 term, to each decayed weight's gradient.
-fn add_weight_decay(model: &EfficientNet, grads: &mut GradientsParams, decay: f64) {
-    struct AddDecay<'a>(&'a mut GradientsParams, f64);
-    impl ParamVisitor for AddDecay<'_> {
-        fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
-            if decayed::<D>(path)
-                && let Some(g) = self.0.remove::<D>(param.id)
-            {
-                let w = param.val().inner();
-                self.0.register(param.id, fused::add_scaled(g, w, self.1));
-            }
-        }
-    }
-    visit_params(model, AddDecay(grads, decay));
-}
-
-/// The weights the L2 term covers: every conv and classifier weight (not BN, not biases).
-fn decayed<const D: usize>(path: &str) -> bool {
-    D >= 2 && path.ends_with(".weight")
-}
-
 fn tensors(batch: &Batch, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
     let side = batch.side;
     let x = Tensor::<4>::from_data(
@@ -230,10 +236,11 @@ mod tests {
     use super::*;
     use burn::tensor::Distribution;
 
-    /// The L2 term added to the gradients equals backpropagating `decay / 2 * sum w^2` through
-    /// the graph, for every weight it covers, and the reported loss includes it.
+    /// The optimizer's L2 term, `g + decay w` on every weight it covers, takes the same step as
+    /// backpropagating `decay / 2 * sum w^2` through the graph, and the reported loss includes
+    /// it.
     #[test]
-    fn weight_decay_gradient_equals_the_backpropagated_l2_term() {
+    fn weight_decay_in_the_optimizer_equals_the_backpropagated_l2_term() {
         let device = Device::flex().autodiff();
         let mut spec = crate::spec::variant("lite0").unwrap();
         spec.num_classes = 3;
@@ -244,9 +251,6 @@ mod tests {
         let x = Tensor::<4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
         let decay = 0.05;
         let head = |m: &EfficientNet| m.forward(x.clone()).sum();
-
-        let mut added = GradientsParams::from_grads(head(&model).backward(), &model);
-        add_weight_decay(&model, &mut added, decay);
         let squares = sum_of_squared_weights(&model);
 
         let l2 = squared_weights(&model, true).unwrap();
@@ -259,21 +263,37 @@ mod tests {
         );
         let loss = head(&model) + l2.mul_scalar(decay / 2.0);
         let through_graph = GradientsParams::from_grads(loss.backward(), &model);
+        let plain = GradientsParams::from_grads(head(&model).backward(), &model);
 
-        struct Compare<'a>(&'a GradientsParams, &'a GradientsParams, usize);
-        impl ParamVisitor for Compare<'_> {
+        // A learning rate of 1 makes the L2 term's share of the step about decay * |w|.
+        let optimizer = |weight_decay| {
+            ModuleOptimizer::from(TfRmsProp {
+                weight_decay,
+                ..TfRmsProp::default()
+            })
+        };
+        let by_optimizer = optimizer(decay).step(1.0, model.clone(), plain);
+        let by_graph = optimizer(0.0).step(1.0, model.clone(), through_graph);
+
+        struct Weights(Vec<(String, Tensor<1>, bool)>);
+        impl ParamVisitor for Weights {
             fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
-                let (a, b) = (self.0.get::<D>(param.id), self.1.get::<D>(param.id));
-                let (Some(a), Some(b)) = (a, b) else {
-                    return;
-                };
-                let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-3);
-                let diff = (a - b).abs().max().into_scalar::<f32>();
-                assert!(diff <= 1e-5 * scale, "{path}: {diff} (scale {scale})");
-                self.2 += decayed::<D>(path) as usize;
+                let w = param.val().inner().flatten(0, D - 1);
+                self.0.push((path.into(), w, TfRmsProp::decays::<D>()));
             }
         }
-        let checked = visit_params(&model, Compare(&added, &through_graph, 0)).2;
-        assert!(checked >= 40, "{checked} decayed weights compared");
+        let [a, b, before] =
+            [&by_optimizer, &by_graph, &model].map(|m| visit_params(m, Weights(Vec::new())).0);
+        let mut decayed = 0;
+        for (((path, a, decays), (_, b, _)), (_, w, _)) in a.into_iter().zip(b).zip(before) {
+            let moved = (b.clone() - w).abs().max().into_scalar::<f32>();
+            let diff = (a - b).abs().max().into_scalar::<f32>();
+            assert!(
+                diff <= 1e-5 * moved.max(1e-3),
+                "{path}: {diff} (step {moved})"
+            );
+            decayed += decays as usize;
+        }
+        assert!(decayed >= 40, "{decayed} decayed weights compared");
     }
 }

@@ -69,12 +69,6 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_add_scaled(x: FloatTensor<Self>, y: FloatTensor<Self>, a: f32) -> FloatTensor<Self> {
-        // Not differentiated: computed on the inner tensors, untracked.
-        let [x, y] = [x, y].map(Self::inner);
-        Self::from_inner(<Flex as FusedOps>::fused_add_scaled(x, y, a))
-    }
-
     fn fused_squared_sum(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(<Flex as FusedOps>::fused_squared_sum(Self::inner(x)))
     }

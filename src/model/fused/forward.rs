@@ -4,11 +4,10 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Flex, TensorMetadata};
 
 use super::kernels::{
-    ConvGeometry, affine2, batch_norm_forward, depthwise_forward, im2col, par_map, par_map2,
-    plane_means, pointwise_forward, rmsprop_tf, scale_planes, sigmoid_forward, silu_forward,
-    squared_sum,
+    ConvGeometry, batch_norm_forward, depthwise_forward, im2col, par_map, plane_means,
+    pointwise_forward, rmsprop_tf, scale_planes, sigmoid_forward, silu_forward, squared_sum,
 };
-use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
+use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, exclusive, f32s, tensor};
 
 impl FusedOps for Flex {
     fn fused_silu(x: FlexTensor) -> FlexTensor {
@@ -23,14 +22,6 @@ impl FusedOps for Flex {
         // SAFETY: the kernel writes every element of its chunk.
         let y = unsafe { par_map(f32s(&x), sigmoid_forward) };
         tensor(y, x.shape().to_vec())
-    }
-
-    fn fused_add_scaled(x: FlexTensor, y: FlexTensor, a: f32) -> FlexTensor {
-        let (x, y) = (contiguous(x), contiguous(y));
-        // affine2(y, x, a, 1, 0) = fma(y, a, x): one rounding.
-        // SAFETY: `affine2` writes every element of its chunk.
-        let out = unsafe { par_map2(f32s(&y), f32s(&x), |y, x, o| affine2(y, x, a, 1.0, 0.0, o)) };
-        tensor(out, x.shape().to_vec())
     }
 
     fn fused_squared_sum(x: FlexTensor) -> FlexTensor {
@@ -87,14 +78,16 @@ impl FusedOps for Flex {
         mom: FlexTensor,
         c: RmsPropCoefficients,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let [w, g, ms, mom] = [w, g, ms, mom].map(contiguous);
-        let (w2, ms2, mom2) = rmsprop_tf(f32s(&w), f32s(&g), f32s(&ms), f32s(&mom), c);
-        let shape = w.shape().to_vec();
-        (
-            tensor(w2, shape.clone()),
-            tensor(ms2, shape.clone()),
-            tensor(mom2, shape),
-        )
+        let g = contiguous(g);
+        let [mut w, mut ms, mut mom] = [w, ms, mom].map(exclusive);
+        rmsprop_tf(
+            f32s(&g),
+            c,
+            w.storage_mut(),
+            ms.storage_mut(),
+            mom.storage_mut(),
+        );
+        (w, ms, mom)
     }
 
     fn fused_batch_norm_train(

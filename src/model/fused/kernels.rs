@@ -208,45 +208,63 @@ fn splitmix64(z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// One TF-RMSProp update (see `fused::rmsprop_tf`): (w, ms, mom), in parallel chunks.
+/// One TF-RMSProp update (see `fused::rmsprop_tf`) of `w`, `ms` and `mom` in place, in parallel
+/// chunks. In place because the update streams every weight and both state buffers: writing them
+/// to fresh buffers cost a third more memory traffic (each new line read before it is written),
+/// and the pass is bound by memory, not by the thread count (docs/benchmarks.md).
 pub(super) fn rmsprop_tf(
-    w: &[f32],
     g: &[f32],
-    ms: &[f32],
-    mom: &[f32],
     c: super::RmsPropCoefficients,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    // SAFETY: `rmsprop_tf_chunk` writes every element of its three outputs.
-    let [w2, ms2, mom2] = unsafe {
-        par_written(w.len(), CHUNK, |i, [w2, ms2, mom2]| {
-            let r = i * CHUNK..(i * CHUNK + w2.len());
-            let ins = [&w[r.clone()], &g[r.clone()], &ms[r.clone()], &mom[r]];
-            rmsprop_tf_chunk(ins, c, w2, ms2, mom2);
-        })
-    };
-    (w2, ms2, mom2)
+    w: &mut [f32],
+    ms: &mut [f32],
+    mom: &mut [f32],
+) {
+    w.par_chunks_mut(CHUNK)
+        .zip(ms.par_chunks_mut(CHUNK))
+        .zip(mom.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((w, ms), mom), g)| rmsprop_tf_chunk(g, c, w, ms, mom));
 }
 
 simd_dispatch! {
-    /// [`rmsprop_tf`] on one chunk, each f32 operation in the composed ops' order.
+    /// [`rmsprop_tf`] on one chunk.
     fn rmsprop_tf_chunk(
-        ins: [&[f32]; 4],
+        g: &[f32],
         c: super::RmsPropCoefficients,
-        w2: &mut Written,
-        ms2: &mut Written,
-        mom2: &mut Written,
+        w: &mut [f32],
+        ms: &mut [f32],
+        mom: &mut [f32],
     ) {
-        let n = w2.len();
-        let [w, g, ms, mom] = ins.map(|t| &t[..n]);
-        let (ms2, mom2) = (&mut ms2[..n], &mut mom2[..n]);
-        for i in 0..n {
-            let m = ms[i] + (g[i] * g[i] - ms[i]) * c.decay_complement;
-            let step = (g[i] * c.lr) / (m + c.epsilon).sqrt();
-            let v = mom[i] * c.momentum + step;
-            w2[i].set(w[i] - v);
-            ms2[i].set(m);
-            mom2[i].set(v);
+        match c.weight_decay {
+            0.0 => rmsprop_tf_update::<false>(g, c, w, ms, mom),
+            _ => rmsprop_tf_update::<true>(g, c, w, ms, mom),
         }
+    }
+}
+
+/// One chunk's update, each f32 operation in the composed ops' order; with `DECAY` the gradient
+/// is first `fma(w, weight_decay, g)` (the L2 term's, in one rounding).
+#[inline(always)]
+fn rmsprop_tf_update<const DECAY: bool>(
+    g: &[f32],
+    c: super::RmsPropCoefficients,
+    w: &mut [f32],
+    ms: &mut [f32],
+    mom: &mut [f32],
+) {
+    let n = w.len();
+    let (g, ms, mom) = (&g[..n], &mut ms[..n], &mut mom[..n]);
+    for i in 0..n {
+        let g = match DECAY {
+            true => w[i].mul_add(c.weight_decay, g[i]),
+            false => g[i],
+        };
+        let m = ms[i] + (g * g - ms[i]) * c.decay_complement;
+        let step = (g * c.lr) / (m + c.epsilon).sqrt();
+        let v = mom[i] * c.momentum + step;
+        w[i] -= v;
+        ms[i] = m;
+        mom[i] = v;
     }
 }
 
@@ -1091,14 +1109,7 @@ fn affine2_slice(g: &[f32], x: &[f32], (a, b, d): (f32, f32, f32), out: &mut Wri
 }
 
 simd_dispatch! {
-    /// `out = a g + b x + d`.
-    pub(super) fn affine2(g: &[f32], x: &[f32], a: f32, b: f32, d: f32, out: &mut Written) {
-        affine2_slice(g, x, (a, b, d), out)
-    }
-}
-
-simd_dispatch! {
-    /// [`affine2`] over the run's planes with the coefficients of each plane's channel.
+    /// `out = a g + b x + d` over the run's planes with the coefficients of each plane's channel.
     fn affine2_plane_run(
         g: &[f32],
         x: &[f32],

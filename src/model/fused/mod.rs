@@ -36,8 +36,6 @@ pub trait FusedOps: Backend {
     fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// 1 / (1 + exp(-x)).
     fn fused_sigmoid(x: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// `x + a y` for `x`, `y` of one shape. Not differentiated.
-    fn fused_add_scaled(x: FloatTensor<Self>, y: FloatTensor<Self>, a: f32) -> FloatTensor<Self>;
     /// The sum of the squares of `x`, as a one-element tensor. Not differentiated.
     fn fused_squared_sum(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Depthwise conv of `x` `[n, c, h, w]` with `weight` `[c, 1, k, k]`, no bias, no dilation;
@@ -91,12 +89,16 @@ pub struct RmsPropCoefficients {
     pub decay_complement: f32,
     pub momentum: f32,
     pub epsilon: f32,
+    /// The L2 term's factor: the gradient taken is `g + weight_decay w` (0: `g`).
+    pub weight_decay: f32,
 }
 
 /// TF-RMSProp: `ms += (1 - decay)(g^2 - ms); mom = momentum mom + lr g / sqrt(ms + eps);
-/// w -= mom`, returning (w, ms, mom). One parallel pass on Flex f32 tensors (burn's composed ops
-/// take eleven, each allocating, per parameter and step); burn's ops elsewhere, in the same order
-/// of f32 operations, so both give the same bits.
+/// w -= mom`, with `g + weight_decay w` for `g` when `weight_decay` is not 0; returns (w, ms,
+/// mom). One parallel pass on Flex f32 tensors, in place where `w`, `ms` and `mom` are not shared
+/// (burn's composed ops take eleven, each allocating, per parameter and step); burn's ops
+/// elsewhere, in the same order of f32 operations, so both give the same bits (except the L2
+/// term, one rounding fused and two in burn's ops).
 pub fn rmsprop_tf<const D: usize>(
     w: Tensor<D>,
     g: Tensor<D>,
@@ -105,6 +107,10 @@ pub fn rmsprop_tf<const D: usize>(
     c: RmsPropCoefficients,
 ) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
     if !runs_fused(&w) || [&g, &ms, &mom].iter().any(|t| t.dims() != w.dims()) {
+        let g = match c.weight_decay {
+            0.0 => g,
+            decay => g + w.clone().mul_scalar(decay),
+        };
         let ms = ms.clone() + (g.clone().powi_scalar(2) - ms).mul_scalar(c.decay_complement);
         let step = g.mul_scalar(c.lr) / ms.clone().add_scalar(c.epsilon).sqrt();
         let mom = mom.mul_scalar(c.momentum) + step;
@@ -139,19 +145,6 @@ pub fn sigmoid<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         return burn::tensor::activation::sigmoid(x);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_sigmoid(x.into_dispatch()))
-}
-
-/// `x + a y` in one parallel pass on Flex f32 tensors (burn's two ops elsewhere): the L2 term's
-/// gradient added to a weight's. Not differentiated: autodiff tensors take burn's ops.
-pub fn add_scaled<const D: usize>(x: Tensor<D>, y: Tensor<D>, a: f64) -> Tensor<D> {
-    if !runs_fused(&x) || x.device().is_autodiff() || x.dims() != y.dims() {
-        return x + y.mul_scalar(a);
-    }
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_add_scaled(
-        x.into_dispatch(),
-        y.into_dispatch(),
-        a as f32,
-    ))
 }
 
 /// `sum(x^2)` as a one-element tensor: in parallel on Flex f32 tensors (fixed chunks summed in
@@ -384,6 +377,20 @@ pub(super) fn contiguous(t: FlexTensor) -> FlexTensor {
     } else {
         t.to_contiguous()
     }
+}
+
+/// `t` as a contiguous f32 tensor alone in its whole buffer, to be updated in place: `t` itself
+/// when nothing else holds its buffer, else a copy.
+pub(super) fn exclusive(t: FlexTensor) -> FlexTensor {
+    let numel = t.shape().num_elements();
+    if t.is_unique()
+        && t.as_slice::<f32>().is_some_and(|s| s.len() == numel)
+        && t.storage::<f32>().len() == numel
+    {
+        return t;
+    }
+    let shape = t.shape().to_vec();
+    tensor(f32s(&contiguous(t)).to_vec(), shape)
 }
 
 pub(super) fn f32s(t: &FlexTensor) -> &[f32] {
