@@ -344,14 +344,18 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     );
     let out = Tensor::<4>::from_dispatch(out);
     let device = out.device();
+    // On the host: these are a few hundred floats, and burn's four ops per statistic (each
+    // allocating, dispatched, wrapped for autodiff) were 1.3-1.6 ms of serial time per B0 step.
+    // Same f32 operations in the same order as `r.mul_scalar(1 - m).add(b.mul_scalar(m))`.
+    let (keep, take) = ((1.0 - bn.momentum) as f32, bn.momentum as f32);
     for (running, batch) in [(&bn.running_mean, mean), (&bn.running_var, var)] {
-        let batch = Tensor::<1>::from_dispatch(batch).detach();
-        let updated = running
-            .value_sync()
-            .to_device(&device)
-            .mul_scalar(1.0 - bn.momentum)
-            .add(batch.mul_scalar(bn.momentum));
-        running.update(updated.detach());
+        let batch = Tensor::<1>::from_dispatch(batch).into_data();
+        let old = running.value_sync().into_data();
+        let updated: Vec<f32> = (old.iter::<f32>().zip(batch.iter::<f32>()))
+            .map(|(r, b)| r * keep + b * take)
+            .collect();
+        let len = updated.len();
+        running.update(Tensor::from_data(TensorData::new(updated, [len]), &device));
     }
     out
 }
