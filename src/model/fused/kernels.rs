@@ -781,12 +781,81 @@ pub(super) fn channel_sums(
             acc
         })
         .collect();
+    add_in_order(partials, channels)
+}
+
+/// The element-wise sum of `partials` (each `len` long), added in their order.
+fn add_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     partials
         .into_iter()
-        .fold(vec![0.0; channels], |mut total, part| {
+        .fold(vec![0.0; len], |mut total, part| {
             total.iter_mut().zip(part).for_each(|(t, v)| *t += v);
             total
         })
+}
+
+/// Planes of at most this many values take batch norm's image-wise path ([`image_sums`],
+/// [`map_images`]): a loop per plane of one to sixteen values (the 1x1, 2x2 and 4x4 maps of B0's
+/// later stages at 32x32) ran at a fraction of the speed of the same values in long runs, so
+/// those maps, a few percent of the values, took two thirds of batch norm's time.
+const SMALL_PLANE: usize = 16;
+
+/// Per-channel sums over a tensor of `len` floats of whole images (`channels * plane` floats
+/// each) for small planes: `add(at, acc)` adds the values of the image at offset `at` into `acc`
+/// element by element (one long vectorised run per image, across channels and positions); each
+/// task does so for a fixed run of images, then sums each plane of its `acc`, and the tasks' sums
+/// are added in order, so the result does not depend on the thread count.
+fn image_sums(
+    len: usize,
+    channels: usize,
+    plane: usize,
+    add: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let image = channels * plane;
+    let (images, per_task) = (len / image, images_per_task(image));
+    let partials: Vec<Vec<f32>> = (0..images.div_ceil(per_task))
+        .into_par_iter()
+        .map(|t| {
+            let mut acc = vec![0.0f32; image];
+            for i in t * per_task..((t + 1) * per_task).min(images) {
+                add(i * image, &mut acc);
+            }
+            acc.chunks_exact(plane).map(|p| p.iter().sum()).collect()
+        })
+        .collect();
+    add_in_order(partials, channels)
+}
+
+/// A new tensor of `len` floats of whole `image`-float images written in parallel runs of
+/// images: `f(at, out)` writes `out`, the image at offset `at`.
+///
+/// # Safety
+/// `f` must write every element of its image.
+unsafe fn map_images(len: usize, image: usize, f: impl Fn(usize, &mut Written) + Sync) -> Vec<f32> {
+    let chunk = images_per_task(image) * image;
+    // SAFETY: the caller's `f` writes every image of each chunk, and chunks hold whole images.
+    let [out] = unsafe {
+        par_written(len, chunk, |t, [out]| {
+            for (i, o) in out.chunks_exact_mut(image).enumerate() {
+                f(t * chunk + i * image, o);
+            }
+        })
+    };
+    out
+}
+
+/// Images per task of the image-wise path: each task sums its `acc` by plane once, so a task
+/// of at least 16 k values keeps that fold a small part of it.
+fn images_per_task(image: usize) -> usize {
+    ((1 << 14) / image.max(1)).max(1)
+}
+
+/// A per-channel coefficient for each value of an image (`plane` values per channel).
+fn per_value(coefficient: &[f32], plane: usize) -> Vec<f32> {
+    coefficient
+        .iter()
+        .flat_map(|&c| std::iter::repeat_n(c, plane))
+        .collect()
 }
 
 /// A new `[n, channels, plane]` tensor of `len` floats written in parallel runs of planes:
@@ -923,27 +992,47 @@ pub(super) fn batch_norm_forward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
-    let mean: Vec<f32> = channel_sums(planes, channels, plane, |run, out| {
-        plane_sums(run.of(x, out.len()), plane, out)
-    })
-    .into_iter()
-    .map(|s| s / count)
-    .collect();
-    let var: Vec<f32> = channel_sums(planes, channels, plane, |run, out| {
-        plane_squared_deviations(run.of(x, out.len()), run, &mean, out)
-    })
-    .into_iter()
-    .map(|s| s / count)
-    .collect();
+    let image_wise = plane <= SMALL_PLANE;
+    let sums = if image_wise {
+        image_sums(x.len(), channels, plane, |at, acc| {
+            add_values(&x[at..][..acc.len()], acc)
+        })
+    } else {
+        channel_sums(planes, channels, plane, |run, out| {
+            plane_sums(run.of(x, out.len()), plane, out)
+        })
+    };
+    let mean: Vec<f32> = sums.into_iter().map(|s| s / count).collect();
+    let deviations = if image_wise {
+        let mean = per_value(&mean, plane);
+        image_sums(x.len(), channels, plane, |at, acc| {
+            add_squared_deviations(&x[at..][..acc.len()], &mean, acc)
+        })
+    } else {
+        channel_sums(planes, channels, plane, |run, out| {
+            plane_squared_deviations(run.of(x, out.len()), run, &mean, out)
+        })
+    };
+    let var: Vec<f32> = deviations.into_iter().map(|s| s / count).collect();
     let scale: Vec<f32> = (0..channels)
         .map(|c| gamma[c] / (var[c] + epsilon).sqrt())
         .collect();
-    // SAFETY: `normalize_plane_run` writes all of its run, as long as its input.
-    let out = unsafe {
-        map_planes(x.len(), channels, plane, |run, out| {
-            let x = run.of(x, out.len() / plane);
-            normalize_plane_run(x, run, [&mean, &scale, beta], out);
-        })
+    let out = if image_wise {
+        let [mean, scale, shift] = [&mean, &scale, beta].map(|c| per_value(c, plane));
+        // SAFETY: `normalize_image` writes all of its image, as long as its input.
+        unsafe {
+            map_images(x.len(), channels * plane, |at, out| {
+                normalize_image(&x[at..][..out.len()], [&mean, &scale, &shift], out)
+            })
+        }
+    } else {
+        // SAFETY: `normalize_plane_run` writes all of its run, as long as its input.
+        unsafe {
+            map_planes(x.len(), channels, plane, |run, out| {
+                let x = run.of(x, out.len() / plane);
+                normalize_plane_run(x, run, [&mean, &scale, beta], out);
+            })
+        }
     };
     (out, mean, var)
 }
@@ -967,13 +1056,27 @@ pub(super) fn batch_norm_backward(
     let channels = gamma.len();
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
-    let gbeta = channel_sums(planes, channels, plane, |run, out| {
-        plane_sums(run.of(grad, out.len()), plane, out)
-    });
-    let gxc = channel_sums(planes, channels, plane, |run, out| {
-        let (g, x) = (run.of(grad, out.len()), run.of(x, out.len()));
-        plane_centered_dots(g, x, run, mean, out)
-    });
+    let image_wise = plane <= SMALL_PLANE;
+    let (gbeta, gxc) = if image_wise {
+        let mean = per_value(mean, plane);
+        let gbeta = image_sums(x.len(), channels, plane, |at, acc| {
+            add_values(&grad[at..][..acc.len()], acc)
+        });
+        let gxc = image_sums(x.len(), channels, plane, |at, acc| {
+            let (g, x) = (&grad[at..][..acc.len()], &x[at..][..acc.len()]);
+            add_centered_products(g, x, &mean, acc)
+        });
+        (gbeta, gxc)
+    } else {
+        let gbeta = channel_sums(planes, channels, plane, |run, out| {
+            plane_sums(run.of(grad, out.len()), plane, out)
+        });
+        let gxc = channel_sums(planes, channels, plane, |run, out| {
+            let (g, x) = (run.of(grad, out.len()), run.of(x, out.len()));
+            plane_centered_dots(g, x, run, mean, out)
+        });
+        (gbeta, gxc)
+    };
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
     let ggamma = gxc.iter().zip(&inv_std).map(|(s, i)| s * i).collect();
     let gx_len = if want_input { x.len() } else { 0 };
@@ -985,18 +1088,29 @@ pub(super) fn batch_norm_backward(
     let d: Vec<f32> = (0..channels)
         .map(|c| -a[c] * gbeta[c] / count - b[c] * mean[c])
         .collect();
-    // SAFETY: `affine2_plane_run` writes all of its run, as long as its inputs.
-    let gx = unsafe {
-        map_planes(gx_len, channels, plane, |run, out| {
-            let planes = out.len() / plane;
-            affine2_plane_run(
-                run.of(grad, planes),
-                run.of(x, planes),
-                run,
-                [&a, &b, &d],
-                out,
-            );
-        })
+    let gx = if image_wise {
+        let [a, b, d] = [&a, &b, &d].map(|c| per_value(c, plane));
+        // SAFETY: `affine2_image` writes all of its image, as long as its inputs.
+        unsafe {
+            map_images(gx_len, channels * plane, |at, out| {
+                let (g, x) = (&grad[at..][..out.len()], &x[at..][..out.len()]);
+                affine2_image(g, x, [&a, &b, &d], out)
+            })
+        }
+    } else {
+        // SAFETY: `affine2_plane_run` writes all of its run, as long as its inputs.
+        unsafe {
+            map_planes(gx_len, channels, plane, |run, out| {
+                let planes = out.len() / plane;
+                affine2_plane_run(
+                    run.of(grad, planes),
+                    run.of(x, planes),
+                    run,
+                    [&a, &b, &d],
+                    out,
+                );
+            })
+        }
     };
     (gx, ggamma, gbeta)
 }
@@ -1123,6 +1237,55 @@ simd_dispatch! {
         for (i, (o, (g, x))) in planes.enumerate() {
             let c = run.channel(i);
             affine2_slice(g, x, (a[c], b[c], d[c]), o);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `acc += x`, element by element.
+    fn add_values(x: &[f32], acc: &mut [f32]) {
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a += x;
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `acc += (x - mean)^2`, element by element.
+    fn add_squared_deviations(x: &[f32], mean: &[f32], acc: &mut [f32]) {
+        for ((a, x), m) in acc.iter_mut().zip(x).zip(mean) {
+            *a = (x - m).mul_add(x - m, *a);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `acc += g (x - mean)`, element by element.
+    fn add_centered_products(g: &[f32], x: &[f32], mean: &[f32], acc: &mut [f32]) {
+        for (((a, g), x), m) in acc.iter_mut().zip(g).zip(x).zip(mean) {
+            *a = g.mul_add(x - m, *a);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `out = (x - mean) * scale + shift`, element by element.
+    fn normalize_image(x: &[f32], coefficients: [&[f32]; 3], out: &mut Written) {
+        let [mean, scale, shift] = coefficients;
+        let values = out.iter_mut().zip(x).zip(mean.iter().zip(scale).zip(shift));
+        for ((o, x), ((m, s), b)) in values {
+            o.set((x - m).mul_add(*s, *b));
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `out = a g + b x + d`, element by element.
+    fn affine2_image(g: &[f32], x: &[f32], coefficients: [&[f32]; 3], out: &mut Written) {
+        let [a, b, d] = coefficients;
+        let values = out.iter_mut().zip(g.iter().zip(x)).zip(a.iter().zip(b).zip(d));
+        for ((o, (g, x)), ((a, b), d)) in values {
+            o.set(g.mul_add(*a, x.mul_add(*b, *d)));
         }
     }
 }

@@ -257,15 +257,18 @@ fn batch_norm_layer(channels: usize, device: &Device) -> BatchNorm {
 #[test]
 fn batch_norm_matches_burn() {
     let device = Device::flex().autodiff();
-    // The last two span several parallel runs of planes, the later runs starting mid-image (on a
-    // channel other than 0).
+    // Planes of up to 16 values take the image-wise path: the last three shapes span several of
+    // its runs of images (of 16 k values), [300, 5, 5, 5] several runs of planes of the per-plane
+    // path, the later runs starting mid-image (on a channel other than 0).
     let shapes = [
         [4, 6, 5, 5],
         [64, 3, 1, 1],
         [2, 5, 9, 1],
         [3, 4, 16, 16],
-        [1500, 3, 1, 1],
+        [300, 5, 5, 5],
+        [3000, 7, 1, 1],
         [300, 5, 2, 2],
+        [40, 40, 4, 4],
     ];
     for shape in shapes {
         let (fused_bn, burn_bn) = (
