@@ -140,7 +140,7 @@ fn depthwise_paths_agree() {
         (3, 1, 1, [1, 1, 1, 1]),
         (3, 1, 12, [1, 1, 1, 1]),
     ] {
-        for channels in [5, 16, 40] {
+        for channels in [5, 16, 40, 150] {
             let geom = ConvGeometry::new(size, size, k, stride, pad);
             let n = 3;
             let x = values(n * channels * size * size, 1);
@@ -150,6 +150,15 @@ fn depthwise_paths_agree() {
             let rows = depthwise_forward_rows(&geom, channels, &x, &w);
             let inter = depthwise_forward_interleaved(&geom, channels, &x, &w);
             assert_eq!(rows, inter, "forward, {case}");
+            let wide = depthwise_forward_channels_last(&geom, channels, &x, &w);
+            assert_eq!(wide, inter, "channels-last forward, {case}");
+            for want_input in [true, false] {
+                assert_eq!(
+                    depthwise_backward_channels_last(&geom, channels, &x, &w, &g, want_input),
+                    depthwise_backward_interleaved(&geom, channels, &x, &w, &g, want_input),
+                    "channels-last backward, {case}"
+                );
+            }
             let (gx_rows, gw_rows) = depthwise_backward_rows(&geom, channels, &x, &w, &g, true);
             let (gx_inter, gw_inter) =
                 depthwise_backward_interleaved(&geom, channels, &x, &w, &g, true);
