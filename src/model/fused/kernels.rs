@@ -1183,6 +1183,12 @@ pub(super) fn scale_planes(x: &[f32], scale: &[f32], plane: usize) -> Vec<f32> {
 simd_dispatch! {
     /// `out` = each plane of `x` times its factor in `factors`.
     fn scale_plane_run(x: &[f32], plane: usize, factors: &[f32], out: &mut Written) {
+        if plane == 1 {
+            for ((o, x), factor) in out.iter_mut().zip(x).zip(factors) {
+                o.set(x * factor);
+            }
+            return;
+        }
         let planes = out.chunks_exact_mut(plane).zip(x.chunks_exact(plane));
         for ((o, x), factor) in planes.zip(factors) {
             for (o, x) in o.iter_mut().zip(x) {
@@ -1370,12 +1376,15 @@ fn centered_dot(g: &[f32], x: &[f32], mean: f32) -> f32 {
         }
     }
     let tail = g.len() / 8 * 8;
-    let rest: f32 = g[tail..]
-        .iter()
-        .zip(&x[tail..])
-        .map(|(g, x)| g * (x - mean))
-        .sum();
-    acc.iter().sum::<f32>() + rest
+    acc.iter().sum::<f32>() + short_centered_dot(&g[tail..], &x[tail..], mean)
+}
+
+/// `sum g (x - mean)` one value at a time: [`centered_dot`] of fewer than eight values without
+/// its eight-lane set-up (the same value, the lanes being zero), for planes of 1-7 values, where
+/// that set-up was most of the work.
+#[inline(always)]
+fn short_centered_dot(g: &[f32], x: &[f32], mean: f32) -> f32 {
+    g.iter().zip(x).map(|(g, x)| g * (x - mean)).sum()
 }
 
 simd_dispatch! {
@@ -1389,7 +1398,7 @@ simd_dispatch! {
     /// `out[i]` = the sum of plane `i` of `x` (whole planes of `plane`).
     fn plane_sums(x: &[f32], plane: usize, out: &mut [f32]) {
         for (o, x) in out.iter_mut().zip(x.chunks_exact(plane)) {
-            *o = sum(x);
+            *o = if plane < 8 { x.iter().sum() } else { sum(x) };
         }
     }
 }
@@ -1408,7 +1417,8 @@ simd_dispatch! {
     fn plane_centered_dots(g: &[f32], x: &[f32], run: PlaneRun, mean: &[f32], out: &mut [f32]) {
         let planes = g.chunks_exact(run.plane).zip(x.chunks_exact(run.plane));
         for (i, (o, (g, x))) in out.iter_mut().zip(planes).enumerate() {
-            *o = centered_dot(g, x, mean[run.channel(i)]);
+            let mean = mean[run.channel(i)];
+            *o = if run.plane < 8 { short_centered_dot(g, x, mean) } else { centered_dot(g, x, mean) };
         }
     }
 }
