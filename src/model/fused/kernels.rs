@@ -2,6 +2,7 @@
 //! that skip the padding, and batch-norm statistics in memory order with fixed chunking (so results
 //! do not depend on the thread count). Each hot loop is dispatched per instruction set.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
@@ -1063,12 +1064,17 @@ fn images_per_task(image: usize) -> usize {
     ((1 << 14) / image.max(1)).max(1)
 }
 
-/// A per-channel coefficient for each value of an image (`plane` values per channel).
-fn per_value(coefficient: &[f32], plane: usize) -> Vec<f32> {
-    coefficient
-        .iter()
-        .flat_map(|&c| std::iter::repeat_n(c, plane))
-        .collect()
+/// A per-channel coefficient for each value of an image (`plane` values per channel): the
+/// coefficients themselves on 1x1 maps.
+fn per_value(coefficient: &[f32], plane: usize) -> Cow<'_, [f32]> {
+    if plane == 1 {
+        return Cow::Borrowed(coefficient);
+    }
+    let mut values = vec![0.0; coefficient.len() * plane];
+    for (v, &c) in values.chunks_exact_mut(plane).zip(coefficient) {
+        v.fill(c);
+    }
+    Cow::Owned(values)
 }
 
 /// A new `[n, channels, plane]` tensor of `len` floats written in parallel runs of planes:
