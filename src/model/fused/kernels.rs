@@ -392,7 +392,7 @@ pub(super) fn planes_per_task(plane: usize) -> usize {
 }
 
 /// Channels per block of the interleaved depthwise path: one AVX-512 vector of f32.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// One position of a block of [`LANES`] channels, the interleaved layout's element.
 type Lanes = [f32; LANES];
@@ -412,22 +412,26 @@ pub(super) struct Tap {
     tap: u32,
 }
 
-/// Input planes of at most this many values run the depthwise conv channels-last, on blocks of
-/// [`WIDE`] channels: on 1x1 and 2x2 maps a block of [`LANES`] channels is a few values of work
-/// each for its interleaving and set-up (5-6 ns per value on B0's 1x1 maps at 32x32, 4x less
-/// channels-last). On 4x4 maps the two took about the same time.
-const CHANNELS_LAST_PLANE: usize = 4;
+/// Input planes of at most this many values interleave blocks of [`WIDE`] channels instead of
+/// [`LANES`]: on 1x1 and 2x2 maps a 16-channel block is a few values of work each for its
+/// interleaving and set-up (5-6 ns per value on B0's 1x1 maps at 32x32, 4x less in 64-channel
+/// blocks). On 4x4 maps the two widths took about the same time.
+const WIDE_BLOCKS_PLANE: usize = 4;
 
-/// Channels per block of the channels-last path.
-const WIDE: usize = 64;
+/// Channels per block on the smallest maps.
+pub(super) const WIDE: usize = 64;
 
 impl ConvGeometry {
     fn interleaved(&self) -> bool {
         self.out_w < INTERLEAVE_BELOW
     }
 
-    fn channels_last(&self) -> bool {
-        self.h * self.w <= CHANNELS_LAST_PLANE
+    /// Channels per interleaved block.
+    fn block_width(&self) -> usize {
+        match self.h * self.w <= WIDE_BLOCKS_PLANE {
+            true => WIDE,
+            false => LANES,
+        }
     }
 
     /// The runs' taps one output at a time, in the runs' order, so each output (and each input
@@ -454,10 +458,8 @@ pub(super) fn depthwise_forward(
     x: &[f32],
     weight: &[f32],
 ) -> Vec<f32> {
-    if geom.channels_last() {
-        depthwise_forward_channels_last(geom, channels, x, weight)
-    } else if geom.interleaved() {
-        depthwise_forward_interleaved(geom, channels, x, weight)
+    if geom.interleaved() {
+        depthwise_forward_interleaved(geom, channels, x, weight, geom.block_width())
     } else {
         depthwise_forward_rows(geom, channels, x, weight)
     }
@@ -484,138 +486,51 @@ pub(super) fn depthwise_forward_rows(
     out
 }
 
-/// The weights `[c, taps]` as `[blocks][taps]` of [`Lanes`] (zero past the last channel).
-fn interleave_weights(weight: &[f32], channels: usize, taps: usize) -> Vec<Lanes> {
-    weights_by_tap(weight, channels, taps, LANES)
-        .chunks_exact(LANES)
-        .map(|l| l.try_into().expect("LANES floats"))
-        .collect()
-}
-
-/// The weights `[c, taps]` as `[blocks][taps][width]`, blocks of `width` channels (zero past the
-/// last channel).
-fn weights_by_tap(weight: &[f32], channels: usize, taps: usize, width: usize) -> Vec<f32> {
-    let mut out = vec![0.0; channels.div_ceil(width) * taps * width];
-    let blocks = out.chunks_exact_mut(taps * width);
-    for (block, weights) in blocks.zip(weight.chunks(taps * width)) {
-        for (l, w) in weights.chunks_exact(taps).enumerate() {
-            for (t, &v) in w.iter().enumerate() {
-                block[t * width + l] = v;
-            }
-        }
-    }
-    out
-}
-
-/// [`depthwise_forward`] channels-last: an image per task, each block of [`WIDE`] channels
-/// transposed to `[plane][WIDE]` and every tap one run across the block. Each output sums its
-/// taps in the order of the other paths, so the results are the same bits.
-pub(super) fn depthwise_forward_channels_last(
-    geom: &ConvGeometry,
-    channels: usize,
-    x: &[f32],
+/// The weights `[c, taps]` as `[blocks][taps]` of `[f32; W]` (zero past the last channel).
+fn interleave_weights<const W: usize>(
     weight: &[f32],
-) -> Vec<f32> {
-    let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
-    let tap_list = geom.taps();
-    let wt = weights_by_tap(weight, channels, taps, WIDE);
-    let image = (channels * plane, channels * out_plane);
-    // SAFETY: `depthwise_image_forward_wide` writes every plane of every channel of its image.
-    let [out] = unsafe {
-        par_written(x.len() / plane * out_plane, image.1, |i, [o]| {
-            let x = &x[i * image.0..(i + 1) * image.0];
-            depthwise_image_forward_wide(&tap_list, geom, channels, x, &wt, o);
-        })
-    };
+    channels: usize,
+    taps: usize,
+) -> Vec<[f32; W]> {
+    let mut out = vec![[0.0; W]; channels.div_ceil(W) * taps];
+    for (block, weights) in out.chunks_exact_mut(taps).zip(weight.chunks(taps * W)) {
+        for (l, w) in weights.chunks_exact(taps).enumerate() {
+            for (row, &v) in block.iter_mut().zip(w) {
+                row[l] = v;
+            }
+        }
+    }
     out
 }
 
-/// `o += w x`, element by element (inlined into the dispatched channels-last kernels). Called on
-/// whole rows of [`WIDE`] floats (a constant length, so the loop is unrolled vector code; lanes
-/// past a block's last channel hold leftovers that nothing reads).
-#[inline(always)]
-fn fma_run(o: &mut [f32], w: &[f32], x: &[f32]) {
-    for ((o, w), x) in o.iter_mut().zip(w).zip(x) {
-        *o = w.mul_add(*x, *o);
-    }
+/// Interleaved depthwise weights of either block width, so one dispatched kernel serves both.
+enum BlockWeights {
+    Lanes(Vec<Lanes>),
+    Wide(Vec<[f32; WIDE]>),
 }
 
-/// `lanes` planes (`[lanes, plane]`, contiguous) into `out` `[plane][WIDE]` (its first `lanes`
-/// of each row).
-#[inline(always)]
-fn transpose_in(planes: &[f32], plane: usize, out: &mut [f32]) {
-    let lanes = planes.len() / plane;
-    if plane == 1 {
-        out[..lanes].copy_from_slice(planes);
-        return;
-    }
-    for (i, row) in out.chunks_exact_mut(WIDE).take(plane).enumerate() {
-        for (o, &v) in row[..lanes]
-            .iter_mut()
-            .zip(planes[i..].iter().step_by(plane))
-        {
-            *o = v;
+impl BlockWeights {
+    /// `weight` `[c, taps]` in blocks of `width` channels ([`WIDE`], else [`LANES`]).
+    fn new(weight: &[f32], channels: usize, taps: usize, width: usize) -> Self {
+        match width {
+            WIDE => BlockWeights::Wide(interleave_weights(weight, channels, taps)),
+            _ => BlockWeights::Lanes(interleave_weights(weight, channels, taps)),
         }
     }
 }
 
-/// The inverse of [`transpose_in`]: the first `planes.len() / plane` lanes back into planes.
-#[inline(always)]
-fn transpose_out(from: &[f32], plane: usize, planes: &mut [impl Slot]) {
-    if plane == 1 {
-        for (v, &f) in planes.iter_mut().zip(from) {
-            v.set(f);
-        }
-        return;
-    }
-    for (i, row) in from.chunks_exact(WIDE).take(plane).enumerate() {
-        for (v, &f) in planes[i..].iter_mut().step_by(plane).zip(row) {
-            v.set(f);
-        }
-    }
-}
-
-simd_dispatch! {
-    /// Forward of one image (`[channels, plane]`) by blocks of [`WIDE`] channels.
-    fn depthwise_image_forward_wide(
-        tap_list: &[Tap],
-        geom: &ConvGeometry,
-        channels: usize,
-        x: &[f32],
-        wt: &[f32],
-        out: &mut Written,
-    ) {
-        let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
-        let mut xt = vec![0.0; plane * WIDE];
-        let mut ot = vec![0.0; out_plane * WIDE];
-        for (b, c0) in (0..channels).step_by(WIDE).enumerate() {
-            let lanes = WIDE.min(channels - c0);
-            transpose_in(&x[c0 * plane..(c0 + lanes) * plane], plane, &mut xt);
-            ot.fill(0.0);
-            let w = &wt[b * taps * WIDE..(b + 1) * taps * WIDE];
-            for t in tap_list {
-                let (o, i, k) = (t.out as usize, t.input as usize, t.tap as usize);
-                fma_run(
-                    &mut ot[o * WIDE..][..WIDE],
-                    &w[k * WIDE..][..WIDE],
-                    &xt[i * WIDE..][..WIDE],
-                );
-            }
-            transpose_out(&ot, out_plane, &mut out[c0 * out_plane..(c0 + lanes) * out_plane]);
-        }
-    }
-}
-
-/// [`depthwise_forward`] on blocks of [`LANES`] channels interleaved, an image per task.
+/// [`depthwise_forward`] on blocks of `width` channels interleaved ([`LANES`], or [`WIDE`] on
+/// the smallest maps: the same bits either way), an image per task.
 pub(super) fn depthwise_forward_interleaved(
     geom: &ConvGeometry,
     channels: usize,
     x: &[f32],
     weight: &[f32],
+    width: usize,
 ) -> Vec<f32> {
     let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
     let tap_list = geom.taps();
-    let wt = interleave_weights(weight, channels, taps);
+    let wt = BlockWeights::new(weight, channels, taps, width);
     let image = (channels * plane, channels * out_plane);
     // SAFETY: `depthwise_image_forward` writes every plane of every channel of its image.
     let [out] = unsafe {
@@ -627,17 +542,21 @@ pub(super) fn depthwise_forward_interleaved(
     out
 }
 
-/// `a * b + c` lane by lane, on values (not references) so LLVM sees no aliasing and emits one
-/// vector FMA (through references it unrolled 16 scalar ones).
+/// `a * b + c` lane by lane, on values (not references) so LLVM sees no aliasing and emits
+/// vector FMAs (through references it unrolled 16 scalar ones).
 #[inline(always)]
-fn fma_lanes(a: Lanes, b: Lanes, c: Lanes) -> Lanes {
+fn fma_lanes<const W: usize>(a: [f32; W], b: [f32; W], c: [f32; W]) -> [f32; W] {
     std::array::from_fn(|l| a[l].mul_add(b[l], c[l]))
 }
 
 /// Copies `lanes` planes (`[lanes, plane]`, contiguous) into the interleaved `out` (`[plane]` of
-/// [`Lanes`]).
+/// `[f32; W]`).
 #[inline(always)]
-fn interleave(planes: &[f32], plane: usize, out: &mut [Lanes]) {
+fn interleave<const W: usize>(planes: &[f32], plane: usize, out: &mut [[f32; W]]) {
+    if plane == 1 {
+        out[0][..planes.len()].copy_from_slice(planes);
+        return;
+    }
     for (l, p) in planes.chunks_exact(plane).enumerate() {
         for (o, &v) in out.iter_mut().zip(p) {
             o[l] = v;
@@ -647,7 +566,13 @@ fn interleave(planes: &[f32], plane: usize, out: &mut [Lanes]) {
 
 /// The inverse of [`interleave`]: the first `planes.len() / plane` lanes back into planes.
 #[inline(always)]
-fn deinterleave(from: &[Lanes], plane: usize, planes: &mut [impl Slot]) {
+fn deinterleave<const W: usize>(from: &[[f32; W]], plane: usize, planes: &mut [impl Slot]) {
+    if plane == 1 {
+        for (v, &f) in planes.iter_mut().zip(&from[0]) {
+            v.set(f);
+        }
+        return;
+    }
     for (l, p) in planes.chunks_exact_mut(plane).enumerate() {
         for (v, f) in p.iter_mut().zip(from) {
             v.set(f[l]);
@@ -662,23 +587,43 @@ simd_dispatch! {
         geom: &ConvGeometry,
         channels: usize,
         x: &[f32],
-        wt: &[Lanes],
+        wt: &BlockWeights,
         out: &mut Written,
     ) {
-        let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
-        let mut xt = vec![[0.0; LANES]; plane];
-        let mut ot = vec![[0.0; LANES]; out_plane];
-        for (b, c0) in (0..channels).step_by(LANES).enumerate() {
-            let lanes = LANES.min(channels - c0);
-            interleave(&x[c0 * plane..(c0 + lanes) * plane], plane, &mut xt);
-            ot.fill([0.0; LANES]);
-            let w = &wt[b * taps..(b + 1) * taps];
-            for t in tap_list {
-                let o = &mut ot[t.out as usize];
-                *o = fma_lanes(w[t.tap as usize], xt[t.input as usize], *o);
-            }
-            deinterleave(&ot, out_plane, &mut out[c0 * out_plane..(c0 + lanes) * out_plane]);
+        match wt {
+            BlockWeights::Lanes(wt) => image_forward(tap_list, geom, channels, x, wt, out),
+            BlockWeights::Wide(wt) => image_forward(tap_list, geom, channels, x, wt, out),
         }
+    }
+}
+
+/// [`depthwise_image_forward`] on blocks of `W` channels (inlined into it).
+#[inline(always)]
+fn image_forward<const W: usize>(
+    tap_list: &[Tap],
+    geom: &ConvGeometry,
+    channels: usize,
+    x: &[f32],
+    wt: &[[f32; W]],
+    out: &mut Written,
+) {
+    let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+    let mut xt = vec![[0.0; W]; plane];
+    let mut ot = vec![[0.0; W]; out_plane];
+    for (b, c0) in (0..channels).step_by(W).enumerate() {
+        let lanes = W.min(channels - c0);
+        interleave(&x[c0 * plane..(c0 + lanes) * plane], plane, &mut xt);
+        ot.fill([0.0; W]);
+        let w = &wt[b * taps..(b + 1) * taps];
+        for t in tap_list {
+            let o = &mut ot[t.out as usize];
+            *o = fma_lanes(w[t.tap as usize], xt[t.input as usize], *o);
+        }
+        deinterleave(
+            &ot,
+            out_plane,
+            &mut out[c0 * out_plane..(c0 + lanes) * out_plane],
+        );
     }
 }
 
@@ -692,10 +637,9 @@ pub(super) fn depthwise_backward(
     grad: &[f32],
     want_input: bool,
 ) -> (Vec<f32>, Vec<f32>) {
-    if geom.channels_last() {
-        depthwise_backward_channels_last(geom, channels, x, weight, grad, want_input)
-    } else if geom.interleaved() {
-        depthwise_backward_interleaved(geom, channels, x, weight, grad, want_input)
+    if geom.interleaved() {
+        let width = geom.block_width();
+        depthwise_backward_interleaved(geom, channels, x, weight, grad, want_input, width)
     } else {
         depthwise_backward_rows(geom, channels, x, weight, grad, want_input)
     }
@@ -726,8 +670,9 @@ pub(super) fn depthwise_backward_rows(
     })
 }
 
-/// [`depthwise_backward`] on blocks of [`LANES`] channels interleaved, a block per task (over
-/// the whole batch, so its weight gradient sums the images in order).
+/// [`depthwise_backward`] on blocks of `width` channels interleaved ([`LANES`] or [`WIDE`], as
+/// the forward), a block per task (over the whole batch, so its weight gradient sums the images
+/// in order).
 pub(super) fn depthwise_backward_interleaved(
     geom: &ConvGeometry,
     channels: usize,
@@ -735,113 +680,27 @@ pub(super) fn depthwise_backward_interleaved(
     weight: &[f32],
     grad: &[f32],
     want_input: bool,
+    width: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let (plane, taps) = (geom.h * geom.w, geom.k * geom.k);
     let tap_list = geom.taps();
-    let wt = interleave_weights(weight, channels, taps);
+    let wt = BlockWeights::new(weight, channels, taps, width);
     let blocks = ChannelBlocks {
         gx_len: if want_input { x.len() } else { 0 },
         plane,
         channels,
-        block: LANES,
+        block: width,
         taps,
         min_len: 1,
     };
     blocks.par_fill(|b, gx, gw| {
         let block = Block {
-            first: b * LANES,
+            first: b * width,
             lanes: gw.len() / taps,
             channels,
         };
-        let wt = &wt[b * taps..(b + 1) * taps];
-        depthwise_block_backward(&tap_list, geom, block, x, wt, grad, gx, gw)
+        depthwise_block_backward(&tap_list, geom, block, x, &wt, grad, gx, gw)
     })
-}
-
-/// [`depthwise_backward`] channels-last on blocks of [`WIDE`] channels, a block per task over the
-/// whole batch (its weight gradient sums the images and taps in the order of the other paths).
-pub(super) fn depthwise_backward_channels_last(
-    geom: &ConvGeometry,
-    channels: usize,
-    x: &[f32],
-    weight: &[f32],
-    grad: &[f32],
-    want_input: bool,
-) -> (Vec<f32>, Vec<f32>) {
-    let (plane, taps) = (geom.h * geom.w, geom.k * geom.k);
-    let tap_list = geom.taps();
-    let wt = weights_by_tap(weight, channels, taps, WIDE);
-    let blocks = ChannelBlocks {
-        gx_len: if want_input { x.len() } else { 0 },
-        plane,
-        channels,
-        block: WIDE,
-        taps,
-        min_len: 1,
-    };
-    blocks.par_fill(|b, gx, gw| {
-        let block = Block {
-            first: b * WIDE,
-            lanes: gw.len() / taps,
-            channels,
-        };
-        let wt = &wt[b * taps * WIDE..(b + 1) * taps * WIDE];
-        depthwise_block_backward_wide(&tap_list, geom, block, x, wt, grad, gx, gw)
-    })
-}
-
-simd_dispatch! {
-    /// Backward of one block of [`WIDE`] channels over the batch: its weight gradient
-    /// (`[lanes, taps]`) and its input-gradient planes `gx` (one slice per image; none when not
-    /// wanted).
-    fn depthwise_block_backward_wide(
-        tap_list: &[Tap],
-        geom: &ConvGeometry,
-        block: Block,
-        x: &[f32],
-        wt: &[f32],
-        grad: &[f32],
-        gx: &mut [&mut [f32]],
-        gw: &mut [f32],
-    ) {
-        let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
-        let Block { first, lanes, channels } = block;
-        let mut xt = vec![0.0; plane * WIDE];
-        let mut gt = vec![0.0; out_plane * WIDE];
-        let mut gxt = vec![0.0; plane * WIDE];
-        let mut gwt = vec![0.0; taps * WIDE];
-        for b in 0..x.len() / plane / channels {
-            let at = (b * channels + first) * plane;
-            transpose_in(&x[at..at + lanes * plane], plane, &mut xt);
-            let at = (b * channels + first) * out_plane;
-            transpose_in(&grad[at..at + lanes * out_plane], out_plane, &mut gt);
-            for t in tap_list {
-                let (o, i, k) = (t.out as usize, t.input as usize, t.tap as usize);
-                fma_run(
-                    &mut gwt[k * WIDE..][..WIDE],
-                    &gt[o * WIDE..][..WIDE],
-                    &xt[i * WIDE..][..WIDE],
-                );
-            }
-            if let Some(gx) = gx.get_mut(b) {
-                gxt.fill(0.0);
-                for t in tap_list {
-                    let (o, i, k) = (t.out as usize, t.input as usize, t.tap as usize);
-                    fma_run(
-                        &mut gxt[i * WIDE..][..WIDE],
-                        &gt[o * WIDE..][..WIDE],
-                        &wt[k * WIDE..][..WIDE],
-                    );
-                }
-                transpose_out(&gxt, plane, gx);
-            }
-        }
-        for (l, gw) in gw.chunks_exact_mut(taps).enumerate() {
-            for (t, v) in gw.iter_mut().enumerate() {
-                *v = gwt[t * WIDE + l];
-            }
-        }
-    }
 }
 
 /// The gradients of a depthwise conv computed by blocks of channels: the input's
@@ -906,39 +765,63 @@ simd_dispatch! {
         geom: &ConvGeometry,
         block: Block,
         x: &[f32],
-        wt: &[Lanes],
+        wt: &BlockWeights,
         grad: &[f32],
         gx: &mut [&mut [f32]],
         gw: &mut [f32],
     ) {
-        let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
-        let Block { first, lanes, channels } = block;
-        let mut xt = vec![[0.0; LANES]; plane];
-        let mut gt = vec![[0.0; LANES]; out_plane];
-        let mut gxt = vec![[0.0; LANES]; plane];
-        let mut gwt = vec![[0.0; LANES]; taps];
-        for b in 0..x.len() / plane / channels {
-            let at = (b * channels + first) * plane;
-            interleave(&x[at..at + lanes * plane], plane, &mut xt);
-            let at = (b * channels + first) * out_plane;
-            interleave(&grad[at..at + lanes * out_plane], out_plane, &mut gt);
-            for t in tap_list {
-                let gw = &mut gwt[t.tap as usize];
-                *gw = fma_lanes(gt[t.out as usize], xt[t.input as usize], *gw);
-            }
-            if let Some(gx) = gx.get_mut(b) {
-                gxt.fill([0.0; LANES]);
-                for t in tap_list {
-                    let gx = &mut gxt[t.input as usize];
-                    *gx = fma_lanes(gt[t.out as usize], wt[t.tap as usize], *gx);
-                }
-                deinterleave(&gxt, plane, gx);
-            }
+        match wt {
+            BlockWeights::Lanes(wt) => block_backward(tap_list, geom, block, x, wt, grad, gx, gw),
+            BlockWeights::Wide(wt) => block_backward(tap_list, geom, block, x, wt, grad, gx, gw),
         }
-        for (l, gw) in gw.chunks_exact_mut(taps).enumerate() {
-            for (v, t) in gw.iter_mut().zip(&gwt) {
-                *v = t[l];
+    }
+}
+
+/// [`depthwise_block_backward`] on a block of `W` channels (inlined into it).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block_backward<const W: usize>(
+    tap_list: &[Tap],
+    geom: &ConvGeometry,
+    block: Block,
+    x: &[f32],
+    wt: &[[f32; W]],
+    grad: &[f32],
+    gx: &mut [&mut [f32]],
+    gw: &mut [f32],
+) {
+    let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
+    let Block {
+        first,
+        lanes,
+        channels,
+    } = block;
+    let wt = &wt[first / W * taps..(first / W + 1) * taps];
+    let mut xt = vec![[0.0; W]; plane];
+    let mut gt = vec![[0.0; W]; out_plane];
+    let mut gxt = vec![[0.0; W]; plane];
+    let mut gwt = vec![[0.0; W]; taps];
+    for b in 0..x.len() / plane / channels {
+        let at = (b * channels + first) * plane;
+        interleave(&x[at..at + lanes * plane], plane, &mut xt);
+        let at = (b * channels + first) * out_plane;
+        interleave(&grad[at..at + lanes * out_plane], out_plane, &mut gt);
+        for t in tap_list {
+            let gw = &mut gwt[t.tap as usize];
+            *gw = fma_lanes(gt[t.out as usize], xt[t.input as usize], *gw);
+        }
+        if let Some(gx) = gx.get_mut(b) {
+            gxt.fill([0.0; W]);
+            for t in tap_list {
+                let gx = &mut gxt[t.input as usize];
+                *gx = fma_lanes(gt[t.out as usize], wt[t.tap as usize], *gx);
             }
+            deinterleave(&gxt, plane, gx);
+        }
+    }
+    for (l, gw) in gw.chunks_exact_mut(taps).enumerate() {
+        for (v, t) in gw.iter_mut().zip(&gwt) {
+            *v = t[l];
         }
     }
 }

@@ -148,20 +148,13 @@ fn depthwise_paths_agree() {
             let g = values(n * channels * geom.out_h * geom.out_w, 3);
             let case = format!("k {k} s {stride} size {size} channels {channels}");
             let rows = depthwise_forward_rows(&geom, channels, &x, &w);
-            let inter = depthwise_forward_interleaved(&geom, channels, &x, &w);
+            let inter = depthwise_forward_interleaved(&geom, channels, &x, &w, LANES);
             assert_eq!(rows, inter, "forward, {case}");
-            let wide = depthwise_forward_channels_last(&geom, channels, &x, &w);
-            assert_eq!(wide, inter, "channels-last forward, {case}");
-            for want_input in [true, false] {
-                assert_eq!(
-                    depthwise_backward_channels_last(&geom, channels, &x, &w, &g, want_input),
-                    depthwise_backward_interleaved(&geom, channels, &x, &w, &g, want_input),
-                    "channels-last backward, {case}"
-                );
-            }
+            let wide = depthwise_forward_interleaved(&geom, channels, &x, &w, WIDE);
+            assert_eq!(wide, inter, "forward in 64-channel blocks, {case}");
             let (gx_rows, gw_rows) = depthwise_backward_rows(&geom, channels, &x, &w, &g, true);
             let (gx_inter, gw_inter) =
-                depthwise_backward_interleaved(&geom, channels, &x, &w, &g, true);
+                depthwise_backward_interleaved(&geom, channels, &x, &w, &g, true, LANES);
             assert_eq!(gx_rows, gx_inter, "input grad, {case}");
             let scale = gw_rows.iter().fold(1.0f32, |m, v| m.max(v.abs()));
             for (a, b) in gw_rows.iter().zip(&gw_inter) {
@@ -170,8 +163,17 @@ fn depthwise_paths_agree() {
                     "weight grad {a} vs {b}, {case}"
                 );
             }
+            for want_input in [true, false] {
+                let (gx_wide, gw_wide) =
+                    depthwise_backward_interleaved(&geom, channels, &x, &w, &g, want_input, WIDE);
+                assert_eq!(gw_wide, gw_inter, "64-channel blocks, {case}");
+                match want_input {
+                    true => assert_eq!(gx_wide, gx_inter, "64-channel blocks, {case}"),
+                    false => assert!(gx_wide.is_empty(), "{case}"),
+                }
+            }
             let (gx_none, gw_only) =
-                depthwise_backward_interleaved(&geom, channels, &x, &w, &g, false);
+                depthwise_backward_interleaved(&geom, channels, &x, &w, &g, false, LANES);
             assert!(gx_none.is_empty(), "{case}");
             assert_eq!(gw_only, gw_inter, "{case}");
         }
