@@ -392,7 +392,7 @@ pub(super) fn planes_per_task(plane: usize) -> usize {
 }
 
 /// Channels per block of the interleaved depthwise path: one AVX-512 vector of f32.
-pub(super) const LANES: usize = 16;
+const LANES: usize = 16;
 
 /// One position of a block of [`LANES`] channels, the interleaved layout's element.
 type Lanes = [f32; LANES];
@@ -419,18 +419,25 @@ pub(super) struct Tap {
 const WIDE_BLOCKS_PLANE: usize = 4;
 
 /// Channels per block on the smallest maps.
-pub(super) const WIDE: usize = 64;
+const WIDE: usize = 64;
+
+/// The interleaved depthwise path's block width: [`LANES`] or [`WIDE`] channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BlockWidth {
+    Lanes,
+    Wide,
+}
 
 impl ConvGeometry {
     fn interleaved(&self) -> bool {
         self.out_w < INTERLEAVE_BELOW
     }
 
-    /// Channels per interleaved block.
-    fn block_width(&self) -> usize {
+    /// The interleaved path's block width.
+    fn block_width(&self) -> BlockWidth {
         match self.h * self.w <= WIDE_BLOCKS_PLANE {
-            true => WIDE,
-            false => LANES,
+            true => BlockWidth::Wide,
+            false => BlockWidth::Lanes,
         }
     }
 
@@ -510,23 +517,31 @@ enum BlockWeights {
 }
 
 impl BlockWeights {
-    /// `weight` `[c, taps]` in blocks of `width` channels ([`WIDE`], else [`LANES`]).
-    fn new(weight: &[f32], channels: usize, taps: usize, width: usize) -> Self {
+    /// `weight` `[c, taps]` in blocks of `width`.
+    fn new(weight: &[f32], channels: usize, taps: usize, width: BlockWidth) -> Self {
         match width {
-            WIDE => BlockWeights::Wide(interleave_weights(weight, channels, taps)),
-            _ => BlockWeights::Lanes(interleave_weights(weight, channels, taps)),
+            BlockWidth::Lanes => BlockWeights::Lanes(interleave_weights(weight, channels, taps)),
+            BlockWidth::Wide => BlockWeights::Wide(interleave_weights(weight, channels, taps)),
+        }
+    }
+
+    /// Channels per block.
+    fn width(&self) -> usize {
+        match self {
+            BlockWeights::Lanes(_) => LANES,
+            BlockWeights::Wide(_) => WIDE,
         }
     }
 }
 
-/// [`depthwise_forward`] on blocks of `width` channels interleaved ([`LANES`], or [`WIDE`] on
-/// the smallest maps: the same bits either way), an image per task.
+/// [`depthwise_forward`] on blocks of channels interleaved ([`LANES`], or [`WIDE`] on the
+/// smallest maps: the same bits either way), an image per task.
 pub(super) fn depthwise_forward_interleaved(
     geom: &ConvGeometry,
     channels: usize,
     x: &[f32],
     weight: &[f32],
-    width: usize,
+    width: BlockWidth,
 ) -> Vec<f32> {
     let (plane, out_plane, taps) = (geom.h * geom.w, geom.out_h * geom.out_w, geom.k * geom.k);
     let tap_list = geom.taps();
@@ -670,8 +685,8 @@ pub(super) fn depthwise_backward_rows(
     })
 }
 
-/// [`depthwise_backward`] on blocks of `width` channels interleaved ([`LANES`] or [`WIDE`], as
-/// the forward), a block per task (over the whole batch, so its weight gradient sums the images
+/// [`depthwise_backward`] on blocks of channels interleaved ([`LANES`] or [`WIDE`], as the
+/// forward), a block per task (over the whole batch, so its weight gradient sums the images
 /// in order).
 pub(super) fn depthwise_backward_interleaved(
     geom: &ConvGeometry,
@@ -680,11 +695,12 @@ pub(super) fn depthwise_backward_interleaved(
     weight: &[f32],
     grad: &[f32],
     want_input: bool,
-    width: usize,
+    width: BlockWidth,
 ) -> (Vec<f32>, Vec<f32>) {
     let (plane, taps) = (geom.h * geom.w, geom.k * geom.k);
     let tap_list = geom.taps();
     let wt = BlockWeights::new(weight, channels, taps, width);
+    let width = wt.width();
     let blocks = ChannelBlocks {
         gx_len: if want_input { x.len() } else { 0 },
         plane,
@@ -1111,10 +1127,10 @@ pub(super) fn batch_norm_forward(
         })
     };
     let mean: Vec<f32> = sums.into_iter().map(|s| s / count).collect();
-    let deviations = if image_wise {
-        let mean = per_value(&mean, plane);
+    let mean_values = image_wise.then(|| per_value(&mean, plane));
+    let deviations = if let Some(mean) = &mean_values {
         image_sums(x.len(), channels, plane, |at, acc| {
-            add_squared_deviations(&x[at..][..acc.len()], &mean, acc)
+            add_squared_deviations(&x[at..][..acc.len()], mean, acc)
         })
     } else {
         channel_sums(planes, channels, plane, |run, out| {
@@ -1125,12 +1141,12 @@ pub(super) fn batch_norm_forward(
     let scale: Vec<f32> = (0..channels)
         .map(|c| gamma[c] / (var[c] + epsilon).sqrt())
         .collect();
-    let out = if image_wise {
-        let [mean, scale, shift] = [&mean, &scale, beta].map(|c| per_value(c, plane));
+    let out = if let Some(mean) = &mean_values {
+        let [scale, shift] = [&scale, beta].map(|c| per_value(c, plane));
         // SAFETY: `normalize_image` writes all of its image, as long as its input.
         unsafe {
             map_images(x.len(), channels * plane, |at, out| {
-                normalize_image(&x[at..][..out.len()], [&mean, &scale, &shift], out)
+                normalize_image(&x[at..][..out.len()], [mean, &scale, &shift], out)
             })
         }
     } else {
@@ -1223,9 +1239,14 @@ pub(super) fn batch_norm_backward(
     (gx, ggamma, gbeta)
 }
 
-/// Sum of a slice, eight lanes at a time. Inlined into the dispatched kernels below.
+/// Sum of a slice, eight lanes at a time (under eight values one at a time: the same value
+/// without the eight-lane set-up, which was most of the work on 1x1 and 2x2 maps). Inlined into
+/// the dispatched kernels below.
 #[inline(always)]
 fn sum(x: &[f32]) -> f32 {
+    if x.len() < 8 {
+        return x.iter().sum();
+    }
     let mut acc = [0.0f32; 8];
     let mut chunks = x.chunks_exact(8);
     for chunk in &mut chunks {
@@ -1254,9 +1275,12 @@ fn squared_deviation(x: &[f32], mean: f32) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// `sum g (x - mean)`, eight lanes at a time.
+/// `sum g (x - mean)`, eight lanes at a time (under eight values one at a time, as [`sum`]).
 #[inline(always)]
 fn centered_dot(g: &[f32], x: &[f32], mean: f32) -> f32 {
+    if g.len() < 8 {
+        return short_centered_dot(g, x, mean);
+    }
     let mut acc = [0.0f32; 8];
     let mut chunks = g.chunks_exact(8).zip(x.chunks_exact(8));
     for (g, x) in &mut chunks {
@@ -1268,9 +1292,8 @@ fn centered_dot(g: &[f32], x: &[f32], mean: f32) -> f32 {
     acc.iter().sum::<f32>() + short_centered_dot(&g[tail..], &x[tail..], mean)
 }
 
-/// `sum g (x - mean)` one value at a time: [`centered_dot`] of fewer than eight values without
-/// its eight-lane set-up (the same value, the lanes being zero), for planes of 1-7 values, where
-/// that set-up was most of the work.
+/// `sum g (x - mean)` one value at a time: [`centered_dot`]'s tail, and all of it under eight
+/// values.
 #[inline(always)]
 fn short_centered_dot(g: &[f32], x: &[f32], mean: f32) -> f32 {
     g.iter().zip(x).map(|(g, x)| g * (x - mean)).sum()
@@ -1287,7 +1310,7 @@ simd_dispatch! {
     /// `out[i]` = the sum of plane `i` of `x` (whole planes of `plane`).
     fn plane_sums(x: &[f32], plane: usize, out: &mut [f32]) {
         for (o, x) in out.iter_mut().zip(x.chunks_exact(plane)) {
-            *o = if plane < 8 { x.iter().sum() } else { sum(x) };
+            *o = sum(x);
         }
     }
 }
@@ -1306,8 +1329,7 @@ simd_dispatch! {
     fn plane_centered_dots(g: &[f32], x: &[f32], run: PlaneRun, mean: &[f32], out: &mut [f32]) {
         let planes = g.chunks_exact(run.plane).zip(x.chunks_exact(run.plane));
         for (i, (o, (g, x))) in out.iter_mut().zip(planes).enumerate() {
-            let mean = mean[run.channel(i)];
-            *o = if run.plane < 8 { short_centered_dot(g, x, mean) } else { centered_dot(g, x, mean) };
+            *o = centered_dot(g, x, mean[run.channel(i)]);
         }
     }
 }

@@ -148,13 +148,20 @@ fn depthwise_paths_agree() {
             let g = values(n * channels * geom.out_h * geom.out_w, 3);
             let case = format!("k {k} s {stride} size {size} channels {channels}");
             let rows = depthwise_forward_rows(&geom, channels, &x, &w);
-            let inter = depthwise_forward_interleaved(&geom, channels, &x, &w, LANES);
+            let inter = depthwise_forward_interleaved(&geom, channels, &x, &w, BlockWidth::Lanes);
             assert_eq!(rows, inter, "forward, {case}");
-            let wide = depthwise_forward_interleaved(&geom, channels, &x, &w, WIDE);
+            let wide = depthwise_forward_interleaved(&geom, channels, &x, &w, BlockWidth::Wide);
             assert_eq!(wide, inter, "forward in 64-channel blocks, {case}");
             let (gx_rows, gw_rows) = depthwise_backward_rows(&geom, channels, &x, &w, &g, true);
-            let (gx_inter, gw_inter) =
-                depthwise_backward_interleaved(&geom, channels, &x, &w, &g, true, LANES);
+            let (gx_inter, gw_inter) = depthwise_backward_interleaved(
+                &geom,
+                channels,
+                &x,
+                &w,
+                &g,
+                true,
+                BlockWidth::Lanes,
+            );
             assert_eq!(gx_rows, gx_inter, "input grad, {case}");
             let scale = gw_rows.iter().fold(1.0f32, |m, v| m.max(v.abs()));
             for (a, b) in gw_rows.iter().zip(&gw_inter) {
@@ -164,16 +171,30 @@ fn depthwise_paths_agree() {
                 );
             }
             for want_input in [true, false] {
-                let (gx_wide, gw_wide) =
-                    depthwise_backward_interleaved(&geom, channels, &x, &w, &g, want_input, WIDE);
+                let (gx_wide, gw_wide) = depthwise_backward_interleaved(
+                    &geom,
+                    channels,
+                    &x,
+                    &w,
+                    &g,
+                    want_input,
+                    BlockWidth::Wide,
+                );
                 assert_eq!(gw_wide, gw_inter, "64-channel blocks, {case}");
                 match want_input {
                     true => assert_eq!(gx_wide, gx_inter, "64-channel blocks, {case}"),
                     false => assert!(gx_wide.is_empty(), "{case}"),
                 }
             }
-            let (gx_none, gw_only) =
-                depthwise_backward_interleaved(&geom, channels, &x, &w, &g, false, LANES);
+            let (gx_none, gw_only) = depthwise_backward_interleaved(
+                &geom,
+                channels,
+                &x,
+                &w,
+                &g,
+                false,
+                BlockWidth::Lanes,
+            );
             assert!(gx_none.is_empty(), "{case}");
             assert_eq!(gw_only, gw_inter, "{case}");
         }
