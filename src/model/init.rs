@@ -3,11 +3,43 @@
 //! biases 0; BN keeps gamma 1, beta 0.
 
 use burn::module::Param;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use super::{EfficientNet, ParamMapper, map_params};
 
-struct TfInit;
+/// Draws from the device's RNG, or from its own seeded host RNG when one is given.
+struct TfInit(Option<StdRng>);
+
+impl TfInit {
+    fn draw<const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        dist: Distribution,
+        like: &Tensor<D>,
+    ) -> Tensor<D> {
+        let Some(rng) = self.0.as_mut() else {
+            return Tensor::<D>::random(shape, dist, &like.device());
+        };
+        let n = shape.iter().product::<usize>();
+        let values: Vec<f32> = match dist {
+            // Box-Muller: the device's RNG is not a host `Rng`, and rand_distr is not a dependency.
+            Distribution::Normal(mean, std) => (0..n)
+                .map(|_| {
+                    let (u, v) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+                    let z = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+                    (mean + std * z) as f32
+                })
+                .collect(),
+            Distribution::Uniform(lo, hi) => {
+                (0..n).map(|_| rng.random_range(lo..hi) as f32).collect()
+            }
+            _ => unreachable!("the TF initialisers are normal or uniform"),
+        };
+        Tensor::<D>::from_data(TensorData::new(values, shape), &like.device())
+    }
+}
 
 impl ParamMapper for TfInit {
     fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -46,7 +78,7 @@ impl ParamMapper for TfInit {
             _ => return param,
         };
         param.map(|old| {
-            let new = Tensor::<D>::random(shape, dist, &old.device());
+            let new = self.draw(shape, dist, &old);
             if old.is_require_grad() {
                 new.require_grad()
             } else {
@@ -60,7 +92,13 @@ impl EfficientNet {
     /// Re-initialises every conv and the classifier as the TF reference does (uses the device's RNG:
     /// seed it for reproducibility).
     pub fn tf_init(self) -> Self {
-        map_params(self, TfInit).0
+        map_params(self, TfInit(None)).0
+    }
+
+    /// [`Self::tf_init`] from a host RNG seeded with `seed`: the same weights whatever else uses
+    /// the device's RNG meanwhile (tests running side by side share and reseed it).
+    pub fn tf_init_seeded(self, seed: u64) -> Self {
+        map_params(self, TfInit(Some(StdRng::seed_from_u64(seed)))).0
     }
 }
 
@@ -80,7 +118,18 @@ mod tests {
         let device = Device::flex();
         device.seed(1);
         let spec = crate::spec::variant("b0").unwrap();
-        let t = export_weights(&EfficientNet::new(&spec, &device).tf_init());
+        let seeded = || export_weights(&EfficientNet::new(&spec, &device).tf_init_seeded(9));
+        let host = seeded();
+        assert!(host == seeded(), "the host-seeded init repeats");
+        for t in [
+            export_weights(&EfficientNet::new(&spec, &device).tf_init()),
+            host,
+        ] {
+            follows_them(&t);
+        }
+    }
+
+    fn follows_them(t: &crate::weights::TensorMap) {
         let close = |name: &str, want: f64| {
             let got = std(&t[name].data);
             assert!(
