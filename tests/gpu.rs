@@ -116,8 +116,7 @@ fn b0_trains_on_wgpu_as_on_flex() {
     let _rng = flex_rng();
     let cpu = Device::flex().autodiff();
     let gpu = gpu().autodiff();
-    cpu.seed(0);
-    let start = export_weights(&EfficientNet::new(&spec, &cpu).tf_init());
+    let start = export_weights(&EfficientNet::new(&spec, &cpu).tf_init_seeded(0));
     let on = |device: &Device| apply_weights(EfficientNet::new(&spec, device), &start).unwrap();
     let (mut a, mut b) = (on(&cpu), on(&gpu));
     let data = batch(n, side, classes);
@@ -257,8 +256,7 @@ fn lite0_trains_in_f16_on_wgpu_as_in_f32_on_flex() {
     let _rng = flex_rng();
     let cpu = Device::flex().autodiff();
     let gpu = gpu().autodiff();
-    cpu.seed(0);
-    let start = export_weights(&EfficientNet::new(&spec, &cpu).tf_init());
+    let start = export_weights(&EfficientNet::new(&spec, &cpu).tf_init_seeded(0));
     let on = |device: &Device| {
         apply_weights(EfficientNet::new(&spec, device), &start)
             .unwrap()

@@ -154,21 +154,26 @@ mod model_tests {
     use super::*;
     use crate::model::EfficientNet;
     use burn::optim::{GradientsParams, ModuleOptimizer};
-    use burn::tensor::{Distribution, Int, TensorData};
+    use burn::tensor::{Int, TensorData};
 
     #[test]
     fn trains_the_model_on_a_fixed_batch() {
         // A few TF-RMSProp steps on one batch must drive its loss down: the optimizer is wired to
         // every parameter of the burn model.
         let device = Device::flex().autodiff();
-        // A fixed draw: some random starts descend more slowly in 8 steps.
-        device.seed(1);
         let mut spec = crate::spec::variant("lite0").unwrap();
         spec.num_classes = 4;
         spec.dropout = 0.0;
         spec.drop_connect_rate = 0.0;
-        let mut model = EfficientNet::new(&spec, &device);
-        let x = Tensor::<4>::random([8, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+        // The TF init drawn on the host: tests running side by side share and reseed the
+        // device's RNG, so a "fixed" device draw was not. From host seeds 0-11 at this rate the
+        // loss fell to 0.45x (seed 3) to 5e-8x its start in 8 steps; seed 1 falls to 0.10x.
+        let mut model = EfficientNet::new(&spec, &device).tf_init_seeded(1);
+        let pixels = (0..8 * 3 * 32 * 32).map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(pixels.collect::<Vec<_>>(), [8, 3, 32, 32]),
+            &device,
+        );
         let y = Tensor::<1, Int>::from_data(
             TensorData::new(vec![0i64, 1, 2, 3, 0, 1, 2, 3], [8]),
             &device,
@@ -183,7 +188,7 @@ mod model_tests {
         for _ in 0..8 {
             let loss = loss_of(&model);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(0.01, model, grads);
+            model = optim.step(0.002, model, grads);
         }
         let last = loss_of(&model).into_scalar::<f32>();
         assert!(last < 0.5 * first, "loss {first} -> {last}");
