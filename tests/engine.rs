@@ -268,9 +268,7 @@ fn bf16_stays_close_to_fp32_on_each_family() {
         };
         let mut fp32 = Engine::new(&set).unwrap();
         let (n, side) = (3, 96);
-        let input: Vec<f32> = (0..n * 3 * side * side)
-            .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-            .collect();
+        let input = effnet::data::fixed_pattern(n * 3 * side * side);
         let a = fp32.forward(&input, n, side, side);
         let mut one_thread = Vec::new();
         for threads in [1, 2] {
@@ -308,9 +306,7 @@ fn bf16_runs_the_classifier_in_bf16() {
         return;
     };
     let side = 64;
-    let input: Vec<f32> = (0..3 * side * side)
-        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-        .collect();
+    let input = effnet::data::fixed_pattern(3 * side * side);
     let logits = e.forward(&input, 1, side, side);
     let embedding = e.embed(&input, (1, side, side), true, &[]).unwrap();
     let pooled = embedding.pooled.unwrap();

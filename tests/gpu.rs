@@ -64,9 +64,7 @@ fn assert_maps_close(what: &str, a: &TensorMap, b: &TensorMap) -> f32 {
 
 fn batch(n: usize, side: usize, classes: usize) -> Batch {
     Batch {
-        images: (0..n * 3 * side * side)
-            .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-            .collect(),
+        images: effnet::data::fixed_pattern(n * 3 * side * side),
         labels: (0..n).map(|i| (i % classes) as u32).collect(),
         size: n,
         side,

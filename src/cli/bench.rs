@@ -141,13 +141,6 @@ fn weight_set(args: &BenchArgs) -> anyhow::Result<WeightSet> {
     })
 }
 
-/// The fixed input every benchmark feeds: values in [-1, 1) that no runtime can shortcut.
-fn bench_input(len: usize) -> Vec<f32> {
-    (0..len)
-        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-        .collect()
-}
-
 /// Untimed passes before the timed ones.
 const WARMUP_PASSES: usize = 10;
 
@@ -220,7 +213,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         (a.peak_activation_bytes + 4 * 3 * (res * res) as u64).saturating_mul(2 * n as u64);
     effnet::util::check_memory(needed, &format!("inference at {res}x{res} with batch {n}"))?;
     let len = n * 3 * res * res;
-    let input = bench_input(len);
+    let input = effnet::data::fixed_pattern(len);
     let mut results = Vec::new();
 
     // The --calib images, as the weights' transform makes them: (calibration, check).
@@ -660,7 +653,7 @@ fn run_device_inference(args: &BenchArgs) -> anyhow::Result<()> {
         let bytes = (4 * 3 * res * res) as u64 * n as u64;
         let what = format!("inference at {res}x{res} with batch {n}");
         effnet::util::check_memory(bytes.saturating_mul(2), &what)?;
-        let input = bench_input(n * 3 * res * res);
+        let input = effnet::data::fixed_pattern(n * 3 * res * res);
         let pass = || {
             let x =
                 Tensor::<4>::from_data(TensorData::new(input.clone(), [n, 3, res, res]), &device);
@@ -756,7 +749,7 @@ fn train_step_timings(
     let mut model = EfficientNet::new(&spec, &device).tf_init();
     let mut optim = burn::optim::ModuleOptimizer::from(effnet::train::TfRmsProp::recipe(&cfg));
     let batch = Batch {
-        images: bench_input(n * 3 * res * res),
+        images: effnet::data::fixed_pattern(n * 3 * res * res),
         labels: (0..n).map(|i| (i % classes) as u32).collect(),
         size: n,
         side: res,

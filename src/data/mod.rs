@@ -11,6 +11,14 @@ pub mod augment;
 pub mod loader;
 pub mod mix;
 
+/// A fixed input of `len` values in [-1, 1) that no runtime can shortcut (not constant, not
+/// periodic in any small stride): what the benchmarks feed and what tests use as pixels.
+pub fn fixed_pattern(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read `{path}`: {source}")]

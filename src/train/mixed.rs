@@ -185,9 +185,7 @@ mod tests {
     fn batch() -> Batch {
         let (n, side) = (8, 64);
         Batch {
-            images: (0..n * 3 * side * side)
-                .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-                .collect(),
+            images: crate::data::fixed_pattern(n * 3 * side * side),
             labels: (0..n).map(|i| (i % 4) as u32).collect(),
             size: n,
             side,
