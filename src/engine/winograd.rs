@@ -127,13 +127,26 @@ unsafe fn transform_in<V: Vector>(
     let live = c - at;
     // SAFETY: the caller's contract; loads and stores touch lanes below `live` only.
     unsafe {
-        let px = |r: usize, col: usize| V::load_first(d.add(r * row_stride + col * c + at), live);
+        // Plain loops, no closures or `array::from_fn`: code LLVM leaves out of line there is
+        // compiled without the caller's target features, and each intrinsic becomes a call (a
+        // change elsewhere in the crate once made V2-B0's Winograd layers 4x slower that way).
+        let zero = [V::splat(0.0); SIDE];
         // Columns first, t = B^T d kept by column: t[col][r].
-        let t: [[V; SIDE]; SIDE] =
-            std::array::from_fn(|col| rows_in(std::array::from_fn(|r| px(r, col))));
+        let mut t = [zero; SIDE];
+        for (col, tc) in t.iter_mut().enumerate() {
+            let mut line = zero;
+            for (r, v) in line.iter_mut().enumerate() {
+                *v = V::load_first(d.add(r * row_stride + col * c + at), live);
+            }
+            *tc = rows_in(line);
+        }
         // Then each row of t: (B^T d) B.
         for r in 0..SIDE {
-            let v = rows_in(std::array::from_fn(|col| t[col][r]));
+            let mut line = zero;
+            for (v, tc) in line.iter_mut().zip(&t) {
+                *v = tc[r];
+            }
+            let v = rows_in(line);
             for (b, v) in v.into_iter().enumerate() {
                 v.store_first(out[r * SIDE + b].add(at), live);
             }
@@ -213,13 +226,24 @@ unsafe fn transform_out<V: Vector>(
     let live = c - at;
     // SAFETY: the caller's contract; loads and stores touch lanes below `live` only.
     unsafe {
-        let v = |xi: usize| V::load_first(m[xi].add(at), live);
+        // Plain loops, as in `transform_in`.
+        let zero = [V::splat(0.0); SIDE];
         // Columns first, s = A^T m kept by column: s[b][i].
-        let s: [[V; OUT]; SIDE] =
-            std::array::from_fn(|b| rows_out(std::array::from_fn(|a| v(a * SIDE + b))));
+        let mut s = [[V::splat(0.0); OUT]; SIDE];
+        for (b, sb) in s.iter_mut().enumerate() {
+            let mut line = zero;
+            for (a, v) in line.iter_mut().enumerate() {
+                *v = V::load_first(m[a * SIDE + b].add(at), live);
+            }
+            *sb = rows_out(line);
+        }
         let bias = V::load_first(bias.add(at), live);
         for i in 0..OUT {
-            let y = rows_out(std::array::from_fn(|b| s[b][i]));
+            let mut line = zero;
+            for (v, sb) in line.iter_mut().zip(&s) {
+                *v = sb[i];
+            }
+            let y = rows_out(line);
             for (jj, y) in y.into_iter().enumerate() {
                 if let Some(p) = pixels[i * OUT + jj] {
                     activate_v(y.add(bias), act).store_first(p.add(at), live);
