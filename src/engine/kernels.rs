@@ -144,6 +144,150 @@ fn dw_pixel<const B: usize>(
     }
 }
 
+/// The K x K weights of channels `cb..cb + W`, to be held in registers.
+#[inline(always)]
+fn block_weights<const K: usize, const W: usize>(
+    weight: &[f32],
+    c: usize,
+    cb: usize,
+) -> [[[f32; W]; K]; K] {
+    let mut w = [[[0.0f32; W]; K]; K];
+    for (ky, wk) in w.iter_mut().enumerate() {
+        for (kx, wkk) in wk.iter_mut().enumerate() {
+            wkk.copy_from_slice(&weight[(ky * K + kx) * c + cb..][..W]);
+        }
+    }
+    w
+}
+
+/// One pixel's output from its per-kernel-row sums: their total through the activation, stored
+/// to `out` and added to `sum` (SE pooling).
+#[inline(always)]
+fn finish_pixel<const K: usize, const W: usize>(
+    rows: [[f32; W]; K],
+    f: &impl Fn(f32) -> f32,
+    sum: &mut [f32; W],
+    out: &mut [f32],
+) {
+    let mut acc = rows[0];
+    for r in &rows[1..] {
+        for j in 0..W {
+            acc[j] += r[j];
+        }
+    }
+    for (a, s) in acc.iter_mut().zip(sum.iter_mut()) {
+        *a = f(*a);
+        *s += *a;
+    }
+    out.copy_from_slice(&acc);
+}
+
+/// Output rows `rows` (of `out`, which starts at the first of them) of channels `cb..cb + W`,
+/// every pixel, with the block's K x K weights held in registers across the rows and fused
+/// multiply-adds; `input` starts at image row `in_row0`. Pixels whose taps all lie in the image
+/// take the plain loop; the others skip their outside taps by tests on tap indices known at
+/// compile time, so border pixels keep the registers too (on 14x14 and 7x7 maps with 5x5 kernels
+/// half or more of the pixels are borders). Returns the block's sum over the rows (for SE pooling).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dw_rows<const K: usize, const W: usize>(
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    (c, cb): (usize, usize),
+    g: &Geometry,
+    (rows, in_row0): (std::ops::Range<usize>, usize),
+    f: impl Fn(f32) -> f32,
+) -> [f32; W] {
+    let mut sum = [0.0f32; W];
+    let inside = g.interior_cols();
+    // Interior columns' taps lie in the image (asserted, as the loads below rely on it); rows are
+    // checked per row, border columns per pixel.
+    assert!(
+        cb + W <= c
+            && g.kernel == K
+            && rows.len() * g.out_w * c <= out.len()
+            && weight.len() >= K * K * c
+            && (inside.is_empty()
+                || (inside.end <= g.out_w
+                    && inside.start * g.stride >= g.pad_left
+                    && (inside.end - 1) * g.stride + K <= g.in_w + g.pad_left))
+    );
+    let w = block_weights::<K, W>(weight, c, cb);
+    let b: [f32; W] = bias[cb..cb + W].try_into().expect("W channels");
+    let src = input.as_ptr();
+    let row_stride = (g.in_w * c) as isize;
+    for oy in rows.clone() {
+        let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
+        let tap_rows =
+            (-iy0).max(0) as usize..(g.in_h as isize - iy0).clamp(0, K as isize) as usize;
+        // Row of `input` that image row iy0 would be (only taps in `tap_rows` are read).
+        let iy0 = iy0 - in_row0 as isize;
+        assert!(
+            tap_rows.is_empty()
+                || (iy0 + tap_rows.start as isize >= 0
+                    && ((iy0 + tap_rows.end as isize) as usize) * g.in_w * c <= input.len())
+        );
+        let out_row = &mut out[(oy - rows.start) * g.out_w * c..][..g.out_w * c];
+        // A macro, not a closure: a closure LLVM leaves out of line is compiled without the
+        // caller's target features, and every `mul_add` becomes a libm call (15x slower).
+        macro_rules! pixel { ($ox:expr, $edge:expr) => {{
+            let (ox, edge): (usize, bool) = ($ox, $edge);
+            let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
+            let base = iy0 * row_stride + ix0 * c as isize + cb as isize;
+            let (kx_lo, kx_hi) = if edge {
+                let hi = (g.in_w as isize - ix0).clamp(0, K as isize) as usize;
+                ((-ix0).max(0) as usize, hi)
+            } else {
+                (0, K)
+            };
+            // One accumulator per kernel row: K short chains of multiply-adds instead of one of
+            // K * K, so the core overlaps more pixels.
+            let mut acc_rows = [[0.0f32; W]; K];
+            acc_rows[0] = b;
+            for (ky, (wk, acc)) in w.iter().zip(acc_rows.iter_mut()).enumerate() {
+                if edge && !tap_rows.contains(&ky) {
+                    continue;
+                }
+                for (kx, wkk) in wk.iter().enumerate() {
+                    if edge && (kx < kx_lo || kx >= kx_hi) {
+                        continue;
+                    }
+                    let at = base + ky as isize * row_stride + (kx * c) as isize;
+                    // SAFETY: tap row ky is in `tap_rows` (all K for interior pixels of whole
+                    // rows) and column ix0 + kx in 0..in_w (asserted above for interior pixels).
+                    let i = unsafe { &*(src.offset(at) as *const [f32; W]) };
+                    for j in 0..W {
+                        acc[j] = i[j].mul_add(wkk[j], acc[j]);
+                    }
+                }
+            }
+            finish_pixel(acc_rows, &f, &mut sum, &mut out_row[ox * c + cb..][..W]);
+        }}}
+        // Borders and interior in separate loops: one test per tap costs the interior 8 %.
+        let inside = if tap_rows.len() == K {
+            inside.clone()
+        } else {
+            0..0
+        };
+        let (x0, x1) = (
+            inside.start.min(g.out_w),
+            inside.end.max(inside.start).min(g.out_w),
+        );
+        for ox in 0..x0 {
+            pixel!(ox, true);
+        }
+        for ox in x0..x1 {
+            pixel!(ox, false);
+        }
+        for ox in x1..g.out_w {
+            pixel!(ox, true);
+        }
+    }
+    sum
+}
+
 /// The interior of one output row (pixels `xs`, whose taps all lie inside the image) for
 /// channels `cb..cb + W`, with the block's K x K weights held in registers across the row and
 /// fused multiply-adds. Returns the block's sum over these pixels (for SE pooling).
@@ -173,12 +317,7 @@ fn dw_interior<const K: usize, const W: usize>(
             && (xs.end - 1) * c + cb + W <= out_row.len()
             && weight.len() >= K * K * c
     );
-    let mut w = [[[0.0f32; W]; K]; K];
-    for (ky, wk) in w.iter_mut().enumerate() {
-        for (kx, wkk) in wk.iter_mut().enumerate() {
-            wkk.copy_from_slice(&weight[(ky * K + kx) * c + cb..][..W]);
-        }
-    }
+    let w = block_weights::<K, W>(weight, c, cb);
     let b: [f32; W] = bias[cb..cb + W].try_into().expect("W channels");
     let src = input.as_ptr();
     for ox in xs {
@@ -197,17 +336,7 @@ fn dw_interior<const K: usize, const W: usize>(
                 }
             }
         }
-        let mut acc = rows[0];
-        for r in &rows[1..] {
-            for j in 0..W {
-                acc[j] += r[j];
-            }
-        }
-        for (a, s) in acc.iter_mut().zip(sum.iter_mut()) {
-            *a = f(*a);
-            *s += *a;
-        }
-        out_row[ox * c + cb..][..W].copy_from_slice(&acc);
+        finish_pixel(rows, &f, &mut sum, &mut out_row[ox * c + cb..][..W]);
     }
     sum
 }
@@ -217,8 +346,9 @@ simd_dispatch! {
     /// `input` as the image's rows from `in_row0` on (all those the taps of `rows` touch), for
     /// `channels` of the `bias.len()` (other channels of `out` are left alone), with bias +
     /// activation fused. When `pool` is given, adds each output channel's sum over these rows to it
-    /// (for SE). Interior pixels of 3x3 and 5x5 kernels take `dw_interior` (weights in registers
-    /// per 16-channel block, FMA); borders and other shapes accumulate per pixel in blocks of
+    /// (for SE). 3x3 and 5x5 kernels keep each block of 16 or 8 channels' weights in registers:
+    /// `dw_rows` on maps up to 16 wide (borders included), `dw_interior` on the interior of wider
+    /// ones; borders there, other shapes and channels left over accumulate per pixel in blocks of
     /// 64/16/8/1 channels.
     pub fn depthwise(
         input: &[f32],
@@ -236,9 +366,45 @@ simd_dispatch! {
         let (c0, c1) = (channels.start, channels.end);
         let k = g.kernel as isize;
         let mut pool = pool;
+        let fast = matches!(g.kernel, 3 | 5);
+        // Small maps: whole rows (borders included) by `dw_rows`; larger ones: the interior by
+        // `dw_interior`, borders per pixel (there `dw_rows` measured 3-8 % slower, B7's 38x38 to
+        // 150x150 maps; on 14x14 and 7x7 it saves 15 %).
+        let small = fast && g.out_w <= 16;
         let inside = g.interior_cols();
-        let fast = matches!(g.kernel, 3 | 5) && !inside.is_empty();
         with_act!(act, |f| {
+            // Blocks of 16 channels, then one of 8 (channel counts like 24 and 40), each over a
+            // run of rows with its weights in registers; runs of rows whose input rows stay in L2
+            // while each block of channels reads them.
+            let mut cb_rows = c0;
+            if small {
+                let run = (DW_RUN_BYTES / (4 * g.in_w * c * g.stride).max(1)).max(1);
+                for r0 in rows.clone().step_by(run) {
+                    let run_rows = r0..(r0 + run).min(rows.end);
+                    let out = &mut out[(r0 - rows.start) * g.out_w * c..];
+                    cb_rows = c0;
+                    while cb_rows + 8 <= c1 {
+                        let (at, rows) = ((c, cb_rows), (run_rows.clone(), in_row0));
+                        macro_rules! block {
+                            ($k:literal, $w:literal) => {
+                                dw_rows::<$k, $w>(input, weight, bias, out, at, &g, rows, f)
+                            };
+                        }
+                        let (sum, width) = match (g.kernel, cb_rows + 16 <= c1) {
+                            (3, true) => (block!(3, 16), 16),
+                            (5, true) => (block!(5, 16), 16),
+                            (3, false) => (widen(block!(3, 8)), 8),
+                            _ => (widen(block!(5, 8)), 8),
+                        };
+                        if let Some(p) = pool.as_deref_mut() {
+                            for (p, s) in p[cb_rows..cb_rows + width].iter_mut().zip(sum) {
+                                *p += s;
+                            }
+                        }
+                        cb_rows += width;
+                    }
+                }
+            }
             for oy in rows.clone() {
                 let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
                 let ky = (-iy0).max(0) as usize..(g.in_h as isize - iy0).min(k).max(0) as usize;
@@ -247,18 +413,23 @@ simd_dispatch! {
                 let row_len = g.out_w * c;
                 let out_row = &mut out[(oy - rows.start) * row_len..][..row_len];
                 let full_rows = ky.len() == g.kernel;
-                let interior = if fast && full_rows { inside.clone() } else { 0..0 };
+                let interior = if fast && !small && full_rows { inside.clone() } else { 0..0 };
                 let mut cb_fast = c0;
                 if !interior.is_empty() {
-                    // Blocks of 16 channels, then one of 8 (channel counts like 24 and 40).
                     while cb_fast + 8 <= c1 {
                         let xs = interior.clone();
                         let iy = iy0 as usize;
-                        let (sum, width): ([f32; 16], usize) = match (g.kernel, cb_fast + 16 <= c1) {
-                            (3, true) => (dw_interior::<3, 16>(input, weight, bias, out_row, c, cb_fast, &g, iy, xs, f), 16),
-                            (5, true) => (dw_interior::<5, 16>(input, weight, bias, out_row, c, cb_fast, &g, iy, xs, f), 16),
-                            (3, false) => (widen(dw_interior::<3, 8>(input, weight, bias, out_row, c, cb_fast, &g, iy, xs, f)), 8),
-                            _ => (widen(dw_interior::<5, 8>(input, weight, bias, out_row, c, cb_fast, &g, iy, xs, f)), 8),
+                        macro_rules! block {
+                            ($k:literal, $w:literal) => {{
+                                let (o, cb) = (&mut *out_row, cb_fast);
+                                dw_interior::<$k, $w>(input, weight, bias, o, c, cb, &g, iy, xs, f)
+                            }};
+                        }
+                        let (sum, width) = match (g.kernel, cb_fast + 16 <= c1) {
+                            (3, true) => (block!(3, 16), 16),
+                            (5, true) => (block!(5, 16), 16),
+                            (3, false) => (widen(block!(3, 8)), 8),
+                            _ => (widen(block!(5, 8)), 8),
                         };
                         if let Some(p) = pool.as_deref_mut() {
                             for (p, s) in p[cb_fast..cb_fast + width].iter_mut().zip(sum) {
@@ -269,8 +440,8 @@ simd_dispatch! {
                     }
                 }
                 for ox in 0..g.out_w {
-                    // Interior pixels only need the channels the fast path left over.
-                    let cb0 = if interior.contains(&ox) { cb_fast } else { c0 };
+                    // The channels neither row kernel took.
+                    let cb0 = if interior.contains(&ox) { cb_fast } else { cb_rows };
                     if cb0 == c1 {
                         continue;
                     }
@@ -300,6 +471,9 @@ simd_dispatch! {
         })
     }
 }
+
+/// Input bytes a run of depthwise rows reads per block of channels (a part of L2).
+const DW_RUN_BYTES: usize = 256 * 1024;
 
 #[inline(always)]
 fn widen(x: [f32; 8]) -> [f32; 16] {
@@ -452,5 +626,140 @@ mod tests {
         };
         check();
         with_level(Level::Avx2, check);
+    }
+
+    /// The depthwise kernel against a plain loop over taps, on every kernel level: 3x3 and 5x5
+    /// (in registers, borders included on small maps) and 7x7 (per pixel), strides 1 and 2,
+    /// symmetric and TF-SAME padding, maps from 1x1 to 40x37 (up to 16 wide take `dw_rows`),
+    /// channel counts that leave blocks of 8 and single channels over, a band of rows read from a
+    /// slice of the image, a block of channels, SE sums.
+    #[test]
+    fn depthwise_matches_a_plain_loop_over_taps() {
+        use crate::simd::{Level, with_level};
+        let check = || {
+            for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2), (7, 1)] {
+                for (h, w) in [
+                    (1, 1),
+                    (2, 3),
+                    (5, 5),
+                    (7, 7),
+                    (14, 14),
+                    (15, 13),
+                    (19, 19),
+                    (40, 37),
+                ] {
+                    for same in [false, true] {
+                        for c in [1, 8, 24, 35] {
+                            depthwise_case(k, s, (h, w), same, c);
+                        }
+                    }
+                }
+            }
+        };
+        check();
+        with_level(Level::Avx2, check);
+        with_level(Level::Portable, check);
+    }
+
+    fn depthwise_case(k: usize, s: usize, (h, w): (usize, usize), same: bool, c: usize) {
+        let along = |n: usize| {
+            if same {
+                let out = n.div_ceil(s);
+                let pad = ((out - 1) * s + k).saturating_sub(n);
+                (out, pad / 2)
+            } else {
+                let p = k / 2;
+                ((n + 2 * p - k) / s + 1, p)
+            }
+        };
+        let ((out_h, pad_top), (out_w, pad_left)) = (along(h), along(w));
+        let g = Geometry {
+            in_h: h,
+            in_w: w,
+            out_h,
+            out_w,
+            kernel: k,
+            stride: s,
+            pad_top,
+            pad_left,
+        };
+        let val = |i: usize| ((i * 7919) % 251) as f32 / 125.0 - 1.0;
+        let input: Vec<f32> = (0..h * w * c).map(val).collect();
+        let weight: Vec<f32> = (0..k * k * c).map(|i| val(i + 13)).collect();
+        let bias: Vec<f32> = (0..c).map(|i| val(i + 101)).collect();
+        let want = |oy: usize, ox: usize, ch: usize| {
+            let mut v = bias[ch];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let (iy, ix) = ((oy * s + ky) as isize, (ox * s + kx) as isize);
+                    let (iy, ix) = (iy - pad_top as isize, ix - pad_left as isize);
+                    if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                        let i = (iy as usize * w + ix as usize) * c + ch;
+                        v += input[i] * weight[(ky * k + kx) * c + ch];
+                    }
+                }
+            }
+            silu(v)
+        };
+        let case = format!("{k}x{k}/{s} {h}x{w} same {same} c {c}");
+        // The whole map, all channels, with SE sums.
+        let mut out = vec![f32::NAN; out_h * out_w * c];
+        let mut pool = vec![0.0; c];
+        let act = Some(Activation::Silu);
+        depthwise(
+            &input,
+            &weight,
+            &bias,
+            &mut out,
+            g,
+            0..out_h,
+            0,
+            0..c,
+            act,
+            Some(&mut pool),
+        );
+        for (i, got) in out.iter().enumerate() {
+            let (oy, ox, ch) = (i / (out_w * c), i / c % out_w, i % c);
+            let v = want(oy, ox, ch);
+            assert!(
+                (got - v).abs() <= 1e-5 * v.abs().max(1.0),
+                "{case} [{oy},{ox},{ch}]"
+            );
+        }
+        for (ch, p) in pool.iter().enumerate() {
+            let v: f32 = (0..out_h * out_w)
+                .map(|i| want(i / out_w, i % out_w, ch))
+                .sum();
+            assert!((p - v).abs() <= 1e-4 * v.abs().max(1.0), "{case} pool {ch}");
+        }
+        // The last output row from the input rows its taps read, channels 1..c only.
+        let oy = out_h - 1;
+        let row0 = (oy * s).saturating_sub(pad_top).min(h - 1);
+        let mut row = vec![f32::NAN; out_w * c];
+        let band = &input[row0 * w * c..];
+        depthwise(
+            band,
+            &weight,
+            &bias,
+            &mut row,
+            g,
+            oy..oy + 1,
+            row0,
+            1..c,
+            act,
+            None,
+        );
+        for (i, got) in row.iter().enumerate() {
+            let (ox, ch) = (i / c, i % c);
+            if ch == 0 {
+                assert!(got.is_nan(), "{case}: channel 0 written");
+            } else {
+                let v = want(oy, ox, ch);
+                assert!(
+                    (got - v).abs() <= 1e-5 * v.abs().max(1.0),
+                    "{case} band [{ox},{ch}]"
+                );
+            }
+        }
     }
 }
