@@ -9,7 +9,13 @@ RUNS=${1:-10}
 shift || true
 MODELS=("${@:-b0 lite0}")
 EFFNET=${EFFNET:-target/release/effnet}
-median() { "$EFFNET" bench "$1" --threads "$2" --iters 30 --json | grep -m1 '"median_ms"' | tr -dc '0-9.'; }
+# The whole report first: `grep -m1` on the pipe could close it while effnet still writes (SIGPIPE,
+# which pipefail turned into a silent stop of the script).
+median() {
+  local out
+  out=$("$EFFNET" bench "$1" --threads "$2" --iters 30 --json)
+  grep -m1 '"median_ms"' <<<"$out" | tr -dc '0-9.'
+}
 for model in ${MODELS[@]}; do
   printf '%s: 1 thread / 2 threads (ms), speed-up\n' "$model"
   worst=99
