@@ -50,4 +50,4 @@ awk -v step="$step" '
         print "leaves:"
         for (k in n) printf "%6d  %s\n", n[k], k > leaves
     }' leaves="$tmp/leaves" "$tmp/stacks"
-sort -k1,1 -rn "$tmp/leaves" | head -30
+sort -k1,1 -rn "$tmp/leaves" | sed -n 1,30p  # not head: SIGPIPE under pipefail
