@@ -5,7 +5,7 @@
 //!   cargo run --release --example engine_ab -- MODEL SWITCH [--weights W] [--precision P]
 //!       [--threads N] [--passes N] [--side S]
 //!
-//! SWITCH: `winograd` (the one switch today; add others beside it). Prints each engine's median
+//! SWITCH: `winograd` or `planar-stem` (add others beside them). Prints each engine's median
 //! ms over the passes and the ratio (switch on / off), with the median of per-pair ratios.
 
 use anyhow::{Context, bail};
@@ -52,7 +52,8 @@ fn main() -> anyhow::Result<()> {
         let e = Engine::new(&set)?.with_threads(threads);
         let e = match switch.as_str() {
             "winograd" => e.with_winograd(on),
-            other => bail!("unknown switch `{other}`: winograd"),
+            "planar-stem" => e.with_planar_stem(on),
+            other => bail!("unknown switch `{other}`: winograd, planar-stem"),
         };
         Ok(e.with_precision(precision)?)
     };

@@ -125,30 +125,18 @@ fn wide_layers_cut_into_channel_blocks_match_the_burn_model() {
     }
 }
 
-#[test]
-fn winograd_matches_im2col_on_every_variant_with_3x3_convolutions() {
-    // The V2 family's Fused-MBConv blocks are the stride-1 3x3 convs Winograd runs; B0 has none
-    // (both paths must then be the same code). Odd sizes leave half tiles at the edges.
-    for (name, padding, batch, h, w) in [
-        ("b0", Padding::Same, 1, 64, 64),
-        ("v2-b0", Padding::Same, 2, 67, 90),
-        ("v2-b1", Padding::Symmetric, 1, 64, 80),
-        ("v2-b2", Padding::Same, 1, 96, 96),
-        ("v2-b3", Padding::Symmetric, 1, 72, 72),
-        ("v2-s", Padding::Same, 1, 96, 96),
-        ("v2-m", Padding::Symmetric, 1, 64, 64),
-        ("v2-l", Padding::Same, 1, 64, 64),
-        ("v2-xl", Padding::Same, 1, 48, 48),
-    ] {
+/// Logits of the default engine at 1 and 2 threads against one with a path switched `off`,
+/// within 1e-5, on each `(variant, padding, batch, h, w)`.
+fn default_path_matches(
+    cases: &[(&str, Padding, usize, usize, usize)],
+    off: impl Fn(Engine) -> Engine,
+) {
+    for &(name, padding, batch, h, w) in cases {
         let set = random_set(name, padding);
-        let per_image = 3 * h * w;
-        let data: Vec<f32> = (0..batch * per_image)
+        let data: Vec<f32> = (0..batch * 3 * h * w)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
             .collect();
-        let want = Engine::new(&set)
-            .unwrap()
-            .with_winograd(false)
-            .forward(&data, batch, h, w);
+        let want = off(Engine::new(&set).unwrap()).forward(&data, batch, h, w);
         for threads in [1, 2] {
             let got = Engine::new(&set)
                 .unwrap()
@@ -162,6 +150,42 @@ fn winograd_matches_im2col_on_every_variant_with_3x3_convolutions() {
             assert!(diff <= 1e-5, "{name} {threads} threads: {diff}");
         }
     }
+}
+
+#[test]
+fn winograd_matches_im2col_on_every_variant_with_3x3_convolutions() {
+    // The V2 family's Fused-MBConv blocks are the stride-1 3x3 convs Winograd runs; B0 has none
+    // (both paths must then be the same code). Odd sizes leave half tiles at the edges.
+    let cases = [
+        ("b0", Padding::Same, 1, 64, 64),
+        ("v2-b0", Padding::Same, 2, 67, 90),
+        ("v2-b1", Padding::Symmetric, 1, 64, 80),
+        ("v2-b2", Padding::Same, 1, 96, 96),
+        ("v2-b3", Padding::Symmetric, 1, 72, 72),
+        ("v2-s", Padding::Same, 1, 96, 96),
+        ("v2-m", Padding::Symmetric, 1, 64, 64),
+        ("v2-l", Padding::Same, 1, 64, 64),
+        ("v2-xl", Padding::Same, 1, 48, 48),
+    ];
+    default_path_matches(&cases, |e| e.with_winograd(false));
+}
+
+#[test]
+fn planar_stem_matches_im2col_on_every_variant() {
+    // Stems of 24 to 64 channels (blocks of 32, 16 and 8), TF-SAME and symmetric padding, odd
+    // sizes that leave border columns and rows: straight from the planes against an NHWC copy,
+    // im2col and GEMM.
+    let cases = [
+        ("b0", Padding::Same, 2, 67, 90),
+        ("b3", Padding::Symmetric, 1, 64, 72),
+        ("b4", Padding::Same, 1, 49, 51),
+        ("b6", Padding::Same, 1, 48, 48),
+        ("b7", Padding::Symmetric, 1, 40, 40),
+        ("lite0", Padding::Symmetric, 1, 64, 48),
+        ("v2-s", Padding::Same, 1, 65, 64),
+        ("v2-b3", Padding::Symmetric, 1, 48, 56),
+    ];
+    default_path_matches(&cases, |e| e.with_planar_stem(false));
 }
 
 #[test]

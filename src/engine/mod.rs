@@ -152,6 +152,8 @@ pub struct Engine {
     observers: Option<std::collections::HashMap<String, Observer>>,
     /// Stride-1 3x3 convs by Winograd F(4x4, 3x3) (on by default; off: im2col + GEMM).
     winograd: bool,
+    /// The stem straight from the planar input (on by default; off: NHWC copy, im2col + GEMM).
+    planar_stem: bool,
 }
 
 /// Buffers reused across calls: no allocation per inference once sizes are reached.
@@ -189,6 +191,7 @@ impl Engine {
             layers,
             observers: None,
             winograd: true,
+            planar_stem: true,
         })
     }
 
@@ -336,6 +339,14 @@ impl Engine {
     /// `false`, by im2col + GEMM like the other dense convolutions (for comparisons).
     pub fn with_winograd(mut self, on: bool) -> Self {
         self.winograd = on;
+        self
+    }
+
+    /// Runs the stem straight from the planar (NCHW) input (the default, where its output channels
+    /// are a multiple of 8 and it is not int8) or, with `false`, by an NHWC copy, im2col and GEMM
+    /// like the other dense convolutions (for comparisons).
+    pub fn with_planar_stem(mut self, on: bool) -> Self {
+        self.planar_stem = on;
         self
     }
 
@@ -499,18 +510,27 @@ impl Engine {
         maps: &mut Vec<(usize, FeatureMap)>,
     ) -> Vec<f32> {
         let p = &self.plan;
-        // NCHW -> NHWC.
-        let x = &mut a.bufs[Buf::X as usize];
-        grow(x, n * h * w * 3);
-        for img in 0..n {
-            for c in 0..3 {
-                for px in 0..h * w {
-                    x[(img * h * w + px) * 3 + c] = input[(img * 3 + c) * h * w + px];
+        // The int8 stem and the calibration observers read the im2col rows.
+        let planar = self.planar_stem
+            && !p.stem_planar.is_empty()
+            && p.stem.int8.is_none()
+            && self.observers.is_none();
+        let mut shape = if planar {
+            self.planar_stem(input, &mut a.bufs[Buf::Y as usize], n, (h, w))
+        } else {
+            // NCHW -> NHWC.
+            let x = &mut a.bufs[Buf::X as usize];
+            grow(x, n * h * w * 3);
+            for img in 0..n {
+                for c in 0..3 {
+                    for px in 0..h * w {
+                        x[(img * h * w + px) * 3 + c] = input[(img * 3 + c) * h * w + px];
+                    }
                 }
             }
-        }
-        let (x, y) = a.io(Buf::X, Buf::Y);
-        let mut shape = self.conv(&p.stem, x, y, n, (h, w), None);
+            let (x, y) = a.io(Buf::X, Buf::Y);
+            self.conv(&p.stem, x, y, n, (h, w), None)
+        };
         a.bufs.swap(Buf::X as usize, Buf::Y as usize);
         let mut capture = |after_block: Option<usize>, x: &[f32], (h, w): (usize, usize)| {
             for (i, t) in taps.iter().enumerate() {

@@ -263,6 +263,51 @@ impl Engine {
         (g.out_h, g.out_w)
     }
 
+    /// The stem straight from the NCHW `input` by [`kernels::planar_conv`] into NHWC `out`, in
+    /// bands of output rows; returns the output spatial shape.
+    pub(super) fn planar_stem(
+        &self,
+        input: &[f32],
+        out: &mut Vec<f32>,
+        n: usize,
+        (h, w): (usize, usize),
+    ) -> (usize, usize) {
+        let conv = &self.plan.stem;
+        let g = geometry(self.meta.spec.padding, h, w, conv.kernel, conv.stride);
+        let (k, cin, cout) = (conv.kernel, conv.cin, conv.cout);
+        let out_len = g.out_h * g.out_w * cout;
+        let _t = profile::layer(
+            "full conv (planar)",
+            || {
+                format!(
+                    "{} {k}x{k}/{} {cin}->{cout} {h}x{w}",
+                    conv.name, conv.stride
+                )
+            },
+            || (n * out_len * k * k * cin) as u64,
+        );
+        grow(out, n * out_len);
+        let rows_per_part = g
+            .out_h
+            .div_ceil(PARTS_PER_THREAD * self.active_threads())
+            .max(1);
+        let bands = g.out_h.div_ceil(rows_per_part);
+        let (row_len, plane) = (g.out_w * cout, cin * h * w);
+        let shared_out = SharedMut::new(out);
+        let (weight, bias, act) = (&self.plan.stem_planar, &conv.bias, conv.act);
+        self.run_parts(n * bands, &|part| {
+            let (img, b) = (part / bands, part % bands);
+            let rows = b * rows_per_part..((b + 1) * rows_per_part).min(g.out_h);
+            // SAFETY: parts write disjoint row bands of `out`.
+            let dst = unsafe {
+                shared_out.slice(img * out_len + rows.start * row_len, rows.len() * row_len)
+            };
+            let image = &input[img * plane..(img + 1) * plane];
+            kernels::planar_conv(image, cin, weight, bias, dst, g, rows, act);
+        });
+        (g.out_h, g.out_w)
+    }
+
     /// How [`Engine::expand_depthwise`] splits `n` images of `h x w` across threads, as (bands
     /// of output rows, blocks of channels), or `None` where fusing does not pay.
     pub(super) fn fused_split(

@@ -142,6 +142,9 @@ pub(super) struct BlockPlan {
 #[derive(Debug, Clone)]
 pub(super) struct Plan {
     pub stem: Conv,
+    /// The stem's weights as `[(ci, ky, kx) x cout]` for [`kernels::planar_conv`] (empty where
+    /// its output channels are not a multiple of 8: those stems run by im2col + GEMM).
+    pub stem_planar: Vec<f32>,
     pub blocks: Vec<BlockPlan>,
     pub head: Conv,
     /// Classifier `[features x classes]` and bias.
@@ -235,6 +238,28 @@ fn fold(
         bias,
         act,
     })
+}
+
+/// A dense conv's weights reordered from its GEMM rows `(tap, ci)` to `(ci, tap)` (the planes of
+/// [`kernels::planar_conv`]); empty where that kernel does not apply.
+fn planar_weights(c: &Conv) -> Vec<f32> {
+    if c.kind != ConvKind::Full || !c.cout.is_multiple_of(8) {
+        return Vec::new();
+    }
+    let (kk, cin, cout) = (c.kernel * c.kernel, c.cin, c.cout);
+    let mut out = vec![0.0; kk * cin * cout];
+    for tap in 0..kk {
+        for i in 0..cin {
+            let row = tap * cin + i;
+            for o in 0..cout {
+                out[(i * kk + tap) * cout + o] = match c.packed.is_empty() {
+                    true => c.weight[row * cout + o],
+                    false => c.packed[microkernel::packed_index(kk * cin, row, o)],
+                };
+            }
+        }
+    }
+    out
 }
 
 /// `[out, in, 1, 1]` (or `[out, in]`) to `[in x out]`.
@@ -366,8 +391,10 @@ impl Plan {
         let fc = &anatomy.classifier;
         let (classes, features) = (fc.out_channels, fc.in_channels);
         let fc_w = tensor(t, "classifier.weight", classes * features)?;
+        let stem = conv(&anatomy.stem)?;
         Ok(Plan {
-            stem: conv(&anatomy.stem)?,
+            stem_planar: planar_weights(&stem),
+            stem,
             blocks,
             head: conv(&anatomy.head)?,
             fc_w: transpose_dense(fc_w, classes),
