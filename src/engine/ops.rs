@@ -36,6 +36,56 @@ pub(super) fn geometry(
 /// Parallel parts per thread for each operation.
 pub(super) const PARTS_PER_THREAD: usize = 8;
 
+/// `n` images' `total` output rows (or rows of tiles) in bands of `rows`, one parallel part per
+/// band of each image: part `p` is band `p % per_image` of image `p / per_image`.
+#[derive(Clone, Copy)]
+pub(super) struct RowBands {
+    total: usize,
+    rows: usize,
+    per_image: usize,
+}
+
+impl RowBands {
+    /// Bands of `rows` rows (at least one).
+    pub(super) fn of(total: usize, rows: usize) -> Self {
+        let rows = rows.max(1);
+        let per_image = total.div_ceil(rows);
+        Self {
+            total,
+            rows,
+            per_image,
+        }
+    }
+
+    /// [`PARTS_PER_THREAD`] bands of an image per thread: a preempted worker holds back little.
+    pub(super) fn per_thread(total: usize, threads: usize) -> Self {
+        Self::of(total, total.div_ceil(PARTS_PER_THREAD * threads))
+    }
+
+    /// Bands per image.
+    pub(super) fn per_image(self) -> usize {
+        self.per_image
+    }
+
+    /// The image and rows of part `part`.
+    pub(super) fn band(self, part: usize) -> (usize, std::ops::Range<usize>) {
+        let b = part % self.per_image;
+        (
+            part / self.per_image,
+            b * self.rows..((b + 1) * self.rows).min(self.total),
+        )
+    }
+}
+
+/// A conv's label in profiles: name, kernel/stride, channels and input map.
+pub(super) fn conv_label(conv: &Conv, (h, w): (usize, usize)) -> String {
+    let (k, s) = (conv.kernel, conv.stride);
+    format!(
+        "{} {k}x{k}/{s} {}->{} {h}x{w}",
+        conv.name, conv.cin, conv.cout
+    )
+}
+
 /// Rows per GEMM chunk: the output chunk stays in L2 for the fused epilogue.
 fn chunk_rows(cout: usize) -> usize {
     (32768 / cout.max(1)).clamp(16, 1024)
@@ -161,10 +211,7 @@ impl Engine {
                 ConvKind::Depthwise => "depthwise",
                 _ => "full conv (im2col+gemm)",
             },
-            || {
-                let (k, s) = (conv.kernel, conv.stride);
-                format!("{} {k}x{k}/{s} {cin}->{cout} {h}x{w}", conv.name)
-            },
+            || conv_label(conv, (h, w)),
             || {
                 let per_out = conv.kernel
                     * conv.kernel
@@ -177,23 +224,11 @@ impl Engine {
             },
         );
         grow(out, n * out_len);
-        // Parallel parts: bands of output rows of each image.
-        let rows_per_part = match conv.kind {
-            ConvKind::Full => (chunk_rows(cout) / g.out_w).max(1),
-            _ => g
-                .out_h
-                .div_ceil(PARTS_PER_THREAD * self.active_threads())
-                .max(1),
+        let bands = match conv.kind {
+            ConvKind::Full => RowBands::of(g.out_h, chunk_rows(cout) / g.out_w),
+            _ => RowBands::per_thread(g.out_h, self.active_threads()),
         };
-        let bands = g.out_h.div_ceil(rows_per_part);
-        let parts = n * bands;
-        let band = |part: usize| {
-            let (img, b) = (part / bands, part % bands);
-            (
-                img,
-                b * rows_per_part..((b + 1) * rows_per_part).min(g.out_h),
-            )
-        };
+        let parts = n * bands.per_image();
         let shared_out = SharedMut::new(out);
         if conv.kind == ConvKind::Depthwise {
             // Each part pools into its own row of `partial`, summed per image afterwards.
@@ -201,7 +236,7 @@ impl Engine {
             let shared_partial = SharedMut::new(&mut partial);
             let with_pool = pool.is_some();
             self.run_parts(parts, &|part| {
-                let (img, rows) = band(part);
+                let (img, rows) = bands.band(part);
                 let row_len = g.out_w * cout;
                 // SAFETY: parts write disjoint row bands of `out` and their own row of `partial`.
                 let dst = unsafe {
@@ -223,13 +258,13 @@ impl Engine {
                 );
             });
             if let Some(pool) = pool {
-                add_partial_pools(pool, &partial, cout, |part| band(part).0);
+                add_partial_pools(pool, &partial, cout, |part| bands.band(part).0);
             }
         } else {
             let row_len = conv.kernel * conv.kernel * cin;
             let observed = self.observed(conv);
             self.run_parts(parts, &|part| {
-                let (img, rows) = band(part);
+                let (img, rows) = bands.band(part);
                 let m = rows.len() * g.out_w;
                 SCRATCH.with_borrow_mut(|scratch| {
                     grow(scratch, m * row_len);
@@ -278,26 +313,16 @@ impl Engine {
         let out_len = g.out_h * g.out_w * cout;
         let _t = profile::layer(
             "full conv (planar)",
-            || {
-                format!(
-                    "{} {k}x{k}/{} {cin}->{cout} {h}x{w}",
-                    conv.name, conv.stride
-                )
-            },
+            || conv_label(conv, (h, w)),
             || (n * out_len * k * k * cin) as u64,
         );
         grow(out, n * out_len);
-        let rows_per_part = g
-            .out_h
-            .div_ceil(PARTS_PER_THREAD * self.active_threads())
-            .max(1);
-        let bands = g.out_h.div_ceil(rows_per_part);
+        let bands = RowBands::per_thread(g.out_h, self.active_threads());
         let (row_len, plane) = (g.out_w * cout, cin * h * w);
         let shared_out = SharedMut::new(out);
         let (weight, bias, act) = (&self.plan.stem_planar, &conv.bias, conv.act);
-        self.run_parts(n * bands, &|part| {
-            let (img, b) = (part / bands, part % bands);
-            let rows = b * rows_per_part..((b + 1) * rows_per_part).min(g.out_h);
+        self.run_parts(n * bands.per_image(), &|part| {
+            let (img, rows) = bands.band(part);
             // SAFETY: parts write disjoint row bands of `out`.
             let dst = unsafe {
                 shared_out.slice(img * out_len + rows.start * row_len, rows.len() * row_len)
@@ -354,17 +379,12 @@ impl Engine {
             || (n * (h * w * cin * c + out_len * dw.kernel * dw.kernel)) as u64,
         );
         grow(out, n * out_len);
-        let rows_per_part = g.out_h.div_ceil(bands).max(1);
-        let bands = g.out_h.div_ceil(rows_per_part);
+        let bands = RowBands::of(g.out_h, g.out_h.div_ceil(bands));
         let (col_block, col_parts) = panel_blocks(c, col_parts);
-        let parts = n * bands * col_parts;
+        let parts = n * bands.per_image() * col_parts;
         let band = |part: usize| {
-            let (img, b, cp) = (
-                part / (bands * col_parts),
-                part / col_parts % bands,
-                part % col_parts,
-            );
-            let rows = b * rows_per_part..((b + 1) * rows_per_part).min(g.out_h);
+            let (img, rows) = bands.band(part / col_parts);
+            let cp = part % col_parts;
             let cols = cp * col_block..((cp + 1) * col_block).min(c);
             (img, rows, cols)
         };

@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use super::kernels::Geometry;
-use super::ops::{PARTS_PER_THREAD, geometry, grow};
+use super::ops::{RowBands, conv_label, geometry, grow};
 use super::plan::{Conv, ConvKind};
 use super::pool::SharedMut;
 use super::{Engine, profile};
@@ -393,16 +393,13 @@ impl Engine {
         let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * cout);
         let _t = profile::layer(
             "full conv (winograd)",
-            || format!("{} 3x3/1 {cin}->{cout} {h}x{w}", conv.name),
+            || conv_label(conv, (h, w)),
             // The direct convolution's multiply-adds, so GMAC/s compares with the im2col path.
             || (n * out_len * 9 * cin) as u64,
         );
         grow(out, n * out_len);
         let (tiles_h, tiles_w) = (g.out_h.div_ceil(OUT), g.out_w.div_ceil(OUT));
-        let rows_per_part = tiles_h
-            .div_ceil(PARTS_PER_THREAD * self.active_threads())
-            .max(1);
-        let bands = tiles_h.div_ceil(rows_per_part);
+        let bands = RowBands::per_thread(tiles_h, self.active_threads());
         // Tiles per step: whole register tiles of the micro-kernel (12 rows on AVX-512, 6 on AVX2).
         let step = (STEP_BYTES / (4 * TILE * (cin + cout)))
             .max(12)
@@ -410,9 +407,8 @@ impl Engine {
         let plen = packed_len(cin, cout);
         let zero_bias = vec![0.0f32; cout];
         let shared_out = SharedMut::new(out);
-        self.run_parts(n * bands, &|part| {
-            let (img, b) = (part / bands, part % bands);
-            let tile_rows = b * rows_per_part..((b + 1) * rows_per_part).min(tiles_h);
+        self.run_parts(n * bands.per_image(), &|part| {
+            let (img, tile_rows) = bands.band(part);
             let row0 = OUT * tile_rows.start;
             let out_rows = (OUT * tile_rows.end).min(g.out_h) - row0;
             let row_len = g.out_w * cout;
