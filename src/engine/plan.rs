@@ -183,16 +183,30 @@ fn fold(
     eps: f64,
     act: Option<Activation>,
 ) -> Result<Conv, EngineError> {
-    let path = &spec_conv.path;
-    let kind = if spec_conv.is_depthwise() {
+    Ok(pack(spec_conv, folded(t, spec_conv, eps)?, act))
+}
+
+/// `{path}.bn` folded into `{path}.conv`: OIHW weights and a bias.
+fn folded(t: &TensorMap, spec_conv: &SpecConv, eps: f64) -> Result<Folded, EngineError> {
+    fold_batch_norm(t, spec_conv, eps).map_err(|e| EngineError(e.to_string()))
+}
+
+/// How the engine runs `spec_conv`.
+fn kind(spec_conv: &SpecConv) -> ConvKind {
+    if spec_conv.is_depthwise() {
         ConvKind::Depthwise
     } else if spec_conv.kernel == 1 && spec_conv.stride == 1 {
         ConvKind::Pointwise
     } else {
         ConvKind::Full
-    };
-    let Folded { weight: w, bias } =
-        fold_batch_norm(t, spec_conv, eps).map_err(|e| EngineError(e.to_string()))?;
+    }
+}
+
+/// Repacks folded weights for the kind of convolution.
+fn pack(spec_conv: &SpecConv, folded: Folded, act: Option<Activation>) -> Conv {
+    let path = &spec_conv.path;
+    let kind = kind(spec_conv);
+    let Folded { weight: w, bias } = folded;
     let (cout, k) = (spec_conv.out_channels, spec_conv.kernel);
     let cin_g = spec_conv.in_channels / spec_conv.groups;
     // One repacking serves all three kinds: `[k*k*cin_g x cout]` rows ordered (tap, input channel).
@@ -223,7 +237,7 @@ fn fold(
     } else {
         Vec::new()
     };
-    Ok(Conv {
+    Conv {
         name: path.to_string(),
         kind,
         kernel: k,
@@ -237,26 +251,21 @@ fn fold(
         winograd,
         bias,
         act,
-    })
+    }
 }
 
-/// A dense conv's weights reordered from its GEMM rows `(tap, ci)` to `(ci, tap)` (the planes of
-/// [`kernels::planar_conv`]); empty where that kernel does not apply.
-fn planar_weights(c: &Conv) -> Vec<f32> {
-    if c.kind != ConvKind::Full || !c.cout.is_multiple_of(8) {
+/// A dense conv's folded OIHW weights as `[(ci, ky, kx) x cout]`, the planes of
+/// [`kernels::planar_conv`]; empty where that kernel does not apply.
+fn planar_weights(spec_conv: &SpecConv, w: &[f32]) -> Vec<f32> {
+    let cout = spec_conv.out_channels;
+    if kind(spec_conv) != ConvKind::Full || !cout.is_multiple_of(8) {
         return Vec::new();
     }
-    let (kk, cin, cout) = (c.kernel * c.kernel, c.cin, c.cout);
-    let mut out = vec![0.0; kk * cin * cout];
-    for tap in 0..kk {
-        for i in 0..cin {
-            let row = tap * cin + i;
-            for o in 0..cout {
-                out[(i * kk + tap) * cout + o] = match c.packed.is_empty() {
-                    true => c.weight[row * cout + o],
-                    false => c.packed[microkernel::packed_index(kk * cin, row, o)],
-                };
-            }
+    let taps = w.len() / cout;
+    let mut out = vec![0.0; w.len()];
+    for o in 0..cout {
+        for (r, &v) in w[o * taps..(o + 1) * taps].iter().enumerate() {
+            out[r * cout + o] = v;
         }
     }
     out
@@ -391,10 +400,12 @@ impl Plan {
         let fc = &anatomy.classifier;
         let (classes, features) = (fc.out_channels, fc.in_channels);
         let fc_w = tensor(t, "classifier.weight", classes * features)?;
-        let stem = conv(&anatomy.stem)?;
+        let stem_folded = folded(t, &anatomy.stem, spec.bn_eps)?;
+        let stem_planar = planar_weights(&anatomy.stem, &stem_folded.weight);
+        let stem_act = anatomy.stem.act.then_some(spec.activation);
         Ok(Plan {
-            stem_planar: planar_weights(&stem),
-            stem,
+            stem: pack(&anatomy.stem, stem_folded, stem_act),
+            stem_planar,
             blocks,
             head: conv(&anatomy.head)?,
             fc_w: transpose_dense(fc_w, classes),
