@@ -516,8 +516,8 @@ simd_dispatch! {
                 && input.len() >= cin * g.in_h * g.in_w
                 && out.len() >= rows.len() * g.out_w * cout
         );
-        // Pixels per register tile: 8 x 32 channels is 16 of AVX-512's 32 registers (6, 10 and 12
-        // pixels measured 20, 15 and 8 % slower on Lite0's stem); AVX2's 16 registers hold 3 x 32.
+        // Pixels per register tile: 8 x 32 channels is 16 of AVX-512's 32 registers (picked over 6,
+        // 10 and 12 by editing `R` and timing Lite0's stem); AVX2's 16 registers hold 3 x 32.
         let wide = crate::simd::level() == crate::simd::Level::Avx512;
         with_act!(act, |f| {
             for oy in rows.clone() {
