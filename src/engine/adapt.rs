@@ -15,10 +15,14 @@
 //! this process's own threads, so a busy engine moved it by itself and re-probed its own load.
 //!
 //! One thread chosen while several were asked for is re-checked as well, after 8 passes, then
-//! after twice as many each time one thread wins again (up to 1024): the calibration may have met
-//! a passing slowdown of the other cores that no counter shows, and such a decision would
-//! otherwise stick at one thread's speed. On a really loaded machine this costs a few passes of
-//! each re-check, ever more rarely.
+//! after twice as many each time (up to 1024): the calibration may have met a passing slowdown
+//! of the other cores that no counter shows, and such a decision would otherwise stick at one
+//! thread's speed. So is all threads chosen while other processes use 0.4 core or more of the
+//! cores this engine's threads need: a calibration of a few passes may have met that load's
+//! quiet moments, and the load, there since before the decision, would never change to re-check
+//! it. The load is read every pass (a clock read) until its first reading, a tenth of a second
+//! in, so a load present from the start is known early. On a really loaded machine this costs a
+//! few passes of each re-check, ever more rarely; an idle one pays nothing.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -42,8 +46,9 @@ struct ShapeState {
     load: Option<f64>,
     /// Passes since the decision (for the periodic re-checks).
     since: u64,
-    /// Passes after which a one-thread decision is re-checked (0 before the first).
-    single_period: u64,
+    /// Passes after which a decision that may not last is re-checked (0 before the first): one
+    /// thread, or all threads while other processes contest the cores.
+    recheck_period: u64,
 }
 
 /// The one-or-all-threads policy (see the module docs).
@@ -56,6 +61,8 @@ pub(super) struct Adapt {
     last_check: Option<Instant>,
     /// The latest reading of `load_source` (taken at most every `load_period`).
     load: Option<f64>,
+    /// Threads asked for in the latest pass.
+    threads: usize,
     /// Passes timed, and of those the ones run on one thread while several were asked for
     /// (calibration and re-checks, or one thread chosen).
     passes: u64,
@@ -162,6 +169,13 @@ impl OtherCpu {
     /// Cores used by other processes since the previous call; `None` on the first call, within
     /// 100 ms of the previous one, or where `/proc` is missing.
     fn read(&mut self) -> Option<f64> {
+        // Too soon: answered without reading `/proc`, so polling every pass costs a clock read.
+        if self
+            .last
+            .is_some_and(|(t0, _)| t0.elapsed() < Duration::from_millis(100))
+        {
+            return None;
+        }
         let (ticks, cores) = Self::ticks()?;
         self.cores = (cores > 0).then_some(cores);
         let now = (Instant::now(), ticks);
@@ -170,9 +184,6 @@ impl OtherCpu {
             return None;
         };
         let secs = now.0.duration_since(t0).as_secs_f64();
-        if secs < 0.1 {
-            return None;
-        }
         self.last = Some(now);
         // SAFETY: sysconf only reads a configuration value.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -193,11 +204,15 @@ impl Adapt {
     /// fewer free cores than the engine has threads (before or after), and how often it is read.
     const LOAD_CHANGE: f64 = 0.75;
     const LOAD_PERIOD: Duration = Duration::from_secs(2);
+    /// Other processes' CPU use (cores) from which they contest the cores this engine needs. A
+    /// process spinning on one of two cores read 0.57-0.98 beside a two-thread engine (the engine
+    /// takes its share); an idle machine reads 0.00-0.05.
+    const BUSY: f64 = 0.4;
     /// Passes between re-checks where the CPU counters are not available.
     const FALLBACK_PERIOD: u64 = 1024;
     /// Shapes remembered.
     const MAX_SHAPES: usize = 16;
-    /// The first and the longest interval between re-checks of a one-thread decision.
+    /// The first and the longest interval between re-checks of a decision that may not last.
     const SINGLE_RECHECK: (u64, u64) = (8, 1024);
 
     fn with_load_source(load_source: LoadSource) -> Self {
@@ -208,6 +223,7 @@ impl Adapt {
             load_period: Self::LOAD_PERIOD,
             last_check: None,
             load: None,
+            threads: 1,
             passes: 0,
             single_passes: 0,
         }
@@ -227,20 +243,26 @@ impl Adapt {
         if self.states.len() >= Self::MAX_SHAPES && !self.states.contains_key(&shape) {
             self.states.clear();
         }
-        let recheck = self.load_changed(shape, threads);
+        self.threads = threads;
+        let reading = self.poll_load();
+        let recheck = self.load_changed(shape, threads, reading);
+        let contested = self.contested_now();
         let st = self.states.entry(shape).or_insert_with(|| ShapeState {
             samples: Self::FIRST_SAMPLES,
             ..ShapeState::default()
         });
-        let period = match st.single_period {
+        let period = match st.recheck_period {
             0 => Self::SINGLE_RECHECK.0,
             p => p,
         };
-        let single_stale = matches!(st.decided, Some((true, _))) && st.since >= period;
-        if single_stale {
-            st.single_period = (period * 2).min(Self::SINGLE_RECHECK.1);
+        // All threads chosen while other processes contest the cores may have been a lucky
+        // calibration (a worker that happened to run): re-checked as one thread is.
+        let unsure = matches!(st.decided, Some((single, _)) if single || contested);
+        let stale = unsure && st.since >= period;
+        if stale {
+            st.recheck_period = (period * 2).min(Self::SINGLE_RECHECK.1);
         }
-        if recheck || single_stale {
+        if recheck || stale {
             st.decided = None;
             st.multi.clear();
             st.single.clear();
@@ -254,9 +276,38 @@ impl Adapt {
         }
     }
 
-    /// Whether other processes' CPU use moved since `shape`'s decision (read at most every few
-    /// seconds).
-    fn load_changed(&mut self, shape: Shape, threads: usize) -> bool {
+    /// Reads other processes' CPU use when due: every pass until the first reading (so a load
+    /// present from the start is known within a fraction of a second), then every few seconds.
+    /// Returns the reading taken now, if any.
+    fn poll_load(&mut self) -> Option<f64> {
+        let due = self.load.is_none()
+            || self
+                .last_check
+                .is_none_or(|t| t.elapsed() >= self.load_period);
+        if !due {
+            return None;
+        }
+        self.last_check = Some(Instant::now());
+        let reading = self.load_source.read();
+        if reading.is_some() {
+            self.load = reading;
+        }
+        reading
+    }
+
+    /// Whether, by the latest reading, other processes busy most of a core contest the cores.
+    fn contested_now(&self) -> bool {
+        let cores = self.load_source.cores();
+        self.load
+            .is_some_and(|load| load >= Self::BUSY && contested(cores, load, self.threads))
+    }
+
+    /// Whether other processes' CPU use moved since `shape`'s decision, by `reading` (taken this
+    /// pass, if due).
+    fn load_changed(&mut self, shape: Shape, threads: usize, reading: Option<f64>) -> bool {
+        let cores = self.load_source.cores();
+        let contested = |load: f64| contested(cores, load, threads);
+        let source_missing = self.load.is_none();
         let Some(st) = self.states.get_mut(&shape) else {
             return false;
         };
@@ -264,21 +315,6 @@ impl Adapt {
             return false;
         }
         st.since += 1;
-        let due = self
-            .last_check
-            .is_none_or(|t| t.elapsed() >= self.load_period);
-        if !due {
-            return false;
-        }
-        self.last_check = Some(Instant::now());
-        let reading = self.load_source.read();
-        if reading.is_some() {
-            self.load = reading;
-        }
-        let contested = |load: f64| match self.load_source.cores() {
-            Some(cores) => load + threads as f64 > cores as f64,
-            None => true,
-        };
         match (reading, st.load) {
             (Some(now), Some(then)) => {
                 (now - then).abs() >= Self::LOAD_CHANGE && (contested(now) || contested(then))
@@ -288,13 +324,14 @@ impl Adapt {
                 st.load = Some(now);
                 false
             }
-            (None, _) => st.since >= Self::FALLBACK_PERIOD,
+            (None, _) => source_missing && st.since >= Self::FALLBACK_PERIOD,
         }
     }
 
     /// Records the pass just run (`single` as chosen) and its time.
     pub(super) fn record(&mut self, single: bool, seconds: f64) {
         let load = self.load;
+        let contested = self.contested_now();
         let Some(st) = self.states.get_mut(&self.current) else {
             return;
         };
@@ -313,8 +350,8 @@ impl Adapt {
                 if warm(&st.multi) >= st.samples && warm(&st.single) >= st.samples {
                     let (m, s) = (median(&st.multi[1..]), median(&st.single[1..]));
                     st.decided = Some(if s < m { (true, s) } else { (false, m) });
-                    if s >= m {
-                        st.single_period = 0;
+                    if s >= m && !contested {
+                        st.recheck_period = 0;
                     }
                     st.slow = 0;
                     st.slow_secs = 0.0;
@@ -338,6 +375,12 @@ impl Adapt {
             }
         }
     }
+}
+
+/// Whether other processes using `load` of the machine's `cores` leave fewer free cores than
+/// `threads` (unknown cores: yes).
+fn contested(cores: Option<usize>, load: f64, threads: usize) -> bool {
+    cores.is_none_or(|cores| load + threads as f64 > cores as f64)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -431,7 +474,7 @@ mod tests {
         let multi = modes[20..].iter().filter(|&&one| !one).count();
         assert!(multi <= 12, "{modes:?}");
         // The other process ends: its CPU use falls and two threads are faster again.
-        set(0.5);
+        set(0.2);
         let modes = run(&mut a, 100, |_, one| if one { 6.0 } else { 3.2 });
         assert!(modes[20..].iter().all(|&one| !one), "{modes:?}");
     }
@@ -540,6 +583,34 @@ mod tests {
         assert!(after.own > before.own, "{before:?} {after:?}");
         let others = cpu.read().expect("a reading 300 ms later");
         assert!(others.is_finite() && others >= 0.0);
+    }
+
+    fn one_core_busy() -> Option<f64> {
+        Some(1.0)
+    }
+
+    /// A process that keeps one of two cores busy from the start, and a calibration that met its
+    /// quiet moments (two threads faster in the first passes only): the decision for two threads
+    /// is re-checked, since the other process contests the cores, and one thread wins.
+    #[test]
+    fn a_load_present_from_the_start_is_rechecked() {
+        let mut a = Adapt::with_load_source(LoadSource::Fixed(one_core_busy, 2));
+        // B0's milliseconds, in seconds: passes too short for the "chosen mode slow" trigger.
+        let modes = run(&mut a, 400, |i, one| match (one, i < 8) {
+            (true, _) => 0.0048,
+            (false, true) => 0.0028,
+            (false, false) => 0.0056,
+        });
+        assert!(
+            !modes[8],
+            "the lucky calibration chose two threads: {modes:?}"
+        );
+        // The re-checks of one thread, ever more rarely: a few passes of two threads after that.
+        let multi = modes[40..].iter().filter(|&&one| !one).count();
+        assert!(
+            multi <= 16,
+            "{multi} of 360 passes on two threads: {modes:?}"
+        );
     }
 
     static LOAD_ELSEWHERE: AtomicU64 = AtomicU64::new(0);
