@@ -600,6 +600,34 @@ pub(super) fn mean_rows(x: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// Every row of every image lies in exactly one part's band, in order, and no band is empty.
+    #[test]
+    fn row_bands_cover_each_row_once() {
+        for total in [1, 2, 7, 14, 15, 56, 112, 113] {
+            for bands in [
+                RowBands::per_thread(total, 1),
+                RowBands::per_thread(total, 2),
+            ]
+            .into_iter()
+            .chain([1, 3, 8, 200].map(|rows| RowBands::of(total, rows)))
+            {
+                let n = 3;
+                let mut next = vec![0; n];
+                for part in 0..n * bands.per_image() {
+                    let (img, rows) = bands.band(part);
+                    assert!(
+                        !rows.is_empty() && rows.start == next[img],
+                        "{total} {part}"
+                    );
+                    next[img] = rows.end;
+                }
+                assert_eq!(next, vec![total; n]);
+            }
+        }
+        assert_eq!(RowBands::of(10, 0).per_image(), 10);
+        assert_eq!(RowBands::per_thread(112, 2).per_image(), 16);
+    }
+
     #[test]
     fn fused_parts_cut_wide_layers_into_channel_blocks_that_fit() {
         let window = |w: usize, (k, s): (usize, usize), c: usize, blocks: usize| {
