@@ -151,6 +151,8 @@ fn other_cores(then: CpuTicks, now: CpuTicks, ticks_per_sec: f64, secs: f64) -> 
 #[derive(Default)]
 struct OtherCpu {
     last: Option<(Instant, CpuTicks)>,
+    /// `/proc` could not be read: every later call answers `None` at once.
+    missing: bool,
     /// The machine's cores (those the counters cover), once read.
     cores: Option<usize>,
 }
@@ -170,13 +172,17 @@ impl OtherCpu {
     /// 100 ms of the previous one, or where `/proc` is missing.
     fn read(&mut self) -> Option<f64> {
         // Too soon: answered without reading `/proc`, so polling every pass costs a clock read.
-        if self
-            .last
-            .is_some_and(|(t0, _)| t0.elapsed() < Duration::from_millis(100))
+        if self.missing
+            || self
+                .last
+                .is_some_and(|(t0, _)| t0.elapsed() < Duration::from_millis(100))
         {
             return None;
         }
-        let (ticks, cores) = Self::ticks()?;
+        let Some((ticks, cores)) = Self::ticks() else {
+            self.missing = true;
+            return None;
+        };
         self.cores = (cores > 0).then_some(cores);
         let now = (Instant::now(), ticks);
         let Some((t0, then)) = self.last else {
@@ -205,7 +211,7 @@ impl Adapt {
     const LOAD_CHANGE: f64 = 0.75;
     const LOAD_PERIOD: Duration = Duration::from_secs(2);
     /// Other processes' CPU use (cores) from which they contest the cores this engine needs. A
-    /// process spinning on one of two cores read 0.57-0.98 beside a two-thread engine (the engine
+    /// process spinning on one of two cores read 0.57-1.08 beside a two-thread engine (the engine
     /// takes its share); an idle machine reads 0.00-0.05.
     const BUSY: f64 = 0.4;
     /// Passes between re-checks where the CPU counters are not available.
@@ -213,7 +219,7 @@ impl Adapt {
     /// Shapes remembered.
     const MAX_SHAPES: usize = 16;
     /// The first and the longest interval between re-checks of a decision that may not last.
-    const SINGLE_RECHECK: (u64, u64) = (8, 1024);
+    const RECHECK: (u64, u64) = (8, 1024);
 
     fn with_load_source(load_source: LoadSource) -> Self {
         Adapt {
@@ -252,7 +258,7 @@ impl Adapt {
             ..ShapeState::default()
         });
         let period = match st.recheck_period {
-            0 => Self::SINGLE_RECHECK.0,
+            0 => Self::RECHECK.0,
             p => p,
         };
         // All threads chosen while other processes contest the cores may have been a lucky
@@ -260,7 +266,7 @@ impl Adapt {
         let unsure = matches!(st.decided, Some((single, _)) if single || contested);
         let stale = unsure && st.since >= period;
         if stale {
-            st.recheck_period = (period * 2).min(Self::SINGLE_RECHECK.1);
+            st.recheck_period = (period * 2).min(Self::RECHECK.1);
         }
         if recheck || stale {
             st.decided = None;
@@ -295,7 +301,8 @@ impl Adapt {
         reading
     }
 
-    /// Whether, by the latest reading, other processes busy most of a core contest the cores.
+    /// Whether, by the latest reading, other processes use [`Self::BUSY`] core or more of the
+    /// cores this engine's threads need.
     fn contested_now(&self) -> bool {
         let cores = self.load_source.cores();
         self.load
