@@ -61,8 +61,6 @@ pub(super) struct Adapt {
     last_check: Option<Instant>,
     /// The latest reading of `load_source` (taken at most every `load_period`).
     load: Option<f64>,
-    /// Threads asked for in the latest pass.
-    threads: usize,
     /// Passes timed, and of those the ones run on one thread while several were asked for
     /// (calibration and re-checks, or one thread chosen).
     passes: u64,
@@ -229,7 +227,6 @@ impl Adapt {
             load_period: Self::LOAD_PERIOD,
             last_check: None,
             load: None,
-            threads: 1,
             passes: 0,
             single_passes: 0,
         }
@@ -249,10 +246,9 @@ impl Adapt {
         if self.states.len() >= Self::MAX_SHAPES && !self.states.contains_key(&shape) {
             self.states.clear();
         }
-        self.threads = threads;
         let reading = self.poll_load();
         let recheck = self.load_changed(shape, threads, reading);
-        let contested = self.contested_now();
+        let contested = self.contested_now(threads);
         let st = self.states.entry(shape).or_insert_with(|| ShapeState {
             samples: Self::FIRST_SAMPLES,
             ..ShapeState::default()
@@ -303,10 +299,10 @@ impl Adapt {
 
     /// Whether, by the latest reading, other processes use [`Self::BUSY`] core or more of the
     /// cores this engine's threads need.
-    fn contested_now(&self) -> bool {
+    fn contested_now(&self, threads: usize) -> bool {
         let cores = self.load_source.cores();
         self.load
-            .is_some_and(|load| load >= Self::BUSY && contested(cores, load, self.threads))
+            .is_some_and(|load| load >= Self::BUSY && contested(cores, load, threads))
     }
 
     /// Whether other processes' CPU use moved since `shape`'s decision, by `reading` (taken this
@@ -335,10 +331,10 @@ impl Adapt {
         }
     }
 
-    /// Records the pass just run (`single` as chosen) and its time.
-    pub(super) fn record(&mut self, single: bool, seconds: f64) {
+    /// Records the pass just run on `threads` asked for (`single` as chosen) and its time.
+    pub(super) fn record(&mut self, threads: usize, single: bool, seconds: f64) {
         let load = self.load;
-        let contested = self.contested_now();
+        let contested = self.contested_now(threads);
         let Some(st) = self.states.get_mut(&self.current) else {
             return;
         };
@@ -409,7 +405,7 @@ mod tests {
         (0..passes)
             .map(|i| {
                 let one = adapt.choose_single(2, (1, 224, 224));
-                adapt.record(one, time(i, one));
+                adapt.record(2, one, time(i, one));
                 one
             })
             .collect()

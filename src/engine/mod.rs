@@ -475,11 +475,13 @@ impl Engine {
     ) -> Vec<f32> {
         assert_eq!(input.len(), n * 3 * h * w, "input must be n x 3 x h x w");
         let mut a = std::mem::take(&mut self.arena);
-        let single = self.adapt.choose_single(self.pool.threads(), (n, h, w));
+        let threads = self.pool.threads();
+        let single = self.adapt.choose_single(threads, (n, h, w));
         self.single.set(single);
         let start = std::time::Instant::now();
         let pooled = self.pooled_features(&mut a, input, (n, h, w), taps, maps);
-        self.adapt.record(single, start.elapsed().as_secs_f64());
+        self.adapt
+            .record(threads, single, start.elapsed().as_secs_f64());
         self.arena = a;
         pooled
     }
