@@ -261,17 +261,11 @@ fn planar_weights(spec_conv: &SpecConv, w: &[f32]) -> Vec<f32> {
     if kind(spec_conv) != ConvKind::Full || !cout.is_multiple_of(8) {
         return Vec::new();
     }
-    let taps = w.len() / cout;
-    let mut out = vec![0.0; w.len()];
-    for o in 0..cout {
-        for (r, &v) in w[o * taps..(o + 1) * taps].iter().enumerate() {
-            out[r * cout + o] = v;
-        }
-    }
-    out
+    // OIHW is `[cout x (ci, ky, kx)]`.
+    transpose_dense(w, cout)
 }
 
-/// `[out, in, 1, 1]` (or `[out, in]`) to `[in x out]`.
+/// `[out, in, 1, 1]` (or `[out, in]`, or any `[out x rest]`) to `[in x out]`.
 fn transpose_dense(w: &[f32], out: usize) -> Vec<f32> {
     let inp = w.len() / out;
     let mut p = vec![0.0; w.len()];
@@ -391,7 +385,8 @@ impl Plan {
         let spec = set.spec();
         let t = &set.tensors;
         let anatomy = spec.anatomy();
-        let conv = |c: &SpecConv| fold(t, c, spec.bn_eps, c.act.then_some(spec.activation));
+        let act = |c: &SpecConv| c.act.then_some(spec.activation);
+        let conv = |c: &SpecConv| fold(t, c, spec.bn_eps, act(c));
         let blocks = anatomy
             .blocks
             .iter()
@@ -402,9 +397,8 @@ impl Plan {
         let fc_w = tensor(t, "classifier.weight", classes * features)?;
         let stem_folded = folded(t, &anatomy.stem, spec.bn_eps)?;
         let stem_planar = planar_weights(&anatomy.stem, &stem_folded.weight);
-        let stem_act = anatomy.stem.act.then_some(spec.activation);
         Ok(Plan {
-            stem: pack(&anatomy.stem, stem_folded, stem_act),
+            stem: pack(&anatomy.stem, stem_folded, act(&anatomy.stem)),
             stem_planar,
             blocks,
             head: conv(&anatomy.head)?,
