@@ -1,8 +1,8 @@
 //! Post-training static int8 quantisation with an accuracy guard (`effnet quantize`): calibrate
 //! each GEMM convolution's input range on sample images, rank the layers by how much int8 alone
-//! moves the predictions, and keep the most sensitive in fp32 until int8 agrees with fp32 on the
-//! top-1 class of enough calibration images; a held-out part of the images, used for nothing else,
-//! says how well that carries over.
+//! moves the predictions, and keep the most sensitive out of int8 (in bf16 where the CPU has it,
+//! else fp32) until the result agrees with fp32 on the top-1 class of enough calibration images; a
+//! held-out part of the images, used for nothing else, says how well that carries over.
 
 use crate::classify::{argmax, softmax};
 use crate::engine::calibrate::{Observe, Observed};
@@ -118,8 +118,11 @@ pub struct Report {
     pub holdout: Agreement,
     /// Layers in network order.
     pub layers: Vec<LayerReport>,
-    /// The layers kept in fp32, most sensitive first.
-    pub kept_fp32: Vec<String>,
+    /// The layers kept out of int8, most sensitive first.
+    pub kept: Vec<String>,
+    /// What the kept layers and the classifier ran in while they were chosen: bf16 where the CPU
+    /// has it, else fp32 ([`Engine::default_int8_fallback`]).
+    pub kept_precision: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,27 +249,30 @@ pub fn quantize(
     order.sort_by(|&a, &b| sensitivity[b].total_cmp(&sensitivity[a]));
     progress("accuracy guard");
     let all_int8 = compare(&table(&|_| true), &calib, &reference.0)?;
-    // Most sensitive first into fp32 until the threshold holds...
+    // Most sensitive first out of int8 until the threshold holds...
     let (mut kept, mut chosen) = (0, all_int8);
     while chosen.top1 < opts.threshold && kept < layers {
         kept += 1;
-        progress(&format!("accuracy guard: {kept} layers in fp32"));
-        let fp32 = &order[..kept];
-        chosen = compare(&table(&|j| !fp32.contains(&j)), &calib, &reference.0)?;
+        progress(&format!("accuracy guard: {kept} layers kept out of int8"));
+        let out = &order[..kept];
+        chosen = compare(&table(&|j| !out.contains(&j)), &calib, &reference.0)?;
     }
     // ...then each of them back to int8, least sensitive first, where the threshold still holds
     // (ranks measured one layer at a time miss how errors combine, so the first pass keeps more
     // than it needs).
-    let mut fp32 = order[..kept].to_vec();
+    let mut out = order[..kept].to_vec();
     for &layer in order[..kept].iter().rev().skip(1) {
-        let without: Vec<usize> = fp32.iter().copied().filter(|&j| j != layer).collect();
-        progress(&format!("accuracy guard: {} layers in fp32", without.len()));
+        let without: Vec<usize> = out.iter().copied().filter(|&j| j != layer).collect();
+        progress(&format!(
+            "accuracy guard: {} layers kept out of int8",
+            without.len()
+        ));
         let trial = compare(&table(&|j| !without.contains(&j)), &calib, &reference.0)?;
         if trial.top1 >= opts.threshold {
-            (fp32, chosen) = (without, trial);
+            (out, chosen) = (without, trial);
         }
     }
-    let quantization = table(&|j| !fp32.contains(&j));
+    let quantization = table(&|j| !out.contains(&j));
     let held_out = compare(&quantization, &holdout, &reference.1)?;
     let report = Report {
         model: set.spec().name.clone(),
@@ -289,7 +295,8 @@ pub fn quantize(
                 int8: l.int8,
             })
             .collect(),
-        kept_fp32: fp32.iter().map(|&i| observed[i].name.clone()).collect(),
+        kept: out.iter().map(|&i| observed[i].name.clone()).collect(),
+        kept_precision: engine.int8_fallback().to_string(),
     };
     Ok((quantization, report))
 }

@@ -90,7 +90,7 @@ fn bad_export_options_are_errors() {
 
 /// Weights from `effnet quantize` export as QDQ (QuantizeLinear/DequantizeLinear around each int8
 /// convolution's input, int8 weights per output channel), which another runtime (tract) runs to
-/// the int8 engine's logits; layers the guard kept in fp32 stay plain convolutions.
+/// the int8 engine's logits; layers the guard kept out of int8 stay plain fp32 convolutions.
 #[test]
 fn int8_weights_export_as_qdq_with_the_int8_engine_logits() {
     use effnet::engine::Precision;
@@ -130,7 +130,11 @@ fn int8_weights_export_as_qdq_with_the_int8_engine_logits() {
         let bytes = to_onnx(&set, &opts).unwrap();
         let x = input(n, side);
         let got = run_onnx(&bytes, &x, n, side);
+        // The graph's float layers are fp32: so are the engine's here (its default is bf16 where
+        // the CPU has it).
         let mut engine = Engine::new(&set)
+            .unwrap()
+            .with_int8_fallback(Precision::Fp32)
             .unwrap()
             .with_precision(Precision::Int8)
             .unwrap();

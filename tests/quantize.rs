@@ -95,9 +95,9 @@ fn input(n: usize, side: usize, seed: usize) -> Vec<f32> {
 }
 
 /// On B0 (SiLU, SE: the gate enters the int8 kernel at batch 1 and scales the activations at
-/// larger batches), Lite0 and V2-B0 (Fused-MBConv's full 3x3 convs): layers kept in fp32 are
-/// bit-for-bit fp32, int8 logits stay close to fp32, and int8 results do not depend on the batch
-/// or the thread count.
+/// larger batches), Lite0 and V2-B0 (Fused-MBConv's full 3x3 convs): layers kept out of int8 are
+/// bit-for-bit the fallback precision's (fp32, and bf16 where the CPU has it), int8 logits stay
+/// close to fp32, and int8 results do not depend on the batch or the thread count.
 #[test]
 fn int8_engine_is_wired_through_every_gemm_path() {
     for name in ["efficientnet-b0", "efficientnet-lite0", "efficientnetv2-b0"] {
@@ -108,9 +108,31 @@ fn int8_engine_is_wired_through_every_gemm_path() {
         let mut fp32 = Engine::new(&set).unwrap();
         let want = fp32.forward(&a, 1, side, side);
 
-        let mut e = Engine::new(&set).unwrap();
+        let mut e = Engine::new(&set)
+            .unwrap()
+            .with_int8_fallback(Precision::Fp32)
+            .unwrap();
         e.set_quantization(&table(&e, false)).unwrap();
         assert_eq!(e.forward(&a, 1, side, side), want, "{name}: fp32 layers");
+        if Engine::default_int8_fallback() == Precision::Bf16 {
+            let mut bf16 = Engine::new(&set)
+                .unwrap()
+                .with_precision(Precision::Bf16)
+                .unwrap();
+            let bf16 = bf16.forward(&a, 1, side, side);
+            assert_ne!(bf16, want);
+            let mut e = Engine::new(&set).unwrap();
+            assert_eq!(e.int8_fallback(), Precision::Bf16, "{name}: the default");
+            e.set_quantization(&table(&e, false)).unwrap();
+            assert_eq!(e.forward(&a, 1, side, side), bf16, "{name}: bf16 layers");
+            // Switched after quantising, to fp32 and back.
+            let mut e = e.with_int8_fallback(Precision::Fp32).unwrap();
+            assert_eq!(e.forward(&a, 1, side, side), want, "{name}: fp32 again");
+            let mut e = e.with_int8_fallback(Precision::Bf16).unwrap();
+            assert_eq!(e.forward(&a, 1, side, side), bf16, "{name}: bf16 again");
+        }
+        let e = Engine::new(&set).unwrap();
+        assert!(e.with_int8_fallback(Precision::Int8).is_err());
 
         // Calibrated on these two inputs, all layers int8.
         let images = [a.clone(), b.clone()];
@@ -124,7 +146,7 @@ fn int8_engine_is_wired_through_every_gemm_path() {
             side,
         };
         let (q, report) = quantize(&set, data, &opts, &|_| {}).unwrap();
-        assert!(report.kept_fp32.is_empty() && q.layers.iter().all(|l| l.int8));
+        assert!(report.kept.is_empty() && q.layers.iter().all(|l| l.int8));
         let mut e = Engine::new(&set).unwrap();
         e.set_quantization(&q).unwrap();
         let got = e.forward(&a, 1, side, side);

@@ -33,7 +33,7 @@ pub struct QuantizeArgs {
     #[arg(long, default_value = "mse")]
     method: Method,
     /// Top-1 agreement with fp32 the calibration images must reach; the most sensitive layers
-    /// are kept in fp32 until it does.
+    /// are kept out of int8 (in bf16 where the CPU has it, else fp32) until it does.
     #[arg(long, default_value_t = 0.99)]
     threshold: f64,
     /// Fraction of the images held out: not calibrated on, not used to choose layers, only
@@ -162,8 +162,9 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
     if report.holdout_images > 0 {
         line("chosen, held out", &report.holdout);
     }
-    if !report.kept_fp32.is_empty() {
-        println!("  kept in fp32: {}", report.kept_fp32.join(", "));
+    if !report.kept.is_empty() {
+        let (kept, precision) = (report.kept.join(", "), &report.kept_precision);
+        println!("  kept out of int8 (in {precision} on this CPU): {kept}");
     }
     println!("wrote {} and {}", args.out.display(), report_path.display());
     Ok(())

@@ -35,10 +35,11 @@ pub(super) struct Conv {
     /// `weight` packed for the GEMM micro-kernel (empty for depthwise or without AVX2/AVX-512;
     /// when present, `weight` is empty).
     pub packed: Vec<f32>,
-    /// `packed` as bf16 pairs (empty unless the engine runs in bf16; then the GEMM uses these).
+    /// `packed` as bf16 pairs (empty unless the engine runs in bf16, or in int8 on a CPU with bf16
+    /// and this layer kept out of int8; then the GEMM uses these).
     pub packed_bf16: Vec<u32>,
     /// The weights in int8 for the calibrated input grid (when the engine runs in int8 and this
-    /// layer was not kept in fp32; then the GEMM uses these).
+    /// layer was not kept out of it; then the GEMM uses these).
     pub int8: Option<Int8Weights>,
     /// The 36 Winograd-transformed weight matrices, packed (stride-1 3x3 convs with the
     /// micro-kernel; empty otherwise). See [`super::winograd`].

@@ -50,7 +50,7 @@ pub struct QuantizedLayer {
     pub name: String,
     pub lo: f32,
     pub hi: f32,
-    /// `false`: kept in fp32 (the accuracy guard found it too sensitive).
+    /// `false`: kept out of int8, in bf16 or fp32 (the accuracy guard found it too sensitive).
     pub int8: bool,
     /// Mean of each input channel over the calibration images (GEMM row order: for kxk
     /// convolutions tap-major, `tap * cin + channel`), from which the bias is corrected for the
