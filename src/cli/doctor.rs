@@ -80,11 +80,14 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
     );
     if let Some(q) = &meta.quantization {
         let int8 = q.layers.iter().filter(|l| l.int8).count();
-        let runs = match effnet::engine::Precision::default_for(meta) {
-            effnet::engine::Precision::Int8 => "runs in int8 by default",
-            _ => {
-                "runs in fp32 by default here (int8 is no faster on this CPU; --precision int8 forces it)"
-            }
+        use effnet::engine::{Engine, Precision};
+        let runs = match Precision::default_for(meta) {
+            Precision::Int8 => format!(
+                "runs in int8 by default, the rest in {}",
+                Engine::default_int8_fallback()
+            ),
+            _ => "runs in fp32 by default here (int8 is no faster on this CPU; --precision int8 forces it)"
+                .to_string(),
         };
         println!(
             "int8          {int8} of {} GEMM layers ({}); {runs}",

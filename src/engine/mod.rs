@@ -384,7 +384,7 @@ impl Engine {
 
     /// The precision of the layers an int8 quantisation keeps out of int8, and of the classifier,
     /// unless set otherwise: bf16 where the CPU has it (as OpenVINO does: on Lite0 that made int8
-    /// 9 % faster than with fp32 there), else fp32.
+    /// 10-15 % faster than with fp32 there, docs/benchmarks.md), else fp32.
     pub fn default_int8_fallback() -> Precision {
         match crate::simd::gemm_bf16::available() {
             true => Precision::Bf16,
