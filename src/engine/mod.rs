@@ -249,7 +249,27 @@ impl Engine {
                 "the int8 quantisation does not fit this model: it has no range for `{missing}` (quantise these weights again)"
             )));
         }
-        self.set_precision(Precision::Fp32)?;
+        // The bf16 weights stay: the fallback reuses those of layers still out of int8 (the
+        // accuracy guard sets one quantisation after another).
+        self.quantised = false;
+        for conv in self.plan.gemm_convs_mut() {
+            conv.int8 = None;
+        }
+        if let Err(e) = self.quantise_layers(&by_name) {
+            // As fp32 with the layers quantised so far, as before.
+            self.drop_bf16();
+            return Err(e);
+        }
+        self.apply_int8_fallback();
+        self.quantised = true;
+        Ok(())
+    }
+
+    /// Sets the int8 weights of the layers `by_name` marks int8.
+    fn quantise_layers(
+        &mut self,
+        by_name: &std::collections::HashMap<&str, &crate::weights::QuantizedLayer>,
+    ) -> Result<(), EngineError> {
         for conv in self.plan.gemm_convs_mut() {
             let layer = by_name[conv.name.as_str()];
             if !layer.int8 {
@@ -284,8 +304,6 @@ impl Engine {
             let w = Int8Weights::quantize(panels, (k, n), &conv.bias, grid, mean);
             conv.int8 = Some(w);
         }
-        self.apply_int8_fallback();
-        self.quantised = true;
         Ok(())
     }
 
@@ -299,12 +317,8 @@ impl Engine {
                     "the layers kept out of int8 run in fp32 or bf16, not int8".into(),
                 ));
             }
-            Precision::Bf16 if !crate::simd::gemm_bf16::available() => {
-                return Err(EngineError(
-                    "bf16 needs a CPU with AVX512-BF16 (vdpbf16ps), which this one lacks".into(),
-                ));
-            }
-            _ => {}
+            Precision::Bf16 => require_bf16("a bf16 fallback")?,
+            Precision::Fp32 => {}
         }
         self.int8_fallback = precision;
         if self.quantised {
@@ -317,12 +331,7 @@ impl Engine {
     fn apply_int8_fallback(&mut self) {
         match self.int8_fallback {
             Precision::Bf16 => self.pack_bf16(),
-            _ => {
-                for conv in self.plan.gemm_convs_mut() {
-                    conv.packed_bf16 = Vec::new();
-                }
-                self.plan.fc_bf16 = Vec::new();
-            }
+            _ => self.drop_bf16(),
         }
     }
 
@@ -342,11 +351,10 @@ impl Engine {
         match precision {
             Precision::Fp32 => {
                 self.quantised = false;
+                self.drop_bf16();
                 for conv in self.plan.gemm_convs_mut() {
-                    conv.packed_bf16 = Vec::new();
                     conv.int8 = None;
                 }
-                self.plan.fc_bf16 = Vec::new();
             }
             Precision::Int8 => {
                 let q = self.meta.quantization.clone().ok_or_else(|| {
@@ -357,11 +365,7 @@ impl Engine {
                 self.set_quantization(&q)?;
             }
             Precision::Bf16 => {
-                if !crate::simd::gemm_bf16::available() {
-                    return Err(EngineError(
-                        "--precision bf16 needs a CPU with AVX512-BF16 (vdpbf16ps), which this one lacks; use fp32".into(),
-                    ));
-                }
+                require_bf16("--precision bf16")?;
                 self.set_precision(Precision::Fp32)?;
                 self.pack_bf16();
             }
@@ -369,17 +373,30 @@ impl Engine {
         Ok(())
     }
 
-    /// Packs the classifier and every GEMM convolution not in int8 for the bf16 kernel.
+    /// Packs the classifier and every GEMM convolution not in int8 for the bf16 kernel (keeping
+    /// packs already made; dropping those of layers now in int8).
     fn pack_bf16(&mut self) {
         for conv in self.plan.gemm_convs_mut() {
-            if conv.int8.is_none() {
+            if conv.int8.is_some() {
+                conv.packed_bf16 = Vec::new();
+            } else if conv.packed_bf16.is_empty() {
                 let k = conv.packed.len() / (conv.cout.div_ceil(NR) * NR);
                 conv.packed_bf16 = crate::simd::gemm_bf16::pack_from_f32_panels(&conv.packed, k);
             }
         }
-        let (c, classes) = (self.plan.head.cout, self.plan.fc_b.len());
-        let panels = crate::simd::gemm::pack(&self.plan.fc_w, c, classes);
-        self.plan.fc_bf16 = crate::simd::gemm_bf16::pack_from_f32_panels(&panels, c);
+        if self.plan.fc_bf16.is_empty() {
+            let (c, classes) = (self.plan.head.cout, self.plan.fc_b.len());
+            let panels = crate::simd::gemm::pack(&self.plan.fc_w, c, classes);
+            self.plan.fc_bf16 = crate::simd::gemm_bf16::pack_from_f32_panels(&panels, c);
+        }
+    }
+
+    /// Drops every bf16 weight: the GEMMs run their f32 (or int8) weights.
+    fn drop_bf16(&mut self) {
+        for conv in self.plan.gemm_convs_mut() {
+            conv.packed_bf16 = Vec::new();
+        }
+        self.plan.fc_bf16 = Vec::new();
     }
 
     /// The precision of the layers an int8 quantisation keeps out of int8, and of the classifier,
@@ -787,5 +804,15 @@ fn scale_images(x: &mut [f32], gates: &[f32], n: usize, (h, w): (usize, usize), 
             &mut x[img * len..(img + 1) * len],
             &gates[img * c..(img + 1) * c],
         );
+    }
+}
+
+/// `Ok` where this CPU runs the bf16 kernel, else the one-line error for `asked`.
+fn require_bf16(asked: &str) -> Result<(), EngineError> {
+    match crate::simd::gemm_bf16::available() {
+        true => Ok(()),
+        false => Err(EngineError(format!(
+            "{asked} needs a CPU with AVX512-BF16 (vdpbf16ps), which this one lacks; use fp32"
+        ))),
     }
 }
