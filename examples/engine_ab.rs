@@ -5,8 +5,9 @@
 //!   cargo run --release --example engine_ab -- MODEL SWITCH [--weights W] [--precision P]
 //!       [--threads N] [--passes N] [--side S]
 //!
-//! SWITCH: `winograd` or `planar-stem` (add others beside them). Prints each engine's median
-//! ms over the passes and the ratio (switch on / off), with the median of per-pair ratios.
+//! SWITCH: `winograd`, `planar-stem` or `dw-strips` (add others beside them). Prints each
+//! engine's median ms over the passes and the ratio (switch on / off), with the median of
+//! per-pair ratios.
 
 use anyhow::{Context, bail};
 use effnet::engine::{Engine, Precision};
@@ -53,7 +54,8 @@ fn main() -> anyhow::Result<()> {
         let e = match switch.as_str() {
             "winograd" => e.with_winograd(on),
             "planar-stem" => e.with_planar_stem(on),
-            other => bail!("unknown switch `{other}`: winograd, planar-stem"),
+            "dw-strips" => e.with_dw_strips(on),
+            other => bail!("unknown switch `{other}`: winograd, planar-stem, dw-strips"),
         };
         Ok(e.with_precision(precision)?)
     };

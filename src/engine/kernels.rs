@@ -160,6 +160,28 @@ fn block_weights<const K: usize, const W: usize>(
     w
 }
 
+/// The kernel rows of output row `oy` that lie in the image, and the row of `input` (`len` floats
+/// of rows `in_w * c` long, from image row `in_row0` on) that the first kernel row would read,
+/// asserting that the rows in the image are in `input`.
+/// `K` is `g.kernel`, known at compile time (7x7 maps took 1.2x the time with `g.kernel`).
+#[inline(always)]
+fn tap_rows<const K: usize>(
+    g: &Geometry,
+    oy: usize,
+    (in_row0, len): (usize, usize),
+    c: usize,
+) -> (std::ops::Range<usize>, isize) {
+    let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
+    let taps = (-iy0).max(0) as usize..(g.in_h as isize - iy0).clamp(0, K as isize) as usize;
+    let iy0 = iy0 - in_row0 as isize;
+    assert!(
+        taps.is_empty()
+            || (iy0 + taps.start as isize >= 0
+                && ((iy0 + taps.end as isize) as usize) * g.in_w * c <= len)
+    );
+    (taps, iy0)
+}
+
 /// One pixel's output from its per-kernel-row sums: their total through the activation, stored
 /// to `out` and added to `sum` (SE pooling).
 #[inline(always)]
@@ -219,16 +241,7 @@ fn dw_rows<const K: usize, const W: usize>(
     let src = input.as_ptr();
     let row_stride = (g.in_w * c) as isize;
     for oy in rows.clone() {
-        let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
-        let tap_rows =
-            (-iy0).max(0) as usize..(g.in_h as isize - iy0).clamp(0, K as isize) as usize;
-        // Row of `input` that image row iy0 would be (only taps in `tap_rows` are read).
-        let iy0 = iy0 - in_row0 as isize;
-        assert!(
-            tap_rows.is_empty()
-                || (iy0 + tap_rows.start as isize >= 0
-                    && ((iy0 + tap_rows.end as isize) as usize) * g.in_w * c <= input.len())
-        );
+        let (tap_rows, iy0) = tap_rows::<K>(g, oy, (in_row0, input.len()), c);
         let out_row = &mut out[(oy - rows.start) * g.out_w * c..][..g.out_w * c];
         // A macro, not a closure: a closure LLVM leaves out of line is compiled without the
         // caller's target features, and every `mul_add` becomes a libm call (15x slower).
@@ -342,12 +355,196 @@ fn dw_interior<const K: usize, const W: usize>(
     sum
 }
 
+/// Stride-1 depthwise rows on AVX-512 in strips of pixels that share their input loads: each
+/// loaded input column feeds up to K pixels' sums, where the per-pixel kernels load once per
+/// multiply-add. Written with intrinsics: LLVM vectorised the plain-Rust form across the strip's
+/// pixels (gathers, 4x slower than the per-pixel kernels).
+#[cfg(target_arch = "x86_64")]
+mod strips {
+    use super::Geometry;
+    use std::arch::x86_64::*;
+
+    /// Input columns of the widest strip (8 pixels of a 5x5 kernel). 8 sums + 9 (3x3) weights +
+    /// 10 inputs fit AVX-512's 32 registers; 5x5 weights are read from L1 as they are used.
+    const COLS: usize = 12;
+
+    /// Most sets of partial sums a strip splits its kernel rows over.
+    const MAX_SETS: usize = 4;
+
+    /// Output rows `rows` (of `out`, which starts at row `out_row0`) of channels `cb..cb + 16`,
+    /// every pixel, with bias + activation `f`; `input` starts at image row `in_row0`. Columns
+    /// outside the image read as zeros and rows outside are skipped. Returns the block's
+    /// per-channel sums over these rows (SE pooling).
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block_rows<const K: usize>(
+        (input, weight, bias): (&[f32], &[f32], &[f32]),
+        out: &mut [f32],
+        (c, cb): (usize, usize),
+        g: &Geometry,
+        (rows, out_row0, in_row0): (std::ops::Range<usize>, usize, usize),
+        f: &impl Fn(f32) -> f32,
+    ) -> [f32; 16] {
+        assert!(
+            g.stride == 1
+                && g.kernel == K
+                && cb + 16 <= c
+                && weight.len() >= K * K * c
+                && bias.len() >= cb + 16
+                && rows.start >= out_row0
+                && (rows.end - out_row0) * g.out_w * c <= out.len()
+        );
+        let load = |at: usize| {
+            let v: &[f32; 16] = weight[at..at + 16].try_into().expect("16 floats");
+            // SAFETY: `v` holds 16 floats.
+            unsafe { _mm512_loadu_ps(v.as_ptr()) }
+        };
+        let w: [[__m512; K]; K] =
+            std::array::from_fn(|ky| std::array::from_fn(|kx| load((ky * K + kx) * c + cb)));
+        let b: &[f32; 16] = bias[cb..cb + 16].try_into().expect("16 floats");
+        // SAFETY: `b` holds 16 floats.
+        let b = unsafe { _mm512_loadu_ps(b.as_ptr()) };
+        let mut sum = _mm512_setzero_ps();
+        let inside = g.interior_cols();
+        for oy in rows {
+            // Every load is of a tap row in `tap_rows` (asserted in `input` here), a column in
+            // 0..in_w and channels cb..cb + 16 <= c.
+            let (tap_rows, iy0) = super::tap_rows::<K>(g, oy, (in_row0, input.len()), c);
+            let at = Row {
+                input,
+                iy0,
+                tap_rows,
+                c,
+                cb,
+            };
+            let out_row = &mut out[(oy - out_row0) * g.out_w * c..][..g.out_w * c];
+            let mut ox = 0;
+            macro_rules! strips {
+                ($p:literal) => {
+                    while g.out_w - ox >= $p {
+                        let edge = ox < inside.start || ox + $p > inside.end;
+                        let px = if edge {
+                            strip::<K, $p, true>(&at, &w, b, g, ox)
+                        } else {
+                            strip::<K, $p, false>(&at, &w, b, g, ox)
+                        };
+                        for (p, v) in px.into_iter().enumerate() {
+                            let v = activate(v, f);
+                            sum = _mm512_add_ps(sum, v);
+                            let o: &mut [f32; 16] = (&mut out_row[(ox + p) * c + cb..][..16])
+                                .try_into()
+                                .unwrap();
+                            // SAFETY: `o` holds 16 floats.
+                            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
+                        }
+                        ox += $p;
+                    }
+                };
+            }
+            strips!(8);
+            strips!(4);
+            strips!(2);
+            strips!(1);
+        }
+        let mut s = [0.0f32; 16];
+        // SAFETY: `s` holds 16 floats.
+        unsafe { _mm512_storeu_ps(s.as_mut_ptr(), sum) };
+        s
+    }
+
+    /// One output row's input: image row `iy0` is row `iy0` of `input`, and only kernel rows
+    /// `tap_rows` lie in the image.
+    struct Row<'a> {
+        input: &'a [f32],
+        iy0: isize,
+        tap_rows: std::ops::Range<usize>,
+        c: usize,
+        cb: usize,
+    }
+
+    /// `f` on each lane (LLVM vectorises the lane loop as in the per-pixel kernels).
+    #[inline(always)]
+    fn activate(v: __m512, f: &impl Fn(f32) -> f32) -> __m512 {
+        // SAFETY: `__m512` is 16 floats.
+        let mut a: [f32; 16] = unsafe { std::mem::transmute(v) };
+        for x in a.iter_mut() {
+            *x = f(*x);
+        }
+        // SAFETY: as above.
+        unsafe { std::mem::transmute(a) }
+    }
+
+    /// The bias-started sums of `P` consecutive pixels from column `ox` (`P + K - 1` input
+    /// columns). With `EDGE`, input columns outside the image read as zeros. Called only from
+    /// `block_rows`, which is compiled for AVX-512: each intrinsic's SAFETY is that, besides any
+    /// bound it names. `#[inline(always)]` keeps the sums in registers (a `#[target_feature]`
+    /// function may not be).
+    #[inline(always)]
+    fn strip<const K: usize, const P: usize, const EDGE: bool>(
+        at: &Row,
+        w: &[[__m512; K]; K],
+        b: __m512,
+        g: &Geometry,
+        ox: usize,
+    ) -> [__m512; P] {
+        const { assert!(P + K - 1 <= COLS) };
+        let cols = P + K - 1;
+        let ix0 = ox as isize - g.pad_left as isize;
+        assert!(EDGE || (ix0 >= 0 && ix0 as usize + cols <= g.in_w));
+        // Sums split over kernel rows (row ky into set ky % sets) so that narrow strips still
+        // keep 8 chains of multiply-adds in flight (2 FMA units x 4 cycles).
+        let sets = (8 / P).clamp(1, K.min(MAX_SETS));
+        // SAFETY: AVX-512 (see above).
+        let zero = unsafe { _mm512_setzero_ps() };
+        let mut acc = [[zero; P]; MAX_SETS];
+        acc[0] = [b; P];
+        for (ky, wk) in w.iter().enumerate() {
+            if !at.tap_rows.contains(&ky) {
+                continue;
+            }
+            let row = ((at.iy0 + ky as isize) * g.in_w as isize + ix0) * at.c as isize;
+            let row = row + at.cb as isize;
+            let mut x = [zero; COLS];
+            for (n, xn) in x[..cols].iter_mut().enumerate() {
+                let ix = ix0 + n as isize;
+                let ptr = at.input.as_ptr().wrapping_offset(row + (n * at.c) as isize);
+                *xn = if EDGE {
+                    let inside = (ix as usize) < g.in_w;
+                    // SAFETY: AVX-512; branch-free, a zero mask reads nothing (and cannot fault),
+                    // other columns are in 0..in_w as below.
+                    unsafe { _mm512_maskz_loadu_ps((inside as u16).wrapping_neg(), ptr) }
+                } else {
+                    // SAFETY: AVX-512; row ky is in `tap_rows` and column ix in 0..in_w (asserted
+                    // for the rows by the caller, for the columns above), channels cb + 16 <= c.
+                    unsafe { _mm512_loadu_ps(ptr) }
+                };
+            }
+            for (kx, &wkk) in wk.iter().enumerate() {
+                for (p, a) in acc[ky % sets].iter_mut().enumerate() {
+                    // SAFETY: AVX-512.
+                    *a = unsafe { _mm512_fmadd_ps(x[p + kx], wkk, *a) };
+                }
+            }
+        }
+        let mut total = acc[0];
+        for set in &acc[1..sets] {
+            for (t, a) in total.iter_mut().zip(set) {
+                // SAFETY: AVX-512.
+                *t = unsafe { _mm512_add_ps(*t, *a) };
+            }
+        }
+        total
+    }
+}
+
 simd_dispatch! {
     /// NHWC depthwise conv of one image into `out`, which holds output rows `rows` only, reading
     /// `input` as the image's rows from `in_row0` on (all those the taps of `rows` touch), for
     /// `channels` of the `bias.len()` (other channels of `out` are left alone), with bias +
     /// activation fused. When `pool` is given, adds each output channel's sum over these rows to it
-    /// (for SE). 3x3 and 5x5 kernels keep each block of 16 or 8 channels' weights in registers:
+    /// (for SE). With `strips` (off only for comparisons), stride-1 3x3 and 5x5 maps 8 or more
+    /// wide run by [`strips::block_rows`] on AVX-512. Otherwise 3x3 and 5x5 kernels keep each
+    /// block of 16 or 8 channels' weights in registers:
     /// `dw_rows` on maps up to 16 wide (borders included), `dw_interior` on the interior of wider
     /// ones; borders there, other shapes and channels left over accumulate per pixel in blocks of
     /// 64/16/8/1 channels.
@@ -362,6 +559,7 @@ simd_dispatch! {
         channels: std::ops::Range<usize>,
         act: Option<Activation>,
         pool: Option<&mut [f32]>,
+        strips: bool,
     ) {
         let c = bias.len();
         let (c0, c1) = (channels.start, channels.end);
@@ -373,7 +571,37 @@ simd_dispatch! {
         // 150x150 maps; on 14x14 and 7x7 it saves 15 %).
         let small = fast && g.out_w <= 16;
         let inside = g.interior_cols();
+        // Stride 1 on AVX-512, maps 8 or more wide: blocks of 16 channels in strips of pixels
+        // sharing their loads (7x7 maps: as fast as `dw_rows`, which skips the padding's taps).
+        let strips = strips
+            && fast
+            && g.stride == 1
+            && g.out_w >= 8
+            && crate::simd::level() == crate::simd::Level::Avx512;
         with_act!(act, |f| {
+            #[cfg(target_arch = "x86_64")]
+            let c0 = if strips {
+                let c_strips = c0 + (c1 - c0) / 16 * 16;
+                let run = (DW_RUN_BYTES / (4 * g.in_w * c).max(1)).max(1);
+                for r0 in rows.clone().step_by(run) {
+                    let run_rows = (r0..(r0 + run).min(rows.end), rows.start, in_row0);
+                    for cb in (c0..c_strips).step_by(16) {
+                        let (at, run, o) = ((c, cb), run_rows.clone(), &mut *out);
+                        let iwb = (input, weight, bias);
+                        // SAFETY: `strips` is only set on AVX-512.
+                        let sum = unsafe {
+                            match g.kernel {
+                                3 => strips::block_rows::<3>(iwb, o, at, &g, run, &f),
+                                _ => strips::block_rows::<5>(iwb, o, at, &g, run, &f),
+                            }
+                        };
+                        add_sums(pool.as_deref_mut(), cb, &sum);
+                    }
+                }
+                c_strips
+            } else {
+                c0
+            };
             // Blocks of 16 channels, then one of 8 (channel counts like 24 and 40), each over a
             // run of rows with its weights in registers; runs of rows whose input rows stay in L2
             // while each block of channels reads them.
@@ -801,7 +1029,9 @@ mod tests {
                 ] {
                     for same in [false, true] {
                         for c in [1, 8, 24, 35] {
-                            depthwise_case(k, s, (h, w), same, c);
+                            for strips in [true, false] {
+                                depthwise_case(k, s, (h, w), same, c, strips);
+                            }
                         }
                     }
                 }
@@ -902,7 +1132,14 @@ mod tests {
         }
     }
 
-    fn depthwise_case(k: usize, s: usize, (h, w): (usize, usize), same: bool, c: usize) {
+    fn depthwise_case(
+        k: usize,
+        s: usize,
+        (h, w): (usize, usize),
+        same: bool,
+        c: usize,
+        strips: bool,
+    ) {
         let g = test_geometry(k, s, (h, w), same);
         let ((out_h, pad_top), (out_w, pad_left)) = ((g.out_h, g.pad_top), (g.out_w, g.pad_left));
         let val = |i: usize| ((i * 7919) % 251) as f32 / 125.0 - 1.0;
@@ -923,7 +1160,7 @@ mod tests {
             }
             silu(v)
         };
-        let case = format!("{k}x{k}/{s} {h}x{w} same {same} c {c}");
+        let case = format!("{k}x{k}/{s} {h}x{w} same {same} c {c} strips {strips}");
         // The whole map, all channels, with SE sums.
         let mut out = vec![f32::NAN; out_h * out_w * c];
         let mut pool = vec![0.0; c];
@@ -939,6 +1176,7 @@ mod tests {
             0..c,
             act,
             Some(&mut pool),
+            strips,
         );
         for (i, got) in out.iter().enumerate() {
             let (oy, ox, ch) = (i / (out_w * c), i / c % out_w, i % c);
@@ -970,6 +1208,7 @@ mod tests {
             1..c,
             act,
             None,
+            strips,
         );
         for (i, got) in row.iter().enumerate() {
             let (ox, ch) = (i / c, i % c);

@@ -154,6 +154,9 @@ pub struct Engine {
     winograd: bool,
     /// The stem straight from the planar input (on by default; off: NHWC copy, im2col + GEMM).
     planar_stem: bool,
+    /// Stride-1 depthwise convs in strips of pixels sharing their loads, on AVX-512 (on by
+    /// default; off: per-pixel kernels).
+    dw_strips: bool,
     /// What runs the layers an int8 quantisation keeps out of int8, and the classifier.
     int8_fallback: Precision,
     /// Whether an int8 quantisation is set (by [`Engine::set_quantization`]).
@@ -196,6 +199,7 @@ impl Engine {
             observers: None,
             winograd: true,
             planar_stem: true,
+            dw_strips: true,
             int8_fallback: Self::default_int8_fallback(),
             quantised: false,
         })
@@ -427,6 +431,14 @@ impl Engine {
     /// like the other dense convolutions (for comparisons).
     pub fn with_planar_stem(mut self, on: bool) -> Self {
         self.planar_stem = on;
+        self
+    }
+
+    /// Runs stride-1 3x3 and 5x5 depthwise convs on maps 8 or more wide in strips of pixels that
+    /// share their input loads, on AVX-512 (the default) or, with `false`, pixel by pixel like
+    /// the others (for comparisons).
+    pub fn with_dw_strips(mut self, on: bool) -> Self {
+        self.dw_strips = on;
         self
     }
 

@@ -235,6 +235,7 @@ impl Engine {
             let mut partial = vec![0.0f32; if pool.is_some() { parts * cout } else { 0 }];
             let shared_partial = SharedMut::new(&mut partial);
             let with_pool = pool.is_some();
+            let strips = self.dw_strips;
             self.run_parts(parts, &|part| {
                 let (img, rows) = bands.band(part);
                 let row_len = g.out_w * cout;
@@ -255,6 +256,7 @@ impl Engine {
                     0..cout,
                     conv.act,
                     p,
+                    strips,
                 );
             });
             if let Some(pool) = pool {
@@ -404,6 +406,7 @@ impl Engine {
         let with_pool = pool.is_some();
         let shared_out = SharedMut::new(out);
         let observed = self.observed(e);
+        let strips = self.dw_strips;
         self.run_parts(parts, &|part| {
             let (img, rows, cols) = band(part);
             let x = &input[img * in_len..(img + 1) * in_len];
@@ -446,6 +449,7 @@ impl Engine {
                         cols.clone(),
                         dw.act,
                         p.as_deref_mut(),
+                        strips,
                     );
                 }
             });
