@@ -434,7 +434,7 @@ impl Engine {
         self
     }
 
-    /// Runs stride-1 3x3 and 5x5 depthwise convs on maps 8 or more wide in strips of pixels that
+    /// Runs stride-1 3x3 and 5x5 depthwise convs on maps 7 or more wide in strips of pixels that
     /// share their input loads, on AVX-512 (the default) or, with `false`, pixel by pixel like
     /// the others (for comparisons).
     pub fn with_dw_strips(mut self, on: bool) -> Self {
