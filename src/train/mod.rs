@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::model::fused::deferred;
+
 pub use config::{ModelChoice, RunFile, TrainConfig};
 pub use rmsprop::{TfRmsProp, TfRmsPropState};
 pub use run::{RunOptions, default_run_dir, train};
@@ -56,7 +58,15 @@ pub fn on_thread_pool<T: Send>(
 /// after [`Pollers::GIVE_UP_AFTER`] without a task: on a machine where another process takes a
 /// core, polling without that limit only crowded it (two threads ran a B0 step 1.40x slower than
 /// one). Results do not change: the fused ops partition by shape, not by who runs a part.
-pub(crate) struct Pollers(Arc<AtomicBool>);
+pub(crate) struct Pollers(Arc<PollerState>);
+
+/// What the step shares with its pollers: the stop flag and the backward pass's deferred weight
+/// gradients ([`crate::model::fused::deferred`]), which a poller works on when it finds no task.
+#[derive(Default)]
+pub(crate) struct PollerState {
+    stop: AtomicBool,
+    deferred: Arc<deferred::Queue>,
+}
 
 impl Pollers {
     const GIVE_UP_AFTER: Duration = Duration::from_millis(2);
@@ -68,15 +78,15 @@ impl Pollers {
         if rayon::current_num_threads() < 2 {
             return None;
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let state = Arc::new(PollerState::default());
+        let shared = state.clone();
         rayon::spawn_broadcast(move |ctx| {
             if ctx.index() == own {
                 return;
             }
             let mut last_task = Instant::now();
-            while !flag.load(Ordering::Acquire) {
-                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            while !shared.stop.load(Ordering::Acquire) {
+                if rayon::yield_now() == Some(rayon::Yield::Executed) || shared.deferred.run_one() {
                     last_task = Instant::now();
                 } else if last_task.elapsed() > Self::GIVE_UP_AFTER {
                     return;
@@ -85,13 +95,18 @@ impl Pollers {
                 }
             }
         });
-        Some(Pollers(stop))
+        Some(Pollers(state))
+    }
+
+    /// The queue a deferring backward pass hands its weight gradients to.
+    pub(crate) fn deferred(&self) -> &Arc<deferred::Queue> {
+        &self.0.deferred
     }
 }
 
 impl Drop for Pollers {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        self.0.stop.store(true, Ordering::Release);
     }
 }
 
@@ -99,11 +114,11 @@ impl Drop for Pollers {
 mod tests {
     use rayon::prelude::*;
 
-    use super::{Arc, AtomicBool, Instant, Pollers};
+    use super::{Arc, Instant, Pollers};
 
     /// Waits up to 10 s for the pollers' job (which holds a clone of `flag`) to be done. The
     /// caller's own worker takes its (empty) part of the broadcast when it looks for work.
-    fn pollers_gone(flag: &Arc<AtomicBool>, holders: usize) -> bool {
+    fn pollers_gone<T>(flag: &Arc<T>, holders: usize) -> bool {
         let start = Instant::now();
         while Arc::strong_count(flag) > holders {
             if start.elapsed() > std::time::Duration::from_secs(10) {

@@ -90,7 +90,8 @@ impl<'a> Trainer<'a> {
         step: u64,
         lr: f64,
     ) -> anyhow::Result<StepOutcome> {
-        let _pollers = Pollers::start();
+        let pollers = Pollers::start();
+        let deferred = pollers.as_ref().map(Pollers::deferred);
         let start = Instant::now();
         let (cfg, device) = (self.cfg, &self.device);
         let half = cfg
@@ -149,7 +150,9 @@ impl<'a> Trainer<'a> {
         let grads = if cfg.mixed_precision == Some(HalfType::F16) {
             let scale = self.loss_scale();
             let scaled = loss.mul_scalar(scale.scale);
-            let mut grads = GradientsParams::from_grads(scaled.backward(), &model);
+            let (scaled, late) = fused::deferred::backward(deferred, || scaled.backward());
+            let mut grads = GradientsParams::from_grads(scaled, &model);
+            late.register(&mut grads);
             let finite = mixed::unscale(&model, &mut grads, scale.scale);
             self.set_loss_scale(scale.after(finite));
             if !finite {
@@ -167,7 +170,10 @@ impl<'a> Trainer<'a> {
             }
             grads
         } else {
-            GradientsParams::from_grads(loss.backward(), &model)
+            let (grads, late) = fused::deferred::backward(deferred, || loss.backward());
+            let mut grads = GradientsParams::from_grads(grads, &model);
+            late.register(&mut grads);
+            grads
         };
         let backward = start.elapsed() - forward;
         let model = optim.step(lr, model, grads);

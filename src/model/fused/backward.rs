@@ -14,9 +14,10 @@ use burn::backend::{Autodiff, AutodiffBackend, Flex, TensorMetadata};
 
 use super::kernels::{
     ConvGeometry, Written, batch_norm_backward, col2im, depthwise_backward, map_planes, par_map2,
-    plane_dots, pointwise_backward, scale_planes, sigmoid_backward, silu_backward,
+    plane_dots, pointwise_backward, pointwise_weight_gradient_chunk,
+    pointwise_weight_gradient_part, scale_planes, sigmoid_backward, silu_backward,
 };
-use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, f32s, tensor};
+use super::{FusedOps, RmsPropCoefficients, contiguous, deferred, dims4, f32s, tensor};
 
 /// The backward of an elementwise op whose input gradient is `kernel(saved, grad, out)` for a
 /// saved tensor of the input's shape (SiLU saves its input, sigmoid its output). The kernel
@@ -174,9 +175,14 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_pointwise(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn fused_pointwise(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        param: Option<u64>,
+    ) -> FloatTensor<Self> {
+        /// The weight's parameter id, when the weight is that parameter.
         #[derive(Debug)]
-        struct PointwiseBackward;
+        struct PointwiseBackward(Option<u64>);
 
         impl Backward<Flex, 2> for PointwiseBackward {
             type State = (FlexTensor, FlexTensor);
@@ -192,14 +198,30 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let (x, weight) = ops.state;
                 let [n, ci, h, w] = dims4(&x);
                 let co = weight.shape()[0];
+                let dims = (n, ci, co, h * w);
+                let w_shape = weight.shape().to_vec();
+                // A parameter's gradient waits for the optimizer: queued when the pass defers.
+                let deferred = node_w.as_ref().zip(self.0).is_some_and(|(node, param)| {
+                    let (x, grad) = (x.clone(), grad.clone());
+                    node.parents.is_empty()
+                        && deferred::defer(
+                            param,
+                            [co, ci, 1, 1],
+                            pointwise_weight_gradient_chunk(ci, co),
+                            move |part, dw| {
+                                let (x, dy) = (f32s(&x), f32s(&grad));
+                                pointwise_weight_gradient_part(x, dy, dims, part, dw)
+                            },
+                        )
+                });
+                let node_w = node_w.filter(|_| !deferred);
                 let (gx, gw) = pointwise_backward(
                     f32s(&x),
                     f32s(&weight),
                     f32s(&grad),
-                    (n, ci, co, h * w),
-                    node_x.is_some(),
+                    dims,
+                    (node_x.is_some(), node_w.is_some()),
                 );
-                let w_shape = weight.shape().to_vec();
                 register(
                     grads,
                     [node_x, node_w].map(|n| n.map(|n| n.id)),
@@ -211,8 +233,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         let nodes = [x.node(), weight.node()];
         let x = contiguous(x.into_primitive());
         let weight = contiguous(weight.into_primitive());
-        let y = <Flex as FusedOps>::fused_pointwise(x.clone(), weight.clone());
-        match PointwiseBackward
+        let y = <Flex as FusedOps>::fused_pointwise(x.clone(), weight.clone(), param);
+        match PointwiseBackward(param)
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()

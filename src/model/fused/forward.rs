@@ -50,7 +50,7 @@ impl FusedOps for Flex {
         tensor(cols, vec![n, c * k * k, geom.out_h, geom.out_w])
     }
 
-    fn fused_pointwise(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+    fn fused_pointwise(x: FlexTensor, weight: FlexTensor, _param: Option<u64>) -> FlexTensor {
         let (x, weight) = (contiguous(x), contiguous(weight));
         let [n, ci, h, w] = dims4(&x);
         let co = weight.shape()[0];

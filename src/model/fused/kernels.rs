@@ -1658,14 +1658,13 @@ pub(super) fn pointwise_forward(
 }
 
 /// Gradients of [`pointwise_forward`] given `dy` (`n` images of `co x hw`): the input's (when
-/// `need_dx`; `w^T dy`) and the weight's (`sum over images of dy x^T`, each block of output
-/// channels summing the images in order).
+/// `need_dx`; `w^T dy`) and the weight's (when `need_dw`; see [`pointwise_weight_gradient_part`]).
 pub(super) fn pointwise_backward(
     x: &[f32],
     w: &[f32],
     dy: &[f32],
     (n, ci, co, hw): (usize, usize, usize, usize),
-    need_dx: bool,
+    (need_dx, need_dw): (bool, bool),
 ) -> (Vec<f32>, Vec<f32>) {
     let batched = hw <= BATCHED_MAX_POSITIONS;
     let dx_len = if need_dx { n * ci * hw } else { 0 };
@@ -1691,29 +1690,49 @@ pub(super) fn pointwise_backward(
             })
         }
     };
-    let part_rows = weight_gradient_rows(co);
-    let [dw] = par_filled(co * ci, part_rows * ci, |part, [dw]| {
-        let (r0, rows) = (part * part_rows, dw.len() / ci);
-        if batched {
-            // Per position p: dw (rows x ci) += dy[:, r0.., p]^T (rows x images) x[:, :, p].
-            for p in 0..hw {
-                let dyp = (&dy[r0 * hw + p..], hw, co * hw);
-                let xp = (&x[p..], ci * hw, hw);
-                matmul((dw, ci, 1), (rows, ci, n), dyp, xp, p > 0);
-            }
-        } else {
-            for img in 0..n {
-                let dyi = &dy[(img * co + r0) * hw..];
-                let xi = &x[img * ci * hw..(img + 1) * ci * hw];
-                matmul(
-                    (dw, ci, 1),
-                    (rows, ci, hw),
-                    (dyi, hw, 1),
-                    (xi, 1, hw),
-                    img > 0,
-                );
-            }
-        }
+    let dw_len = if need_dw { co * ci } else { 0 };
+    let chunk = pointwise_weight_gradient_chunk(ci, co);
+    let [dw] = par_filled(dw_len, chunk, |part, [dw]| {
+        pointwise_weight_gradient_part(x, dy, (n, ci, co, hw), part, dw)
     });
     (dx, dw)
+}
+
+/// Floats per part of [`pointwise_weight_gradient_part`]: [`weight_gradient_rows`] rows.
+pub(super) fn pointwise_weight_gradient_chunk(ci: usize, co: usize) -> usize {
+    weight_gradient_rows(co) * ci
+}
+
+/// Part `part` (zeroed rows of `[co x ci]`, [`pointwise_weight_gradient_chunk`] floats) of the
+/// weight gradient of [`pointwise_forward`], `sum over images of dy x^T`, each part summing the
+/// images in order.
+pub(super) fn pointwise_weight_gradient_part(
+    x: &[f32],
+    dy: &[f32],
+    (n, ci, co, hw): (usize, usize, usize, usize),
+    part: usize,
+    dw: &mut [f32],
+) {
+    let part_rows = weight_gradient_rows(co);
+    let (r0, rows) = (part * part_rows, dw.len() / ci);
+    if hw <= BATCHED_MAX_POSITIONS {
+        // Per position p: dw (rows x ci) += dy[:, r0.., p]^T (rows x images) x[:, :, p].
+        for p in 0..hw {
+            let dyp = (&dy[r0 * hw + p..], hw, co * hw);
+            let xp = (&x[p..], ci * hw, hw);
+            matmul((dw, ci, 1), (rows, ci, n), dyp, xp, p > 0);
+        }
+    } else {
+        for img in 0..n {
+            let dyi = &dy[(img * co + r0) * hw..];
+            let xi = &x[img * ci * hw..(img + 1) * ci * hw];
+            matmul(
+                (dw, ci, 1),
+                (rows, ci, hw),
+                (dyi, hw, 1),
+                (xi, 1, hw),
+                img > 0,
+            );
+        }
+    }
 }

@@ -15,6 +15,7 @@
 //! ops; the tests check that both paths agree (forward and every gradient).
 
 mod backward;
+pub mod deferred;
 mod forward;
 mod kernels;
 #[cfg(test)]
@@ -56,7 +57,13 @@ pub trait FusedOps: Backend {
         padding: [usize; 4],
     ) -> FloatTensor<Self>;
     /// 1x1 stride-1 convolution of `x` `[n, ci, h, w]` with `weight` `[co, ci, 1, 1]`, no bias.
-    fn fused_pointwise(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `param` is the weight's parameter id when `weight` is that parameter itself, for
+    /// [`deferred`] weight gradients.
+    fn fused_pointwise(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        param: Option<u64>,
+    ) -> FloatTensor<Self>;
     /// Mean of `x` `[n, c, h, w]` over each plane: `[n, c, 1, 1]`.
     fn fused_spatial_mean(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `x` `[n, c, h, w]` times `scale` `[n, c, 1, 1]`, one factor per plane (the squeeze-excite
@@ -302,8 +309,8 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
     let padding = explicit_padding(&conv.padding, [h, w], k, stride);
     let [top, left, bottom, right] = padding;
-    let (x, weight) = if k == 1 && stride == 1 && padding == [0; 4] {
-        (x, conv.weight.val())
+    let (x, weight, param) = if k == 1 && stride == 1 && padding == [0; 4] {
+        (x, conv.weight.val(), Some(conv.weight.id.val()))
     } else {
         if h + top + bottom < k || w + left + right < k {
             return conv.forward(x);
@@ -318,11 +325,16 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
             stride,
             padding,
         ));
-        (cols, conv.weight.val().reshape([co, ci * k * k, 1, 1]))
+        (
+            cols,
+            conv.weight.val().reshape([co, ci * k * k, 1, 1]),
+            None,
+        )
     };
     let y = Tensor::<4>::from_dispatch(<Dispatch as FusedOps>::fused_pointwise(
         x.into_dispatch(),
         weight.into_dispatch(),
+        param,
     ));
     match &conv.bias {
         Some(bias) => y + bias.val().reshape([1, co, 1, 1]),

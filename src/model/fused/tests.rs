@@ -425,6 +425,67 @@ fn pointwise_matches_burn_conv() {
     }
 }
 
+/// Deferred weight gradients (queued by the 1x1 backward, partly run by a second thread as a
+/// poller would, the rest finished by `Late::register`) are the same bits as the ones computed
+/// in the backward pass, for every parameter; a reshaped weight (the stem's) is not deferred.
+#[test]
+fn deferred_weight_gradients_equal_the_immediate_ones() {
+    use burn::module::Module;
+    use burn::optim::GradientsParams;
+    use std::sync::Arc;
+
+    #[derive(Module, Debug)]
+    struct Net {
+        stem: Conv2d,
+        convs: Vec<Conv2d>,
+    }
+    let device = Device::flex().autodiff();
+    let net = Net {
+        stem: Conv2dConfig::new([3, 12], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&device),
+        // 4x4 and 1x1 maps: both weight-gradient forms (per image, per position).
+        convs: [(12, 40), (40, 8), (8, 48)]
+            .map(|(ci, co)| Conv2dConfig::new([ci, co], [1, 1]).init(&device))
+            .to_vec(),
+    };
+    let image = Tensor::<4>::random([37, 3, 4, 4], Distribution::Default, &device);
+    let loss = || {
+        let x = conv2d(&net.stem, image.clone());
+        let x = silu(conv2d(&net.convs[1], silu(conv2d(&net.convs[0], x))));
+        conv2d(&net.convs[2], spatial_mean(x)).powi_scalar(2).sum()
+    };
+    let values = |grads: &GradientsParams| {
+        let mut values = Vec::new();
+        for conv in net.convs.iter().chain([&net.stem]) {
+            let weight = grads.get::<4>(conv.weight.id).expect("a weight gradient");
+            let bias = grads
+                .get::<1>(conv.bias.as_ref().unwrap().id)
+                .expect("a bias one");
+            values.push(weight.into_data().try_to_vec::<f32>().unwrap());
+            values.push(bias.into_data().try_to_vec::<f32>().unwrap());
+        }
+        values
+    };
+    let reference = GradientsParams::from_grads(loss().backward(), &net);
+
+    let queue = Arc::new(deferred::Queue::default());
+    let (grads, late) = deferred::backward(Some(&queue), || loss().backward());
+    assert_eq!(
+        late.len(),
+        3,
+        "the three 1x1 weights, not the stem's reshaped one"
+    );
+    // Another thread takes some parts, as a poller does between the pass's ops.
+    std::thread::scope(|s| {
+        s.spawn(|| (0..3).for_each(|_| assert!(queue.run_one())));
+    });
+    let mut deferred = GradientsParams::from_grads(grads, &net);
+    assert!(deferred.get::<4>(net.convs[0].weight.id).is_none());
+    late.register(&mut deferred);
+    assert_eq!(values(&deferred), values(&reference));
+}
+
 /// Full k x k convolutions (the stem, Fused-MBConv) as a 1x1 conv of the input's patches: output
 /// and every gradient equal burn's conv2d, for strides 1 and 2, TF-SAME (odd padding after),
 /// symmetric and no padding, maps down to 1x1, with and without bias, and with an input that

@@ -1,0 +1,205 @@
+//! Weight gradients computed off the backward pass's critical path.
+//!
+//! Only the optimizer reads a weight's gradient, after the whole backward pass; the input
+//! gradient is read at once by the next backward op. Inside [`backward`] (the training step opens
+//! it when the pool has idle workers to poll), the 1x1 convolution's backward computes its input
+//! gradient as usual and queues its weight's gradient as a [`Job`] of fixed parts. The polling
+//! workers take parts while the step's thread does burn's serial bookkeeping between parallel
+//! ops; [`Late::register`] runs what is left in parallel and adds every queued gradient to the
+//! parameters' gradients. The parts are fixed by shape, so the values do not depend on which
+//! thread ran them.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::mem::MaybeUninit;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use burn::module::ParamId;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use rayon::prelude::*;
+
+type Fill = Box<dyn Fn(usize, &mut [f32]) + Send + Sync>;
+
+/// One weight gradient of `len` floats in parts of `chunk` (the last one shorter): part `i` is
+/// zeroed, then handed to `fill(i, part)`.
+pub(super) struct Job {
+    param: u64,
+    shape: [usize; 4],
+    len: usize,
+    chunk: usize,
+    parts: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    failed: AtomicBool,
+    fill: Fill,
+    values: Mutex<Vec<f32>>,
+    /// `values`' buffer (its capacity, `len` floats); parts write disjoint ranges of it.
+    out: *mut MaybeUninit<f32>,
+}
+
+// SAFETY: `out` points into `values`' buffer, which lives as long as the job and is never
+// reallocated; each part index is claimed once (`next`), so no two threads write one range, and
+// the buffer is read only after every part is done (`done`, with acquire/release ordering).
+unsafe impl Send for Job {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Job {}
+
+impl Job {
+    fn new(param: u64, shape: [usize; 4], chunk: usize, fill: Fill) -> Self {
+        let len = shape.iter().product::<usize>();
+        let chunk = chunk.max(1);
+        let mut values = Vec::<f32>::with_capacity(len);
+        let out = values.spare_capacity_mut().as_mut_ptr();
+        Job {
+            param,
+            shape,
+            len,
+            chunk,
+            parts: len.div_ceil(chunk),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            fill,
+            values: Mutex::new(values),
+            out,
+        }
+    }
+
+    /// Claims and runs the next part; false when every part is claimed.
+    fn run_one(&self) -> bool {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if i >= self.parts {
+            return false;
+        }
+        let start = i * self.chunk;
+        let len = self.chunk.min(self.len - start);
+        // SAFETY: part `i` was claimed by this call alone and lies within the buffer (see the
+        // `Send`/`Sync` note); zeroing initialises it before `fill` sees it as floats.
+        let part = unsafe {
+            let part = std::slice::from_raw_parts_mut(self.out.add(start), len);
+            part.fill(MaybeUninit::new(0.0));
+            &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32])
+        };
+        if catch_unwind(AssertUnwindSafe(|| (self.fill)(i, part))).is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        self.done.fetch_add(1, Ordering::Release);
+        true
+    }
+
+    /// Runs the unclaimed parts in parallel, waits for the claimed ones, and returns the values.
+    fn finish(&self) -> Vec<f32> {
+        (0..self.parts).into_par_iter().for_each(|_| {
+            self.run_one();
+        });
+        while self.done.load(Ordering::Acquire) < self.parts {
+            // A polling worker is still in a part: take other tasks meanwhile.
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::thread::yield_now();
+            }
+        }
+        assert!(
+            !self.failed.load(Ordering::Relaxed),
+            "a deferred weight gradient panicked"
+        );
+        let mut values = std::mem::take(&mut *self.values.lock().unwrap());
+        // SAFETY: every part was zeroed and filled (`done` counts them), covering `0..len`.
+        unsafe { values.set_len(self.len) };
+        values
+    }
+}
+
+/// The jobs queued by one backward pass: open ones for the pollers, all of them in order.
+#[derive(Default)]
+pub struct Queue {
+    open: Mutex<VecDeque<Arc<Job>>>,
+    all: Mutex<Vec<Arc<Job>>>,
+}
+
+impl Queue {
+    /// Runs one part of the oldest job with parts left; false when there is none.
+    pub fn run_one(&self) -> bool {
+        loop {
+            let Some(job) = self.open.lock().unwrap().front().cloned() else {
+                return false;
+            };
+            if job.run_one() {
+                return true;
+            }
+            let mut open = self.open.lock().unwrap();
+            if open.front().is_some_and(|front| Arc::ptr_eq(front, &job)) {
+                open.pop_front();
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The queue of the backward pass running on this thread, if it defers.
+    static ACTIVE: RefCell<Option<Arc<Queue>>> = const { RefCell::new(None) };
+}
+
+/// Runs `pass` (a `backward()` call) with the weight gradients deferred to `queue`'s pollers when
+/// given; the [`Late`] gradients go into the parameters' gradients after the pass.
+pub fn backward<G>(queue: Option<&Arc<Queue>>, pass: impl FnOnce() -> G) -> (G, Late) {
+    let Some(queue) = queue else {
+        return (pass(), Late(Vec::new()));
+    };
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ACTIVE.with_borrow_mut(|active| *active = None);
+        }
+    }
+    ACTIVE.with_borrow_mut(|active| *active = Some(queue.clone()));
+    let reset = Reset;
+    let grads = pass();
+    drop(reset);
+    let jobs = std::mem::take(&mut *queue.all.lock().unwrap());
+    (grads, Late(jobs))
+}
+
+/// The weight gradients a deferring [`backward`] queued, in the order it queued them.
+#[must_use = "the queued weight gradients are missing until registered"]
+pub struct Late(Vec<Arc<Job>>);
+
+impl Late {
+    /// How many weight gradients wait.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Finishes every queued gradient (the parts no poller took, in parallel) and adds it to
+    /// `grads` under its parameter.
+    pub fn register(self, grads: &mut GradientsParams) {
+        let device = Device::flex();
+        for job in self.0 {
+            let values = job.finish();
+            let value = Tensor::<4>::from_data(TensorData::new(values, job.shape), &device);
+            grads.register(ParamId::from(job.param), value);
+        }
+    }
+}
+
+/// Queues the gradient of parameter `param` (`shape`, filled in parts of `chunk` floats) when a
+/// deferring [`backward`] runs on this thread; false otherwise (the caller computes it now).
+pub(super) fn defer(
+    param: u64,
+    shape: [usize; 4],
+    chunk: usize,
+    fill: impl Fn(usize, &mut [f32]) + Send + Sync + 'static,
+) -> bool {
+    ACTIVE.with_borrow(|active| {
+        let Some(queue) = active else {
+            return false;
+        };
+        let job = Arc::new(Job::new(param, shape, chunk, Box::new(fill)));
+        queue.all.lock().unwrap().push(job.clone());
+        queue.open.lock().unwrap().push_back(job);
+        true
+    })
+}
