@@ -174,13 +174,18 @@ impl Late {
     }
 
     /// Finishes every queued gradient (the parts no poller took, in parallel) and adds it to
-    /// `grads` under its parameter.
+    /// `grads` under its parameter (to the gradient already there, for a parameter used twice).
     pub fn register(self, grads: &mut GradientsParams) {
         let device = Device::flex();
         for job in self.0 {
             let values = job.finish();
+            let id = ParamId::from(job.param);
             let value = Tensor::<4>::from_data(TensorData::new(values, job.shape), &device);
-            grads.register(ParamId::from(job.param), value);
+            let value = match grads.remove::<4>(id) {
+                Some(earlier) => earlier + value,
+                None => value,
+            };
+            grads.register(id, value);
         }
     }
 }

@@ -427,7 +427,8 @@ fn pointwise_matches_burn_conv() {
 
 /// Deferred weight gradients (queued by the 1x1 backward, partly run by a second thread as a
 /// poller would, the rest finished by `Late::register`) are the same bits as the ones computed
-/// in the backward pass, for every parameter; a reshaped weight (the stem's) is not deferred.
+/// in the backward pass, for every parameter, also one used twice; a reshaped weight (the stem's)
+/// is not deferred.
 #[test]
 fn deferred_weight_gradients_equal_the_immediate_ones() {
     use burn::module::Module;
@@ -445,7 +446,7 @@ fn deferred_weight_gradients_equal_the_immediate_ones() {
             .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
             .init(&device),
         // 4x4 and 1x1 maps: both weight-gradient forms (per image, per position).
-        convs: [(12, 40), (40, 8), (8, 48)]
+        convs: [(12, 40), (40, 8), (8, 48), (48, 48)]
             .map(|(ci, co)| Conv2dConfig::new([ci, co], [1, 1]).init(&device))
             .to_vec(),
     };
@@ -453,7 +454,10 @@ fn deferred_weight_gradients_equal_the_immediate_ones() {
     let loss = || {
         let x = conv2d(&net.stem, image.clone());
         let x = silu(conv2d(&net.convs[1], silu(conv2d(&net.convs[0], x))));
-        conv2d(&net.convs[2], spatial_mean(x)).powi_scalar(2).sum()
+        let x = conv2d(&net.convs[2], spatial_mean(x));
+        conv2d(&net.convs[3], silu(conv2d(&net.convs[3], x)))
+            .powi_scalar(2)
+            .sum()
     };
     let values = |grads: &GradientsParams| {
         let mut values = Vec::new();
@@ -473,8 +477,8 @@ fn deferred_weight_gradients_equal_the_immediate_ones() {
     let (grads, late) = deferred::backward(Some(&queue), || loss().backward());
     assert_eq!(
         late.len(),
-        3,
-        "the three 1x1 weights, not the stem's reshaped one"
+        5,
+        "each use of a 1x1 weight, not the stem's reshaped one"
     );
     // Another thread takes some parts, as a poller does between the pass's ops.
     std::thread::scope(|s| {
