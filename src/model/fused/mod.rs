@@ -10,7 +10,8 @@
 //! The ops are a burn backend extension, split by role as burn's custom-kernel example is: this
 //! module declares the extension trait and the public ops (which fall back to burn's composed ops
 //! elsewhere), [`forward`] implements it for `Flex`, [`backward`] for `Autodiff<Flex>` with a
-//! hand-written backward, and [`kernels`] holds the numeric loops both use. On any other backend
+//! hand-written backward, and [`kernels`] holds the numeric loops both use; [`deferred`] lets the
+//! 1x1 backward leave its weight's gradient to idle threads. On any other backend
 //! or dtype [`silu`], [`conv2d`], [`depthwise_conv2d`] and [`batch_norm`] fall back to burn's own
 //! ops; the tests check that both paths agree (forward and every gradient).
 
