@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use burn::module::ParamId;
 use burn::optim::GradientsParams;
@@ -34,7 +34,8 @@ pub(super) struct Job {
     next: AtomicUsize,
     done: AtomicUsize,
     failed: AtomicBool,
-    fill: Fill,
+    /// Dropped with the tensors it holds once every part is done (the queue outlives the job).
+    fill: RwLock<Option<Fill>>,
     values: Mutex<Vec<f32>>,
     /// `values`' buffer (its capacity, `len` floats); parts write disjoint ranges of it.
     out: *mut MaybeUninit<f32>,
@@ -62,7 +63,7 @@ impl Job {
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             failed: AtomicBool::new(false),
-            fill,
+            fill: RwLock::new(Some(fill)),
             values: Mutex::new(values),
             out,
         }
@@ -83,10 +84,19 @@ impl Job {
             part.fill(MaybeUninit::new(0.0));
             &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32])
         };
-        if catch_unwind(AssertUnwindSafe(|| (self.fill)(i, part))).is_err() {
+        let filled = catch_unwind(AssertUnwindSafe(|| {
+            let fill = self.fill.read().unwrap_or_else(|e| e.into_inner());
+            (fill
+                .as_ref()
+                .expect("a part is claimed before the last is done"))(i, part)
+        }));
+        if filled.is_err() {
             self.failed.store(true, Ordering::Relaxed);
         }
-        self.done.fetch_add(1, Ordering::Release);
+        if self.done.fetch_add(1, Ordering::Release) + 1 == self.parts {
+            // The last part: no other holds `fill` now.
+            self.fill.write().unwrap_or_else(|e| e.into_inner()).take();
+        }
         true
     }
 
@@ -207,4 +217,34 @@ pub(super) fn defer(
         queue.open.lock().unwrap().push_back(job);
         true
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job's parts cover its buffer (zeroed, then filled), and what its fill holds (the layer's
+    /// saved tensors, in training) is released when the last part is done, not when the queue
+    /// that still lists the job goes.
+    #[test]
+    fn a_job_fills_every_part_and_then_lets_go_of_its_inputs() {
+        let held = Arc::new(());
+        let inputs = held.clone();
+        let fill = move |i: usize, part: &mut [f32]| {
+            let _ = &inputs;
+            for (j, v) in part.iter_mut().enumerate() {
+                *v += (i * 10 + j) as f32;
+            }
+        };
+        let queue = Queue::default();
+        let job = Arc::new(Job::new(7, [3, 1, 2, 2], 5, Box::new(fill)));
+        queue.open.lock().unwrap().push_back(job.clone());
+        assert!(queue.run_one() && queue.run_one());
+        assert_eq!(Arc::strong_count(&held), 2, "parts are left");
+        let values = job.finish();
+        assert_eq!(Arc::strong_count(&held), 1, "the fill outlived its job");
+        let expected: Vec<f32> = (0..12).map(|k| ((k / 5) * 10 + k % 5) as f32).collect();
+        assert_eq!(values, expected);
+        assert!(!queue.run_one(), "nothing left to run");
+    }
 }
