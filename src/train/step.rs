@@ -1,6 +1,6 @@
 //! One optimizer step as the recipe defines it, shared by `train` and the training benchmark.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -150,9 +150,7 @@ impl<'a> Trainer<'a> {
         let grads = if cfg.mixed_precision == Some(HalfType::F16) {
             let scale = self.loss_scale();
             let scaled = loss.mul_scalar(scale.scale);
-            let (scaled, late) = fused::deferred::backward(deferred, || scaled.backward());
-            let mut grads = GradientsParams::from_grads(scaled, &model);
-            late.register(&mut grads);
+            let mut grads = gradients(scaled, &model, deferred);
             let finite = mixed::unscale(&model, &mut grads, scale.scale);
             self.set_loss_scale(scale.after(finite));
             if !finite {
@@ -170,10 +168,7 @@ impl<'a> Trainer<'a> {
             }
             grads
         } else {
-            let (grads, late) = fused::deferred::backward(deferred, || loss.backward());
-            let mut grads = GradientsParams::from_grads(grads, &model);
-            late.register(&mut grads);
-            grads
+            gradients(loss, &model, deferred)
         };
         let backward = start.elapsed() - forward;
         let model = optim.step(lr, model, grads);
@@ -188,6 +183,19 @@ impl<'a> Trainer<'a> {
             },
         })
     }
+}
+
+/// `loss.backward()` as the parameters' gradients, the 1x1 weight gradients left to the step's
+/// pollers when it has them (`fused::deferred`).
+fn gradients(
+    loss: Tensor<1>,
+    model: &EfficientNet,
+    deferred: Option<&Arc<fused::deferred::Queue>>,
+) -> GradientsParams {
+    let (grads, late) = fused::deferred::backward(deferred, || loss.backward());
+    let mut grads = GradientsParams::from_grads(grads, model);
+    late.register(&mut grads);
+    grads
 }
 
 fn count_correct(logits: &Tensor<2>, labels: Tensor<1, Int>) -> usize {
