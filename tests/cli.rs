@@ -1964,12 +1964,13 @@ fn quantize_writes_int8_weights_that_every_command_runs() {
 
 /// The training step's parallel ops (1x1 convolutions by image and output-channel block,
 /// depthwise and batch norm by fixed chunks) do not depend on the thread count: the same seed gives
-/// bit-identical weights on one thread and on two.
+/// bit-identical weights on one thread and on two, and the same logged training loss (its L2 term
+/// is summed beside the forward pass on two threads).
 #[test]
 fn training_is_bit_identical_on_one_and_two_threads() {
     let home = tempfile::tempdir().unwrap();
     let dataset = tiny_dataset(home.path(), 96);
-    let mut weights = Vec::new();
+    let (mut weights, mut losses) = (Vec::new(), Vec::new());
     for threads in ["1", "2"] {
         let out = home.path().join(format!("run{threads}"));
         let o = Command::new(env!("CARGO_BIN_EXE_effnet"))
@@ -1990,9 +1991,15 @@ fn training_is_bit_identical_on_one_and_two_threads() {
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         weights.push(run_weights(&out));
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let first: serde_json::Value =
+            serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        losses.push(first["train_loss"].as_f64().unwrap());
     }
     assert!(!weights[0].is_empty());
     for (name, t) in &weights[0] {
         assert_eq!(t.data, weights[1][name].data, "{name}");
     }
+    assert!(losses[0] > 0.0);
+    assert_eq!(losses[0].to_bits(), losses[1].to_bits(), "{losses:?}");
 }

@@ -93,55 +93,25 @@ impl<'a> Trainer<'a> {
         let pollers = Pollers::start();
         let deferred = pollers.as_ref().map(Pollers::deferred);
         let start = Instant::now();
-        let (cfg, device) = (self.cfg, &self.device);
+        let cfg = self.cfg;
         let half = cfg
             .mixed_precision
             .map(|h| mixed::half_copy(&model, h.dtype()));
         let net = half.as_ref().unwrap_or(&model);
-        // Dropout and stochastic depth draw from a stream fixed by (seed, step): a resumed run
-        // continues exactly as an uninterrupted one.
-        device.seed(cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let correct;
-        let loss = if stage.mixup_alpha > 0.0 || stage.cutmix_alpha > 0.0 {
-            // Mixup / CutMix draw from a stream fixed by (seed, step), like everything else.
-            let mut rng = StdRng::seed_from_u64(
-                cfg.seed ^ 0x6d69_7875 ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d),
-            );
-            let alphas = (stage.mixup_alpha, stage.cutmix_alpha);
-            let m = mix(
-                batch,
-                self.classes,
-                cfg.label_smoothing as f64,
-                alphas,
-                &mut rng,
-            );
-            let mixed = Batch {
-                images: m.images,
-                labels: m.dominant,
-                ..*batch
-            };
-            let (x, y) = tensors(&mixed, device);
-            let targets = Tensor::<2>::from_data(
-                TensorData::new(m.targets, [batch.size, self.classes]),
-                device,
-            );
-            let logits = net.forward(x);
-            correct = count_correct(&logits, y);
-            // Cross-entropy against soft targets (label smoothing already folded in).
-            (targets * log_softmax(logits, 1)).sum_dim(1).mean().neg()
-        } else {
-            let (x, y) = tensors(batch, device);
-            let logits = net.forward(x);
-            correct = count_correct(&logits, y.clone());
-            self.loss_fn.forward(logits, y)
+        let forward = || self.forward(net, batch, stage, step);
+        // TF's l2_loss is sum(w^2) / 2; its gradient, weight_decay * w, is added by the optimizer
+        // as it updates each weight rather than backpropagated through the graph (same value, a
+        // third of the passes). Its value only reads the weights: with pollers it is a task one
+        // of them takes while the forward pass leaves it idle.
+        let l2 = || match cfg.weight_decay > 0.0 {
+            true => cfg.weight_decay / 2.0 * sum_of_squared_weights(&model),
+            false => 0.0,
         };
-        let mut loss_value = loss.clone().into_scalar::<f32>() as f64;
-        if cfg.weight_decay > 0.0 {
-            // TF's l2_loss is sum(w^2) / 2; its gradient, weight_decay * w, is added by the
-            // optimizer as it updates each weight rather than backpropagated through the graph
-            // (same value, a third of the passes).
-            loss_value += cfg.weight_decay / 2.0 * sum_of_squared_weights(&model);
-        }
+        let ((loss, correct), l2) = match pollers {
+            Some(_) => rayon::join(forward, l2),
+            None => (forward(), l2()),
+        };
+        let loss_value = loss.clone().into_scalar::<f32>() as f64 + l2;
         if !loss_value.is_finite() {
             bail!("training diverged at step {step} (loss {loss_value}); lower the learning rate");
         }
@@ -182,6 +152,54 @@ impl<'a> Trainer<'a> {
                 update: start.elapsed() - forward - backward,
             },
         })
+    }
+
+    /// The loss of `net` on `batch` (mixed when the stage asks) and its correct top-1 count.
+    fn forward(
+        &self,
+        net: &EfficientNet,
+        batch: &Batch,
+        stage: &Stage,
+        step: u64,
+    ) -> (Tensor<1>, usize) {
+        let (cfg, device) = (self.cfg, &self.device);
+        // Dropout and stochastic depth draw from a stream fixed by (seed, step): a resumed run
+        // continues exactly as an uninterrupted one.
+        device.seed(cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        if stage.mixup_alpha > 0.0 || stage.cutmix_alpha > 0.0 {
+            // Mixup / CutMix draw from a stream fixed by (seed, step), like everything else.
+            let mut rng = StdRng::seed_from_u64(
+                cfg.seed ^ 0x6d69_7875 ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d),
+            );
+            let alphas = (stage.mixup_alpha, stage.cutmix_alpha);
+            let m = mix(
+                batch,
+                self.classes,
+                cfg.label_smoothing as f64,
+                alphas,
+                &mut rng,
+            );
+            let mixed = Batch {
+                images: m.images,
+                labels: m.dominant,
+                ..*batch
+            };
+            let (x, y) = tensors(&mixed, device);
+            let targets = Tensor::<2>::from_data(
+                TensorData::new(m.targets, [batch.size, self.classes]),
+                device,
+            );
+            let logits = net.forward(x);
+            let correct = count_correct(&logits, y);
+            // Cross-entropy against soft targets (label smoothing already folded in).
+            let loss = (targets * log_softmax(logits, 1)).sum_dim(1).mean().neg();
+            (loss, correct)
+        } else {
+            let (x, y) = tensors(batch, device);
+            let logits = net.forward(x);
+            let correct = count_correct(&logits, y.clone());
+            (self.loss_fn.forward(logits, y), correct)
+        }
     }
 }
 
