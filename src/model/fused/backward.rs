@@ -13,9 +13,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Flex, TensorMetadata};
 
 use super::kernels::{
-    ConvGeometry, Written, batch_norm_backward, col2im, depthwise_backward, map_planes, par_map2,
-    plane_dots, pointwise_backward, pointwise_weight_gradient_chunk,
-    pointwise_weight_gradient_part, scale_planes, sigmoid_backward, silu_backward,
+    ConvGeometry, Written, batch_norm_backward, col2im, depthwise_backward, map_planes,
+    normalized_silu_backward, par_map2, plane_dots, pointwise_backward,
+    pointwise_weight_gradient_chunk, pointwise_weight_gradient_part, scale_planes,
+    sigmoid_backward, silu_backward,
 };
 use super::{FusedOps, RmsPropCoefficients, contiguous, deferred, dims4, f32s, tensor};
 
@@ -360,9 +361,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
+        silu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        /// With SiLU applied to the output, its beta, which the backward needs to recompute the
+        /// activation's input.
         #[derive(Debug)]
-        struct BatchNormBackward;
+        struct BatchNormBackward(Option<FlexTensor>);
 
         impl Backward<Flex, 3> for BatchNormBackward {
             /// x, gamma, batch mean, batch variance, epsilon.
@@ -378,10 +382,28 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let grad = contiguous(grads.consume::<Flex>(&ops.node));
                 let (x, gamma, mean, var, epsilon) = ops.state;
                 let channels = gamma.shape()[0];
+                let plane = x.shape()[2..].iter().product();
+                // Through SiLU first: the gradient of the batch norm's own output.
+                let grad = match &self.0 {
+                    Some(beta) => tensor(
+                        normalized_silu_backward(
+                            f32s(&x),
+                            f32s(&grad),
+                            plane,
+                            f32s(&gamma),
+                            f32s(beta),
+                            f32s(&mean),
+                            f32s(&var),
+                            epsilon,
+                        ),
+                        x.shape().to_vec(),
+                    ),
+                    None => grad,
+                };
                 let (gx, ggamma, gbeta) = batch_norm_backward(
                     f32s(&x),
                     f32s(&grad),
-                    x.shape()[2..].iter().product(),
+                    plane,
                     f32s(&gamma),
                     f32s(&mean),
                     f32s(&var),
@@ -398,18 +420,20 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         let nodes = [x.node(), gamma.node(), beta.node()];
         let x = contiguous(x.into_primitive());
         let gamma = contiguous(gamma.into_primitive());
+        let beta = contiguous(beta.into_primitive());
         let (out, mean, var) = <Flex as FusedOps>::fused_batch_norm_train(
             x.clone(),
             gamma.clone(),
-            beta.into_primitive(),
+            beta.clone(),
             epsilon,
+            silu,
         );
         // The statistics leave untracked, as from burn's own batch_norm_train.
         let stats = (
             Self::from_inner(mean.clone()),
             Self::from_inner(var.clone()),
         );
-        let out = match BatchNormBackward
+        let out = match BatchNormBackward(silu.then_some(beta))
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()

@@ -95,6 +95,7 @@ impl FusedOps for Flex {
         gamma: FlexTensor,
         beta: FlexTensor,
         epsilon: f64,
+        silu: bool,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
         let shape = x.shape().to_vec();
@@ -106,6 +107,7 @@ impl FusedOps for Flex {
             f32s(&gamma),
             f32s(&beta),
             epsilon as f32,
+            silu,
         );
         let channels = vec![shape[1]];
         (

@@ -145,13 +145,19 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// d/dx [x sigmoid(x)] = s (1 + x (1 - s)) with s = sigmoid(x).
     pub(super) fn silu_backward(x: &[f32], grad: &[f32], out: &mut Written) {
         for ((o, x), g) in out.iter_mut().zip(x).zip(grad) {
-            let s = sigmoid(*x);
-            o.set(g * s * x.mul_add(1.0 - s, 1.0));
+            o.set(silu_gradient(*x, *g));
         }
     }
+}
+
+/// `g` times d/dx [x sigmoid(x)] = s (1 + x (1 - s)) with s = sigmoid(x). Inlined into the
+/// dispatched kernels.
+#[inline(always)]
+fn silu_gradient(x: f32, g: f32) -> f32 {
+    let s = sigmoid(x);
+    g * s * x.mul_add(1.0 - s, 1.0)
 }
 
 simd_dispatch! {
@@ -1113,6 +1119,7 @@ pub(super) fn batch_norm_forward(
     gamma: &[f32],
     beta: &[f32],
     epsilon: f32,
+    silu: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
@@ -1146,7 +1153,7 @@ pub(super) fn batch_norm_forward(
         // SAFETY: `normalize_image` writes all of its image, as long as its input.
         unsafe {
             map_images(x.len(), channels * plane, |at, out| {
-                normalize_image(&x[at..][..out.len()], [mean, &scale, &shift], out)
+                normalize_image(&x[at..][..out.len()], [mean, &scale, &shift], silu, out)
             })
         }
     } else {
@@ -1154,11 +1161,51 @@ pub(super) fn batch_norm_forward(
         unsafe {
             map_planes(x.len(), channels, plane, |run, out| {
                 let x = run.of(x, out.len() / plane);
-                normalize_plane_run(x, run, [&mean, &scale, beta], out);
+                normalize_plane_run(x, run, [&mean, &scale, beta], silu, out);
             })
         }
     };
     (out, mean, var)
+}
+
+/// The gradient of the batch norm's output from `grad`, the gradient of SiLU applied to it (see
+/// [`batch_norm_forward`] with `silu`), for `x` `[n, channels, plane]` and the batch statistics
+/// the forward pass took.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn normalized_silu_backward(
+    x: &[f32],
+    grad: &[f32],
+    plane: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    epsilon: f32,
+) -> Vec<f32> {
+    let channels = gamma.len();
+    // The forward pass's scale, by the same operations.
+    let scale: Vec<f32> = (0..channels)
+        .map(|c| gamma[c] / (var[c] + epsilon).sqrt())
+        .collect();
+    if plane <= SMALL_PLANE {
+        // Image by image, as the forward pass on these maps (`batch_norm_forward`).
+        let [mean, scale, shift] = [mean, &scale, beta].map(|c| per_value(c, plane));
+        // SAFETY: `normalized_silu_backward_image` writes all of its image, as long as its inputs.
+        return unsafe {
+            map_images(x.len(), channels * plane, |at, out| {
+                let (x, grad) = (&x[at..][..out.len()], &grad[at..][..out.len()]);
+                normalized_silu_backward_image(x, grad, [&mean, &scale, &shift], out)
+            })
+        };
+    }
+    // SAFETY: `normalized_silu_backward_run` writes all of its run, as long as its inputs.
+    unsafe {
+        map_planes(x.len(), channels, plane, |run, out| {
+            let planes = out.len() / plane;
+            let (x, grad) = (run.of(x, planes), run.of(grad, planes));
+            normalized_silu_backward_run(x, grad, run, [mean, &scale, beta], out);
+        })
+    }
 }
 
 /// (input gradient, gamma gradient, beta gradient) of training-mode batch norm of `x`
@@ -1335,15 +1382,61 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// `out = (x - mean[c]) * scale[c] + shift[c]` over the run's planes (of channel `c`).
-    fn normalize_plane_run(x: &[f32], run: PlaneRun, coefficients: [&[f32]; 3], out: &mut Written) {
+    /// `out = (x - mean[c]) * scale[c] + shift[c]` over the run's planes (of channel `c`), through
+    /// SiLU when `silu`.
+    fn normalize_plane_run(
+        x: &[f32],
+        run: PlaneRun,
+        coefficients: [&[f32]; 3],
+        silu: bool,
+        out: &mut Written,
+    ) {
         let [mean, scale, shift] = coefficients;
         let planes = out.chunks_exact_mut(run.plane).zip(x.chunks_exact(run.plane));
         for (i, (o, x)) in planes.enumerate() {
             let c = run.channel(i);
             for (o, x) in o.iter_mut().zip(x) {
-                o.set((x - mean[c]).mul_add(scale[c], shift[c]));
+                let y = (x - mean[c]).mul_add(scale[c], shift[c]);
+                o.set(if silu { silu_scalar(y) } else { y });
             }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// The gradient of SiLU's input from `grad`, its output's, over the run's planes (of channel
+    /// `c`): the input, `(x - mean[c]) * scale[c] + shift[c]`, recomputed as
+    /// [`normalize_plane_run`] computed it, then [`silu_backward`]'s formula.
+    fn normalized_silu_backward_run(
+        x: &[f32],
+        grad: &[f32],
+        run: PlaneRun,
+        coefficients: [&[f32]; 3],
+        out: &mut Written,
+    ) {
+        let [mean, scale, shift] = coefficients;
+        let planes = out.chunks_exact_mut(run.plane).zip(x.chunks_exact(run.plane));
+        for (i, ((o, x), g)) in planes.zip(grad.chunks_exact(run.plane)).enumerate() {
+            let c = run.channel(i);
+            for ((o, x), g) in o.iter_mut().zip(x).zip(g) {
+                o.set(silu_gradient((x - mean[c]).mul_add(scale[c], shift[c]), *g));
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// [`normalized_silu_backward_run`] element by element, with a coefficient per value.
+    fn normalized_silu_backward_image(
+        x: &[f32],
+        grad: &[f32],
+        coefficients: [&[f32]; 3],
+        out: &mut Written,
+    ) {
+        let [mean, scale, shift] = coefficients;
+        let values = out.iter_mut().zip(x.iter().zip(grad)).zip(mean.iter().zip(scale).zip(shift));
+        for ((o, (x, g)), ((m, s), b)) in values {
+            o.set(silu_gradient((x - m).mul_add(*s, *b), *g));
         }
     }
 }
@@ -1403,12 +1496,14 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// `out = (x - mean) * scale + shift`, element by element.
-    fn normalize_image(x: &[f32], coefficients: [&[f32]; 3], out: &mut Written) {
+    /// `out = (x - mean) * scale + shift`, element by element, through SiLU when `silu`.
+    fn normalize_image(x: &[f32], coefficients: [&[f32]; 3], silu: bool, out: &mut Written) {
         let [mean, scale, shift] = coefficients;
         let values = out.iter_mut().zip(x).zip(mean.iter().zip(scale).zip(shift));
         for ((o, x), ((m, s), b)) in values {
-            o.set((x - m).mul_add(*s, *b));
+            let y = (x - m).mul_add(*s, *b);
+            // Loop-invariant: compiled as two loops.
+            o.set(if silu { silu_scalar(y) } else { y });
         }
     }
 }
