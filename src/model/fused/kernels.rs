@@ -867,49 +867,54 @@ pub(super) fn planes_by_channel<T>(
     planes
 }
 
-/// Per-channel sums of per-plane values over the planes `p` (of channel `p % channels`) of an
-/// `[n, channels, plane]` tensor: `f(run, values)` sets `values[i]` to the value of the run's
-/// `i`-th plane, for runs of whole images. The planes are visited in memory order (a
-/// channel-major walk would touch every cache line once per channel on 1x1 maps) by tasks of
-/// whole images, and the tasks' partial sums are added in a fixed order, so the result does not
-/// depend on the threads.
-pub(super) fn channel_sums(
+/// `K` kinds of per-channel sums of per-plane values over the planes `p` (of channel
+/// `p % channels`) of an `[n, channels, plane]` tensor: `f(run, values)` sets `values[k][i]` to
+/// the `k`-th value of the run's `i`-th plane, for runs of whole images. The planes are visited in
+/// memory order (a channel-major walk would touch every cache line once per channel on 1x1 maps)
+/// by tasks of whole images, and the tasks' partial sums are added in a fixed order, so the result
+/// does not depend on the threads. Sums over the same tensor taken together read it once from
+/// memory: the second kind finds the task's run in cache.
+pub(super) fn channel_sums<const K: usize>(
     planes: usize,
     channels: usize,
     plane: usize,
-    f: impl Fn(PlaneRun, &mut [f32]) + Sync,
-) -> Vec<f32> {
+    f: impl Fn(PlaneRun, [&mut [f32]; K]) + Sync,
+) -> [Vec<f32>; K] {
     let per_task = planes_per_task(channels * plane) * channels;
-    let partials: Vec<Vec<f32>> = (0..planes.div_ceil(per_task))
+    let partials: Vec<[Vec<f32>; K]> = (0..planes.div_ceil(per_task))
         .into_par_iter()
         .map(|t| {
             let first = t * per_task;
-            let mut values = vec![0.0f32; per_task.min(planes - first)];
+            let mut values = [(); K].map(|_| vec![0.0f32; per_task.min(planes - first)]);
             f(
                 PlaneRun {
                     first,
                     channels,
                     plane,
                 },
-                &mut values,
+                values.each_mut().map(Vec::as_mut_slice),
             );
-            let mut acc = vec![0.0f32; channels];
-            for (p, v) in (first..).zip(values) {
-                acc[p % channels] += v;
-            }
-            acc
+            values.map(|values| {
+                let mut acc = vec![0.0f32; channels];
+                for (p, v) in (first..).zip(values) {
+                    acc[p % channels] += v;
+                }
+                acc
+            })
         })
         .collect();
     add_in_order(partials, channels)
 }
 
-/// The element-wise sum of `partials` (each `len` long), added in their order.
-fn add_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+/// The element-wise sums of `partials` (`K` kinds, each `len` long), added in their order.
+fn add_in_order<const K: usize>(partials: Vec<[Vec<f32>; K]>, len: usize) -> [Vec<f32>; K] {
     partials
         .into_iter()
-        .fold(vec![0.0; len], |mut total, part| {
-            total.iter_mut().zip(part).for_each(|(t, v)| *t += v);
-            total
+        .fold([(); K].map(|_| vec![0.0; len]), |mut totals, parts| {
+            for (total, part) in totals.iter_mut().zip(parts) {
+                total.iter_mut().zip(part).for_each(|(t, v)| *t += v);
+            }
+            totals
         })
 }
 
@@ -919,27 +924,27 @@ fn add_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 /// those maps, a few percent of the values, took two thirds of batch norm's time.
 const SMALL_PLANE: usize = 16;
 
-/// Per-channel sums over a tensor of `len` floats of whole images (`channels * plane` floats
-/// each) for small planes: `add(at, acc)` adds the values of the image at offset `at` into `acc`
-/// element by element (one long vectorised run per image, across channels and positions); each
-/// task does so for a fixed run of images, then sums each plane of its `acc`, and the tasks' sums
-/// are added in order, so the result does not depend on the thread count.
-fn image_sums(
+/// `K` kinds of per-channel sums over a tensor of `len` floats of whole images (`channels * plane`
+/// floats each) for small planes: `add(at, acc)` adds the values of the image at offset `at` into
+/// `acc[k]` element by element (one long vectorised run per image, across channels and
+/// positions); each task does so for a fixed run of images, then sums each plane of its `acc`, and
+/// the tasks' sums are added in order, so the result does not depend on the thread count.
+fn image_sums<const K: usize>(
     len: usize,
     channels: usize,
     plane: usize,
-    add: impl Fn(usize, &mut [f32]) + Sync,
-) -> Vec<f32> {
+    add: impl Fn(usize, [&mut [f32]; K]) + Sync,
+) -> [Vec<f32>; K] {
     let image = channels * plane;
     let (images, per_task) = (len / image, images_per_task(image));
-    let partials: Vec<Vec<f32>> = (0..images.div_ceil(per_task))
+    let partials: Vec<[Vec<f32>; K]> = (0..images.div_ceil(per_task))
         .into_par_iter()
         .map(|t| {
-            let mut acc = vec![0.0f32; image];
+            let mut acc = [(); K].map(|_| vec![0.0f32; image]);
             for i in t * per_task..((t + 1) * per_task).min(images) {
-                add(i * image, &mut acc);
+                add(i * image, acc.each_mut().map(Vec::as_mut_slice));
             }
-            acc.chunks_exact(plane).map(|p| p.iter().sum()).collect()
+            acc.map(|acc| acc.chunks_exact(plane).map(|p| p.iter().sum()).collect())
         })
         .collect();
     add_in_order(partials, channels)
@@ -1124,23 +1129,23 @@ pub(super) fn batch_norm_forward(
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
     let image_wise = plane <= SMALL_PLANE;
-    let sums = if image_wise {
-        image_sums(x.len(), channels, plane, |at, acc| {
+    let [sums] = if image_wise {
+        image_sums(x.len(), channels, plane, |at, [acc]| {
             add_values(&x[at..][..acc.len()], acc)
         })
     } else {
-        channel_sums(planes, channels, plane, |run, out| {
+        channel_sums(planes, channels, plane, |run, [out]| {
             plane_sums(run.of(x, out.len()), plane, out)
         })
     };
     let mean: Vec<f32> = sums.into_iter().map(|s| s / count).collect();
     let mean_values = image_wise.then(|| per_value(&mean, plane));
-    let deviations = if let Some(mean) = &mean_values {
-        image_sums(x.len(), channels, plane, |at, acc| {
+    let [deviations] = if let Some(mean) = &mean_values {
+        image_sums(x.len(), channels, plane, |at, [acc]| {
             add_squared_deviations(&x[at..][..acc.len()], mean, acc)
         })
     } else {
-        channel_sums(planes, channels, plane, |run, out| {
+        channel_sums(planes, channels, plane, |run, [out]| {
             plane_squared_deviations(run.of(x, out.len()), run, &mean, out)
         })
     };
@@ -1228,25 +1233,20 @@ pub(super) fn batch_norm_backward(
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
     let image_wise = plane <= SMALL_PLANE;
-    let (gbeta, gxc) = if image_wise {
+    // Both sums in one pass over the gradient.
+    let [gbeta, gxc] = if image_wise {
         let mean = per_value(mean, plane);
-        let gbeta = image_sums(x.len(), channels, plane, |at, acc| {
-            add_values(&grad[at..][..acc.len()], acc)
-        });
-        let gxc = image_sums(x.len(), channels, plane, |at, acc| {
-            let (g, x) = (&grad[at..][..acc.len()], &x[at..][..acc.len()]);
-            add_centered_products(g, x, &mean, acc)
-        });
-        (gbeta, gxc)
+        image_sums(x.len(), channels, plane, |at, [sums, centered]| {
+            let (g, x) = (&grad[at..][..sums.len()], &x[at..][..sums.len()]);
+            add_values(g, sums);
+            add_centered_products(g, x, &mean, centered)
+        })
     } else {
-        let gbeta = channel_sums(planes, channels, plane, |run, out| {
-            plane_sums(run.of(grad, out.len()), plane, out)
-        });
-        let gxc = channel_sums(planes, channels, plane, |run, out| {
-            let (g, x) = (run.of(grad, out.len()), run.of(x, out.len()));
-            plane_centered_dots(g, x, run, mean, out)
-        });
-        (gbeta, gxc)
+        channel_sums(planes, channels, plane, |run, [sums, centered]| {
+            let (g, x) = (run.of(grad, sums.len()), run.of(x, sums.len()));
+            plane_sums(g, plane, sums);
+            plane_centered_dots(g, x, run, mean, centered)
+        })
     };
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
     let ggamma = gxc.iter().zip(&inv_std).map(|(s, i)| s * i).collect();
