@@ -81,12 +81,7 @@ impl ConvBn {
             1 => fused::conv2d(&self.conv, x),
             _ => fused::depthwise_conv2d(&self.conv, x),
         };
-        match self.act {
-            // SiLU fused into the batch norm (`fused::batch_norm`).
-            Some(Act(Activation::Silu)) => fused::batch_norm(&self.bn, x, true),
-            Some(a) => a.forward(fused::batch_norm(&self.bn, x, false)),
-            None => fused::batch_norm(&self.bn, x, false),
-        }
+        fused::batch_norm(&self.bn, x, self.act.map(|a| a.0))
     }
 }
 

@@ -14,11 +14,12 @@ use burn::backend::{Autodiff, AutodiffBackend, Flex, TensorMetadata};
 
 use super::kernels::{
     ConvGeometry, Written, batch_norm_backward, col2im, depthwise_backward, map_planes,
-    normalized_silu_backward, par_map2, plane_dots, pointwise_backward,
+    normalized_activation_backward, par_map2, plane_dots, pointwise_backward,
     pointwise_weight_gradient_chunk, pointwise_weight_gradient_part, scale_planes,
     sigmoid_backward, silu_backward,
 };
 use super::{FusedOps, RmsPropCoefficients, contiguous, deferred, dims4, f32s, tensor};
+use crate::spec::Activation;
 
 /// The backward of an elementwise op whose input gradient is `kernel(saved, grad, out)` for a
 /// saved tensor of the input's shape (SiLU saves its input, sigmoid its output). The kernel
@@ -361,12 +362,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
-        silu: bool,
+        act: Option<Activation>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        /// With SiLU applied to the output, its beta, which the backward needs to recompute the
-        /// activation's input.
+        /// With an activation applied to the output, that activation and beta, which the backward
+        /// needs to recompute the activation's input.
         #[derive(Debug)]
-        struct BatchNormBackward(Option<FlexTensor>);
+        struct BatchNormBackward(Option<(Activation, FlexTensor)>);
 
         impl Backward<Flex, 3> for BatchNormBackward {
             /// x, gamma, batch mean, batch variance, epsilon.
@@ -383,10 +384,11 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let (x, gamma, mean, var, epsilon) = ops.state;
                 let channels = gamma.shape()[0];
                 let plane = x.shape()[2..].iter().product();
-                // Through SiLU first: the gradient of the batch norm's own output.
+                // Through the activation first: the gradient of the batch norm's own output.
                 let grad = match &self.0 {
-                    Some(beta) => tensor(
-                        normalized_silu_backward(
+                    Some((act, beta)) => tensor(
+                        normalized_activation_backward(
+                            *act,
                             f32s(&x),
                             f32s(&grad),
                             plane,
@@ -426,14 +428,14 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             gamma.clone(),
             beta.clone(),
             epsilon,
-            silu,
+            act,
         );
         // The statistics leave untracked, as from burn's own batch_norm_train.
         let stats = (
             Self::from_inner(mean.clone()),
             Self::from_inner(var.clone()),
         );
-        let out = match BatchNormBackward(silu.then_some(beta))
+        let out = match BatchNormBackward(act.map(|act| (act, beta)))
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()

@@ -8,6 +8,7 @@ use super::kernels::{
     pointwise_forward, rmsprop_tf, scale_planes, sigmoid_forward, silu_forward, squared_sum,
 };
 use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, exclusive, f32s, tensor};
+use crate::spec::Activation;
 
 impl FusedOps for Flex {
     fn fused_silu(x: FlexTensor) -> FlexTensor {
@@ -95,7 +96,7 @@ impl FusedOps for Flex {
         gamma: FlexTensor,
         beta: FlexTensor,
         epsilon: f64,
-        silu: bool,
+        act: Option<Activation>,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
         let shape = x.shape().to_vec();
@@ -107,7 +108,7 @@ impl FusedOps for Flex {
             f32s(&gamma),
             f32s(&beta),
             epsilon as f32,
-            silu,
+            act,
         );
         let channels = vec![shape[1]];
         (

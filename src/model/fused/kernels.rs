@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use crate::simd::math::{sigmoid, silu as silu_scalar};
 use crate::simd::simd_dispatch;
+use crate::spec::Activation;
 
 /// Elements per parallel chunk of the elementwise ops: big enough to hide rayon's overhead.
 const CHUNK: usize = 1 << 14;
@@ -158,6 +159,30 @@ simd_dispatch! {
 fn silu_gradient(x: f32, g: f32) -> f32 {
     let s = sigmoid(x);
     g * s * x.mul_add(1.0 - s, 1.0)
+}
+
+/// `act` of `y`; ReLU6 as burn's `relu(y).clamp_max(6.0)`. The match is loop-invariant in the
+/// kernels that inline this: compiled as one loop per activation.
+#[inline(always)]
+fn activate(act: Option<Activation>, y: f32) -> f32 {
+    match act {
+        Some(Activation::Silu) => silu_scalar(y),
+        Some(Activation::Relu6) => y.max(0.0).min(6.0),
+        None => y,
+    }
+}
+
+/// `g` times `act`'s derivative at `y`; ReLU6's is burn's for `relu(y).clamp_max(6.0)`: 1 on
+/// `0 < y <= 6`, else 0.
+#[inline(always)]
+fn activation_gradient(act: Activation, y: f32, g: f32) -> f32 {
+    match act {
+        Activation::Silu => silu_gradient(y, g),
+        Activation::Relu6 => match y > 0.0 && y <= 6.0 {
+            true => g,
+            false => 0.0,
+        },
+    }
 }
 
 simd_dispatch! {
@@ -1124,7 +1149,7 @@ pub(super) fn batch_norm_forward(
     gamma: &[f32],
     beta: &[f32],
     epsilon: f32,
-    silu: bool,
+    act: Option<Activation>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let planes = x.len() / plane;
     let count = (planes / channels * plane) as f32;
@@ -1158,7 +1183,7 @@ pub(super) fn batch_norm_forward(
         // SAFETY: `normalize_image` writes all of its image, as long as its input.
         unsafe {
             map_images(x.len(), channels * plane, |at, out| {
-                normalize_image(&x[at..][..out.len()], [mean, &scale, &shift], silu, out)
+                normalize_image(&x[at..][..out.len()], [mean, &scale, &shift], act, out)
             })
         }
     } else {
@@ -1166,7 +1191,7 @@ pub(super) fn batch_norm_forward(
         unsafe {
             map_planes(x.len(), channels, plane, |run, out| {
                 let x = run.of(x, out.len() / plane);
-                normalize_plane_run(x, run, [&mean, &scale, beta], silu, out);
+                normalize_plane_run(x, run, [&mean, &scale, beta], act, out);
             })
         }
     };
@@ -1174,10 +1199,11 @@ pub(super) fn batch_norm_forward(
 }
 
 /// The gradient of the batch norm's output from `grad`, the gradient of SiLU applied to it (see
-/// [`batch_norm_forward`] with `silu`), for `x` `[n, channels, plane]` and the batch statistics
+/// [`batch_norm_forward`] with `act`), for `x` `[n, channels, plane]` and the batch statistics
 /// the forward pass took.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn normalized_silu_backward(
+pub(super) fn normalized_activation_backward(
+    act: Activation,
     x: &[f32],
     grad: &[f32],
     plane: usize,
@@ -1195,20 +1221,21 @@ pub(super) fn normalized_silu_backward(
     if plane <= SMALL_PLANE {
         // Image by image, as the forward pass on these maps (`batch_norm_forward`).
         let [mean, scale, shift] = [mean, &scale, beta].map(|c| per_value(c, plane));
-        // SAFETY: `normalized_silu_backward_image` writes all of its image, as long as its inputs.
+        // SAFETY: `normalized_activation_backward_image` writes all of its image, as long as its
+        // inputs.
         return unsafe {
             map_images(x.len(), channels * plane, |at, out| {
                 let (x, grad) = (&x[at..][..out.len()], &grad[at..][..out.len()]);
-                normalized_silu_backward_image(x, grad, [&mean, &scale, &shift], out)
+                normalized_activation_backward_image(act, x, grad, [&mean, &scale, &shift], out)
             })
         };
     }
-    // SAFETY: `normalized_silu_backward_run` writes all of its run, as long as its inputs.
+    // SAFETY: `normalized_activation_backward_run` writes all of its run, as long as its inputs.
     unsafe {
         map_planes(x.len(), channels, plane, |run, out| {
             let planes = out.len() / plane;
             let (x, grad) = (run.of(x, planes), run.of(grad, planes));
-            normalized_silu_backward_run(x, grad, run, [mean, &scale, beta], out);
+            normalized_activation_backward_run(act, x, grad, run, [mean, &scale, beta], out);
         })
     }
 }
@@ -1383,12 +1410,12 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// `out = (x - mean[c]) * scale[c] + shift[c]` over the run's planes (of channel `c`), through
-    /// SiLU when `silu`.
+    /// `act`.
     fn normalize_plane_run(
         x: &[f32],
         run: PlaneRun,
         coefficients: [&[f32]; 3],
-        silu: bool,
+        act: Option<Activation>,
         out: &mut Written,
     ) {
         let [mean, scale, shift] = coefficients;
@@ -1397,7 +1424,7 @@ simd_dispatch! {
             let c = run.channel(i);
             for (o, x) in o.iter_mut().zip(x) {
                 let y = (x - mean[c]).mul_add(scale[c], shift[c]);
-                o.set(if silu { silu_scalar(y) } else { y });
+                o.set(activate(act, y));
             }
         }
     }
@@ -1406,8 +1433,9 @@ simd_dispatch! {
 simd_dispatch! {
     /// The gradient of SiLU's input from `grad`, its output's, over the run's planes (of channel
     /// `c`): the input, `(x - mean[c]) * scale[c] + shift[c]`, recomputed as
-    /// [`normalize_plane_run`] computed it, then [`silu_backward`]'s formula.
-    fn normalized_silu_backward_run(
+    /// [`normalize_plane_run`] computed it, then the activation's derivative.
+    fn normalized_activation_backward_run(
+        act: Activation,
         x: &[f32],
         grad: &[f32],
         run: PlaneRun,
@@ -1419,15 +1447,16 @@ simd_dispatch! {
         for (i, ((o, x), g)) in planes.zip(grad.chunks_exact(run.plane)).enumerate() {
             let c = run.channel(i);
             for ((o, x), g) in o.iter_mut().zip(x).zip(g) {
-                o.set(silu_gradient((x - mean[c]).mul_add(scale[c], shift[c]), *g));
+                o.set(activation_gradient(act, (x - mean[c]).mul_add(scale[c], shift[c]), *g));
             }
         }
     }
 }
 
 simd_dispatch! {
-    /// [`normalized_silu_backward_run`] element by element, with a coefficient per value.
-    fn normalized_silu_backward_image(
+    /// [`normalized_activation_backward_run`] element by element, with a coefficient per value.
+    fn normalized_activation_backward_image(
+        act: Activation,
         x: &[f32],
         grad: &[f32],
         coefficients: [&[f32]; 3],
@@ -1436,7 +1465,7 @@ simd_dispatch! {
         let [mean, scale, shift] = coefficients;
         let values = out.iter_mut().zip(x.iter().zip(grad)).zip(mean.iter().zip(scale).zip(shift));
         for ((o, (x, g)), ((m, s), b)) in values {
-            o.set(silu_gradient((x - m).mul_add(*s, *b), *g));
+            o.set(activation_gradient(act, (x - m).mul_add(*s, *b), *g));
         }
     }
 }
@@ -1496,14 +1525,19 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// `out = (x - mean) * scale + shift`, element by element, through SiLU when `silu`.
-    fn normalize_image(x: &[f32], coefficients: [&[f32]; 3], silu: bool, out: &mut Written) {
+    /// `out = (x - mean) * scale + shift`, element by element, through `act`.
+    fn normalize_image(
+        x: &[f32],
+        coefficients: [&[f32]; 3],
+        act: Option<Activation>,
+        out: &mut Written,
+    ) {
         let [mean, scale, shift] = coefficients;
         let values = out.iter_mut().zip(x).zip(mean.iter().zip(scale).zip(shift));
         for ((o, x), ((m, s), b)) in values {
             let y = (x - m).mul_add(*s, *b);
             // Loop-invariant: compiled as two loops.
-            o.set(if silu { silu_scalar(y) } else { y });
+            o.set(activate(act, y));
         }
     }
 }

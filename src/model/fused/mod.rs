@@ -30,7 +30,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Dropout};
 use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor, TensorData};
 
-use crate::spec::Padding;
+use crate::spec::{Activation, Padding};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -80,14 +80,14 @@ pub trait FusedOps: Backend {
         coefficients: RmsPropCoefficients,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Training-mode batch norm of `x` `[n, c, ...]` over all but the channel axis, followed by
-    /// SiLU when `silu`: (output, batch mean, biased batch variance), the statistics `[c]` and not
+    /// `act`: (output, batch mean, biased batch variance), the statistics `[c]` and not
     /// differentiated.
     fn fused_batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
-        silu: bool,
+        act: Option<Activation>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -345,24 +345,29 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// `bn.forward(x)`, then [`silu`] when `silu`, with the training-mode normalisation fused on Flex
-/// f32 tensors. The running statistics are updated exactly as burn's `BatchNorm` does (biased
-/// batch variance).
+/// `bn.forward(x)`, then `act` ([`silu`], or ReLU6 as burn's `relu(x).clamp_max(6.0)`), with the
+/// training-mode normalisation fused on Flex f32 tensors. The running statistics are updated
+/// exactly as burn's `BatchNorm` does (biased batch variance).
 ///
 /// The activation is applied as each run of the output is normalised, and its backward recomputes
 /// the normalised values from the input the batch norm keeps anyway: the map between the two is
-/// neither written, read back nor kept for the backward pass (two passes over it and its memory).
-pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
+/// neither written, read back nor kept for the backward pass (two passes over it and its memory;
+/// burn's ReLU6 is four serial ops).
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>, act: Option<Activation>) -> Tensor<4> {
     if !(x.device().is_autodiff() && bn.training.is_enabled() && runs_fused(&x)) {
         let y = bn.forward(x);
-        return if silu { self::silu(y) } else { y };
+        return match act {
+            Some(Activation::Silu) => silu(y),
+            Some(Activation::Relu6) => burn::tensor::activation::relu(y).clamp_max(6.0),
+            None => y,
+        };
     }
     let (out, mean, var) = <Dispatch as FusedOps>::fused_batch_norm_train(
         x.into_dispatch(),
         bn.gamma.val().into_dispatch(),
         bn.beta.val().into_dispatch(),
         bn.epsilon,
-        silu,
+        act,
     );
     let out = Tensor::<4>::from_dispatch(out);
     let device = out.device();

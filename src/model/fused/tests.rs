@@ -285,8 +285,8 @@ fn batch_norm_layer(channels: usize, device: &Device) -> BatchNorm {
 }
 
 /// Output, running statistics and the gradients of input, gamma and beta equal burn's
-/// `BatchNorm` in training mode (followed by burn's SiLU when fused with it), for the shapes B0
-/// trains with (down to 1x1 maps).
+/// `BatchNorm` in training mode (followed by burn's SiLU or ReLU6 when fused with one), for the
+/// shapes B0 trains with (down to 1x1 maps).
 #[test]
 fn batch_norm_matches_burn() {
     let device = Device::flex().autodiff();
@@ -303,18 +303,21 @@ fn batch_norm_matches_burn() {
         [300, 5, 2, 2],
         [40, 40, 4, 4],
     ];
-    for (shape, silu) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+    let acts = [None, Some(Activation::Silu), Some(Activation::Relu6)];
+    for (shape, act) in shapes.into_iter().flat_map(|s| acts.map(|a| (s, a))) {
         let (fused_bn, burn_bn) = (
             batch_norm_layer(shape[1], &device),
             batch_norm_layer(shape[1], &device),
         );
         let x = Tensor::<4>::random(shape, Distribution::Normal(3.0, 2.0), &device).require_grad();
-        let fused = batch_norm(&fused_bn, x.clone(), silu);
-        let reference = match silu {
-            true => burn::tensor::activation::silu(burn_bn.forward(x.clone())),
-            false => burn_bn.forward(x.clone()),
+        let fused = batch_norm(&fused_bn, x.clone(), act);
+        let y = burn_bn.forward(x.clone());
+        let reference = match act {
+            Some(Activation::Silu) => burn::tensor::activation::silu(y),
+            Some(Activation::Relu6) => burn::tensor::activation::relu(y).clamp_max(6.0),
+            None => y,
         };
-        let case = format!("{shape:?}, silu {silu}");
+        let case = format!("{shape:?}, {act:?}");
         assert!(
             rel_diff(fused.clone().detach(), reference.clone().detach()) < 1e-5,
             "{case}"
