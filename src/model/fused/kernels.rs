@@ -161,13 +161,14 @@ fn silu_gradient(x: f32, g: f32) -> f32 {
     g * s * x.mul_add(1.0 - s, 1.0)
 }
 
-/// `act` of `y`; ReLU6 as burn's `relu(y).clamp_max(6.0)`. The match is loop-invariant in the
-/// kernels that inline this: compiled as one loop per activation.
+/// `act` of `y`; ReLU6 as burn's `relu(y).clamp_max(6.0)` (but NaN stays NaN, for the step's
+/// divergence check to see). The match is loop-invariant in the kernels that inline this: compiled
+/// as one loop per activation.
 #[inline(always)]
 fn activate(act: Option<Activation>, y: f32) -> f32 {
     match act {
         Some(Activation::Silu) => silu_scalar(y),
-        Some(Activation::Relu6) => y.max(0.0).min(6.0),
+        Some(Activation::Relu6) => y.clamp(0.0, 6.0),
         None => y,
     }
 }
