@@ -1965,27 +1965,34 @@ fn quantize_writes_int8_weights_that_every_command_runs() {
 /// The training step's parallel ops (1x1 convolutions by image and output-channel block,
 /// depthwise and batch norm by fixed chunks) do not depend on the thread count: the same seed gives
 /// bit-identical weights on one thread and on two, and the same logged training loss (its L2 term
-/// is summed beside the forward pass on two threads).
+/// is summed beside the forward pass on two threads). B0 (SiLU, squeeze-excite, stochastic depth)
+/// and Lite0 (ReLU6).
 #[test]
 fn training_is_bit_identical_on_one_and_two_threads() {
     let home = tempfile::tempdir().unwrap();
     let dataset = tiny_dataset(home.path(), 96);
+    for model in ["b0", "lite0"] {
+        same_training_on_one_and_two_threads(home.path(), &dataset, model);
+    }
+}
+
+fn same_training_on_one_and_two_threads(home: &Path, dataset: &str, model: &str) {
     let (mut weights, mut losses) = (Vec::new(), Vec::new());
     for threads in ["1", "2"] {
-        let out = home.path().join(format!("run{threads}"));
+        let out = home.join(format!("{model}-run{threads}"));
         let o = Command::new(env!("CARGO_BIN_EXE_effnet"))
             .args([
                 "train",
-                "b0",
+                model,
                 "--dataset",
-                &dataset,
+                dataset,
                 "--resolution",
                 "32",
                 "--batch-size",
                 "16",
             ])
             .args(["--epochs", "1", "--out", out.to_str().unwrap()])
-            .env("EFFNET_HOME", home.path())
+            .env("EFFNET_HOME", home)
             .env("RAYON_NUM_THREADS", threads)
             .output()
             .unwrap();
@@ -1998,8 +2005,12 @@ fn training_is_bit_identical_on_one_and_two_threads() {
     }
     assert!(!weights[0].is_empty());
     for (name, t) in &weights[0] {
-        assert_eq!(t.data, weights[1][name].data, "{name}");
+        assert_eq!(t.data, weights[1][name].data, "{model}: {name}");
     }
     assert!(losses[0] > 0.0);
-    assert_eq!(losses[0].to_bits(), losses[1].to_bits(), "{losses:?}");
+    assert_eq!(
+        losses[0].to_bits(),
+        losses[1].to_bits(),
+        "{model}: {losses:?}"
+    );
 }
