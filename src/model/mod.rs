@@ -14,7 +14,6 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
 };
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv, FeatureTap, ModelSpec, Padding};
@@ -30,10 +29,7 @@ pub struct Act(pub Activation);
 
 impl Act {
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match self.0 {
-            Activation::Silu => fused::silu(x),
-            Activation::Relu6 => relu(x).clamp_max(6.0),
-        }
+        fused::activation(x, self.0)
     }
 }
 

@@ -1176,9 +1176,7 @@ pub(super) fn batch_norm_forward(
         })
     };
     let var: Vec<f32> = deviations.into_iter().map(|s| s / count).collect();
-    let scale: Vec<f32> = (0..channels)
-        .map(|c| gamma[c] / (var[c] + epsilon).sqrt())
-        .collect();
+    let scale = normalization_scale(gamma, &var, epsilon);
     let out = if let Some(mean) = &mean_values {
         let [scale, shift] = [&scale, beta].map(|c| per_value(c, plane));
         // SAFETY: `normalize_image` writes all of its image, as long as its input.
@@ -1199,7 +1197,17 @@ pub(super) fn batch_norm_forward(
     (out, mean, var)
 }
 
-/// The gradient of the batch norm's output from `grad`, the gradient of SiLU applied to it (see
+/// Batch norm's per-channel factor `gamma / sqrt(var + epsilon)`: the forward pass's, and the
+/// backward's when it recomputes the forward pass's output.
+fn normalization_scale(gamma: &[f32], var: &[f32], epsilon: f32) -> Vec<f32> {
+    gamma
+        .iter()
+        .zip(var)
+        .map(|(g, v)| g / (v + epsilon).sqrt())
+        .collect()
+}
+
+/// The gradient of the batch norm's output from `grad`, the gradient of `act` applied to it (see
 /// [`batch_norm_forward`] with `act`), for `x` `[n, channels, plane]` and the batch statistics
 /// the forward pass took.
 #[allow(clippy::too_many_arguments)]
@@ -1215,10 +1223,7 @@ pub(super) fn normalized_activation_backward(
     epsilon: f32,
 ) -> Vec<f32> {
     let channels = gamma.len();
-    // The forward pass's scale, by the same operations.
-    let scale: Vec<f32> = (0..channels)
-        .map(|c| gamma[c] / (var[c] + epsilon).sqrt())
-        .collect();
+    let scale = normalization_scale(gamma, var, epsilon);
     if plane <= SMALL_PLANE {
         // Image by image, as the forward pass on these maps (`batch_norm_forward`).
         let [mean, scale, shift] = [mean, &scale, beta].map(|c| per_value(c, plane));
@@ -1432,7 +1437,7 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// The gradient of SiLU's input from `grad`, its output's, over the run's planes (of channel
+    /// The gradient of `act`'s input from `grad`, its output's, over the run's planes (of channel
     /// `c`): the input, `(x - mean[c]) * scale[c] + shift[c]`, recomputed as
     /// [`normalize_plane_run`] computed it, then the activation's derivative.
     fn normalized_activation_backward_run(
@@ -1536,9 +1541,7 @@ simd_dispatch! {
         let [mean, scale, shift] = coefficients;
         let values = out.iter_mut().zip(x).zip(mean.iter().zip(scale).zip(shift));
         for ((o, x), ((m, s), b)) in values {
-            let y = (x - m).mul_add(*s, *b);
-            // Loop-invariant: compiled as two loops.
-            o.set(activate(act, y));
+            o.set(activate(act, (x - m).mul_add(*s, *b)));
         }
     }
 }

@@ -140,6 +140,14 @@ pub fn rmsprop_tf<const D: usize>(
     )
 }
 
+/// `act` of `x`: [`silu`], or ReLU6 as burn's `relu(x).clamp_max(6.0)`.
+pub fn activation<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
+    match act {
+        Activation::Silu => silu(x),
+        Activation::Relu6 => burn::tensor::activation::relu(x).clamp_max(6.0),
+    }
+}
+
 /// SiLU, fused on Flex f32 tensors and burn's `x * sigmoid(x)` elsewhere.
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if !runs_fused(&x) {
@@ -345,8 +353,8 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// `bn.forward(x)`, then `act` ([`silu`], or ReLU6 as burn's `relu(x).clamp_max(6.0)`), with the
-/// training-mode normalisation fused on Flex f32 tensors. The running statistics are updated
+/// `bn.forward(x)`, then `act` (as [`activation`]), with the training-mode normalisation fused on
+/// Flex f32 tensors. The running statistics are updated
 /// exactly as burn's `BatchNorm` does (biased batch variance).
 ///
 /// The activation is applied as each run of the output is normalised, and its backward recomputes
@@ -357,8 +365,7 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>, act: Option<Activation>) -> Tens
     if !(x.device().is_autodiff() && bn.training.is_enabled() && runs_fused(&x)) {
         let y = bn.forward(x);
         return match act {
-            Some(Activation::Silu) => silu(y),
-            Some(Activation::Relu6) => burn::tensor::activation::relu(y).clamp_max(6.0),
+            Some(act) => activation(y, act),
             None => y,
         };
     }
