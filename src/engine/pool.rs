@@ -5,18 +5,32 @@
 //! while pools that spin without bound (rayon, ONNX Runtime by default) collapse when another
 //! process holds a core. Here a waiting thread spins at most `EFFNET_SPIN_US` microseconds (default 50) with
 //! `spin_loop` hints and then blocks on a condition variable.
+//!
+//! Each thread first runs its own contiguous share of a job's parts, then helps with the others'.
+//! The engine splits consecutive layers alike (bands of rows), so a thread mostly reads what it
+//! wrote itself; and claiming a part touches only the claimer's own counter. One shared counter
+//! for every part cost B0 a cache-line transfer between the cores per part and mixed the rows'
+//! owners from layer to layer (`effnet bench --threads 2`; docs/benchmarks.md).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A job: `parts` calls of `f(part)`, claimed dynamically by whichever thread is free.
+/// One thread's share of a job's parts, `next..end`: claimed from the front by its owner, then by
+/// the others once their own shares are done. Aligned so that no two counters share a cache line.
+#[repr(align(128))]
+struct Share {
+    next: AtomicUsize,
+    end: usize,
+}
+
+/// A job: a call of `f(part)` for every part of its shares, thread `t` (the caller is 0) starting
+/// with share `t`.
 #[derive(Clone)]
 struct Job {
     f: *const (dyn Fn(usize) + Sync),
-    parts: usize,
-    next: Arc<AtomicUsize>,
+    shares: Arc<[Share]>,
 }
 
 // SAFETY: `f` points to a `Sync` closure that `Pool::run` keeps alive until every part is done, and
@@ -76,9 +90,9 @@ impl Pool {
     pub fn new(threads: usize) -> Self {
         let shared = Arc::new(Shared::default());
         let workers = (1..threads.max(1))
-            .map(|_| {
+            .map(|me| {
                 let shared = Arc::clone(&shared);
-                std::thread::spawn(move || worker(&shared))
+                std::thread::spawn(move || worker(&shared, me))
             })
             .collect();
         Pool { shared, workers }
@@ -95,7 +109,13 @@ impl Pool {
             return;
         }
         let sh = &*self.shared;
-        let next = Arc::new(AtomicUsize::new(0));
+        let threads = self.threads();
+        let shares: Arc<[Share]> = (0..threads)
+            .map(|t| Share {
+                next: AtomicUsize::new(t * parts / threads),
+                end: (t + 1) * parts / threads,
+            })
+            .collect();
         // SAFETY: lifetime erasure: `f` is only called for claimed parts, and we return only after
         // every part has completed.
         let f_ptr: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
@@ -103,8 +123,7 @@ impl Pool {
         sh.remaining.store(parts, Ordering::Release);
         *sh.job.lock().unwrap() = Some(Job {
             f: f_ptr,
-            parts,
-            next: Arc::clone(&next),
+            shares: Arc::clone(&shares),
         });
         // SeqCst pairs with the worker's: either it sees the new generation before blocking, or
         // this sees it counted among the sleepers (and the lock orders the notification after its
@@ -114,7 +133,7 @@ impl Pool {
             let _g = sh.sleep.lock().unwrap();
             sh.work.notify_all();
         }
-        claim(sh, f, parts, &next);
+        claim(sh, f, &shares, 0);
         if !spin_until(|| sh.remaining.load(Ordering::Acquire) == 0) {
             let mut g = sh.sleep.lock().unwrap();
             sh.caller_sleeps.store(true, Ordering::SeqCst);
@@ -126,24 +145,32 @@ impl Pool {
     }
 }
 
-fn claim(sh: &Shared, f: &(dyn Fn(usize) + Sync), parts: usize, next: &AtomicUsize) {
-    loop {
-        let part = next.fetch_add(1, Ordering::Relaxed);
-        if part >= parts {
-            break;
+/// Runs the parts thread `me` claims, its own share first, and counts them done at the end (one
+/// write to the shared count per thread and job, not per part).
+fn claim(sh: &Shared, f: &(dyn Fn(usize) + Sync), shares: &[Share], me: usize) {
+    let mut ran = 0;
+    for k in 0..shares.len() {
+        let share = &shares[(me + k) % shares.len()];
+        loop {
+            let part = share.next.fetch_add(1, Ordering::Relaxed);
+            if part >= share.end {
+                break;
+            }
+            f(part);
+            ran += 1;
         }
-        f(part);
-        // SeqCst pairs with the caller's flag, as in `run`.
-        if sh.remaining.fetch_sub(1, Ordering::SeqCst) == 1
-            && sh.caller_sleeps.load(Ordering::SeqCst)
-        {
-            let _g = sh.sleep.lock().unwrap();
-            sh.done.notify_all();
-        }
+    }
+    // SeqCst pairs with the caller's flag, as in `run`.
+    if ran > 0
+        && sh.remaining.fetch_sub(ran, Ordering::SeqCst) == ran
+        && sh.caller_sleeps.load(Ordering::SeqCst)
+    {
+        let _g = sh.sleep.lock().unwrap();
+        sh.done.notify_all();
     }
 }
 
-fn worker(sh: &Shared) {
+fn worker(sh: &Shared, me: usize) {
     let mut seen = 0;
     loop {
         let fresh =
@@ -163,8 +190,8 @@ fn worker(sh: &Shared) {
         let Some(job) = sh.job.lock().unwrap().clone() else {
             continue;
         };
-        // SAFETY: a part below `job.parts` is only claimed while its `run` is still waiting.
-        claim(sh, unsafe { &*job.f }, job.parts, &job.next);
+        // SAFETY: a part within `job.shares` is only claimed while its `run` is still waiting.
+        claim(sh, unsafe { &*job.f }, &job.shares, me);
     }
 }
 
@@ -243,6 +270,32 @@ mod tests {
             if i % 2 == 0 {
                 std::thread::sleep(Duration::from_micros(150));
             }
+        }
+    }
+
+    /// A worker starts on its own share (the second half of the parts), not on the part after
+    /// the caller's: part 0 waits (up to 5 s) for the other thread's first part and records it.
+    #[test]
+    fn each_thread_starts_with_its_own_share() {
+        let pool = Pool::new(2);
+        for parts in [2, 7, 16] {
+            let first_other = AtomicUsize::new(usize::MAX);
+            let started = AtomicBool::new(false);
+            pool.run(parts, &|p| {
+                if p == 0 {
+                    let start = Instant::now();
+                    while !started.load(Ordering::Acquire) && start.elapsed().as_secs() < 5 {
+                        std::hint::spin_loop();
+                    }
+                } else if !started.swap(true, Ordering::AcqRel) {
+                    first_other.store(p, Ordering::Release);
+                }
+            });
+            assert_eq!(
+                first_other.load(Ordering::Acquire),
+                parts / 2,
+                "{parts} parts"
+            );
         }
     }
 
