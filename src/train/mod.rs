@@ -61,7 +61,8 @@ pub fn on_thread_pool<T: Send>(
 pub(crate) struct Pollers(Arc<PollerState>);
 
 /// What the step shares with its pollers: the stop flag and the backward pass's deferred weight
-/// gradients ([`crate::model::fused::deferred`]), which a poller works on when it finds no task.
+/// gradients and the optimizer's deferred updates ([`crate::model::fused::deferred`]), which a
+/// poller works on when it finds no task.
 #[derive(Default)]
 pub(crate) struct PollerState {
     stop: AtomicBool,

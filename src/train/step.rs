@@ -141,7 +141,8 @@ impl<'a> Trainer<'a> {
             gradients(loss, &model, deferred)
         };
         let backward = start.elapsed() - forward;
-        let model = optim.step(lr, model, grads);
+        // The pollers update the large weights while burn's optimizer walks the parameters.
+        let model = fused::deferred::updates(deferred, || optim.step(lr, model, grads));
         Ok(StepOutcome {
             model,
             loss: loss_value,

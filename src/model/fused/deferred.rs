@@ -1,4 +1,4 @@
-//! Weight gradients computed off the backward pass's critical path.
+//! Weight gradients and optimizer updates computed off the step thread's critical path.
 //!
 //! Only the optimizer reads a weight's gradient, after the whole backward pass; the input
 //! gradient is read at once by the next backward op. Inside [`backward`] (the training step opens
@@ -8,6 +8,11 @@
 //! ops; [`Late::register`] runs what is left in parallel and adds every queued gradient to the
 //! parameters' gradients. The parts are fixed by shape, so the values do not depend on which
 //! thread ran them.
+//!
+//! Inside [`updates`] the optimizer's in-place update of each large parameter is queued the same
+//! way: burn's optimizer walks the parameters one by one with about 4 us of bookkeeping each
+//! (a third of B0's update phase, on the step thread alone), and the pollers update the weights
+//! meanwhile instead of waiting for each parameter's own parallel pass.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -24,7 +29,8 @@ use rayon::prelude::*;
 type Fill = Box<dyn Fn(usize, &mut [f32]) + Send + Sync>;
 
 /// One weight gradient of `len` floats in parts of `chunk` (the last one shorter): part `i` is
-/// zeroed, then handed to `fill(i, part)`.
+/// zeroed, then handed to `fill(i, part)`. Or work with no output of its own ([`Job::work`], an
+/// in-place update), whose parts are empty.
 pub(super) struct Job {
     param: u64,
     shape: [usize; 4],
@@ -69,13 +75,22 @@ impl Job {
         }
     }
 
+    /// `parts` calls `run(i)` that write nothing of the job's own.
+    fn work(parts: usize, run: impl Fn(usize) + Send + Sync + 'static) -> Self {
+        Job {
+            parts,
+            chunk: 0,
+            ..Job::new(0, [0; 4], 1, Box::new(move |i, _| run(i)))
+        }
+    }
+
     /// Claims and runs the next part; false when every part is claimed.
     fn run_one(&self) -> bool {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         if i >= self.parts {
             return false;
         }
-        let start = i * self.chunk;
+        let start = (i * self.chunk).min(self.len);
         let len = self.chunk.min(self.len - start);
         // SAFETY: part `i` was claimed by this call alone and lies within the buffer (see the
         // `Send`/`Sync` note); zeroing initialises it before `fill` sees it as floats.
@@ -100,8 +115,8 @@ impl Job {
         true
     }
 
-    /// Runs the unclaimed parts in parallel, waits for the claimed ones, and returns the values.
-    fn finish(&self) -> Vec<f32> {
+    /// Runs the unclaimed parts in parallel and waits for the claimed ones; false if one panicked.
+    fn complete(&self) -> bool {
         (0..self.parts).into_par_iter().for_each(|_| {
             self.run_one();
         });
@@ -111,10 +126,12 @@ impl Job {
                 std::thread::yield_now();
             }
         }
-        assert!(
-            !self.failed.load(Ordering::Relaxed),
-            "a deferred weight gradient panicked"
-        );
+        !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// [`Job::complete`], then the values.
+    fn finish(&self) -> Vec<f32> {
+        assert!(self.complete(), "a deferred weight gradient panicked");
         let mut values = std::mem::take(&mut *self.values.lock().unwrap());
         // SAFETY: every part was zeroed and filled (`done` counts them), covering `0..len`.
         unsafe { values.set_len(self.len) };
@@ -122,14 +139,22 @@ impl Job {
     }
 }
 
-/// The jobs queued by one backward pass: open ones for the pollers, all of them in order.
+/// The jobs queued by one backward pass or update: open ones for the pollers, and every gradient
+/// and every piece of work, in order.
 #[derive(Default)]
 pub struct Queue {
     open: Mutex<VecDeque<Arc<Job>>>,
     all: Mutex<Vec<Arc<Job>>>,
+    work: Mutex<Vec<Arc<Job>>>,
 }
 
 impl Queue {
+    /// Pieces of work queued and not yet finished by [`updates`].
+    #[cfg(test)]
+    pub(crate) fn queued_work(&self) -> usize {
+        self.work.lock().unwrap().len()
+    }
+
     /// Runs one part of the oldest job with parts left; false when there is none.
     pub fn run_one(&self) -> bool {
         loop {
@@ -152,12 +177,8 @@ thread_local! {
     static ACTIVE: RefCell<Option<Arc<Queue>>> = const { RefCell::new(None) };
 }
 
-/// Runs `pass` (a `backward()` call) with the weight gradients deferred to `queue`'s pollers when
-/// given; the [`Late`] gradients go into the parameters' gradients after the pass.
-pub fn backward<G>(queue: Option<&Arc<Queue>>, pass: impl FnOnce() -> G) -> (G, Late) {
-    let Some(queue) = queue else {
-        return (pass(), Late(Vec::new()));
-    };
+/// Runs `pass` with `queue` as this thread's deferring queue.
+fn with_queue<R>(queue: &Arc<Queue>, pass: impl FnOnce() -> R) -> R {
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -165,11 +186,43 @@ pub fn backward<G>(queue: Option<&Arc<Queue>>, pass: impl FnOnce() -> G) -> (G, 
         }
     }
     ACTIVE.with_borrow_mut(|active| *active = Some(queue.clone()));
-    let reset = Reset;
-    let grads = pass();
-    drop(reset);
+    let _reset = Reset;
+    pass()
+}
+
+/// Runs `pass` (a `backward()` call) with the weight gradients deferred to `queue`'s pollers when
+/// given; the [`Late`] gradients go into the parameters' gradients after the pass.
+pub fn backward<G>(queue: Option<&Arc<Queue>>, pass: impl FnOnce() -> G) -> (G, Late) {
+    let Some(queue) = queue else {
+        return (pass(), Late(Vec::new()));
+    };
+    let grads = with_queue(queue, pass);
     let jobs = std::mem::take(&mut *queue.all.lock().unwrap());
     (grads, Late(jobs))
+}
+
+/// Runs `pass` (an optimizer step) with the large parameters' updates deferred to `queue`'s
+/// pollers when given, and returns once every update is done: until then the updated tensors
+/// `pass` returns are still being written.
+pub fn updates<R>(queue: Option<&Arc<Queue>>, pass: impl FnOnce() -> R) -> R {
+    let Some(queue) = queue else {
+        return pass();
+    };
+    struct Finish<'a>(&'a Queue);
+    impl Drop for Finish<'_> {
+        // Also when `pass` panics: no part may still write into a buffer after this returns.
+        fn drop(&mut self) {
+            let work = std::mem::take(&mut *self.0.work.lock().unwrap());
+            let failed = work.par_iter().filter(|job| !job.complete()).count();
+            if failed > 0 && !std::thread::panicking() {
+                panic!("{failed} deferred parameter updates panicked");
+            }
+        }
+    }
+    let finish = Finish(queue);
+    let out = with_queue(queue, pass);
+    drop(finish);
+    out
 }
 
 /// The weight gradients a deferring [`backward`] queued, in the order it queued them.
@@ -214,6 +267,21 @@ pub(super) fn defer(
         };
         let job = Arc::new(Job::new(param, shape, chunk, Box::new(fill)));
         queue.all.lock().unwrap().push(job.clone());
+        queue.open.lock().unwrap().push_back(job);
+        true
+    })
+}
+
+/// Queues `parts` calls `run(i)` (an in-place update of a buffer that nothing reads before
+/// [`updates`] returns) when a deferring [`updates`] runs on this thread; false otherwise (the
+/// caller runs them now).
+pub(super) fn defer_work(parts: usize, run: impl Fn(usize) + Send + Sync + 'static) -> bool {
+    ACTIVE.with_borrow(|active| {
+        let Some(queue) = active else {
+            return false;
+        };
+        let job = Arc::new(Job::work(parts, run));
+        queue.work.lock().unwrap().push(job.clone());
         queue.open.lock().unwrap().push_back(job);
         true
     })

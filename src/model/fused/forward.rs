@@ -4,10 +4,11 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Flex, TensorMetadata};
 
 use super::kernels::{
-    ConvGeometry, batch_norm_forward, depthwise_forward, im2col, par_map, plane_means,
-    pointwise_forward, rmsprop_tf, scale_planes, sigmoid_forward, silu_forward, squared_sum,
+    CHUNK, ConvGeometry, batch_norm_forward, depthwise_forward, im2col, par_map, plane_means,
+    pointwise_forward, rmsprop_tf, rmsprop_tf_chunk, scale_planes, sigmoid_forward, silu_forward,
+    squared_sum,
 };
-use super::{FusedOps, RmsPropCoefficients, contiguous, dims4, exclusive, f32s, tensor};
+use super::{FusedOps, RmsPropCoefficients, contiguous, deferred, dims4, exclusive, f32s, tensor};
 use crate::spec::Activation;
 
 impl FusedOps for Flex {
@@ -81,13 +82,15 @@ impl FusedOps for Flex {
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let g = contiguous(g);
         let [mut w, mut ms, mut mom] = [w, ms, mom].map(exclusive);
-        rmsprop_tf(
-            f32s(&g),
-            c,
-            w.storage_mut(),
-            ms.storage_mut(),
-            mom.storage_mut(),
-        );
+        if !defer_rmsprop(&g, c, [&mut w, &mut ms, &mut mom]) {
+            rmsprop_tf(
+                f32s(&g),
+                c,
+                w.storage_mut(),
+                ms.storage_mut(),
+                mom.storage_mut(),
+            );
+        }
         (w, ms, mom)
     }
 
@@ -116,5 +119,61 @@ impl FusedOps for Flex {
             tensor(mean, channels.clone()),
             tensor(var, channels),
         )
+    }
+}
+
+/// Parameters with fewer weights are updated at once: queueing one costs about as much as its
+/// update.
+const DEFER_UPDATE_MIN: usize = 4096;
+
+/// Queues the update of `[w, ms, mom]` (unique and contiguous, from [`exclusive`]) in parts of
+/// [`CHUNK`] to a deferring [`deferred::updates`] on this thread; false when there is none or the
+/// parameter is small (the caller updates it now). Each weight's update depends on its own values
+/// alone, so the result does not depend on which thread runs a part.
+fn defer_rmsprop(g: &FlexTensor, c: RmsPropCoefficients, mut state: [&mut FlexTensor; 3]) -> bool {
+    let len = f32s(g).len();
+    if len < DEFER_UPDATE_MIN {
+        return false;
+    }
+    let buffers = Buffers(
+        state
+            .each_mut()
+            .map(|t| t.storage_mut::<f32>().as_mut_ptr()),
+        f32s(g).as_ptr(),
+    );
+    // The job holds the tensors: their buffers live until its last part is done.
+    let held = [g, &*state[0], &*state[1], &*state[2]].map(FlexTensor::clone);
+    deferred::defer_work(len.div_ceil(CHUNK), move |i| {
+        let _ = &held;
+        let start = i * CHUNK;
+        // SAFETY: part `i` alone covers `start..start + n` of the four buffers of `len` floats,
+        // which `held` keeps alive; nothing reads `w`, `ms` or `mom` before `deferred::updates`
+        // returns, after every part.
+        let (g, [w, ms, mom]) = unsafe { buffers.part(start, CHUNK.min(len - start)) };
+        rmsprop_tf_chunk(g, c, w, ms, mom);
+    })
+}
+
+/// The weight, mean-square and momentum buffers and the gradient of one deferred update.
+struct Buffers([*mut f32; 3], *const f32);
+
+// SAFETY: the buffers outlive the job (it holds their tensors) and parts touch disjoint ranges.
+unsafe impl Send for Buffers {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Buffers {}
+
+impl Buffers {
+    /// # Safety
+    /// `start..start + n` lies in every buffer, and no other live slice overlaps it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, start: usize, n: usize) -> (&[f32], [&mut [f32]; 3]) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            (
+                std::slice::from_raw_parts(self.1.add(start), n),
+                self.0
+                    .map(|p| std::slice::from_raw_parts_mut(p.add(start), n)),
+            )
+        }
     }
 }

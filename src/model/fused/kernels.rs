@@ -12,7 +12,7 @@ use crate::simd::simd_dispatch;
 use crate::spec::Activation;
 
 /// Elements per parallel chunk of the elementwise ops: big enough to hide rayon's overhead.
-const CHUNK: usize = 1 << 14;
+pub(super) const CHUNK: usize = 1 << 14;
 
 /// `K` new vectors of `len` floats, built in parallel: chunk `i` (`chunk` floats, the last one
 /// shorter) of each is zeroed by the task that then hands it to `fill(i, parts)`. For fills that
@@ -261,7 +261,7 @@ pub(super) fn rmsprop_tf(
 
 simd_dispatch! {
     /// [`rmsprop_tf`] on one chunk.
-    fn rmsprop_tf_chunk(
+    pub(super) fn rmsprop_tf_chunk(
         g: &[f32],
         c: super::RmsPropCoefficients,
         w: &mut [f32],

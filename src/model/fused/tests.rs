@@ -229,13 +229,14 @@ fn spatial_mean_and_plane_scale_match_burn() {
 /// The fused TF-RMSProp update gives the same bits as burn's composed ops in the same order,
 /// over several steps and a size that spans several parallel chunks, with and without the L2
 /// term, on weights and state shared with another tensor (copied, the other left as it was) and
-/// not (updated in place).
+/// not (updated in place), run at once or queued to a deferring `deferred::updates`.
 #[test]
 fn rmsprop_matches_composed_ops() {
     let device = Device::flex();
     let n = 40_000;
     let random = |scale: f64| Tensor::<1>::random([n], Distribution::Normal(0.0, scale), &device);
-    for weight_decay in [0.0, 0.01] {
+    let queue = std::sync::Arc::new(deferred::Queue::default());
+    for (weight_decay, deferring) in [(0.0, false), (0.01, false), (0.0, true), (0.01, true)] {
         let c = RmsPropCoefficients {
             lr: 0.004,
             decay_complement: (1.0 - 0.9f64) as f32,
@@ -256,7 +257,15 @@ fn rmsprop_matches_composed_ops() {
                 .map(|(g, w)| w.mul_add(weight_decay, *g))
                 .collect();
             let g_ref = Tensor::<1>::from_floats(g_ref.as_slice(), &device);
-            (w, ms, mom) = rmsprop_tf(w, g, ms, mom, c);
+            (w, ms, mom) = match deferring {
+                false => rmsprop_tf(w, g, ms, mom, c),
+                true => deferred::updates(Some(&queue), || {
+                    let updated = rmsprop_tf(w, g, ms, mom, c);
+                    assert_eq!(queue.queued_work(), 1, "the update was not deferred");
+                    updated
+                }),
+            };
+            assert_eq!(queue.queued_work(), 0);
             ms_ref = ms_ref.clone()
                 + (g_ref.clone().powi_scalar(2) - ms_ref).mul_scalar(c.decay_complement);
             let step = g_ref.mul_scalar(c.lr) / ms_ref.clone().add_scalar(c.epsilon).sqrt();
