@@ -4,8 +4,9 @@ mod common;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use common::*;
-use effnet::engine::Engine;
+use effnet::engine::{Engine, Precision};
 use effnet::model::{EfficientNet, apply_weights};
+use effnet::quantize::{Images, Method, Options, quantize};
 use effnet::spec::{BlockArgs, Padding, variant};
 use effnet::weights::{self, WeightSet};
 
@@ -186,6 +187,67 @@ fn planar_stem_matches_im2col_on_every_variant() {
         ("v2-b3", Padding::Symmetric, 1, 48, 56),
     ];
     default_path_matches(&cases, |e| e.with_planar_stem(false));
+}
+
+#[test]
+fn fused_projections_match_the_separate_pass_on_the_lite_family() {
+    // Lite blocks have no SE, so each projection runs on the rows its part of the fused expand +
+    // depthwise just wrote: stride 1 and 2, residual or not, batches, 1 and 2 threads (bands),
+    // odd sizes that leave short last bands. In fp32, bf16 and int8 the kernel sees the same rows.
+    let cases = [
+        ("lite0", Padding::Same, 2, 67, 90),
+        ("lite0", Padding::Symmetric, 1, 64, 48),
+        ("lite2", Padding::Same, 1, 96, 96),
+        ("lite4", Padding::Symmetric, 1, 75, 61),
+    ];
+    default_path_matches(&cases, |e| e.with_fused_projection(false));
+
+    // bf16 (where the CPU has it) and int8 (every layer) give the same bits either way.
+    let set = random_set("lite0", Padding::Same);
+    let side = 64;
+    let image: Vec<f32> = (0..3 * side * side)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let calibration = Images {
+        data: std::slice::from_ref(&image),
+        side,
+    };
+    let all_int8 = Options {
+        method: Method::MinMax,
+        threshold: 0.0,
+        holdout: 0.0,
+        threads: 1,
+        bias_correction: false,
+    };
+    let (q, _) = quantize(&set, calibration, &all_int8, &|_| {}).unwrap();
+    let bf16 = Engine::new(&set)
+        .unwrap()
+        .with_precision(Precision::Bf16)
+        .is_ok();
+    for threads in [1, 2] {
+        let run = |fused: bool, int8: bool| {
+            let e = Engine::new(&set)
+                .unwrap()
+                .with_threads(threads)
+                .with_fused_projection(fused);
+            let mut e = match int8 {
+                true => e,
+                false => e.with_precision(Precision::Bf16).unwrap(),
+            };
+            if int8 {
+                e.set_quantization(&q).unwrap();
+            }
+            e.forward(&image, 1, side, side)
+        };
+        assert_eq!(run(true, true), run(false, true), "int8, {threads} threads");
+        if bf16 {
+            assert_eq!(
+                run(true, false),
+                run(false, false),
+                "bf16, {threads} threads"
+            );
+        }
+    }
 }
 
 #[test]

@@ -157,6 +157,9 @@ pub struct Engine {
     /// Stride-1 depthwise convs in strips of pixels sharing their loads, on AVX-512 (on by
     /// default; off: per-pixel kernels).
     dw_strips: bool,
+    /// A block's projection with no SE before it run inside the fused expand + depthwise, per
+    /// band of rows (on by default; off: its own pass over the whole map).
+    fused_projection: bool,
     /// What runs the layers an int8 quantisation keeps out of int8, and the classifier.
     int8_fallback: Precision,
     /// Whether an int8 quantisation is set (by [`Engine::set_quantization`]).
@@ -200,6 +203,7 @@ impl Engine {
             winograd: true,
             planar_stem: true,
             dw_strips: true,
+            fused_projection: true,
             int8_fallback: Self::default_int8_fallback(),
             quantised: false,
         })
@@ -431,6 +435,14 @@ impl Engine {
     /// like the other dense convolutions (for comparisons).
     pub fn with_planar_stem(mut self, on: bool) -> Self {
         self.planar_stem = on;
+        self
+    }
+
+    /// Runs a block's projection with no SE before it inside the fused expand + depthwise, on the
+    /// rows each part just wrote (the default, where one part has every channel of its rows) or,
+    /// with `false`, as its own pass over the whole map (for comparisons).
+    pub fn with_fused_projection(mut self, on: bool) -> Self {
+        self.fused_projection = on;
         self
     }
 
@@ -667,18 +679,36 @@ impl Engine {
         let mut cur = shape;
         // Channel sums of the tensor the SE reads, when the depthwise conv that made it pooled.
         let mut sums: Option<Vec<f32>> = None;
-        for step in &b.steps {
+        let mut projected = false;
+        for (i, step) in b.steps.iter().enumerate() {
             match step {
                 Step::ExpandDepthwise { expand, dw, pool } => {
                     let mut s = pool.then(|| vec![0.0; n * dw.cout]);
-                    let [x, t1, t2] = a
+                    let [x, t1, t2, y] = a
                         .bufs
-                        .get_disjoint_mut([Buf::X as usize, Buf::T1 as usize, Buf::T2 as usize])
+                        .get_disjoint_mut([Buf::X, Buf::T1, Buf::T2, Buf::Y].map(|b| b as usize))
                         .expect("distinct buffers");
+                    // A projection with no SE between reads the depthwise rows while they are
+                    // still in cache (not while calibrating: the observers see whole maps).
+                    let project = match b.steps.get(i + 1) {
+                        Some(Step::Project {
+                            conv,
+                            from: Buf::T2,
+                            se: None,
+                            residual,
+                        }) if self.fused_projection && self.observers.is_none() => {
+                            Some((conv, *residual))
+                        }
+                        _ => None,
+                    };
                     cur = match self.fused_split(dw, n, cur) {
                         Some(split) => {
                             let s = s.as_deref_mut();
-                            self.expand_depthwise(expand, dw, x, t2, n, cur, split, s)
+                            // Every channel of a band in one part, for the projection to read.
+                            let project = project.filter(|_| split.1 == 1);
+                            projected = project.is_some();
+                            let project = project.map(|(conv, res)| (conv, &mut *y, res));
+                            self.expand_depthwise(expand, dw, x, t2, n, cur, split, s, project)
                         }
                         None => {
                             let mid = self.conv(expand, x, t1, n, cur, None);
@@ -687,6 +717,7 @@ impl Engine {
                     };
                     sums = s;
                 }
+                Step::Project { .. } if std::mem::take(&mut projected) => {}
                 Step::Conv {
                     conv,
                     from,

@@ -357,6 +357,11 @@ impl Engine {
     /// [`Engine::fused_split`]) expands just the input rows its next few output rows read into a
     /// buffer that stays in L2, keeping the rows it shares with the following step, and runs the
     /// depthwise kernel on it. `pool` as in [`Engine::conv`].
+    ///
+    /// With `project` (the block's 1x1 projection, its output and whether it adds `input`; every
+    /// channel in one part), each part then projects the depthwise rows it just wrote, from cache,
+    /// into the projection's output: a projection reading the whole map back ran at half of
+    /// OpenVINO's speed on Lite0's large early maps (docs/benchmarks.md).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn expand_depthwise(
         &self,
@@ -368,6 +373,7 @@ impl Engine {
         (h, w): (usize, usize),
         (bands, col_parts): (usize, usize),
         pool: Option<&mut [f32]>,
+        project: Option<(&Conv, &mut Vec<f32>, bool)>,
     ) -> (usize, usize) {
         let g = geometry(self.meta.spec.padding, h, w, dw.kernel, dw.stride);
         let (cin, c) = (e.cin, e.cout);
@@ -407,6 +413,15 @@ impl Engine {
         let shared_out = SharedMut::new(out);
         let observed = self.observed(e);
         let strips = self.dw_strips;
+        assert!(
+            project.is_none() || col_parts == 1,
+            "a projection reads every channel"
+        );
+        let out_pixels = g.out_h * g.out_w;
+        let project = project.map(|(conv, y, residual)| {
+            grow(y, n * out_pixels * conv.cout);
+            (conv, SharedMut::new(y), residual, self.observed(conv))
+        });
         self.run_parts(parts, &|part| {
             let (img, rows, cols) = band(part);
             let x = &input[img * in_len..(img + 1) * in_len];
@@ -437,7 +452,7 @@ impl Engine {
                     let dst = unsafe {
                         shared_out.slice(img * out_len + r0 * out_row, (r1 - r0) * out_row)
                     };
-                    let _dw = profile::scope("  depthwise (fused)");
+                    let dw_scope = profile::scope("  depthwise (fused)");
                     kernels::depthwise(
                         &buf[..(hi - lo) * row_len],
                         &dw.weight,
@@ -451,6 +466,19 @@ impl Engine {
                         p.as_deref_mut(),
                         strips,
                     );
+                    drop(dw_scope);
+                    if let Some((pc, y, residual, observed)) = &project {
+                        let _pw = profile::scope("  pointwise (fused)");
+                        let (co, m) = (pc.cout, (r1 - r0) * g.out_w);
+                        let px = img * out_pixels + r0 * g.out_w;
+                        // SAFETY: parts write disjoint row bands of the projection's output.
+                        let y = unsafe { y.slice(px * co, m * co) };
+                        // A residual block keeps the map's shape and channels: pixel `px` of the
+                        // input is pixel `px` of the output.
+                        let res = residual.then(|| &input[px * co..(px + m) * co]);
+                        let a = &dst[..m * c];
+                        gemm_bias_act(*observed, pc.gemm_weight(), None, a, m, (0, co), res, y);
+                    }
                 }
             });
         });
