@@ -359,9 +359,10 @@ impl Engine {
     /// depthwise kernel on it. `pool` as in [`Engine::conv`].
     ///
     /// With `project` (the block's 1x1 projection, its output and whether it adds `input`; every
-    /// channel in one part), each part then projects the depthwise rows it just wrote, from cache,
-    /// into the projection's output: a projection reading the whole map back ran at half of
-    /// OpenVINO's speed on Lite0's large early maps (docs/benchmarks.md).
+    /// channel in one part), the depthwise rows go to a buffer of the part's thread instead of
+    /// `out`, and the part projects them from there into the projection's output: the whole map
+    /// is never written nor read back, and at two threads each thread reads rows it wrote itself
+    /// (docs/benchmarks.md).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn expand_depthwise(
         &self,
@@ -448,9 +449,18 @@ impl Engine {
                         hi = need_hi;
                     }
                     let out_row = g.out_w * c;
-                    // SAFETY: as above; parts that share rows write disjoint channels of them.
-                    let dst = unsafe {
-                        shared_out.slice(img * out_len + r0 * out_row, (r1 - r0) * out_row)
+                    // Rows the projection reads next go to a buffer of this thread's, in cache;
+                    // `out` is not written then.
+                    let mut band_rows = project.is_some().then(|| BAND.take());
+                    let dst = match &mut band_rows {
+                        Some(b) => {
+                            grow(b, (r1 - r0) * out_row);
+                            &mut b[..(r1 - r0) * out_row]
+                        }
+                        // SAFETY: as above; parts that share rows write disjoint channels of them.
+                        None => unsafe {
+                            shared_out.slice(img * out_len + r0 * out_row, (r1 - r0) * out_row)
+                        },
                     };
                     let dw_scope = profile::scope("  depthwise (fused)");
                     kernels::depthwise(
@@ -478,6 +488,9 @@ impl Engine {
                         let res = residual.then(|| &input[px * co..(px + m) * co]);
                         let a = &dst[..m * c];
                         gemm_bias_act(*observed, pc.gemm_weight(), None, a, m, (0, co), res, y);
+                    }
+                    if let Some(b) = band_rows {
+                        BAND.set(b);
                     }
                 }
             });
@@ -547,6 +560,8 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Expanded rows of each thread in [`Engine::expand_depthwise`] (reused across calls).
     static FUSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Depthwise rows of each thread that a fused projection reads (reused across calls).
+    static BAND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Bytes of expanded rows [`Engine::expand_depthwise`] keeps per step (half a typical L2).
