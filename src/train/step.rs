@@ -98,7 +98,7 @@ impl<'a> Trainer<'a> {
             .mixed_precision
             .map(|h| mixed::half_copy(&model, h.dtype()));
         let net = half.as_ref().unwrap_or(&model);
-        let forward = || self.forward(net, batch, stage, step);
+        let forward = || fused::hold_running_stats(|| self.forward(net, batch, stage, step));
         // TF's l2_loss is sum(w^2) / 2; its gradient, weight_decay * w, is added by the optimizer
         // as it updates each weight rather than backpropagated through the graph (same value, a
         // third of the passes). Its value only reads the weights: with pollers it is a task one
@@ -107,12 +107,13 @@ impl<'a> Trainer<'a> {
             true => cfg.weight_decay / 2.0 * sum_of_squared_weights(&model),
             false => 0.0,
         };
-        let ((loss, correct), l2) = match pollers {
+        let (((loss, correct), running_stats), l2) = match pollers {
             Some(_) => rayon::join(forward, l2),
             None => (forward(), l2()),
         };
         let loss_value = loss.clone().into_scalar::<f32>() as f64 + l2;
         if !loss_value.is_finite() {
+            running_stats.apply();
             bail!("training diverged at step {step} (loss {loss_value}); lower the learning rate");
         }
         drop(half);
@@ -124,7 +125,9 @@ impl<'a> Trainer<'a> {
             let finite = mixed::unscale(&model, &mut grads, scale.scale);
             self.set_loss_scale(scale.after(finite));
             if !finite {
-                // Skipped, as GradScaler does: the weights and the optimizer state stay.
+                // Skipped, as GradScaler does: the weights and the optimizer state stay (the
+                // batch norms' running statistics move, as in the forward pass of PyTorch's).
+                running_stats.apply();
                 return Ok(StepOutcome {
                     model,
                     loss: loss_value,
@@ -141,8 +144,13 @@ impl<'a> Trainer<'a> {
             gradients(loss, &model, deferred)
         };
         let backward = start.elapsed() - forward;
-        // The pollers update the large weights while burn's optimizer walks the parameters.
-        let model = fused::deferred::updates(deferred, || optim.step(lr, model, grads));
+        // The pollers update the large weights while burn's optimizer walks the parameters, and
+        // then the batch norms' running statistics.
+        let model = fused::deferred::updates(deferred, || {
+            let model = optim.step(lr, model, grads);
+            running_stats.apply();
+            model
+        });
         Ok(StepOutcome {
             model,
             loss: loss_value,

@@ -280,6 +280,25 @@ fn rmsprop_matches_composed_ops() {
     }
 }
 
+/// Running statistics held back by `hold_running_stats` are stale until applied, and then equal
+/// (bit for bit, over two steps) those the batch norm updates at once outside it.
+#[test]
+fn held_running_statistics_equal_the_immediate_ones_once_applied() {
+    let device = Device::flex().autodiff();
+    let (now, held) = (batch_norm_layer(5, &device), batch_norm_layer(5, &device));
+    let stats =
+        |bn: &BatchNorm| [&bn.running_mean, &bn.running_var].map(|r| r.value_sync().into_data());
+    for step in 0..2 {
+        let x = Tensor::<4>::random([3, 5, 4, 4], Distribution::Normal(2.0, 3.0), &device);
+        let _ = batch_norm(&now, x.clone(), None);
+        let before = stats(&held);
+        let (_, pending) = hold_running_stats(|| batch_norm(&held, x, None));
+        assert_eq!(stats(&held), before, "step {step}: applied while held");
+        pending.apply();
+        assert_eq!(stats(&held), stats(&now), "step {step}");
+    }
+}
+
 fn batch_norm_layer(channels: usize, device: &Device) -> BatchNorm {
     let mut bn = BatchNormConfig::new(channels)
         .with_momentum(0.1)
