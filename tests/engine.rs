@@ -205,9 +205,7 @@ fn fused_projections_match_the_separate_pass_on_the_lite_family() {
     // bf16 (where the CPU has it) and int8 (every layer) give the same bits either way.
     let set = random_set("lite0", Padding::Same);
     let side = 64;
-    let image: Vec<f32> = (0..3 * side * side)
-        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-        .collect();
+    let image = effnet::data::fixed_pattern(3 * side * side);
     let calibration = Images {
         data: std::slice::from_ref(&image),
         side,
@@ -226,16 +224,13 @@ fn fused_projections_match_the_separate_pass_on_the_lite_family() {
         .is_ok();
     for threads in [1, 2] {
         let run = |fused: bool, int8: bool| {
-            let e = Engine::new(&set)
+            let mut e = Engine::new(&set)
                 .unwrap()
                 .with_threads(threads)
                 .with_fused_projection(fused);
-            let mut e = match int8 {
-                true => e,
-                false => e.with_precision(Precision::Bf16).unwrap(),
-            };
-            if int8 {
-                e.set_quantization(&q).unwrap();
+            match int8 {
+                true => e.set_quantization(&q).unwrap(),
+                false => e = e.with_precision(Precision::Bf16).unwrap(),
             }
             e.forward(&image, 1, side, side)
         };

@@ -449,18 +449,17 @@ impl Engine {
                         hi = need_hi;
                     }
                     let out_row = g.out_w * c;
+                    let band_len = (r1 - r0) * out_row;
                     // Rows the projection reads next go to a buffer of this thread's, in cache;
                     // `out` is not written then.
                     let mut band_rows = project.is_some().then(|| BAND.take());
                     let dst = match &mut band_rows {
                         Some(b) => {
-                            grow(b, (r1 - r0) * out_row);
-                            &mut b[..(r1 - r0) * out_row]
+                            grow(b, band_len);
+                            &mut b[..band_len]
                         }
                         // SAFETY: as above; parts that share rows write disjoint channels of them.
-                        None => unsafe {
-                            shared_out.slice(img * out_len + r0 * out_row, (r1 - r0) * out_row)
-                        },
+                        None => unsafe { shared_out.slice(img * out_len + r0 * out_row, band_len) },
                     };
                     let dw_scope = profile::scope("  depthwise (fused)");
                     kernels::depthwise(
@@ -486,7 +485,7 @@ impl Engine {
                         // A residual block keeps the map's shape and channels: pixel `px` of the
                         // input is pixel `px` of the output.
                         let res = residual.then(|| &input[px * co..(px + m) * co]);
-                        let a = &dst[..m * c];
+                        let a = &dst[..band_len];
                         gemm_bias_act(*observed, pc.gemm_weight(), None, a, m, (0, co), res, y);
                     }
                     if let Some(b) = band_rows {

@@ -355,8 +355,8 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 }
 
 /// `bn.forward(x)`, then `act` (as [`activation`]), with the training-mode normalisation fused on
-/// Flex f32 tensors. The running statistics are updated
-/// exactly as burn's `BatchNorm` does (biased batch variance).
+/// Flex f32 tensors. The running statistics are updated exactly as burn's `BatchNorm` does (biased
+/// batch variance): at once, or when [`hold_running_stats`] holds them, once they are applied.
 ///
 /// The activation is applied as each run of the output is normalised, and its backward recomputes
 /// the normalised values from the input the batch norm keeps anyway: the map between the two is
@@ -427,9 +427,9 @@ thread_local! {
 
 /// Runs `pass` (a training forward pass) with the fused batch norms' running-statistics updates
 /// held back for [`RunningStats::apply`]. Nothing reads a running statistic in training mode, so
-/// applying them later, where the step's thread would otherwise leave the other threads' work
-/// waiting less (while they update the weights), gives the same values; they are about 0.5 ms of
-/// burn's serial bookkeeping per B0 step.
+/// applying them later gives the same values. They are about 0.5 ms of burn's serial bookkeeping
+/// per B0 step: the training step applies them while the other threads update the weights, rather
+/// than between the forward pass's parallel ops, where those threads wait.
 pub fn hold_running_stats<R>(pass: impl FnOnce() -> R) -> (R, RunningStats) {
     struct Restore(Option<Vec<RunningUpdate>>);
     impl Drop for Restore {
