@@ -299,6 +299,21 @@ fn held_running_statistics_equal_the_immediate_ones_once_applied() {
     }
 }
 
+/// A tensor of normal draws (Box-Muller) from a host RNG seeded with `seed`: the same values
+/// whatever other tests draw from the device's stream meanwhile.
+fn host_normal(shape: [usize; 4], mean: f64, std: f64, seed: u64, device: &Device) -> Tensor<4> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|_| {
+            let (u, v): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
+            let z = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+            (mean + std * z) as f32
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
 fn batch_norm_layer(channels: usize, device: &Device) -> BatchNorm {
     let mut bn = BatchNormConfig::new(channels)
         .with_momentum(0.1)
@@ -332,12 +347,16 @@ fn batch_norm_matches_burn() {
         [40, 40, 4, 4],
     ];
     let acts = [None, Some(Activation::Silu), Some(Activation::Relu6)];
-    for (shape, act) in shapes.into_iter().flat_map(|s| acts.map(|a| (s, a))) {
+    let cases = shapes.into_iter().flat_map(|s| acts.map(|a| (s, a)));
+    for (seed, (shape, act)) in (0u64..).zip(cases) {
         let (fused_bn, burn_bn) = (
             batch_norm_layer(shape[1], &device),
             batch_norm_layer(shape[1], &device),
         );
-        let x = Tensor::<4>::random(shape, Distribution::Normal(3.0, 2.0), &device).require_grad();
+        // Host-seeded draws: with the device's stream, which tests running side by side share, a
+        // rare draw put a normalised value within rounding of ReLU6's kink at 0, where the fused
+        // and burn's composed ops may round to opposite sides (derivative 1 against 0).
+        let x = host_normal(shape, 3.0, 2.0, 2 * seed, &device).require_grad();
         let fused = batch_norm(&fused_bn, x.clone(), act);
         let y = burn_bn.forward(x.clone());
         let reference = match act {
@@ -359,7 +378,7 @@ fn batch_norm_matches_burn() {
                 "running stats, {case}"
             );
         }
-        let g = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let g = host_normal(shape, 0.0, 1.0, 2 * seed + 1, &device);
         let gf = (fused * g.clone()).sum().backward();
         let gr = (reference * g).sum().backward();
         assert!(
