@@ -55,7 +55,10 @@ fn main() -> anyhow::Result<()> {
             "winograd" => e.with_winograd(on),
             "planar-stem" => e.with_planar_stem(on),
             "dw-strips" => e.with_dw_strips(on),
-            other => bail!("unknown switch `{other}`: winograd, planar-stem, dw-strips"),
+            "fused-projection" => e.with_fused_projection(on),
+            other => bail!(
+                "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection"
+            ),
         };
         Ok(e.with_precision(precision)?)
     };

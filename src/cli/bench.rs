@@ -299,10 +299,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "engine layers (median per call; share of their sum {:.2} ms):",
             sum * 1e3
         );
+        let width = layers.iter().map(|l| l.label.len()).max().unwrap_or(0);
         for l in &layers {
             let s = l.median.as_secs_f64();
             eprintln!(
-                "  {:<44} {:>7.3} ms {:>5.1}% {:>6.1} GMAC/s",
+                "  {:<width$} {:>7.3} ms {:>5.1}% {:>6.1} GMAC/s",
                 l.label,
                 s * 1e3,
                 100.0 * s / sum,
