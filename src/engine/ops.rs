@@ -379,20 +379,20 @@ impl Engine {
         let g = geometry(self.meta.spec.padding, h, w, dw.kernel, dw.stride);
         let (cin, c) = (e.cin, e.cout);
         let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * c);
-        // The projection's output channels when it runs here (its layer is then this one).
-        let co = project.as_ref().map_or(0, |(pc, _, _)| pc.cout);
+        // The output channels of the projection when it runs here (its layer is then this one).
+        let projected = project.as_ref().map_or(0, |(pc, _, _)| pc.cout);
         let _t = profile::layer(
             "expand+depthwise",
             || {
                 let (k, s) = (dw.kernel, dw.stride);
-                let project = if co > 0 {
-                    format!(" + 1x1 ->{co}")
+                let project = if projected > 0 {
+                    format!(" + 1x1 ->{projected}")
                 } else {
                     String::new()
                 };
                 format!("{} 1x1 {cin}->{c} + {k}x{k}/{s}{project} {h}x{w}", e.name)
             },
-            || (n * (h * w * cin * c + out_len * (dw.kernel * dw.kernel + co))) as u64,
+            || (n * (h * w * cin * c + out_len * (dw.kernel * dw.kernel + projected))) as u64,
         );
         grow(out, n * out_len);
         let bands = RowBands::of(g.out_h, g.out_h.div_ceil(bands));
