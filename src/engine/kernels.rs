@@ -935,8 +935,9 @@ simd_dispatch! {
         assert!(out.len() == n && ldw >= n && (x.is_empty() || weight.len() >= (x.len() - 1) * ldw + n));
         let row = |kk: usize| &weight[kk * ldw..][..n];
         out.copy_from_slice(bias);
-        // Wide layers (the classifier, whose weights come from memory, not cache) take four weight
-        // rows per pass over `out`: a quarter of its loads and stores, four streams in flight.
+        // Wide layers (the classifier where the GEMM kernel does not run: its weights come from
+        // memory, not cache) take four weight rows per pass over `out`: a quarter of its loads and
+        // stores, four streams in flight.
         let quads = if ldw >= 512 { x.len() / 4 } else { 0 };
         for (q, xs) in x[..quads * 4].chunks_exact(4).enumerate() {
             let (w0, w1, w2, w3) = (row(4 * q), row(4 * q + 1), row(4 * q + 2), row(4 * q + 3));

@@ -29,6 +29,7 @@ use plan::{BlockPlan, Buf, Plan, Se, Step};
 use pool::{Pool, SharedMut};
 
 use crate::simd::gemm::NR;
+use crate::simd::{gemm, gemm_bf16};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the inference engine: {0}")]
@@ -394,8 +395,11 @@ impl Engine {
         }
         if self.plan.fc_bf16.is_empty() {
             let (c, classes) = (self.plan.head.cout, self.plan.fc_b.len());
-            let panels = crate::simd::gemm::pack(&self.plan.fc_w, c, classes);
-            self.plan.fc_bf16 = crate::simd::gemm_bf16::pack_from_f32_panels(&panels, c);
+            let panels = match self.plan.fc_packed.is_empty() {
+                true => &gemm::pack(&self.plan.fc_w, c, classes),
+                false => &self.plan.fc_packed,
+            };
+            self.plan.fc_bf16 = gemm_bf16::pack_from_f32_panels(panels, c);
         }
     }
 
@@ -496,28 +500,27 @@ impl Engine {
                 (0..n).map(|img| unsafe { shared.slice(img * classes + c0, nc) })
             };
             let bias = &self.plan.fc_b[c0..c0 + nc];
-            if self.plan.fc_bf16.is_empty() {
+            if self.plan.fc_bf16.is_empty() && self.plan.fc_packed.is_empty() {
                 for (img, out) in rows().enumerate() {
                     let x = &pooled[img * c..(img + 1) * c];
                     kernels::gemv(x, &self.plan.fc_w[c0..], classes, bias, out, None);
                 }
             } else {
-                // bf16: half the bytes of the largest weight matrix. The kernel writes the part's
-                // columns at their place in full rows, so into scratch rows first.
+                // The GEMM kernels write the part's columns at their place in full rows, so into
+                // scratch rows first. (bf16: half the bytes of the largest weight matrix.)
                 let mut scratch = vec![0.0; n * classes];
-                let fc = (self.plan.fc_bf16.as_slice(), None);
-                crate::simd::gemm_bf16::gemm_bias_act(
-                    &pooled,
-                    c,
-                    n,
-                    fc,
-                    (c0, nc),
-                    &self.plan.fc_b,
-                    None,
-                    None,
-                    &mut scratch,
-                    classes,
-                );
+                let (cols, fc_b) = ((c0, nc), &self.plan.fc_b);
+                if self.plan.fc_bf16.is_empty() {
+                    let fc = self.plan.fc_packed.as_slice();
+                    let out = &mut scratch;
+                    gemm::gemm_bias_act(&pooled, c, n, fc, cols, fc_b, None, None, out, classes);
+                } else {
+                    let fc = (self.plan.fc_bf16.as_slice(), None);
+                    let out = &mut scratch;
+                    gemm_bf16::gemm_bias_act(
+                        &pooled, c, n, fc, cols, fc_b, None, None, out, classes,
+                    );
+                }
                 for (out, got) in rows().zip(scratch.chunks_exact(classes)) {
                     out.copy_from_slice(&got[c0..c0 + nc]);
                 }

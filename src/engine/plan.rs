@@ -151,6 +151,9 @@ pub(super) struct Plan {
     /// Classifier `[features x classes]` and bias.
     pub fc_w: Vec<f32>,
     pub fc_b: Vec<f32>,
+    /// `fc_w` packed for the GEMM kernel where the CPU runs it (empty otherwise): its weights
+    /// then stream from memory in one contiguous run per panel.
+    pub fc_packed: Vec<f32>,
     /// `fc_w` packed as bf16 pairs when the engine runs in bf16 (empty otherwise).
     pub fc_bf16: Vec<u32>,
 }
@@ -395,7 +398,11 @@ impl Plan {
             .collect::<Result<Vec<_>, _>>()?;
         let fc = &anatomy.classifier;
         let (classes, features) = (fc.out_channels, fc.in_channels);
-        let fc_w = tensor(t, "classifier.weight", classes * features)?;
+        let fc_w = transpose_dense(tensor(t, "classifier.weight", classes * features)?, classes);
+        let fc_packed = match microkernel::available() {
+            true => microkernel::pack(&fc_w, features, classes),
+            false => Vec::new(),
+        };
         let stem_folded = folded(t, &anatomy.stem, spec.bn_eps)?;
         let stem_planar = planar_weights(&anatomy.stem, &stem_folded.weight);
         Ok(Plan {
@@ -403,7 +410,8 @@ impl Plan {
             stem_planar,
             blocks,
             head: conv(&anatomy.head)?,
-            fc_w: transpose_dense(fc_w, classes),
+            fc_w,
+            fc_packed,
             fc_bf16: Vec::new(),
             fc_b: tensor(t, "classifier.bias", classes)?.to_vec(),
         })
