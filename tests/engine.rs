@@ -84,6 +84,35 @@ fn engine_matches_the_burn_model_on_every_family() {
 }
 
 #[test]
+fn classifiers_of_any_width_match_the_burn_model() {
+    // The classifier runs on the packed GEMM kernel in 32-column panels, split by columns at two
+    // threads once it is 256 wide: widths under a panel, not a multiple of one, and split in two.
+    let device = Device::flex();
+    for classes in [1, 10, 37, 300] {
+        let mut spec = variant("b0").unwrap();
+        spec.blocks = BlockArgs::decode_all(&["r1_k3_s11_e1_i32_o16_se0.25"]).unwrap();
+        spec.num_classes = classes;
+        let set = WeightSet::random(&spec, 7);
+        let model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors).unwrap();
+        let x = Tensor::<4>::random([3, 3, 40, 36], Distribution::Normal(0.0, 1.0), &device);
+        let data = x.clone().into_data().try_to_vec::<f32>().unwrap();
+        let want = model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for threads in [1, 2] {
+            let mut engine = Engine::new(&set).unwrap().with_threads(threads);
+            for batch in [1, 3] {
+                let got = engine.forward(&data[..batch * 3 * 40 * 36], batch, 40, 36);
+                let diff = max_abs_diff(&got, &want[..batch * classes]);
+                assert!(
+                    diff <= 1e-4 * scale.max(1.0),
+                    "{classes} classes, {threads} threads, batch {batch}: {diff}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn wide_layers_cut_into_channel_blocks_match_the_burn_model() {
     // B7's last stage (19x19 maps of 3840 expanded channels) and a 5x5 layer of 1344 channels at
     // 38x38: too wide for one window of expanded rows in L2, so the fused expand + depthwise runs
