@@ -394,12 +394,9 @@ impl Engine {
             }
         }
         if self.plan.fc_bf16.is_empty() {
-            let (c, classes) = (self.plan.head.cout, self.plan.fc_b.len());
-            let panels = match self.plan.fc_packed.is_empty() {
-                true => &gemm::pack(&self.plan.fc_w, c, classes),
-                false => &self.plan.fc_packed,
-            };
-            self.plan.fc_bf16 = gemm_bf16::pack_from_f32_panels(panels, c);
+            let c = self.plan.head.cout;
+            // bf16 runs only where the f32 GEMM kernel does, so its classifier is packed.
+            self.plan.fc_bf16 = gemm_bf16::pack_from_f32_panels(&self.plan.fc_packed, c);
         }
     }
 
@@ -500,7 +497,7 @@ impl Engine {
                 (0..n).map(|img| unsafe { shared.slice(img * classes + c0, nc) })
             };
             let bias = &self.plan.fc_b[c0..c0 + nc];
-            if self.plan.fc_bf16.is_empty() && self.plan.fc_packed.is_empty() {
+            if self.plan.fc_packed.is_empty() {
                 for (img, out) in rows().enumerate() {
                     let x = &pooled[img * c..(img + 1) * c];
                     kernels::gemv(x, &self.plan.fc_w[c0..], classes, bias, out, None);

@@ -148,11 +148,11 @@ pub(super) struct Plan {
     pub stem_planar: Vec<f32>,
     pub blocks: Vec<BlockPlan>,
     pub head: Conv,
-    /// Classifier `[features x classes]` and bias.
+    /// Classifier `[features x classes]` (empty where `fc_packed` holds it) and bias.
     pub fc_w: Vec<f32>,
     pub fc_b: Vec<f32>,
-    /// `fc_w` packed for the GEMM kernel where the CPU runs it (empty otherwise): its weights
-    /// then stream from memory in one contiguous run per panel.
+    /// The classifier packed for the GEMM kernel where the CPU runs it (empty otherwise): its
+    /// weights then stream from memory in one contiguous run per panel.
     pub fc_packed: Vec<f32>,
     /// `fc_w` packed as bf16 pairs when the engine runs in bf16 (empty otherwise).
     pub fc_bf16: Vec<u32>,
@@ -399,9 +399,10 @@ impl Plan {
         let fc = &anatomy.classifier;
         let (classes, features) = (fc.out_channels, fc.in_channels);
         let fc_w = transpose_dense(tensor(t, "classifier.weight", classes * features)?, classes);
-        let fc_packed = match microkernel::available() {
-            true => microkernel::pack(&fc_w, features, classes),
-            false => Vec::new(),
+        // One copy of the largest weight matrix, in the form the CPU runs.
+        let (fc_w, fc_packed) = match microkernel::available() {
+            true => (Vec::new(), microkernel::pack(&fc_w, features, classes)),
+            false => (fc_w, Vec::new()),
         };
         let stem_folded = folded(t, &anatomy.stem, spec.bn_eps)?;
         let stem_planar = planar_weights(&anatomy.stem, &stem_folded.weight);
