@@ -12,6 +12,10 @@
 #
 # LOADED=1 keeps one core busy with a spinning shell loop throughout (a loaded machine; no ceiling).
 #
+# Each round starts by timing a core-to-core round trip (examples/core_round_trip, when built:
+# `cargo build --release --example core_round_trip`; ROUND_TRIP=path to use another build): a VM's
+# vCPUs move between near and far cores, and the two-thread step moves with them.
+#
 #   scripts/bench_train_threads.sh /path/to/effnet-old target/release/effnet   (ROUNDS=6, ITERS=12)
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 EFFNET [EFFNET...]" >&2; exit 2; }
@@ -32,7 +36,11 @@ step_ms() { # THREADS BIN: the median step time of one run
     RAYON_NUM_THREADS=$1 "$2" bench b0 --train --threads "$1" --iters "$iters" |
         awk '/^effnet \(/ {print $4}'
 }
+round_trip=${ROUND_TRIP:-target/release/examples/core_round_trip}
 for round in $(seq "$rounds"); do
+    if [ -x "$round_trip" ]; then
+        echo "round $round  $("$round_trip" 50000)"
+    fi
     for bin in "$@"; do
         for threads in 1 2; do
             ms=$(step_ms "$threads" "$bin")
