@@ -154,7 +154,7 @@ pub(super) struct Plan {
     /// The classifier packed for the GEMM kernel where the CPU runs it (empty otherwise): its
     /// weights then stream from memory in one contiguous run per panel.
     pub fc_packed: Vec<f32>,
-    /// `fc_w` packed as bf16 pairs when the engine runs in bf16 (empty otherwise).
+    /// The classifier packed as bf16 pairs when the engine runs in bf16 (empty otherwise).
     pub fc_bf16: Vec<u32>,
 }
 
