@@ -39,9 +39,20 @@ fn random_set(name: &str, padding: Padding) -> WeightSet {
     WeightSet::random(&spec, 7)
 }
 
+/// The burn model's logits for `set` on a random normal input of `shape` (NCHW), with that input
+/// as the engine takes it and the largest |logit| (the tests' tolerance scales with it).
+fn burn_reference(set: &WeightSet, shape: [usize; 4]) -> (Vec<f32>, Vec<f32>, f32) {
+    let device = Device::flex();
+    let model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors).unwrap();
+    let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let data = x.clone().into_data().try_to_vec::<f32>().unwrap();
+    let want = model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    (data, want, scale)
+}
+
 #[test]
 fn engine_matches_the_burn_model_on_every_family() {
-    let device = Device::flex();
     for (name, padding, batch, h, w) in [
         ("b0", Padding::Same, 1, 224, 224),
         ("b0", Padding::Symmetric, 2, 67, 90),
@@ -69,12 +80,8 @@ fn engine_matches_the_burn_model_on_every_family() {
         ("v2-xl", Padding::Same, 1, 48, 48),
     ] {
         let set = random_set(name, padding);
-        let model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors).unwrap();
-        let x = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
-        let data = x.clone().into_data().try_to_vec::<f32>().unwrap();
-        let want = model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+        let (data, want, scale) = burn_reference(&set, [batch, 3, h, w]);
         let got = Engine::new(&set).unwrap().forward(&data, batch, h, w);
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let diff = max_abs_diff(&got, &want);
         eprintln!(
             "{name} {padding:?} {batch}x{h}x{w}: max |diff| {diff:e} (max |logit| {scale:.2})"
@@ -87,17 +94,12 @@ fn engine_matches_the_burn_model_on_every_family() {
 fn classifiers_of_any_width_match_the_burn_model() {
     // The classifier runs on the packed GEMM kernel in 32-column panels, split by columns at two
     // threads once it is 256 wide: widths under a panel, not a multiple of one, and split in two.
-    let device = Device::flex();
     for classes in [1, 10, 37, 300] {
         let mut spec = variant("b0").unwrap();
         spec.blocks = BlockArgs::decode_all(&["r1_k3_s11_e1_i32_o16_se0.25"]).unwrap();
         spec.num_classes = classes;
         let set = WeightSet::random(&spec, 7);
-        let model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors).unwrap();
-        let x = Tensor::<4>::random([3, 3, 40, 36], Distribution::Normal(0.0, 1.0), &device);
-        let data = x.clone().into_data().try_to_vec::<f32>().unwrap();
-        let want = model.forward(x).into_data().try_to_vec::<f32>().unwrap();
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let (data, want, scale) = burn_reference(&set, [3, 3, 40, 36]);
         for threads in [1, 2] {
             let mut engine = Engine::new(&set).unwrap().with_threads(threads);
             for batch in [1, 3] {
@@ -117,7 +119,6 @@ fn wide_layers_cut_into_channel_blocks_match_the_burn_model() {
     // B7's last stage (19x19 maps of 3840 expanded channels) and a 5x5 layer of 1344 channels at
     // 38x38: too wide for one window of expanded rows in L2, so the fused expand + depthwise runs
     // them in channel blocks (row bands too at two threads on the larger map).
-    let device = Device::flex();
     for (res, blocks) in [
         (
             38,
@@ -138,11 +139,7 @@ fn wide_layers_cut_into_channel_blocks_match_the_burn_model() {
         spec.blocks = BlockArgs::decode_all(&blocks).unwrap();
         spec.resolution = res;
         let set = WeightSet::random(&spec, 7);
-        let model = apply_weights(EfficientNet::new(set.spec(), &device), &set.tensors).unwrap();
-        let x = Tensor::<4>::random([1, 3, res, res], Distribution::Normal(0.0, 1.0), &device);
-        let data = x.clone().into_data().try_to_vec::<f32>().unwrap();
-        let want = model.forward(x).into_data().try_to_vec::<f32>().unwrap();
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let (data, want, scale) = burn_reference(&set, [1, 3, res, res]);
         for threads in [1, 2] {
             let mut engine = Engine::new(&set).unwrap().with_threads(threads);
             let diff = max_abs_diff(&engine.forward(&data, 1, res, res), &want);
