@@ -927,7 +927,7 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// Dense `out = act(x · W + b)` for a single vector (SE layers and the classifier), over
+    /// Dense `out = act(x · W + b)` for a single vector (the SE layers), over
     /// `bias.len()` columns of `W`, whose rows are `ldw` apart in `weight` (a block of a wider
     /// matrix when `ldw` exceeds the column count).
     pub fn gemv(x: &[f32], weight: &[f32], ldw: usize, bias: &[f32], out: &mut [f32], act: Option<Activation>) {
@@ -935,8 +935,7 @@ simd_dispatch! {
         assert!(out.len() == n && ldw >= n && (x.is_empty() || weight.len() >= (x.len() - 1) * ldw + n));
         let row = |kk: usize| &weight[kk * ldw..][..n];
         out.copy_from_slice(bias);
-        // Wide layers (the classifier where the GEMM kernel does not run: its weights come from
-        // memory, not cache) take four weight rows per pass over `out`: a quarter of its loads and
+        // Wide layers take four weight rows per pass over `out`: a quarter of its loads and
         // stores, four streams in flight.
         let quads = if ldw >= 512 { x.len() / 4 } else { 0 };
         for (q, xs) in x[..quads * 4].chunks_exact(4).enumerate() {

@@ -29,7 +29,6 @@ use plan::{BlockPlan, Buf, Plan, Se, Step};
 use pool::{Pool, SharedMut};
 
 use crate::simd::gemm::NR;
-use crate::simd::{gemm, gemm_bf16};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the inference engine: {0}")]
@@ -345,7 +344,7 @@ impl Engine {
     }
 
     pub fn num_classes(&self) -> usize {
-        self.plan.fc_b.len()
+        self.plan.classifier.cout
     }
 
     /// Runs the GEMM convolutions (stem, 1x1 and full 3x3 convs, head: most of the arithmetic)
@@ -385,27 +384,22 @@ impl Engine {
     /// Packs the classifier and every GEMM convolution not in int8 for the bf16 kernel (keeping
     /// packs already made; dropping those of layers now in int8).
     fn pack_bf16(&mut self) {
-        for conv in self.plan.gemm_convs_mut() {
+        // bf16 runs only where the f32 GEMM kernel does, so every GEMM weight is packed.
+        for conv in self.plan.bf16_gemms_mut() {
             if conv.int8.is_some() {
                 conv.packed_bf16 = Vec::new();
             } else if conv.packed_bf16.is_empty() {
-                let k = conv.packed.len() / (conv.cout.div_ceil(NR) * NR);
+                let k = conv.gemm_rows();
                 conv.packed_bf16 = crate::simd::gemm_bf16::pack_from_f32_panels(&conv.packed, k);
             }
-        }
-        if self.plan.fc_bf16.is_empty() {
-            let c = self.plan.head.cout;
-            // bf16 runs only where the f32 GEMM kernel does, so its classifier is packed.
-            self.plan.fc_bf16 = gemm_bf16::pack_from_f32_panels(&self.plan.fc_packed, c);
         }
     }
 
     /// Drops every bf16 weight: the GEMMs run their f32 (or int8) weights.
     fn drop_bf16(&mut self) {
-        for conv in self.plan.gemm_convs_mut() {
+        for conv in self.plan.bf16_gemms_mut() {
             conv.packed_bf16 = Vec::new();
         }
-        self.plan.fc_bf16 = Vec::new();
     }
 
     /// The precision of the layers an int8 quantisation keeps out of int8, and of the classifier,
@@ -474,7 +468,8 @@ impl Engine {
     /// Logits `[n x classes]` for `n` NCHW images of `h x w` (any size).
     pub fn forward(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
         let pooled = self.timed_pass(input, (n, h, w), &[], &mut Vec::new());
-        let (c, classes) = (self.plan.head.cout, self.plan.fc_b.len());
+        let fc = &self.plan.classifier;
+        let (c, classes) = (fc.cin, fc.cout);
         let _t = profile::layer(
             "classifier",
             || format!("classifier {c}->{classes}"),
@@ -485,42 +480,31 @@ impl Engine {
         // each thread takes a block of the columns, so two threads read half each.
         let threads = self.active_threads();
         let parts = if classes >= 128 * threads { threads } else { 1 };
-        // Whole 32-column panels, so the bf16 kernel's blocks start where its packing does.
+        // Whole 32-column panels, so each block starts where the kernels' packing does.
         let block = classes.div_ceil(parts).next_multiple_of(NR);
         let parts = classes.div_ceil(block);
         let shared = SharedMut::new(&mut logits);
         self.run_parts(parts, &|part| {
             let (c0, nc) = (part * block, block.min(classes - part * block));
-            let rows = || {
-                // SAFETY: part p writes columns c0..c0 + nc of each image's row, disjoint from every
-                // other part's.
-                (0..n).map(|img| unsafe { shared.slice(img * classes + c0, nc) })
-            };
-            let bias = &self.plan.fc_b[c0..c0 + nc];
-            if self.plan.fc_packed.is_empty() {
-                for (img, out) in rows().enumerate() {
-                    let x = &pooled[img * c..(img + 1) * c];
-                    kernels::gemv(x, &self.plan.fc_w[c0..], classes, bias, out, None);
-                }
-            } else {
-                // The GEMM kernels write the part's columns at their place in full rows, so into
-                // scratch rows first. (bf16: half the bytes of the largest weight matrix.)
-                let mut scratch = vec![0.0; n * classes];
-                let (cols, fc_b) = ((c0, nc), &self.plan.fc_b);
-                if self.plan.fc_bf16.is_empty() {
-                    let fc = self.plan.fc_packed.as_slice();
-                    let out = &mut scratch;
-                    gemm::gemm_bias_act(&pooled, c, n, fc, cols, fc_b, None, None, out, classes);
-                } else {
-                    let fc = (self.plan.fc_bf16.as_slice(), None);
-                    let out = &mut scratch;
-                    gemm_bf16::gemm_bias_act(
-                        &pooled, c, n, fc, cols, fc_b, None, None, out, classes,
-                    );
-                }
-                for (out, got) in rows().zip(scratch.chunks_exact(classes)) {
-                    out.copy_from_slice(&got[c0..c0 + nc]);
-                }
+            // The GEMM writes the part's columns at their place in full rows, so into scratch
+            // rows first.
+            let mut scratch = vec![0.0; n * classes];
+            let fc_in = (fc, None);
+            ops::gemm_bias_act(
+                fc_in,
+                fc.gemm_weight(),
+                None,
+                &pooled,
+                n,
+                (c0, nc),
+                None,
+                &mut scratch,
+            );
+            for (img, got) in scratch.chunks_exact(classes).enumerate() {
+                // SAFETY: part p writes columns c0..c0 + nc of each image's row, disjoint from
+                // every other part's.
+                let out = unsafe { shared.slice(img * classes + c0, nc) };
+                out.copy_from_slice(&got[c0..c0 + nc]);
             }
         });
         logits
@@ -857,5 +841,48 @@ fn require_bf16(asked: &str) -> Result<(), EngineError> {
         false => Err(EngineError(format!(
             "{asked} needs a CPU with AVX512-BF16 (vdpbf16ps), which this one lacks; use fp32"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Engine;
+    use crate::simd::{Level, with_level};
+    use crate::spec::variant;
+    use crate::weights::WeightSet;
+
+    /// The plan and the kernels of each instruction set (packed or plain weights, the micro-kernel
+    /// or the gemm crate, the classifier among them) give the same logits. One thread: a forced
+    /// level holds on the calling thread only.
+    #[test]
+    fn every_instruction_set_gives_the_same_logits() {
+        for (name, classes) in [("lite0", 37), ("b0", 300), ("v2-b0", 5)] {
+            let mut spec = variant(name).unwrap();
+            spec.num_classes = classes;
+            let set = WeightSet::random(&spec, 3);
+            let (n, h, w) = (2, 48, 40);
+            let input: Vec<f32> = (0..n * 3 * h * w)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let logits = |level| {
+                with_level(level, || {
+                    Engine::new(&set).unwrap().forward(&input, n, h, w)
+                })
+            };
+            let want = logits(Level::Avx512);
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            for level in [Level::Avx2, Level::Portable] {
+                let got = logits(level);
+                assert_eq!(got.len(), n * classes);
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "{name}, {level:?}: {diff} (scale {scale})"
+                );
+            }
+        }
     }
 }

@@ -148,30 +148,46 @@ pub(super) struct Plan {
     pub stem_planar: Vec<f32>,
     pub blocks: Vec<BlockPlan>,
     pub head: Conv,
-    /// Classifier `[features x classes]` (empty where `fc_packed` holds it) and bias.
-    pub fc_w: Vec<f32>,
-    pub fc_b: Vec<f32>,
-    /// The classifier packed for the GEMM kernel where the CPU runs it (empty otherwise): its
-    /// weights then stream from memory in one contiguous run per panel.
-    pub fc_packed: Vec<f32>,
-    /// The classifier packed as bf16 pairs when the engine runs in bf16 (empty otherwise).
-    pub fc_bf16: Vec<u32>,
+    /// The classifier as a 1x1 convolution of the pooled features: a GEMM like the others (its
+    /// packed weights stream from memory in one contiguous run per panel), never int8.
+    pub classifier: Conv,
+}
+
+/// The GEMM convolutions among `stem`, `blocks` and `head`, in network order.
+fn gemm_convs<'a>(
+    stem: &'a mut Conv,
+    blocks: &'a mut [BlockPlan],
+    head: &'a mut Conv,
+) -> impl Iterator<Item = &'a mut Conv> {
+    let blocks = blocks.iter_mut().flat_map(|b| {
+        b.steps.iter_mut().flat_map(|s| match s {
+            Step::ExpandDepthwise { expand, dw, .. } => vec![expand, dw],
+            Step::Conv { conv, .. } | Step::Project { conv, .. } => vec![conv],
+            _ => vec![],
+        })
+    });
+    std::iter::once(stem)
+        .chain(blocks)
+        .chain(std::iter::once(head))
+        .filter(|c| c.kind != ConvKind::Depthwise)
 }
 
 impl Plan {
-    /// Every GEMM convolution (stem, 1x1 and full 3x3 convs, head), for a change of precision.
+    /// Every GEMM convolution (stem, 1x1 and full 3x3 convs, head): what int8 quantises.
     pub fn gemm_convs_mut(&mut self) -> impl Iterator<Item = &mut Conv> {
-        let blocks = self.blocks.iter_mut().flat_map(|b| {
-            b.steps.iter_mut().flat_map(|s| match s {
-                Step::ExpandDepthwise { expand, dw, .. } => vec![expand, dw],
-                Step::Conv { conv, .. } | Step::Project { conv, .. } => vec![conv],
-                _ => vec![],
-            })
-        });
-        std::iter::once(&mut self.stem)
-            .chain(blocks)
-            .chain(std::iter::once(&mut self.head))
-            .filter(|c| c.kind != ConvKind::Depthwise)
+        gemm_convs(&mut self.stem, &mut self.blocks, &mut self.head)
+    }
+
+    /// Every GEMM convolution and the classifier: what bf16 runs.
+    pub fn bf16_gemms_mut(&mut self) -> impl Iterator<Item = &mut Conv> {
+        let Plan {
+            stem,
+            blocks,
+            head,
+            classifier,
+            ..
+        } = self;
+        gemm_convs(stem, blocks, head).chain(std::iter::once(classifier))
     }
 }
 
@@ -398,11 +414,9 @@ impl Plan {
             .collect::<Result<Vec<_>, _>>()?;
         let fc = &anatomy.classifier;
         let (classes, features) = (fc.out_channels, fc.in_channels);
-        let fc_w = transpose_dense(tensor(t, "classifier.weight", classes * features)?, classes);
-        // One copy of the largest weight matrix, in the form the CPU runs.
-        let (fc_w, fc_packed) = match microkernel::available() {
-            true => (Vec::new(), microkernel::pack(&fc_w, features, classes)),
-            false => (fc_w, Vec::new()),
+        let fc_folded = Folded {
+            weight: tensor(t, "classifier.weight", classes * features)?.to_vec(),
+            bias: tensor(t, "classifier.bias", classes)?.to_vec(),
         };
         let stem_folded = folded(t, &anatomy.stem, spec.bn_eps)?;
         let stem_planar = planar_weights(&anatomy.stem, &stem_folded.weight);
@@ -411,10 +425,7 @@ impl Plan {
             stem_planar,
             blocks,
             head: conv(&anatomy.head)?,
-            fc_w,
-            fc_packed,
-            fc_bf16: Vec::new(),
-            fc_b: tensor(t, "classifier.bias", classes)?.to_vec(),
+            classifier: pack(fc, fc_folded, None),
         })
     }
 }
