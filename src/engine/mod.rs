@@ -94,7 +94,8 @@ pub enum Precision {
     /// f32 throughout (bit-for-bit the reference path).
     #[default]
     Fp32,
-    /// bf16 weights and activations with f32 sums (AVX512-BF16), f32 everywhere else.
+    /// bf16 weights and activations with f32 sums (AVX512-BF16) in the GEMM convolutions and the
+    /// classifier, f32 everywhere else (the Winograd convolutions too: faster in f32).
     Bf16,
     /// int8 weights (per output channel) and uint8 activations (calibrated per layer) with int32
     /// sums (AVX512-VNNI, AVX2 int16 pairs, or a portable loop), in the layers the weights'
@@ -164,6 +165,8 @@ pub struct Engine {
     int8_fallback: Precision,
     /// Whether an int8 quantisation is set (by [`Engine::set_quantization`]).
     quantised: bool,
+    /// Whether the layers out of int8 run in bf16 (bf16, or int8 with a bf16 fallback).
+    bf16: bool,
 }
 
 /// Buffers reused across calls: no allocation per inference once sizes are reached.
@@ -206,6 +209,7 @@ impl Engine {
             fused_projection: true,
             int8_fallback: Self::default_int8_fallback(),
             quantised: false,
+            bf16: false,
         })
     }
 
@@ -381,12 +385,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Packs the classifier and every GEMM convolution not in int8 for the bf16 kernel (keeping
-    /// packs already made; dropping those of layers now in int8).
+    /// Packs the classifier and every GEMM convolution not in int8 for the bf16 kernel where
+    /// that is faster (keeping packs already made; dropping those of layers now in int8).
     fn pack_bf16(&mut self) {
+        self.bf16 = true;
+        let winograd = self.winograd;
         // bf16 runs only where the f32 GEMM kernel does, so every GEMM weight is packed.
         for conv in self.plan.bf16_gemms_mut() {
-            if conv.int8.is_some() {
+            if conv.int8.is_some() || !faster_in_bf16(conv, winograd) {
                 conv.packed_bf16 = Vec::new();
             } else if conv.packed_bf16.is_empty() {
                 let k = conv.gemm_rows();
@@ -397,6 +403,7 @@ impl Engine {
 
     /// Drops every bf16 weight: the GEMMs run their f32 (or int8) weights.
     fn drop_bf16(&mut self) {
+        self.bf16 = false;
         for conv in self.plan.bf16_gemms_mut() {
             conv.packed_bf16 = Vec::new();
         }
@@ -422,6 +429,10 @@ impl Engine {
     /// `false`, by im2col + GEMM like the other dense convolutions (for comparisons).
     pub fn with_winograd(mut self, on: bool) -> Self {
         self.winograd = on;
+        if self.bf16 {
+            // Winograd convolutions run in f32, the others may take bf16.
+            self.pack_bf16();
+        }
         self
     }
 
@@ -834,6 +845,13 @@ fn scale_images(x: &mut [f32], gates: &[f32], n: usize, (h, w): (usize, usize), 
     }
 }
 
+/// Whether bf16 makes `conv` faster than f32: not where it runs Winograd, which in f32 takes a
+/// quarter of the multiplies of im2col + GEMM (V2-B0's 112x112 block 0 took 1.37 ms by bf16
+/// im2col, 0.59 by f32 Winograd: alternating `bench --profile` runs, docs/benchmarks.md).
+fn faster_in_bf16(conv: &plan::Conv, winograd: bool) -> bool {
+    !winograd || conv.winograd.is_empty()
+}
+
 /// `Ok` where this CPU runs the bf16 kernel, else the one-line error for `asked`.
 fn require_bf16(asked: &str) -> Result<(), EngineError> {
     match crate::simd::gemm_bf16::available() {
@@ -850,6 +868,46 @@ mod tests {
     use crate::simd::{Level, with_level};
     use crate::spec::variant;
     use crate::weights::WeightSet;
+
+    /// bf16 leaves in f32 the convs that run Winograd (unless Winograd is off) and takes every
+    /// other GEMM and the classifier.
+    #[test]
+    fn bf16_takes_the_gemms_it_makes_faster() {
+        if !crate::simd::gemm_bf16::available() {
+            eprintln!("no AVX512-BF16 here: not exercised");
+            return;
+        }
+        let set = WeightSet::random(&variant("v2-b0").unwrap(), 3);
+        let engine = Engine::new(&set).unwrap();
+        let mut e = engine.with_precision(super::Precision::Bf16).unwrap();
+        // (Winograd convs, those in bf16, those in f32), checking each against the rule.
+        let kinds = |e: &mut Engine| {
+            let (mut winograd, mut bf16, mut f32) = (0, 0, 0);
+            for conv in e.plan.bf16_gemms_mut() {
+                let packed = !conv.packed_bf16.is_empty();
+                if !conv.winograd.is_empty() {
+                    winograd += 1;
+                    assert_eq!(packed, !e.winograd, "{}", conv.name);
+                } else {
+                    assert!(packed, "{}", conv.name);
+                }
+                match packed {
+                    true => bf16 += 1,
+                    false => f32 += 1,
+                }
+            }
+            (winograd, bf16, f32)
+        };
+        let on = kinds(&mut e);
+        assert!(on.0 > 0 && on.1 > 0 && on.2 == on.0, "{on:?}");
+        e = e.with_winograd(false);
+        assert_eq!(kinds(&mut e), (on.0, on.1 + on.0, 0));
+        e = e.with_winograd(true);
+        assert_eq!(kinds(&mut e), on);
+        // Back to f32: no bf16 weight left.
+        e.set_precision(super::Precision::Fp32).unwrap();
+        assert!(e.plan.bf16_gemms_mut().all(|c| c.packed_bf16.is_empty()));
+    }
 
     /// The plan and the kernels of each instruction set (packed or plain weights, the micro-kernel
     /// or the gemm crate, the classifier among them) give the same logits. One thread: a forced

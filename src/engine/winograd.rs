@@ -367,8 +367,9 @@ on_widest_vectors! {
 }
 
 impl Engine {
-    /// Whether `conv` runs as Winograd in this call: an f32 stride-1 3x3 conv (bf16 and int8 use
-    /// their own GEMMs on the im2col rows, and calibration records those rows).
+    /// Whether `conv` runs as Winograd in this call: an f32 stride-1 3x3 conv (int8 uses its own
+    /// GEMM on the im2col rows, and calibration records those rows; bf16 leaves these convs in
+    /// f32 unless Winograd is off).
     pub(super) fn runs_winograd(&self, conv: &Conv) -> bool {
         self.winograd
             && !conv.winograd.is_empty()
