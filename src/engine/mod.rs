@@ -95,7 +95,8 @@ pub enum Precision {
     #[default]
     Fp32,
     /// bf16 weights and activations with f32 sums (AVX512-BF16) in the GEMM convolutions and the
-    /// classifier, f32 everywhere else (the Winograd convolutions too: faster in f32).
+    /// classifier, f32 everywhere else (the planar stem and the Winograd convolutions too: faster
+    /// in f32, `examples/engine_ab ... --precision bf16`).
     Bf16,
     /// int8 weights (per output channel) and uint8 activations (calibrated per layer) with int32
     /// sums (AVX512-VNNI, AVX2 int16 pairs, or a portable loop), in the layers the weights'
