@@ -97,7 +97,8 @@ pub struct LayerReport {
     pub lo: f32,
     pub hi: f32,
     /// Mean L1 probability change on the calibration images (the first
-    /// [`SENSITIVITY_IMAGES`]) with only this layer in int8.
+    /// [`SENSITIVITY_IMAGES`]) with only this layer in int8 (0, not measured, for the layers in
+    /// [`Report::faster_in_f32`]).
     pub sensitivity: f64,
     pub int8: bool,
 }
@@ -110,7 +111,7 @@ pub struct Report {
     pub threshold: f64,
     pub calibration_images: usize,
     pub holdout_images: usize,
-    /// Every layer in int8, on the calibration images.
+    /// Every layer in int8 (but those faster in f32), on the calibration images.
     pub all_int8: Agreement,
     /// The chosen quantisation, on the calibration images.
     pub calibration: Agreement,
@@ -120,6 +121,9 @@ pub struct Report {
     pub layers: Vec<LayerReport>,
     /// The layers kept out of int8, most sensitive first.
     pub kept: Vec<String>,
+    /// The layers left out of int8 whatever their sensitivity, because they run faster in f32
+    /// here ([`Engine::faster_in_f32`]).
+    pub faster_in_f32: Vec<String>,
     /// What the kept layers and the classifier ran in while they were chosen: bf16 where the CPU
     /// has it, else fp32 ([`Engine::default_int8_fallback`]).
     pub kept_precision: String,
@@ -212,6 +216,11 @@ pub fn quantize(
         opts.method,
         calib.len()
     );
+    let float: Vec<bool> = observed
+        .iter()
+        .map(|o| engine.faster_in_f32().contains(&o.name))
+        .collect();
+    let int8_layer = |i: usize, int8: &dyn Fn(usize) -> bool| int8(i) && !float[i];
     let table = |int8: &dyn Fn(usize) -> bool| Quantization {
         calibration: calibration.clone(),
         layers: observed
@@ -222,8 +231,8 @@ pub fn quantize(
                 name: o.name.clone(),
                 lo,
                 hi,
-                int8: int8(i),
-                input_mean: match int8(i) {
+                int8: int8_layer(i, int8),
+                input_mean: match int8_layer(i, int8) {
                     true => means[i].clone(),
                     false => Vec::new(),
                 },
@@ -239,19 +248,23 @@ pub fn quantize(
     // Ranking takes a pass per layer and image: on a bounded sample of the calibration images.
     let ranked = calib.len().min(SENSITIVITY_IMAGES);
     let mut sensitivity = Vec::with_capacity(layers);
-    for i in 0..layers {
+    for (i, &f32_faster) in float.iter().enumerate() {
+        if f32_faster {
+            sensitivity.push(0.0);
+            continue;
+        }
         progress(&format!("sensitivity {}/{layers}", i + 1));
         let one = table(&|j| j == i);
         let alone = compare(&one, &calib[..ranked], &reference.0[..ranked])?;
         sensitivity.push(alone.mean_abs_dp);
     }
-    let mut order: Vec<usize> = (0..layers).collect();
+    let mut order: Vec<usize> = (0..layers).filter(|&i| !float[i]).collect();
     order.sort_by(|&a, &b| sensitivity[b].total_cmp(&sensitivity[a]));
     progress("accuracy guard");
     let all_int8 = compare(&table(&|_| true), &calib, &reference.0)?;
     // Most sensitive first out of int8 until the threshold holds...
     let (mut kept, mut chosen) = (0, all_int8);
-    while chosen.top1 < opts.threshold && kept < layers {
+    while chosen.top1 < opts.threshold && kept < order.len() {
         kept += 1;
         progress(&format!("accuracy guard: {kept} layers kept out of int8"));
         let out = &order[..kept];
@@ -296,6 +309,7 @@ pub fn quantize(
             })
             .collect(),
         kept: out.iter().map(|&i| observed[i].name.clone()).collect(),
+        faster_in_f32: engine.faster_in_f32().to_vec(),
         kept_precision: engine.int8_fallback().to_string(),
     };
     Ok((quantization, report))

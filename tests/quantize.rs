@@ -146,7 +146,27 @@ fn int8_engine_is_wired_through_every_gemm_path() {
             side,
         };
         let (q, report) = quantize(&set, data, &opts, &|_| {}).unwrap();
-        assert!(report.kept.is_empty() && q.layers.iter().all(|l| l.int8));
+        assert!(report.kept.is_empty());
+        // Every layer in int8 but those faster in f32: V2-B0's 32->16 Winograd conv, where the
+        // CPU runs Winograd (the f32 GEMM kernel), and no layer of B0 or Lite0.
+        let float = Engine::new(&set).unwrap().faster_in_f32().to_vec();
+        assert_eq!(report.faster_in_f32, float);
+        #[cfg(target_arch = "x86_64")]
+        let kernel = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let kernel = false;
+        let winograd = name.starts_with("efficientnetv2") && kernel;
+        assert_eq!(
+            float,
+            if winograd {
+                vec!["blocks.0.expand".to_string()]
+            } else {
+                vec![]
+            }
+        );
+        for l in &q.layers {
+            assert_eq!(l.int8, !float.contains(&l.name), "{name}: {}", l.name);
+        }
         let mut e = Engine::new(&set).unwrap();
         e.set_quantization(&q).unwrap();
         let got = e.forward(&a, 1, side, side);

@@ -166,6 +166,10 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
         let (kept, precision) = (report.kept.join(", "), &report.kept_precision);
         println!("  kept out of int8 (in {precision} on this CPU): {kept}");
     }
+    if !report.faster_in_f32.is_empty() {
+        let float = report.faster_in_f32.join(", ");
+        println!("  left in f32, faster there than in int8 on this CPU (Winograd): {float}");
+    }
     println!("wrote {} and {}", args.out.display(), report_path.display());
     Ok(())
 }

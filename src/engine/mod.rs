@@ -150,6 +150,9 @@ pub struct Engine {
     single: std::cell::Cell<bool>,
     /// Every GEMM convolution's name, in network order.
     layers: Vec<String>,
+    /// Those with Winograd weights and fewer output channels than a kernel panel (see
+    /// [`Engine::faster_in_f32`]).
+    narrow_winograd: Vec<String>,
     /// Recorders at the GEMM convolutions' inputs while calibrating.
     observers: Option<std::collections::HashMap<String, Observer>>,
     /// Stride-1 3x3 convs by Winograd F(4x4, 3x3) (on by default; off: im2col + GEMM).
@@ -195,6 +198,11 @@ impl Engine {
     pub fn new(set: &WeightSet) -> Result<Self, EngineError> {
         let mut plan = Plan::compile(set)?;
         let layers = plan.gemm_convs_mut().map(|c| c.name.clone()).collect();
+        let narrow_winograd = plan
+            .gemm_convs_mut()
+            .filter(|c| !c.winograd.is_empty() && c.cout < NR)
+            .map(|c| c.name.clone())
+            .collect();
         Ok(Engine {
             meta: set.meta.clone(),
             plan,
@@ -203,6 +211,7 @@ impl Engine {
             adapt: Adapt::default(),
             single: std::cell::Cell::new(true),
             layers,
+            narrow_winograd,
             observers: None,
             winograd: true,
             planar_stem: true,
@@ -217,6 +226,18 @@ impl Engine {
     /// The GEMM convolutions (what int8 quantises), in network order.
     pub fn gemm_layers(&self) -> &[String] {
         &self.layers
+    }
+
+    /// The GEMM convolutions that run faster in f32 than in int8 on this CPU, which `effnet
+    /// quantize` leaves out of int8: those that run by Winograd with fewer output channels than
+    /// one panel of the int8 kernel (V2's first blocks: V2-B0's 112x112 32->16 took 1.04 ms in int8
+    /// and 0.58 by f32 Winograd, V2-S's 192x192 24->24 3.1 against 2.3-2.4 ms; the wider ones were
+    /// 12-15 % faster in int8; `bench --profile`, docs/benchmarks.md).
+    pub fn faster_in_f32(&self) -> &[String] {
+        match self.winograd {
+            true => &self.narrow_winograd,
+            false => &[],
+        }
     }
 
     /// Starts recording every GEMM convolution's input (replacing what was recorded).
