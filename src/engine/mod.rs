@@ -150,7 +150,7 @@ pub struct Engine {
     single: std::cell::Cell<bool>,
     /// Every GEMM convolution's name, in network order.
     layers: Vec<String>,
-    /// Those with Winograd weights and fewer output channels than a kernel panel (see
+    /// Those with Winograd weights and at most two kernel panels of output channels (see
     /// [`Engine::faster_in_f32`]).
     narrow_winograd: Vec<String>,
     /// Recorders at the GEMM convolutions' inputs while calibrating.
@@ -200,7 +200,7 @@ impl Engine {
         let layers = plan.gemm_convs_mut().map(|c| c.name.clone()).collect();
         let narrow_winograd = plan
             .gemm_convs_mut()
-            .filter(|c| !c.winograd.is_empty() && c.cout < NR)
+            .filter(|c| !c.winograd.is_empty() && c.cout <= 2 * NR)
             .map(|c| c.name.clone())
             .collect();
         Ok(Engine {
@@ -229,10 +229,11 @@ impl Engine {
     }
 
     /// The GEMM convolutions that run faster in f32 than in int8 on this CPU, which `effnet
-    /// quantize` leaves out of int8: those that run by Winograd with fewer output channels than
-    /// one panel of the int8 kernel (V2's first blocks: V2-B0's 112x112 32->16 took 1.04 ms in int8
-    /// and 0.58 by f32 Winograd, V2-S's 192x192 24->24 3.1 against 2.3-2.4 ms; the wider ones were
-    /// 12-15 % faster in int8; `bench --profile`, docs/benchmarks.md).
+    /// quantize` leaves out of int8: those that run by Winograd with at most 64 output channels,
+    /// two panels of the int8 kernel (V2's first blocks: V2-B0's 112x112 32->16 took 1.04 ms in
+    /// int8 and 0.58 by f32 Winograd, V2-S's 192x192 24->24 3.1 against 2.3-2.4 ms, 32->64 at
+    /// 112x112 2.0 against 1.8; 32->96 was even, and 128 or more output channels 12-15 % faster in
+    /// int8; `bench --profile`, docs/benchmarks.md).
     pub fn faster_in_f32(&self) -> &[String] {
         match self.winograd {
             true => &self.narrow_winograd,
@@ -929,6 +930,26 @@ mod tests {
         // Back to f32: no bf16 weight left.
         e.set_precision(super::Precision::Fp32).unwrap();
         assert!(e.plan.bf16_gemms_mut().all(|c| c.packed_bf16.is_empty()));
+    }
+
+    /// `quantize` leaves in f32 the Winograd convs with at most two int8 panels of outputs
+    /// (64): V2-B0's first conv at 16, 64 but not 96 outputs, never its 32->128 conv.
+    #[test]
+    fn winograd_convs_of_up_to_64_outputs_are_faster_in_f32() {
+        if !crate::simd::gemm::available() {
+            eprintln!("no f32 GEMM kernel here: no Winograd, not exercised");
+            return;
+        }
+        for (outputs, f32_faster) in [(16, true), (64, true), (96, false)] {
+            let mut spec = variant("v2-b0").unwrap();
+            spec.blocks[0].out_channels = outputs;
+            spec.blocks[1].in_channels = outputs;
+            let e = Engine::new(&WeightSet::random(&spec, 3)).unwrap();
+            let listed = |name: &str| e.faster_in_f32().iter().any(|n| n == name);
+            assert_eq!(listed("blocks.0.expand"), f32_faster, "{outputs} outputs");
+            assert!(!listed("blocks.2.expand"), "{outputs} outputs");
+            assert!(e.with_winograd(false).faster_in_f32().is_empty());
+        }
     }
 
     /// The plan and the kernels of each instruction set (packed or plain weights, the micro-kernel
