@@ -19,9 +19,7 @@ use super::pool::SharedMut;
 use super::{Engine, profile};
 use crate::simd::gemm::{self as microkernel, packed_len};
 use crate::simd::math::activate_v;
-#[cfg(target_arch = "x86_64")]
-use crate::simd::{Avx2, Avx512};
-use crate::simd::{Level, Vector, level};
+use crate::simd::{Vector, on_widest_vectors};
 use crate::spec::Activation;
 
 /// Input tile side (the output tile's [`OUT`] plus the kernel's 2).
@@ -299,42 +297,6 @@ unsafe fn output_tiles_v<V: Vector>(
     }
 }
 
-/// `pub fn $name(args)` that runs `$generic::<V>(args)` on the widest registers this CPU has
-/// (AVX-512, AVX2 + FMA, else plain `f32`).
-macro_rules! on_widest_vectors {
-    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $generic:ident) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        pub fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx512($($arg: $ty),*) {
-                    // SAFETY: the caller's contract (CPU features).
-                    unsafe { $generic::<Avx512>($($arg),*) }
-                }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
-                    // SAFETY: the caller's contract (CPU features).
-                    unsafe { $generic::<Avx2>($($arg),*) }
-                }
-                // SAFETY: `level()` found the features each entry is compiled for.
-                unsafe {
-                    match level() {
-                        Level::Avx512 => return avx512($($arg),*),
-                        Level::Avx2 => return avx2($($arg),*),
-                        Level::Portable => {}
-                    }
-                }
-            }
-            // SAFETY: plain f32 needs no CPU feature.
-            unsafe { $generic::<f32>($($arg),*) }
-        }
-    };
-}
-
 on_widest_vectors! {
     /// Tiles `tiles` (raster order, `tiles_w` to a row) of one NHWC image with `c` channels,
     /// transformed: value `xi` of the `j`-th tile goes to `out[(xi * tiles.len() + j) * c..][..c]`.
@@ -470,6 +432,7 @@ thread_local! {
 mod tests {
     use super::*;
     use crate::engine::kernels;
+    use crate::simd::Level;
     use crate::simd::math::silu;
 
     fn val(i: usize) -> f32 {

@@ -19,6 +19,11 @@ use burn::tensor::{Device, Tensor};
 use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv, FeatureTap, ModelSpec, Padding};
 
 pub use fused::FusedOps;
+/// The training kernels' alternatives, for side-by-side timing (`examples/weight_gradient_ab`).
+#[doc(hidden)]
+pub mod kernel_paths {
+    pub use super::fused::{WeightGradientPath, weight_gradient_by};
+}
 pub use load::{
     LoadError, ParamMapper, ParamVisitor, apply_weights, export_weights, map_params, visit_params,
 };

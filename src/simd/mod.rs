@@ -106,3 +106,41 @@ macro_rules! simd_dispatch {
     };
 }
 pub(crate) use simd_dispatch;
+
+/// `pub fn $name(args)` that runs `$generic::<V>(args)` on the widest registers this CPU has
+/// (AVX-512, AVX2 + FMA, else plain `f32`).
+/// (The kernel is written once over [`Vector`]; unlike [`simd_dispatch!`] it sees the register type.)
+macro_rules! on_widest_vectors {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $generic:ident) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) {
+                    // SAFETY: the caller's contract (CPU features).
+                    unsafe { $generic::<$crate::simd::Avx512>($($arg),*) }
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    // SAFETY: the caller's contract (CPU features).
+                    unsafe { $generic::<$crate::simd::Avx2>($($arg),*) }
+                }
+                // SAFETY: `level()` found the features each entry is compiled for.
+                unsafe {
+                    match $crate::simd::level() {
+                        $crate::simd::Level::Avx512 => return avx512($($arg),*),
+                        $crate::simd::Level::Avx2 => return avx2($($arg),*),
+                        $crate::simd::Level::Portable => {}
+                    }
+                }
+            }
+            // SAFETY: plain f32 needs no CPU feature.
+            unsafe { $generic::<f32>($($arg),*) }
+        }
+    };
+}
+pub(crate) use on_widest_vectors;

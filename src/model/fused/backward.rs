@@ -209,7 +209,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                         && deferred::defer(
                             param,
                             [co, ci, 1, 1],
-                            pointwise_weight_gradient_chunk(ci, co),
+                            pointwise_weight_gradient_chunk(ci, co, h * w),
                             move |part, dw| {
                                 let (x, dy) = (f32s(&x), f32s(&grad));
                                 pointwise_weight_gradient_part(x, dy, dims, part, dw)

@@ -8,7 +8,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::simd::math::{sigmoid, silu as silu_scalar};
-use crate::simd::simd_dispatch;
+use crate::simd::{Vector, on_widest_vectors, simd_dispatch};
 use crate::spec::Activation;
 
 /// Elements per parallel chunk of the elementwise ops: big enough to hide rayon's overhead.
@@ -1742,12 +1742,29 @@ fn matmul<S: Slot>(
     }
 }
 
-/// Output channels per parallel part of the weight gradient of a 1x1 conv with `co` of them: at
-/// most 32, and few enough for at least four parts where 8-row parts allow it (B0's 16-, 24- and
-/// 40-channel projections were one or two parts, left to one thread). Fixed by the shape, so the
-/// result does not depend on the thread count.
-fn weight_gradient_rows(co: usize) -> usize {
-    co.div_ceil(4).next_multiple_of(8).clamp(8, 32)
+/// Output channels per parallel part of the weight gradient of a 1x1 conv with `co` of them on
+/// maps of `hw` positions: few enough for at least four parts where 8-row parts allow it (B0's
+/// 16-, 24- and 40-channel projections were one or two parts, left to one thread), and at most
+/// 32 for [`weight_gradient_dots`] (its partial sums stay in L2) or 128 for gemm (which packs its
+/// operands once per part: 128 rather than 32 rows took 0.74-0.9x the time on B0's 4x4 and 7x7
+/// maps, `examples/weight_gradient_ab`). Fixed by the shape, so the result does not depend on the
+/// thread count.
+fn weight_gradient_rows(co: usize, hw: usize) -> usize {
+    let most = if weight_gradient_by_dots(co, hw) {
+        32
+    } else {
+        128
+    };
+    co.div_ceil(4).next_multiple_of(8).clamp(8, most)
+}
+
+/// Whether the weight gradient of a 1x1 conv with `co` outputs on maps of `hw` positions runs as
+/// [`weight_gradient_dots`] rather than gemm: where it measured faster (`examples/
+/// weight_gradient_ab`, B0 at 32x32 batch 64 and 224x224 batch 16): maps of 16 to 4096 positions
+/// that fill at least 7/8 of the lanes of their runs (49 positions fill 49 of 64), and at most
+/// 256 outputs. Larger maps and wider layers are faster in gemm, whose packing pays off there.
+fn weight_gradient_by_dots(co: usize, hw: usize) -> bool {
+    (WG_LANES..=4096).contains(&hw) && hw * 8 >= hw.next_multiple_of(WG_LANES) * 7 && co <= 256
 }
 
 /// Maps of at most this many positions run a 1x1 conv as one product per position over a group
@@ -1757,6 +1774,226 @@ const BATCHED_MAX_POSITIONS: usize = 16;
 
 /// Images per parallel part of the batched products (fixed, like [`weight_gradient_rows`]).
 const BATCHED_IMAGES: usize = 32;
+
+/// Lanes of the 1x1 weight gradient's partial sums: position `p` of every image adds into lane
+/// `p % WG_LANES` of its (row, column) sum, and the lanes are summed at the end.
+const WG_LANES: usize = 16;
+/// Images per pass over a tile of the weight gradient (their rows stay in L1 across the tile's
+/// columns).
+const WG_IMAGES: usize = 8;
+/// Positions of each image per pass over a tile: with [`WG_IMAGES`], the rows a sweep over the
+/// tiles reads stay in L1.
+const WG_POSITIONS: usize = 128;
+/// Input channels whose partial sums a part keeps at once (`rows x WG_COLS x WG_LANES` floats).
+const WG_COLS: usize = 64;
+
+/// `R x C` (rows x columns) lane sums of the weight gradient over `images`, added to `acc`
+/// (`[row][column][lane]`, rows `stride` sums apart): `dy` rows `r..r + R` and `x` rows
+/// `c..c + C` of each image, the positions in runs of [`WG_LANES`] (the last zero-padded), each
+/// run as `S` registers of `V`.
+///
+/// # Safety
+/// The CPU has `V`'s instruction set, `S * V::LANES == WG_LANES`, and the rows and `acc`'s
+/// `R x C` sums lie in their slices (the caller asserts them).
+#[inline(always)]
+unsafe fn weight_gradient_tile<V: Vector, const R: usize, const C: usize, const S: usize>(
+    (x, dy): (*const f32, *const f32),
+    (ci, co, hw): (usize, usize, usize),
+    (r, c): (usize, usize),
+    (images, positions): (std::ops::Range<usize>, std::ops::Range<usize>),
+    acc: *mut f32,
+    stride: usize,
+) {
+    // SAFETY: the caller's contract bounds every sum, row and (masked) run read or written.
+    unsafe {
+        // Macros, not closures: a closure LLVM leaves out of line is compiled without the
+        // caller's target features, and every intrinsic in it becomes a call.
+        macro_rules! sums {
+            ($i:expr, $j:expr, $k:expr) => {
+                acc.add((($i * stride + $j) * S + $k) * V::LANES)
+            };
+        }
+        let mut a = [[[V::splat(0.0); S]; C]; R];
+        for (i, a) in a.iter_mut().enumerate() {
+            for (j, a) in a.iter_mut().enumerate() {
+                for (k, a) in a.iter_mut().enumerate() {
+                    *a = V::load(sums!(i, j, k));
+                }
+            }
+        }
+        let full = positions.start + positions.len() / WG_LANES * WG_LANES;
+        macro_rules! run {
+            ($d:expr, $v:expr, $at:expr, $live:expr, $load:ident) => {
+                for k in 0..S {
+                    let at = $at + k * V::LANES;
+                    let live = $live.saturating_sub(k * V::LANES);
+                    let _ = live;
+                    let dv: [V; R] = std::array::from_fn(|i| $load!($d[i].add(at), live));
+                    let xv: [V; C] = std::array::from_fn(|j| $load!($v[j].add(at), live));
+                    for i in 0..R {
+                        for j in 0..C {
+                            a[i][j][k] = dv[i].mul_add(xv[j], a[i][j][k]);
+                        }
+                    }
+                }
+            };
+        }
+        macro_rules! whole {
+            ($p:expr, $live:expr) => {
+                V::load($p)
+            };
+        }
+        macro_rules! first {
+            ($p:expr, $live:expr) => {
+                V::load_first($p, $live)
+            };
+        }
+        for img in images {
+            let d: [*const f32; R] = std::array::from_fn(|i| dy.add((img * co + r + i) * hw));
+            let v: [*const f32; C] = std::array::from_fn(|j| x.add((img * ci + c + j) * hw));
+            for at in (positions.start..full).step_by(WG_LANES) {
+                run!(d, v, at, WG_LANES, whole);
+            }
+            if full < positions.end {
+                run!(d, v, full, positions.end - full, first);
+            }
+        }
+        for (i, a) in a.iter().enumerate() {
+            for (j, a) in a.iter().enumerate() {
+                for (k, a) in a.iter().enumerate() {
+                    a.store_first(sums!(i, j, k), V::LANES);
+                }
+            }
+        }
+    }
+}
+
+/// [`weight_gradient_dots`] with each run of [`WG_LANES`] positions as `S` registers of `V`, in
+/// tiles of `R x C` sums (and narrower ones at the edges).
+///
+/// # Safety
+/// The CPU has `V`'s instruction set and `S * V::LANES == WG_LANES`.
+#[inline(always)]
+unsafe fn weight_gradient_tiles<V: Vector, const R: usize, const C: usize, const S: usize>(
+    (x, dy): (&[f32], &[f32]),
+    (n, ci, co, hw): (usize, usize, usize, usize),
+    r0: usize,
+    dw: &mut [f32],
+) {
+    let rows = dw.len() / ci;
+    assert!(
+        S * V::LANES == WG_LANES
+            && dw.len() == rows * ci
+            && r0 + rows <= co
+            && x.len() >= n * ci * hw
+            && dy.len() >= n * co * hw
+    );
+    let cols_max = WG_COLS.min(ci);
+    let mut acc = vec![0.0f32; rows * cols_max * WG_LANES];
+    let ops = (x.as_ptr(), dy.as_ptr());
+    let dims = (ci, co, hw);
+    for c0 in (0..ci).step_by(WG_COLS) {
+        let cols = WG_COLS.min(ci - c0);
+        acc.fill(0.0);
+        let base = acc.as_mut_ptr();
+        for (g, p) in (0..n)
+            .step_by(WG_IMAGES)
+            .flat_map(|g| (0..hw).step_by(WG_POSITIONS).map(move |p| (g, p)))
+        {
+            let block = (g..(g + WG_IMAGES).min(n), p..(p + WG_POSITIONS).min(hw));
+            let (rf, cf) = (rows / R * R, cols / C * C);
+            // SAFETY: the CPU and S as the caller's contract; rows r0 + r + i < co and columns
+            // c0 + c + j < ci of images below n lie in `dy` and `x` (asserted), and sum (r + i)
+            // x cols + c + j below rows x cols lies in `acc`.
+            unsafe {
+                macro_rules! tile {
+                    ($r:expr, $c:expr, $rows:expr, $cols:expr) => {
+                        weight_gradient_tile::<V, { $rows }, { $cols }, S>(
+                            ops,
+                            dims,
+                            (r0 + $r, c0 + $c),
+                            block.clone(),
+                            base.add(($r * cols + $c) * WG_LANES),
+                            cols,
+                        )
+                    };
+                }
+                for r in (0..rf).step_by(R) {
+                    for c in (0..cf).step_by(C) {
+                        tile!(r, c, R, C);
+                    }
+                    for c in cf..cols {
+                        tile!(r, c, R, 1);
+                    }
+                }
+                for r in rf..rows {
+                    for c in 0..cols {
+                        tile!(r, c, 1, 1);
+                    }
+                }
+            }
+        }
+        for r in 0..rows {
+            for c in 0..cols {
+                let lanes = &acc[(r * cols + c) * WG_LANES..][..WG_LANES];
+                dw[r * ci + c0 + c] = lane_sum(lanes.try_into().expect("WG_LANES sums"));
+            }
+        }
+    }
+}
+
+/// [`weight_gradient_tiles`] in the tile shape `V`'s registers hold (4 x 4 sums of one
+/// AVX-512 register each; 2 x 2 of two AVX2 registers).
+///
+/// # Safety
+/// The CPU has `V`'s instruction set.
+#[inline(always)]
+unsafe fn weight_gradient_dots_v<V: Vector>(
+    x: &[f32],
+    dy: &[f32],
+    dims: (usize, usize, usize, usize),
+    r0: usize,
+    dw: &mut [f32],
+) {
+    // SAFETY: the caller's contract, and S * V::LANES == WG_LANES in each arm.
+    unsafe {
+        match V::LANES {
+            16 => weight_gradient_tiles::<V, 4, 4, 1>((x, dy), dims, r0, dw),
+            8 => weight_gradient_tiles::<V, 2, 2, 2>((x, dy), dims, r0, dw),
+            1 => weight_gradient_tiles::<V, 1, 1, 16>((x, dy), dims, r0, dw),
+            lanes => unreachable!("no tiling for {lanes} lanes"),
+        }
+    }
+}
+
+on_widest_vectors! {
+    /// Rows `r0..` of the weight gradient of [`pointwise_forward`] (all of `dw`, `rows x ci`,
+    /// set): dot products along the positions, which both operands hold contiguously, so
+    /// nothing is packed (the gemm crate packed both, 40 % of its time on B0's 32x32 maps).
+    /// Each (row, column) sums position `p` of every image into lane `p % WG_LANES`, the images
+    /// in order, and adds up the lanes last: one order on every instruction set and thread count.
+    pub fn weight_gradient_dots(
+        x: &[f32],
+        dy: &[f32],
+        dims: (usize, usize, usize, usize),
+        r0: usize,
+        dw: &mut [f32],
+    ) => weight_gradient_dots_v
+}
+
+/// The sum of a weight-gradient lane vector, halving pairwise (a fixed order).
+#[inline(always)]
+fn lane_sum(v: &[f32; WG_LANES]) -> f32 {
+    let mut v = *v;
+    let mut half = WG_LANES / 2;
+    while half > 0 {
+        for l in 0..half {
+            v[l] += v[l + half];
+        }
+        half /= 2;
+    }
+    v[0]
+}
 
 /// A 1x1 convolution of NCHW `x` (`n` images of `ci x hw`) with `w [co x ci]`.
 pub(super) fn pointwise_forward(
@@ -1824,7 +2061,7 @@ pub(super) fn pointwise_backward(
         }
     };
     let dw_len = if need_dw { co * ci } else { 0 };
-    let chunk = pointwise_weight_gradient_chunk(ci, co);
+    let chunk = pointwise_weight_gradient_chunk(ci, co, hw);
     let [dw] = par_filled(dw_len, chunk, |part, [dw]| {
         pointwise_weight_gradient_part(x, dy, (n, ci, co, hw), part, dw)
     });
@@ -1832,22 +2069,40 @@ pub(super) fn pointwise_backward(
 }
 
 /// Floats per part of [`pointwise_weight_gradient_part`]: [`weight_gradient_rows`] rows.
-pub(super) fn pointwise_weight_gradient_chunk(ci: usize, co: usize) -> usize {
-    weight_gradient_rows(co) * ci
+pub(super) fn pointwise_weight_gradient_chunk(ci: usize, co: usize, hw: usize) -> usize {
+    weight_gradient_rows(co, hw) * ci
 }
 
 /// Part `part` (zeroed rows of `[co x ci]`, [`pointwise_weight_gradient_chunk`] floats) of the
-/// weight gradient of [`pointwise_forward`], `sum over images of dy x^T`, each part summing the
-/// images in order.
+/// weight gradient of [`pointwise_forward`], `sum over images of dy x^T`: by
+/// [`weight_gradient_dots`] where [`weight_gradient_by_dots`], else by
+/// [`weight_gradient_gemm`].
 pub(super) fn pointwise_weight_gradient_part(
     x: &[f32],
     dy: &[f32],
-    (n, ci, co, hw): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     part: usize,
     dw: &mut [f32],
 ) {
-    let part_rows = weight_gradient_rows(co);
-    let (r0, rows) = (part * part_rows, dw.len() / ci);
+    let (_, _, co, hw) = dims;
+    let r0 = part * weight_gradient_rows(co, hw);
+    if weight_gradient_by_dots(co, hw) {
+        weight_gradient_dots(x, dy, dims, r0, dw)
+    } else {
+        weight_gradient_gemm(x, dy, dims, r0, dw)
+    }
+}
+
+/// Rows `r0..` of the weight gradient of [`pointwise_forward`] (all of `dw`, `rows x ci`, set)
+/// by gemm, summing the images in order.
+fn weight_gradient_gemm(
+    x: &[f32],
+    dy: &[f32],
+    (n, ci, co, hw): (usize, usize, usize, usize),
+    r0: usize,
+    dw: &mut [f32],
+) {
+    let rows = dw.len() / ci;
     if hw <= BATCHED_MAX_POSITIONS {
         // Per position p: dw (rows x ci) += dy[:, r0.., p]^T (rows x images) x[:, :, p].
         for p in 0..hw {
@@ -1868,4 +2123,47 @@ pub(super) fn pointwise_weight_gradient_part(
             );
         }
     }
+}
+
+/// How [`weight_gradient_by`] computes a 1x1 conv's weight gradient (for
+/// `examples/weight_gradient_ab`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightGradientPath {
+    /// What training runs: [`weight_gradient_by_dots`] decides, in parts of
+    /// [`weight_gradient_rows`].
+    Chosen,
+    /// Gemm in parts of `co / 4` rows rounded up to 8, at most `most_rows`.
+    Gemm { most_rows: usize },
+    /// [`weight_gradient_dots`] in parts of at most 32 rows.
+    Dots,
+}
+
+/// The weight gradient (`co x ci`) of a 1x1 conv of `n` NCHW images `x` (`ci x hw` each) given
+/// the output gradient `dy` (`co x hw` each), its parts run one after another on this thread.
+pub fn weight_gradient_by(
+    path: WeightGradientPath,
+    x: &[f32],
+    dy: &[f32],
+    dims: (usize, usize, usize, usize),
+) -> Vec<f32> {
+    let (n, ci, co, hw) = dims;
+    assert!(
+        x.len() == n * ci * hw && dy.len() == n * co * hw,
+        "operands of {dims:?}"
+    );
+    let split = |most: usize| co.div_ceil(4).next_multiple_of(8).clamp(8, most);
+    let rows = match path {
+        WeightGradientPath::Chosen => weight_gradient_rows(co, hw),
+        WeightGradientPath::Gemm { most_rows } => split(most_rows),
+        WeightGradientPath::Dots => split(32),
+    };
+    let mut dw = vec![0.0; co * ci];
+    for (part, dw) in dw.chunks_mut(rows * ci).enumerate() {
+        match path {
+            WeightGradientPath::Chosen => pointwise_weight_gradient_part(x, dy, dims, part, dw),
+            WeightGradientPath::Gemm { .. } => weight_gradient_gemm(x, dy, dims, part * rows, dw),
+            WeightGradientPath::Dots => weight_gradient_dots(x, dy, dims, part * rows, dw),
+        }
+    }
+    dw
 }

@@ -19,6 +19,8 @@ mod backward;
 pub mod deferred;
 mod forward;
 mod kernels;
+
+pub use kernels::{WeightGradientPath, weight_gradient_by};
 #[cfg(test)]
 mod tests;
 

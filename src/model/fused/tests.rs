@@ -446,6 +446,9 @@ fn pointwise_matches_burn_conv() {
         (1, 7, 33, 5),
         (2, 40, 8, 1),
         (4, 96, 40, 14),
+        // Position dot products: columns past a block of 64 and rows past a tile of 4, images
+        // past a group of 8.
+        (11, 70, 37, 12),
         // Small maps: one product per position over groups of 32 images (the last partial).
         (35, 12, 20, 2),
         (5, 24, 40, 4),
@@ -476,6 +479,52 @@ fn pointwise_matches_burn_conv() {
     ] {
         let (a, b) = (conv2d(&conv, x.clone()), conv.forward(x.clone()));
         assert_eq!(max_diff(a, b), 0.0);
+    }
+}
+
+/// The 1x1 weight gradient as dot products along the positions: within float rounding of a
+/// plain sum in f64, on shapes with partial tiles, column blocks, image groups and a last run of
+/// positions that is partly padding; and the same bits on every instruction set (each lane sums
+/// in one order whatever the register width).
+#[test]
+fn weight_gradient_dots_match_a_plain_sum_on_every_instruction_set() {
+    use crate::simd::{Level, with_level};
+    for (n, ci, co, hw) in [
+        (11, 70, 37, 144),
+        (3, 16, 24, 64),
+        (9, 5, 3, 49),
+        (1, 1, 1, 16),
+    ] {
+        let x: Vec<f32> = (0..n * ci * hw)
+            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+            .collect();
+        let dy: Vec<f32> = (0..n * co * hw)
+            .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
+            .collect();
+        let dims = (n, ci, co, hw);
+        let dots = weight_gradient_by(WeightGradientPath::Dots, &x, &dy, dims);
+        for r in 0..co {
+            for c in 0..ci {
+                let sum: f64 = (0..n)
+                    .flat_map(|img| (0..hw).map(move |p| (img, p)))
+                    .map(|(img, p)| {
+                        dy[(img * co + r) * hw + p] as f64 * x[(img * ci + c) * hw + p] as f64
+                    })
+                    .sum();
+                let got = dots[r * ci + c] as f64;
+                assert!(
+                    (got - sum).abs() < 1e-5 * (n * hw) as f64,
+                    "{dims:?} ({r}, {c})"
+                );
+            }
+        }
+        // Levels this CPU lacks run at its own (with_level forces only supported ones).
+        for l in [Level::Avx512, Level::Avx2, Level::Portable] {
+            let at = with_level(l, || {
+                weight_gradient_by(WeightGradientPath::Dots, &x, &dy, dims)
+            });
+            assert!(at == dots, "{l:?} on {dims:?}");
+        }
     }
 }
 
