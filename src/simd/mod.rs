@@ -109,7 +109,9 @@ pub(crate) use simd_dispatch;
 
 /// `pub fn $name(args)` that runs `$generic::<V>(args)` on the widest registers this CPU has
 /// (AVX-512, AVX2 + FMA, else plain `f32`).
-/// (The kernel is written once over [`Vector`]; unlike [`simd_dispatch!`] it sees the register type.)
+///
+/// The kernel is written once over [`Vector`]; unlike [`simd_dispatch!`], it sees the register
+/// type.
 macro_rules! on_widest_vectors {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $generic:ident) => {
         $(#[$m])*

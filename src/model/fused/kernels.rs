@@ -1746,9 +1746,9 @@ fn matmul<S: Slot>(
 /// maps of `hw` positions: few enough for at least four parts where 8-row parts allow it (B0's
 /// 16-, 24- and 40-channel projections were one or two parts, left to one thread), and at most
 /// 32 for [`weight_gradient_dots`] (its partial sums stay in L2) or 128 for gemm (which packs its
-/// operands once per part: 128 rather than 32 rows took 0.74-0.9x the time on B0's 4x4 and 7x7
-/// maps, `examples/weight_gradient_ab`). Fixed by the shape, so the result does not depend on the
-/// thread count.
+/// operands once per part: 128 rather than 32 rows took 0.74-0.85x the time on the wide layers of
+/// B0's 2x2 and 7x7 maps, `examples/weight_gradient_ab`). Fixed by the shape, so the result does
+/// not depend on the thread count.
 fn weight_gradient_rows(co: usize, hw: usize) -> usize {
     let most = if weight_gradient_by_dots(co, hw) {
         32
@@ -1778,11 +1778,11 @@ const BATCHED_IMAGES: usize = 32;
 /// Lanes of the 1x1 weight gradient's partial sums: position `p` of every image adds into lane
 /// `p % WG_LANES` of its (row, column) sum, and the lanes are summed at the end.
 const WG_LANES: usize = 16;
-/// Images per pass over a tile of the weight gradient (their rows stay in L1 across the tile's
-/// columns).
+/// Images per pass over a tile of the weight gradient. With [`WG_POSITIONS`], the fastest of 1-16
+/// images and 32-256 positions on B0's shapes: smaller blocks reload the lane sums more often
+/// than their reads stay in cache.
 const WG_IMAGES: usize = 8;
-/// Positions of each image per pass over a tile: with [`WG_IMAGES`], the rows a sweep over the
-/// tiles reads stay in L1.
+/// Positions of each image per pass over a tile (see [`WG_IMAGES`]).
 const WG_POSITIONS: usize = 128;
 /// Input channels whose partial sums a part keeps at once (`rows x WG_COLS x WG_LANES` floats).
 const WG_COLS: usize = 64;
