@@ -1755,6 +1755,11 @@ fn weight_gradient_rows(co: usize, hw: usize) -> usize {
     } else {
         128
     };
+    quarter_rows(co, most)
+}
+
+/// A quarter of `co` rows rounded up to 8, from 8 to `most`.
+fn quarter_rows(co: usize, most: usize) -> usize {
     co.div_ceil(4).next_multiple_of(8).clamp(8, most)
 }
 
@@ -1786,6 +1791,22 @@ const WG_IMAGES: usize = 8;
 const WG_POSITIONS: usize = 128;
 /// Input channels whose partial sums a part keeps at once (`rows x WG_COLS x WG_LANES` floats).
 const WG_COLS: usize = 64;
+
+/// `min(live, V::LANES)` values from `p`, the other lanes zero: a plain load when the register
+/// is whole, a masked one otherwise.
+///
+/// # Safety
+/// The CPU has `V`'s instruction set, and `p` holds those values.
+#[inline(always)]
+unsafe fn load_live<V: Vector>(p: *const f32, live: usize) -> V {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match live >= V::LANES {
+            true => V::load(p),
+            false => V::load_first(p, live),
+        }
+    }
+}
 
 /// `R x C` (rows x columns) lane sums of the weight gradient over `images`, added to `acc`
 /// (`[row][column][lane]`, rows `stride` sums apart): `dy` rows `r..r + R` and `x` rows
@@ -1822,14 +1843,15 @@ unsafe fn weight_gradient_tile<V: Vector, const R: usize, const C: usize, const 
             }
         }
         let full = positions.start + positions.len() / WG_LANES * WG_LANES;
+        // A run of `live` positions from `at` (the branch in `load_live` folds away in the
+        // whole runs, where `live` is a constant).
         macro_rules! run {
-            ($d:expr, $v:expr, $at:expr, $live:expr, $load:ident) => {
+            ($d:expr, $v:expr, $at:expr, $live:expr) => {
                 for k in 0..S {
                     let at = $at + k * V::LANES;
                     let live = $live.saturating_sub(k * V::LANES);
-                    let _ = live;
-                    let dv: [V; R] = std::array::from_fn(|i| $load!($d[i].add(at), live));
-                    let xv: [V; C] = std::array::from_fn(|j| $load!($v[j].add(at), live));
+                    let dv: [V; R] = std::array::from_fn(|i| load_live($d[i].add(at), live));
+                    let xv: [V; C] = std::array::from_fn(|j| load_live($v[j].add(at), live));
                     for i in 0..R {
                         for j in 0..C {
                             a[i][j][k] = dv[i].mul_add(xv[j], a[i][j][k]);
@@ -1838,24 +1860,14 @@ unsafe fn weight_gradient_tile<V: Vector, const R: usize, const C: usize, const 
                 }
             };
         }
-        macro_rules! whole {
-            ($p:expr, $live:expr) => {
-                V::load($p)
-            };
-        }
-        macro_rules! first {
-            ($p:expr, $live:expr) => {
-                V::load_first($p, $live)
-            };
-        }
         for img in images {
             let d: [*const f32; R] = std::array::from_fn(|i| dy.add((img * co + r + i) * hw));
             let v: [*const f32; C] = std::array::from_fn(|j| x.add((img * ci + c + j) * hw));
             for at in (positions.start..full).step_by(WG_LANES) {
-                run!(d, v, at, WG_LANES, whole);
+                run!(d, v, at, WG_LANES);
             }
             if full < positions.end {
-                run!(d, v, full, positions.end - full, first);
+                run!(d, v, full, positions.end - full);
             }
         }
         for (i, a) in a.iter().enumerate() {
@@ -2132,7 +2144,7 @@ pub enum WeightGradientPath {
     /// What training runs: [`weight_gradient_by_dots`] decides, in parts of
     /// [`weight_gradient_rows`].
     Chosen,
-    /// Gemm in parts of `co / 4` rows rounded up to 8, at most `most_rows`.
+    /// Gemm in parts of [`quarter_rows`] with at most `most_rows`.
     Gemm { most_rows: usize },
     /// [`weight_gradient_dots`] in parts of at most 32 rows.
     Dots,
@@ -2151,11 +2163,10 @@ pub fn weight_gradient_by(
         x.len() == n * ci * hw && dy.len() == n * co * hw,
         "operands of {dims:?}"
     );
-    let split = |most: usize| co.div_ceil(4).next_multiple_of(8).clamp(8, most);
     let rows = match path {
         WeightGradientPath::Chosen => weight_gradient_rows(co, hw),
-        WeightGradientPath::Gemm { most_rows } => split(most_rows),
-        WeightGradientPath::Dots => split(32),
+        WeightGradientPath::Gemm { most_rows } => quarter_rows(co, most_rows),
+        WeightGradientPath::Dots => quarter_rows(co, 32),
     };
     let mut dw = vec![0.0; co * ci];
     for (part, dw) in dw.chunks_mut(rows * ci).enumerate() {
