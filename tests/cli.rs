@@ -42,6 +42,11 @@ fn info_reports_exact_counts_and_scaling() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["resolution"], 258);
     assert_eq!(v["spec"]["width"], 1.1);
+    // A negative phi scales down, written as a plain value (clap took `-1` for a flag).
+    let o = effnet(&["info", "b0", "--phi", "-1", "--json"], home.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["resolution"], 195);
 }
 
 #[test]
@@ -204,6 +209,10 @@ fn bad_inputs_fail_cleanly() {
     // Bad scaling flags.
     assert_clean_error(
         &effnet(&["info", "b0", "--width=-1"], dir),
+        "width multiplier",
+    );
+    assert_clean_error(
+        &effnet(&["info", "b0", "--width", "-1"], dir),
         "width multiplier",
     );
     assert_clean_error(

@@ -164,7 +164,7 @@ pub struct PreprocessArgs {
     #[arg(long, value_delimiter = ',')]
     pub std: Option<Vec<f32>>,
     /// Center-crop fraction: the shorter side is resized to floor(crop / crop_pct).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub crop_pct: Option<f64>,
     /// Size the shorter side is resized to.
     #[arg(long)]
@@ -239,23 +239,24 @@ pub struct ModelArgs {
     /// Published variant (`b0`, `efficientnet-b3`, `lite0`, `v2-s`, `tf_efficientnet_b0`, ...);
     /// default efficientnet-b0.
     pub model: Option<String>,
-    /// Compound coefficient: depth alpha^phi, width beta^phi, resolution gamma^phi on top of MODEL.
-    #[arg(long)]
+    /// Compound coefficient: depth alpha^phi, width beta^phi, resolution gamma^phi on top of MODEL
+    /// (negative values scale down).
+    #[arg(long, allow_negative_numbers = true)]
     pub phi: Option<f64>,
-    #[arg(long, default_value_t = 1.2)]
+    #[arg(long, default_value_t = 1.2, allow_negative_numbers = true)]
     pub alpha: f64,
-    #[arg(long, default_value_t = 1.1)]
+    #[arg(long, default_value_t = 1.1, allow_negative_numbers = true)]
     pub beta: f64,
-    #[arg(long, default_value_t = 1.15)]
+    #[arg(long, default_value_t = 1.15, allow_negative_numbers = true)]
     pub gamma: f64,
     /// Explicit depth multiplier on top of MODEL.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub depth: Option<f64>,
     /// Explicit width multiplier on top of MODEL.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub width: Option<f64>,
     /// Explicit resolution multiplier on top of MODEL.
-    #[arg(long = "res-mult")]
+    #[arg(long = "res-mult", allow_negative_numbers = true)]
     pub res_mult: Option<f64>,
     /// A custom architecture: its stages as block strings (space- or comma-separated, e.g. the
     /// ones `effnet search` reports), with B0's stem, head and defaults.

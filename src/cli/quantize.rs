@@ -34,11 +34,11 @@ pub struct QuantizeArgs {
     method: Method,
     /// Top-1 agreement with fp32 the calibration images must reach; the most sensitive layers
     /// are kept out of int8 (in bf16 where the CPU has it, else fp32) until it does.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, default_value_t = 0.99, allow_negative_numbers = true)]
     threshold: f64,
     /// Fraction of the images held out: not calibrated on, not used to choose layers, only
     /// reported.
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.25, allow_negative_numbers = true)]
     holdout: f64,
     /// Leave the biases as they are (by default each int8 layer's bias absorbs the shift its
     /// weights' rounding causes on the mean calibration input).

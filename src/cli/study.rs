@@ -23,7 +23,12 @@ pub enum StudyCommand {
         #[command(flatten)]
         common: Common,
         /// FLOPs multiples of the base.
-        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "2,4",
+            allow_negative_numbers = true
+        )]
         targets: Vec<f64>,
         /// Scaling methods to compare.
         #[arg(
@@ -33,7 +38,7 @@ pub enum StudyCommand {
         )]
         methods: Vec<String>,
         /// Largest relative miss of a run's FLOPs from its target.
-        #[arg(long, default_value_t = 0.1)]
+        #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
         tolerance: f64,
         /// Leave out (and name) the methods that cannot reach a target, instead of failing: at
         /// small base resolutions the stride-32 feature maps make resolution FLOPs jump.
@@ -48,29 +53,45 @@ pub enum StudyCommand {
         #[command(flatten)]
         common: Common,
         /// Smallest and largest coefficient.
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1,2",
+            allow_negative_numbers = true
+        )]
         range: Vec<f64>,
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
         step: f64,
         /// FLOPs growth per unit of phi the constraint asks for (the paper: 2).
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 2.0, allow_negative_numbers = true)]
         flops: f64,
         /// Largest |alpha * beta^2 * gamma^2 - flops| admitted.
-        #[arg(long, default_value_t = 0.1)]
+        #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
         tolerance: f64,
     },
     /// One dimension at a time over several multipliers (the paper's Figure 3).
     SingleDim {
         #[command(flatten)]
         common: Common,
-        #[arg(long = "depth", value_delimiter = ',', default_value = "2,3,4")]
+        #[arg(
+            long = "depth",
+            value_delimiter = ',',
+            default_value = "2,3,4",
+            allow_negative_numbers = true
+        )]
         depths: Vec<f64>,
-        #[arg(long = "width", value_delimiter = ',', default_value = "1.5,2,2.5")]
+        #[arg(
+            long = "width",
+            value_delimiter = ',',
+            default_value = "1.5,2,2.5",
+            allow_negative_numbers = true
+        )]
         widths: Vec<f64>,
         #[arg(
             long = "resolution-mult",
             value_delimiter = ',',
-            default_value = "1.5,2,2.5"
+            default_value = "1.5,2,2.5",
+            allow_negative_numbers = true
         )]
         resolutions: Vec<f64>,
     },
@@ -118,11 +139,11 @@ pub struct Common {
 
 #[derive(Args, Clone)]
 pub struct Coefficients {
-    #[arg(long, default_value_t = 1.2)]
+    #[arg(long, default_value_t = 1.2, allow_negative_numbers = true)]
     alpha: f64,
-    #[arg(long, default_value_t = 1.1)]
+    #[arg(long, default_value_t = 1.1, allow_negative_numbers = true)]
     beta: f64,
-    #[arg(long, default_value_t = 1.15)]
+    #[arg(long, default_value_t = 1.15, allow_negative_numbers = true)]
     gamma: f64,
 }
 

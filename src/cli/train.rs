@@ -31,7 +31,7 @@ pub struct RunFlags {
     #[arg(long)]
     resolution: Option<usize>,
     /// Learning rate per 256 images (default 0.016).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
@@ -131,7 +131,7 @@ pub struct TrainArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     warmup_epochs: Option<f64>,
     #[command(flatten)]
     run: RunFlags,
@@ -348,7 +348,7 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 1)]
     freeze_epochs: usize,
     /// Learning-rate factor for phase 2, when every layer trains.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     unfrozen_lr_scale: f64,
     /// Keep BatchNorm in inference mode with the checkpoint's statistics and affine parameters
     /// throughout (Keras' fine-tuning recipe); convolutions and the classifier still train.

@@ -196,6 +196,10 @@ impl Base {
         if !(target.is_finite() && target > 0.0) {
             bail!("FLOPs target {target} must be a positive number");
         }
+        positive_tolerance(tolerance)?;
+        if method == Method::Compound {
+            coefficients_at_least_one(c)?;
+        }
         let base = self.macs()? as f64;
         // Multipliers from 1/8 to 16 (compound: phi from -4 to 12).
         let (lo, hi): (f64, f64) = match method {
@@ -245,6 +249,11 @@ impl Base {
         c: CompoundCoefficients,
         skip_unreachable: bool,
     ) -> anyhow::Result<(Vec<PlannedRun>, Vec<String>)> {
+        // Bad flags fail whatever `skip_unreachable` says, before any other method's search.
+        positive_tolerance(tolerance)?;
+        if methods.contains(&Method::Compound) {
+            coefficients_at_least_one(c)?;
+        }
         let mut runs = self.base_runs()?;
         let mut skipped = Vec::new();
         for &target in targets {
@@ -302,6 +311,10 @@ pub fn grid_points(
     {
         bail!("grid range {lo}..{hi} by {step}: need 1 <= lo <= hi and a positive step");
     }
+    if !(flops.is_finite() && flops > 1.0) {
+        bail!("--flops {flops}: the FLOPs growth per unit of phi must be a number above 1");
+    }
+    positive_tolerance(tolerance)?;
     let n = ((hi - lo) / step + 1e-9).floor() as usize + 1;
     if n > 400 {
         bail!("grid range {lo}..{hi} by {step} has {n} values per coefficient; use a larger step");
@@ -323,6 +336,27 @@ pub fn grid_points(
         );
     }
     Ok(points)
+}
+
+/// A tolerance is a positive number (a negative one would admit nothing and read as a miss).
+fn positive_tolerance(tolerance: f64) -> anyhow::Result<()> {
+    if !(tolerance.is_finite() && tolerance > 0.0) {
+        bail!("--tolerance {tolerance} must be a positive number");
+    }
+    Ok(())
+}
+
+/// Compound scaling's coefficients are at least 1, as in the paper (alpha, beta, gamma >= 1):
+/// below that, growing phi would shrink a dimension.
+fn coefficients_at_least_one(c: CompoundCoefficients) -> anyhow::Result<()> {
+    let CompoundCoefficients { alpha, beta, gamma } = c;
+    if ![alpha, beta, gamma]
+        .iter()
+        .all(|v| v.is_finite() && *v >= 1.0)
+    {
+        bail!("alpha {alpha}, beta {beta}, gamma {gamma}: each coefficient must be at least 1");
+    }
+    Ok(())
 }
 
 impl Base {
@@ -438,6 +472,27 @@ mod tests {
             .to_string();
         assert!(e.contains("widen the tolerance"), "{e}");
         assert!("height".parse::<Method>().is_err());
+        // Bad constraints and coefficients say which, before any search.
+        let e = grid_points((1.0, 2.0), 0.05, 2.0, -1.0).unwrap_err();
+        assert!(e.to_string().contains("--tolerance -1"), "{e}");
+        let e = grid_points((1.0, 2.0), 0.05, -2.0, 0.1).unwrap_err();
+        assert!(e.to_string().contains("--flops -2"), "{e}");
+        let e = b.solve(Method::Depth, 2.0, -0.5, CompoundCoefficients::default());
+        assert!(e.unwrap_err().to_string().contains("--tolerance"));
+        let c = CompoundCoefficients {
+            alpha: -1.0,
+            ..Default::default()
+        };
+        let e = b
+            .solve(Method::Compound, 2.0, 0.1, c)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least 1"), "{e}");
+        let all = [Method::Depth, Method::Resolution, Method::Compound];
+        let e = b.scaling_runs(&[2.0], &all, 0.1, c, true).unwrap_err();
+        assert!(e.to_string().contains("at least 1"), "{e}");
+        // The coefficients do not matter to the single dimensions.
+        assert!(b.solve(Method::Depth, 2.0, 0.1, c).is_ok());
     }
 
     #[test]
