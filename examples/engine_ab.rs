@@ -5,9 +5,9 @@
 //!   cargo run --release --example engine_ab -- MODEL SWITCH [--weights W] [--precision P]
 //!       [--threads N] [--passes N] [--side S]
 //!
-//! SWITCH: `winograd`, `planar-stem` or `dw-strips` (add others beside them). Prints each
-//! engine's median ms over the passes and the ratio (switch on / off), with the median of
-//! per-pair ratios.
+//! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection` or `narrow-groups` (add
+//! others beside them). Prints each engine's median ms over the passes and the ratio (switch on /
+//! off), with the median of per-pair ratios.
 
 use anyhow::{Context, bail};
 use effnet::engine::{Engine, Precision};
@@ -56,8 +56,11 @@ fn main() -> anyhow::Result<()> {
             "planar-stem" => e.with_planar_stem(on),
             "dw-strips" => e.with_dw_strips(on),
             "fused-projection" => e.with_fused_projection(on),
+            // A process-wide setting, switched before each pass below.
+            "narrow-groups" => e,
             other => bail!(
-                "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection"
+                "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection, \
+                 narrow-groups"
             ),
         };
         Ok(e.with_precision(precision)?)
@@ -68,7 +71,10 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let mut times = [Vec::new(), Vec::new()];
     for pass in 0..passes + 10 {
-        for (e, t) in engines.iter_mut().zip(&mut times) {
+        for ((e, t), on) in engines.iter_mut().zip(&mut times).zip([true, false]) {
+            if switch == "narrow-groups" {
+                effnet::simd::set_narrow_groups(on);
+            }
             let start = Instant::now();
             std::hint::black_box(e.forward(&input, 1, side, side));
             if pass >= 10 {

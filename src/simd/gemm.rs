@@ -10,6 +10,7 @@ use super::math::activate_v;
 use super::{Avx2, Avx512};
 use super::{Level, Vector, level};
 use crate::spec::Activation;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Columns per packed panel (two AVX-512 or four AVX2 vectors).
 pub(crate) const NR: usize = 32;
@@ -224,12 +225,13 @@ macro_rules! in_row_tiles {
 }
 pub(super) use in_row_tiles;
 
-/// 12 rows x 2 vectors: 24 of the 32 AVX-512 registers accumulate.
+/// 12 rows x 2 vectors: 24 of the 32 AVX-512 registers accumulate. Groups of at most 8 or 17-24
+/// live columns take AVX2 registers for their last 8 (see [`tile`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn run_avx512(job: &Job, m: usize) {
     // SAFETY: the caller's contract (CPU features, bounds).
-    unsafe { rows::<Avx512, 12, 2, 1>(job, m) }
+    unsafe { rows::<Avx512, Avx2, 12, 2, 1>(job, m) }
 }
 
 /// 6 rows x 2 vectors, a panel in two halves: 12 of the 16 AVX2 registers accumulate, two hold
@@ -239,19 +241,23 @@ unsafe fn run_avx512(job: &Job, m: usize) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(job: &Job, m: usize) {
     // SAFETY: the caller's contract (CPU features, bounds).
-    unsafe { rows::<Avx2, 6, 2, 1>(job, m) }
+    unsafe { rows::<Avx2, Avx2, 6, 2, 1>(job, m) }
 }
 
 /// Rows `0..m` of the job in tiles of `MR` rows by groups of `Q` vectors (`H` of them cover half
-/// a group).
+/// a group), `N` the half-width vector (`V` itself where there is none).
 ///
 /// # Safety
-/// The CPU has `V`'s instruction set and the job's pointers are bounded as [`gemm_bias_act`] checks.
+/// The CPU has `V`'s and `N`'s instruction sets and the job's pointers are bounded as
+/// [`gemm_bias_act`] checks.
 #[inline(always)]
-unsafe fn rows<V: Vector, const MR: usize, const Q: usize, const H: usize>(job: &Job, m: usize) {
+unsafe fn rows<V: Vector, N: Vector, const MR: usize, const Q: usize, const H: usize>(
+    job: &Job,
+    m: usize,
+) {
     macro_rules! rows {
         ($n:expr, $r:expr) => {
-            tile::<V, { $n }, Q, H>(job, $r)
+            tile::<V, N, { $n }, Q, H>(job, $r)
         };
     }
     // SAFETY: the caller's contract; each tile stays within rows < m.
@@ -261,9 +267,17 @@ unsafe fn rows<V: Vector, const MR: usize, const Q: usize, const H: usize>(job: 
 /// Rows `r0..r0 + R` across every panel of the job's columns, each panel in groups of `Q` vectors
 /// (one group on AVX-512, two on AVX2).
 #[inline(always)]
-unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize>(j: &Job, r0: usize) {
+unsafe fn tile<V: Vector, N: Vector, const R: usize, const Q: usize, const H: usize>(
+    j: &Job,
+    r0: usize,
+) {
     let (c0, c1) = j.cols;
     let group = Q * V::LANES;
+    // With a half-width `N` (AVX-512's AVX2 registers), a group of two vectors whose last one
+    // would hold at most 8 live columns (24, 40, 72... channels) runs that part in `N`: on Zen 4 an
+    // AVX2 multiply-add costs half an AVX-512 one (B0's and Lite's 24-channel projections took
+    // as long as 32 channels).
+    let narrow = Q == 2 && N::LANES * 2 == V::LANES && NARROW_GROUPS.load(Ordering::Relaxed);
     for p in c0 / NR..c1.div_ceil(NR) {
         let col = p * NR;
         let width = (c1 - col).min(NR);
@@ -273,7 +287,6 @@ unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize>(j: &Jo
             // of NR values (columns g0.. of it are within the row) and rows r0 + i < m have k
             // values.
             unsafe {
-                let mut acc = [[V::splat(0.0); Q]; R];
                 let b = j.packed.add(p * j.k * NR + g0 * j.k);
                 let a = j.a.add(r0 * j.k);
                 // Rows stream from memory once: while the first group multiplies, the rows two
@@ -284,15 +297,59 @@ unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize>(j: &Jo
                     true => R * j.k / 16,
                     false => 0,
                 };
+                let k = (j.k, group);
+                let at = (col + g0, live);
                 // A group of at most half its columns live (16, 40, 80, 112... channels) needs
                 // half the multiply-adds; the other accumulators stay zero and are not stored.
-                if live > group / 2 {
-                    multiply::<V, R, Q, Q>(&mut acc, a, b, j.k, ahead);
+                if narrow && live <= N::LANES {
+                    group_sums::<V, N, R, 0, 1>(j, (a, b), k, ahead, r0, at);
+                } else if narrow && live > V::LANES && live <= V::LANES + N::LANES {
+                    group_sums::<V, N, R, 1, 1>(j, (a, b), k, ahead, r0, at);
+                } else if live > group / 2 {
+                    group_sums::<V, N, R, Q, 0>(j, (a, b), k, ahead, r0, at);
                 } else {
-                    multiply::<V, R, Q, H>(&mut acc, a, b, j.k, ahead);
+                    group_sums::<V, N, R, H, 0>(j, (a, b), k, ahead, r0, at);
                 }
-                store(&acc, &j.epi, r0, (col + g0, live));
             }
+        }
+    }
+}
+
+/// Whether [`tile`] runs groups partly in half-width registers: on, except in comparisons
+/// (`examples/engine_ab ... narrow-groups`).
+static NARROW_GROUPS: AtomicBool = AtomicBool::new(true);
+
+/// Turns [`tile`]'s half-width groups on or off for the whole process (comparisons only).
+#[doc(hidden)]
+pub fn set_narrow_groups(on: bool) {
+    NARROW_GROUPS.store(on, Ordering::Relaxed);
+}
+
+/// One group's sums (`LV` vectors of `V`, then `LN` of `N`, from column `col`) of rows
+/// `r0..r0 + R`, multiplied and stored through the epilogue: `width` columns live.
+///
+/// # Safety
+/// As [`multiply`]; the epilogue holds those rows and columns.
+#[inline(always)]
+unsafe fn group_sums<V: Vector, N: Vector, const R: usize, const LV: usize, const LN: usize>(
+    j: &Job,
+    (a, b): (*const f32, *const f32),
+    (k, row): (usize, usize),
+    ahead: usize,
+    r0: usize,
+    (col, width): (usize, usize),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut wide = [[V::splat(0.0); LV]; R];
+        let mut thin = [[N::splat(0.0); LN]; R];
+        multiply::<V, N, R, LV, LN>((&mut wide, &mut thin), a, (b, row), k, ahead);
+        let split = (LV * V::LANES).min(width);
+        if LV > 0 {
+            store(&wide, &j.epi, r0, (col, split));
+        }
+        if LN > 0 {
+            store(&thin, &j.epi, r0, (col + split, width - split));
         }
     }
 }
@@ -300,17 +357,19 @@ unsafe fn tile<V: Vector, const R: usize, const Q: usize, const H: usize>(j: &Jo
 /// The most activation values (16 KB) of a tile whose successor's rows are prefetched.
 const PREFETCH_MAX: usize = 4096;
 
-/// `acc[i][q] += a[i][kk] * w[kk][q]` over the group's first `L` vectors, every `kk`; for the
-/// first `ahead` steps also one cache line of the rows two tiles on (rows `2R..`).
+/// `acc[i][q] += a[i][kk] * w[kk][q]` over the group's first `LV` vectors of `V` and the next
+/// `LN` of `N` (the weights' rows `row` floats apart), every `kk`; for the first `ahead` steps
+/// also one cache line of the rows two tiles on (rows `2R..`).
 #[inline(always)]
-unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize>(
-    acc: &mut [[V; Q]; R],
+unsafe fn multiply<V: Vector, N: Vector, const R: usize, const LV: usize, const LN: usize>(
+    (wide, thin): (&mut [[V; LV]; R], &mut [[N; LN]; R]),
     a: *const f32,
-    b: *const f32,
+    (b, row): (*const f32, usize),
     k: usize,
     ahead: usize,
 ) {
-    // SAFETY: the caller's contract: `b` is a group of k rows of Q vectors, `a` R rows of k.
+    // SAFETY: the caller's contract: `b` is a group of k rows of `row` floats, at least LV
+    // vectors of V and LN of N, and `a` R rows of k.
     unsafe {
         // One loop with an unconditional prefetch: with `ahead` steps it walks a cache line per
         // step through the rows two tiles on (past `ahead` into the tile after, which streams
@@ -324,15 +383,28 @@ unsafe fn multiply<V: Vector, const R: usize, const Q: usize, const L: usize>(
         for kk in 0..k {
             prefetch(ahead_at);
             ahead_at = ahead_at.wrapping_add(line);
-            let bk = b.add(kk * Q * V::LANES);
-            let mut w = [V::splat(0.0); L];
+            let bk = b.add(kk * row);
+            let mut w = [V::splat(0.0); LV];
             for (q, w) in w.iter_mut().enumerate() {
                 *w = V::load(bk.add(q * V::LANES));
             }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = V::splat(*a.add(i * k + kk));
-                for (v, w) in row.iter_mut().zip(w) {
-                    *v = av.mul_add(w, *v);
+            let mut t = [N::splat(0.0); LN];
+            for (q, t) in t.iter_mut().enumerate() {
+                *t = N::load(bk.add(LV * V::LANES + q * N::LANES));
+            }
+            for (i, (wide, thin)) in wide.iter_mut().zip(thin.iter_mut()).enumerate() {
+                let x = *a.add(i * k + kk);
+                if LV > 0 {
+                    let av = V::splat(x);
+                    for (v, w) in wide.iter_mut().zip(w) {
+                        *v = av.mul_add(w, *v);
+                    }
+                }
+                if LN > 0 {
+                    let an = N::splat(x);
+                    for (v, t) in thin.iter_mut().zip(t) {
+                        *v = an.mul_add(t, *v);
+                    }
                 }
             }
         }
@@ -367,12 +439,16 @@ pub(crate) mod tests {
 
     /// (m, k, n) shapes the kernel tests cover: one row, whole and partial tiles, panels and column
     /// groups (86: a last panel of 22 columns, its second AVX2 group part-filled), odd k.
-    pub(crate) const SHAPES: [(usize, usize, usize); 6] = [
+    pub(crate) const SHAPES: [(usize, usize, usize); 8] = [
+        // Panels whose last group has 1-8, 9-16, 17-24 and 25-32 live columns (AVX-512 runs the
+        // first and third kind partly in AVX2 registers).
         (1, 3, 5),
         (13, 16, 96),
         (25, 27, 40),
         (12, 24, 32),
         (7, 101, 86),
+        (13, 16, 24),
+        (5, 9, 44),
         // One row across many panels (the classifier at batch 1), the last one partial.
         (1, 37, 200),
     ];

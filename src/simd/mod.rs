@@ -12,6 +12,8 @@ mod vector;
 
 use std::sync::OnceLock;
 
+#[doc(hidden)]
+pub use gemm::set_narrow_groups;
 pub(crate) use vector::Vector;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use vector::{Avx2, Avx512};
