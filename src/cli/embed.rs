@@ -100,8 +100,9 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         })
         .collect();
     println!(
-        "{} images through {model}: {} in {} ({:.1} s decoding and computing, {:.1} images/s)",
+        "{} image{} through {model}: {} in {} ({:.1} s decoding and computing, {:.1} images/s)",
         files.len(),
+        if files.len() == 1 { "" } else { "s" },
         shapes.join(", "),
         args.out.display(),
         seconds,

@@ -277,7 +277,7 @@ unsafe fn tile<V: Vector, N: Vector, const R: usize, const Q: usize, const H: us
     // would hold at most 8 live columns (24, 40, 72... channels) runs that part in `N`: on Zen 4 an
     // AVX2 multiply-add costs half an AVX-512 one (B0's and Lite's 24-channel projections took
     // as long as 32 channels).
-    let narrow = Q == 2 && N::LANES * 2 == V::LANES && NARROW_GROUPS.load(Ordering::Relaxed);
+    let narrow = Q == 2 && N::LANES * 2 == V::LANES && narrow_groups();
     for p in c0 / NR..c1.div_ceil(NR) {
         let col = p * NR;
         let width = (c1 - col).min(NR);
@@ -315,9 +315,15 @@ unsafe fn tile<V: Vector, N: Vector, const R: usize, const Q: usize, const H: us
     }
 }
 
-/// Whether [`tile`] runs groups partly in half-width registers: on, except in comparisons
-/// (`examples/engine_ab ... narrow-groups`).
+/// Whether the f32 and bf16 kernels run groups partly in half-width registers: on, except in
+/// comparisons (`examples/engine_ab ... narrow-groups`).
 static NARROW_GROUPS: AtomicBool = AtomicBool::new(true);
+
+/// Whether the kernels run groups partly in half-width registers (see [`tile`]).
+#[inline]
+pub(super) fn narrow_groups() -> bool {
+    NARROW_GROUPS.load(Ordering::Relaxed)
+}
 
 /// Turns [`tile`]'s half-width groups on or off for the whole process (comparisons only).
 #[doc(hidden)]

@@ -193,42 +193,91 @@ unsafe fn run(job: &Job, m: usize) {
     unsafe { super::gemm::in_row_tiles!(m, MR, rows) }
 }
 
-/// Rows `r0..r0 + R` across the job's panels: 2 x R accumulators of 16 f32 sums.
+/// Rows `r0..r0 + R` across the job's panels: up to 2 x R accumulators of 16 f32 sums. As in the
+/// f32 kernel, a last group of at most 8 live columns (24, 40, 72... channels) runs in AVX2-wide
+/// registers, half an AVX-512 multiply-add on Zen 4.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
-    use super::Avx512;
     let (c0, c1) = j.cols;
     for p in c0 / NR..c1.div_ceil(NR) {
         let col = p * NR;
         let width = (c1 - col).min(NR);
-        // SAFETY: the caller's contract: panel p holds k2 pairs of NR columns, rows r0 + i < m
-        // hold k2 pairs.
+        let narrow = super::gemm::narrow_groups();
+        // SAFETY: the caller's contract.
         unsafe {
-            // Accumulated as the epilogue's vector type: no conversion between the loop and the
-            // store (an array map there compiled to an out-of-line call, 25 % slower in all).
-            let mut acc = [[Avx512(_mm512_setzero_ps()); 2]; R];
-            let b = j.packed.add(p * j.k2 * NR);
-            let a = j.a.add(r0 * j.k2);
-            let halves = if width > NR / 2 { 2 } else { 1 };
-            for q in 0..j.k2 {
-                let w0 = as_bh(_mm512_loadu_si512(b.add(q * NR) as *const _));
-                let w1: __m512bh = if halves == 2 {
-                    as_bh(_mm512_loadu_si512(b.add(q * NR + 16) as *const _))
-                } else {
-                    as_bh(_mm512_setzero_si512())
-                };
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let av = as_bh(_mm512_set1_epi32(*a.add(i * j.k2 + q) as i32));
-                    row[0] = Avx512(_mm512_dpbf16_ps(row[0].0, av, w0));
-                    if halves == 2 {
-                        row[1] = Avx512(_mm512_dpbf16_ps(row[1].0, av, w1));
+            match width {
+                25.. => panel::<R, 2, 0>(j, r0, p, width),
+                17.. if narrow => panel::<R, 1, 1>(j, r0, p, width),
+                17.. => panel::<R, 2, 0>(j, r0, p, width),
+                9.. => panel::<R, 1, 0>(j, r0, p, width),
+                _ if narrow => panel::<R, 0, 1>(j, r0, p, width),
+                _ => panel::<R, 1, 0>(j, r0, p, width),
+            }
+        }
+    }
+}
+
+/// Panel `p`'s first `width` columns of rows `r0..r0 + R`: `LW` AVX-512 accumulators of 16
+/// columns, then `LT` AVX2-wide ones of 8.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(
+    j: &Job,
+    r0: usize,
+    p: usize,
+    width: usize,
+) {
+    use super::{Avx2, Avx512};
+    let col = p * NR;
+    // SAFETY: the caller's contract: panel p holds k2 pairs of NR columns, rows r0 + i < m
+    // hold k2 pairs.
+    unsafe {
+        // Accumulated as the epilogue's vector type: no conversion between the loop and the
+        // store (an array map there compiled to an out-of-line call, 25 % slower in all).
+        let mut wide = [[Avx512(_mm512_setzero_ps()); LW]; R];
+        let mut thin = [[Avx2(_mm256_setzero_ps()); LT]; R];
+        let b = j.packed.add(p * j.k2 * NR);
+        let a = j.a.add(r0 * j.k2);
+        for q in 0..j.k2 {
+            let w: [__m512bh; LW] = std::array::from_fn(|h| {
+                as_bh(_mm512_loadu_si512(b.add(q * NR + 16 * h) as *const _))
+            });
+            let t: [__m256bh; LT] = std::array::from_fn(|_| {
+                as_bh8(_mm256_loadu_si256(b.add(q * NR + 16 * LW) as *const _))
+            });
+            for (i, (wide, thin)) in wide.iter_mut().zip(thin.iter_mut()).enumerate() {
+                let x = *a.add(i * j.k2 + q) as i32;
+                if LW > 0 {
+                    let av = as_bh(_mm512_set1_epi32(x));
+                    for (s, w) in wide.iter_mut().zip(w) {
+                        *s = Avx512(_mm512_dpbf16_ps(s.0, av, w));
+                    }
+                }
+                if LT > 0 {
+                    let av = as_bh8(_mm256_set1_epi32(x));
+                    for (s, t) in thin.iter_mut().zip(t) {
+                        *s = Avx2(_mm256_dpbf16_ps(s.0, av, t));
                     }
                 }
             }
-            super::gemm::store(&acc, &j.epi, r0, (col, width));
+        }
+        let split = (16 * LW).min(width);
+        if LW > 0 {
+            super::gemm::store(&wide, &j.epi, r0, (col, split));
+        }
+        if LT > 0 {
+            super::gemm::store(&thin, &j.epi, r0, (col + split, width - split));
         }
     }
+}
+
+/// The same 256 bits as 16 bf16 values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn as_bh8(v: __m256i) -> __m256bh {
+    // SAFETY: both are 32-byte plain-bits vector types; every bit pattern is valid for either.
+    unsafe { std::mem::transmute::<__m256i, __m256bh>(v) }
 }
 
 #[cfg(test)]
