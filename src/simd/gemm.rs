@@ -225,6 +225,26 @@ macro_rules! in_row_tiles {
 }
 pub(super) use in_row_tiles;
 
+/// Every panel of the job `$j`'s columns, for rows `$r0..$r0 + R`, by the bf16 and int8
+/// kernels' `$panel::<R, LW, LT>(j, r0, p, width)`: `LW` AVX-512 vectors of 16 columns, then
+/// `LT` AVX2-wide ones of 8. A last group of at most 8 live columns takes the narrow one, as
+/// [`tile`] does for f32, unless [`narrow_groups`] is off.
+macro_rules! in_panels {
+    ($j:expr, $r0:expr, $R:tt, $panel:ident) => {{
+        let (c0, c1) = $j.cols;
+        for p in c0 / NR..c1.div_ceil(NR) {
+            let width = (c1 - p * NR).min(NR);
+            match (width, super::gemm::narrow_groups()) {
+                (25.., _) | (17.., false) => $panel::<$R, 2, 0>($j, $r0, p, width),
+                (17.., true) => $panel::<$R, 1, 1>($j, $r0, p, width),
+                (9.., _) | (_, false) => $panel::<$R, 1, 0>($j, $r0, p, width),
+                (_, true) => $panel::<$R, 0, 1>($j, $r0, p, width),
+            }
+        }
+    }};
+}
+pub(super) use in_panels;
+
 /// 12 rows x 2 vectors: 24 of the 32 AVX-512 registers accumulate. Groups of at most 8 or 17-24
 /// live columns take AVX2 registers for their last 8 (see [`tile`]).
 #[cfg(target_arch = "x86_64")]

@@ -186,40 +186,16 @@ unsafe fn run(job: &Job, m: usize) {
     const MR: usize = 12;
     macro_rules! rows {
         ($n:expr, $r:expr) => {
-            tile::<{ $n }>(job, $r)
+            super::gemm::in_panels!(job, $r, { $n }, panel)
         };
     }
     // SAFETY: the caller's contract; each tile stays within rows < m.
     unsafe { super::gemm::in_row_tiles!(m, MR, rows) }
 }
 
-/// Rows `r0..r0 + R` across the job's panels: up to 2 x R accumulators of 16 f32 sums. As in the
-/// f32 kernel, a last group of at most 8 live columns (24, 40, 72... channels) runs in AVX2-wide
-/// registers, half an AVX-512 multiply-add on Zen 4.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
-    let (c0, c1) = j.cols;
-    for p in c0 / NR..c1.div_ceil(NR) {
-        let col = p * NR;
-        let width = (c1 - col).min(NR);
-        let narrow = super::gemm::narrow_groups();
-        // SAFETY: the caller's contract.
-        unsafe {
-            match width {
-                25.. => panel::<R, 2, 0>(j, r0, p, width),
-                17.. if narrow => panel::<R, 1, 1>(j, r0, p, width),
-                17.. => panel::<R, 2, 0>(j, r0, p, width),
-                9.. => panel::<R, 1, 0>(j, r0, p, width),
-                _ if narrow => panel::<R, 0, 1>(j, r0, p, width),
-                _ => panel::<R, 1, 0>(j, r0, p, width),
-            }
-        }
-    }
-}
-
 /// Panel `p`'s first `width` columns of rows `r0..r0 + R`: `LW` AVX-512 accumulators of 16
-/// columns, then `LT` AVX2-wide ones of 8.
+/// columns, then `LT` AVX2-wide ones of 8 (half an AVX-512 multiply-add on Zen 4, for a last
+/// group of at most 8 live columns: `super::gemm::in_panels`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(

@@ -444,56 +444,77 @@ unsafe fn run_vnni(job: &Job, m: usize) {
     const MR: usize = 12;
     macro_rules! rows {
         ($n:expr, $r:expr) => {
-            tile::<{ $n }>(job, $r)
+            super::gemm::in_panels!(job, $r, { $n }, panel)
         };
     }
     // SAFETY: the caller's contract; each tile stays within rows < m.
     unsafe { super::gemm::in_row_tiles!(m, MR, rows) }
 }
 
-/// Rows `r0..r0 + R` across the job's panels: 2 x R accumulators of 16 int32 sums.
+/// Panel `p`'s first `width` columns of rows `r0..r0 + R`: `LW` AVX-512 accumulators of 16
+/// columns, then `LT` AVX2-wide ones of 8 (half an AVX-512 multiply-add on Zen 4, for a last
+/// group of at most 8 live columns: `super::gemm::in_panels`), scaled to f32 and
+/// stored through the epilogue.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn tile<const R: usize>(j: &Job, r0: usize) {
-    use super::Avx512;
-    let (c0, c1) = j.cols;
-    for p in c0 / NR..c1.div_ceil(NR) {
-        let col = p * NR;
-        let width = (c1 - col).min(NR);
-        // SAFETY: the caller's contract: panel p holds `lanes` groups of NR columns, rows
-        // r0 + i < m hold `lanes` groups, `scale` whole panels.
-        unsafe {
-            let mut acc = [[_mm512_setzero_si512(); 2]; R];
-            let b = j.packed.add(p * j.lanes * NR);
-            let a = j.a.add(r0 * j.lanes);
-            let halves = if width > NR / 2 { 2 } else { 1 };
-            for q in 0..j.lanes {
-                let w0 = _mm512_loadu_si512(b.add(q * NR) as *const _);
-                let w1 = if halves == 2 {
-                    _mm512_loadu_si512(b.add(q * NR + 16) as *const _)
-                } else {
-                    _mm512_setzero_si512()
-                };
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_epi32(*a.add(i * j.lanes + q) as i32);
-                    row[0] = _mm512_dpbusd_epi32(row[0], av, w0);
-                    if halves == 2 {
-                        row[1] = _mm512_dpbusd_epi32(row[1], av, w1);
+unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(
+    j: &Job,
+    r0: usize,
+    p: usize,
+    width: usize,
+) {
+    use super::{Avx2, Avx512};
+    let col = p * NR;
+    // SAFETY: the caller's contract: panel p holds `lanes` groups of NR columns, rows r0 + i < m
+    // hold `lanes` groups, `scale` whole panels.
+    unsafe {
+        let mut wide = [[_mm512_setzero_si512(); LW]; R];
+        let mut thin = [[_mm256_setzero_si256(); LT]; R];
+        let b = j.packed.add(p * j.lanes * NR);
+        let a = j.a.add(r0 * j.lanes);
+        for q in 0..j.lanes {
+            let w: [__m512i; LW] =
+                std::array::from_fn(|h| _mm512_loadu_si512(b.add(q * NR + 16 * h) as *const _));
+            let t: [__m256i; LT] =
+                std::array::from_fn(|_| _mm256_loadu_si256(b.add(q * NR + 16 * LW) as *const _));
+            for (i, (wide, thin)) in wide.iter_mut().zip(thin.iter_mut()).enumerate() {
+                let x = *a.add(i * j.lanes + q) as i32;
+                if LW > 0 {
+                    let av = _mm512_set1_epi32(x);
+                    for (s, w) in wide.iter_mut().zip(w) {
+                        *s = _mm512_dpbusd_epi32(*s, av, w);
+                    }
+                }
+                if LT > 0 {
+                    let av = _mm256_set1_epi32(x);
+                    for (s, t) in thin.iter_mut().zip(t) {
+                        *s = _mm256_dpbusd_epi32(*s, av, t);
                     }
                 }
             }
-            let s = [
-                _mm512_loadu_ps(j.scale.add(col)),
-                _mm512_loadu_ps(j.scale.add(col + 16)),
-            ];
-            // A loop, not `acc.map`: a closure there compiles out of line without AVX-512.
-            let mut sums = [[Avx512(_mm512_setzero_ps()); 2]; R];
-            for i in 0..R {
-                for h in 0..2 {
-                    sums[i][h] = Avx512(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][h]), s[h]));
+        }
+        // Loops, not `map`: a closure there compiles out of line without AVX-512.
+        let split = (16 * LW).min(width);
+        if LW > 0 {
+            let s: [__m512; LW] =
+                std::array::from_fn(|h| _mm512_loadu_ps(j.scale.add(col + 16 * h)));
+            let mut sums = [[Avx512(_mm512_setzero_ps()); LW]; R];
+            for (sums, acc) in sums.iter_mut().zip(&wide) {
+                for ((v, a), s) in sums.iter_mut().zip(acc).zip(s) {
+                    *v = Avx512(_mm512_mul_ps(_mm512_cvtepi32_ps(*a), s));
                 }
             }
-            store(&sums, &j.epi, r0, (col, width));
+            store(&sums, &j.epi, r0, (col, split));
+        }
+        if LT > 0 {
+            let s = _mm256_loadu_ps(j.scale.add(col + split));
+            let mut sums = [[Avx2(_mm256_setzero_ps()); LT]; R];
+            for (sums, acc) in sums.iter_mut().zip(&thin) {
+                for (v, a) in sums.iter_mut().zip(acc) {
+                    *v = Avx2(_mm256_mul_ps(_mm256_cvtepi32_ps(*a), s));
+                }
+            }
+            store(&sums, &j.epi, r0, (col + split, width - split));
         }
     }
 }
