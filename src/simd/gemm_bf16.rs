@@ -216,12 +216,15 @@ unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(
         let b = j.packed.add(p * j.k2 * NR);
         let a = j.a.add(r0 * j.k2);
         for q in 0..j.k2 {
-            let w: [__m512bh; LW] = std::array::from_fn(|h| {
-                as_bh(_mm512_loadu_si512(b.add(q * NR + 16 * h) as *const _))
-            });
-            let t: [__m256bh; LT] = std::array::from_fn(|_| {
-                as_bh8(_mm256_loadu_si256(b.add(q * NR + 16 * LW) as *const _))
-            });
+            // Loops, not `array::from_fn`: a closure LLVM leaves out of line loses AVX-512.
+            let mut w = [as_bh(_mm512_setzero_si512()); LW];
+            for (h, w) in w.iter_mut().enumerate() {
+                *w = as_bh(_mm512_loadu_si512(b.add(q * NR + 16 * h) as *const _));
+            }
+            let mut t = [as_bh8(_mm256_setzero_si256()); LT];
+            for t in t.iter_mut() {
+                *t = as_bh8(_mm256_loadu_si256(b.add(q * NR + 16 * LW) as *const _));
+            }
             for (i, (wide, thin)) in wide.iter_mut().zip(thin.iter_mut()).enumerate() {
                 let x = *a.add(i * j.k2 + q) as i32;
                 if LW > 0 {

@@ -473,10 +473,15 @@ unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(
         let b = j.packed.add(p * j.lanes * NR);
         let a = j.a.add(r0 * j.lanes);
         for q in 0..j.lanes {
-            let w: [__m512i; LW] =
-                std::array::from_fn(|h| _mm512_loadu_si512(b.add(q * NR + 16 * h) as *const _));
-            let t: [__m256i; LT] =
-                std::array::from_fn(|_| _mm256_loadu_si256(b.add(q * NR + 16 * LW) as *const _));
+            // Loops, not `array::from_fn`: a closure LLVM leaves out of line loses AVX-512.
+            let mut w = [_mm512_setzero_si512(); LW];
+            for (h, w) in w.iter_mut().enumerate() {
+                *w = _mm512_loadu_si512(b.add(q * NR + 16 * h) as *const _);
+            }
+            let mut t = [_mm256_setzero_si256(); LT];
+            for t in t.iter_mut() {
+                *t = _mm256_loadu_si256(b.add(q * NR + 16 * LW) as *const _);
+            }
             for (i, (wide, thin)) in wide.iter_mut().zip(thin.iter_mut()).enumerate() {
                 let x = *a.add(i * j.lanes + q) as i32;
                 if LW > 0 {
@@ -496,8 +501,10 @@ unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(
         // Loops, not `map`: a closure there compiles out of line without AVX-512.
         let split = (16 * LW).min(width);
         if LW > 0 {
-            let s: [__m512; LW] =
-                std::array::from_fn(|h| _mm512_loadu_ps(j.scale.add(col + 16 * h)));
+            let mut s = [_mm512_setzero_ps(); LW];
+            for (h, s) in s.iter_mut().enumerate() {
+                *s = _mm512_loadu_ps(j.scale.add(col + 16 * h));
+            }
             let mut sums = [[Avx512(_mm512_setzero_ps()); LW]; R];
             for (sums, acc) in sums.iter_mut().zip(&wide) {
                 for ((v, a), s) in sums.iter_mut().zip(acc).zip(s) {
