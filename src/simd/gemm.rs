@@ -225,20 +225,35 @@ macro_rules! in_row_tiles {
 }
 pub(super) use in_row_tiles;
 
+/// The vectors a group of two `lanes`-lane vectors multiplies with when `live` of its columns are
+/// live: `(whole, half)` vectors of `lanes` and `lanes / 2` lanes. With `narrow`, a last vector
+/// that would hold at most half its lanes live is a half-width one (24, 40, 72... channels on
+/// AVX-512: on Zen 4 an AVX2 multiply-add costs half an AVX-512 one, and B0's and Lite's
+/// 24-channel projections took as long as 32 channels); a group at most half live needs one
+/// vector, the other accumulators staying zero and unstored (16, 40, 80, 112... channels).
+pub(super) fn group_vectors(live: usize, lanes: usize, narrow: bool) -> (usize, usize) {
+    let half = lanes / 2;
+    match live {
+        _ if narrow && live <= half => (0, 1),
+        _ if narrow && live > lanes && live <= lanes + half => (1, 1),
+        _ if live > lanes => (2, 0),
+        _ => (1, 0),
+    }
+}
+
 /// Every panel of the job `$j`'s columns, for rows `$r0..$r0 + R`, by the bf16 and int8
 /// kernels' `$panel::<R, LW, LT>(j, r0, p, width)`: `LW` AVX-512 vectors of 16 columns, then
-/// `LT` AVX2-wide ones of 8. A last group of at most 8 live columns takes the narrow one, as
-/// [`tile`] does for f32, unless [`narrow_groups`] is off.
+/// `LT` AVX2-wide ones of 8, as [`group_vectors`] says (as [`tile`] does for f32).
 macro_rules! in_panels {
     ($j:expr, $r0:expr, $R:tt, $panel:ident) => {{
         let (c0, c1) = $j.cols;
         for p in c0 / NR..c1.div_ceil(NR) {
             let width = (c1 - p * NR).min(NR);
-            match (width, super::gemm::narrow_groups()) {
-                (25.., _) | (17.., false) => $panel::<$R, 2, 0>($j, $r0, p, width),
-                (17.., true) => $panel::<$R, 1, 1>($j, $r0, p, width),
-                (9.., _) | (_, false) => $panel::<$R, 1, 0>($j, $r0, p, width),
-                (_, true) => $panel::<$R, 0, 1>($j, $r0, p, width),
+            match super::gemm::group_vectors(width, 16, super::gemm::narrow_groups()) {
+                (0, _) => $panel::<$R, 0, 1>($j, $r0, p, width),
+                (1, 1) => $panel::<$R, 1, 1>($j, $r0, p, width),
+                (1, _) => $panel::<$R, 1, 0>($j, $r0, p, width),
+                _ => $panel::<$R, 2, 0>($j, $r0, p, width),
             }
         }
     }};
@@ -293,11 +308,14 @@ unsafe fn tile<V: Vector, N: Vector, const R: usize, const Q: usize, const H: us
 ) {
     let (c0, c1) = j.cols;
     let group = Q * V::LANES;
-    // With a half-width `N` (AVX-512's AVX2 registers), a group of two vectors whose last one
-    // would hold at most 8 live columns (24, 40, 72... channels) runs that part in `N`: on Zen 4 an
-    // AVX2 multiply-add costs half an AVX-512 one (B0's and Lite's 24-channel projections took
-    // as long as 32 channels).
-    let narrow = Q == 2 && N::LANES * 2 == V::LANES && narrow_groups();
+    const {
+        assert!(
+            Q == 2 && H == 1,
+            "groups of two vectors, as group_vectors counts them"
+        )
+    };
+    // Half-width vectors where `N` is one (AVX-512's AVX2 registers; see [`group_vectors`]).
+    let narrow = N::LANES * 2 == V::LANES && narrow_groups();
     for p in c0 / NR..c1.div_ceil(NR) {
         let col = p * NR;
         let width = (c1 - col).min(NR);
@@ -319,24 +337,19 @@ unsafe fn tile<V: Vector, N: Vector, const R: usize, const Q: usize, const H: us
                 };
                 let k = (j.k, group);
                 let at = (col + g0, live);
-                // A group of at most half its columns live (16, 40, 80, 112... channels) needs
-                // half the multiply-adds; the other accumulators stay zero and are not stored.
-                if narrow && live <= N::LANES {
-                    group_sums::<V, N, R, 0, 1>(j, (a, b), k, ahead, r0, at);
-                } else if narrow && live > V::LANES && live <= V::LANES + N::LANES {
-                    group_sums::<V, N, R, 1, 1>(j, (a, b), k, ahead, r0, at);
-                } else if live > group / 2 {
-                    group_sums::<V, N, R, Q, 0>(j, (a, b), k, ahead, r0, at);
-                } else {
-                    group_sums::<V, N, R, H, 0>(j, (a, b), k, ahead, r0, at);
+                match group_vectors(live, V::LANES, narrow) {
+                    (0, _) => group_sums::<V, N, R, 0, 1>(j, (a, b), k, ahead, r0, at),
+                    (1, 1) => group_sums::<V, N, R, 1, 1>(j, (a, b), k, ahead, r0, at),
+                    (1, _) => group_sums::<V, N, R, H, 0>(j, (a, b), k, ahead, r0, at),
+                    _ => group_sums::<V, N, R, Q, 0>(j, (a, b), k, ahead, r0, at),
                 }
             }
         }
     }
 }
 
-/// Whether the f32 and bf16 kernels run groups partly in half-width registers: on, except in
-/// comparisons (`examples/engine_ab ... narrow-groups`).
+/// Whether the f32, bf16 and int8 kernels run groups partly in half-width registers: on, except
+/// in comparisons (`examples/engine_ab ... narrow-groups`).
 static NARROW_GROUPS: AtomicBool = AtomicBool::new(true);
 
 /// Whether the kernels run groups partly in half-width registers (see [`tile`]).

@@ -196,10 +196,7 @@ impl Base {
         if !(target.is_finite() && target > 0.0) {
             bail!("FLOPs target {target} must be a positive number");
         }
-        positive_tolerance(tolerance)?;
-        if method == Method::Compound {
-            coefficients_at_least_one(c)?;
-        }
+        scaling_flags(tolerance, c, method == Method::Compound)?;
         let base = self.macs()? as f64;
         // Multipliers from 1/8 to 16 (compound: phi from -4 to 12).
         let (lo, hi): (f64, f64) = match method {
@@ -250,10 +247,7 @@ impl Base {
         skip_unreachable: bool,
     ) -> anyhow::Result<(Vec<PlannedRun>, Vec<String>)> {
         // Bad flags fail whatever `skip_unreachable` says, before any other method's search.
-        positive_tolerance(tolerance)?;
-        if methods.contains(&Method::Compound) {
-            coefficients_at_least_one(c)?;
-        }
+        scaling_flags(tolerance, c, methods.contains(&Method::Compound))?;
         let mut runs = self.base_runs()?;
         let mut skipped = Vec::new();
         for &target in targets {
@@ -342,6 +336,15 @@ pub fn grid_points(
 fn positive_tolerance(tolerance: f64) -> anyhow::Result<()> {
     if !(tolerance.is_finite() && tolerance > 0.0) {
         bail!("--tolerance {tolerance} must be a positive number");
+    }
+    Ok(())
+}
+
+/// The tolerance of a FLOPs-matched scaling, and the coefficients where it is `compound`.
+fn scaling_flags(tolerance: f64, c: CompoundCoefficients, compound: bool) -> anyhow::Result<()> {
+    positive_tolerance(tolerance)?;
+    if compound {
+        coefficients_at_least_one(c)?;
     }
     Ok(())
 }
