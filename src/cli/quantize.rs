@@ -19,8 +19,9 @@ pub struct QuantizeArgs {
     #[arg(long)]
     model: Option<String>,
     /// Calibration images: files and folders (searched recursively), ideally a few dozen to a
-    /// few hundred photos like the ones the model will see (each layer's sensitivity is ranked on
-    /// the first 64; every image counts for the ranges and the guard).
+    /// few hundred photos like the ones the model will see (each layer's sensitivity is measured
+    /// on the first 64, and the guard scores each layer on the 64 nearest a wrong top-1; every
+    /// image counts for the ranges and the guard's threshold).
     #[arg(long, required = true, num_args = 1..)]
     calib: Vec<PathBuf>,
     /// Output weights (.safetensors): the same tensors plus the calibrated int8 quantisation;
@@ -32,8 +33,9 @@ pub struct QuantizeArgs {
     /// default P = 99.99).
     #[arg(long, default_value = "mse")]
     method: Method,
-    /// Top-1 agreement with fp32 the calibration images must reach; the most sensitive layers
-    /// are kept out of int8 (in bf16 where the CPU has it, else fp32) until it does.
+    /// Top-1 agreement with fp32 the calibration images must reach; layers are kept out of int8
+    /// (in bf16 where the CPU has it, else fp32), each time the one that most closes the gap to
+    /// fp32's top-1 classes, until it does.
     #[arg(long, default_value_t = 0.99, allow_negative_numbers = true)]
     threshold: f64,
     /// Fraction of the images held out: not calibrated on, not used to choose layers, only
