@@ -3,10 +3,11 @@
 //! drifts by up to 2x between processes).
 //!
 //!   cargo run --release --example engine_ab -- MODEL SWITCH [--weights W] [--precision P]
-//!       [--threads N] [--passes N] [--side S]
+//!       [--threads N] [--passes N] [--side S] [--versus W2]
 //!
 //! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection` or `narrow-groups` (add
-//! others beside them). Prints each engine's median ms over the passes and the ratio (switch on /
+//! others beside them), or `versus`: the weights `--weights W` ("on") against `--versus W2`
+//! ("off"), e.g. two int8 quantisations of one model. Prints each engine's median ms over the passes and the ratio (switch on /
 //! off), with the median of per-pair ratios.
 
 use anyhow::{Context, bail};
@@ -18,7 +19,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, switch, rest @ ..] = args.as_slice() else {
         bail!(
-            "usage: engine_ab MODEL SWITCH [--weights W] [--precision P] [--threads N] [--passes N] [--side S]"
+            "usage: engine_ab MODEL SWITCH [--weights W] [--precision P] [--threads N] [--passes N] [--side S] [--versus W2]"
         );
     };
     let mut opts = std::collections::HashMap::new();
@@ -27,7 +28,16 @@ fn main() -> anyhow::Result<()> {
             bail!("`{}` needs a value", pair[0]);
         };
         let key = k.strip_prefix("--").unwrap_or(k);
-        if !["weights", "precision", "threads", "passes", "side"].contains(&key) {
+        if ![
+            "weights",
+            "precision",
+            "threads",
+            "passes",
+            "side",
+            "versus",
+        ]
+        .contains(&key)
+        {
             bail!("unknown option `{k}`");
         }
         opts.insert(key.to_string(), v.clone());
@@ -49,18 +59,24 @@ fn main() -> anyhow::Result<()> {
     let threads = number("threads", 1)?;
     let passes = number("passes", 200)?;
     let side = number("side", set.spec().resolution)?;
+    let versus = match (switch.as_str(), opts.get("versus")) {
+        ("versus", Some(w)) => Some(weights::load(std::path::Path::new(w), None)?),
+        ("versus", None) => bail!("`versus` needs --versus W2"),
+        _ => None,
+    };
     let build = |on: bool| -> anyhow::Result<Engine> {
-        let e = Engine::new(&set)?.with_threads(threads);
+        let set = versus.as_ref().filter(|_| !on).unwrap_or(&set);
+        let e = Engine::new(set)?.with_threads(threads);
         let e = match switch.as_str() {
             "winograd" => e.with_winograd(on),
             "planar-stem" => e.with_planar_stem(on),
             "dw-strips" => e.with_dw_strips(on),
             "fused-projection" => e.with_fused_projection(on),
             // A process-wide setting, switched before each pass below.
-            "narrow-groups" => e,
+            "narrow-groups" | "versus" => e,
             other => bail!(
                 "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection, \
-                 narrow-groups"
+                 narrow-groups, versus"
             ),
         };
         Ok(e.with_precision(precision)?)
