@@ -206,35 +206,60 @@ unsafe fn quantize_rows_avx512(
     let k4 = k.div_ceil(4);
     let mask = |n: usize| -> u16 { if n >= 16 { u16::MAX } else { (1u16 << n) - 1 } };
     let inv = _mm512_set1_ps(1.0 / grid.scale);
-    let (zero, lo, hi) = (
-        _mm512_set1_epi32(grid.zero),
-        _mm512_setzero_si512(),
-        _mm512_set1_epi32(255),
+    let zero = _mm512_set1_epi32(grid.zero);
+    // Clamped to the grid's ends in steps, before rounding: the same as clamping after it (the
+    // ends are whole steps), NaN still lands on 0 (`max` returns its second operand), and the
+    // sums need no integer clamp before they narrow. (The portable path puts NaN on the zero
+    // point; garbage either way.)
+    let (lo, hi) = (
+        _mm512_set1_ps(-grid.zero as f32),
+        _mm512_set1_ps((255 - grid.zero) as f32),
     );
-    // As in the AVX2 form: bounded before the conversion, which turns overflow into i32::MIN.
-    let (lo_steps, hi_steps) = (_mm512_set1_ps(-512.0), _mm512_set1_ps(512.0));
+    // After two packs, 128-bit lane L holds four values of each of the four vectors (dword v of
+    // lane L: vector v's values 4L..4L + 4); this puts them back in order.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let gate = gate.map(|g| g.as_ptr());
     for r in 0..m {
-        let src = &a[r * k..];
+        let src = a[r * k..].as_ptr();
         let dst = out[r * k4..].as_mut_ptr() as *mut u8;
         // The last group's unused bytes.
         // SAFETY: the row has k4 lanes.
         unsafe { *out.as_mut_ptr().add(r * k4 + k4 - 1) = 0 };
+        // Values kk..kk + 16 (under `$mask`) as int32 grid steps plus the zero point, in 0..=255.
+        macro_rules! steps {
+            ($kk:expr, $mask:expr) => {{
+                let mut x = _mm512_maskz_loadu_ps($mask, src.add($kk));
+                if let Some(g) = gate {
+                    x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps($mask, g.add($kk)));
+                }
+                let x = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), lo), hi);
+                // Round to nearest even (the default MXCSR mode), as the portable path does.
+                _mm512_add_epi32(_mm512_cvtps_epi32(x), zero)
+            }};
+        }
         let mut kk = 0;
+        while kk + 64 <= k {
+            // Four vectors narrowed by two saturating packs (no-ops on 0..=255) and one
+            // permute, in place of four narrowing conversions; no narrowing store either
+            // (`vpmovdb` to memory is microcoded on Zen 4).
+            // SAFETY: AVX-512F/BW; the loads read src[kk..kk + 64] (< k) and the gate likewise,
+            // the store bytes kk..kk + 64 of this row's 4 * k4.
+            unsafe {
+                let (q0, q1) = (steps!(kk, u16::MAX), steps!(kk + 16, u16::MAX));
+                let (q2, q3) = (steps!(kk + 32, u16::MAX), steps!(kk + 48, u16::MAX));
+                let bytes =
+                    _mm512_packus_epi16(_mm512_packus_epi32(q0, q1), _mm512_packus_epi32(q2, q3));
+                let bytes = _mm512_permutexvar_epi32(order, bytes);
+                _mm512_storeu_si512(dst.add(kk) as *mut _, bytes);
+            }
+            kk += 64;
+        }
         while kk < k {
             let n = (k - kk).min(16);
-            // SAFETY: masked loads read src[kk..kk + n] (< k) and the gate likewise; the masked
-            // store writes bytes kk..kk + n of this row's 4 * k4.
+            // SAFETY: AVX-512F/BW; masked loads read src[kk..kk + n] (< k) and the gate
+            // likewise, the store writes bytes kk..kk + n of this row's 4 * k4.
             unsafe {
-                let mut x = _mm512_maskz_loadu_ps(mask(n), src.as_ptr().add(kk));
-                if let Some(g) = gate {
-                    x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(mask(n), g.as_ptr().add(kk)));
-                }
-                // Round to nearest even (the default MXCSR mode), as the portable path does.
-                let steps = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), lo_steps), hi_steps);
-                let q = _mm512_add_epi32(_mm512_cvtps_epi32(steps), zero);
-                let q = _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi));
-                // Narrowed in registers, then stored: the narrowing store (`vpmovdb` to memory)
-                // is microcoded on Zen 4 and made the whole int8 GEMM slower than f32.
+                let q = _mm512_cvtepi32_epi8(steps!(kk, mask(n)));
                 if n == 16 {
                     _mm_storeu_si128(dst.add(kk) as *mut _, q);
                 } else {
@@ -712,38 +737,51 @@ mod tests {
     /// values far outside the grid too).
     #[test]
     fn row_quantisers_match_the_grid() {
-        let grid = ActQuant::covering(-0.3, 2.0);
-        let k = 21;
-        let mut a: Vec<f32> = (0..2 * k).map(|i| (i as f32 - 9.0) * 0.137).collect();
-        a[3] = f32::INFINITY;
-        a[4] = f32::NEG_INFINITY;
-        a[5] = 3e12;
-        a[6] = -3e12;
-        a[k + 20] = 1e30;
-        let gate: Vec<f32> = (0..k).map(|i| 0.5 + i as f32 * 0.05).collect();
-        for g in [None, Some(gate.as_slice())] {
-            let mut got = vec![u32::MAX; 2 * k.div_ceil(2)];
-            quantize_row_pairs(&a, 2, k, g, grid, &mut got);
-            for r in 0..2 {
-                for kk in 0..k.div_ceil(2) * 2 {
-                    let lane = got[r * k.div_ceil(2) + kk / 2] >> (16 * (kk % 2)) & 0xffff;
-                    let want = match kk < k {
-                        true => grid.quantize(a[r * k + kk] * g.map_or(1.0, |g| g[kk])) as u32,
-                        false => 0,
-                    };
-                    assert_eq!(lane, want, "row {r} [{kk}] gate {}", g.is_some());
-                }
+        // Row lengths below one vector, with a tail, and past the 64-value blocks; grids with
+        // their zero point inside and at either end.
+        let grids =
+            [(-0.3, 2.0), (0.0, 6.0), (-2.0, 0.0)].map(|(lo, hi)| ActQuant::covering(lo, hi));
+        for (k, grid) in [21, 150].into_iter().flat_map(|k| grids.map(|g| (k, g))) {
+            let mut a: Vec<f32> = (0..2 * k)
+                .map(|i| ((i * 37) % 101) as f32 * 0.09 - 3.0)
+                .collect();
+            for (at, v) in [
+                (3, f32::INFINITY),
+                (4, f32::NEG_INFINITY),
+                (5, 3e12),
+                (6, -3e12),
+            ] {
+                a[at] = v;
+                a[k + 70 % k] = v;
             }
-            let mut got = vec![u32::MAX; 2 * k.div_ceil(4)];
-            quantize_rows(&a, 2, k, g, grid, &mut got);
-            for r in 0..2 {
-                for kk in 0..k.div_ceil(4) * 4 {
-                    let lane = got[r * k.div_ceil(4) + kk / 4] >> (8 * (kk % 4)) & 0xff;
-                    let want = match kk < k {
-                        true => grid.quantize(a[r * k + kk] * g.map_or(1.0, |g| g[kk])) as u32,
-                        false => 0,
-                    };
-                    assert_eq!(lane, want, "uint8 row {r} [{kk}] gate {}", g.is_some());
+            a[k + 20] = 1e30;
+            let gate: Vec<f32> = (0..k).map(|i| 0.5 + (i % 30) as f32 * 0.05).collect();
+            for g in [None, Some(gate.as_slice())] {
+                let want = |r: usize, kk: usize| match kk < k {
+                    true => grid.quantize(a[r * k + kk] * g.map_or(1.0, |g| g[kk])) as u32,
+                    false => 0,
+                };
+                let mut got = vec![u32::MAX; 2 * k.div_ceil(2)];
+                quantize_row_pairs(&a, 2, k, g, grid, &mut got);
+                for r in 0..2 {
+                    for kk in 0..k.div_ceil(2) * 2 {
+                        let lane = got[r * k.div_ceil(2) + kk / 2] >> (16 * (kk % 2)) & 0xffff;
+                        assert_eq!(
+                            lane,
+                            want(r, kk),
+                            "k {k} row {r} [{kk}] gate {}",
+                            g.is_some()
+                        );
+                    }
+                }
+                let mut got = vec![u32::MAX; 2 * k.div_ceil(4)];
+                quantize_rows(&a, 2, k, g, grid, &mut got);
+                for r in 0..2 {
+                    for kk in 0..k.div_ceil(4) * 4 {
+                        let lane = got[r * k.div_ceil(4) + kk / 4] >> (8 * (kk % 4)) & 0xff;
+                        let why = format!("uint8 k {k} row {r} [{kk}] gate {}", g.is_some());
+                        assert_eq!(lane, want(r, kk), "{why}");
+                    }
                 }
             }
         }
