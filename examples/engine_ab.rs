@@ -7,8 +7,8 @@
 //!
 //! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection` or `narrow-groups` (add
 //! others beside them), or `versus`: the weights `--weights W` ("on") against `--versus W2`
-//! ("off"), e.g. two int8 quantisations of one model. Prints each engine's median ms over the passes and the ratio (switch on /
-//! off), with the median of per-pair ratios.
+//! ("off"), e.g. two int8 quantisations of one model. Prints each engine's median ms over the
+//! passes and the ratio (switch on / off), with the median of per-pair ratios.
 
 use anyhow::{Context, bail};
 use effnet::engine::{Engine, Precision};

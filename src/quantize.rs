@@ -390,7 +390,8 @@ pub fn held_out(n: usize, holdout: f64) -> Vec<bool> {
         .collect()
 }
 
-/// Calibration images the per-layer sensitivity is measured on (the first ones).
+/// Calibration images the per-layer sensitivity is measured on (the first ones), and the guard
+/// scores each candidate layer on (those nearest a wrong top-1 class).
 pub const SENSITIVITY_IMAGES: usize = 64;
 
 /// Softmax outputs of `images`, a few at a time.
