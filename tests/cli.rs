@@ -1890,7 +1890,10 @@ fn quantize_writes_int8_weights_that_every_command_runs() {
     let (int8, fp32) = (p(&["--precision", "int8"]), p(&["--precision", "fp32"]));
     assert_ne!(int8, fp32);
     assert_eq!(p(&[]), if default == "int8" { int8 } else { fp32 });
-    let o = effnet(&["bench", "--weights", w8s, "--iters", "2"], dir);
+    let o = effnet(
+        &["bench", "--weights", w8s, "--iters", "2", "--threads", "2"],
+        dir,
+    );
     let bench = stdout(&o);
     assert!(
         o.status.success() && bench.contains("effnet engine"),
@@ -1898,6 +1901,13 @@ fn quantize_writes_int8_weights_that_every_command_runs() {
     );
     assert_eq!(
         bench.contains("effnet engine int8"),
+        default == "int8",
+        "{bench}"
+    );
+    // Each engine timed says how often its thread policy ran one thread.
+    assert!(bench.contains("thread policy: "), "{bench}");
+    assert_eq!(
+        bench.contains("thread policy (int8): "),
         default == "int8",
         "{bench}"
     );

@@ -159,6 +159,35 @@ fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
         .collect()
 }
 
+/// [`time`] of `engine`'s passes over `input` (`n` images of `res x res`), with a line on how many
+/// timed passes its thread policy ran on one thread (when it has several; `label` names the
+/// engine in it).
+fn time_engine(
+    engine: &mut Engine,
+    iters: usize,
+    label: &str,
+    (input, n, res): (&[f32], usize, usize),
+) -> (Vec<f64>, Option<String>) {
+    let (mut calls, mut after_warmup) = (0, (0, 0));
+    let ms = time(iters, || {
+        if calls == WARMUP_PASSES {
+            after_warmup = engine.thread_policy();
+        }
+        calls += 1;
+        std::hint::black_box(engine.forward(input, n, res, res));
+    });
+    let policy = (engine.threads() > 1).then(|| {
+        let (_, single) = engine.thread_policy();
+        format!(
+            "thread policy{label}: {} of {iters} timed passes ran on one thread ({} of the \
+             {WARMUP_PASSES} warm-up passes, which calibrate it)",
+            single - after_warmup.1,
+            after_warmup.1
+        )
+    });
+    (ms, policy)
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.batch.contains(&0)
         || args.resolution.contains(&0)
@@ -224,25 +253,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut engine = Engine::new(&set)?.with_threads(args.threads);
     // The f32 logits are what the other runtimes are checked against.
     let engine_logits = engine.forward(&input, n, res, res);
-    let (mut calls, mut after_warmup) = (0, (0, 0));
-    let ms = time(args.iters, || {
-        if calls == WARMUP_PASSES {
-            after_warmup = engine.thread_policy();
-        }
-        calls += 1;
-        std::hint::black_box(engine.forward(&input, n, res, res));
-    });
+    let (ms, policy) = time_engine(&mut engine, args.iters, "", (&input, n, res));
     results.push(summarize("effnet engine", ms, n));
-    let policy = (engine.threads() > 1).then(|| {
-        let (_, single) = engine.thread_policy();
-        format!(
-            "thread policy: {} of {} timed passes ran on one thread ({} of the {WARMUP_PASSES} \
-             warm-up passes, which calibrate it)",
-            single - after_warmup.1,
-            args.iters,
-            after_warmup.1
-        )
-    });
+    let mut policies = vec![policy];
     let mut note = None;
     if precision != Precision::Fp32 {
         engine = Engine::new(&set)?
@@ -250,13 +263,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .with_precision(precision)?;
         let logits = engine.forward(&input, n, res, res);
         let p = precision;
-        let mut timing = summarize(
-            &format!("effnet engine {p}"),
-            time(args.iters, || {
-                std::hint::black_box(engine.forward(&input, n, res, res));
-            }),
-            n,
+        let (ms, policy) = time_engine(
+            &mut engine,
+            args.iters,
+            &format!(" ({p})"),
+            (&input, n, res),
         );
+        policies.push(policy);
+        let mut timing = summarize(&format!("effnet engine {p}"), ms, n);
         if let Some((_, check)) = &calib {
             let mut fp32 = Engine::new(&set)?;
             let top1 = |e: &mut Engine| -> Vec<usize> {
@@ -448,14 +462,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.threads,
         args.iters
     );
-    let note = [
-        policy,
-        note,
-        agreement.map(|d| format!("engine vs onnxruntime logits: max |diff| {d:.1e}")),
-    ]
-    .into_iter()
-    .flatten()
-    .collect::<Vec<_>>();
+    let note = policies
+        .into_iter()
+        .chain([
+            note,
+            agreement.map(|d| format!("engine vs onnxruntime logits: max |diff| {d:.1e}")),
+        ])
+        .flatten()
+        .collect::<Vec<_>>();
     let note = (!note.is_empty()).then(|| note.join("\n"));
     report(args.json, &title, note, &results, "vs engine")
 }
