@@ -290,7 +290,9 @@ impl Engine {
         for conv in self.plan.gemm_convs_mut() {
             conv.int8 = None;
         }
-        if let Err(e) = self.quantise_layers(&by_name) {
+        let quantised = self.quantise_layers(&by_name);
+        self.plan.refresh_stem_quads();
+        if let Err(e) = quantised {
             // As fp32 with the layers quantised so far, as before.
             self.drop_bf16();
             return Err(e);
@@ -390,6 +392,7 @@ impl Engine {
                 for conv in self.plan.gemm_convs_mut() {
                     conv.int8 = None;
                 }
+                self.plan.refresh_stem_quads();
             }
             Precision::Int8 => {
                 let q = self.meta.quantization.clone().ok_or_else(|| {
@@ -639,13 +642,8 @@ impl Engine {
         maps: &mut Vec<(usize, FeatureMap)>,
     ) -> Vec<f32> {
         let p = &self.plan;
-        // The int8 stem and the calibration observers read the im2col rows.
-        let planar = self.planar_stem
-            && !p.stem_planar.is_empty()
-            && p.stem.int8.is_none()
-            && self.observers.is_none();
-        let mut shape = if planar {
-            self.planar_stem(input, &mut a.bufs[Buf::Y as usize], n, (h, w))
+        let mut shape = if let Some(int8) = self.planar_stem_path() {
+            self.planar_stem(input, &mut a.bufs[Buf::Y as usize], n, (h, w), int8)
         } else {
             // NCHW -> NHWC.
             let x = &mut a.bufs[Buf::X as usize];
@@ -684,6 +682,18 @@ impl Engine {
             mean_rows(&y[img * hh * hw * c..(img + 1) * hh * hw * c], out);
         }
         pooled
+    }
+
+    /// Whether the stem runs straight from the planar input, and if so whether in int8 (`None`:
+    /// by an NHWC copy, im2col and GEMM; always so while calibrating, as the observers read the
+    /// im2col rows).
+    fn planar_stem_path(&self) -> Option<bool> {
+        let p = &self.plan;
+        match (&p.stem.int8, self.planar_stem && self.observers.is_none()) {
+            (_, false) => None,
+            (Some(_), true) => (!p.stem_quads.is_empty()).then_some(true),
+            (None, true) => (!p.stem_planar.is_empty()).then_some(false),
+        }
     }
 
     /// One block's steps, from X (its input) into Y; returns the output spatial shape.
@@ -955,6 +965,35 @@ mod tests {
     /// The plan and the kernels of each instruction set (packed or plain weights, the micro-kernel
     /// or the gemm crate, the classifier among them) give the same logits. One thread: a forced
     /// level holds on the calling thread only.
+    #[test]
+    fn the_stem_runs_from_the_planes_in_every_precision_where_its_kernel_does() {
+        let set = WeightSet::random(&variant("lite0").unwrap(), 3);
+        let side = 32;
+        let image = crate::data::fixed_pattern(3 * side * side);
+        let images = crate::quantize::Images {
+            data: std::slice::from_ref(&image),
+            side,
+        };
+        let opts = crate::quantize::Options {
+            method: crate::quantize::Method::MinMax,
+            threshold: 0.0,
+            holdout: 0.0,
+            threads: 1,
+            bias_correction: false,
+        };
+        let (q, _) = crate::quantize::quantize(&set, images, &opts, &|_| {}).unwrap();
+        let mut e = Engine::new(&set).unwrap();
+        assert_eq!(e.planar_stem_path(), Some(false));
+        e.set_quantization(&q).unwrap();
+        let int8 = crate::simd::gemm_i8::vnni();
+        assert_eq!(e.planar_stem_path(), int8.then_some(true));
+        e.set_precision(super::Precision::Fp32).unwrap();
+        assert_eq!(e.planar_stem_path(), Some(false));
+        e = e.with_planar_stem(false);
+        e.set_quantization(&q).unwrap();
+        assert_eq!(e.planar_stem_path(), None);
+    }
+
     #[test]
     fn every_instruction_set_gives_the_same_logits() {
         for (name, classes) in [("lite0", 37), ("b0", 300), ("v2-b0", 5)] {

@@ -300,21 +300,27 @@ impl Engine {
         (g.out_h, g.out_w)
     }
 
-    /// The stem straight from the NCHW `input` by [`kernels::planar_conv`] into NHWC `out`, in
-    /// bands of output rows; returns the output spatial shape.
+    /// The stem straight from the NCHW `input` into NHWC `out`, in bands of output rows: by
+    /// [`kernels::planar_conv`], or with `in_int8` by [`int8::planar_conv`] from each image's
+    /// planes on the stem's input grid (made once per image). Returns the output spatial shape.
     pub(super) fn planar_stem(
         &self,
         input: &[f32],
         out: &mut Vec<f32>,
         n: usize,
         (h, w): (usize, usize),
+        in_int8: bool,
     ) -> (usize, usize) {
         let conv = &self.plan.stem;
         let g = geometry(self.meta.spec.padding, h, w, conv.kernel, conv.stride);
         let (k, cin, cout) = (conv.kernel, conv.cin, conv.cout);
         let out_len = g.out_h * g.out_w * cout;
         let _t = profile::layer(
-            "full conv (planar)",
+            if in_int8 {
+                "full conv (planar int8)"
+            } else {
+                "full conv (planar)"
+            },
             || conv_label(conv, (h, w)),
             || (n * out_len * k * k * cin) as u64,
         );
@@ -323,14 +329,41 @@ impl Engine {
         let (row_len, plane) = (g.out_w * cout, cin * h * w);
         let shared_out = SharedMut::new(out);
         let (weight, bias, act) = (&self.plan.stem_planar, &conv.bias, conv.act);
-        self.run_parts(n * bands.per_image(), &|part| {
-            let (img, rows) = bands.band(part);
-            // SAFETY: parts write disjoint row bands of `out`.
-            let dst = unsafe {
-                shared_out.slice(img * out_len + rows.start * row_len, rows.len() * row_len)
-            };
-            let image = &input[img * plane..(img + 1) * plane];
-            kernels::planar_conv(image, cin, weight, bias, dst, g, rows, act);
+        let quantised = conv.int8.as_ref().filter(|_| in_int8);
+        let quads = &self.plan.stem_quads[..];
+        PLANES.with_borrow_mut(|planes| {
+            planes.truncate(n);
+            if let Some(q) = quantised {
+                let pads = (g.pad_top, g.pad_left, conv.stride, (g.out_h, g.out_w));
+                for (img, image) in input.chunks_exact(plane).take(n).enumerate() {
+                    let bytes = planes.get_mut(img).map(|p| std::mem::take(&mut p.bytes));
+                    let bytes = bytes.unwrap_or_default();
+                    let p = int8::Planes::quantize(image, cin, q.input, (h, w), pads, bytes);
+                    match planes.get_mut(img) {
+                        Some(slot) => *slot = p,
+                        None => planes.push(p),
+                    }
+                }
+            }
+            let planes = &planes[..];
+            self.run_parts(n * bands.per_image(), &|part| {
+                let (img, rows) = bands.band(part);
+                // SAFETY: parts write disjoint row bands of `out`.
+                let dst = unsafe {
+                    shared_out.slice(img * out_len + rows.start * row_len, rows.len() * row_len)
+                };
+                match quantised {
+                    Some(q) => {
+                        let geometry = (conv.stride, g.out_w);
+                        let p = &planes[img];
+                        int8::planar_conv(p, (quads, q), (cin, cout), geometry, rows, act, dst);
+                    }
+                    None => {
+                        let image = &input[img * plane..(img + 1) * plane];
+                        kernels::planar_conv(image, cin, weight, bias, dst, g, rows, act);
+                    }
+                }
+            });
         });
         (g.out_h, g.out_w)
     }
@@ -568,6 +601,9 @@ thread_local! {
     static FUSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Depthwise rows of each thread that a fused projection reads (reused across calls).
     static BAND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each image's uint8 planes for [`Engine::planar_stem`] in int8 (reused across calls).
+    static PLANES: std::cell::RefCell<Vec<int8::Planes>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Bytes of expanded rows [`Engine::expand_depthwise`] keeps per step (half a typical L2).

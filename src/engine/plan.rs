@@ -146,6 +146,9 @@ pub(super) struct Plan {
     /// The stem's weights as `[(ci, ky, kx) x cout]` for [`kernels::planar_conv`] (empty where
     /// its output channels are not a multiple of 8: those stems run by im2col + GEMM).
     pub stem_planar: Vec<f32>,
+    /// The stem's int8 weights as [`crate::simd::gemm_i8::planar_quads`] for its int8 planar
+    /// kernel (empty unless the stem is in int8 and that kernel runs here).
+    pub stem_quads: Vec<u32>,
     pub blocks: Vec<BlockPlan>,
     pub head: Conv,
     /// The classifier as a 1x1 convolution of the pooled features: a GEMM like the others (its
@@ -173,6 +176,17 @@ fn gemm_convs<'a>(
 }
 
 impl Plan {
+    /// Sets [`Plan::stem_quads`] from the stem's int8 weights, if any.
+    pub fn refresh_stem_quads(&mut self) {
+        let stem = &self.stem;
+        self.stem_quads = match &stem.int8 {
+            Some(w) if stem.kind == ConvKind::Full && stem.kernel == 3 => {
+                crate::simd::gemm_i8::planar_quads(w, stem.cin, stem.cout)
+            }
+            _ => Vec::new(),
+        };
+    }
+
     /// Every GEMM convolution (stem, 1x1 and full 3x3 convs, head): what int8 quantises.
     pub fn gemm_convs_mut(&mut self) -> impl Iterator<Item = &mut Conv> {
         gemm_convs(&mut self.stem, &mut self.blocks, &mut self.head)
@@ -423,6 +437,7 @@ impl Plan {
         Ok(Plan {
             stem: pack(&anatomy.stem, stem_folded, act(&anatomy.stem)),
             stem_planar,
+            stem_quads: Vec::new(),
             blocks,
             head: conv(&anatomy.head)?,
             classifier: pack(fc, fc_folded, None),
