@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Each layer's time beside the time its multiply-adds could not go below on this core, one thread:
 #   scripts/layer_floors.sh MODEL WEIGHTS [WEIGHTS_INT8] [ITERS]
-# Runs `examples/peak_rates` (peak rate per precision and each layer group's floor: dense MACs at
-# the precision's peak, depthwise at the f32 peak), then `effnet bench MODEL --profile` in fp32
-# and bf16 (where the CPU has it) with WEIGHTS and in int8 with WEIGHTS_INT8 (when given), and
-# prints per layer group: median ms, floor ms and floor / time, with the totals.
+# Builds what is missing, runs `examples/peak_rates` (peak rate per precision and each layer
+# group's floor: dense MACs at the precision's peak, depthwise at the f32 peak), then `effnet bench
+# MODEL --profile` in fp32 and bf16 (where the CPU has it) with WEIGHTS and in int8 with
+# WEIGHTS_INT8 (when given), and prints per layer group: median ms, floor ms and floor / time,
+# with the totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=$1 weights=$2 int8=${3:-} iters=${4:-300}
 EFFNET=${EFFNET:-target/release/effnet}
 PEAK=${PEAK:-target/release/examples/peak_rates}
+[ -x "$EFFNET" ] || cargo build --release --locked --bin effnet
+[ -x "$PEAK" ] || cargo build --release --locked --example peak_rates
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 "$PEAK" "$model" | tee "$out/floors"
