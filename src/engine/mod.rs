@@ -962,9 +962,6 @@ mod tests {
         }
     }
 
-    /// The plan and the kernels of each instruction set (packed or plain weights, the micro-kernel
-    /// or the gemm crate, the classifier among them) give the same logits. One thread: a forced
-    /// level holds on the calling thread only.
     #[test]
     fn the_stem_runs_from_the_planes_in_every_precision_where_its_kernel_does() {
         let set = WeightSet::random(&variant("lite0").unwrap(), 3);
@@ -994,6 +991,9 @@ mod tests {
         assert_eq!(e.planar_stem_path(), None);
     }
 
+    /// The plan and the kernels of each instruction set (packed or plain weights, the micro-kernel
+    /// or the gemm crate, the classifier among them) give the same logits. One thread: a forced
+    /// level holds on the calling thread only.
     #[test]
     fn every_instruction_set_gives_the_same_logits() {
         for (name, classes) in [("lite0", 37), ("b0", 300), ("v2-b0", 5)] {

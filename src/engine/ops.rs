@@ -332,17 +332,11 @@ impl Engine {
         let quantised = conv.int8.as_ref().filter(|_| in_int8);
         let quads = &self.plan.stem_quads[..];
         PLANES.with_borrow_mut(|planes| {
-            planes.truncate(n);
             if let Some(q) = quantised {
+                planes.resize_with(n, Default::default);
                 let pads = (g.pad_top, g.pad_left, conv.stride, (g.out_h, g.out_w));
-                for (img, image) in input.chunks_exact(plane).take(n).enumerate() {
-                    let bytes = planes.get_mut(img).map(|p| std::mem::take(&mut p.bytes));
-                    let bytes = bytes.unwrap_or_default();
-                    let p = int8::Planes::quantize(image, cin, q.input, (h, w), pads, bytes);
-                    match planes.get_mut(img) {
-                        Some(slot) => *slot = p,
-                        None => planes.push(p),
-                    }
+                for (p, image) in planes.iter_mut().zip(input.chunks_exact(plane)) {
+                    p.fill(image, cin, q.input, (h, w), pads);
                 }
             }
             let planes = &planes[..];

@@ -83,6 +83,12 @@ pub(crate) fn rounding_error(w: f32, scale: f32) -> f64 {
     quantize_weight(w, scale) as f64 * scale as f64 - w as f64
 }
 
+/// The lane of [`Int8Weights::packed`] that holds row `kk` of column `c` (rows in `k4` groups
+/// of four), in byte `kk % 4`.
+fn quad_lane(k4: usize, kk: usize, c: usize) -> usize {
+    ((c / NR) * k4 + kk / 4) * NR + c % NR
+}
+
 /// A GEMM weight quantised per output channel, with what the epilogue needs for one input grid.
 #[derive(Debug, Clone)]
 pub(crate) struct Int8Weights {
@@ -136,7 +142,7 @@ impl Int8Weights {
                     shift += rounding_error(w(c, kk), s) * *m as f64;
                 }
                 sum += q as i64;
-                let lane = &mut out.packed[((c / NR) * k4 + kk / 4) * NR + c % NR];
+                let lane = &mut out.packed[quad_lane(k4, kk, c)];
                 *lane |= (q as u8 as u32) << (8 * (kk % 4));
                 if !out.pairs.is_empty() {
                     let group = c / PAIR_GROUP;
@@ -640,10 +646,7 @@ pub(crate) fn planar_quads(w: &Int8Weights, cin: usize, cout: usize) -> Vec<u32>
         return Vec::new();
     }
     let k4 = w.k.div_ceil(4);
-    let q = |kk: usize, col: usize| {
-        let lane = w.packed[((col / NR) * k4 + kk / 4) * NR + col % NR];
-        (lane >> (8 * (kk % 4))) & 0xff
-    };
+    let q = |kk: usize, col: usize| (w.packed[quad_lane(k4, kk, col)] >> (8 * (kk % 4))) & 0xff;
     let mut quads = vec![0u32; cin * K * cout];
     for ci in 0..cin {
         for ky in 0..K {
@@ -658,6 +661,7 @@ pub(crate) fn planar_quads(w: &Int8Weights, cin: usize, cout: usize) -> Vec<u32>
 /// The input planes of [`planar_conv`] on the uint8 grid `grid`, padded with its zero point
 /// (an exact zero): `cin` planes of `rows x cols`, image pixel (y, x) at (y + pad_top,
 /// x + pad_left), every tap of a 3x3 kernel's rows (and the fourth byte each quad reads) inside.
+#[derive(Default)]
 pub(crate) struct Planes {
     pub bytes: Vec<u8>,
     pub rows: usize,
@@ -665,19 +669,20 @@ pub(crate) struct Planes {
 }
 
 impl Planes {
-    /// `image` (`cin` planes of `h x w`, NCHW) for a 3x3 conv of geometry `g` (its pads, stride
-    /// and output size).
-    pub fn quantize(
+    /// Becomes `image` (`cin` planes of `h x w`, NCHW) for a 3x3 conv of the given pads, stride
+    /// and output size, reusing its buffer.
+    pub fn fill(
+        &mut self,
         image: &[f32],
         cin: usize,
         grid: ActQuant,
         (h, w): (usize, usize),
         (pad_top, pad_left, stride, (out_h, out_w)): (usize, usize, usize, (usize, usize)),
-        bytes: Vec<u8>,
-    ) -> Self {
+    ) {
         let rows = ((out_h - 1) * stride + 3).max(pad_top + h);
         let cols = ((out_w - 1) * stride + 4).max(pad_left + w);
-        let mut bytes = bytes;
+        (self.rows, self.cols) = (rows, cols);
+        let bytes = &mut self.bytes;
         bytes.clear();
         bytes.resize(cin * rows * cols, grid.zero as u8);
         // The planes' rows by the GEMM's row quantiser (vectorised; the scalar loop took 2.6x
@@ -705,7 +710,6 @@ impl Planes {
                 }
             }
         });
-        Planes { bytes, rows, cols }
     }
 }
 
@@ -1096,7 +1100,8 @@ mod planar {
                 let quads = planar_quads(&q, cin, cout);
                 assert!(!quads.is_empty());
                 let pads = (pt, pl, s, (out_h, out_w));
-                let planes = Planes::quantize(&image, cin, grid, (h, w), pads, Vec::new());
+                let mut planes = Planes::default();
+                planes.fill(&image, cin, grid, (h, w), pads);
                 let case = format!("{h}x{w}/{s} pads {pt},{pl},{pb},{pr} cout {cout}");
                 // The whole map, then its last rows alone.
                 let mut got = vec![f32::NAN; m * cout];
