@@ -5,10 +5,10 @@
 //!   cargo run --release --example engine_ab -- MODEL SWITCH [--weights W] [--precision P]
 //!       [--threads N] [--passes N] [--side S] [--versus W2]
 //!
-//! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection` or `narrow-groups` (add
-//! others beside them), or `versus`: the weights `--weights W` ("on") against `--versus W2`
-//! ("off"), e.g. two int8 quantisations of one model. Prints each engine's median ms over the
-//! passes and the ratio (switch on / off), with the median of per-pair ratios.
+//! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection`, `stem-fusion` or
+//! `narrow-groups` (add others beside them), or `versus`: the weights `--weights W` ("on") against
+//! `--versus W2` ("off"), e.g. two int8 quantisations of one model. Prints each engine's median
+//! ms over the passes and the ratio (switch on / off), with the median of per-pair ratios.
 
 use anyhow::{Context, bail};
 use effnet::engine::{Engine, Precision};
@@ -72,11 +72,12 @@ fn main() -> anyhow::Result<()> {
             "planar-stem" => e.with_planar_stem(on),
             "dw-strips" => e.with_dw_strips(on),
             "fused-projection" => e.with_fused_projection(on),
+            "stem-fusion" => e.with_stem_fusion(on),
             // A process-wide setting, switched before each pass below.
             "narrow-groups" | "versus" => e,
             other => bail!(
                 "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection, \
-                 narrow-groups, versus"
+                 stem-fusion, narrow-groups, versus"
             ),
         };
         Ok(e.with_precision(precision)?)

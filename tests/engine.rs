@@ -309,6 +309,77 @@ fn fused_projections_match_the_separate_pass_on_the_lite_family() {
 }
 
 #[test]
+fn the_stem_made_inside_the_first_block_gives_the_same_bits() {
+    // Lite's first block (no expansion, no SE) reads the stem's rows as each band makes them,
+    // with its projection fused after: the same kernels on the same rows, so the same logits as
+    // the stem's whole output first, in fp32, bf16 (where the CPU has it) and int8 (every
+    // layer), at 1 and 2 threads (bands recompute their halo rows), batches, odd sizes, both
+    // paddings. B0's first block has an SE and keeps the stem's own pass: the same either way.
+    let cases = [
+        ("lite0", Padding::Same, 2, 67, 90),
+        ("lite0", Padding::Symmetric, 1, 64, 48),
+        ("lite2", Padding::Same, 1, 96, 96),
+        ("lite4", Padding::Symmetric, 2, 75, 61),
+        ("b0", Padding::Same, 1, 64, 64),
+    ];
+    for (name, padding, batch, h, w) in cases {
+        let set = random_set(name, padding);
+        let q = every_layer_in_int8(&set, 48);
+        let data: Vec<f32> = (0..batch * 3 * h * w)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        for precision in [Precision::Fp32, Precision::Bf16, Precision::Int8] {
+            for threads in [1, 2] {
+                let run = |fused: bool| {
+                    let e = Engine::new(&set)
+                        .unwrap()
+                        .with_threads(threads)
+                        .with_stem_fusion(fused);
+                    let mut e = match precision {
+                        Precision::Int8 => {
+                            let mut e = e;
+                            e.set_quantization(&q).unwrap();
+                            e
+                        }
+                        p => e.with_precision(p).ok()?,
+                    };
+                    Some(e.forward(&data, batch, h, w))
+                };
+                let on = run(true);
+                assert_eq!(on, run(false), "{name} {precision:?}, {threads} threads");
+                assert!(on.is_some() || precision == Precision::Bf16);
+            }
+        }
+    }
+}
+
+#[test]
+fn feature_maps_after_a_fused_stem_are_the_unfused_engines() {
+    // Lite0's reduction-2 map is its first block's output (that block keeps stride 1), made
+    // with the stem inside it: the same maps and pooled features as the unfused engine, with
+    // and without it among the taps.
+    let set = random_set("lite0", Padding::Same);
+    let (n, h, w) = (2, 64, 48);
+    let data: Vec<f32> = (0..n * 3 * h * w)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    for reductions in [&[2, 4][..], &[4, 32][..]] {
+        for threads in [1, 2] {
+            let run = |fused: bool| {
+                let mut e = Engine::new(&set)
+                    .unwrap()
+                    .with_threads(threads)
+                    .with_stem_fusion(fused);
+                let emb = e.embed(&data, (n, h, w), true, reductions).unwrap();
+                let maps: Vec<Vec<f32>> = emb.maps.into_iter().map(|m| m.data).collect();
+                (emb.pooled, maps)
+            };
+            assert_eq!(run(true), run(false), "{reductions:?}, {threads} threads");
+        }
+    }
+}
+
+#[test]
 fn threads_and_batches_split_the_work_without_changing_the_answer() {
     // Several threads cut the fused expand + depthwise into row bands that recompute their halo
     // rows, and batches change how parts are cut: all must match one thread, one image at a time.

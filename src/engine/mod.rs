@@ -25,7 +25,7 @@ use crate::weights::{Quantization, WeightMeta, WeightSet};
 use adapt::Adapt;
 use calibrate::{Observe, Observed, Observer};
 use ops::{grow, mean_rows};
-use plan::{BlockPlan, Buf, Plan, Se, Step};
+use plan::{BlockPlan, Buf, Conv, ConvKind, Plan, Se, Step};
 use pool::{Pool, SharedMut};
 
 use crate::simd::gemm::NR;
@@ -165,6 +165,9 @@ pub struct Engine {
     /// A block's projection with no SE before it run inside the fused expand + depthwise, per
     /// band of rows (on by default; off: its own pass over the whole map).
     fused_projection: bool,
+    /// The planar stem's rows made per band inside a first block with no expansion, for its
+    /// depthwise conv (on by default; off: the stem's whole output first).
+    stem_fusion: bool,
     /// What runs the layers an int8 quantisation keeps out of int8, and the classifier.
     int8_fallback: Precision,
     /// Whether an int8 quantisation is set (by [`Engine::set_quantization`]).
@@ -217,6 +220,7 @@ impl Engine {
             planar_stem: true,
             dw_strips: true,
             fused_projection: true,
+            stem_fusion: true,
             int8_fallback: Self::default_int8_fallback(),
             quantised: false,
             bf16: false,
@@ -478,6 +482,16 @@ impl Engine {
         self
     }
 
+    /// Makes the planar stem's output rows per band inside the first block's depthwise conv and
+    /// projection, where that block has no expansion and no SE (Lite's) and every channel of a
+    /// band is in one part (the default) or, with `false`, the stem's whole output first (for
+    /// comparisons). The stem's and the depthwise conv's outputs, 1.6 MB each at 224x224, then
+    /// never leave the L2 cache.
+    pub fn with_stem_fusion(mut self, on: bool) -> Self {
+        self.stem_fusion = on;
+        self
+    }
+
     /// Runs stride-1 3x3 and 5x5 depthwise convs on maps 7 or more wide in strips of pixels that
     /// share their input loads, on AVX-512 (the default) or, with `false`, pixel by pixel like
     /// the others (for comparisons).
@@ -642,7 +656,24 @@ impl Engine {
         maps: &mut Vec<(usize, FeatureMap)>,
     ) -> Vec<f32> {
         let p = &self.plan;
-        let mut shape = if let Some(int8) = self.planar_stem_path() {
+        let stem_taps = taps.iter().any(|t| t.after_block.is_none());
+        let fused = match (self.planar_stem_path(), p.blocks.first()) {
+            (Some(int8), Some(first)) if !stem_taps => self
+                .stem_fusion_split(first, n, (h, w))
+                .map(|split| (int8, first, split)),
+            _ => None,
+        };
+        let mut first_block = 0;
+        let mut shape = if let Some((int8, first, split)) = fused {
+            // The stem's output is made inside the first block; its shape is that block's input.
+            let g = ops::geometry(self.meta.spec.padding, h, w, p.stem.kernel, p.stem.stride);
+            let shape = self.stem_rows(input, n, (h, w), int8, |stem| {
+                self.block(first, a, n, (g.out_h, g.out_w), Some((stem, split)))
+            });
+            a.bufs.swap(Buf::X as usize, Buf::Y as usize);
+            first_block = 1;
+            shape
+        } else if let Some(int8) = self.planar_stem_path() {
             self.planar_stem(input, &mut a.bufs[Buf::Y as usize], n, (h, w), int8)
         } else {
             // NCHW -> NHWC.
@@ -658,7 +689,6 @@ impl Engine {
             let (x, y) = a.io(Buf::X, Buf::Y);
             self.conv(&p.stem, x, y, n, (h, w), None)
         };
-        a.bufs.swap(Buf::X as usize, Buf::Y as usize);
         let mut capture = |after_block: Option<usize>, x: &[f32], (h, w): (usize, usize)| {
             for (i, t) in taps.iter().enumerate() {
                 if t.after_block == after_block {
@@ -666,9 +696,14 @@ impl Engine {
                 }
             }
         };
-        capture(None, &a.bufs[Buf::X as usize], shape);
-        for (i, b) in p.blocks.iter().enumerate() {
-            shape = self.block(b, a, n, shape);
+        if first_block == 0 {
+            a.bufs.swap(Buf::X as usize, Buf::Y as usize);
+            capture(None, &a.bufs[Buf::X as usize], shape);
+        } else {
+            capture(Some(0), &a.bufs[Buf::X as usize], shape);
+        }
+        for (i, b) in p.blocks.iter().enumerate().skip(first_block) {
+            shape = self.block(b, a, n, shape, None);
             a.bufs.swap(Buf::X as usize, Buf::Y as usize);
             capture(Some(i), &a.bufs[Buf::X as usize], shape);
         }
@@ -696,13 +731,66 @@ impl Engine {
         }
     }
 
-    /// One block's steps, from X (its input) into Y; returns the output spatial shape.
+    /// The projection `next` when it can read the depthwise rows while they are still in cache:
+    /// one with no SE between (and not while calibrating: the observers see whole maps).
+    fn fusable_projection<'a>(&self, next: Option<&'a Step>) -> Option<(&'a Conv, bool)> {
+        match next {
+            Some(Step::Project {
+                conv,
+                from: Buf::T2,
+                se: None,
+                residual,
+            }) if self.fused_projection && self.observers.is_none() => Some((conv, *residual)),
+            _ => None,
+        }
+    }
+
+    /// How the first block `first` splits across threads when the stem's rows are made inside
+    /// it (see [`Engine::with_stem_fusion`]), or `None` where they are not: its first step a
+    /// depthwise conv of the block's input (no expansion) and its projection fused after it (no
+    /// SE between), no residual, the planar stem, and every channel of a band in one part. (With
+    /// an SE, B0's first block, the depthwise conv's whole output is written anyway; fusing the
+    /// stem alone there measured no gain, 1.00-1.02x the time, within this VM's noise.)
+    fn stem_fusion_split(
+        &self,
+        first: &BlockPlan,
+        n: usize,
+        (h, w): (usize, usize),
+    ) -> Option<(usize, usize)> {
+        let residual = first
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::AddInput | Step::Project { residual: true, .. }));
+        let stem = &self.plan.stem;
+        match first.steps.first() {
+            Some(Step::Conv {
+                conv: dw,
+                from: Buf::X,
+                to: Buf::T2,
+                ..
+            }) if dw.kind == ConvKind::Depthwise
+                && self.stem_fusion
+                && !residual
+                && self.fusable_projection(first.steps.get(1)).is_some() =>
+            {
+                let g = ops::geometry(self.meta.spec.padding, h, w, stem.kernel, stem.stride);
+                self.fused_split(dw, n, (g.out_h, g.out_w))
+                    .filter(|&(_, col_parts)| col_parts == 1)
+            }
+            _ => None,
+        }
+    }
+
+    /// One block's steps, from X (its input) into Y; returns the output spatial shape. With
+    /// `stem` (the first block, as [`Engine::stem_fusion_split`] allows), X was not made: the
+    /// depthwise conv reads the stem's rows as they are made, split across the threads as given.
     fn block(
         &self,
         b: &BlockPlan,
         a: &mut Arena,
         n: usize,
         shape: (usize, usize),
+        stem: Option<(&ops::StemRows, (usize, usize))>,
     ) -> (usize, usize) {
         let mut cur = shape;
         // Channel sums of the tensor the SE reads, when the depthwise conv that made it pooled.
@@ -716,19 +804,7 @@ impl Engine {
                         .bufs
                         .get_disjoint_mut([Buf::X, Buf::T1, Buf::T2, Buf::Y].map(|b| b as usize))
                         .expect("distinct buffers");
-                    // A projection with no SE between reads the depthwise rows while they are
-                    // still in cache (not while calibrating: the observers see whole maps).
-                    let project = match b.steps.get(i + 1) {
-                        Some(Step::Project {
-                            conv,
-                            from: Buf::T2,
-                            se: None,
-                            residual,
-                        }) if self.fused_projection && self.observers.is_none() => {
-                            Some((conv, *residual))
-                        }
-                        _ => None,
-                    };
+                    let project = self.fusable_projection(b.steps.get(i + 1));
                     cur = match self.fused_split(dw, n, cur) {
                         Some(split) => {
                             let s = s.as_deref_mut();
@@ -736,7 +812,8 @@ impl Engine {
                             let project = project.filter(|_| split.1 == 1);
                             projected = project.is_some();
                             let project = project.map(|(conv, res)| (conv, &mut *y, res));
-                            self.expand_depthwise(expand, dw, x, t2, n, cur, split, s, project)
+                            let e = ops::Source::Expand(expand);
+                            self.expand_depthwise(e, dw, x, t2, n, cur, split, s, project)
                         }
                         None => {
                             let mid = self.conv(expand, x, t1, n, cur, None);
@@ -746,6 +823,35 @@ impl Engine {
                     sums = s;
                 }
                 Step::Project { .. } if std::mem::take(&mut projected) => {}
+                // The first block's depthwise conv, with the stem's rows made per band.
+                Step::Conv {
+                    conv: dw,
+                    from: Buf::X,
+                    to: Buf::T2,
+                    pool,
+                } if let Some((stem, split)) = stem => {
+                    let mut s = pool.then(|| vec![0.0; n * dw.cout]);
+                    let [t2, y] = a
+                        .bufs
+                        .get_disjoint_mut([Buf::T2, Buf::Y].map(|b| b as usize))
+                        .expect("distinct buffers");
+                    let project = self.fusable_projection(b.steps.get(i + 1));
+                    projected = project.is_some();
+                    let project = project.map(|(conv, res)| (conv, &mut *y, res));
+                    let (source, sums_out) = (ops::Source::Stem(stem), s.as_deref_mut());
+                    cur = self.expand_depthwise(
+                        source,
+                        dw,
+                        &[],
+                        t2,
+                        n,
+                        cur,
+                        split,
+                        sums_out,
+                        project,
+                    );
+                    sums = s;
+                }
                 Step::Conv {
                     conv,
                     from,
@@ -989,6 +1095,26 @@ mod tests {
         e = e.with_planar_stem(false);
         e.set_quantization(&q).unwrap();
         assert_eq!(e.planar_stem_path(), None);
+    }
+
+    #[test]
+    fn the_stem_runs_inside_the_first_block_where_that_block_has_no_expansion_nor_se() {
+        let split = |name: &str, threads: usize, fused: bool| {
+            let set = WeightSet::random(&variant(name).unwrap(), 3);
+            let e = Engine::new(&set)
+                .unwrap()
+                .with_threads(threads)
+                .with_stem_fusion(fused);
+            e.single.set(threads == 1);
+            e.stem_fusion_split(&e.plan.blocks[0], 1, (224, 224))
+        };
+        assert_eq!(split("lite0", 1, true), Some((1, 1)));
+        assert_eq!(split("lite4", 1, true), Some((1, 1)));
+        assert_eq!(split("lite0", 2, true), Some((2, 1)));
+        assert_eq!(split("lite0", 1, false), None);
+        // An SE in the first block (B0), or no depthwise first step (V2's Fused-MBConv).
+        assert_eq!(split("b0", 1, true), None);
+        assert_eq!(split("v2-s", 1, true), None);
     }
 
     /// The plan and the kernels of each instruction set (packed or plain weights, the micro-kernel

@@ -300,9 +300,8 @@ impl Engine {
         (g.out_h, g.out_w)
     }
 
-    /// The stem straight from the NCHW `input` into NHWC `out`, in bands of output rows: by
-    /// [`kernels::planar_conv`], or with `in_int8` by [`int8::planar_conv`] from each image's
-    /// planes on the stem's input grid (made once per image). Returns the output spatial shape.
+    /// The stem straight from the NCHW `input` into NHWC `out`, in bands of output rows (see
+    /// [`Engine::stem_rows`]). Returns the output spatial shape.
     pub(super) fn planar_stem(
         &self,
         input: &[f32],
@@ -311,55 +310,66 @@ impl Engine {
         (h, w): (usize, usize),
         in_int8: bool,
     ) -> (usize, usize) {
-        let conv = &self.plan.stem;
-        let g = geometry(self.meta.spec.padding, h, w, conv.kernel, conv.stride);
-        let (k, cin, cout) = (conv.kernel, conv.cin, conv.cout);
-        let out_len = g.out_h * g.out_w * cout;
-        let _t = profile::layer(
-            if in_int8 {
-                "full conv (planar int8)"
-            } else {
-                "full conv (planar)"
-            },
-            || conv_label(conv, (h, w)),
-            || (n * out_len * k * k * cin) as u64,
-        );
-        grow(out, n * out_len);
-        let bands = RowBands::per_thread(g.out_h, self.active_threads());
-        let (row_len, plane) = (g.out_w * cout, cin * h * w);
-        let shared_out = SharedMut::new(out);
-        let (weight, bias, act) = (&self.plan.stem_planar, &conv.bias, conv.act);
-        let quantised = conv.int8.as_ref().filter(|_| in_int8);
-        let quads = &self.plan.stem_quads[..];
-        PLANES.with_borrow_mut(|planes| {
-            if let Some(q) = quantised {
-                planes.resize_with(n, Default::default);
-                let pads = (g.pad_top, g.pad_left, conv.stride, (g.out_h, g.out_w));
-                for (p, image) in planes.iter_mut().zip(input.chunks_exact(plane)) {
-                    p.fill(image, cin, q.input, (h, w), pads);
-                }
-            }
-            let planes = &planes[..];
+        self.stem_rows(input, n, (h, w), in_int8, |stem| {
+            let (conv, g) = (stem.conv, stem.g);
+            let (k, cin, cout) = (conv.kernel, conv.cin, conv.cout);
+            let out_len = g.out_h * g.out_w * cout;
+            let _t = profile::layer(
+                if in_int8 {
+                    "full conv (planar int8)"
+                } else {
+                    "full conv (planar)"
+                },
+                || conv_label(conv, (h, w)),
+                || (n * out_len * k * k * cin) as u64,
+            );
+            grow(out, n * out_len);
+            let bands = RowBands::per_thread(g.out_h, self.active_threads());
+            let row_len = g.out_w * cout;
+            let shared_out = SharedMut::new(out);
             self.run_parts(n * bands.per_image(), &|part| {
                 let (img, rows) = bands.band(part);
                 // SAFETY: parts write disjoint row bands of `out`.
                 let dst = unsafe {
                     shared_out.slice(img * out_len + rows.start * row_len, rows.len() * row_len)
                 };
-                match quantised {
-                    Some(q) => {
-                        let geometry = (conv.stride, g.out_w);
-                        let p = &planes[img];
-                        int8::planar_conv(p, (quads, q), (cin, cout), geometry, rows, act, dst);
-                    }
-                    None => {
-                        let image = &input[img * plane..(img + 1) * plane];
-                        kernels::planar_conv(image, cin, weight, bias, dst, g, rows, act);
-                    }
-                }
+                stem.fill(img, rows, dst);
             });
-        });
-        (g.out_h, g.out_w)
+            (g.out_h, g.out_w)
+        })
+    }
+
+    /// Calls `f` with the stem's maker of output rows straight from the NCHW `input`: by
+    /// [`kernels::planar_conv`], or with `in_int8` by [`int8::planar_conv`] from each image's
+    /// planes on the stem's input grid (made here, once per image).
+    pub(super) fn stem_rows<R>(
+        &self,
+        input: &[f32],
+        n: usize,
+        (h, w): (usize, usize),
+        in_int8: bool,
+        f: impl FnOnce(&StemRows) -> R,
+    ) -> R {
+        let conv = &self.plan.stem;
+        let g = geometry(self.meta.spec.padding, h, w, conv.kernel, conv.stride);
+        let quantised = conv.int8.as_ref().filter(|_| in_int8);
+        PLANES.with_borrow_mut(|planes| {
+            let plane = conv.cin * h * w;
+            if let Some(q) = quantised {
+                planes.resize_with(n, Default::default);
+                let pads = (g.pad_top, g.pad_left, conv.stride, (g.out_h, g.out_w));
+                for (p, image) in planes.iter_mut().zip(input.chunks_exact(plane)) {
+                    p.fill(image, conv.cin, q.input, (h, w), pads);
+                }
+            }
+            f(&StemRows {
+                conv,
+                g,
+                input,
+                int8: quantised.map(|q| (&planes[..n], q, &self.plan.stem_quads[..])),
+                weight: &self.plan.stem_planar,
+            })
+        })
     }
 
     /// How [`Engine::expand_depthwise`] splits `n` images of `h x w` across threads, as (bands
@@ -383,7 +393,9 @@ impl Engine {
     /// band of output rows and block of channels of one image, `split` as from
     /// [`Engine::fused_split`]) expands just the input rows its next few output rows read into a
     /// buffer that stays in L2, keeping the rows it shares with the following step, and runs the
-    /// depthwise kernel on it. `pool` as in [`Engine::conv`].
+    /// depthwise kernel on it. With [`Source::Stem`] the buffer's rows are the stem's output,
+    /// made from the network's input (every channel in one part, `input` unused); the stem's
+    /// whole output is then never written. `pool` as in [`Engine::conv`].
     ///
     /// With `project` (the block's 1x1 projection, its output and whether it adds `input`; every
     /// channel in one part), the depthwise rows go to a buffer of the part's thread instead of
@@ -393,7 +405,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn expand_depthwise(
         &self,
-        e: &Conv,
+        source: Source,
         dw: &Conv,
         input: &[f32],
         out: &mut Vec<f32>,
@@ -404,12 +416,23 @@ impl Engine {
         project: Option<(&Conv, &mut Vec<f32>, bool)>,
     ) -> (usize, usize) {
         let g = geometry(self.meta.spec.padding, h, w, dw.kernel, dw.stride);
-        let (cin, c) = (e.cin, e.cout);
-        let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * c);
+        let c = dw.cout;
+        let (maker, cin) = match source {
+            Source::Expand(e) => (e, e.cin),
+            Source::Stem(stem) => (stem.conv, stem.conv.cin),
+        };
+        let out_len = g.out_h * g.out_w * c;
         // The output channels of the projection when it runs here (its layer is then this one).
         let projected = project.as_ref().map_or(0, |(pc, _, _)| pc.cout);
+        let source_macs = match source {
+            Source::Expand(_) => h * w * cin * c,
+            Source::Stem(stem) => h * w * cin * c * stem.conv.kernel * stem.conv.kernel,
+        };
         let _t = profile::layer(
-            "expand+depthwise",
+            match source {
+                Source::Expand(_) => "expand+depthwise",
+                Source::Stem(_) => "stem+depthwise",
+            },
             || {
                 let (k, s) = (dw.kernel, dw.stride);
                 let project = if projected > 0 {
@@ -417,9 +440,11 @@ impl Engine {
                 } else {
                     String::new()
                 };
-                format!("{} 1x1 {cin}->{c} + {k}x{k}/{s}{project} {h}x{w}", e.name)
+                let (mk, ms) = (maker.kernel, maker.stride);
+                let name = &maker.name;
+                format!("{name} {mk}x{mk}/{ms} {cin}->{c} + {k}x{k}/{s}{project} {h}x{w}")
             },
-            || (n * (h * w * cin * c + out_len * (dw.kernel * dw.kernel + projected))) as u64,
+            || (n * (source_macs + out_len * (dw.kernel * dw.kernel + projected))) as u64,
         );
         grow(out, n * out_len);
         let bands = RowBands::of(g.out_h, g.out_h.div_ceil(bands));
@@ -446,11 +471,15 @@ impl Engine {
         let shared_partial = SharedMut::new(&mut partial);
         let with_pool = pool.is_some();
         let shared_out = SharedMut::new(out);
-        let observed = self.observed(e);
+        let observed = self.observed(maker);
         let strips = self.dw_strips;
         assert!(
-            project.is_none() || col_parts == 1,
-            "a projection reads every channel"
+            (project.is_none() && matches!(source, Source::Expand(_))) || col_parts == 1,
+            "a projection and the stem make every channel"
+        );
+        assert!(
+            matches!(source, Source::Expand(_)) || !project.as_ref().is_some_and(|p| p.2),
+            "the stem's output is not kept for a residual"
         );
         let out_pixels = g.out_h * g.out_w;
         let project = project.map(|(conv, y, residual)| {
@@ -459,7 +488,6 @@ impl Engine {
         });
         self.run_parts(parts, &|part| {
             let (img, rows, cols) = band(part);
-            let x = &input[img * in_len..(img + 1) * in_len];
             // SAFETY: parts write disjoint row bands of `out` and their own row of `partial`.
             let mut p = with_pool.then(|| unsafe { shared_partial.slice(part * c, c) });
             FUSED.with_borrow_mut(|buf| {
@@ -476,10 +504,17 @@ impl Engine {
                     lo = need_lo;
                     grow(buf, (need_hi - lo) * row_len);
                     if need_hi > hi {
-                        let a = &x[hi * w * cin..need_hi * w * cin];
                         let dst = &mut buf[(hi - lo) * row_len..(need_hi - lo) * row_len];
-                        let (m, cols) = ((need_hi - hi) * w, (cols.start, cols.len()));
-                        gemm_bias_act(observed, e.gemm_weight(), None, a, m, cols, None, dst);
+                        match source {
+                            Source::Expand(e) => {
+                                let a =
+                                    &input[(img * h + hi) * w * cin..(img * h + need_hi) * w * cin];
+                                let (m, cols) = ((need_hi - hi) * w, (cols.start, cols.len()));
+                                let weight = e.gemm_weight();
+                                gemm_bias_act(observed, weight, None, a, m, cols, None, dst);
+                            }
+                            Source::Stem(stem) => stem.fill(img, hi..need_hi, dst),
+                        }
                         hi = need_hi;
                     }
                     let out_row = g.out_w * c;
@@ -586,6 +621,47 @@ impl Engine {
         });
         (h, w)
     }
+}
+
+/// The stem's output rows straight from the planar input (from [`Engine::stem_rows`]).
+pub(super) struct StemRows<'a> {
+    conv: &'a Conv,
+    /// The stem's geometry (its output is the first block's input).
+    g: Geometry,
+    /// The NCHW images.
+    input: &'a [f32],
+    /// In int8: each image's planes, the weights and [`int8::planar_quads`].
+    int8: Option<(&'a [int8::Planes], &'a int8::Int8Weights, &'a [u32])>,
+    /// The f32 kernel's weights.
+    weight: &'a [f32],
+}
+
+impl StemRows<'_> {
+    /// Output rows `rows` of image `img`, every column and channel, into `dst`.
+    fn fill(&self, img: usize, rows: std::ops::Range<usize>, dst: &mut [f32]) {
+        let (conv, g) = (self.conv, self.g);
+        let (cin, cout, act) = (conv.cin, conv.cout, conv.act);
+        match self.int8 {
+            Some((planes, q, quads)) => {
+                let geometry = (conv.stride, g.out_w);
+                let p = &planes[img];
+                int8::planar_conv(p, (quads, q), (cin, cout), geometry, rows, act, dst);
+            }
+            None => {
+                let plane = cin * g.in_h * g.in_w;
+                let image = &self.input[img * plane..(img + 1) * plane];
+                kernels::planar_conv(image, cin, self.weight, &conv.bias, dst, g, rows, act);
+            }
+        }
+    }
+}
+
+/// What [`Engine::expand_depthwise`] makes the depthwise conv's input rows from.
+pub(super) enum Source<'a> {
+    /// A 1x1 expansion of the block's input.
+    Expand(&'a Conv),
+    /// The stem, from the network's input (the first block, with no expansion).
+    Stem(&'a StemRows<'a>),
 }
 
 thread_local! {
