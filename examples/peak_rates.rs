@@ -131,6 +131,7 @@ fn main() -> anyhow::Result<()> {
         Some(r) => r.parse()?,
         None => spec.resolution,
     };
+    anyhow::ensure!(resolution >= 1, "the resolution must be at least 1");
     let analysis = analyze(&spec, resolution)?;
     let macs_of = |kinds: &[LayerKind]| -> u64 {
         let rows = analysis.layers.iter().filter(|l| kinds.contains(&l.kind));
