@@ -440,9 +440,16 @@ impl Engine {
                 } else {
                     String::new()
                 };
-                let (mk, ms) = (maker.kernel, maker.stride);
-                let name = &maker.name;
-                format!("{name} {mk}x{mk}/{ms} {cin}->{c} + {k}x{k}/{s}{project} {h}x{w}")
+                let rest = format!("{cin}->{c} + {k}x{k}/{s}{project}");
+                match source {
+                    Source::Expand(e) => format!("{} 1x1 {rest} {h}x{w}", e.name),
+                    // The stem's kernel and input size, as on its own.
+                    Source::Stem(stem) => {
+                        let (mk, ms, g) = (stem.conv.kernel, stem.conv.stride, stem.g);
+                        let name = &stem.conv.name;
+                        format!("{name} {mk}x{mk}/{ms} {rest} {}x{}", g.in_h, g.in_w)
+                    }
+                }
             },
             || (n * (source_macs + out_len * (dw.kernel * dw.kernel + projected))) as u64,
         );
