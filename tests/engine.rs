@@ -160,9 +160,7 @@ fn default_path_matches(
 ) {
     for &(name, padding, batch, h, w) in cases {
         let set = random_set(name, padding);
-        let data: Vec<f32> = (0..batch * 3 * h * w)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-            .collect();
+        let data = effnet::data::fixed_pattern(batch * 3 * h * w);
         let want = off(Engine::new(&set).unwrap()).forward(&data, batch, h, w);
         for threads in [1, 2] {
             let got = Engine::new(&set)
@@ -246,9 +244,7 @@ fn int8_planar_stem_matches_im2col_to_the_bit() {
     ] {
         let set = random_set(name, padding);
         let q = every_layer_in_int8(&set, 48);
-        let data: Vec<f32> = (0..2 * 3 * h * w)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-            .collect();
+        let data = effnet::data::fixed_pattern(2 * 3 * h * w);
         for threads in [1, 2] {
             let run = |planar: bool| {
                 let mut e = Engine::new(&set)
@@ -325,24 +321,18 @@ fn the_stem_made_inside_the_first_block_gives_the_same_bits() {
     for (name, padding, batch, h, w) in cases {
         let set = random_set(name, padding);
         let q = every_layer_in_int8(&set, 48);
-        let data: Vec<f32> = (0..batch * 3 * h * w)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-            .collect();
+        let data = effnet::data::fixed_pattern(batch * 3 * h * w);
         for precision in [Precision::Fp32, Precision::Bf16, Precision::Int8] {
             for threads in [1, 2] {
                 let run = |fused: bool| {
-                    let e = Engine::new(&set)
+                    let mut e = Engine::new(&set)
                         .unwrap()
                         .with_threads(threads)
                         .with_stem_fusion(fused);
-                    let mut e = match precision {
-                        Precision::Int8 => {
-                            let mut e = e;
-                            e.set_quantization(&q).unwrap();
-                            e
-                        }
-                        p => e.with_precision(p).ok()?,
-                    };
+                    match precision {
+                        Precision::Int8 => e.set_quantization(&q).unwrap(),
+                        p => e = e.with_precision(p).ok()?,
+                    }
                     Some(e.forward(&data, batch, h, w))
                 };
                 let on = run(true);
@@ -360,9 +350,7 @@ fn feature_maps_after_a_fused_stem_are_the_unfused_engines() {
     // and without it among the taps.
     let set = random_set("lite0", Padding::Same);
     let (n, h, w) = (2, 64, 48);
-    let data: Vec<f32> = (0..n * 3 * h * w)
-        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-        .collect();
+    let data = effnet::data::fixed_pattern(n * 3 * h * w);
     for reductions in [&[2, 4][..], &[4, 32][..]] {
         for threads in [1, 2] {
             let run = |fused: bool| {
@@ -390,9 +378,7 @@ fn threads_and_batches_split_the_work_without_changing_the_answer() {
     ] {
         let set = random_set(name, padding);
         let per_image = 3 * h * w;
-        let data: Vec<f32> = (0..3 * per_image)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-            .collect();
+        let data = effnet::data::fixed_pattern(3 * per_image);
         let mut one = Engine::new(&set).unwrap();
         let want: Vec<f32> = (0..3)
             .flat_map(|i| one.forward(&data[i * per_image..(i + 1) * per_image], 1, h, w))

@@ -657,7 +657,8 @@ impl Engine {
     ) -> Vec<f32> {
         let p = &self.plan;
         let stem_taps = taps.iter().any(|t| t.after_block.is_none());
-        let fused = match (self.planar_stem_path(), p.blocks.first()) {
+        let planar = self.planar_stem_path();
+        let fused = match (planar, p.blocks.first()) {
             (Some(int8), Some(first)) if !stem_taps => self
                 .stem_fusion_split(first, n, (h, w))
                 .map(|split| (int8, first, split)),
@@ -666,14 +667,14 @@ impl Engine {
         let mut first_block = 0;
         let mut shape = if let Some((int8, first, split)) = fused {
             // The stem's output is made inside the first block; its shape is that block's input.
-            let g = ops::geometry(self.meta.spec.padding, h, w, p.stem.kernel, p.stem.stride);
             let shape = self.stem_rows(input, n, (h, w), int8, |stem| {
-                self.block(first, a, n, (g.out_h, g.out_w), Some((stem, split)))
+                let stem_out = stem.output_shape();
+                self.block(first, a, n, stem_out, Some((stem, split)))
             });
             a.bufs.swap(Buf::X as usize, Buf::Y as usize);
             first_block = 1;
             shape
-        } else if let Some(int8) = self.planar_stem_path() {
+        } else if let Some(int8) = planar {
             self.planar_stem(input, &mut a.bufs[Buf::Y as usize], n, (h, w), int8)
         } else {
             // NCHW -> NHWC.
@@ -781,6 +782,36 @@ impl Engine {
         }
     }
 
+    /// `source` and the depthwise conv `dw` fused per band of rows (see
+    /// [`Engine::expand_depthwise`]; `split` as from [`Engine::fused_split`]) from X into T2, or
+    /// into Y through the block's `next` step when that is a projection that can read the rows in
+    /// cache and every channel of a band is in one part. Returns the output shape, the channel
+    /// sums (with `pool`) and whether the projection ran here.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_depthwise(
+        &self,
+        source: ops::Source,
+        dw: &Conv,
+        pool: bool,
+        next: Option<&Step>,
+        a: &mut Arena,
+        n: usize,
+        shape: (usize, usize),
+        split: (usize, usize),
+    ) -> ((usize, usize), Option<Vec<f32>>, bool) {
+        let mut sums = pool.then(|| vec![0.0; n * dw.cout]);
+        let [x, t2, y] = a
+            .bufs
+            .get_disjoint_mut([Buf::X, Buf::T2, Buf::Y].map(|b| b as usize))
+            .expect("distinct buffers");
+        let project = self.fusable_projection(next).filter(|_| split.1 == 1);
+        let projected = project.is_some();
+        let project = project.map(|(conv, res)| (conv, &mut *y, res));
+        let s = sums.as_deref_mut();
+        let shape = self.expand_depthwise(source, dw, x, t2, n, shape, split, s, project);
+        (shape, sums, projected)
+    }
+
     /// One block's steps, from X (its input) into Y; returns the output spatial shape. With
     /// `stem` (the first block, as [`Engine::stem_fusion_split`] allows), X was not made: the
     /// depthwise conv reads the stem's rows as they are made, split across the threads as given.
@@ -798,30 +829,23 @@ impl Engine {
         let mut projected = false;
         for (i, step) in b.steps.iter().enumerate() {
             match step {
-                Step::ExpandDepthwise { expand, dw, pool } => {
-                    let mut s = pool.then(|| vec![0.0; n * dw.cout]);
-                    let [x, t1, t2, y] = a
-                        .bufs
-                        .get_disjoint_mut([Buf::X, Buf::T1, Buf::T2, Buf::Y].map(|b| b as usize))
-                        .expect("distinct buffers");
-                    let project = self.fusable_projection(b.steps.get(i + 1));
-                    cur = match self.fused_split(dw, n, cur) {
-                        Some(split) => {
-                            let s = s.as_deref_mut();
-                            // Every channel of a band in one part, for the projection to read.
-                            let project = project.filter(|_| split.1 == 1);
-                            projected = project.is_some();
-                            let project = project.map(|(conv, res)| (conv, &mut *y, res));
-                            let e = ops::Source::Expand(expand);
-                            self.expand_depthwise(e, dw, x, t2, n, cur, split, s, project)
-                        }
-                        None => {
-                            let mid = self.conv(expand, x, t1, n, cur, None);
-                            self.conv(dw, t1, t2, n, mid, s.as_deref_mut())
-                        }
-                    };
-                    sums = s;
-                }
+                Step::ExpandDepthwise { expand, dw, pool } => match self.fused_split(dw, n, cur) {
+                    Some(split) => {
+                        let (source, next) = (ops::Source::Expand(expand), b.steps.get(i + 1));
+                        (cur, sums, projected) =
+                            self.fused_depthwise(source, dw, *pool, next, a, n, cur, split);
+                    }
+                    None => {
+                        let mut s = pool.then(|| vec![0.0; n * dw.cout]);
+                        let [x, t1, t2] = a
+                            .bufs
+                            .get_disjoint_mut([Buf::X, Buf::T1, Buf::T2].map(|b| b as usize))
+                            .expect("distinct buffers");
+                        let mid = self.conv(expand, x, t1, n, cur, None);
+                        cur = self.conv(dw, t1, t2, n, mid, s.as_deref_mut());
+                        sums = s;
+                    }
+                },
                 Step::Project { .. } if std::mem::take(&mut projected) => {}
                 // The first block's depthwise conv, with the stem's rows made per band.
                 Step::Conv {
@@ -830,27 +854,9 @@ impl Engine {
                     to: Buf::T2,
                     pool,
                 } if let Some((stem, split)) = stem => {
-                    let mut s = pool.then(|| vec![0.0; n * dw.cout]);
-                    let [t2, y] = a
-                        .bufs
-                        .get_disjoint_mut([Buf::T2, Buf::Y].map(|b| b as usize))
-                        .expect("distinct buffers");
-                    let project = self.fusable_projection(b.steps.get(i + 1));
-                    projected = project.is_some();
-                    let project = project.map(|(conv, res)| (conv, &mut *y, res));
-                    let (source, sums_out) = (ops::Source::Stem(stem), s.as_deref_mut());
-                    cur = self.expand_depthwise(
-                        source,
-                        dw,
-                        &[],
-                        t2,
-                        n,
-                        cur,
-                        split,
-                        sums_out,
-                        project,
-                    );
-                    sums = s;
+                    let (source, next) = (ops::Source::Stem(stem), b.steps.get(i + 1));
+                    (cur, sums, projected) =
+                        self.fused_depthwise(source, dw, *pool, next, a, n, cur, split);
                 }
                 Step::Conv {
                     conv,

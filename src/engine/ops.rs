@@ -335,7 +335,7 @@ impl Engine {
                 };
                 stem.fill(img, rows, dst);
             });
-            (g.out_h, g.out_w)
+            stem.output_shape()
         })
     }
 
@@ -644,6 +644,11 @@ pub(super) struct StemRows<'a> {
 }
 
 impl StemRows<'_> {
+    /// The stem's output rows and columns.
+    pub(super) fn output_shape(&self) -> (usize, usize) {
+        (self.g.out_h, self.g.out_w)
+    }
+
     /// Output rows `rows` of image `img`, every column and channel, into `dst`.
     fn fill(&self, img: usize, rows: std::ops::Range<usize>, dst: &mut [f32]) {
         let (conv, g) = (self.conv, self.g);
