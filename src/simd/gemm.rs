@@ -102,6 +102,34 @@ pub(crate) fn gemm_bias_act(
     }
 }
 
+/// Seconds one f32 [`gemm_bias_act`] call of `m x k` rows by `k x n` packed weights takes (bias, no
+/// activation), the median of `runs` timed calls after one untimed; `None` where this CPU has no
+/// kernel. For `examples/gemm_rates`, which compares the kernel's rate per shape with the core's
+/// peak (`examples/peak_rates`).
+#[doc(hidden)]
+pub fn time_gemm(m: usize, k: usize, n: usize, runs: usize) -> Option<f64> {
+    if !available() {
+        return None;
+    }
+    let value = |i: usize| ((i * 7919) % 97) as f32 / 48.0 - 1.0;
+    let a: Vec<f32> = (0..m * k).map(value).collect();
+    let w: Vec<f32> = (0..k * n).map(|i| value(i + 11)).collect();
+    let bias: Vec<f32> = (0..n).map(value).collect();
+    let packed = pack(&w, k, n);
+    let mut out = vec![0.0; m * n];
+    let mut call = || gemm_bias_act(&a, k, m, &packed, (0, n), &bias, None, None, &mut out, n);
+    call();
+    let mut times: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let start = std::time::Instant::now();
+            call();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    Some(times[times.len() / 2])
+}
+
 /// One [`gemm_bias_act`] call, as raw pointers its assert has bounded.
 struct Job {
     a: *const f32,
@@ -544,6 +572,14 @@ pub(crate) mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_timing_probe_runs_the_kernel_where_there_is_one() {
+        match time_gemm(13, 16, 40, 3) {
+            Some(seconds) => assert!(available() && seconds > 0.0 && seconds.is_finite()),
+            None => assert!(!available()),
         }
     }
 
