@@ -28,8 +28,9 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("ROUNDS `{r}`: {e}"))?,
         None => 5,
     };
+    anyhow::ensure!(rounds > 0, "ROUNDS must be at least 1");
     let mut rates = vec![Vec::new(); SHAPES.len()];
-    for _ in 0..rounds.max(1) {
+    for _ in 0..rounds {
         for (rates, &(_, m, k, n)) in rates.iter_mut().zip(&SHAPES) {
             let macs = (m * k * n) as f64;
             let runs = (2e-2 * 40e9 / macs).clamp(3.0, 2000.0) as usize;

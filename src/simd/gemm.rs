@@ -111,11 +111,9 @@ pub fn time_gemm(m: usize, k: usize, n: usize, runs: usize) -> Option<f64> {
     if !available() {
         return None;
     }
-    let value = |i: usize| ((i * 7919) % 97) as f32 / 48.0 - 1.0;
-    let a: Vec<f32> = (0..m * k).map(value).collect();
-    let w: Vec<f32> = (0..k * n).map(|i| value(i + 11)).collect();
-    let bias: Vec<f32> = (0..n).map(value).collect();
-    let packed = pack(&w, k, n);
+    use crate::data::fixed_pattern;
+    let (a, bias) = (fixed_pattern(m * k), fixed_pattern(n));
+    let packed = pack(&fixed_pattern(k * n), k, n);
     let mut out = vec![0.0; m * n];
     let mut call = || gemm_bias_act(&a, k, m, &packed, (0, n), &bias, None, None, &mut out, n);
     call();
