@@ -5,10 +5,12 @@
 //!   cargo run --release --example engine_ab -- MODEL SWITCH [--weights W] [--precision P]
 //!       [--threads N] [--passes N] [--side S] [--versus W2]
 //!
-//! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection`, `stem-fusion` or
-//! `narrow-groups` (add others beside them), or `versus`: the weights `--weights W` ("on") against
-//! `--versus W2` ("off"), e.g. two int8 quantisations of one model. Prints each engine's median
-//! ms over the passes and the ratio (switch on / off), with the median of per-pair ratios.
+//! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection`, `stem-fusion`,
+//! `narrow-groups` or `column-blocks` (add others beside them), or `versus`: the weights
+//! `--weights W` ("on") against `--versus W2` ("off"), e.g. two int8 quantisations of one model,
+//! or `same`: two identical engines, the harness's own bias (1.01-1.04 on the Intel VM, the
+//! first engine slower, whichever ran first in a pair). Prints each engine's median ms over the
+//! passes and the ratio (switch on / off), with the median of per-pair ratios.
 
 use anyhow::{Context, bail};
 use effnet::engine::{Engine, Precision};
@@ -74,10 +76,10 @@ fn main() -> anyhow::Result<()> {
             "fused-projection" => e.with_fused_projection(on),
             "stem-fusion" => e.with_stem_fusion(on),
             // A process-wide setting, switched before each pass below.
-            "narrow-groups" | "versus" => e,
+            "narrow-groups" | "column-blocks" | "versus" | "same" => e,
             other => bail!(
                 "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection, \
-                 stem-fusion, narrow-groups, versus"
+                 stem-fusion, narrow-groups, column-blocks, versus, same"
             ),
         };
         Ok(e.with_precision(precision)?)
@@ -89,8 +91,10 @@ fn main() -> anyhow::Result<()> {
     let mut times = [Vec::new(), Vec::new()];
     for pass in 0..passes + 10 {
         for ((e, t), on) in engines.iter_mut().zip(&mut times).zip([true, false]) {
-            if switch == "narrow-groups" {
-                effnet::simd::set_narrow_groups(on);
+            match switch.as_str() {
+                "narrow-groups" => effnet::simd::set_narrow_groups(on),
+                "column-blocks" => effnet::simd::set_column_blocks(on),
+                _ => {}
             }
             let start = Instant::now();
             std::hint::black_box(e.forward(&input, 1, side, side));

@@ -9,7 +9,7 @@
 
 /// (label, rows, k, n): expansions and projections of Lite0 at 224 (the fused blocks run the
 /// large maps in bands of rows), its head, and B7's 19x19 stage at 600.
-const SHAPES: [(&str, usize, usize, usize); 9] = [
+const SHAPES: [(&str, usize, usize, usize); 11] = [
     ("lite0 blocks.2 expand (band)", 240, 24, 144),
     ("lite0 blocks.2 project (band)", 240, 144, 24),
     ("lite0 blocks.6 expand", 196, 80, 480),
@@ -18,6 +18,8 @@ const SHAPES: [(&str, usize, usize, usize); 9] = [
     ("lite0 blocks.12 project", 49, 1152, 192),
     ("lite0 head", 49, 320, 1280),
     ("b7 19x19 expand", 361, 640, 3840),
+    ("b7 19x19 expand (band, block)", 95, 640, 1280),
+    ("b7 19x19 project (chunk)", 60, 3840, 640),
     ("square, all in L2", 96, 256, 256),
 ];
 

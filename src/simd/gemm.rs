@@ -81,25 +81,88 @@ pub(crate) fn gemm_bias_act(
     let Some(epi) = Epilogue::checked(m, (c0, nc), bias, act, residual, out, ldo) else {
         return;
     };
+    run_blocks(a, k, m, packed, (c0, nc), epi, blocks(k, m, nc));
+}
+
+/// [`gemm_bias_act`]'s work through its checked epilogue, `block` columns (whole panels) and
+/// `depth` of `k` at a time.
+#[allow(clippy::too_many_arguments)]
+fn run_blocks(
+    a: &[f32],
+    k: usize,
+    m: usize,
+    packed: &[f32],
+    (c0, nc): (usize, usize),
+    epi: Epilogue,
+    (block, depth): (usize, usize),
+) {
     assert!(available() && a.len() >= m * k && packed.len() >= packed_len(k, c0 + nc));
-    let job = Job {
-        a: a.as_ptr(),
-        k,
-        packed: packed.as_ptr(),
-        cols: (c0, c0 + nc),
-        epi,
-    };
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `level()` found the features each entry is compiled for; the assert bounds every
-    // row, column and panel read or written: rows < m, columns < c0 + nc (stores are masked to
-    // it), panels < (c0 + nc) / NR.
-    unsafe {
-        match level() {
-            Level::Avx512 => run_avx512(&job, m),
-            Level::Avx2 => run_avx2(&job, m),
-            Level::Portable => unreachable!("asserted available"),
+    assert!(block.is_multiple_of(NR) && block > 0 && depth > 0);
+    for b0 in (c0..c0 + nc).step_by(block) {
+        for k0 in (0..k).step_by(depth) {
+            let job = Job {
+                a: a.as_ptr(),
+                k,
+                depths: (k0, (k0 + depth).min(k)),
+                packed: packed.as_ptr(),
+                cols: (b0, (b0 + block).min(c0 + nc)),
+                epi,
+            };
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `level()` found the features each entry is compiled for; the assert bounds
+            // every row, column and panel read or written: rows < m, columns < c0 + nc (stores
+            // are masked to it), panels < (c0 + nc) / NR, depths < k.
+            unsafe {
+                match level() {
+                    Level::Avx512 => run_avx512(&job, m),
+                    Level::Avx2 => run_avx2(&job, m),
+                    Level::Portable => unreachable!("asserted available"),
+                }
+            }
         }
     }
+}
+
+/// The blocks [`gemm_bias_act`] multiplies in turn, as (columns, depth): every row with at most
+/// [`BLOCK_BYTES`] of packed weights, `depth` of their `k` rows by whole panels of columns, so the
+/// block stays in L2 while each 12-row tile reads it (instead of streaming from memory once per
+/// tile: B7's 19x19 layers carry 3.5-9.8 MB) and a tile's `depth` inputs stay in L1 across the
+/// block's panels. Sums of a block short of `k` wait in the output, the epilogue runs on the
+/// last. Every column and all of `k` at once where the weights fit [`WHOLE_BYTES`] or there is one
+/// tile of rows.
+fn blocks(k: usize, m: usize, nc: usize) -> (usize, usize) {
+    let panels = nc.div_ceil(NR);
+    if m <= 12 || 4 * k * NR * panels <= WHOLE_BYTES || !column_blocks() {
+        return (panels * NR, k.max(1));
+    }
+    let depth = k.div_ceil(k.div_ceil(MAX_DEPTH));
+    let most = (BLOCK_BYTES / (4 * depth * NR)).max(1);
+    (panels.div_ceil(panels.div_ceil(most)) * NR, depth)
+}
+
+/// Packed weights a block may hold: well inside the 1 MB L2 of Zen 4 (2 MB on recent Xeons),
+/// with room left for the rows streaming through it.
+const BLOCK_BYTES: usize = 384 * 1024;
+
+/// The most packed weights multiplied whole: those that stay in L2 by themselves. (Blocking
+/// these too made Lite0 and V2-B0 1.03x slower at two threads, each thread's columns in its L2.)
+const WHOLE_BYTES: usize = 1024 * 1024;
+
+/// The deepest block: a 12-row tile's inputs (24 KB) stay in a 32-48 KB L1 with a weight row.
+const MAX_DEPTH: usize = 512;
+
+/// Whether [`gemm_bias_act`] cuts wide weights into blocks: on, except in comparisons
+/// (`examples/engine_ab ... column-blocks`).
+static COLUMN_BLOCKS: AtomicBool = AtomicBool::new(true);
+
+fn column_blocks() -> bool {
+    COLUMN_BLOCKS.load(Ordering::Relaxed)
+}
+
+/// Turns [`blocks`]' blocking on or off for the whole process (comparisons only).
+#[doc(hidden)]
+pub fn set_column_blocks(on: bool) {
+    COLUMN_BLOCKS.store(on, Ordering::Relaxed);
 }
 
 /// Seconds one f32 [`gemm_bias_act`] call of `m x k` rows by `k x n` packed weights takes (bias, no
@@ -132,6 +195,8 @@ pub fn time_gemm(m: usize, k: usize, n: usize, runs: usize) -> Option<f64> {
 struct Job {
     a: *const f32,
     k: usize,
+    /// Rows `k0..k1` of the weights (and columns of `a`) multiplied in this job.
+    depths: (usize, usize),
     packed: *const f32,
     /// Output columns `c0..c1`.
     cols: (usize, usize),
@@ -140,6 +205,7 @@ struct Job {
 
 /// What happens to a tile's sums before its single store: `act(sum + bias) (+ residual)` into rows
 /// `ldo` apart.
+#[derive(Clone, Copy)]
 pub(super) struct Epilogue {
     pub bias: *const f32,
     pub act: Option<Activation>,
@@ -351,17 +417,19 @@ unsafe fn tile<V: Vector, N: Vector, const R: usize, const Q: usize, const H: us
             // of NR values (columns g0.. of it are within the row) and rows r0 + i < m have k
             // values.
             unsafe {
-                let b = j.packed.add(p * j.k * NR + g0 * j.k);
-                let a = j.a.add(r0 * j.k);
+                let (k0, k1) = j.depths;
+                let b = j.packed.add(p * j.k * NR + g0 * j.k + k0 * group);
+                let a = j.a.add(r0 * j.k + k0);
                 // Rows stream from memory once: while the first group multiplies, the rows two
                 // tiles on are fetched, a cache line per k step (the hardware prefetcher misses
                 // R short strided streams; 1.25-1.6x on projections of large maps). Not when a
                 // tile's rows would crowd the weights out of L1.
-                let ahead = match p == c0 / NR && g0 == 0 && R * j.k <= PREFETCH_MAX {
+                let whole = k1 - k0 == j.k;
+                let ahead = match p == c0 / NR && g0 == 0 && R * j.k <= PREFETCH_MAX && whole {
                     true => R * j.k / 16,
                     false => 0,
                 };
-                let k = (j.k, group);
+                let k = (j.k, k1 - k0, group);
                 let at = (col + g0, live);
                 match group_vectors(live, V::LANES, narrow) {
                     (0, _) => group_sums::<V, N, R, 0, 1>(j, (a, b), k, ahead, r0, at),
@@ -399,7 +467,7 @@ pub fn set_narrow_groups(on: bool) {
 unsafe fn group_sums<V: Vector, N: Vector, const R: usize, const LV: usize, const LN: usize>(
     j: &Job,
     (a, b): (*const f32, *const f32),
-    (k, row): (usize, usize),
+    (k, depth, row): (usize, usize, usize),
     ahead: usize,
     r0: usize,
     (col, width): (usize, usize),
@@ -408,13 +476,53 @@ unsafe fn group_sums<V: Vector, N: Vector, const R: usize, const LV: usize, cons
     unsafe {
         let mut wide = [[V::splat(0.0); LV]; R];
         let mut thin = [[N::splat(0.0); LN]; R];
-        multiply::<V, N, R, LV, LN>((&mut wide, &mut thin), a, (b, row), k, ahead);
         let split = (LV * V::LANES).min(width);
+        let (wide_at, thin_at) = ((col, split), (col + split, width - split));
+        let (first, last) = (j.depths.0 == 0, j.depths.1 == k);
+        if !first {
+            partial_sums(&mut wide, &j.epi, r0, wide_at, false);
+            partial_sums(&mut thin, &j.epi, r0, thin_at, false);
+        }
+        multiply::<V, N, R, LV, LN>((&mut wide, &mut thin), (a, k), (b, row), depth, ahead);
+        if !last {
+            partial_sums(&mut wide, &j.epi, r0, wide_at, true);
+            partial_sums(&mut thin, &j.epi, r0, thin_at, true);
+            return;
+        }
         if LV > 0 {
-            store(&wide, &j.epi, r0, (col, split));
+            store(&wide, &j.epi, r0, wide_at);
         }
         if LN > 0 {
-            store(&thin, &j.epi, r0, (col + split, width - split));
+            store(&thin, &j.epi, r0, thin_at);
+        }
+    }
+}
+
+/// Loads (or with `save`, stores) the running sums of rows `r0..r0 + R`, columns
+/// `col..col + width` from the output, between blocks of depth (see [`blocks`]).
+///
+/// # Safety
+/// As [`store`].
+#[inline(always)]
+unsafe fn partial_sums<V: Vector, const R: usize, const Q: usize>(
+    acc: &mut [[V; Q]; R],
+    e: &Epilogue,
+    r0: usize,
+    (col, width): (usize, usize),
+    save: bool,
+) {
+    // SAFETY: the caller's contract; masked loads and stores touch columns col..col + width only.
+    unsafe {
+        let lanes = |q: usize| width.saturating_sub(q * V::LANES);
+        for (i, row) in acc.iter_mut().enumerate() {
+            let at = e.out.wrapping_add((r0 + i) * e.ldo + col);
+            for (q, v) in row.iter_mut().enumerate().take(width.div_ceil(V::LANES)) {
+                let at = at.wrapping_add(q * V::LANES);
+                match save {
+                    true => v.store_first(at, lanes(q)),
+                    false => *v = V::load_first(at, lanes(q)),
+                }
+            }
         }
     }
 }
@@ -428,13 +536,13 @@ const PREFETCH_MAX: usize = 4096;
 #[inline(always)]
 unsafe fn multiply<V: Vector, N: Vector, const R: usize, const LV: usize, const LN: usize>(
     (wide, thin): (&mut [[V; LV]; R], &mut [[N; LN]; R]),
-    a: *const f32,
+    (a, k): (*const f32, usize),
     (b, row): (*const f32, usize),
-    k: usize,
+    depth: usize,
     ahead: usize,
 ) {
-    // SAFETY: the caller's contract: `b` is a group of k rows of `row` floats, at least LV
-    // vectors of V and LN of N, and `a` R rows of k.
+    // SAFETY: the caller's contract: `b` is a group of `depth` rows of `row` floats, at least LV
+    // vectors of V and LN of N, and `a` R rows `k` apart of `depth` values.
     unsafe {
         // One loop with an unconditional prefetch: with `ahead` steps it walks a cache line per
         // step through the rows two tiles on (past `ahead` into the tile after, which streams
@@ -445,7 +553,7 @@ unsafe fn multiply<V: Vector, N: Vector, const R: usize, const LV: usize, const 
             true => (a.wrapping_add(2 * R * k), 16),
             false => (b, 0),
         };
-        for kk in 0..k {
+        for kk in 0..depth {
             prefetch(ahead_at);
             ahead_at = ahead_at.wrapping_add(line);
             let bk = b.add(kk * row);
@@ -569,6 +677,61 @@ pub(crate) mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_of_columns_and_depth_give_the_same_bits() {
+        blocked_equals_whole();
+        with_level(Level::Avx2, blocked_equals_whole);
+    }
+
+    /// Every (columns, depth) blocking of shapes with several tiles of rows, partial panels and
+    /// odd depths gives the unblocked result to the bit: the sums run in the same order, those of
+    /// a block short of `k` waiting in the output as f32.
+    fn blocked_equals_whole() {
+        if !available() {
+            return;
+        }
+        for (m, k, n) in [(30, 37, 86), (25, 100, 40), (13, 9, 200)] {
+            let [a, w, bias, res] = operands(m, k, n);
+            let packed = pack(&w, k, n);
+            let run = |blocks: (usize, usize)| {
+                let mut out = vec![f32::NAN; m * n];
+                for act in [None, Some(Activation::Silu)] {
+                    let r = Some(res.as_slice());
+                    let epi = Epilogue::checked(m, (0, n), &bias, act, r, &mut out, n).unwrap();
+                    run_blocks(&a, k, m, &packed, (0, n), epi, blocks);
+                }
+                out
+            };
+            let whole = run((n.next_multiple_of(NR), k));
+            for blocks in [(NR, k), (NR, 1), (2 * NR, 10), (NR, k - 1), (3 * NR, k / 2)] {
+                let got = run(blocks);
+                let same = got
+                    .iter()
+                    .zip(&whole)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{m}x{k}x{n} in blocks {blocks:?}");
+            }
+        }
+        // The blocking itself: B7's 19x19 expansion (9.8 MB of weights) and projection (a deep
+        // k) in blocks within the budget, small weights and single tiles of rows whole.
+        for (m, k, n) in [
+            (361, 640, 3840),
+            (60, 3840, 640),
+            (49, 192, 1152),
+            (12, 3840, 640),
+        ] {
+            let (block, depth) = blocks(k, m, n);
+            let whole = 4 * k * n.next_multiple_of(NR) <= WHOLE_BYTES || m <= 12;
+            match whole {
+                true => assert_eq!((block, depth), (n.next_multiple_of(NR), k)),
+                false => assert!(
+                    4 * depth * block <= BLOCK_BYTES && depth <= MAX_DEPTH && block < n,
+                    "{m}x{k}x{n}: {block} columns, depth {depth}"
+                ),
             }
         }
     }

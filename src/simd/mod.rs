@@ -13,7 +13,7 @@ mod vector;
 use std::sync::OnceLock;
 
 #[doc(hidden)]
-pub use gemm::{set_narrow_groups, time_gemm};
+pub use gemm::{set_column_blocks, set_narrow_groups, time_gemm};
 pub(crate) use vector::Vector;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use vector::{Avx2, Avx512};
