@@ -99,7 +99,8 @@ fn run_blocks(
     assert!(available() && a.len() >= m * k && packed.len() >= packed_len(k, c0 + nc));
     assert!(block.is_multiple_of(NR) && block > 0 && depth > 0);
     for b0 in (c0..c0 + nc).step_by(block) {
-        for k0 in (0..k).step_by(depth) {
+        // (`k` 0: one job, which stores the epilogue of empty sums.)
+        for k0 in (0..k.max(1)).step_by(depth) {
             let job = Job {
                 a: a.as_ptr(),
                 k,
@@ -144,8 +145,8 @@ fn blocks(k: usize, m: usize, nc: usize) -> (usize, usize) {
 /// with room left for the rows streaming through it.
 const BLOCK_BYTES: usize = 384 * 1024;
 
-/// The most packed weights multiplied whole: those that stay in L2 by themselves. (Blocking
-/// these too made Lite0 and V2-B0 1.03x slower at two threads, each thread's columns in its L2.)
+/// The most packed weights multiplied whole: they stay in L2 by themselves, so blocks would only
+/// add passes over the rows.
 const WHOLE_BYTES: usize = 1024 * 1024;
 
 /// The deepest block: a 12-row tile's inputs (24 KB) stay in a 32-48 KB L1 with a weight row.
@@ -716,6 +717,11 @@ pub(crate) mod tests {
                 assert!(same, "{m}x{k}x{n} in blocks {blocks:?}");
             }
         }
+        // No inputs at all: the epilogue of empty sums, the bias.
+        let mut out = vec![f32::NAN; 13 * 40];
+        let bias: Vec<f32> = (0..40).map(val).collect();
+        gemm_bias_act(&[], 0, 13, &[], (0, 40), &bias, None, None, &mut out, 40);
+        assert!(out.chunks(40).all(|row| row == bias.as_slice()));
         // The blocking itself: B7's 19x19 expansion (9.8 MB of weights) and projection (a deep
         // k) in blocks within the budget, small weights and single tiles of rows whole.
         for (m, k, n) in [
