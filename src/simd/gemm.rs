@@ -698,23 +698,23 @@ pub(crate) mod tests {
         for (m, k, n) in [(30, 37, 86), (25, 100, 40), (13, 9, 200)] {
             let [a, w, bias, res] = operands(m, k, n);
             let packed = pack(&w, k, n);
-            let run = |blocks: (usize, usize)| {
-                let mut out = vec![f32::NAN; m * n];
-                for act in [None, Some(Activation::Silu)] {
+            for act in [None, Some(Activation::Silu)] {
+                let run = |blocks: (usize, usize)| {
+                    let mut out = vec![f32::NAN; m * n];
                     let r = Some(res.as_slice());
                     let epi = Epilogue::checked(m, (0, n), &bias, act, r, &mut out, n).unwrap();
                     run_blocks(&a, k, m, &packed, (0, n), epi, blocks);
+                    out
+                };
+                let whole = run((n.next_multiple_of(NR), k));
+                for blocks in [(NR, k), (NR, 1), (2 * NR, 10), (NR, k - 1), (3 * NR, k / 2)] {
+                    let got = run(blocks);
+                    let same = got
+                        .iter()
+                        .zip(&whole)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "{m}x{k}x{n} {act:?} in blocks {blocks:?}");
                 }
-                out
-            };
-            let whole = run((n.next_multiple_of(NR), k));
-            for blocks in [(NR, k), (NR, 1), (2 * NR, 10), (NR, k - 1), (3 * NR, k / 2)] {
-                let got = run(blocks);
-                let same = got
-                    .iter()
-                    .zip(&whole)
-                    .all(|(g, w)| g.to_bits() == w.to_bits());
-                assert!(same, "{m}x{k}x{n} in blocks {blocks:?}");
             }
         }
         // No inputs at all: the epilogue of empty sums, the bias.
