@@ -6,6 +6,8 @@
 //!       [--threads N] [--passes N] [--side S] [--versus W2]
 //!
 //! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection`, `stem-fusion`,
+//! `bf16-widened` (with `--precision bf16`: widened to f32 against `vdpbf16ps` pairs),
+//! `precision` (`--precision P` against fp32),
 //! `narrow-groups` or `column-blocks` (add others beside them), or `versus`: the weights
 //! `--weights W` ("on") against `--versus W2` ("off"), e.g. two int8 quantisations of one model,
 //! or `same`: two identical engines, the harness's own bias (1.01-1.04 on the Intel VM, the
@@ -14,6 +16,7 @@
 
 use anyhow::{Context, bail};
 use effnet::engine::{Engine, Precision};
+use effnet::simd::Bf16Form;
 use effnet::weights::{self, WeightSet};
 use std::time::Instant;
 
@@ -75,11 +78,18 @@ fn main() -> anyhow::Result<()> {
             "dw-strips" => e.with_dw_strips(on),
             "fused-projection" => e.with_fused_projection(on),
             "stem-fusion" => e.with_stem_fusion(on),
+            // On: bf16 widened to f32, off: `vdpbf16ps` pairs (with `--precision bf16`).
+            "bf16-widened" => e.with_bf16_form(match on {
+                true => Bf16Form::Widened,
+                false => Bf16Form::Pairs,
+            }),
+            // On: `--precision P`, off: fp32.
+            "precision" if !on => return Ok(e),
             // A process-wide setting, switched before each pass below.
-            "narrow-groups" | "column-blocks" | "versus" | "same" => e,
+            "narrow-groups" | "column-blocks" | "versus" | "same" | "precision" => e,
             other => bail!(
                 "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection, \
-                 stem-fusion, narrow-groups, column-blocks, versus, same"
+                 stem-fusion, bf16-widened, narrow-groups, column-blocks, precision, versus, same"
             ),
         };
         Ok(e.with_precision(precision)?)

@@ -455,15 +455,20 @@ fn embeddings_match_the_burn_models_features() {
     }
 }
 
-/// bf16 (AVX512-BF16 CPUs): every GEMM path (stem, 1x1, Fused-MBConv's full 3x3, head,
-/// classifier, the SE gate folded into the projection, batches, two threads) stays close to f32:
-/// logits at a cosine similarity above 0.999 and the same top-1 for each image.
+/// bf16 (AVX512-BF16 CPUs), in both forms (`vdpbf16ps` pairs and widened to f32): every GEMM
+/// path (stem, 1x1, Fused-MBConv's full 3x3, head, classifier, the SE gate folded into the
+/// projection, batches, two threads) stays close to f32: logits at a cosine similarity above
+/// 0.999 and the same top-1 for each image.
 #[test]
 fn bf16_stays_close_to_fp32_on_each_family() {
     use effnet::engine::Precision;
-    for name in ["efficientnet-b0", "efficientnet-lite0", "efficientnetv2-b0"] {
+    use effnet::simd::Bf16Form;
+    let names = ["efficientnet-b0", "efficientnet-lite0", "efficientnetv2-b0"];
+    let forms = [Bf16Form::Pairs, Bf16Form::Widened];
+    for (name, form) in names.into_iter().flat_map(|n| forms.map(|f| (n, f))) {
         let set = random_set(name, Padding::Same);
-        let Ok(mut bf16) = Engine::new(&set).unwrap().with_precision(Precision::Bf16) else {
+        let engine = Engine::new(&set).unwrap().with_bf16_form(form);
+        let Ok(mut bf16) = engine.with_precision(Precision::Bf16) else {
             eprintln!("no AVX512-BF16 here: not exercised");
             return;
         };
@@ -480,16 +485,19 @@ fn bf16_stays_close_to_fp32_on_each_family() {
                 one_thread = b.clone();
             } else {
                 let diff = max_abs_diff(&b, &one_thread);
-                assert!(diff <= 1e-5, "{name}: two threads {diff} from one");
+                assert!(diff <= 1e-5, "{name} {form:?}: two threads {diff} from one");
             }
             let classes = a.len() / n;
             for (x, y) in a.chunks(classes).zip(b.chunks(classes)) {
                 let dot: f64 = x.iter().zip(y).map(|(p, q)| (p * q) as f64).sum();
                 let norm = |v: &[f32]| v.iter().map(|p| (p * p) as f64).sum::<f64>().sqrt();
                 let cos = dot / (norm(x) * norm(y));
-                assert!(cos > 0.999, "{name}, {threads} thread(s): cosine {cos}");
+                assert!(
+                    cos > 0.999,
+                    "{name} {form:?}, {threads} thread(s): cosine {cos}"
+                );
                 let top = |v: &[f32]| (0..classes).max_by(|&i, &j| v[i].total_cmp(&v[j]));
-                assert_eq!(top(x), top(y), "{name}, {threads} thread(s)");
+                assert_eq!(top(x), top(y), "{name} {form:?}, {threads} thread(s)");
             }
         }
     }

@@ -290,8 +290,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let classes = set.spec().num_classes;
         let top1 = |l: &[f32]| -> Vec<usize> { l.chunks(classes).map(argmax).collect() };
+        let form = match p {
+            Precision::Bf16 => format!("; bf16 runs {}", engine.bf16_form().describe()),
+            _ => String::new(),
+        };
         note = Some(format!(
-            "{p} vs fp32 on this input: max |logit diff| {diff:.3e}, top-1 {} of {n}",
+            "{p} vs fp32 on this input: max |logit diff| {diff:.3e}, top-1 {} of {n}{form}",
             if top1(&logits) == top1(&engine_logits) {
                 "same"
             } else {

@@ -18,6 +18,8 @@ pub(crate) mod pool;
 pub mod profile;
 mod winograd;
 
+use crate::simd::Bf16Form;
+use crate::simd::gemm_bf16::Weights as Bf16Weights;
 use crate::simd::gemm_i8::{ActQuant, Int8Weights};
 use crate::spec::FeatureTap;
 use crate::weights::{Quantization, WeightMeta, WeightSet};
@@ -96,7 +98,8 @@ pub enum Precision {
     Fp32,
     /// bf16 weights and activations with f32 sums (AVX512-BF16) in the GEMM convolutions and the
     /// classifier, f32 everywhere else (the planar stem and the Winograd convolutions too: faster
-    /// in f32, `examples/engine_ab ... --precision bf16`).
+    /// in f32, `examples/engine_ab ... --precision bf16`). Where `vdpbf16ps` is slower than f32
+    /// FMA, the same bf16 values are multiplied in f32 ([`Engine::bf16_form`]).
     Bf16,
     /// int8 weights (per output channel) and uint8 activations (calibrated per layer) with int32
     /// sums (AVX512-VNNI, AVX2 int16 pairs, or a portable loop), in the layers the weights'
@@ -174,6 +177,8 @@ pub struct Engine {
     quantised: bool,
     /// Whether the layers out of int8 run in bf16 (bf16, or int8 with a bf16 fallback).
     bf16: bool,
+    /// How bf16 runs (`None`: [`crate::simd::fastest_bf16_form`], measured when first needed).
+    bf16_form: Option<Bf16Form>,
 }
 
 /// Buffers reused across calls: no allocation per inference once sizes are reached.
@@ -224,6 +229,7 @@ impl Engine {
             int8_fallback: Self::default_int8_fallback(),
             quantised: false,
             bf16: false,
+            bf16_form: None,
         })
     }
 
@@ -416,17 +422,26 @@ impl Engine {
     }
 
     /// Packs the classifier and every GEMM convolution not in int8 for the bf16 kernel where
-    /// that is faster (keeping packs already made; dropping those of layers now in int8).
+    /// that is faster (keeping packs already made in this form; dropping those of layers now in
+    /// int8).
     fn pack_bf16(&mut self) {
         self.bf16 = true;
-        let winograd = self.winograd;
+        let (winograd, form) = (self.winograd, self.bf16_form());
+        // The classifier has one row per image: at batch 1 its time is its weights' bytes, which
+        // pairs halve (Lite0: 0.28 ms in pairs, 0.40 widened, `bench --profile`).
+        let classifier = self.plan.classifier.name.clone();
         // bf16 runs only where the f32 GEMM kernel does, so every GEMM weight is packed.
         for conv in self.plan.bf16_gemms_mut() {
+            let form = if conv.name == classifier {
+                Bf16Form::Pairs
+            } else {
+                form
+            };
             if conv.int8.is_some() || !faster_in_bf16(conv, winograd) {
-                conv.packed_bf16 = Vec::new();
-            } else if conv.packed_bf16.is_empty() {
+                conv.bf16 = None;
+            } else if conv.bf16.as_ref().is_none_or(|w| w.form() != form) {
                 let k = conv.gemm_rows();
-                conv.packed_bf16 = crate::simd::gemm_bf16::pack_from_f32_panels(&conv.packed, k);
+                conv.bf16 = Some(Bf16Weights::pack(&conv.packed, k, form));
             }
         }
     }
@@ -435,8 +450,25 @@ impl Engine {
     fn drop_bf16(&mut self) {
         self.bf16 = false;
         for conv in self.plan.bf16_gemms_mut() {
-            conv.packed_bf16 = Vec::new();
+            conv.bf16 = None;
         }
+    }
+
+    /// How the bf16 layers run: by `vdpbf16ps` on bf16 pairs, or widened to f32 (the default is
+    /// whichever does more multiply-adds per second on this CPU: [`Engine::bf16_form`]).
+    pub fn with_bf16_form(mut self, form: Bf16Form) -> Self {
+        self.bf16_form = Some(form);
+        if self.bf16 {
+            self.pack_bf16();
+        }
+        self
+    }
+
+    /// How the bf16 layers run (set, or the faster form on this CPU, measured once per process
+    /// in about a millisecond: [`crate::simd::fastest_bf16_form`]).
+    pub fn bf16_form(&self) -> Bf16Form {
+        self.bf16_form
+            .unwrap_or_else(crate::simd::fastest_bf16_form)
     }
 
     /// The precision of the layers an int8 quantisation keeps out of int8, and of the classifier,
@@ -1009,13 +1041,13 @@ fn require_bf16(asked: &str) -> Result<(), EngineError> {
 
 #[cfg(test)]
 mod tests {
-    use super::Engine;
+    use super::{Bf16Form, Engine};
     use crate::simd::{Level, with_level};
     use crate::spec::variant;
     use crate::weights::WeightSet;
 
     /// bf16 leaves in f32 the convs that run Winograd (unless Winograd is off) and takes every
-    /// other GEMM and the classifier.
+    /// other GEMM and the classifier, in the form set (the classifier always in pairs).
     #[test]
     fn bf16_takes_the_gemms_it_makes_faster() {
         if !crate::simd::gemm_bf16::available() {
@@ -1029,7 +1061,7 @@ mod tests {
         let kinds = |e: &mut Engine| {
             let (mut winograd, mut bf16, mut f32) = (0, 0, 0);
             for conv in e.plan.bf16_gemms_mut() {
-                let packed = !conv.packed_bf16.is_empty();
+                let packed = conv.bf16.is_some();
                 if !conv.winograd.is_empty() {
                     winograd += 1;
                     assert_eq!(packed, !e.winograd, "{}", conv.name);
@@ -1049,9 +1081,29 @@ mod tests {
         assert_eq!(kinds(&mut e), (on.0, on.1 + on.0, 0));
         e = e.with_winograd(true);
         assert_eq!(kinds(&mut e), on);
+        // Widened, every layer but the classifier (one row per image) is repacked.
+        let forms = |e: &mut Engine| -> Vec<(String, Bf16Form)> {
+            let packs = e.plan.bf16_gemms_mut();
+            packs
+                .filter_map(|c| Some((c.name.clone(), c.bf16.as_ref()?.form())))
+                .collect()
+        };
+        for form in [Bf16Form::Widened, Bf16Form::Pairs] {
+            e = e.with_bf16_form(form);
+            let packs = forms(&mut e);
+            assert_eq!(packs.len(), on.1);
+            for (name, got) in packs {
+                let want = if name == "classifier" {
+                    Bf16Form::Pairs
+                } else {
+                    form
+                };
+                assert_eq!(got, want, "{name}");
+            }
+        }
         // Back to f32: no bf16 weight left.
         e.set_precision(super::Precision::Fp32).unwrap();
-        assert!(e.plan.bf16_gemms_mut().all(|c| c.packed_bf16.is_empty()));
+        assert!(e.plan.bf16_gemms_mut().all(|c| c.bf16.is_none()));
     }
 
     /// `quantize` leaves in f32 the Winograd convs with at most two int8 panels of outputs

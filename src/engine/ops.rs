@@ -149,9 +149,9 @@ pub(super) fn gemm_bias_act(
         int8::gemm_bias_act(a, k, m, wq, (c0, nc), act, residual, out, cout);
         return;
     }
-    if !conv.packed_bf16.is_empty() {
+    if let Some(w) = &conv.bf16 {
         // bf16: the activations are rounded (and gated) once per call, the weights were at load.
-        let packed = (conv.packed_bf16.as_slice(), gate);
+        let packed = (w, gate);
         let (bias, act) = (&conv.bias, conv.act);
         bf16::gemm_bias_act(a, k, m, packed, (c0, nc), bias, act, residual, out, cout);
         return;

@@ -3,6 +3,7 @@
 //! steps that names the buffer every step reads and writes.
 
 use crate::simd::gemm as microkernel;
+use crate::simd::gemm_bf16::Weights as Bf16Weights;
 use crate::simd::gemm_i8::Int8Weights;
 use crate::spec::{Activation, BlockAnatomy, Conv as SpecConv};
 use crate::weights::fold::{Folded, fold_batch_norm, tensor_values};
@@ -35,9 +36,9 @@ pub(super) struct Conv {
     /// `weight` packed for the GEMM micro-kernel (empty for depthwise or without AVX2/AVX-512;
     /// when present, `weight` is empty).
     pub packed: Vec<f32>,
-    /// `packed` as bf16 pairs (empty unless the engine runs in bf16, or in int8 on a CPU with bf16
-    /// and this layer kept out of int8; then the GEMM uses these).
-    pub packed_bf16: Vec<u32>,
+    /// `packed` in bf16 (unless the engine runs in bf16, or in int8 on a CPU with bf16 and this
+    /// layer kept out of int8, none; then the GEMM uses these).
+    pub bf16: Option<Bf16Weights>,
     /// The weights in int8 for the calibrated input grid (when the engine runs in int8 and this
     /// layer was not kept out of it; then the GEMM uses these).
     pub int8: Option<Int8Weights>,
@@ -66,7 +67,7 @@ impl Conv {
     /// Whether the GEMM scales its input by an SE gate as it converts it (bf16, int8: no gated copy
     /// needed).
     pub fn takes_gate(&self) -> bool {
-        !self.packed_bf16.is_empty() || self.int8.is_some()
+        self.bf16.is_some() || self.int8.is_some()
     }
 
     /// Writes [`Conv::gemm_weight`] with row `kk` scaled by `gates[kk]` into `dst` (same layout).
@@ -280,7 +281,7 @@ fn pack(spec_conv: &SpecConv, folded: Folded, act: Option<Activation>) -> Conv {
         cout,
         weight,
         packed,
-        packed_bf16: Vec::new(),
+        bf16: None,
         int8: None,
         winograd,
         bias,

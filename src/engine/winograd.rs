@@ -336,7 +336,7 @@ impl Engine {
         self.winograd
             && !conv.winograd.is_empty()
             && conv.int8.is_none()
-            && conv.packed_bf16.is_empty()
+            && conv.bf16.is_none()
             && self.observed(conv).1.is_none()
     }
 

@@ -5,6 +5,12 @@
 //! converted row by row as they come (consecutive channels already form the pairs), with the SE gate
 //! folded into that conversion. The epilogue (bias, activation, residual) is the f32 kernel's.
 //! Hand-written for the same reasons as the f32 kernel: no crate packs for `vdpbf16ps`.
+//!
+//! Where `vdpbf16ps` does fewer multiply-adds per second than f32 FMA (half as many on the Intel
+//! Xeon VM of docs/benchmarks.md), the same bf16 products run widened: weights rounded to bf16
+//! and stored as f32, activations rounded likewise per call, through the f32 kernel
+//! ([`Form::Widened`]). Each product of two bf16 values is exact in f32, so both forms compute
+//! the same sums up to their order.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -22,6 +28,65 @@ pub fn available() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// How the bf16 GEMMs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// `vdpbf16ps` on pairs of bf16 values (half the bytes of f32).
+    Pairs,
+    /// The f32 kernel on values rounded to bf16.
+    Widened,
+}
+
+impl Form {
+    /// What runs the products, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Form::Pairs => "by vdpbf16ps on bf16 pairs",
+            Form::Widened => "widened to f32 FMA (vdpbf16ps is the slower of the two on this CPU)",
+        }
+    }
+}
+
+/// The form that does more multiply-adds per second on this core, measured once
+/// ([`super::peak::bf16_over_f32`]): pairs on Zen 4 and 5 (twice f32's rate), widened on the
+/// Intel Xeon VM (half).
+pub fn fastest_form() -> Form {
+    static FORM: std::sync::OnceLock<Form> = std::sync::OnceLock::new();
+    *FORM.get_or_init(|| match super::peak::bf16_over_f32() {
+        Some(ratio) if ratio < 1.0 => Form::Widened,
+        _ => Form::Pairs,
+    })
+}
+
+/// A GEMM weight packed for one [`Form`].
+#[derive(Debug, Clone)]
+pub(crate) enum Weights {
+    Pairs(Vec<u32>),
+    Widened(Vec<f32>),
+}
+
+impl Weights {
+    /// Packs the f32 panels of [`super::gemm::pack`] (`k` rows) for `form`.
+    pub(crate) fn pack(packed: &[f32], k: usize, form: Form) -> Self {
+        match form {
+            Form::Pairs => Weights::Pairs(pack_from_f32_panels(packed, k)),
+            Form::Widened => Weights::Widened(
+                packed
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_f32())
+                    .collect(),
+            ),
+        }
+    }
+
+    pub(crate) fn form(&self) -> Form {
+        match self {
+            Weights::Pairs(_) => Form::Pairs,
+            Weights::Widened(_) => Form::Widened,
+        }
+    }
 }
 
 /// Rounds to the nearest bf16, ties to even (what `vcvtne2ps2bf16` does).
@@ -98,20 +163,59 @@ unsafe fn convert_avx512(a: &[f32], m: usize, k: usize, gate: Option<&[f32]>, ou
     }
 }
 
+/// Rounds `m` rows of `k` f32 activations (times `gate[kk]` when given) to bf16, kept as f32, in
+/// `out` (the activations of [`Form::Widened`]).
+fn round_rows(a: &[f32], m: usize, k: usize, gate: Option<&[f32]>, out: &mut [f32]) {
+    assert!(available() && a.len() >= m * k && out.len() >= m * k);
+    assert!(gate.is_none_or(|g| g.len() >= k));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `available()` found AVX-512F and BF16; the assert bounds rows < m of k values in
+    // and out, and the loads and stores below are masked to them.
+    unsafe {
+        round_avx512(a, m, k, gate, out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn round_avx512(a: &[f32], m: usize, k: usize, gate: Option<&[f32]>, out: &mut [f32]) {
+    for r in 0..m {
+        let (src, dst) = (a[r * k..].as_ptr(), out[r * k..].as_mut_ptr());
+        let mut kk = 0;
+        while kk < k {
+            let n = (k - kk).min(16);
+            let mask = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
+            // SAFETY: masked loads and the store touch values kk..kk + n (< k) of this row.
+            unsafe {
+                let mut v = _mm512_maskz_loadu_ps(mask, src.add(kk));
+                if let Some(g) = gate {
+                    v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, g.as_ptr().add(kk)));
+                }
+                let bits = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+                let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits));
+                _mm512_mask_storeu_ps(dst.add(kk), mask, _mm512_castsi512_ps(wide));
+            }
+            kk += 16;
+        }
+    }
+}
+
 thread_local! {
     /// Activation rows rounded to bf16 pairs, per thread (reused across calls).
     static ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Activation rows rounded to bf16 as f32 ([`Form::Widened`]), per thread.
+    static WIDE_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// [`super::gemm::gemm_bias_act`] in bf16, with the same arguments but `packed` from
-/// [`pack_from_f32_panels`]: the `m x k` f32 activations are rounded to bf16 pairs once per call
-/// (times the gate, when given, so the weights stay as packed), then multiplied with f32 sums.
+/// [`super::gemm::gemm_bias_act`] in bf16, with the same arguments but weights from
+/// [`Weights::pack`]: the `m x k` f32 activations are rounded to bf16 once per call (times the
+/// gate, when given, so the weights stay as packed), then multiplied with f32 sums.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_bias_act(
     a: &[f32],
     k: usize,
     m: usize,
-    (packed, gate): (&[u32], Option<&[f32]>),
+    (weights, gate): (&Weights, Option<&[f32]>),
     cols: (usize, usize),
     bias: &[f32],
     act: Option<Activation>,
@@ -119,6 +223,19 @@ pub(crate) fn gemm_bias_act(
     out: &mut [f32],
     ldo: usize,
 ) {
+    let packed = match weights {
+        Weights::Pairs(packed) => packed,
+        Weights::Widened(packed) => {
+            return WIDE_ROWS.with_borrow_mut(|rows| {
+                if rows.len() < m * k {
+                    rows.resize(m * k, 0.0);
+                }
+                let rows = &mut rows[..m * k];
+                round_rows(a, m, k, gate, rows);
+                super::gemm::gemm_bias_act(rows, k, m, packed, cols, bias, act, residual, out, ldo);
+            });
+        }
+    };
     let k2 = k.div_ceil(2);
     ROWS.with_borrow_mut(|rows| {
         if rows.len() < m * k2 {
@@ -267,8 +384,8 @@ mod tests {
         half::bf16::from_f32(v).to_f32()
     }
 
-    /// Against a plain product of the bf16-rounded operands (f32 sums), with and without a gate,
-    /// odd and even channel counts, every epilogue.
+    /// Both forms against a plain product of the bf16-rounded operands (f32 sums), with and
+    /// without a gate, odd and even channel counts, every epilogue.
     #[test]
     fn matches_a_plain_matmul_of_rounded_operands() {
         if !available() {
@@ -276,10 +393,12 @@ mod tests {
             return;
         }
         use super::super::gemm::tests::{SHAPES, operands, val};
-        for (m, k, n) in SHAPES {
+        let forms = [Form::Pairs, Form::Widened];
+        for ((m, k, n), form) in SHAPES.into_iter().flat_map(|s| forms.map(|f| (s, f))) {
             let [a, w, bias, res] = operands(m, k, n);
             let gate: Vec<f32> = (0..k).map(|i| 0.5 + val(i + 2).abs()).collect();
-            let packed = pack_from_f32_panels(&super::super::gemm::pack(&w, k, n), k);
+            let packed = Weights::pack(&super::super::gemm::pack(&w, k, n), k, form);
+            assert_eq!(packed.form(), form);
             for g in [None, Some(gate.as_slice())] {
                 for act in [None, Some(Activation::Silu)] {
                     let mut out = vec![f32::NAN; m * n];
@@ -313,7 +432,7 @@ mod tests {
                             let got = out[r * n + c];
                             assert!(
                                 (got - v).abs() < 1e-4 * v.abs().max(1.0),
-                                "{m}x{k}x{n} gate {} {act:?} [{r},{c}]: {got} vs {v}",
+                                "{form:?} {m}x{k}x{n} gate {} {act:?} [{r},{c}]: {got} vs {v}",
                                 g.is_some()
                             );
                         }

@@ -8,12 +8,15 @@ pub(crate) mod gemm;
 pub(crate) mod gemm_bf16;
 pub(crate) mod gemm_i8;
 pub(crate) mod math;
+#[doc(hidden)]
+pub mod peak;
 mod vector;
 
 use std::sync::OnceLock;
 
 #[doc(hidden)]
 pub use gemm::{set_column_blocks, set_narrow_groups, time_gemm};
+pub use gemm_bf16::{Form as Bf16Form, fastest_form as fastest_bf16_form};
 pub(crate) use vector::Vector;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use vector::{Avx2, Avx512};
