@@ -7,7 +7,8 @@
 //!
 //! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection`, `stem-fusion`,
 //! `bf16-widened` (with `--precision bf16`: widened to f32 against `vdpbf16ps` pairs),
-//! `precision` (`--precision P` against fp32),
+//! `precision` (`--precision P` against fp32), `spin` (the thread pool's spin budget: `--spin ON,OFF`
+//! microseconds, default 200,50),
 //! `narrow-groups` or `column-blocks` (add others beside them), or `versus`: the weights
 //! `--weights W` ("on") against `--versus W2` ("off"), e.g. two int8 quantisations of one model,
 //! or `same`: two identical engines, the harness's own bias (1.01-1.04 on the Intel VM, the
@@ -24,7 +25,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, switch, rest @ ..] = args.as_slice() else {
         bail!(
-            "usage: engine_ab MODEL SWITCH [--weights W] [--precision P] [--threads N] [--passes N] [--side S] [--versus W2]"
+            "usage: engine_ab MODEL SWITCH [--weights W] [--precision P] [--threads N] [--passes N] [--side S] [--versus W2] [--spin ON,OFF]"
         );
     };
     let mut opts = std::collections::HashMap::new();
@@ -40,6 +41,7 @@ fn main() -> anyhow::Result<()> {
             "passes",
             "side",
             "versus",
+            "spin",
         ]
         .contains(&key)
         {
@@ -62,6 +64,11 @@ fn main() -> anyhow::Result<()> {
         .parse()
         .map_err(anyhow::Error::msg)?;
     let threads = number("threads", 1)?;
+    let (spin_on, spin_off) = match opts.get("spin").map(|s| s.split_once(',')) {
+        None => (200, 50),
+        Some(Some((a, b))) => (a.parse()?, b.parse()?),
+        Some(None) => bail!("--spin takes ON,OFF microseconds"),
+    };
     let passes = number("passes", 200)?;
     let side = number("side", set.spec().resolution)?;
     let versus = match (switch.as_str(), opts.get("versus")) {
@@ -86,10 +93,11 @@ fn main() -> anyhow::Result<()> {
             // On: `--precision P`, off: fp32.
             "precision" if !on => return Ok(e),
             // A process-wide setting, switched before each pass below.
-            "narrow-groups" | "column-blocks" | "versus" | "same" | "precision" => e,
+            "narrow-groups" | "column-blocks" | "versus" | "same" | "precision" | "spin" => e,
             other => bail!(
                 "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection, \
-                 stem-fusion, bf16-widened, narrow-groups, column-blocks, precision, versus, same"
+                 stem-fusion, bf16-widened, narrow-groups, column-blocks, precision, spin, versus, \
+                 same"
             ),
         };
         Ok(e.with_precision(precision)?)
@@ -104,6 +112,7 @@ fn main() -> anyhow::Result<()> {
             match switch.as_str() {
                 "narrow-groups" => effnet::simd::set_narrow_groups(on),
                 "column-blocks" => effnet::simd::set_column_blocks(on),
+                "spin" => effnet::engine::set_spin_us(if on { spin_on } else { spin_off }),
                 _ => {}
             }
             let start = Instant::now();

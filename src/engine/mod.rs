@@ -15,6 +15,8 @@ pub(crate) mod kernels;
 mod ops;
 mod plan;
 pub(crate) mod pool;
+#[doc(hidden)]
+pub use pool::set_spin_us;
 pub mod profile;
 mod winograd;
 

@@ -3,8 +3,11 @@
 //! Hand-written because the engine opens about a hundred short parallel regions per inference.
 //! Waking a sleeping thread costs more than many of those regions last (`effnet bench --pool`),
 //! while pools that spin without bound (rayon, ONNX Runtime by default) collapse when another
-//! process holds a core. Here a waiting thread spins at most `EFFNET_SPIN_US` microseconds (default 50) with
-//! `spin_loop` hints and then blocks on a condition variable.
+//! process holds a core. Here a waiting thread spins at most `EFFNET_SPIN_US` microseconds (default
+//! 200) with `spin_loop` hints and then blocks on a condition variable. 200 rather than 50: on the
+//! Intel Xeon VM two-thread passes of B0 and Lite0 took 0.95x the time (`engine_ab MODEL spin`,
+//! docs/benchmarks.md), as the caller no longer sleeps through a worker's longer parts, and a
+//! sleeping virtual CPU is slow to wake; 1000 gained nothing more.
 //!
 //! Each thread first runs its own contiguous share of a job's parts, then helps with the others'.
 //! The engine splits consecutive layers alike (bands of rows), so a thread mostly reads what it
@@ -13,7 +16,7 @@
 //! owners from layer to layer (`effnet bench --threads 2`; docs/benchmarks.md).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -57,15 +60,26 @@ pub struct Pool {
     workers: Vec<JoinHandle<()>>,
 }
 
+/// The spin budget in microseconds (`u64::MAX`: not read yet).
+static SPIN_US: AtomicU64 = AtomicU64::new(u64::MAX);
+
 fn spin_budget() -> Duration {
-    static SPIN: OnceLock<Duration> = OnceLock::new();
-    *SPIN.get_or_init(|| {
-        let us = std::env::var("EFFNET_SPIN_US")
+    let mut us = SPIN_US.load(Ordering::Relaxed);
+    if us == u64::MAX {
+        us = std::env::var("EFFNET_SPIN_US")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(50);
-        Duration::from_micros(us)
-    })
+            .unwrap_or(200)
+            .min(u64::MAX - 1);
+        SPIN_US.store(us, Ordering::Relaxed);
+    }
+    Duration::from_micros(us)
+}
+
+/// Sets the spin budget of every pool in this process (comparisons: `examples/engine_ab`).
+#[doc(hidden)]
+pub fn set_spin_us(us: u64) {
+    SPIN_US.store(us.min(u64::MAX - 1), Ordering::Relaxed);
 }
 
 /// Spins until `ready()` or the budget runs out; true when ready.
