@@ -291,7 +291,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let classes = set.spec().num_classes;
         let top1 = |l: &[f32]| -> Vec<usize> { l.chunks(classes).map(argmax).collect() };
         let form = match p {
-            Precision::Bf16 => format!("; bf16 runs {}", engine.bf16_form().describe()),
+            // The engine's own choice: the faster form on this CPU.
+            Precision::Bf16 => format!(
+                "; bf16 runs {}, the faster form on this CPU",
+                engine.bf16_form().describe()
+            ),
             _ => String::new(),
         };
         note = Some(format!(

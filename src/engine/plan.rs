@@ -36,8 +36,8 @@ pub(super) struct Conv {
     /// `weight` packed for the GEMM micro-kernel (empty for depthwise or without AVX2/AVX-512;
     /// when present, `weight` is empty).
     pub packed: Vec<f32>,
-    /// `packed` in bf16 (unless the engine runs in bf16, or in int8 on a CPU with bf16 and this
-    /// layer kept out of int8, none; then the GEMM uses these).
+    /// `packed` in bf16 when the engine runs in bf16 (or in int8 on a CPU with bf16, for a layer
+    /// kept out of int8; then the GEMM uses these), else none.
     pub bf16: Option<Bf16Weights>,
     /// The weights in int8 for the calibrated input grid (when the engine runs in int8 and this
     /// layer was not kept out of it; then the GEMM uses these).

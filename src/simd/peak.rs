@@ -197,3 +197,26 @@ mod x86 {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each instruction this CPU has gets a positive rate, the others none; the bf16 probe
+    /// answers exactly where `vdpbf16ps` runs.
+    #[test]
+    fn rates_exist_where_the_instructions_do() {
+        for chain in Chain::ALL {
+            let rate = chain.rate(1_000);
+            assert_eq!(rate.is_some(), chain.available(), "{}", chain.label());
+            assert!(
+                rate.is_none_or(|r| r.is_finite() && r > 0.0),
+                "{}",
+                chain.label()
+            );
+        }
+        let ratio = bf16_over_f32();
+        assert_eq!(ratio.is_some(), Chain::Bf16Avx512.available());
+        assert!(ratio.is_none_or(|r| r.is_finite() && r > 0.0));
+    }
+}
