@@ -97,7 +97,7 @@ fn bf16_bits(v: f32) -> u32 {
 /// Packs the f32 panels of [`super::gemm::pack`] (`k` rows of [`NR`] columns each) into bf16
 /// pairs: panel `p`, pair `q` holds for each column the values of rows `2q` (low half) and `2q + 1`
 /// (high half; zero past `k`).
-pub(crate) fn pack_from_f32_panels(packed: &[f32], k: usize) -> Vec<u32> {
+fn pack_from_f32_panels(packed: &[f32], k: usize) -> Vec<u32> {
     let panels = packed.len() / (k * NR).max(1);
     let k2 = k.div_ceil(2);
     let mut out = vec![0u32; panels * k2 * NR];
@@ -136,7 +136,7 @@ fn convert_rows(a: &[f32], m: usize, k: usize, gate: Option<&[f32]>, out: &mut [
 #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
 unsafe fn convert_avx512(a: &[f32], m: usize, k: usize, gate: Option<&[f32]>, out: &mut [u32]) {
     let k2 = k.div_ceil(2);
-    let mask = |n: usize| -> u16 { if n >= 16 { u16::MAX } else { (1u16 << n) - 1 } };
+    let mask = super::mask16;
     for r in 0..m {
         let (src, dst) = (&a[r * k..], out[r * k2..].as_mut_ptr());
         let mut kk = 0;
@@ -183,9 +183,8 @@ unsafe fn round_avx512(a: &[f32], m: usize, k: usize, gate: Option<&[f32]>, out:
         let (src, dst) = (a[r * k..].as_ptr(), out[r * k..].as_mut_ptr());
         let mut kk = 0;
         while kk < k {
-            let n = (k - kk).min(16);
-            let mask = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
-            // SAFETY: masked loads and the store touch values kk..kk + n (< k) of this row.
+            let mask = super::mask16(k - kk);
+            // SAFETY: masked loads and the store touch values kk..min(kk + 16, k) of this row.
             unsafe {
                 let mut v = _mm512_maskz_loadu_ps(mask, src.add(kk));
                 if let Some(g) = gate {

@@ -211,7 +211,7 @@ unsafe fn quantize_rows_avx512(
     out: &mut [u32],
 ) {
     let k4 = k.div_ceil(4);
-    let mask = |n: usize| -> u16 { if n >= 16 { u16::MAX } else { (1u16 << n) - 1 } };
+    let mask = super::mask16;
     let inv = _mm512_set1_ps(1.0 / grid.scale);
     let zero = _mm512_set1_epi32(grid.zero);
     // Clamped to the grid's ends in steps, before rounding: the same as clamping after it (the

@@ -19,7 +19,7 @@ pub use gemm::{set_column_blocks, set_narrow_groups, time_gemm};
 pub use gemm_bf16::{Form as Bf16Form, fastest_form as fastest_bf16_form};
 pub(crate) use vector::Vector;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use vector::{Avx2, Avx512};
+pub(crate) use vector::{Avx2, Avx512, mask16};
 
 /// The instruction sets the kernels are compiled for, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

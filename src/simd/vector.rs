@@ -116,7 +116,7 @@ unsafe impl Vector for f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2, Avx512};
+pub(crate) use x86::{Avx2, Avx512, mask16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -210,7 +210,9 @@ mod x86 {
         load_first8, store_first8, domain8, round8, scale8
     );
 
-    fn mask16(n: usize) -> __mmask16 {
+    /// Lanes `0..n` (clamped to 0..=16) of a 16-lane AVX-512 mask.
+    #[inline(always)]
+    pub(crate) fn mask16(n: usize) -> __mmask16 {
         if n >= 16 {
             0xffff
         } else {
