@@ -7,6 +7,8 @@
 //!
 //! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection`, `stem-fusion`,
 //! `bf16-widened` (with `--precision bf16`: widened to f32 against `vdpbf16ps` pairs),
+//! `band-overlap` (how many rows two-thread bands may make twice where the projection runs per
+//! band: the engine's own choice, or `--overlap ON,OFF` percent, against 10 %),
 //! `precision` (`--precision P` against fp32), `spin` (the thread pool's spin budget: `--spin ON,OFF`
 //! microseconds, default 200,50),
 //! `narrow-groups` or `column-blocks` (add others beside them), or `versus`: the weights
@@ -25,7 +27,8 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, switch, rest @ ..] = args.as_slice() else {
         bail!(
-            "usage: engine_ab MODEL SWITCH [--weights W] [--precision P] [--threads N] [--passes N] [--side S] [--versus W2] [--spin ON,OFF]"
+            "usage: engine_ab MODEL SWITCH [--weights W] [--precision P] [--threads N] \
+             [--passes N] [--side S] [--versus W2] [--spin ON,OFF] [--overlap ON,OFF]"
         );
     };
     let mut opts = std::collections::HashMap::new();
@@ -42,6 +45,7 @@ fn main() -> anyhow::Result<()> {
             "side",
             "versus",
             "spin",
+            "overlap",
         ]
         .contains(&key)
         {
@@ -69,6 +73,12 @@ fn main() -> anyhow::Result<()> {
         Some(Some((a, b))) => (a.parse()?, b.parse()?),
         Some(None) => bail!("--spin takes ON,OFF microseconds"),
     };
+    // Default: the engine's own choice against 10 % everywhere.
+    let (overlap_on, overlap_off) = match opts.get("overlap").map(|s| s.split_once(',')) {
+        None => (None, 10),
+        Some(Some((a, b))) => (Some(a.parse()?), b.parse()?),
+        Some(None) => bail!("--overlap takes ON,OFF percent"),
+    };
     let passes = number("passes", 200)?;
     let side = number("side", set.spec().resolution)?;
     let versus = match (switch.as_str(), opts.get("versus")) {
@@ -85,6 +95,11 @@ fn main() -> anyhow::Result<()> {
             "dw-strips" => e.with_dw_strips(on),
             "fused-projection" => e.with_fused_projection(on),
             "stem-fusion" => e.with_stem_fusion(on),
+            "band-overlap" => match (on, overlap_on) {
+                (true, None) => e,
+                (true, Some(percent)) => e.with_band_overlap(percent),
+                (false, _) => e.with_band_overlap(overlap_off),
+            },
             // On: bf16 widened to f32, off: `vdpbf16ps` pairs (with `--precision bf16`).
             "bf16-widened" => e.with_bf16_form(match on {
                 true => Bf16Form::Widened,
@@ -96,8 +111,8 @@ fn main() -> anyhow::Result<()> {
             "narrow-groups" | "column-blocks" | "versus" | "same" | "precision" | "spin" => e,
             other => bail!(
                 "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection, \
-                 stem-fusion, bf16-widened, narrow-groups, column-blocks, precision, spin, versus, \
-                 same"
+                 stem-fusion, band-overlap, bf16-widened, narrow-groups, column-blocks, \
+                 precision, spin, versus, same"
             ),
         };
         Ok(e.with_precision(precision)?)

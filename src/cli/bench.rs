@@ -310,9 +310,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     if args.profile {
         effnet::engine::profile::enable(true);
+        // Profiled passes take the thread policy's choice too: say how many ran on one thread.
+        let before = engine.thread_policy();
         for _ in 0..args.iters {
             engine.forward(&input, n, res, res);
         }
+        let single = engine.thread_policy().1 - before.1;
         let report = effnet::engine::profile::report();
         let layers = effnet::engine::profile::report_layers();
         effnet::engine::profile::enable(false);
@@ -333,6 +336,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             );
         }
         let total: f64 = report.iter().map(|(_, d, _)| d.as_secs_f64()).sum();
+        if engine.threads() > 1 {
+            eprintln!(
+                "thread policy: {single} of the {} profiled passes ran on one thread",
+                args.iters
+            );
+        }
         eprintln!("engine profile (per inference; nested scopes overlap):");
         for (name, d, calls) in report {
             let ms = d.as_secs_f64() * 1000.0 / args.iters as f64;

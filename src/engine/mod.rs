@@ -170,6 +170,9 @@ pub struct Engine {
     /// A block's projection with no SE before it run inside the fused expand + depthwise, per
     /// band of rows (on by default; off: its own pass over the whole map).
     fused_projection: bool,
+    /// Percent of a map's rows that row bands may make twice where the projection runs per band,
+    /// set for comparisons (`None`: the default by precision; see [`Engine::with_band_overlap`]).
+    band_overlap: Option<usize>,
     /// The planar stem's rows made per band inside a first block with no expansion, for its
     /// depthwise conv (on by default; off: the stem's whole output first).
     stem_fusion: bool,
@@ -227,6 +230,7 @@ impl Engine {
             planar_stem: true,
             dw_strips: true,
             fused_projection: true,
+            band_overlap: None,
             stem_fusion: true,
             int8_fallback: Self::default_int8_fallback(),
             quantised: false,
@@ -513,6 +517,17 @@ impl Engine {
     /// with `false`, as its own pass over the whole map (for comparisons).
     pub fn with_fused_projection(mut self, on: bool) -> Self {
         self.fused_projection = on;
+        self
+    }
+
+    /// Lets the threads split a fused expand + depthwise into bands of rows where the projection
+    /// then runs per band and the bands make at most `percent` of the map's rows twice (the rows
+    /// their borders share); beyond it, blocks of channels and the projection as its own pass.
+    /// The default is 34 % for an int8 expansion, else 10 %. (For comparisons:
+    /// `examples/engine_ab MODEL band-overlap`.)
+    #[doc(hidden)]
+    pub fn with_band_overlap(mut self, percent: usize) -> Self {
+        self.band_overlap = Some(percent);
         self
     }
 
@@ -809,7 +824,7 @@ impl Engine {
                 && self.fusable_projection(first.steps.get(1)).is_some() =>
             {
                 let g = ops::geometry(self.meta.spec.padding, h, w, stem.kernel, stem.stride);
-                self.fused_split(dw, n, (g.out_h, g.out_w))
+                self.fused_split(dw, n, (g.out_h, g.out_w), (stem, true))
                     .filter(|&(_, col_parts)| col_parts == 1)
             }
             _ => None,
@@ -863,7 +878,15 @@ impl Engine {
         let mut projected = false;
         for (i, step) in b.steps.iter().enumerate() {
             match step {
-                Step::ExpandDepthwise { expand, dw, pool } => match self.fused_split(dw, n, cur) {
+                Step::ExpandDepthwise { expand, dw, pool } => match self.fused_split(
+                    dw,
+                    n,
+                    cur,
+                    (
+                        expand,
+                        self.fusable_projection(b.steps.get(i + 1)).is_some(),
+                    ),
+                ) {
                     Some(split) => {
                         let (source, next) = (ops::Source::Expand(expand), b.steps.get(i + 1));
                         (cur, sums, projected) =

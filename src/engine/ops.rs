@@ -374,18 +374,29 @@ impl Engine {
 
     /// How [`Engine::expand_depthwise`] splits `n` images of `h x w` across threads, as (bands
     /// of output rows, blocks of channels), or `None` where fusing does not pay.
+    /// `maker` makes the depthwise conv's input rows (the expansion or the stem) and `projects`
+    /// says whether the block's projection can run per band: then bands may make more rows twice
+    /// where `maker` runs in int8 ([`INT8_BAND_OVERLAP`]).
     pub(super) fn fused_split(
         &self,
         dw: &Conv,
         n: usize,
         hw: (usize, usize),
+        (maker, projects): (&Conv, bool),
     ) -> Option<(usize, usize)> {
+        let overlap = match (projects, self.band_overlap) {
+            (false, _) => PLAIN_BAND_OVERLAP,
+            (true, Some(percent)) => percent,
+            (true, None) if maker.int8.is_some() => INT8_BAND_OVERLAP,
+            (true, None) => PLAIN_BAND_OVERLAP,
+        };
         fused_parts(
             self.active_threads(),
             n,
             hw,
             (dw.kernel, dw.stride),
             dw.cout,
+            overlap,
         )
     }
 
@@ -688,6 +699,17 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Percent of a map's rows that row bands may make twice (the rows their borders share), where
+/// the projection does not run per band or the rows are made in fp32 or bf16.
+const PLAIN_BAND_OVERLAP: usize = 10;
+
+/// [`PLAIN_BAND_OVERLAP`] where bands let the projection run per band and the rows come from an
+/// int8 expansion (a quarter of the f32 one's time): two threads then cut Lite0's 14x14 blocks
+/// (5x5: 29 % of the rows twice) into bands rather than channel blocks followed by the
+/// projection's own pass; Lite0 int8 at two threads took 0.94x the time (docs/benchmarks.md).
+/// In fp32 the same split measured 0.99-1.01x.
+const INT8_BAND_OVERLAP: usize = 34;
+
 /// Bytes of expanded rows [`Engine::expand_depthwise`] keeps per step (half a typical L2).
 const FUSED_BYTES: usize = 512 * 1024;
 
@@ -699,10 +721,10 @@ pub(super) fn grow(v: &mut Vec<f32>, len: usize) {
 
 /// [`Engine::fused_split`] for `threads` threads and a `kernel, stride` depthwise conv of `c`
 /// channels. One part per image when the images keep every thread busy; else row bands while the
-/// expanded rows recomputed at band boundaries add at most 10 % to the expansion; else channel
-/// blocks (no overlap, each thread expands its own channels). And wide layers in channel blocks
-/// besides: the fewest expanded rows a part keeps (`kernel + stride` rows of its channels) must
-/// not outgrow L2 (B7's last stage, 19x19 maps of 3840 channels, needs 1.2 MB; cut in three, a
+/// expanded rows recomputed at band boundaries are at most `overlap` percent of the map's; else
+/// channel blocks (no overlap, each thread expands its own channels). And wide layers in channel
+/// blocks besides: the fewest expanded rows a part keeps (`kernel + stride` rows of its channels)
+/// must not outgrow L2 (B7's last stage, 19x19 maps of 3840 channels, needs 1.2 MB; cut in three, a
 /// model of one such block ran in 0.77x the time).
 fn fused_parts(
     threads: usize,
@@ -710,11 +732,12 @@ fn fused_parts(
     (h, w): (usize, usize),
     (kernel, stride): (usize, usize),
     c: usize,
+    overlap: usize,
 ) -> Option<(usize, usize)> {
     let halo = kernel.saturating_sub(stride);
     let (bands, col_parts) = if n >= threads {
         (1, 1)
-    } else if (threads - 1) * halo * 10 <= h {
+    } else if (threads - 1) * halo * 100 <= overlap * h {
         (threads, 1)
     } else if c >= microkernel::NR * threads {
         (1, threads)
@@ -806,20 +829,48 @@ mod tests {
         };
         // B7's last stage at one thread: three blocks of 1280 channels, each within the budget.
         let (k, c) = ((3, 1), 3840);
-        assert_eq!(fused_parts(1, 1, (19, 19), k, c), Some((1, 3)));
+        assert_eq!(fused_parts(1, 1, (19, 19), k, c, 10), Some((1, 3)));
         assert!(window(19, k, c, 3) <= FUSED_BYTES);
         // Two threads already cut it in two channel blocks (19 rows are too few for bands),
         // each of which fits.
-        assert_eq!(fused_parts(2, 1, (19, 19), k, c), Some((1, 2)));
+        assert_eq!(fused_parts(2, 1, (19, 19), k, c, 10), Some((1, 2)));
         // Two threads on a map with rows to spare: bands, and each band's window split to fit.
-        let (bands, blocks) = fused_parts(2, 1, (150, 600), (3, 1), 288).unwrap();
+        let (bands, blocks) = fused_parts(2, 1, (150, 600), (3, 1), 288, 10).unwrap();
         assert!(bands == 2 && blocks > 1 && window(600, (3, 1), 288, blocks) <= FUSED_BYTES);
         // Layers whose window fits keep their split: B0's widest at 224 and B7's early stages.
-        assert_eq!(fused_parts(1, 1, (7, 7), (5, 1), 1152), Some((1, 1)));
-        assert_eq!(fused_parts(1, 1, (150, 150), (3, 1), 288), Some((1, 1)));
-        assert_eq!(fused_parts(2, 1, (150, 150), (3, 1), 288), Some((2, 1)));
-        assert_eq!(fused_parts(2, 2, (19, 19), (3, 1), 3840), Some((1, 3)));
+        assert_eq!(fused_parts(1, 1, (7, 7), (5, 1), 1152, 10), Some((1, 1)));
+        assert_eq!(fused_parts(1, 1, (150, 150), (3, 1), 288, 10), Some((1, 1)));
+        assert_eq!(fused_parts(2, 1, (150, 150), (3, 1), 288, 10), Some((2, 1)));
+        assert_eq!(fused_parts(2, 2, (19, 19), (3, 1), 3840, 10), Some((1, 3)));
         // Too few channels to split and too few rows for bands: no fusion.
-        assert_eq!(fused_parts(2, 1, (7, 7), (5, 1), 48), None);
+        assert_eq!(fused_parts(2, 1, (7, 7), (5, 1), 48, 10), None);
+    }
+
+    /// Lite0's 14x14 blocks at two threads: channel blocks when their rows are made in fp32,
+    /// bands (4 of the 14 rows made twice, the projection per band) from an int8 expansion.
+    #[test]
+    fn int8_expansions_take_bands_with_more_rows_made_twice() {
+        let (hw, c) = ((14, 14), 672);
+        assert_eq!(
+            fused_parts(2, 1, hw, (5, 1), c, PLAIN_BAND_OVERLAP),
+            Some((1, 2))
+        );
+        assert_eq!(
+            fused_parts(2, 1, hw, (5, 1), c, INT8_BAND_OVERLAP),
+            Some((2, 1))
+        );
+        assert_eq!(
+            fused_parts(2, 1, hw, (3, 1), 480, INT8_BAND_OVERLAP),
+            Some((2, 1))
+        );
+        // One thread, or as many images as threads: whole maps either way.
+        assert_eq!(
+            fused_parts(1, 1, hw, (5, 1), c, INT8_BAND_OVERLAP),
+            Some((1, 1))
+        );
+        assert_eq!(
+            fused_parts(2, 2, hw, (5, 1), c, INT8_BAND_OVERLAP),
+            Some((1, 1))
+        );
     }
 }
