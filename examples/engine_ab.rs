@@ -7,8 +7,8 @@
 //!
 //! SWITCH: `winograd`, `planar-stem`, `dw-strips`, `fused-projection`, `stem-fusion`,
 //! `bf16-widened` (with `--precision bf16`: widened to f32 against `vdpbf16ps` pairs),
-//! `band-overlap` (how many rows two-thread bands may make twice where the projection runs per
-//! band: the engine's own choice, or `--overlap ON,OFF` percent, against 10 %),
+//! `band-overlap` (how many rows two-thread bands may make twice: the engine's own choice, or
+//! `--overlap ON,OFF` percent everywhere, against 10 %),
 //! `precision` (`--precision P` against fp32), `spin` (the thread pool's spin budget: `--spin ON,OFF`
 //! microseconds, default 200,50),
 //! `narrow-groups` or `column-blocks` (add others beside them), or `versus`: the weights

@@ -170,8 +170,8 @@ pub struct Engine {
     /// A block's projection with no SE before it run inside the fused expand + depthwise, per
     /// band of rows (on by default; off: its own pass over the whole map).
     fused_projection: bool,
-    /// Percent of a map's rows that row bands may make twice where the projection runs per band,
-    /// set for comparisons (`None`: the default by precision; see [`Engine::with_band_overlap`]).
+    /// Percent of a map's rows that row bands may make twice, set for comparisons (`None`: the
+    /// default, by precision and projection; see [`Engine::with_band_overlap`]).
     band_overlap: Option<usize>,
     /// The planar stem's rows made per band inside a first block with no expansion, for its
     /// depthwise conv (on by default; off: the stem's whole output first).
@@ -520,10 +520,10 @@ impl Engine {
         self
     }
 
-    /// Lets the threads split a fused expand + depthwise into bands of rows where the projection
-    /// then runs per band and the bands make at most `percent` of the map's rows twice (the rows
-    /// their borders share); beyond it, blocks of channels and the projection as its own pass.
-    /// The default is 34 % for an int8 expansion, else 10 %. (For comparisons:
+    /// Lets the threads split every fused expand + depthwise into bands of rows where the bands
+    /// make at most `percent` of the map's rows twice (the rows their borders share); beyond it,
+    /// blocks of channels. The default is 34 % where the rows come from an int8 expansion and the
+    /// projection then runs per band, else 10 %. (For comparisons:
     /// `examples/engine_ab MODEL band-overlap`.)
     #[doc(hidden)]
     pub fn with_band_overlap(mut self, percent: usize) -> Self {

@@ -385,10 +385,9 @@ impl Engine {
         (maker, projects): (&Conv, bool),
     ) -> Option<(usize, usize)> {
         let overlap = match (projects, self.band_overlap) {
-            (false, _) => PLAIN_BAND_OVERLAP,
-            (true, Some(percent)) => percent,
+            (_, Some(percent)) => percent,
             (true, None) if maker.int8.is_some() => INT8_BAND_OVERLAP,
-            (true, None) => PLAIN_BAND_OVERLAP,
+            _ => PLAIN_BAND_OVERLAP,
         };
         fused_parts(
             self.active_threads(),
