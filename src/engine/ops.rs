@@ -705,8 +705,8 @@ const PLAIN_BAND_OVERLAP: usize = 10;
 /// [`PLAIN_BAND_OVERLAP`] where bands let the projection run per band and the rows come from an
 /// int8 expansion (a quarter of the f32 one's time): two threads then cut Lite0's 14x14 blocks
 /// (5x5: 29 % of the rows twice) into bands rather than channel blocks followed by the
-/// projection's own pass; Lite0 int8 at two threads took 0.94x the time (docs/benchmarks.md).
-/// In fp32 the same split measured 0.99-1.01x.
+/// projection's own pass; Lite0 int8 at two threads took 0.94-0.95x the time. In fp32 the same
+/// bands gained nothing on Lite0, B0 or V2-S (docs/benchmarks.md, thirty-first session).
 const INT8_BAND_OVERLAP: usize = 34;
 
 /// Bytes of expanded rows [`Engine::expand_depthwise`] keeps per step (half a typical L2).
