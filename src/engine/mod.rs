@@ -824,7 +824,7 @@ impl Engine {
                 && self.fusable_projection(first.steps.get(1)).is_some() =>
             {
                 let g = ops::geometry(self.meta.spec.padding, h, w, stem.kernel, stem.stride);
-                self.fused_split(dw, n, (g.out_h, g.out_w), (stem, true))
+                self.fused_split(dw, n, (g.out_h, g.out_w), (stem, first.steps.get(1)))
                     .filter(|&(_, col_parts)| col_parts == 1)
             }
             _ => None,
@@ -877,32 +877,27 @@ impl Engine {
         let mut sums: Option<Vec<f32>> = None;
         let mut projected = false;
         for (i, step) in b.steps.iter().enumerate() {
+            let next = b.steps.get(i + 1);
             match step {
-                Step::ExpandDepthwise { expand, dw, pool } => match self.fused_split(
-                    dw,
-                    n,
-                    cur,
-                    (
-                        expand,
-                        self.fusable_projection(b.steps.get(i + 1)).is_some(),
-                    ),
-                ) {
-                    Some(split) => {
-                        let (source, next) = (ops::Source::Expand(expand), b.steps.get(i + 1));
-                        (cur, sums, projected) =
-                            self.fused_depthwise(source, dw, *pool, next, a, n, cur, split);
+                Step::ExpandDepthwise { expand, dw, pool } => {
+                    match self.fused_split(dw, n, cur, (expand, next)) {
+                        Some(split) => {
+                            let source = ops::Source::Expand(expand);
+                            (cur, sums, projected) =
+                                self.fused_depthwise(source, dw, *pool, next, a, n, cur, split);
+                        }
+                        None => {
+                            let mut s = pool.then(|| vec![0.0; n * dw.cout]);
+                            let [x, t1, t2] = a
+                                .bufs
+                                .get_disjoint_mut([Buf::X, Buf::T1, Buf::T2].map(|b| b as usize))
+                                .expect("distinct buffers");
+                            let mid = self.conv(expand, x, t1, n, cur, None);
+                            cur = self.conv(dw, t1, t2, n, mid, s.as_deref_mut());
+                            sums = s;
+                        }
                     }
-                    None => {
-                        let mut s = pool.then(|| vec![0.0; n * dw.cout]);
-                        let [x, t1, t2] = a
-                            .bufs
-                            .get_disjoint_mut([Buf::X, Buf::T1, Buf::T2].map(|b| b as usize))
-                            .expect("distinct buffers");
-                        let mid = self.conv(expand, x, t1, n, cur, None);
-                        cur = self.conv(dw, t1, t2, n, mid, s.as_deref_mut());
-                        sums = s;
-                    }
-                },
+                }
                 Step::Project { .. } if std::mem::take(&mut projected) => {}
                 // The first block's depthwise conv, with the stem's rows made per band.
                 Step::Conv {
@@ -911,7 +906,7 @@ impl Engine {
                     to: Buf::T2,
                     pool,
                 } if let Some((stem, split)) = stem => {
-                    let (source, next) = (ops::Source::Stem(stem), b.steps.get(i + 1));
+                    let source = ops::Source::Stem(stem);
                     (cur, sums, projected) =
                         self.fused_depthwise(source, dw, *pool, next, a, n, cur, split);
                 }

@@ -3,7 +3,7 @@
 
 use super::calibrate::Observer;
 use super::kernels::{self, Geometry};
-use super::plan::{Conv, ConvKind};
+use super::plan::{Conv, ConvKind, Step};
 use super::pool::SharedMut;
 use super::{Engine, profile};
 use crate::simd::gemm as microkernel;
@@ -374,16 +374,17 @@ impl Engine {
 
     /// How [`Engine::expand_depthwise`] splits `n` images of `h x w` across threads, as (bands
     /// of output rows, blocks of channels), or `None` where fusing does not pay.
-    /// `maker` makes the depthwise conv's input rows (the expansion or the stem) and `projects`
-    /// says whether the block's projection can run per band: then bands may make more rows twice
-    /// where `maker` runs in int8 ([`INT8_BAND_OVERLAP`]).
+    /// `maker` makes the depthwise conv's input rows (the expansion or the stem) and `next` is
+    /// the block's step after it: where that is a projection that can run per band and `maker`
+    /// runs in int8, bands may make more rows twice ([`INT8_BAND_OVERLAP`]).
     pub(super) fn fused_split(
         &self,
         dw: &Conv,
         n: usize,
         hw: (usize, usize),
-        (maker, projects): (&Conv, bool),
+        (maker, next): (&Conv, Option<&Step>),
     ) -> Option<(usize, usize)> {
+        let projects = self.fusable_projection(next).is_some();
         let overlap = match (projects, self.band_overlap) {
             (_, Some(percent)) => percent,
             (true, None) if maker.int8.is_some() => INT8_BAND_OVERLAP,
@@ -850,26 +851,21 @@ mod tests {
     #[test]
     fn int8_expansions_take_bands_with_more_rows_made_twice() {
         let (hw, c) = ((14, 14), 672);
-        assert_eq!(
-            fused_parts(2, 1, hw, (5, 1), c, PLAIN_BAND_OVERLAP),
-            Some((1, 2))
-        );
-        assert_eq!(
-            fused_parts(2, 1, hw, (5, 1), c, INT8_BAND_OVERLAP),
-            Some((2, 1))
-        );
-        assert_eq!(
-            fused_parts(2, 1, hw, (3, 1), 480, INT8_BAND_OVERLAP),
-            Some((2, 1))
-        );
-        // One thread, or as many images as threads: whole maps either way.
-        assert_eq!(
-            fused_parts(1, 1, hw, (5, 1), c, INT8_BAND_OVERLAP),
-            Some((1, 1))
-        );
-        assert_eq!(
-            fused_parts(2, 2, hw, (5, 1), c, INT8_BAND_OVERLAP),
-            Some((1, 1))
-        );
+        // (threads, images, kernel, channels, overlap, split)
+        for (threads, n, k, c, overlap, want) in [
+            (2, 1, (5, 1), c, PLAIN_BAND_OVERLAP, (1, 2)),
+            (2, 1, (5, 1), c, INT8_BAND_OVERLAP, (2, 1)),
+            (2, 1, (3, 1), 480, INT8_BAND_OVERLAP, (2, 1)),
+            // One thread, or as many images as threads: whole maps either way.
+            (1, 1, (5, 1), c, INT8_BAND_OVERLAP, (1, 1)),
+            (2, 2, (5, 1), c, INT8_BAND_OVERLAP, (1, 1)),
+        ] {
+            let case = format!("{threads} threads, {n} images, {k:?}, {c}, {overlap} %");
+            assert_eq!(
+                fused_parts(threads, n, hw, k, c, overlap),
+                Some(want),
+                "{case}"
+            );
+        }
     }
 }
