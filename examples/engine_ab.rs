@@ -68,16 +68,24 @@ fn main() -> anyhow::Result<()> {
         .parse()
         .map_err(anyhow::Error::msg)?;
     let threads = number("threads", 1)?;
-    let (spin_on, spin_off) = match opts.get("spin").map(|s| s.split_once(',')) {
-        None => (200, 50),
-        Some(Some((a, b))) => (a.parse()?, b.parse()?),
-        Some(None) => bail!("--spin takes ON,OFF microseconds"),
+    // `--KEY ON,OFF`: two whole numbers of `unit`.
+    let on_off = |key: &str, unit: &str| -> anyhow::Result<Option<(u64, u64)>> {
+        let Some(v) = opts.get(key) else {
+            return Ok(None);
+        };
+        let parsed = v
+            .split_once(',')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+        match parsed {
+            Some(pair) => Ok(Some(pair)),
+            None => bail!("--{key} `{v}`: takes ON,OFF {unit} (two whole numbers)"),
+        }
     };
+    let (spin_on, spin_off) = on_off("spin", "microseconds")?.unwrap_or((200, 50));
     // Default: the engine's own choice against 10 % everywhere.
-    let (overlap_on, overlap_off) = match opts.get("overlap").map(|s| s.split_once(',')) {
+    let (overlap_on, overlap_off) = match on_off("overlap", "percent")? {
         None => (None, 10),
-        Some(Some((a, b))) => (Some(a.parse()?), b.parse()?),
-        Some(None) => bail!("--overlap takes ON,OFF percent"),
+        Some((on, off)) => (Some(on as usize), off as usize),
     };
     let passes = number("passes", 200)?;
     let side = number("side", set.spec().resolution)?;
