@@ -305,6 +305,40 @@ fn fused_projections_match_the_separate_pass_on_the_lite_family() {
 }
 
 #[test]
+fn winograd_convs_project_their_own_rows_with_the_same_bits() {
+    // V2's stride-1 Fused-MBConv convs (Winograd) run their block's projection on each band's
+    // whole tile rows instead of writing the expanded map: the same kernels on the same rows, so
+    // the same logits as the projection's own pass. Residual or not, batches, odd sizes (half
+    // tiles, steps that end inside a tile row), both paddings, 1 and 2 threads, in fp32 and in
+    // bf16 where the CPU has it (Winograd stays f32 there, the projection is bf16).
+    let cases = [
+        ("v2-b0", Padding::Same, 2, 67, 90),
+        ("v2-s", Padding::Symmetric, 1, 40, 216),
+        ("v2-b3", Padding::Same, 1, 75, 61),
+    ];
+    for (name, padding, batch, h, w) in cases {
+        let set = random_set(name, padding);
+        let data = effnet::data::fixed_pattern(batch * 3 * h * w);
+        for (precision, threads) in [Precision::Fp32, Precision::Bf16]
+            .into_iter()
+            .flat_map(|p| [(p, 1), (p, 2)])
+        {
+            let run = |fused: bool| {
+                let e = Engine::new(&set)
+                    .unwrap()
+                    .with_threads(threads)
+                    .with_fused_projection(fused);
+                e.with_precision(precision)
+                    .ok()
+                    .map(|mut e| e.forward(&data, batch, h, w))
+            };
+            let case = format!("{name}, {precision:?}, {threads} threads");
+            assert_eq!(run(true), run(false), "{case}");
+        }
+    }
+}
+
+#[test]
 fn the_stem_made_inside_the_first_block_gives_the_same_bits() {
     // Lite's first block (no expansion, no SE) reads the stem's rows as each band makes them,
     // with its projection fused after: the same kernels on the same rows, so the same logits as

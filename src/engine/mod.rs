@@ -512,9 +512,10 @@ impl Engine {
         self
     }
 
-    /// Runs a block's projection with no SE before it inside the fused expand + depthwise, on the
-    /// rows each part just wrote (the default, where one part has every channel of its rows) or,
-    /// with `false`, as its own pass over the whole map (for comparisons).
+    /// Runs a block's projection with no SE before it inside the fused expand + depthwise or the
+    /// Winograd conv of a Fused-MBConv block, on the rows each part just wrote (the default, where
+    /// one part has every channel of its rows) or, with `false`, as its own pass over the whole
+    /// map (for comparisons).
     pub fn with_fused_projection(mut self, on: bool) -> Self {
         self.fused_projection = on;
         self
@@ -781,16 +782,23 @@ impl Engine {
         }
     }
 
-    /// The projection `next` when it can read the depthwise rows while they are still in cache:
-    /// one with no SE between (and not while calibrating: the observers see whole maps).
-    fn fusable_projection<'a>(&self, next: Option<&'a Step>) -> Option<(&'a Conv, bool)> {
+    /// The projection `next` when it can read the rows a step writes into `made` while they are
+    /// still in cache: one with no SE between (and not while calibrating: the observers see whole
+    /// maps).
+    fn fusable_projection<'a>(
+        &self,
+        next: Option<&'a Step>,
+        made: Buf,
+    ) -> Option<(&'a Conv, bool)> {
         match next {
             Some(Step::Project {
                 conv,
-                from: Buf::T2,
+                from,
                 se: None,
                 residual,
-            }) if self.fused_projection && self.observers.is_none() => Some((conv, *residual)),
+            }) if *from == made && self.fused_projection && self.observers.is_none() => {
+                Some((conv, *residual))
+            }
             _ => None,
         }
     }
@@ -821,7 +829,9 @@ impl Engine {
             }) if dw.kind == ConvKind::Depthwise
                 && self.stem_fusion
                 && !residual
-                && self.fusable_projection(first.steps.get(1)).is_some() =>
+                && self
+                    .fusable_projection(first.steps.get(1), Buf::T2)
+                    .is_some() =>
             {
                 let g = ops::geometry(self.meta.spec.padding, h, w, stem.kernel, stem.stride);
                 self.fused_split(dw, n, (g.out_h, g.out_w), (stem, first.steps.get(1)))
@@ -853,7 +863,9 @@ impl Engine {
             .bufs
             .get_disjoint_mut([Buf::X, Buf::T2, Buf::Y].map(|b| b as usize))
             .expect("distinct buffers");
-        let project = self.fusable_projection(next).filter(|_| split.1 == 1);
+        let project = self
+            .fusable_projection(next, Buf::T2)
+            .filter(|_| split.1 == 1);
         let projected = project.is_some();
         let project = project.map(|(conv, res)| (conv, &mut *y, res));
         let s = sums.as_deref_mut();
@@ -909,6 +921,22 @@ impl Engine {
                     let source = ops::Source::Stem(stem);
                     (cur, sums, projected) =
                         self.fused_depthwise(source, dw, *pool, next, a, n, cur, split);
+                }
+                // Fused-MBConv's 3x3 conv by Winograd, with the projection on each band's rows.
+                Step::Conv {
+                    conv,
+                    from: Buf::X,
+                    to,
+                    pool: false,
+                } if let Some((pc, residual)) = self.fusable_projection(next, *to)
+                    && self.runs_winograd(conv) =>
+                {
+                    let [x, t, y] = a
+                        .bufs
+                        .get_disjoint_mut([Buf::X, *to, Buf::Y].map(|b| b as usize))
+                        .expect("distinct buffers");
+                    cur = self.winograd_conv(conv, x, t, n, cur, Some((pc, y, residual)));
+                    projected = true;
                 }
                 Step::Conv {
                     conv,

@@ -3,7 +3,7 @@
 
 use super::calibrate::Observer;
 use super::kernels::{self, Geometry};
-use super::plan::{Conv, ConvKind, Step};
+use super::plan::{Buf, Conv, ConvKind, Step};
 use super::pool::SharedMut;
 use super::{Engine, profile};
 use crate::simd::gemm as microkernel;
@@ -204,7 +204,7 @@ impl Engine {
             return self.pointwise(conv.gemm_weight(), None, conv, io, n, (h, w), None);
         }
         if self.runs_winograd(conv) {
-            return self.winograd_conv(conv, input, out, n, (h, w));
+            return self.winograd_conv(conv, input, out, n, (h, w), None);
         }
         let _t = profile::layer(
             match conv.kind {
@@ -384,7 +384,7 @@ impl Engine {
         hw: (usize, usize),
         (maker, next): (&Conv, Option<&Step>),
     ) -> Option<(usize, usize)> {
-        let projects = self.fusable_projection(next).is_some();
+        let projects = self.fusable_projection(next, Buf::T2).is_some();
         let overlap = match (projects, self.band_overlap) {
             (_, Some(percent)) => percent,
             (true, None) if maker.int8.is_some() => INT8_BAND_OVERLAP,

@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use super::kernels::Geometry;
-use super::ops::{RowBands, conv_label, geometry, grow};
+use super::ops::{self, RowBands, conv_label, geometry, grow};
 use super::plan::{Conv, ConvKind};
 use super::pool::SharedMut;
 use super::{Engine, profile};
@@ -343,6 +343,12 @@ impl Engine {
     /// A stride-1 3x3 conv from NHWC `input` into `out` by Winograd F(4x4, 3x3): parts are bands
     /// of tile rows of one image; each transforms a step of tiles, runs the 36 GEMMs and writes
     /// their outputs while the step is in cache. Returns the output spatial shape.
+    ///
+    /// With `project` (the block's 1x1 projection, its output and whether it adds `input`), the
+    /// outputs go to a buffer of the part's thread instead of `out` (no step runs past a tile
+    /// row's end unless it holds whole rows), and the part projects each tile row from there once
+    /// its last tile is done: Fused-MBConv's expanded map (7 MB per block on V2-S's 96x96 stage)
+    /// is never written nor read back.
     pub(super) fn winograd_conv(
         &self,
         conv: &Conv,
@@ -350,43 +356,64 @@ impl Engine {
         out: &mut Vec<f32>,
         n: usize,
         (h, w): (usize, usize),
+        project: Option<(&Conv, &mut Vec<f32>, bool)>,
     ) -> (usize, usize) {
         let g = geometry(self.meta.spec.padding, h, w, 3, 1);
         let (cin, cout) = (conv.cin, conv.cout);
         let (in_len, out_len) = (h * w * cin, g.out_h * g.out_w * cout);
+        let out_pixels = g.out_h * g.out_w;
+        let projected = project.as_ref().map_or(0, |(pc, _, _)| pc.cout);
         let _t = profile::layer(
             "full conv (winograd)",
-            || conv_label(conv, (h, w)),
+            || match projected {
+                0 => conv_label(conv, (h, w)),
+                co => format!("{} + 1x1 ->{co}", conv_label(conv, (h, w))),
+            },
             // The direct convolution's multiply-adds, so GMAC/s compares with the im2col path.
-            || (n * out_len * 9 * cin) as u64,
+            || (n * out_len * 9 * cin + n * out_pixels * cout * projected) as u64,
         );
-        grow(out, n * out_len);
         let (tiles_h, tiles_w) = (g.out_h.div_ceil(OUT), g.out_w.div_ceil(OUT));
         let bands = RowBands::per_thread(tiles_h, self.active_threads());
         // Tiles per step: whole register tiles of the micro-kernel (12 rows on AVX-512, 6 on AVX2).
         let step = (STEP_BYTES / (4 * TILE * (cin + cout)))
             .max(12)
             .next_multiple_of(12);
+        // With a projection, the tile rows a step may hold: as many whole rows as fit, else one.
+        let step_rows = (step / tiles_w).max(1);
+        let band_len = OUT * step_rows * g.out_w * cout;
         let plen = packed_len(cin, cout);
         let zero_bias = vec![0.0f32; cout];
+        let project = project.map(|(pc, y, residual)| {
+            grow(y, n * out_pixels * pc.cout);
+            (pc, SharedMut::new(y), residual, self.observed(pc))
+        });
+        if project.is_none() {
+            grow(out, n * out_len);
+        }
         let shared_out = SharedMut::new(out);
         self.run_parts(n * bands.per_image(), &|part| {
             let (img, tile_rows) = bands.band(part);
             let row0 = OUT * tile_rows.start;
             let out_rows = (OUT * tile_rows.end).min(g.out_h) - row0;
             let row_len = g.out_w * cout;
-            // SAFETY: parts write disjoint bands of output rows.
-            let dst =
-                unsafe { shared_out.slice(img * out_len + row0 * row_len, out_rows * row_len) };
             let x = &input[img * in_len..(img + 1) * in_len];
             BUFFERS.with_borrow_mut(|buf| {
                 let (v_len, m_len) = (TILE * step * cin, TILE * step * cout);
-                grow(buf, v_len + m_len + TILE * cin);
+                let band = if project.is_some() { band_len } else { 0 };
+                grow(buf, v_len + m_len + TILE * cin + band);
                 let (v, rest) = buf.split_at_mut(v_len);
-                let (m, patch) = rest.split_at_mut(m_len);
+                let (m, rest) = rest.split_at_mut(m_len);
+                let (patch, band_rows) = rest.split_at_mut(TILE * cin);
                 let tiles = tile_rows.start * tiles_w..tile_rows.end * tiles_w;
-                for t0 in tiles.clone().step_by(step) {
-                    let t1 = (t0 + step).min(tiles.end);
+                let mut t0 = tiles.start;
+                while t0 < tiles.end {
+                    let t1 = match &project {
+                        None => t0 + step,
+                        // Whole tile rows from a row's start, else up to the row's end.
+                        Some(_) if t0 % tiles_w == 0 && step >= tiles_w => t0 + step_rows * tiles_w,
+                        Some(_) => (t0 + step).min((t0 / tiles_w + 1) * tiles_w),
+                    }
+                    .min(tiles.end);
                     let count = t1 - t0;
                     input_tiles(
                         x,
@@ -415,7 +442,40 @@ impl Engine {
                         );
                     }
                     let sums = &m[..TILE * count * cout];
-                    output_tiles(sums, &conv.bias, conv.act, g, tiles_w, t0..t1, row0, dst);
+                    let Some((pc, y, residual, observed)) = &project else {
+                        // SAFETY: parts write disjoint bands of output rows.
+                        let dst = unsafe {
+                            shared_out.slice(img * out_len + row0 * row_len, out_rows * row_len)
+                        };
+                        output_tiles(sums, &conv.bias, conv.act, g, tiles_w, t0..t1, row0, dst);
+                        t0 = t1;
+                        continue;
+                    };
+                    // The buffer holds the output rows of the tile rows from the step's first.
+                    let first = OUT * (t0 / tiles_w);
+                    let (act, bias) = (conv.act, &conv.bias);
+                    output_tiles(sums, bias, act, g, tiles_w, t0..t1, first, band_rows);
+                    if t1 % tiles_w == 0 || t1 == tiles.end {
+                        let end = (OUT * t1.div_ceil(tiles_w)).min(g.out_h);
+                        let (co, rows) = (pc.cout, (end - first) * g.out_w);
+                        let px = img * out_pixels + first * g.out_w;
+                        // SAFETY: parts write disjoint row bands of the projection's output.
+                        let y = unsafe { y.slice(px * co, rows * co) };
+                        // A residual block keeps the map's shape and channels.
+                        let res = residual.then(|| &input[px * co..(px + rows) * co]);
+                        let a = &band_rows[..rows * cout];
+                        ops::gemm_bias_act(
+                            *observed,
+                            pc.gemm_weight(),
+                            None,
+                            a,
+                            rows,
+                            (0, co),
+                            res,
+                            y,
+                        );
+                    }
+                    t0 = t1;
                 }
             });
         });
