@@ -9,8 +9,9 @@
 //! `bf16-widened` (with `--precision bf16`: widened to f32 against `vdpbf16ps` pairs),
 //! `band-overlap` (how many rows two-thread bands may make twice: the engine's own choice, or
 //! `--overlap ON,OFF` percent everywhere, against 10 %),
-//! `precision` (`--precision P` against fp32), `spin` (the thread pool's spin budget: `--spin ON,OFF`
-//! microseconds, default 200,50),
+//! `precision` (`--precision P` against fp32), `threads` (`--threads N` against one thread: the
+//! speed-up without the drift between processes), `spin` (the thread pool's spin budget:
+//! `--spin ON,OFF` microseconds, default 200,50),
 //! `narrow-groups` or `column-blocks` (add others beside them), or `versus`: the weights
 //! `--weights W` ("on") against `--versus W2` ("off"), e.g. two int8 quantisations of one model,
 //! or `same`: two identical engines, the harness's own bias (1.01-1.04 on the Intel VM, the
@@ -113,6 +114,8 @@ fn main() -> anyhow::Result<()> {
                 true => Bf16Form::Widened,
                 false => Bf16Form::Pairs,
             }),
+            // On: `--threads N`, off: one thread.
+            "threads" => e.with_threads(if on { threads } else { 1 }),
             // On: `--precision P`, off: fp32.
             "precision" if !on => return Ok(e),
             // A process-wide setting, switched before each pass below.
@@ -120,7 +123,7 @@ fn main() -> anyhow::Result<()> {
             other => bail!(
                 "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection, \
                  stem-fusion, band-overlap, bf16-widened, narrow-groups, column-blocks, \
-                 precision, spin, versus, same"
+                 precision, threads, spin, versus, same"
             ),
         };
         Ok(e.with_precision(precision)?)
