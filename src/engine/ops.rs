@@ -185,6 +185,61 @@ pub(super) fn gemm_bias_act(
     }
 }
 
+/// A block's 1x1 projection run inside the step that makes its input (the fused expand +
+/// depthwise, Fused-MBConv's Winograd conv), on the rows each part just made while they are in
+/// cache, so the step's whole map is never written.
+pub(super) struct BandProjection<'a> {
+    conv: &'a Conv,
+    observer: Option<&'a Observer>,
+    out: SharedMut,
+    /// Whether it adds the block's input.
+    residual: bool,
+}
+
+impl<'a> BandProjection<'a> {
+    /// `conv`, its output `y` (grown to `pixels` positions) and whether it adds the block's input.
+    pub(super) fn new(
+        engine: &'a Engine,
+        (conv, y, residual): (&'a Conv, &mut Vec<f32>, bool),
+        pixels: usize,
+    ) -> Self {
+        grow(y, pixels * conv.cout);
+        let observer = engine.observed(conv).1;
+        let out = SharedMut::new(y);
+        BandProjection {
+            conv,
+            observer,
+            out,
+            residual,
+        }
+    }
+
+    /// Projects `rows` (`m` positions, from position `px` of the batch) into the output, adding
+    /// the same positions of the block's `input` where residual.
+    ///
+    /// # Safety
+    /// Parts running at once project disjoint ranges of positions.
+    pub(super) unsafe fn run(&self, rows: &[f32], px: usize, m: usize, input: &[f32]) {
+        let co = self.conv.cout;
+        // SAFETY: the caller's ranges are disjoint.
+        let y = unsafe { self.out.slice(px * co, m * co) };
+        // A residual block keeps the map's shape and channels: position `px` of the input is
+        // position `px` of the output.
+        let res = self.residual.then(|| &input[px * co..(px + m) * co]);
+        let weight = self.conv.gemm_weight();
+        gemm_bias_act(
+            (self.conv, self.observer),
+            weight,
+            None,
+            rows,
+            m,
+            (0, co),
+            res,
+            y,
+        );
+    }
+}
+
 impl Engine {
     /// Runs a conv from NHWC `input` into `out`; returns the output spatial shape.
     pub(super) fn conv(
@@ -500,10 +555,7 @@ impl Engine {
             "the stem's output is not kept for a residual"
         );
         let out_pixels = g.out_h * g.out_w;
-        let project = project.map(|(conv, y, residual)| {
-            grow(y, n * out_pixels * conv.cout);
-            (conv, SharedMut::new(y), residual, self.observed(conv))
-        });
+        let project = project.map(|p| BandProjection::new(self, p, n * out_pixels));
         self.run_parts(parts, &|part| {
             let (img, rows, cols) = band(part);
             // SAFETY: parts write disjoint row bands of `out` and their own row of `partial`.
@@ -563,17 +615,11 @@ impl Engine {
                         strips,
                     );
                     drop(dw_scope);
-                    if let Some((pc, y, residual, observed)) = &project {
+                    if let Some(project) = &project {
                         let _pw = profile::scope("  pointwise (fused)");
-                        let (co, m) = (pc.cout, (r1 - r0) * g.out_w);
                         let px = img * out_pixels + r0 * g.out_w;
-                        // SAFETY: parts write disjoint row bands of the projection's output.
-                        let y = unsafe { y.slice(px * co, m * co) };
-                        // A residual block keeps the map's shape and channels: pixel `px` of the
-                        // input is pixel `px` of the output.
-                        let res = residual.then(|| &input[px * co..(px + m) * co]);
-                        let a = &dst[..band_len];
-                        gemm_bias_act(*observed, pc.gemm_weight(), None, a, m, (0, co), res, y);
+                        // SAFETY: parts project disjoint row bands.
+                        unsafe { project.run(&dst[..band_len], px, (r1 - r0) * g.out_w, input) };
                     }
                     if let Some(b) = band_rows {
                         BAND.set(b);

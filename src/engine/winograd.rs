@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use super::kernels::Geometry;
-use super::ops::{self, RowBands, conv_label, geometry, grow};
+use super::ops::{BandProjection, RowBands, conv_label, geometry, grow};
 use super::plan::{Conv, ConvKind};
 use super::pool::SharedMut;
 use super::{Engine, profile};
@@ -383,10 +383,7 @@ impl Engine {
         let band_len = OUT * step_rows * g.out_w * cout;
         let plen = packed_len(cin, cout);
         let zero_bias = vec![0.0f32; cout];
-        let project = project.map(|(pc, y, residual)| {
-            grow(y, n * out_pixels * pc.cout);
-            (pc, SharedMut::new(y), residual, self.observed(pc))
-        });
+        let project = project.map(|p| BandProjection::new(self, p, n * out_pixels));
         if project.is_none() {
             grow(out, n * out_len);
         }
@@ -442,38 +439,28 @@ impl Engine {
                         );
                     }
                     let sums = &m[..TILE * count * cout];
-                    let Some((pc, y, residual, observed)) = &project else {
-                        // SAFETY: parts write disjoint bands of output rows.
-                        let dst = unsafe {
-                            shared_out.slice(img * out_len + row0 * row_len, out_rows * row_len)
-                        };
-                        output_tiles(sums, &conv.bias, conv.act, g, tiles_w, t0..t1, row0, dst);
-                        t0 = t1;
-                        continue;
-                    };
-                    // The buffer holds the output rows of the tile rows from the step's first.
-                    let first = OUT * (t0 / tiles_w);
                     let (act, bias) = (conv.act, &conv.bias);
-                    output_tiles(sums, bias, act, g, tiles_w, t0..t1, first, band_rows);
-                    if t1 % tiles_w == 0 || t1 == tiles.end {
-                        let end = (OUT * t1.div_ceil(tiles_w)).min(g.out_h);
-                        let (co, rows) = (pc.cout, (end - first) * g.out_w);
-                        let px = img * out_pixels + first * g.out_w;
-                        // SAFETY: parts write disjoint row bands of the projection's output.
-                        let y = unsafe { y.slice(px * co, rows * co) };
-                        // A residual block keeps the map's shape and channels.
-                        let res = residual.then(|| &input[px * co..(px + rows) * co]);
-                        let a = &band_rows[..rows * cout];
-                        ops::gemm_bias_act(
-                            *observed,
-                            pc.gemm_weight(),
-                            None,
-                            a,
-                            rows,
-                            (0, co),
-                            res,
-                            y,
-                        );
+                    match &project {
+                        None => {
+                            // SAFETY: parts write disjoint bands of output rows.
+                            let dst = unsafe {
+                                shared_out.slice(img * out_len + row0 * row_len, out_rows * row_len)
+                            };
+                            output_tiles(sums, bias, act, g, tiles_w, t0..t1, row0, dst);
+                        }
+                        Some(project) => {
+                            // The buffer holds the output rows of the tile rows from the step's
+                            // first; a tile row is projected once its last tile is done.
+                            let first = OUT * (t0 / tiles_w);
+                            output_tiles(sums, bias, act, g, tiles_w, t0..t1, first, band_rows);
+                            if t1 % tiles_w == 0 || t1 == tiles.end {
+                                let end = (OUT * t1.div_ceil(tiles_w)).min(g.out_h);
+                                let (px, len) = (img * out_pixels + first * g.out_w, end - first);
+                                let rows = &band_rows[..len * g.out_w * cout];
+                                // SAFETY: parts project disjoint row bands.
+                                unsafe { project.run(rows, px, len * g.out_w, input) };
+                            }
+                        }
                     }
                     t0 = t1;
                 }
