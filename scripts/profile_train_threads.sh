@@ -5,12 +5,15 @@
 # (serial work the other thread cannot share), those samples by what called them (burn's autodiff
 # bookkeeping, the fused ops' own serial parts, ...), and their leaf functions.
 #
-#   scripts/profile_train_threads.sh [EFFNET] (default target/release/effnet; ITERS=120)
+#   scripts/profile_train_threads.sh [EFFNET] (default target/release/effnet; ITERS=120; FREQ=1999
+#   samples per second, DELAY=2500 ms of start-up left out: FREQ=999 DELAY=4000 ITERS=80 takes
+#   about 5 minutes, most of it unwinding the stacks)
 set -euo pipefail
 effnet=${1:-target/release/effnet}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-RAYON_NUM_THREADS=2 perf record -q -F 1999 --call-graph dwarf,12000 -D 2500 -o "$tmp/perf.data" \
+RAYON_NUM_THREADS=2 perf record -q -F "${FREQ:-1999}" --call-graph dwarf,12000 -D "${DELAY:-2500}" \
+    -o "$tmp/perf.data" \
     "$effnet" bench b0 --train --threads 2 --iters "${ITERS:-120}" | grep '^effnet'
 perf script -i "$tmp/perf.data" -F tid,ip,sym 2>/dev/null >"$tmp/stacks"
 step=$(awk '/^ *[0-9]+ *$/ {tid = $1; next} /Trainer::step/ {n[tid]++}

@@ -226,6 +226,36 @@ fn spatial_mean_and_plane_scale_match_burn() {
     }
 }
 
+/// A squeeze-excite gate on an intermediate map (the mean's gradient is added in place to the
+/// one the scale registered): the input's gradient equals burn's composed ops, on maps from 1x1
+/// up and on a leaf input (two gradients burn adds).
+#[test]
+fn squeeze_excite_input_gradient_matches_burn() {
+    let device = Device::flex().autodiff();
+    for (n, c, h, w) in [(3, 5, 7, 7), (2, 40, 1, 1), (4, 16, 16, 16), (1, 3, 2, 5)] {
+        for leaf in [false, true] {
+            let case = format!("{n}x{c}x{h}x{w}, leaf {leaf}");
+            let u = Tensor::<4>::random([n, c, h, w], Distribution::Default, &device);
+            let u = u.require_grad();
+            // Each graph its own intermediate: burn consumes a graph's tape in its backward.
+            let input = || match leaf {
+                true => u.clone(),
+                false => u.clone() * 2.0,
+            };
+            let x = input();
+            let fused = plane_scale(x.clone(), sigmoid(spatial_mean(x) * 3.0));
+            let x = input();
+            let gate = burn::tensor::activation::sigmoid(x.clone().mean_dim(3).mean_dim(2) * 3.0);
+            let reference = x * gate;
+            let g = Tensor::<4>::random([n, c, h, w], Distribution::Default, &device);
+            let gf = (fused * g.clone()).sum().backward();
+            let gr = (reference * g).sum().backward();
+            let (guf, gur) = (u.grad(&gf).unwrap(), u.grad(&gr).unwrap());
+            assert!(rel_diff(guf, gur) < 1e-5, "{case}");
+        }
+    }
+}
+
 /// The fused TF-RMSProp update gives the same bits as burn's composed ops in the same order,
 /// over several steps and a size that spans several parallel chunks, with and without the L2
 /// term, on weights and state shared with another tensor (copied, the other left as it was) and
