@@ -796,8 +796,9 @@ impl ChannelBlocks {
                 task(k, &mut planes, zeroed(gw))
             });
         // SAFETY: `planes_by_channel` splits all of `0..gx_len` (whole images of `channels`
-        // planes) among the blocks, the weight gradient's chunks cover `0..gw_len`, and every
-        // block's task zeroed its parts above.
+        // planes) among the blocks, the weight gradient's chunks (one per block, as many as its
+        // entries, so the zip pairs each) cover `0..gw_len`, and every block's task zeroed its
+        // parts above.
         unsafe {
             gx.set_len(gx_len);
             gw.set_len(gw_len);
