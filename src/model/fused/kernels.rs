@@ -944,9 +944,14 @@ pub(super) fn channel_sums<const K: usize>(
 
 /// The element-wise sums of `partials` (`K` kinds, each `len` long), added in their order; in
 /// parallel runs of elements (each element's sum in the same order: the same bits on any number
-/// of threads), as this was 0.5 % of a two-thread B0 training step on one thread.
+/// of threads), as this was 0.5 % of a two-thread B0 training step on one thread. Runs of fewer
+/// than [`CHUNK`] additions are not worth a parallel task.
 fn add_in_order<const K: usize>(partials: Vec<[Vec<f32>; K]>, len: usize) -> [Vec<f32>; K] {
     let per_task = (CHUNK / partials.len().max(1)).max(64);
+    let per_task = match partials.len() * len < 2 * CHUNK {
+        true => len.max(1),
+        false => per_task,
+    };
     let mut totals = [(); K].map(|_| vec![0.0; len]);
     for (k, total) in totals.iter_mut().enumerate() {
         total
