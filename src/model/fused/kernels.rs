@@ -944,13 +944,12 @@ pub(super) fn channel_sums<const K: usize>(
 
 /// The element-wise sums of `partials` (`K` kinds, each `len` long), added in their order; in
 /// parallel runs of elements (each element's sum in the same order: the same bits on any number
-/// of threads), as this was 0.5 % of a two-thread B0 training step on one thread. Runs of fewer
-/// than [`CHUNK`] additions are not worth a parallel task.
+/// of threads), as this was 0.5 % of a two-thread B0 training step on one thread. Sums of fewer
+/// than 2 x [`CHUNK`] additions in all stay on the calling thread, clear of rayon's cost per task.
 fn add_in_order<const K: usize>(partials: Vec<[Vec<f32>; K]>, len: usize) -> [Vec<f32>; K] {
-    let per_task = (CHUNK / partials.len().max(1)).max(64);
     let per_task = match partials.len() * len < 2 * CHUNK {
         true => len.max(1),
-        false => per_task,
+        false => (CHUNK / partials.len()).max(64),
     };
     let mut totals = [(); K].map(|_| vec![0.0; len]);
     for (k, total) in totals.iter_mut().enumerate() {
@@ -960,7 +959,7 @@ fn add_in_order<const K: usize>(partials: Vec<[Vec<f32>; K]>, len: usize) -> [Ve
             .for_each(|(t, total)| {
                 for parts in &partials {
                     let part = &parts[k][t * per_task..][..total.len()];
-                    total.iter_mut().zip(part).for_each(|(t, v)| *t += v);
+                    total.iter_mut().zip(part).for_each(|(sum, v)| *sum += v);
                 }
             });
     }
