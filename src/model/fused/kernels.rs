@@ -531,18 +531,26 @@ fn interleave_weights<const W: usize>(
     channels: usize,
     taps: usize,
 ) -> Vec<[f32; W]> {
-    let mut out = vec![[0.0; W]; channels.div_ceil(W) * taps];
+    let len = channels.div_ceil(W) * taps;
+    let mut out = Vec::with_capacity(len);
     // In parallel: on B0's widest layers this was 0.7 % of a two-thread training step, serial.
-    out.par_chunks_mut(taps)
+    // Each row is written once, zero past the last channel, with no zero-fill beforehand.
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(taps)
         .zip(weight.par_chunks(taps * W))
         .with_min_len(((1 << 12) / (taps * W)).max(1))
         .for_each(|(block, weights)| {
-            for (l, w) in weights.chunks_exact(taps).enumerate() {
-                for (row, &v) in block.iter_mut().zip(w) {
-                    row[l] = v;
+            for (t, row) in block.iter_mut().enumerate() {
+                let mut lanes = [0.0; W];
+                for (lane, w) in lanes.iter_mut().zip(weights.chunks_exact(taps)) {
+                    *lane = w[t];
                 }
+                row.write(lanes);
             }
         });
+    // SAFETY: a block of `W` channels per chunk of `taps` rows (as many chunks as blocks, so the
+    // zip pairs each), and every chunk wrote all of its rows above.
+    unsafe { out.set_len(len) };
     out
 }
 
