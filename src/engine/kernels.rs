@@ -608,6 +608,10 @@ simd_dispatch! {
             } else {
                 c0
             };
+            if c0 == c1 {
+                // The strips took every channel: the loops below would visit each pixel for none.
+                return;
+            }
             // Blocks of 16 channels, then one of 8 (channel counts like 24 and 40), each over a
             // run of rows with its weights in registers; runs of rows whose input rows stay in L2
             // while each block of channels reads them.
@@ -1034,7 +1038,8 @@ mod tests {
                     (40, 37),
                 ] {
                     for same in [false, true] {
-                        for c in [1, 8, 24, 35] {
+                        // 32: whole blocks of 16, all taken by the strips.
+                        for c in [1, 8, 24, 32, 35] {
                             for strips in [true, false] {
                                 depthwise_case(k, s, (h, w), same, c, strips);
                             }
