@@ -609,7 +609,8 @@ simd_dispatch! {
                 c0
             };
             if c0 == c1 {
-                // The strips took every channel: the loops below would visit each pixel for none.
+                // Every channel is done (the strips took them): the loops below would only visit
+                // each pixel.
                 return;
             }
             // Blocks of 16 channels, then one of 8 (channel counts like 24 and 40), each over a
