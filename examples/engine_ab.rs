@@ -129,9 +129,7 @@ fn main() -> anyhow::Result<()> {
         Ok(e.with_precision(precision)?)
     };
     let mut engines = [build(true)?, build(false)?];
-    let input: Vec<f32> = (0..3 * side * side)
-        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-        .collect();
+    let input = effnet::data::fixed_pattern(3 * side * side);
     let mut times = [Vec::new(), Vec::new()];
     for pass in 0..passes + 10 {
         for ((e, t), on) in engines.iter_mut().zip(&mut times).zip([true, false]) {

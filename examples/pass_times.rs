@@ -43,9 +43,7 @@ fn main() -> anyhow::Result<()> {
     };
     let side = set.spec().resolution;
     let mut engine = Engine::new(&set)?.with_threads(threads);
-    let input: Vec<f32> = (0..3 * side * side)
-        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-        .collect();
+    let input = effnet::data::fixed_pattern(3 * side * side);
     for _ in 0..10 {
         engine.forward(&input, 1, side, side);
     }
