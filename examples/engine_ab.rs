@@ -12,11 +12,11 @@
 //! `precision` (`--precision P` against fp32), `threads` (`--threads N` against one thread: the
 //! speed-up without the drift between processes), `spin` (the thread pool's spin budget:
 //! `--spin ON,OFF` microseconds, default 200,50),
-//! `narrow-groups` or `column-blocks` (add others beside them), or `versus`: the weights
-//! `--weights W` ("on") against `--versus W2` ("off"), e.g. two int8 quantisations of one model,
-//! or `same`: two identical engines, the harness's own bias (1.01-1.04 on the Intel VM, the
-//! first engine slower, whichever ran first in a pair). Prints each engine's median ms over the
-//! passes and the ratio (switch on / off), with the median of per-pair ratios.
+//! `narrow-groups`, `column-blocks` or `weights-ahead` (add others beside them), or `versus`: the
+//! weights `--weights W` ("on") against `--versus W2` ("off"), e.g. two int8 quantisations of
+//! one model, or `same`: two identical engines, the harness's own bias (1.01-1.04 on the Intel
+//! VM, the first engine slower, whichever ran first in a pair). Prints each engine's median ms
+//! over the passes and the ratio (switch on / off), with the median of per-pair ratios.
 
 use anyhow::{Context, bail};
 use effnet::engine::{Engine, Precision};
@@ -119,10 +119,12 @@ fn main() -> anyhow::Result<()> {
             // On: `--precision P`, off: fp32.
             "precision" if !on => return Ok(e),
             // A process-wide setting, switched before each pass below.
-            "narrow-groups" | "column-blocks" | "versus" | "same" | "precision" | "spin" => e,
+            "narrow-groups" | "column-blocks" | "weights-ahead" | "versus" | "same"
+            | "precision" | "spin" => e,
             other => bail!(
                 "unknown switch `{other}`: winograd, planar-stem, dw-strips, fused-projection, \
                  stem-fusion, band-overlap, bf16-widened, narrow-groups, column-blocks, \
+                 weights-ahead, \
                  precision, threads, spin, versus, same"
             ),
         };
@@ -136,6 +138,7 @@ fn main() -> anyhow::Result<()> {
             match switch.as_str() {
                 "narrow-groups" => effnet::simd::set_narrow_groups(on),
                 "column-blocks" => effnet::simd::set_column_blocks(on),
+                "weights-ahead" => effnet::simd::ahead::set_weights_ahead(on),
                 "spin" => effnet::engine::set_spin_us(if on { spin_on } else { spin_off }),
                 _ => {}
             }

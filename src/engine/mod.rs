@@ -21,10 +21,12 @@ pub mod profile;
 mod winograd;
 
 use crate::simd::Bf16Form;
+use crate::simd::ahead::{self, WeightOrder};
 use crate::simd::gemm_bf16::Weights as Bf16Weights;
 use crate::simd::gemm_i8::{ActQuant, Int8Weights};
 use crate::spec::FeatureTap;
 use crate::weights::{Quantization, WeightMeta, WeightSet};
+use std::sync::Arc;
 
 use adapt::Adapt;
 use calibrate::{Observe, Observed, Observer};
@@ -153,6 +155,8 @@ pub struct Engine {
     pool: Pool,
     adapt: Adapt,
     single: std::cell::Cell<bool>,
+    /// The f32 GEMMs' weights in the order a pass runs them (see [`crate::simd::ahead`]).
+    weight_order: Arc<WeightOrder>,
     /// Every GEMM convolution's name, in network order.
     layers: Vec<String>,
     /// Those with Winograd weights and at most two kernel panels of output channels (see
@@ -223,6 +227,7 @@ impl Engine {
             pool: Pool::new(1),
             adapt: Adapt::default(),
             single: std::cell::Cell::new(true),
+            weight_order: Arc::default(),
             layers,
             narrow_winograd,
             observers: None,
@@ -672,6 +677,7 @@ impl Engine {
         let threads = self.pool.threads();
         let single = self.adapt.choose_single(threads, (n, h, w));
         self.single.set(single);
+        self.follow_weight_order();
         let start = std::time::Instant::now();
         let pooled = self.pooled_features(&mut a, input, (n, h, w), taps, maps);
         self.adapt
@@ -693,8 +699,29 @@ impl Engine {
         if self.single.get() {
             (0..parts).for_each(f);
         } else {
-            self.pool.run(parts, f);
+            let order = &self.weight_order;
+            self.pool.run(parts, &|part| {
+                ahead::follow(order);
+                f(part)
+            });
         }
+    }
+
+    /// Has this thread's GEMM kernels fetch each next layer's weights ahead, by the order the
+    /// plan's f32 GEMMs run in now (the weights move when the precision changes, so it is
+    /// checked every pass: a few dozen addresses).
+    fn follow_weight_order(&mut self) {
+        let planar_stem = self.planar_stem_path().is_some();
+        let runs_f32_gemm = |(i, c): &(usize, &plan::Conv)| {
+            let f32_gemm = !c.packed.is_empty() && c.bf16.is_none() && c.int8.is_none();
+            f32_gemm && !self.runs_winograd(c) && !(*i == 0 && planar_stem)
+        };
+        let weights = self.plan.convs().enumerate().filter(runs_f32_gemm);
+        let order = WeightOrder::new(weights.map(|(_, c)| &c.packed[..]));
+        if *self.weight_order != order {
+            self.weight_order = Arc::new(order);
+        }
+        ahead::follow(&self.weight_order);
     }
 
     fn pooled_features(
@@ -1172,6 +1199,30 @@ mod tests {
             assert!(!listed("blocks.2.expand"), "{outputs} outputs");
             assert!(e.with_winograd(false).faster_in_f32().is_empty());
         }
+    }
+
+    /// A pass has its threads fetch each f32 GEMM's weights during the GEMM before, in network
+    /// order: Lite0's 1x1 convs, head and classifier, not its stem (read from the planes) nor
+    /// its depthwise convs.
+    #[test]
+    fn a_pass_orders_its_f32_gemms_for_fetching_ahead() {
+        if !crate::simd::gemm::available() {
+            eprintln!("no f32 GEMM kernel here: not exercised");
+            return;
+        }
+        let set = WeightSet::random(&variant("lite0").unwrap(), 3);
+        let mut e = Engine::new(&set).unwrap();
+        assert!(e.weight_order.starts().is_empty());
+        let side = 32;
+        e.forward(&crate::data::fixed_pattern(3 * side * side), 1, side, side);
+        let pointwise = e
+            .plan
+            .convs()
+            .filter(|c| c.kind == super::ConvKind::Pointwise);
+        let starts: Vec<usize> = pointwise.map(|c| c.packed.as_ptr() as usize).collect();
+        // 15 expansions (not block 0), 16 projections, the head and the classifier.
+        assert_eq!(starts.len(), 15 + 16 + 2);
+        assert_eq!(e.weight_order.starts(), starts);
     }
 
     #[test]

@@ -193,6 +193,20 @@ impl Plan {
         gemm_convs(&mut self.stem, &mut self.blocks, &mut self.head)
     }
 
+    /// Every convolution in the order a pass runs them, the classifier last.
+    pub fn convs(&self) -> impl Iterator<Item = &Conv> {
+        let blocks = self.blocks.iter().flat_map(|b| {
+            b.steps.iter().flat_map(|s| match s {
+                Step::ExpandDepthwise { expand, dw, .. } => vec![expand, dw],
+                Step::Conv { conv, .. } | Step::Project { conv, .. } => vec![conv],
+                _ => vec![],
+            })
+        });
+        std::iter::once(&self.stem)
+            .chain(blocks)
+            .chain([&self.head, &self.classifier])
+    }
+
     /// Every GEMM convolution and the classifier: what bf16 runs.
     pub fn bf16_gemms_mut(&mut self) -> impl Iterator<Item = &mut Conv> {
         let Plan {

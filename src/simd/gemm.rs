@@ -10,6 +10,7 @@ use super::math::activate_v;
 use super::{Avx2, Avx512};
 use super::{Level, Vector, level};
 use crate::spec::Activation;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Columns per packed panel (two AVX-512 or four AVX2 vectors).
@@ -98,6 +99,7 @@ fn run_blocks(
 ) {
     assert!(available() && a.len() >= m * k && packed.len() >= packed_len(k, c0 + nc));
     assert!(block.is_multiple_of(NR) && block > 0 && depth > 0);
+    let ahead = Cell::new(super::ahead::starting(packed.as_ptr() as usize));
     for b0 in (c0..c0 + nc).step_by(block) {
         // (`k` 0: one job, which stores the epilogue of empty sums.)
         for k0 in (0..k.max(1)).step_by(depth) {
@@ -108,6 +110,7 @@ fn run_blocks(
                 packed: packed.as_ptr(),
                 cols: (b0, (b0 + block).min(c0 + nc)),
                 epi,
+                ahead: &ahead,
             };
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `level()` found the features each entry is compiled for; the assert bounds
@@ -122,6 +125,7 @@ fn run_blocks(
             }
         }
     }
+    super::ahead::reached(ahead.get().0);
 }
 
 /// The blocks [`gemm_bias_act`] multiplies in turn, as (columns, depth): every row with at most
@@ -193,7 +197,7 @@ pub fn time_gemm(m: usize, k: usize, n: usize, runs: usize) -> Option<f64> {
 }
 
 /// One [`gemm_bias_act`] call, as raw pointers its assert has bounded.
-struct Job {
+struct Job<'a> {
     a: *const f32,
     k: usize,
     /// Rows `k0..k1` of the weights (and columns of `a`) multiplied in this job.
@@ -202,6 +206,8 @@ struct Job {
     /// Output columns `c0..c1`.
     cols: (usize, usize),
     epi: Epilogue,
+    /// The lines of the next layer's weights still to fetch (see [`super::ahead`]).
+    ahead: &'a Cell<(usize, usize)>,
 }
 
 /// What happens to a tile's sums before its single store: `act(sum + bias) (+ residual)` into rows
@@ -426,10 +432,19 @@ unsafe fn tile<V: Vector, N: Vector, const R: usize, const Q: usize, const H: us
                 // R short strided streams; 1.25-1.6x on projections of large maps). Not when a
                 // tile's rows would crowd the weights out of L1.
                 let whole = k1 - k0 == j.k;
-                let ahead = match p == c0 / NR && g0 == 0 && R * j.k <= PREFETCH_MAX && whole {
-                    true => R * j.k / 16,
-                    false => 0,
+                let rows = match p == c0 / NR && g0 == 0 && R * j.k <= PREFETCH_MAX && whole {
+                    true => (a.wrapping_add(2 * R * j.k), 16),
+                    false => (b, 0),
                 };
+                // And a line of the next layer's weights per step, while there are any.
+                let weights = match j.ahead.get() {
+                    (at, end) if at < end => {
+                        j.ahead.set((at + (k1 - k0) * 64, end));
+                        (at as *const f32, 16)
+                    }
+                    _ => (b, 0),
+                };
+                let ahead = (rows, weights);
                 let k = (j.k, k1 - k0, group);
                 let at = (col + g0, live);
                 match group_vectors(live, V::LANES, narrow) {
@@ -469,7 +484,7 @@ unsafe fn group_sums<V: Vector, N: Vector, const R: usize, const LV: usize, cons
     j: &Job,
     (a, b): (*const f32, *const f32),
     (k, depth, row): (usize, usize, usize),
-    ahead: usize,
+    ahead: Ahead,
     r0: usize,
     (col, width): (usize, usize),
 ) {
@@ -532,31 +547,31 @@ unsafe fn partial_sums<V: Vector, const R: usize, const Q: usize>(
 const PREFETCH_MAX: usize = 4096;
 
 /// `acc[i][q] += a[i][kk] * w[kk][q]` over the group's first `LV` vectors of `V` and the next
-/// `LN` of `N` (the weights' rows `row` floats apart), every `kk`; for the first `ahead` steps
-/// also one cache line of the rows two tiles on (rows `2R..`).
+/// `LN` of `N` (the weights' rows `row` floats apart), every `kk`, prefetching a line of each
+/// [`Ahead`] stream per step.
 #[inline(always)]
 unsafe fn multiply<V: Vector, N: Vector, const R: usize, const LV: usize, const LN: usize>(
     (wide, thin): (&mut [[V; LV]; R], &mut [[N; LN]; R]),
     (a, k): (*const f32, usize),
     (b, row): (*const f32, usize),
     depth: usize,
-    ahead: usize,
+    (rows, weights): Ahead,
 ) {
     // SAFETY: the caller's contract: `b` is a group of `depth` rows of `row` floats, at least LV
     // vectors of V and LN of N, and `a` R rows `k` apart of `depth` values.
     unsafe {
-        // One loop with an unconditional prefetch: with `ahead` steps it walks a cache line per
-        // step through the rows two tiles on (past `ahead` into the tile after, which streams
-        // next anyway), else it stays on the weights being loaded. A test per step made the AVX2
-        // loop 5-15 % slower; two loops (prefetching, then not) left the loop body out of line
-        // for some tile sizes or the accumulators in memory (AVX-512: Lite0 1.7x slower).
-        let (mut ahead_at, line) = match ahead > 0 {
-            true => (a.wrapping_add(2 * R * k), 16),
-            false => (b, 0),
-        };
+        // One loop with unconditional prefetches: each stream walks a cache line per step (the
+        // rows two tiles on run past them into the tile after, which streams next anyway), or
+        // stays on the weights being loaded where there is nothing to fetch. A test per step
+        // made the AVX2 loop 5-15 % slower; two loops (prefetching, then not) left the loop
+        // body out of line for some tile sizes or the accumulators in memory (AVX-512: Lite0
+        // 1.7x slower).
+        let ((mut rows_at, line), (mut weights_at, weights_line)) = (rows, weights);
         for kk in 0..depth {
-            prefetch(ahead_at);
-            ahead_at = ahead_at.wrapping_add(line);
+            prefetch(rows_at);
+            rows_at = rows_at.wrapping_add(line);
+            prefetch_to_l2(weights_at);
+            weights_at = weights_at.wrapping_add(weights_line);
             let bk = b.add(kk * row);
             let mut w = [V::splat(0.0); LV];
             for (q, w) in w.iter_mut().enumerate() {
@@ -595,6 +610,21 @@ fn prefetch(p: *const f32) {
         _mm_prefetch::<_MM_HINT_T0>(p.cast());
     }
 }
+
+/// [`prefetch`] into L2 only, leaving L1 to the tile's rows and weights.
+#[inline(always)]
+fn prefetch_to_l2(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as [`prefetch`].
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T1>(p.cast());
+    }
+}
+
+/// Where [`multiply`] prefetches, each as (first address, step in floats; 0 stays on the
+/// line): the rows two tiles on (into L1) and the next layer's weights (into L2).
+type Ahead = ((*const f32, usize), (*const f32, usize));
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -740,6 +770,39 @@ pub(crate) mod tests {
                 ),
             }
         }
+    }
+
+    /// A call on weights of a followed order fetches a line of the next entry's weights per
+    /// multiply-add step and records how far it got; the result is the same to the bit.
+    #[test]
+    fn a_call_fetches_the_next_layers_weights_ahead() {
+        if !available() {
+            return;
+        }
+        let (m, k, n) = (30, 37, 86);
+        let [a, w, bias, _] = operands(m, k, n);
+        let packed = pack(&w, k, n);
+        let next = vec![0f32; 1 << 16];
+        let next0 = next.as_ptr() as usize;
+        let run = || {
+            let mut out = vec![f32::NAN; m * n];
+            gemm_bias_act(&a, k, m, &packed, (0, n), &bias, None, None, &mut out, n);
+            out
+        };
+        let unfollowed = run();
+        let order = super::super::ahead::WeightOrder::new([&packed[..], &next]);
+        super::super::ahead::follow(&std::sync::Arc::new(order));
+        let followed = run();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&followed), bits(&unfollowed));
+        // At least 3 tiles of rows x 3 panels, in groups of 37 steps, a line each.
+        let (at, end) = super::super::ahead::starting(packed.as_ptr() as usize);
+        assert_eq!(end - next0, 4 << 16);
+        let fetched = at - next0;
+        assert!(
+            fetched >= 3 * 3 * k * 64 && fetched.is_multiple_of(k * 64),
+            "{fetched}"
+        );
     }
 
     #[test]

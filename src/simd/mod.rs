@@ -4,6 +4,7 @@
 //! micro-kernel ([`gemm`]), and [`simd_dispatch!`], which compiles a plain-Rust kernel for each
 //! instruction set and runs the one this CPU has.
 
+pub mod ahead;
 pub(crate) mod gemm;
 pub(crate) mod gemm_bf16;
 pub(crate) mod gemm_i8;
