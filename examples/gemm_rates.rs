@@ -3,9 +3,10 @@
 //! on each shape (rows = positions of a map or a band of them, k = input channels, n = output
 //! channels). Each figure is the median of timed calls repeated to about 20 ms, taken ROUNDS
 //! times in turn over the shapes so that a disturbed moment shows as a spread, not as one shape's
-//! rate.
+//! rate. With `--cold`, caches are flushed of the weights before every call (a 64 MB write), as
+//! at batch 1 where a pass reads more weights than L2 holds.
 //!
-//!   cargo run --release --example gemm_rates -- [ROUNDS]   (default 5)
+//!   cargo run --release --example gemm_rates -- [ROUNDS] [--cold]   (default 5 rounds)
 
 /// (label, rows, k, n): expansions and projections of Lite0 at 224 (the fused blocks run the
 /// large maps in bands of rows), its head, and B7's 19x19 stage at 600.
@@ -24,7 +25,9 @@ const SHAPES: [(&str, usize, usize, usize); 11] = [
 ];
 
 fn main() -> anyhow::Result<()> {
-    let rounds: usize = match std::env::args().nth(1) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cold = args.iter().any(|a| a == "--cold");
+    let rounds: usize = match args.iter().find(|a| *a != "--cold") {
         Some(r) => r
             .parse()
             .map_err(|e| anyhow::anyhow!("ROUNDS `{r}`: {e}"))?,
@@ -35,8 +38,10 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..rounds {
         for (rates, &(_, m, k, n)) in rates.iter_mut().zip(&SHAPES) {
             let macs = (m * k * n) as f64;
-            let runs = (2e-2 * 40e9 / macs).clamp(3.0, 2000.0) as usize;
-            let Some(seconds) = effnet::simd::time_gemm(m, k, n, runs) else {
+            // (Cold calls each wait on a 64 MB write first: 30 of them at most.)
+            let most = if cold { 30.0 } else { 2000.0 };
+            let runs = (2e-2 * 40e9 / macs).clamp(3.0, most) as usize;
+            let Some(seconds) = effnet::simd::time_gemm(m, k, n, runs, cold) else {
                 anyhow::bail!(
                     "this CPU has neither AVX-512 nor AVX2 + FMA: no GEMM kernel to time"
                 );
@@ -45,8 +50,12 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "{:<32} {:>5} {:>5} {:>5}  GMAC/s median (range) over {rounds} rounds",
-        "shape", "rows", "k", "n"
+        "{:<32} {:>5} {:>5} {:>5}  GMAC/s median (range) over {rounds} rounds{}",
+        "shape",
+        "rows",
+        "k",
+        "n",
+        if cold { ", weights cold" } else { "" }
     );
     for (rates, &(label, m, k, n)) in rates.iter_mut().zip(&SHAPES) {
         rates.sort_by(f64::total_cmp);

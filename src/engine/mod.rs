@@ -155,7 +155,8 @@ pub struct Engine {
     pool: Pool,
     adapt: Adapt,
     single: std::cell::Cell<bool>,
-    /// The f32 GEMMs' weights in the order a pass runs them (see [`crate::simd::ahead`]).
+    /// The f32 and int8 GEMMs' weights in the order a pass runs them (see
+    /// [`crate::simd::ahead`]).
     weight_order: Arc<WeightOrder>,
     /// Every GEMM convolution's name, in network order.
     layers: Vec<String>,
@@ -708,16 +709,17 @@ impl Engine {
     }
 
     /// Has this thread's GEMM kernels fetch each next layer's weights ahead, by the order the
-    /// plan's f32 GEMMs run in now (the weights move when the precision changes, so it is
+    /// plan's f32 and int8 GEMMs run in now (the weights move when the precision changes, so it is
     /// checked every pass: a few dozen addresses).
     fn follow_weight_order(&mut self) {
         let planar_stem = self.planar_stem_path().is_some();
-        let runs_f32_gemm = |(i, c): &(usize, &plan::Conv)| {
-            let f32_gemm = !c.packed.is_empty() && c.bf16.is_none() && c.int8.is_none();
-            f32_gemm && !self.runs_winograd(c) && !(*i == 0 && planar_stem)
+        let fetched = |(i, c): (usize, &plan::Conv)| match &c.int8 {
+            _ if i == 0 && planar_stem => None,
+            Some(w) => Some(w.kernel_span()),
+            None if c.packed.is_empty() || c.bf16.is_some() || self.runs_winograd(c) => None,
+            None => Some(ahead::span(&c.packed)),
         };
-        let weights = self.plan.convs().enumerate().filter(runs_f32_gemm);
-        let order = WeightOrder::new(weights.map(|(_, c)| &c.packed[..]));
+        let order = WeightOrder::new(self.plan.convs().enumerate().filter_map(fetched));
         if *self.weight_order != order {
             self.weight_order = Arc::new(order);
         }
@@ -1201,6 +1203,25 @@ mod tests {
         }
     }
 
+    /// A quantisation of `set` with every layer in int8, calibrated on one `side` x `side` image
+    /// (returned beside it).
+    fn every_layer_int8(set: &WeightSet, side: usize) -> (Vec<f32>, crate::weights::Quantization) {
+        let image = crate::data::fixed_pattern(3 * side * side);
+        let images = crate::quantize::Images {
+            data: std::slice::from_ref(&image),
+            side,
+        };
+        let opts = crate::quantize::Options {
+            method: crate::quantize::Method::MinMax,
+            threshold: 0.0,
+            holdout: 0.0,
+            threads: 1,
+            bias_correction: false,
+        };
+        let (q, _) = crate::quantize::quantize(set, images, &opts, &|_| {}).unwrap();
+        (image, q)
+    }
+
     /// A pass has its threads fetch each f32 GEMM's weights during the GEMM before, in network
     /// order: Lite0's 1x1 convs, head and classifier, not its stem (read from the planes) nor
     /// its depthwise convs.
@@ -1223,25 +1244,37 @@ mod tests {
         // 15 expansions (not block 0), 16 projections, the head and the classifier.
         assert_eq!(starts.len(), 15 + 16 + 2);
         assert_eq!(e.weight_order.starts(), starts);
+        // In int8 the same GEMMs, by the weights the int8 kernel reads, but for those in bf16
+        // (the classifier, on CPUs with AVX512-BF16).
+        let (image, q) = every_layer_int8(&set, side);
+        e.set_quantization(&q).unwrap();
+        e.forward(&image, 1, side, side);
+        let pointwise = e
+            .plan
+            .convs()
+            .filter(|c| c.kind == super::ConvKind::Pointwise);
+        let starts: Vec<usize> = pointwise
+            .filter(|c| c.int8.is_some() || c.bf16.is_none())
+            .map(|c| {
+                c.int8
+                    .as_ref()
+                    .map_or(c.packed.as_ptr() as usize, |w| w.kernel_span().0)
+            })
+            .collect();
+        assert_eq!(e.weight_order.starts(), starts);
+        assert!(e.plan.blocks[1].steps.iter().all(|s| match s {
+            super::Step::ExpandDepthwise { expand: c, .. }
+            | super::Step::Project { conv: c, .. } =>
+                c.int8.is_some() || !crate::simd::gemm_i8::fast(),
+            _ => true,
+        }));
     }
 
     #[test]
     fn the_stem_runs_from_the_planes_in_every_precision_where_its_kernel_does() {
         let set = WeightSet::random(&variant("lite0").unwrap(), 3);
         let side = 32;
-        let image = crate::data::fixed_pattern(3 * side * side);
-        let images = crate::quantize::Images {
-            data: std::slice::from_ref(&image),
-            side,
-        };
-        let opts = crate::quantize::Options {
-            method: crate::quantize::Method::MinMax,
-            threshold: 0.0,
-            holdout: 0.0,
-            threads: 1,
-            bias_correction: false,
-        };
-        let (q, _) = crate::quantize::quantize(&set, images, &opts, &|_| {}).unwrap();
+        let (_, q) = every_layer_int8(&set, side);
         let mut e = Engine::new(&set).unwrap();
         assert_eq!(e.planar_stem_path(), Some(false));
         e.set_quantization(&q).unwrap();

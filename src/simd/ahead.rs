@@ -1,10 +1,11 @@
-//! The next layer's weights, fetched into L2 a cache line per multiply-add step while the f32
-//! GEMM kernel runs the current layer. At batch 1 a pass reads 5-30 MB of weights, more than L2
-//! holds, so each layer's weights arrive from L3 as the kernel first needs them, and a kernel that
-//! reads its weights cold runs at half its rate (`examples/gemm_rates`, 7x7 layers: 34-37
-//! against 74 GMAC/s warm). The engine registers the order its GEMMs run in ([`WeightOrder`]);
-//! a kernel starting on one entry's weights streams the next entry's while it multiplies.
-//! Prefetches are hints: a stale or wrong address costs time, never correctness.
+//! The next layer's weights, fetched into L2 a cache line per multiply-add step while the f32 and
+//! int8 GEMM kernels run the current layer. At batch 1 a pass reads 5-30 MB of weights, more than
+//! L2 holds, so each layer's weights arrive from L3 as the kernel first needs them, and a kernel
+//! that reads its weights cold runs at about 0.6x its rate (`examples/gemm_rates` with and
+//! without `--cold`: Lite0's 7x7 layers 44-48 against 70-75 GMAC/s on the Intel VM). The engine
+//! registers the order its GEMMs run in ([`WeightOrder`]); a kernel starting on one entry's
+//! weights streams the next entry's while it multiplies. Prefetches are hints: a stale or wrong
+//! address costs time, never correctness.
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -14,14 +15,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct WeightOrder(Vec<(usize, usize)>);
 
+/// The bytes `w` spans, as a [`WeightOrder`] entry.
+pub fn span<T>(w: &[T]) -> (usize, usize) {
+    let start = w.as_ptr() as usize;
+    (start, start + std::mem::size_of_val(w))
+}
+
 impl WeightOrder {
-    /// The order of `weights` (each a GEMM's whole weight buffer, as its kernel reads it).
-    pub fn new<'a, T: 'a>(weights: impl IntoIterator<Item = &'a [T]>) -> Self {
-        let range = |w: &[T]| {
-            let start = w.as_ptr() as usize;
-            (start, start + std::mem::size_of_val(w))
-        };
-        WeightOrder(weights.into_iter().map(range).collect())
+    /// The order of `weights`: each GEMM's whole weight buffer as its kernel reads it ([`span`]).
+    pub fn new(weights: impl IntoIterator<Item = (usize, usize)>) -> Self {
+        WeightOrder(weights.into_iter().collect())
     }
 
     /// Where each entry starts.
@@ -93,6 +96,33 @@ pub(crate) fn starting(weights: usize) -> (usize, usize) {
     (s.at, s.end)
 }
 
+/// Where a kernel's group of `steps` multiply-add steps prefetches, as (first address, bytes per
+/// step): the next lines of `left` (the call's share of the stream, then moved on), else the
+/// weights at `here`, which it is loading anyway (a prefetch of an unmapped address may walk
+/// the page tables every time).
+#[inline(always)]
+pub(crate) fn lines(left: &Cell<(usize, usize)>, steps: usize, here: usize) -> (usize, usize) {
+    match left.get() {
+        (at, end) if at < end => {
+            left.set((at + steps * 64, end));
+            (at, 64)
+        }
+        _ => (here, 0),
+    }
+}
+
+/// Asks for the cache line holding `at` in L2, leaving L1 to the tile's rows and weights (a
+/// hint: never faults, any address).
+#[inline(always)]
+pub(crate) fn to_l2(at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that does not access memory architecturally.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T1>(at as *const i8);
+    }
+}
+
 /// Records that the kernel fetched up to `at` (from [`starting`]'s range).
 pub(crate) fn reached(at: usize) {
     let mut s = STREAM.get();
@@ -119,7 +149,7 @@ mod tests {
     #[test]
     fn a_kernel_streams_the_weights_after_its_own_once() {
         let (a, b, c) = (vec![0f32; 64], vec![0f32; 48], vec![0f32; 16]);
-        let order = Arc::new(WeightOrder::new([&a[..], &b, &c]));
+        let order = Arc::new(WeightOrder::new([span(&a), span(&b), span(&c)]));
         follow(&order);
         let (b0, c0) = (b.as_ptr() as usize, c.as_ptr() as usize);
         assert_eq!(starting(a.as_ptr() as usize), (b0, b0 + 192));
@@ -133,7 +163,7 @@ mod tests {
         // The last entry has nothing after it: the stream stays where it was.
         assert_eq!(starting(c0), (c0, c0 + 64));
         // A new order starts afresh.
-        follow(&Arc::new(WeightOrder::new([&c[..], &a])));
+        follow(&Arc::new(WeightOrder::new([span(&c), span(&a)])));
         let a0 = a.as_ptr() as usize;
         assert_eq!(starting(c0), (a0, a0 + 256));
     }

@@ -172,10 +172,11 @@ pub fn set_column_blocks(on: bool) {
 
 /// Seconds one f32 [`gemm_bias_act`] call of `m x k` rows by `k x n` packed weights takes (bias, no
 /// activation), the median of `runs` timed calls after one untimed; `None` where this CPU has no
-/// kernel. For `examples/gemm_rates`, which compares the kernel's rate per shape with the core's
-/// peak (`examples/peak_rates`).
+/// kernel. With `cold`, 64 MB are written between calls (so the weights come from L3 or memory, as
+/// in a pass at batch 1) and the rows and output read back into cache. For `examples/gemm_rates`,
+/// which compares the kernel's rate per shape with the core's peak (`examples/peak_rates`).
 #[doc(hidden)]
-pub fn time_gemm(m: usize, k: usize, n: usize, runs: usize) -> Option<f64> {
+pub fn time_gemm(m: usize, k: usize, n: usize, runs: usize, cold: bool) -> Option<f64> {
     if !available() {
         return None;
     }
@@ -183,12 +184,22 @@ pub fn time_gemm(m: usize, k: usize, n: usize, runs: usize) -> Option<f64> {
     let (a, bias) = (fixed_pattern(m * k), fixed_pattern(n));
     let packed = pack(&fixed_pattern(k * n), k, n);
     let mut out = vec![0.0; m * n];
-    let mut call = || gemm_bias_act(&a, k, m, &packed, (0, n), &bias, None, None, &mut out, n);
-    call();
+    let call =
+        |out: &mut [f32]| gemm_bias_act(&a, k, m, &packed, (0, n), &bias, None, None, out, n);
+    call(&mut out);
+    let mut evict = vec![0u8; if cold { 64 << 20 } else { 0 }];
     let mut times: Vec<f64> = (0..runs.max(1))
         .map(|_| {
+            if cold {
+                evict
+                    .iter_mut()
+                    .step_by(64)
+                    .for_each(|b| *b = b.wrapping_add(1));
+                let warm = a.iter().chain(&out).fold(0.0, |s, v| s + v);
+                std::hint::black_box((&evict, warm));
+            }
             let start = std::time::Instant::now();
-            call();
+            call(&mut out);
             start.elapsed().as_secs_f64()
         })
         .collect();
@@ -437,14 +448,8 @@ unsafe fn tile<V: Vector, N: Vector, const R: usize, const Q: usize, const H: us
                     false => (b, 0),
                 };
                 // And a line of the next layer's weights per step, while there are any.
-                let weights = match j.ahead.get() {
-                    (at, end) if at < end => {
-                        j.ahead.set((at + (k1 - k0) * 64, end));
-                        (at as *const f32, 16)
-                    }
-                    _ => (b, 0),
-                };
-                let ahead = (rows, weights);
+                let (at, bytes) = super::ahead::lines(j.ahead, k1 - k0, b as usize);
+                let ahead = (rows, (at as *const f32, bytes / 4));
                 let k = (j.k, k1 - k0, group);
                 let at = (col + g0, live);
                 match group_vectors(live, V::LANES, narrow) {
@@ -570,7 +575,7 @@ unsafe fn multiply<V: Vector, N: Vector, const R: usize, const LV: usize, const 
         for kk in 0..depth {
             prefetch(rows_at);
             rows_at = rows_at.wrapping_add(line);
-            prefetch_to_l2(weights_at);
+            super::ahead::to_l2(weights_at as usize);
             weights_at = weights_at.wrapping_add(weights_line);
             let bk = b.add(kk * row);
             let mut w = [V::splat(0.0); LV];
@@ -608,17 +613,6 @@ fn prefetch(p: *const f32) {
     unsafe {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         _mm_prefetch::<_MM_HINT_T0>(p.cast());
-    }
-}
-
-/// [`prefetch`] into L2 only, leaving L1 to the tile's rows and weights.
-#[inline(always)]
-fn prefetch_to_l2(p: *const f32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: as [`prefetch`].
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T1>(p.cast());
     }
 }
 
@@ -790,7 +784,8 @@ pub(crate) mod tests {
             out
         };
         let unfollowed = run();
-        let order = super::super::ahead::WeightOrder::new([&packed[..], &next]);
+        use super::super::ahead::{WeightOrder, span};
+        let order = WeightOrder::new([span(&packed), span(&next)]);
         super::super::ahead::follow(&std::sync::Arc::new(order));
         let followed = run();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -807,7 +802,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_timing_probe_runs_the_kernel_where_there_is_one() {
-        match time_gemm(13, 16, 40, 3) {
+        match time_gemm(13, 16, 40, 3, false) {
             Some(seconds) => assert!(available() && seconds > 0.0 && seconds.is_finite()),
             None => assert!(!available()),
         }

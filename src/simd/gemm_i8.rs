@@ -18,6 +18,7 @@ use std::arch::x86_64::*;
 use super::gemm::{Epilogue, NR, store};
 use super::{Level, level};
 use crate::spec::Activation;
+use std::cell::Cell;
 
 /// Whether this CPU runs the VNNI kernel (else [`gemm_bias_act`] takes the int16-pair kernel
 /// on AVX2, or the portable loop).
@@ -108,6 +109,14 @@ pub(crate) struct Int8Weights {
 }
 
 impl Int8Weights {
+    /// The weights [`gemm_bias_act`] reads on this CPU, for [`super::ahead::WeightOrder`].
+    pub fn kernel_span(&self) -> (usize, usize) {
+        match pairs() && !self.pairs.is_empty() {
+            true => super::ahead::span(&self.pairs),
+            false => super::ahead::span(&self.packed),
+        }
+    }
+
     /// Quantises the f32 panels of [`super::gemm::pack`] (`k` rows, `n` real columns) for inputs on
     /// the grid `input`, with `bias` (`n` values) corrected for the rounding of the weights on
     /// inputs of mean `mean` (`k` values; empty: uncorrected).
@@ -396,6 +405,7 @@ pub(crate) fn gemm_bias_act(
             true => quantize_row_pairs(a, m, k, gate, w.input, rows),
             false => quantize_rows(a, m, k, gate, w.input, rows),
         }
+        let ahead = Cell::new(super::ahead::starting(packed.as_ptr() as usize));
         let job = Job {
             a: rows.as_ptr(),
             lanes,
@@ -403,27 +413,25 @@ pub(crate) fn gemm_bias_act(
             scale: w.scale.as_ptr(),
             cols: (c0, c0 + nc),
             epi,
+            ahead: &ahead,
         };
-        #[cfg(target_arch = "x86_64")]
-        if pairs {
+        match () {
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: `pairs()` found AVX2; the asserts bound every row, column and panel read
             // or written, as in the f32 kernel.
-            unsafe { run_pairs(&job, m) };
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if vnni() {
+            _ if pairs => unsafe { run_pairs(&job, m) },
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: `vnni()` found AVX-512 and VNNI; the asserts bound every row, column and
             // panel read or written, as in the f32 kernel.
-            unsafe { run_vnni(&job, m) };
-            return;
+            _ if vnni() => unsafe { run_vnni(&job, m) },
+            // SAFETY: as above, without vector instructions.
+            _ => unsafe { run_portable(&job, m) },
         }
-        // SAFETY: as above, without vector instructions.
-        unsafe { run_portable(&job, m) };
+        super::ahead::reached(ahead.get().0);
     });
 }
 
-struct Job {
+struct Job<'a> {
     a: *const u32,
     /// 32-bit lanes per activation row (and per weight row of a panel): groups of four uint8
     /// (VNNI, portable) or pairs of int16.
@@ -432,6 +440,8 @@ struct Job {
     scale: *const f32,
     cols: (usize, usize),
     epi: Epilogue,
+    /// The lines of the next layer's weights still to fetch (see [`super::ahead`]).
+    ahead: &'a Cell<(usize, usize)>,
 }
 
 /// The integer sums of one row and one panel column, then the same epilogue through the `f32`
@@ -504,7 +514,11 @@ unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(
         let mut thin = [[_mm256_setzero_si256(); LT]; R];
         let b = j.packed.add(p * j.lanes * NR);
         let a = j.a.add(r0 * j.lanes);
+        // A line of the next layer's weights per step (see [`super::ahead`]).
+        let (mut ahead, bytes) = super::ahead::lines(j.ahead, j.lanes, b as usize);
         for q in 0..j.lanes {
+            super::ahead::to_l2(ahead);
+            ahead += bytes;
             // Loops, not `array::from_fn`: a closure LLVM leaves out of line loses AVX-512.
             let mut w = [_mm512_setzero_si512(); LW];
             for (h, w) in w.iter_mut().enumerate() {
@@ -587,9 +601,10 @@ unsafe fn pair_tile<const R: usize>(j: &Job, r0: usize) {
             unsafe {
                 let b = j.packed.add((col + g0) / PAIR_GROUP * j.lanes * PAIR_GROUP);
                 let a = j.a.add(r0 * j.lanes);
+                let ahead = super::ahead::lines(j.ahead, j.lanes, b as usize);
                 let acc = match live > PAIR_GROUP / 2 {
-                    true => pair_sums::<R, 2>(a, b, j.lanes),
-                    false => pair_sums::<R, 1>(a, b, j.lanes),
+                    true => pair_sums::<R, 2>(a, b, j.lanes, ahead),
+                    false => pair_sums::<R, 1>(a, b, j.lanes, ahead),
                 };
                 let s = [
                     _mm256_loadu_ps(j.scale.add(col + g0)),
@@ -609,18 +624,22 @@ unsafe fn pair_tile<const R: usize>(j: &Job, r0: usize) {
 }
 
 /// The int32 sums of `R` rows of `k2` int16 pairs against a group's first `L` vectors of columns
-/// (the rest stay zero).
+/// (the rest stay zero), prefetching a line of the next layer's weights per step from `ahead`
+/// (address, bytes per step: [`super::ahead::lines`]).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn pair_sums<const R: usize, const L: usize>(
     a: *const u32,
     b: *const u32,
     k2: usize,
+    (mut ahead, bytes): (usize, usize),
 ) -> [[__m256i; 2]; R] {
     // SAFETY: the caller's contract: `b` holds k2 rows of 16 lanes, `a` R rows of k2 lanes.
     unsafe {
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
         for q in 0..k2 {
+            super::ahead::to_l2(ahead);
+            ahead += bytes;
             let mut w = [_mm256_setzero_si256(); L];
             for (h, w) in w.iter_mut().enumerate() {
                 *w = _mm256_loadu_si256(b.add(q * PAIR_GROUP + 8 * h) as *const _);
@@ -859,6 +878,11 @@ mod tests {
                     if super::level() == Level::Avx2 {
                         assert!(!q.pairs.is_empty());
                     }
+                    // The vector kernels fetch the next weights of a followed order ahead.
+                    use super::super::ahead::{WeightOrder, follow, span, starting};
+                    let next = vec![0u8; 1 << 16];
+                    let order = WeightOrder::new([q.kernel_span(), span(&next)]);
+                    follow(&std::sync::Arc::new(order));
                     for g in [None, Some(gate.as_slice())] {
                         for act in [None, Some(Activation::Silu)] {
                             let mut out = vec![f32::NAN; m * n];
@@ -870,6 +894,12 @@ mod tests {
                             check(&out, (m, k, n), (&a, &w, &bias, &res), g, grid, act);
                         }
                     }
+                    let fetched = starting(q.kernel_span().0).0 - next.as_ptr() as usize;
+                    assert_eq!(
+                        fetched > 0,
+                        super::level() != Level::Portable,
+                        "{m}x{k}x{n}"
+                    );
                 }
             });
         }
