@@ -155,7 +155,7 @@ pub struct Engine {
     pool: Pool,
     adapt: Adapt,
     single: std::cell::Cell<bool>,
-    /// The f32 and int8 GEMMs' weights in the order a pass runs them (see
+    /// The GEMMs' weights in the order a pass runs them, Winograd's left out (see
     /// [`crate::simd::ahead`]).
     weight_order: Arc<WeightOrder>,
     /// Every GEMM convolution's name, in network order.
@@ -709,15 +709,17 @@ impl Engine {
     }
 
     /// Has this thread's GEMM kernels fetch each next layer's weights ahead, by the order the
-    /// plan's f32 and int8 GEMMs run in now (the weights move when the precision changes, so it is
+    /// plan's GEMMs run in now (the weights move when the precision changes, so it is
     /// checked every pass: a few dozen addresses).
     fn follow_weight_order(&mut self) {
         let planar_stem = self.planar_stem_path().is_some();
-        let fetched = |(i, c): (usize, &plan::Conv)| match &c.int8 {
+        // As `ops::gemm_bias_act` picks the kernel: int8, bf16, then f32.
+        let fetched = |(i, c): (usize, &plan::Conv)| match (&c.int8, &c.bf16) {
             _ if i == 0 && planar_stem => None,
-            Some(w) => Some(w.kernel_span()),
-            None if c.packed.is_empty() || c.bf16.is_some() || self.runs_winograd(c) => None,
-            None => Some(ahead::span(&c.packed)),
+            (Some(w), _) => Some(w.kernel_span()),
+            (None, Some(w)) => Some(w.kernel_span()),
+            (None, None) if c.packed.is_empty() || self.runs_winograd(c) => None,
+            (None, None) => Some(ahead::span(&c.packed)),
         };
         let order = WeightOrder::new(self.plan.convs().enumerate().filter_map(fetched));
         if *self.weight_order != order {
@@ -1244,8 +1246,8 @@ mod tests {
         // 15 expansions (not block 0), 16 projections, the head and the classifier.
         assert_eq!(starts.len(), 15 + 16 + 2);
         assert_eq!(e.weight_order.starts(), starts);
-        // In int8 the same GEMMs, by the weights the int8 kernel reads, but for those in bf16
-        // (the classifier, on CPUs with AVX512-BF16).
+        // In int8 the same GEMMs, by the weights the int8 kernel reads (and the bf16 kernel's:
+        // the classifier, on CPUs with AVX512-BF16).
         let (image, q) = every_layer_int8(&set, side);
         e.set_quantization(&q).unwrap();
         e.forward(&image, 1, side, side);
@@ -1254,11 +1256,10 @@ mod tests {
             .convs()
             .filter(|c| c.kind == super::ConvKind::Pointwise);
         let starts: Vec<usize> = pointwise
-            .filter(|c| c.int8.is_some() || c.bf16.is_none())
-            .map(|c| {
-                c.int8
-                    .as_ref()
-                    .map_or(c.packed.as_ptr() as usize, |w| w.kernel_span().0)
+            .map(|c| match (&c.int8, &c.bf16) {
+                (Some(w), _) => w.kernel_span().0,
+                (None, Some(w)) => w.kernel_span().0,
+                (None, None) => c.packed.as_ptr() as usize,
             })
             .collect();
         assert_eq!(e.weight_order.starts(), starts);

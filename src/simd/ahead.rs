@@ -1,11 +1,11 @@
-//! The next layer's weights, fetched into L2 a cache line per multiply-add step while the f32 and
-//! int8 GEMM kernels run the current layer. At batch 1 a pass reads 5-30 MB of weights, more than
-//! L2 holds, so each layer's weights arrive from L3 as the kernel first needs them, and a kernel
-//! that reads its weights cold runs at about 0.6x its rate (`examples/gemm_rates` with and
-//! without `--cold`: Lite0's 7x7 layers 44-48 against 70-75 GMAC/s on the Intel VM). The engine
-//! registers the order its GEMMs run in ([`WeightOrder`]); a kernel starting on one entry's
-//! weights streams the next entry's while it multiplies. Prefetches are hints: a stale or wrong
-//! address costs time, never correctness.
+//! The next layer's weights, fetched into L2 a cache line per multiply-add step while the f32,
+//! bf16 and int8 GEMM kernels run the current layer. At batch 1 a pass reads 5-30 MB of weights,
+//! more than L2 holds, so each layer's weights arrive from L3 as the kernel first needs them, and
+//! a kernel that reads its weights cold runs at about 0.6x its rate (`examples/gemm_rates` with
+//! and without `--cold`: Lite0's 7x7 layers 44-48 against 70-75 GMAC/s on the Intel VM). The
+//! engine registers the order its GEMMs run in ([`WeightOrder`]); a kernel starting on one
+//! entry's weights streams the next entry's while it multiplies. Prefetches are hints: a stale or
+//! wrong address costs time, never correctness.
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;

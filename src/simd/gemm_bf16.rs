@@ -68,6 +68,14 @@ pub(crate) enum Weights {
 }
 
 impl Weights {
+    /// The weights the kernels read, for [`super::ahead::WeightOrder`].
+    pub(crate) fn kernel_span(&self) -> (usize, usize) {
+        match self {
+            Weights::Pairs(w) => super::ahead::span(w),
+            Weights::Widened(w) => super::ahead::span(w),
+        }
+    }
+
     /// Packs the f32 panels of [`super::gemm::pack`] (`k` rows) for `form`.
     pub(crate) fn pack(packed: &[f32], k: usize, form: Form) -> Self {
         match form {
@@ -265,12 +273,14 @@ fn gemm_pairs(
         return;
     };
     assert!(available() && a.len() >= m * k2 && packed.len() >= (c0 + nc).div_ceil(NR) * k2 * NR);
+    let ahead = std::cell::Cell::new(super::ahead::starting(packed.as_ptr() as usize));
     let job = Job {
         a: a.as_ptr(),
         k2,
         packed: packed.as_ptr(),
         cols: (c0, c0 + nc),
         epi,
+        ahead: &ahead,
     };
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available()` found AVX-512 and BF16; the assert bounds every row, column and panel
@@ -278,6 +288,7 @@ fn gemm_pairs(
     unsafe {
         run(&job, m)
     }
+    super::ahead::reached(ahead.get().0);
 }
 
 /// The same 512 bits as 32 bf16 values.
@@ -288,12 +299,14 @@ fn as_bh(v: __m512i) -> __m512bh {
     unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
 }
 
-struct Job {
+struct Job<'a> {
     a: *const u32,
     k2: usize,
     packed: *const u32,
     cols: (usize, usize),
     epi: Epilogue,
+    /// The lines of the next layer's weights still to fetch (see [`super::ahead`]).
+    ahead: &'a std::cell::Cell<(usize, usize)>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -331,7 +344,11 @@ unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(
         let mut thin = [[Avx2(_mm256_setzero_ps()); LT]; R];
         let b = j.packed.add(p * j.k2 * NR);
         let a = j.a.add(r0 * j.k2);
+        // A line of the next layer's weights per step (see [`super::ahead`]).
+        let (mut ahead, bytes) = super::ahead::lines(j.ahead, j.k2, b as usize);
         for q in 0..j.k2 {
+            super::ahead::to_l2(ahead);
+            ahead += bytes;
             // Loops, not `array::from_fn`: a closure LLVM leaves out of line loses AVX-512.
             let mut w = [as_bh(_mm512_setzero_si512()); LW];
             for (h, w) in w.iter_mut().enumerate() {
@@ -398,6 +415,13 @@ mod tests {
             let gate: Vec<f32> = (0..k).map(|i| 0.5 + val(i + 2).abs()).collect();
             let packed = Weights::pack(&super::super::gemm::pack(&w, k, n), k, form);
             assert_eq!(packed.form(), form);
+            // Both forms' kernels fetch the next weights of a followed order ahead.
+            use super::super::ahead::{WeightOrder, follow, span, starting};
+            let next = vec![0u8; 1 << 16];
+            follow(&std::sync::Arc::new(WeightOrder::new([
+                packed.kernel_span(),
+                span(&next),
+            ])));
             for g in [None, Some(gate.as_slice())] {
                 for act in [None, Some(Activation::Silu)] {
                     let mut out = vec![f32::NAN; m * n];
@@ -438,6 +462,8 @@ mod tests {
                     }
                 }
             }
+            let fetched = starting(packed.kernel_span().0).0 - next.as_ptr() as usize;
+            assert!(fetched > 0, "{form:?} {m}x{k}x{n}");
         }
     }
 }
