@@ -1224,11 +1224,11 @@ mod tests {
         (image, q)
     }
 
-    /// A pass has its threads fetch each f32 GEMM's weights during the GEMM before, in network
+    /// A pass has its threads fetch each GEMM's weights during the GEMM before, in network
     /// order: Lite0's 1x1 convs, head and classifier, not its stem (read from the planes) nor
-    /// its depthwise convs.
+    /// its depthwise convs; in int8 by the weights each kernel reads.
     #[test]
-    fn a_pass_orders_its_f32_gemms_for_fetching_ahead() {
+    fn a_pass_orders_its_gemms_for_fetching_ahead() {
         if !crate::simd::gemm::available() {
             eprintln!("no f32 GEMM kernel here: not exercised");
             return;
