@@ -72,9 +72,8 @@ pub fn follow(order: &Arc<WeightOrder>) {
 
 /// What a kernel starting on the weights at `weights` fetches: the line range `(at, end)` of the
 /// weights that follow them in the followed order (their first [`MOST`] bytes), where the stream
-/// stands (empty when there is
-/// nothing to fetch). Weights outside the order (a gated copy, a Winograd matrix) keep the stream
-/// where it is.
+/// stands (empty when there is nothing to fetch). Weights outside the order (a gated copy, a
+/// Winograd matrix) keep the stream where it is.
 pub(crate) fn starting(weights: usize) -> (usize, usize) {
     if !ENABLED.load(Ordering::Relaxed) {
         return (0, 0);
@@ -97,18 +96,34 @@ pub(crate) fn starting(weights: usize) -> (usize, usize) {
     (s.at, s.end)
 }
 
-/// Where a kernel's group of `steps` multiply-add steps prefetches, as (first address, bytes per
-/// step): the next lines of `left` (the call's share of the stream, then moved on), else the
-/// weights at `here`, which it is loading anyway (a prefetch of an unmapped address may walk
-/// the page tables every time).
-#[inline(always)]
-pub(crate) fn lines(left: &Cell<(usize, usize)>, steps: usize, here: usize) -> (usize, usize) {
-    match left.get() {
-        (at, end) if at < end => {
-            left.set((at + steps * 64, end));
-            (at, 64)
+/// One kernel call's lines of the stream: taken from this thread's stream when the call starts on
+/// its weights ([`starting`]), handed back when the call ends (dropped), however far it got.
+pub(crate) struct Lines(Cell<(usize, usize)>);
+
+impl Lines {
+    /// The lines for a call on the weights at `weights`.
+    pub(crate) fn starting(weights: usize) -> Self {
+        Lines(Cell::new(starting(weights)))
+    }
+
+    /// Where a group of `steps` multiply-add steps prefetches, as (first address, bytes per
+    /// step): the next lines (then moved on), else the weights at `here`, which it is loading
+    /// anyway (a prefetch of an unmapped address may walk the page tables every time).
+    #[inline(always)]
+    pub(crate) fn take(&self, steps: usize, here: usize) -> (usize, usize) {
+        match self.0.get() {
+            (at, end) if at < end => {
+                self.0.set((at + steps * 64, end));
+                (at, 64)
+            }
+            _ => (here, 0),
         }
-        _ => (here, 0),
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        reached(self.0.get().0);
     }
 }
 
@@ -129,7 +144,7 @@ pub(crate) fn to_l2(at: usize) {
 const MOST: usize = 1 << 20;
 
 /// Records that the kernel fetched up to `at` (from [`starting`]'s range).
-pub(crate) fn reached(at: usize) {
+fn reached(at: usize) {
     let mut s = STREAM.get();
     if s.at < at {
         s.at = at;

@@ -10,7 +10,6 @@ use super::math::activate_v;
 use super::{Avx2, Avx512};
 use super::{Level, Vector, level};
 use crate::spec::Activation;
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Columns per packed panel (two AVX-512 or four AVX2 vectors).
@@ -99,7 +98,7 @@ fn run_blocks(
 ) {
     assert!(available() && a.len() >= m * k && packed.len() >= packed_len(k, c0 + nc));
     assert!(block.is_multiple_of(NR) && block > 0 && depth > 0);
-    let ahead = Cell::new(super::ahead::starting(packed.as_ptr() as usize));
+    let ahead = super::ahead::Lines::starting(packed.as_ptr() as usize);
     for b0 in (c0..c0 + nc).step_by(block) {
         // (`k` 0: one job, which stores the epilogue of empty sums.)
         for k0 in (0..k.max(1)).step_by(depth) {
@@ -125,7 +124,6 @@ fn run_blocks(
             }
         }
     }
-    super::ahead::reached(ahead.get().0);
 }
 
 /// The blocks [`gemm_bias_act`] multiplies in turn, as (columns, depth): every row with at most
@@ -218,7 +216,7 @@ struct Job<'a> {
     cols: (usize, usize),
     epi: Epilogue,
     /// The lines of the next layer's weights still to fetch (see [`super::ahead`]).
-    ahead: &'a Cell<(usize, usize)>,
+    ahead: &'a super::ahead::Lines,
 }
 
 /// What happens to a tile's sums before its single store: `act(sum + bias) (+ residual)` into rows
@@ -448,7 +446,7 @@ unsafe fn tile<V: Vector, N: Vector, const R: usize, const Q: usize, const H: us
                     false => (b, 0),
                 };
                 // And a line of the next layer's weights per step, while there are any.
-                let (at, bytes) = super::ahead::lines(j.ahead, k1 - k0, b as usize);
+                let (at, bytes) = j.ahead.take(k1 - k0, b as usize);
                 let ahead = (rows, (at as *const f32, bytes / 4));
                 let k = (j.k, k1 - k0, group);
                 let at = (col + g0, live);

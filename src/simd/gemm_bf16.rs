@@ -273,7 +273,7 @@ fn gemm_pairs(
         return;
     };
     assert!(available() && a.len() >= m * k2 && packed.len() >= (c0 + nc).div_ceil(NR) * k2 * NR);
-    let ahead = std::cell::Cell::new(super::ahead::starting(packed.as_ptr() as usize));
+    let ahead = super::ahead::Lines::starting(packed.as_ptr() as usize);
     let job = Job {
         a: a.as_ptr(),
         k2,
@@ -288,7 +288,6 @@ fn gemm_pairs(
     unsafe {
         run(&job, m)
     }
-    super::ahead::reached(ahead.get().0);
 }
 
 /// The same 512 bits as 32 bf16 values.
@@ -306,7 +305,7 @@ struct Job<'a> {
     cols: (usize, usize),
     epi: Epilogue,
     /// The lines of the next layer's weights still to fetch (see [`super::ahead`]).
-    ahead: &'a std::cell::Cell<(usize, usize)>,
+    ahead: &'a super::ahead::Lines,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -345,7 +344,7 @@ unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(
         let b = j.packed.add(p * j.k2 * NR);
         let a = j.a.add(r0 * j.k2);
         // A line of the next layer's weights per step (see [`super::ahead`]).
-        let (mut ahead, bytes) = super::ahead::lines(j.ahead, j.k2, b as usize);
+        let (mut ahead, bytes) = j.ahead.take(j.k2, b as usize);
         for q in 0..j.k2 {
             super::ahead::to_l2(ahead);
             ahead += bytes;

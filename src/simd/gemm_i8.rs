@@ -18,7 +18,6 @@ use std::arch::x86_64::*;
 use super::gemm::{Epilogue, NR, store};
 use super::{Level, level};
 use crate::spec::Activation;
-use std::cell::Cell;
 
 /// Whether this CPU runs the VNNI kernel (else [`gemm_bias_act`] takes the int16-pair kernel
 /// on AVX2, or the portable loop).
@@ -111,9 +110,15 @@ pub(crate) struct Int8Weights {
 impl Int8Weights {
     /// The weights [`gemm_bias_act`] reads on this CPU, for [`super::ahead::WeightOrder`].
     pub fn kernel_span(&self) -> (usize, usize) {
+        super::ahead::span(self.kernel_weights().1)
+    }
+
+    /// Whether the int16-pair kernel runs (AVX2 holds two values in each 32-bit lane, the
+    /// others four), and the weights it reads.
+    fn kernel_weights(&self) -> (bool, &[u32]) {
         match pairs() && !self.pairs.is_empty() {
-            true => super::ahead::span(&self.pairs),
-            false => super::ahead::span(&self.packed),
+            true => (true, &self.pairs),
+            false => (false, &self.packed),
         }
     }
 
@@ -384,12 +389,8 @@ pub(crate) fn gemm_bias_act(
     let Some(epi) = Epilogue::checked(m, (c0, nc), &w.offset, act, residual, out, ldo) else {
         return;
     };
-    // The int16-pair kernel (AVX2) holds two values in each 32-bit lane, the others four.
-    let pairs = pairs() && !w.pairs.is_empty();
-    let (per_lane, packed) = match pairs {
-        true => (2, &w.pairs),
-        false => (4, &w.packed),
-    };
+    let (pairs, packed) = w.kernel_weights();
+    let per_lane = if pairs { 2 } else { 4 };
     let lanes = k.div_ceil(per_lane);
     assert!(
         w.k == k
@@ -405,7 +406,7 @@ pub(crate) fn gemm_bias_act(
             true => quantize_row_pairs(a, m, k, gate, w.input, rows),
             false => quantize_rows(a, m, k, gate, w.input, rows),
         }
-        let ahead = Cell::new(super::ahead::starting(packed.as_ptr() as usize));
+        let ahead = super::ahead::Lines::starting(packed.as_ptr() as usize);
         let job = Job {
             a: rows.as_ptr(),
             lanes,
@@ -427,7 +428,6 @@ pub(crate) fn gemm_bias_act(
             // SAFETY: as above, without vector instructions.
             _ => unsafe { run_portable(&job, m) },
         }
-        super::ahead::reached(ahead.get().0);
     });
 }
 
@@ -441,7 +441,7 @@ struct Job<'a> {
     cols: (usize, usize),
     epi: Epilogue,
     /// The lines of the next layer's weights still to fetch (see [`super::ahead`]).
-    ahead: &'a Cell<(usize, usize)>,
+    ahead: &'a super::ahead::Lines,
 }
 
 /// The integer sums of one row and one panel column, then the same epilogue through the `f32`
@@ -515,7 +515,7 @@ unsafe fn panel<const R: usize, const LW: usize, const LT: usize>(
         let b = j.packed.add(p * j.lanes * NR);
         let a = j.a.add(r0 * j.lanes);
         // A line of the next layer's weights per step (see [`super::ahead`]).
-        let (mut ahead, bytes) = super::ahead::lines(j.ahead, j.lanes, b as usize);
+        let (mut ahead, bytes) = j.ahead.take(j.lanes, b as usize);
         for q in 0..j.lanes {
             super::ahead::to_l2(ahead);
             ahead += bytes;
@@ -601,7 +601,7 @@ unsafe fn pair_tile<const R: usize>(j: &Job, r0: usize) {
             unsafe {
                 let b = j.packed.add((col + g0) / PAIR_GROUP * j.lanes * PAIR_GROUP);
                 let a = j.a.add(r0 * j.lanes);
-                let ahead = super::ahead::lines(j.ahead, j.lanes, b as usize);
+                let ahead = j.ahead.take(j.lanes, b as usize);
                 let acc = match live > PAIR_GROUP / 2 {
                     true => pair_sums::<R, 2>(a, b, j.lanes, ahead),
                     false => pair_sums::<R, 1>(a, b, j.lanes, ahead),
@@ -625,7 +625,7 @@ unsafe fn pair_tile<const R: usize>(j: &Job, r0: usize) {
 
 /// The int32 sums of `R` rows of `k2` int16 pairs against a group's first `L` vectors of columns
 /// (the rest stay zero), prefetching a line of the next layer's weights per step from `ahead`
-/// (address, bytes per step: [`super::ahead::lines`]).
+/// (address, bytes per step: [`super::ahead::Lines::take`]).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn pair_sums<const R: usize, const L: usize>(
